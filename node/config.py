@@ -1,0 +1,273 @@
+"""Node configuration: one TOML file plus `CXRNODE_*` environment overrides, validated at start.
+
+A wrong key or value stops start-up with a message naming it (`extra="forbid"` everywhere).
+Environment overrides use `__` between levels, e.g. `CXRNODE_DICOM__PORT=11113`,
+`CXRNODE_DATABASE__URL=postgresql+psycopg://…`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def validate_ae_title(value: str) -> str:
+    """AE titles: 1–16 chars of the DICOM default repertoire, no backslash/control chars, not all spaces."""
+    if not isinstance(value, str):
+        raise ValueError("AE title must be a string")
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("AE title must not be empty or all spaces")
+    if len(value) > 16:
+        raise ValueError(f"AE title {value!r} is {len(value)} characters long; the maximum is 16")
+    if not AE_TITLE_RE.match(value):
+        raise ValueError(f"AE title {value!r} has characters outside the DICOM default repertoire (no '\\' or control characters)")
+    return stripped
+
+
+def validate_port(value: int) -> int:
+    if not 1 <= int(value) <= 65535:
+        raise ValueError(f"port {value} is outside 1..65535")
+    return int(value)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSConfig(_Strict):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs cert_file and key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs ca_file")
+        return self
+
+
+class DicomConfig(_Strict):
+    ae_title: str = "CXRNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu: int = 262144  # bytes; 0 = unlimited
+    require_called_ae: bool = True  # reject associations whose called AE title is not ours
+    allow_unknown_calling_ae: bool = False  # True accepts any peer (testing only)
+    listeners: int = 1  # receiving processes sharing the port (SO_REUSEPORT)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+
+    _ae = field_validator("ae_title")(lambda cls, v: validate_ae_title(v))
+    _port = field_validator("port")(lambda cls, v: validate_port(v))
+
+    @field_validator("max_associations", "listeners")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
+class StorageConfig(_Strict):
+    data_dir: Path = Path("./var")
+    min_free_mb: int = 1024  # below this free space, C-STORE answers 0xA700 (out of resources)
+    keep_days: int = 0  # 0 = keep forever
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+
+class DatabaseConfig(_Strict):
+    url: str = ""  # empty = sqlite:///<data_dir>/audit.db
+    echo: bool = False
+
+
+class BrokerConfig(_Strict):
+    url: str = ""  # empty = embedded (no server): sqla+sqlite:///<data_dir>/broker.db
+    result_backend: str = ""
+    embedded_worker: bool = True  # `cxrnode serve` starts and supervises a local CPU worker
+    worker_concurrency: int = 1
+    task_time_limit: float = 600.0
+
+
+class AEEntry(_Strict):
+    """An AE title known to the node (seeded from config into the DB)."""
+
+    name: str
+    host: str | None = None  # for sources: optional peer address check; for destinations: where to send
+    port: int | None = None
+    role: Literal["source", "destination", "both"] = "both"
+    tls: bool = False
+    description: str = ""
+
+    _ae = field_validator("name")(lambda cls, v: validate_ae_title(v))
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int | None) -> int | None:
+        return None if v is None else validate_port(v)
+
+    @model_validator(mode="after")
+    def _destination_needs_address(self) -> AEEntry:
+        if self.role in ("destination", "both") and self.role != "both" and (self.host is None or self.port is None):
+            raise ValueError(f"destination AE {self.name!r} needs host and port")
+        return self
+
+
+class RuleMatch(_Strict):
+    """Each field is a list of accepted values (case-insensitive); empty/absent = any."""
+
+    calling_ae: list[str] = Field(default_factory=list)
+    modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list)
+    view_position: list[str] = Field(default_factory=list)
+    sop_class: list[str] = Field(default_factory=list)
+
+
+class Rule(_Strict):
+    name: str
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    action: Literal["analyze", "ignore"] = "analyze"
+    models: list[Literal["lung", "opacity", "pneumothorax"]] = Field(
+        default_factory=lambda: ["lung", "opacity", "pneumothorax"])
+    destinations: list[str] = Field(default_factory=lambda: ["reply-to-sender"])
+    reason: str = ""  # for ignore rules: what the audit log says
+
+
+def default_rules() -> list[Rule]:
+    return [
+        Rule(name="chest-frontal",
+             match=RuleMatch(modality=["CR", "DX"], body_part=["CHEST", ""], view_position=["PA", "AP", ""]),
+             action="analyze"),
+        Rule(name="secondary-capture-chest",
+             match=RuleMatch(modality=["OT"], body_part=["CHEST"],
+                             sop_class=["1.2.840.10008.5.1.4.1.1.7"]),
+             action="analyze"),
+    ]
+
+
+class SenderConfig(_Strict):
+    max_attempts: int = 6
+    backoff_initial_s: float = 5.0
+    backoff_factor: float = 2.0
+    backoff_max_s: float = 600.0
+    timeout_s: float = 30.0
+    calling_ae: str = ""  # empty = dicom.ae_title
+
+
+class ModelsConfig(_Strict):
+    lung: bool = True
+    opacity: bool = True
+    pneumothorax: bool = True  # experimental model: can be switched off
+    severity_zone_threshold: float | None = None  # None = value from the model card
+
+
+class ResultsConfig(_Strict):
+    seg: bool = True
+    sr: bool = True
+    overlay: bool = False  # Secondary Capture overlay for viewers without SEG support
+    manufacturer: str = "cxr-node"
+    reanalyze_duplicates: bool = False
+
+
+class WebConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_user: str = "admin"
+    password_hash: str = ""  # "pbkdf2_sha256$iterations$salt$hash"; empty = console disabled in production
+    production: bool = False
+    json_logs: bool = False
+
+    _port = field_validator("port")(lambda cls, v: validate_port(v))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXRNODE_", env_nested_delimiter="__", extra="forbid")
+
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    ae: list[AEEntry] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=default_rules)
+    sender: SenderConfig = Field(default_factory=SenderConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.storage.data_dir / 'audit.db').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url or f"sqla+sqlite:///{(self.storage.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker.url
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot start the node; the message names the key."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load TOML (if given) + environment; raise ConfigError naming every bad key."""
+    data: dict[str, Any] = {}
+    source = "defaults/environment"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"configuration file {p} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from e

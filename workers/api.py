@@ -1,0 +1,142 @@
+"""The contract between the node and the workers: task names, queues and message schemas.
+
+The node imports only this module of `workers` (import-linter enforces it), so it must never import
+torch, numpy-heavy model code or pynetdicom. Messages are JSON: pixels travel as PNG bytes (base64),
+masks as packed bits (base64). They carry opaque ids only, never patient identifiers.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+ANALYZE_TASK = "workers.analyze"
+FINISH_TASK = "node.finish"
+INFERENCE_QUEUE = "inference"
+NODE_QUEUE = "node"
+
+#: Models a rule may ask for, in the order the worker runs them.
+MODEL_NAMES: tuple[str, ...] = ("lung", "opacity", "pneumothorax")
+#: Mask names in an AnalyzeResult (and SEG segment order on the node side).
+MASK_NAMES: tuple[str, ...] = ("right_lung", "left_lung", "opacity", "pneumothorax")
+
+SCHEMA_VERSION = 1
+
+
+def encode_png(pixels: np.ndarray) -> str:
+    """uint8 2-D array -> base64 PNG (lossless, ~3x smaller than raw for radiographs)."""
+    from PIL import Image
+
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D uint8 array, got {pixels.dtype} {pixels.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_png(data: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def pack_mask(mask: np.ndarray) -> str:
+    """bool/0-1 2-D mask -> base64 of np.packbits (row-major); shape travels separately."""
+    return base64.b64encode(np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes()).decode("ascii")
+
+
+def unpack_mask(data: str, rows: int, cols: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(data), dtype=np.uint8), count=rows * cols)
+    return bits.reshape(rows, cols).astype(bool)
+
+
+@dataclass(frozen=True)
+class AnalyzeRequest:
+    """Sent by the node on queue `inference`. `job_id` is opaque (no UIDs, no names)."""
+
+    job_id: str
+    pixels_png: str  # base64 PNG, uint8, already windowed/inverted by node.prepare
+    rows: int
+    cols: int
+    models: tuple[str, ...] = MODEL_NAMES
+    schema: int = SCHEMA_VERSION
+
+    @classmethod
+    def build(cls, job_id: str, pixels: np.ndarray, models: tuple[str, ...] = MODEL_NAMES) -> AnalyzeRequest:
+        unknown = set(models) - set(MODEL_NAMES)
+        if unknown:
+            raise ValueError(f"unknown models {sorted(unknown)}; known: {MODEL_NAMES}")
+        return cls(job_id=job_id, pixels_png=encode_png(pixels), rows=int(pixels.shape[0]),
+                   cols=int(pixels.shape[1]), models=tuple(models))
+
+    def pixels(self) -> np.ndarray:
+        arr = decode_png(self.pixels_png)
+        if arr.shape != (self.rows, self.cols):
+            raise ValueError(f"pixel shape {arr.shape} != declared {(self.rows, self.cols)}")
+        return arr
+
+    def to_message(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["models"] = list(self.models)
+        return d
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> AnalyzeRequest:
+        if msg.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported message schema {msg.get('schema')!r}")
+        return cls(job_id=str(msg["job_id"]), pixels_png=str(msg["pixels_png"]), rows=int(msg["rows"]),
+                   cols=int(msg["cols"]), models=tuple(msg.get("models", MODEL_NAMES)))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    sha256: str
+    status: str  # "validated" | "experimental"
+    architecture: str
+
+
+@dataclass
+class AnalyzeResult:
+    """Returned by the worker. Masks are on the request's pixel grid (rows x cols)."""
+
+    job_id: str
+    rows: int
+    cols: int
+    masks: dict[str, str] = field(default_factory=dict)  # MASK_NAMES -> packed bits
+    # severity (present when lung + opacity ran)
+    severity_score: int | None = None
+    zone_fractions: list[float] | None = None  # right upper, middle, lower, left upper, middle, lower
+    zone_affected: list[bool] | None = None
+    opacity_fraction: dict[str, float] | None = None  # {"right": f, "left": f} of lung area
+    lung_area_px: dict[str, int] | None = None  # {"right": n, "left": n} in request pixels
+    # pneumothorax
+    pneumothorax_probability: float | None = None
+    pneumothorax_present: bool | None = None
+    pneumothorax_side: str | None = None  # "right" | "left" | "both" | None
+    pneumothorax_area_px: int | None = None
+    models: list[ModelInfo] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    schema: int = SCHEMA_VERSION
+
+    def mask(self, name: str) -> np.ndarray | None:
+        data = self.masks.get(name)
+        return None if data is None else unpack_mask(data, self.rows, self.cols)
+
+    def to_message(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> AnalyzeResult:
+        if msg.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported message schema {msg.get('schema')!r}")
+        data = dict(msg)
+        data["models"] = [ModelInfo(**m) for m in msg.get("models", [])]
+        return cls(**data)
