@@ -1,0 +1,160 @@
+"""Prometheus metrics of the node: one registry, named metrics, and small helpers other modules call.
+
+Event counters and latency histograms live in this process (the SCP, the `node` queue consumer and
+the web server each count what they see). Numbers the audit database already knows — instances per
+state, dead exports — are read at scrape time by `AuditCollector`, so they are right across
+processes and restarts. `/metrics` on the web server renders `REGISTRY`.
+
+Label values are small fixed vocabularies (states, reasons, stage names): never put UIDs, AE titles
+of arbitrary peers or anything patient-related in a label.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Pipeline stages timed by `observe_stage` (seconds from the previous stage's end).
+STAGES = ("receive", "persist", "route", "prepare", "queue_wait", "inference", "results", "export", "total")
+
+# Latency buckets from a few ms (persist) to minutes (export with retries).
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+BUILD_INFO = Info("cxrnode_build", "Version of the running node", registry=REGISTRY)
+
+ASSOCIATIONS = Counter(
+    "cxrnode_associations_total",
+    "DICOM associations requested by peers, by result (accepted/rejected) and rejection reason",
+    ["result", "reason"], registry=REGISTRY)
+INSTANCES = Counter(
+    "cxrnode_instances_total",
+    "Instances reaching a state in this process (received, duplicate, queued, skipped, failed, ...)",
+    ["state"], registry=REGISTRY)
+STORE_STATUS = Counter(
+    "cxrnode_cstore_responses_total", "C-STORE responses sent, by DIMSE status (hex)", ["status"],
+    registry=REGISTRY)
+EXPORTS = Counter(
+    "cxrnode_export_attempts_total", "C-STORE SCU export attempts, by result (success/retry/dead)",
+    ["result"], registry=REGISTRY)
+STAGE_SECONDS = Histogram(
+    "cxrnode_stage_seconds", "Latency per pipeline stage", ["stage"], buckets=_SECONDS_BUCKETS,
+    registry=REGISTRY)
+INFERENCE_SECONDS = Histogram(
+    "cxrnode_inference_seconds", "Model inference time as reported by the workers", ["model"],
+    buckets=_SECONDS_BUCKETS, registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "cxrnode_queue_depth", "Instances queued for analysis and not yet analysed (last observed)",
+    registry=REGISTRY)
+RECEIVED_BYTES = Counter(
+    "cxrnode_received_bytes_total", "Bytes of DICOM datasets received by C-STORE", registry=REGISTRY)
+WEB_ACTIONS = Counter(
+    "cxrnode_web_actions_total", "Changes made in the admin console, by action", ["action"],
+    registry=REGISTRY)
+
+
+def set_build_info(version: str, mode: str) -> None:
+    BUILD_INFO.info({"version": version, "mode": mode})
+
+
+def count_association(result: str, reason: str = "") -> None:
+    """result: 'accepted' or 'rejected'; reason: e.g. 'calling-ae-not-recognised' (empty when accepted)."""
+    ASSOCIATIONS.labels(result=result, reason=reason or "none").inc()
+
+
+def count_instance(state: str) -> None:
+    INSTANCES.labels(state=state).inc()
+
+
+def count_store_status(status: int) -> None:
+    STORE_STATUS.labels(status=f"0x{status:04X}").inc()
+
+
+def count_received_bytes(n: int) -> None:
+    RECEIVED_BYTES.inc(n)
+
+
+def count_export(result: str) -> None:
+    """result: 'success', 'retry' (failed, will retry) or 'dead' (gave up)."""
+    EXPORTS.labels(result=result).inc()
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    if stage not in STAGES:
+        # A typo would silently create a new series; say so once per call site instead.
+        log.warning("unknown pipeline stage %r (known: %s)", stage, ", ".join(STAGES))
+    STAGE_SECONDS.labels(stage=stage).observe(max(0.0, seconds))
+
+
+def observe_inference(model: str, seconds: float) -> None:
+    INFERENCE_SECONDS.labels(model=model).observe(max(0.0, seconds))
+
+
+def set_queue_depth(n: int) -> None:
+    QUEUE_DEPTH.set(n)
+
+
+def count_web_action(action: str) -> None:
+    WEB_ACTIONS.labels(action=action).inc()
+
+
+class AuditCollector(Collector):
+    """Gauges read from the audit DB at scrape time: instances per state, exports per state.
+
+    `instance_counts` / `export_counts` return {state: count}; a failing query is logged and the
+    gauges are left out of that scrape (a scrape must never fail because the DB is slow).
+    """
+
+    def __init__(self, instance_counts: Callable[[], Mapping[str, int]],
+                 export_counts: Callable[[], Mapping[str, int]] | None = None,
+                 queue_depth: Callable[[], int] | None = None) -> None:
+        self._instance_counts = instance_counts
+        self._export_counts = export_counts
+        self._queue_depth = queue_depth
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no DB query at registration time
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            inst = GaugeMetricFamily("cxrnode_instances_in_state", "Instances in the audit DB by current state",
+                                     labels=["state"])
+            for state, n in sorted(self._instance_counts().items()):
+                inst.add_metric([state], n)
+            yield inst
+            if self._export_counts is not None:
+                exp = GaugeMetricFamily("cxrnode_exports_in_state", "Exports in the audit DB by current state",
+                                        labels=["state"])
+                for state, n in sorted(self._export_counts().items()):
+                    exp.add_metric([state], n)
+                yield exp
+            if self._queue_depth is not None:
+                set_queue_depth(self._queue_depth())
+        except Exception:  # noqa: BLE001 — a scrape reports what it can
+            log.warning("audit metrics unavailable for this scrape", exc_info=True)
+
+
+_audit_collector: AuditCollector | None = None
+
+
+def register_audit_collector(collector: AuditCollector) -> None:
+    """Install (or replace) the DB-backed collector; idempotent across app factories in one process."""
+    global _audit_collector
+    if _audit_collector is not None:
+        REGISTRY.unregister(_audit_collector)
+    REGISTRY.register(collector)
+    _audit_collector = collector
+
+
+def render() -> bytes:
+    """The text exposition of every metric in `REGISTRY`."""
+    return generate_latest(REGISTRY)
