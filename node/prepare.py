@@ -1,0 +1,317 @@
+"""Turn a stored DICOM image into the uint8 picture the models see, and map masks back.
+
+Order follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> Modality LUT (rescale) ->
+VOI LUT or window -> Presentation (MONOCHROME1 / INVERSE). Pixel Padding is cropped away before
+resizing so the models see only the image, and `Prepared` keeps the mapping to bring masks back to
+the source grid. No torch here: the node stays small (import-linter enforces it).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+log = logging.getLogger(__name__)
+
+#: Lossy transfer syntaxes: JPEG baseline/extended, JPEG-LS near-lossless, JPEG 2000 (any), HTJ2K lossy.
+LOSSY_TRANSFER_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203",
+})
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+FOR_PROCESSING_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Mammography For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Intra-oral For Processing
+})
+#: Percentiles used when the data set carries neither VOI LUT nor window.
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+class PrepareError(ValueError):
+    """The data set cannot be turned into an analysable picture; the reason is final (no retry)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The model input and how it relates to the source image.
+
+    `crop` is (row0, col0, row1, col1) on the source grid (end exclusive): the part of the source that
+    was resized to `pixels`. Without padding it is the whole image.
+    """
+
+    pixels: np.ndarray  # uint8, 2-D, long side == the requested long side
+    source_rows: int
+    source_cols: int
+    crop: tuple[int, int, int, int]
+    pixel_spacing_mm: tuple[float, float] | None  # (row, column) spacing on the SOURCE grid
+    spacing_attribute: str | None  # "ImagerPixelSpacing" | "PixelSpacing" | None (measurements in pixels)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def rows(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def has_spacing(self) -> bool:
+        return self.pixel_spacing_mm is not None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Prepared pixels per source pixel, (rows, columns)."""
+        r0, c0, r1, c1 = self.crop
+        return self.rows / (r1 - r0), self.cols / (c1 - c0)
+
+    @property
+    def prepared_pixel_spacing_mm(self) -> tuple[float, float] | None:
+        """Spacing of one prepared pixel, for areas measured on the model grid."""
+        if self.pixel_spacing_mm is None:
+            return None
+        sy, sx = self.scale
+        return self.pixel_spacing_mm[0] / sy, self.pixel_spacing_mm[1] / sx
+
+
+def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
+    """Decode, window and resize one single-frame image. Raises PrepareError with the reason."""
+    ds = _read(source)
+    _check_header(ds)
+    notes: list[str] = []
+    raw = _decode(ds)
+
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    if raw.ndim == 3:  # colour: pydicom converted YBR_* to RGB already
+        notes.append(f"{photometric} converted to luma")
+        image = _luma(raw) / 255.0 if raw.dtype == np.uint8 else _luma(raw) / float(raw.max() or 1)
+        valid = np.ones(image.shape, dtype=bool)
+    else:
+        valid = _non_padding(ds, raw)
+        if not valid.any():
+            raise PrepareError("every pixel is Pixel Padding Value: no image content")
+        if not valid.all():
+            notes.append("pixel padding cropped")
+        image = _grayscale(ds, raw, valid, notes)
+        if _inverted(ds, photometric):
+            image = 1.0 - image
+            notes.append("MONOCHROME1 inverted" if photometric == "MONOCHROME1" else "Presentation LUT INVERSE")
+
+    crop = _bounding_box(valid)
+    r0, c0, r1, c1 = crop
+    pixels = _resize(image[r0:r1, c0:c1], long_side)
+
+    spacing, attribute = _pixel_spacing(ds)
+    if spacing is None:
+        notes.append("no pixel spacing: measurements in pixels")
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class.startswith(SECONDARY_CAPTURE_PREFIX) or "ConversionType" in ds:
+        notes.append("secondary capture")
+    if sop_class in FOR_PROCESSING_SOP_CLASSES:
+        notes.append("for processing image")
+    if _lossy(ds):
+        notes.append("lossy source")
+    log.debug("prepared %dx%d -> %dx%d (%s)", raw.shape[0], raw.shape[1], *pixels.shape, ", ".join(notes))
+    return Prepared(pixels=pixels, source_rows=int(raw.shape[0]), source_cols=int(raw.shape[1]), crop=crop,
+                    pixel_spacing_mm=spacing, spacing_attribute=attribute, notes=tuple(notes))
+
+
+def masks_to_source(mask: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """Nearest-neighbour inverse of `prepare`'s crop + resize: prepared-grid mask -> source-grid bool mask."""
+    if mask.shape != prepared.pixels.shape:
+        raise ValueError(f"mask shape {mask.shape} != prepared shape {prepared.pixels.shape}")
+    r0, c0, r1, c1 = prepared.crop
+    # Source pixel centre (i + 0.5) lands at (i + 0.5) * scale on the prepared grid.
+    rows = np.minimum(((np.arange(r1 - r0) + 0.5) * prepared.rows / (r1 - r0)).astype(np.intp), prepared.rows - 1)
+    cols = np.minimum(((np.arange(c1 - c0) + 0.5) * prepared.cols / (c1 - c0)).astype(np.intp), prepared.cols - 1)
+    full = np.zeros((prepared.source_rows, prepared.source_cols), dtype=bool)
+    full[r0:r1, c0:c1] = np.asarray(mask, dtype=bool)[np.ix_(rows, cols)]
+    return full
+
+
+# --- reading and validation ---------------------------------------------------------------------
+
+def _read(source: Dataset | Path | str) -> Dataset:
+    if isinstance(source, Dataset):
+        ds = source
+    else:
+        try:
+            # force=True: bare data sets without preamble/meta are still DICOM (manifest case 24).
+            ds = pydicom.dcmread(str(source), force=True)
+        except Exception as e:  # pydicom raises many types for broken files
+            raise PrepareError(f"cannot read DICOM file: {type(e).__name__}: {e}") from e
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # pydicom needs the transfer syntax to decode; a bare data set was read with the guessed encoding.
+        ds = copy.copy(ds)
+        ds.file_meta = FileMetaDataset(getattr(ds, "file_meta", None) or FileMetaDataset())
+        ds.file_meta.TransferSyntaxUID = _guessed_syntax(ds)
+    return ds
+
+
+def _guessed_syntax(ds: Dataset) -> UID:
+    encoding = getattr(ds, "original_encoding", (True, True))
+    implicit, little = encoding if encoding[0] is not None else (True, True)
+    if not little:
+        return ExplicitVRBigEndian
+    return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _check_header(ds: Dataset) -> None:
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise PrepareError("float pixel data is not supported")
+        if "SOPClassUID" not in ds:
+            raise PrepareError("not a DICOM image: no SOP Class UID and no Pixel Data")
+        raise PrepareError("no Pixel Data: not an image")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.PhotometricInterpretation).strip().upper()
+    except (AttributeError, TypeError, ValueError) as e:
+        raise PrepareError(f"image pixel module incomplete or invalid: {e}") from e
+    if rows < 1 or cols < 1:
+        raise PrepareError(f"Rows x Columns is {rows} x {cols}")
+    if not 1 <= stored <= allocated:
+        raise PrepareError(f"BitsStored {stored} does not fit BitsAllocated {allocated}")
+    if frames > 1:
+        raise PrepareError(f"multi-frame not analysed ({frames} frames)")
+    if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise PrepareError(f"photometric interpretation {photometric} not supported for 1 sample per pixel")
+    if samples not in (1, 3):
+        raise PrepareError(f"SamplesPerPixel {samples} not supported")
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # decoders raise ValueError, RuntimeError, NotImplementedError …
+        ts = ds.file_meta.get("TransferSyntaxUID", "?")
+        name = getattr(UID(str(ts)), "name", ts)
+        raise PrepareError(f"cannot decode pixel data ({name}): {type(e).__name__}: {e}") from e
+    expected = (int(ds.Rows), int(ds.Columns))
+    if arr.shape[:2] != expected:
+        raise PrepareError(f"decoded shape {arr.shape} does not match Rows x Columns {expected}")
+    return arr
+
+
+# --- grayscale pipeline ---------------------------------------------------------------------------
+
+def _non_padding(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    """Pixel Padding Value (and Range Limit) are stored values, compared before the Modality LUT."""
+    if "PixelPaddingValue" not in ds:
+        return np.ones(raw.shape, dtype=bool)
+    pad = int(ds.PixelPaddingValue)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None:
+        return np.asarray(raw != pad)
+    lo, hi = sorted((pad, int(limit)))
+    return ~((raw >= lo) & (raw <= hi))
+
+
+def _grayscale(ds: Dataset, raw: np.ndarray, valid: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Stored values -> [0, 1] float, MONOCHROME2 sense (not yet inverted)."""
+    values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        notes.append("VOI LUT")
+        return _voi_lut(ds.VOILUTSequence[0], values, ds)
+    centers, widths = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centers is not None and widths is not None:
+        center = float(centers[0] if isinstance(centers, pydicom.multival.MultiValue) else centers)
+        width = float(widths[0] if isinstance(widths, pydicom.multival.MultiValue) else widths)
+        if width >= 1:
+            return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+        notes.append(f"window width {width} invalid: ignored")
+    lo, hi = np.percentile(values[valid], ROBUST_PERCENTILES)
+    notes.append("no VOI: robust min/max")
+    return _normalise(values, float(lo), float(hi))
+
+
+def _voi_lut(item: Dataset, values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """PS3.3 C.11.2.1.1: look values up in the first VOI LUT; output scaled by the LUT's bit depth."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536  # 0 means 2^16 entries
+    if first > 32767 and int(ds.get("PixelRepresentation", 0)) == 1:
+        first -= 65536  # the first mapped value is signed when the pixels are
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: pydicom leaves the words raw, in the file's byte order
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+        dtype = np.dtype(np.uint8) if len(data) == entries else np.dtype("<u2" if little else ">u2")
+        lut = np.frombuffer(data, dtype=dtype)[:entries].astype(np.float64)
+    else:
+        lut = np.asarray(data, dtype=np.float64)[:entries]
+    if lut.size != entries:
+        raise PrepareError(f"VOI LUT has {lut.size} entries, its descriptor says {entries}")
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, entries - 1)
+    return _normalise(lut[index], 0.0, float(2**bits - 1))
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2/3: LINEAR (default), LINEAR_EXACT, SIGMOID, mapped to [0, 1]."""
+    if function == "SIGMOID":
+        return np.asarray(1.0 / (1.0 + np.exp(-4.0 * (values - center) / width)), dtype=np.float64)
+    if function == "LINEAR_EXACT":
+        return np.clip((values - (center - width / 2)) / width, 0.0, 1.0)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0) if width > 1 else (
+        (values > center - 0.5).astype(np.float64))
+
+
+def _normalise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _inverted(ds: Dataset, photometric: str) -> bool:
+    inverse = photometric == "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
+        inverse = not inverse
+    return inverse
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, what a grayscale viewer shows for an RGB capture."""
+    weights = np.array([0.299, 0.587, 0.114])
+    return np.asarray(rgb[..., :3].astype(np.float64) @ weights)
+
+
+def _bounding_box(valid: np.ndarray) -> tuple[int, int, int, int]:
+    rows = np.flatnonzero(valid.any(axis=1))
+    cols = np.flatnonzero(valid.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def _resize(image: np.ndarray, long_side: int) -> np.ndarray:
+    h, w = image.shape
+    scale = long_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (width, height)
+    resized = Image.fromarray(image.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS)
+    return np.clip(np.rint(np.asarray(resized) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
+    """ImagerPixelSpacing (projection radiography, at the detector) first, then PixelSpacing."""
+    for attribute in ("ImagerPixelSpacing", "PixelSpacing"):
+        value = ds.get(attribute)
+        try:
+            if value is not None and len(value) == 2 and float(value[0]) > 0 and float(value[1]) > 0:
+                return (float(value[0]), float(value[1])), attribute
+        except (TypeError, ValueError):
+            log.warning("ignoring unreadable %s %r", attribute, value)
+    return None, None
+
+
+def _lossy(ds: Dataset) -> bool:
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    return str(ds.get("LossyImageCompression", "00")) == "01" or ts in LOSSY_TRANSFER_SYNTAXES
