@@ -65,14 +65,17 @@ class AnalyzeRequest:
     cols: int
     models: tuple[str, ...] = MODEL_NAMES
     schema: int = SCHEMA_VERSION
+    # Site override of the severity zone threshold (config models.severity_zone_threshold); None = card's.
+    zone_threshold: float | None = None
 
     @classmethod
-    def build(cls, job_id: str, pixels: np.ndarray, models: tuple[str, ...] = MODEL_NAMES) -> AnalyzeRequest:
+    def build(cls, job_id: str, pixels: np.ndarray, models: tuple[str, ...] = MODEL_NAMES,
+              zone_threshold: float | None = None) -> AnalyzeRequest:
         unknown = set(models) - set(MODEL_NAMES)
         if unknown:
             raise ValueError(f"unknown models {sorted(unknown)}; known: {MODEL_NAMES}")
         return cls(job_id=job_id, pixels_png=encode_png(pixels), rows=int(pixels.shape[0]),
-                   cols=int(pixels.shape[1]), models=tuple(models))
+                   cols=int(pixels.shape[1]), models=tuple(models), zone_threshold=zone_threshold)
 
     def pixels(self) -> np.ndarray:
         arr = decode_png(self.pixels_png)
@@ -90,7 +93,8 @@ class AnalyzeRequest:
         if msg.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"unsupported message schema {msg.get('schema')!r}")
         return cls(job_id=str(msg["job_id"]), pixels_png=str(msg["pixels_png"]), rows=int(msg["rows"]),
-                   cols=int(msg["cols"]), models=tuple(msg.get("models", MODEL_NAMES)))
+                   cols=int(msg["cols"]), models=tuple(msg.get("models", MODEL_NAMES)),
+                   zone_threshold=None if msg.get("zone_threshold") is None else float(msg["zone_threshold"]))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""ModelRunner: weight checks, ONNX export equal to torch, cache keyed by sha256, torch fallback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.tiny_models import TINY_SIZE, write_tiny_weights
+from workers import models
+from workers.runner import ONNX_TOLERANCE, ModelRunner, check_input, max_abs_diff, onnx_path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def onnx_runner(weights: Path, cache: Path) -> ModelRunner:
+    return ModelRunner(weights, device="cpu", backend="onnx", cache_dir=cache, threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_runner(weights: Path, cache: Path) -> ModelRunner:
+    return ModelRunner(weights, device="cpu", backend="torch", cache_dir=cache, threads=1)
+
+
+def test_missing_weights_raise_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(models.WeightsError, match=r"model card .*lung\.json is missing"):
+        ModelRunner(tmp_path, model_names=["lung"], device="cpu", cache_dir=tmp_path / "c")
+    write_tiny_weights(tmp_path, names=("lung",))
+    models.weights_path("lung", tmp_path).unlink()
+    with pytest.raises(models.WeightsError, match=r"lung\.safetensors are missing"):
+        ModelRunner(tmp_path, model_names=["lung"], device="cpu", cache_dir=tmp_path / "c")
+
+
+def test_weights_that_do_not_match_their_card_are_refused(tmp_path: Path) -> None:
+    write_tiny_weights(tmp_path, names=("lung",))
+    path = models.weights_path("lung", tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(models.WeightsError, match="does not match its card"):
+        ModelRunner(tmp_path, model_names=["lung"], device="cpu", cache_dir=tmp_path / "c")
+
+
+def test_unknown_model_and_bad_backend_are_refused(weights: Path) -> None:
+    with pytest.raises(ValueError, match="unknown models"):
+        ModelRunner(weights, model_names=["heart"], device="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        ModelRunner(weights, model_names=["lung"], device="cpu", backend="tensorrt")
+
+
+@pytest.mark.parametrize("name", ["lung", "opacity", "pneumothorax"])
+def test_onnx_equals_torch_within_tolerance(onnx_runner: ModelRunner, torch_runner: ModelRunner, name: str) -> None:
+    assert onnx_runner.backend_name(name) == "onnx-cpu"
+    assert torch_runner.backend_name(name) == "torch-cpu"
+    x = check_input(onnx_runner.spec(name), batch=3)
+    a, b = onnx_runner.predict(name, x), torch_runner.predict(name, x)
+    assert a.mask.shape == (3, 1, TINY_SIZE, TINY_SIZE)
+    assert (a.presence is not None) == (name == "pneumothorax") == (b.presence is not None)
+    assert max_abs_diff(a, b) < ONNX_TOLERANCE
+    assert 0.0 <= a.mask.min() and a.mask.max() <= 1.0  # probabilities, not logits
+
+
+def test_onnx_cache_is_keyed_by_weights_sha(weights: Path, cache: Path, onnx_runner: ModelRunner,
+                                            tmp_path: Path) -> None:
+    sha = onnx_runner.info("lung").sha256
+    cached = onnx_path(cache, sha)
+    assert cached.exists()
+    mtime = cached.stat().st_mtime_ns
+    again = ModelRunner(weights, model_names=["lung"], device="cpu", cache_dir=cache)
+    assert again.backend_name("lung") == "onnx-cpu" and cached.stat().st_mtime_ns == mtime  # reused
+
+    # Retrained weights (new sha) never run the old graph.
+    retrained = write_tiny_weights(tmp_path / "w2", names=("lung",), seed=1)
+    fresh = ModelRunner(retrained, model_names=["lung"], device="cpu", cache_dir=cache)
+    assert fresh.info("lung").sha256 != sha
+    assert onnx_path(cache, fresh.info("lung").sha256).exists()
+    x = check_input(fresh.spec("lung"))
+    assert max_abs_diff(fresh.predict("lung", x), onnx_runner.predict("lung", x)) > ONNX_TOLERANCE
+
+
+def test_corrupt_cached_graph_is_exported_again(weights: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    sha = models.read_card("lung", weights)["sha256"]
+    bad = onnx_path(tmp_path, sha)
+    bad.write_bytes(b"not an onnx graph")
+    with caplog.at_level(logging.WARNING, logger="workers.runner"):
+        runner = ModelRunner(weights, model_names=["lung"], device="cpu", cache_dir=tmp_path)
+    assert runner.backend_name("lung") == "onnx-cpu"
+    assert "unusable" in caplog.text
+    assert bad.stat().st_size > 1000
+
+
+def test_export_failure_falls_back_to_torch(weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="workers.runner"):
+        runner = ModelRunner(weights, model_names=["lung"], device="cpu", cache_dir=blocker)
+    assert runner.backend_name("lung") == "torch-cpu"
+    assert "running torch eager" in caplog.text
+    assert runner.predict("lung", check_input(runner.spec("lung"), batch=1)).mask.shape == (1, 1, 64, 64)
+
+
+def test_infos_and_timings(onnx_runner: ModelRunner) -> None:
+    infos = {i.name: i for i in onnx_runner.infos()}
+    assert set(infos) == {"lung", "opacity", "pneumothorax"}
+    card = onnx_runner.card("pneumothorax")
+    assert infos["pneumothorax"].sha256 == card["sha256"] and len(card["sha256"]) == 64
+    assert infos["pneumothorax"].version == "tiny-0" and infos["pneumothorax"].status == "experimental"
+    spec = models.SPECS["pneumothorax"]
+    assert infos["pneumothorax"].architecture == f"{spec.arch}/{spec.encoder}@{TINY_SIZE}"
+    before = onnx_runner.timings()["lung"]
+    onnx_runner.predict("lung", check_input(onnx_runner.spec("lung"), batch=2))
+    after = onnx_runner.timings()["lung"]
+    # CPU runs one image per forward pass: two images, two calls.
+    assert (after.calls - before.calls, after.images - before.images) == (2, 2)
+    assert after.p95_ms >= after.p50_ms > 0
+
+
+def test_predict_rejects_wrong_shapes(onnx_runner: ModelRunner) -> None:
+    with pytest.raises(ValueError, match="expected"):
+        onnx_runner.predict("lung", np.zeros((1, 1, 32, 32), np.float32))
+    with pytest.raises(KeyError, match="not loaded"):
+        ModelRunner(onnx_runner.weights_dir, model_names=["lung"], device="cpu",
+                    cache_dir=onnx_runner.cache_dir).predict("opacity", np.zeros((1, 1, 64, 64), np.float32))
