@@ -1,0 +1,169 @@
+"""Datasets in the shared folder format: `index.csv` (or `labels.csv`) + `images/` + `masks/<structure>/`.
+
+Any number of folders can be combined. Images are decoded once and kept resized to the model's input
+size (uint8) so that an epoch on two CPU cores is spent in the network, not in PNG decoding. The
+resize is the same PIL bilinear resize as `workers.models.preprocess`, and `to_tensor` applies the
+same normalisation, so a sample without augmentation is exactly what the worker feeds the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IGNORE = "ignore"  # masks/ignore: pixels excluded from the loss and the metrics (devices, markup)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a shared-format folder."""
+
+    source: str  # folder name, e.g. "jsrt", "darwin_covid", "covid_opacity"
+    id: str
+    image: Path
+    masks: dict[str, Path | None]  # structure -> mask file; None = known negative (all-zero mask)
+    patient: str  # patient key for splits; the image id where the folder has no patient ids
+    ignore: Path | None = None
+    row: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+def index_file(folder: Path) -> Path:
+    for name in ("index.csv", "labels.csv"):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no index.csv or labels.csv (not a shared-format folder)")
+
+
+def read_rows(folder: Path) -> list[dict[str, str]]:
+    with open(index_file(folder), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _row_id(row: dict[str, str]) -> str:
+    return row.get("id") or row["image_id"]
+
+
+def _image_path(folder: Path, row: dict[str, str]) -> Path:
+    rel = row.get("image_path")
+    return folder / rel if rel else folder / "images" / f"{_row_id(row)}.png"
+
+
+def read_folder(folder: Path, structures: Sequence[str], *, negative: bool = False,
+                require_masks: bool = True) -> list[Sample]:
+    """Samples of `folder` that have every structure in `structures`.
+
+    `negative=True` declares the folder free of those structures (e.g. JSRT for pneumothorax): its
+    images become samples with all-zero masks.
+    """
+    folder = Path(folder)
+    source = folder.name
+    samples = []
+    skipped = 0
+    for row in read_rows(folder):
+        sid = _row_id(row)
+        masks: dict[str, Path | None] = {}
+        for s in structures:
+            path = folder / "masks" / s / f"{sid}.png"
+            if negative:
+                masks[s] = None
+            elif path.exists():
+                masks[s] = path
+        if require_masks and len(masks) < len(structures):
+            skipped += 1
+            continue
+        ignore = folder / "masks" / IGNORE / f"{sid}.png"
+        patient = (row.get("patient_id") or "").strip() or f"{source}:{sid}"
+        samples.append(Sample(source, sid, _image_path(folder, row), masks, patient,
+                              ignore if ignore.exists() else None, row))
+    if skipped:
+        log.info("%s: %d images lack a %s mask and are skipped", folder, skipped, "/".join(structures))
+    log.info("%s: %d samples", folder, len(samples))
+    return samples
+
+
+def read_folders(folders: Iterable[Path], structures: Sequence[str]) -> list[Sample]:
+    return [s for f in folders for s in read_folder(Path(f), structures)]
+
+
+def load_gray(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """Boolean mask; None (a declared negative) gives all zeros of `shape`."""
+    if path is None:
+        return np.zeros(shape, dtype=bool)
+    mask = np.asarray(Image.open(path).convert("L")) > 127
+    if mask.shape != shape:
+        raise ValueError(f"{path}: mask {mask.shape} does not match its image {shape}")
+    return mask
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """The uint8 resize of `workers.models.preprocess` (PIL bilinear to size x size)."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (size, size), Image.Resampling.NEAREST)) > 127
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """uint8 SxS -> float32, the normalisation of `workers.models.preprocess`."""
+    return (image.astype(np.float32) / 255.0 - 0.5) / 0.25
+
+
+@dataclass
+class Cached:
+    image: np.ndarray  # uint8 SxS
+    target: np.ndarray  # uint8 CxSxS, 0/1
+    valid: np.ndarray  # uint8 SxS, 0 where masks/ignore marks pixels
+    positive: float  # 1.0 if any target pixel (presence label)
+
+
+def cache_samples(samples: Sequence[Sample], structures: Sequence[str], size: int) -> list[Cached]:
+    out = []
+    for i, s in enumerate(samples):
+        image = load_gray(s.image)
+        masks = [load_mask(s.masks.get(st), image.shape) for st in structures]
+        valid = ~load_mask(s.ignore, image.shape) if s.ignore else np.ones(image.shape, bool)
+        target = np.stack([resize_mask(m, size) for m in masks]).astype(np.uint8)
+        out.append(Cached(resize_image(image, size), target, resize_mask(valid, size).astype(np.uint8),
+                          float(any(m.any() for m in masks))))
+        if (i + 1) % 200 == 0:
+            log.info("cached %d/%d images", i + 1, len(samples))
+    return out
+
+
+Augment = Callable[..., dict[str, np.ndarray]]
+
+
+class SegmentationDataset:
+    """torch-style dataset over cached samples: (image 1xSxS, target CxSxS, valid 1xSxS, presence)."""
+
+    def __init__(self, cached: Sequence[Cached], augment: Augment | None = None) -> None:
+        self.cached = list(cached)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.float32]:
+        c = self.cached[i]
+        image, target, valid = c.image, c.target, c.valid
+        if self.augment is not None:
+            out = self.augment(image=image, masks=[*target, valid])
+            image = out["image"]
+            *chans, valid = out["masks"]
+            target = np.stack(chans)
+        return (normalise(image)[None], target.astype(np.float32), np.asarray(valid, np.float32)[None],
+                np.float32(c.positive))

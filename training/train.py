@@ -1,0 +1,246 @@
+"""The training loop: AdamW, warm-up + cosine schedule, BCE+Dice, checkpoint each epoch, resume,
+early stopping on validation Dice, per-epoch metrics in `metrics.csv` / `history.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from training.augment import radiograph_augment
+from training.data import Cached, Sample, SegmentationDataset, cache_samples, read_folder
+from training.losses import bce_dice_loss
+from training.splits import split, write_split
+from workers.models import ModelSpec, build
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    spec: ModelSpec
+    structures: tuple[str, ...]
+    data: list[Path]
+    run_dir: Path
+    negatives: list[Path] = field(default_factory=list)
+    negatives_per_source: int = 0
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    val_fraction: float = 0.15
+    seed: int = 0
+    patience: int = 4
+    aux_weight: float = 0.5
+    max_minutes: float = 0.0  # 0 = no budget; else stop before an epoch that would overrun it
+    max_steps: int = 0  # 0 = full epochs; tests use a few steps
+    limit: int = 0  # use only the first N samples (tests)
+    augment: bool = True
+    threads: int = 2
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def collect_samples(cfg: TrainConfig) -> list[Sample]:
+    samples = [s for folder in cfg.data for s in read_folder(folder, cfg.structures)]
+    for folder in cfg.negatives:
+        neg = read_folder(folder, cfg.structures, negative=True)
+        if cfg.negatives_per_source:
+            # A fixed, seed-dependent choice; sorted by a hash so it does not follow file order.
+            rng = random.Random(f"negatives|{cfg.seed}|{folder.name}")
+            neg = rng.sample(neg, min(cfg.negatives_per_source, len(neg)))
+        samples += neg
+    if cfg.limit:
+        samples = samples[:cfg.limit]
+    if not samples:
+        raise ValueError(f"no samples with masks of {cfg.structures} in {cfg.data}")
+    return samples
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence[Sample],
+             batch_size: int) -> dict[str, Any]:
+    """Dice per image at the input grid (ignore pixels excluded), mean overall and per source.
+
+    A quick per-epoch figure for early stopping; `python -m training evaluate` gives the full-size
+    metrics of the exported model.
+    """
+    model.eval()
+    ds = SegmentationDataset(cached)
+    dices: list[float] = []
+    presence_correct: list[bool] = []
+    losses = []
+    for start in range(0, len(ds), batch_size):
+        items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
+        x, y, v, pos = (torch.from_numpy(np.stack(a)) for a in zip(*items, strict=True))
+        logits, cls = split_outputs(model(x))
+        losses.append(bce_dice_loss(logits, y, v).item() * len(items))
+        pred = (logits > 0).float() * v
+        yv = y * v
+        inter = (pred * yv).sum((1, 2, 3))
+        denom = pred.sum((1, 2, 3)) + yv.sum((1, 2, 3))
+        dices += torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom)).tolist()
+        if cls is not None:
+            presence_correct += ((cls.reshape(-1) > 0).float() == pos).tolist()
+    by_source: dict[str, list[float]] = {}
+    for s, d in zip(samples, dices, strict=True):
+        by_source.setdefault(s.source, []).append(d)
+    result: dict[str, Any] = {
+        "val_loss": sum(losses) / max(1, len(ds)),
+        "val_dice": float(np.mean(dices)) if dices else math.nan,
+        **{f"val_dice_{src}": float(np.mean(d)) for src, d in sorted(by_source.items())},
+    }
+    if presence_correct:
+        result["val_presence_acc"] = float(np.mean(presence_correct))
+        by_src_acc: dict[str, list[bool]] = {}
+        for s, ok in zip(samples, presence_correct, strict=True):
+            by_src_acc.setdefault(s.source, []).append(ok)
+        result |= {f"val_presence_acc_{src}": float(np.mean(v)) for src, v in sorted(by_src_acc.items())}
+    model.train()
+    return result
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    keys: list[str] = []
+    for h in history:
+        keys += [k for k in h if k not in keys]
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) into `cfg.run_dir`; returns the final state summary."""
+    torch.set_num_threads(cfg.threads)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    samples = collect_samples(cfg)
+    train_s, val_s = split(samples, cfg.seed, cfg.val_fraction)
+    if not val_s:  # tiny test sets: validate on the training images rather than on nothing
+        val_s = train_s
+    write_split(cfg.run_dir / "split.json", train_s, val_s, cfg.seed, cfg.val_fraction)
+    (cfg.run_dir / "config.json").write_text(json.dumps(
+        asdict(cfg), default=str, indent=1) + "\n")
+    log.info("%d train / %d validation images (%d / %d patients)", len(train_s), len(val_s),
+             len({s.patient for s in train_s}), len({s.patient for s in val_s}))
+
+    t0 = time.monotonic()
+    train_c = cache_samples(train_s, cfg.structures, cfg.spec.input_size)
+    val_c = cache_samples(val_s, cfg.structures, cfg.spec.input_size)
+    log.info("cached images in %.0f s", time.monotonic() - t0)
+
+    model = build(cfg.spec)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ds = SegmentationDataset(train_c, radiograph_augment() if cfg.augment else None)
+    steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+    if cfg.max_steps:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0,
+                             "history": [], "train_seconds": 0.0}
+    last = cfg.run_dir / "last.pt"
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        log.info("resumed from %s at epoch %d (best %.4f at epoch %d)", last, state["epoch"],
+                 state["best"], state["best_epoch"])
+
+    while state["epoch"] < cfg.epochs:
+        if state["bad_epochs"] >= cfg.patience:
+            log.info("early stop: no validation improvement for %d epochs", cfg.patience)
+            break
+        history = state["history"]
+        if cfg.max_minutes and history:
+            per_epoch = history[-1]["seconds"]
+            if state["train_seconds"] + per_epoch > cfg.max_minutes * 60:
+                log.info("time budget: %.0f s used, next epoch needs ~%.0f s: stopping",
+                         state["train_seconds"], per_epoch)
+                break
+        epoch = state["epoch"] + 1
+        seed_everything(cfg.seed * 1000 + epoch)  # same batches whether or not the run was resumed
+        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+                            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        t_epoch = time.monotonic()
+        losses = []
+        for i, (x, y, v, pos) in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(state["step"], total_steps, cfg)
+            logits, cls = split_outputs(model(x))
+            loss = bce_dice_loss(logits, y, v)
+            if cls is not None:
+                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(cls.reshape(-1), pos)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            losses.append(loss.item())
+            if (i + 1) % 20 == 0:
+                el = time.monotonic() - t_epoch
+                log.info("epoch %d step %d/%d loss %.4f (%.2f s/step, ~%.0f s left in epoch)", epoch, i + 1,
+                         steps_per_epoch, np.mean(losses[-20:]), el / (i + 1),
+                         el / (i + 1) * (steps_per_epoch - i - 1))
+        train_time = time.monotonic() - t_epoch
+        metrics = validate(model, val_c, val_s, cfg.batch_size)
+        seconds = time.monotonic() - t_epoch
+        state["train_seconds"] += seconds
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
+               "lr": opt.param_groups[0]["lr"], "train_s": round(train_time, 1), "seconds": round(seconds, 1),
+               **{k: round(v, 5) for k, v in metrics.items()}}
+        history.append(row)
+        log.info("epoch %d: %s", epoch, json.dumps(row))
+        state["epoch"] = epoch
+        if metrics["val_dice"] > state["best"]:
+            state["best"], state["best_epoch"], state["bad_epochs"] = metrics["val_dice"], epoch, 0
+            torch.save({"model": model.state_dict(), "spec": asdict(cfg.spec), "epoch": epoch,
+                        "metrics": row}, cfg.run_dir / "best.pt")
+        else:
+            state["bad_epochs"] += 1
+        # Write to a temporary file first: an interrupted save must not destroy the last checkpoint.
+        tmp = cfg.run_dir / "last.pt.tmp"
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                    "spec": asdict(cfg.spec)}, tmp)
+        tmp.replace(last)
+        _write_metrics(cfg.run_dir, history)
+    summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_dice": state["best"],
+               "train_seconds": state["train_seconds"]}
+    log.info("done: %s", summary)
+    return summary
