@@ -58,9 +58,10 @@ def _split_merged(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cut = blob.shape[1] // 2
     else:
         heights = blob[:, lo:hi + 1].sum(axis=0)
-        # Among equal minima prefer the one closest to the blob's centre.
+        # Among equal minima prefer the one closest to the blob's centre; the cut falls just before
+        # the chosen column, so a symmetric blob splits into equal halves.
         candidates = np.flatnonzero(heights == heights.min()) + lo
-        centre = (first + last) / 2
+        centre = (first + last + 1) / 2
         cut = int(candidates[np.argmin(np.abs(candidates - centre))])
     image_left = blob.copy()
     image_left[:, cut:] = False

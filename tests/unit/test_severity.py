@@ -137,3 +137,11 @@ def test_score_rejects_bad_input() -> None:
         score(mask, mask, mask, threshold=1.5)
     with pytest.raises(ValueError, match="2-D"):
         split_lungs(mask[None])
+
+
+def test_symmetric_blob_splits_into_equal_halves() -> None:
+    blob = np.zeros((H, W), bool)
+    blob[10:100, 10:90] = True  # no waist at all: the cut goes through the centre
+    right, left = split_lungs(blob)
+    assert int(right.sum()) == int(left.sum()) == 90 * 40
+    assert right[:, 10:50].all() and left[:, 50:90].all()
