@@ -70,6 +70,8 @@ class DicomConfig(_Strict):
     require_called_ae: bool = True  # reject associations whose called AE title is not ours
     allow_unknown_calling_ae: bool = False  # True accepts any peer (testing only)
     listeners: int = 1  # receiving processes sharing the port (SO_REUSEPORT)
+    check_calling_host: bool = True  # a source AE entry with a host may only connect from that host
+    shutdown_grace_s: float = 60.0  # on SIGTERM, how long in-flight associations may take to finish
     tls: TLSConfig = Field(default_factory=TLSConfig)
 
     _ae = field_validator("ae_title")(lambda cls, v: validate_ae_title(v))

@@ -1,0 +1,237 @@
+"""Audit log tables (SQLAlchemy 2.0 typed models).
+
+The schema is owned by the Alembic migrations in ``node/migrations``; these classes mirror them.
+Readers (CLI, web console) may query these models directly; writers go through
+:mod:`node.audit.store` so that every state change also appends an :class:`Event`.
+
+Instance state machine::
+
+    received ─▶ queued ─▶ analyzed ─▶ exported
+        │          │          │
+        └─▶ skipped └─▶ failed └─▶ dead        (plus: duplicate, rejected at ingest)
+
+``received``  stored in the spool, not yet routed (resume routes it again)
+``queued``    routed to analysis and handed off (resume hands it off again)
+``analyzed``  results built, exports pending
+``exported``  every export sent (final)
+``skipped``   stored, routing decided not to analyse it; ``reason`` says why (final)
+``duplicate`` the SOP Instance UID was already stored; nothing kept, ``duplicate_of_id`` points at the
+              original (final)
+``rejected``  refused at ingest with a failure status; raw bytes in quarantine (final)
+``failed``    analysis or result building failed for good (final)
+``dead``      results could not be delivered after all retries (final)
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class InstanceState(enum.StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    ANALYZED = "analyzed"
+    EXPORTED = "exported"
+    SKIPPED = "skipped"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+FINAL_STATES = frozenset({InstanceState.EXPORTED, InstanceState.SKIPPED, InstanceState.DUPLICATE,
+                          InstanceState.REJECTED, InstanceState.FAILED, InstanceState.DEAD})
+PENDING_STATES = frozenset(set(InstanceState) - FINAL_STATES)
+
+# Which per-stage timestamp column a state transition fills in.
+STATE_TIMESTAMP = {
+    InstanceState.RECEIVED: "received_at",
+    InstanceState.QUEUED: "queued_at",
+    InstanceState.ANALYZED: "analyzed_at",
+    InstanceState.EXPORTED: "exported_at",
+}
+
+
+class ExportState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class AERole(enum.StrEnum):
+    SOURCE = "source"  # may send to the node
+    DESTINATION = "destination"  # the node sends results to it
+    BOTH = "both"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Association(Base):
+    """One DICOM association, inbound (a peer sends to us) or outbound (we send results or C-ECHO)."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    direction: Mapped[str] = mapped_column(String(8), default="inbound")  # inbound | outbound
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    peer_port: Mapped[int | None]
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    result: Mapped[str] = mapped_column(String(16))  # accepted | rejected | released | aborted
+    reason: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    ended_at: Mapped[datetime | None]
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_duplicate: Mapped[int] = mapped_column(Integer, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Study(Base):
+    """A study seen by the node; PHI kept to the identifiers an administrator needs to find it."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
+
+
+class Instance(Base):
+    """One received SOP instance and where it is in the state machine (see module docstring)."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        # One live row per SOP Instance UID; duplicates and ingest rejects may repeat it.
+        Index("uq_instances_sop_live", "sop_instance_uid", unique=True,
+              sqlite_where=text("state NOT IN ('duplicate', 'rejected')"),
+              postgresql_where=text("state NOT IN ('duplicate', 'rejected')")),
+        Index("ix_instances_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE Priority: 0 medium, 1 high, 2 low
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    rule: Mapped[str] = mapped_column(String(64), default="")
+    models: Mapped[list[str]] = mapped_column(default=list)
+    destinations: Mapped[list[str]] = mapped_column(default=list)
+    spool_path: Mapped[str] = mapped_column(Text, default="")
+    quarantine_path: Mapped[str] = mapped_column(Text, default="")
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    queued_at: Mapped[datetime | None]
+    analyzed_at: Mapped[datetime | None]
+    exported_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]  # when any final state was reached
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    study: Mapped[Study | None] = relationship(back_populates="instances")
+    exports: Mapped[list[Export]] = relationship(back_populates="instance", order_by="Export.id")
+
+
+class Event(Base):
+    """Append-only log of everything that happened: ingest, routing, admin changes, exports."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # e.g. instance.received, ae.added
+    actor: Mapped[str] = mapped_column(String(64), default="node")  # node | cli:<user> | web:<user> | config
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class AETitle(Base):
+    """A known peer: sources may send to the node, destinations receive results."""
+
+    __tablename__ = "ae_titles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(16), unique=True)
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None]
+    role: Mapped[str] = mapped_column(String(16), default=AERole.BOTH)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @property
+    def may_send(self) -> bool:
+        return self.role in (AERole.SOURCE, AERole.BOTH)
+
+    @property
+    def may_receive(self) -> bool:
+        return self.role in (AERole.DESTINATION, AERole.BOTH) and self.host is not None and self.port is not None
+
+
+class Export(Base):
+    """One result object (SEG, SR, overlay) to deliver to one destination AE."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    destination_ae: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # seg | sr | overlay
+    file_path: Mapped[str] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="exports")
+    attempt_log: Mapped[list[ExportAttempt]] = relationship(back_populates="export", order_by="ExportAttempt.id")
+
+
+class ExportAttempt(Base):
+    """One try at sending an export (one C-STORE); kept for every try, successful or not."""
+
+    __tablename__ = "export_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    export_id: Mapped[int] = mapped_column(ForeignKey("exports.id"), index=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[int | None]  # DIMSE status from the peer; None when no response came
+    error: Mapped[str] = mapped_column(Text, default="")
+
+    export: Mapped[Export] = relationship(back_populates="attempt_log")

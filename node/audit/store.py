@@ -1,0 +1,529 @@
+"""The audit store: the one place that writes the audit log.
+
+Every write is one short transaction; every state change appends an :class:`Event` in the same
+transaction, so the event log and the tables never disagree. Objects returned are detached
+snapshots (``expire_on_commit=False``): read their attributes freely, change state only through
+these methods. Thread-safe: each call opens its own session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, Select, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.audit.db import make_engine, migrate
+from node.audit.models import (
+    FINAL_STATES,
+    PENDING_STATES,
+    STATE_TIMESTAMP,
+    AERole,
+    AETitle,
+    Association,
+    Event,
+    Export,
+    ExportAttempt,
+    ExportState,
+    Instance,
+    InstanceState,
+    Study,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Allowed instance transitions (besides staying in the same state). Failed/dead may be retried by an operator.
+TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    InstanceState.RECEIVED: frozenset({InstanceState.QUEUED, InstanceState.SKIPPED, InstanceState.FAILED}),
+    InstanceState.QUEUED: frozenset({InstanceState.ANALYZED, InstanceState.SKIPPED, InstanceState.FAILED}),
+    InstanceState.ANALYZED: frozenset({InstanceState.EXPORTED, InstanceState.DEAD, InstanceState.FAILED}),
+    InstanceState.EXPORTED: frozenset({InstanceState.QUEUED}),
+    InstanceState.SKIPPED: frozenset({InstanceState.QUEUED}),
+    InstanceState.FAILED: frozenset({InstanceState.QUEUED}),
+    InstanceState.DEAD: frozenset({InstanceState.QUEUED, InstanceState.EXPORTED}),
+    InstanceState.DUPLICATE: frozenset(),
+    InstanceState.REJECTED: frozenset(),
+}
+
+
+class StoreError(Exception):
+    """A request the audit store refuses (unknown row, illegal transition, duplicate name)."""
+
+
+class DuplicateInstance(StoreError):
+    """Another live row already holds this SOP Instance UID (a concurrent duplicate)."""
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What ingest knows about an instance it has stored (or refused)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    calling_ae: str = ""
+    association_id: int | None = None
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    priority: int = 0
+    size_bytes: int = 0
+    spool_path: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceFilter:
+    """Filters for :meth:`AuditStore.list_instances`; every field is optional."""
+
+    states: Sequence[str] = ()
+    calling_ae: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    study_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class StudySummary:
+    """A study with the counts of its instances per state (for listings)."""
+
+    study: Study
+    states: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def instance_count(self) -> int:
+        return sum(self.states.values())
+
+
+class AuditStore:
+    """Typed access to the audit log. Create with :meth:`open` (migrates) or from an engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, *, echo: bool = False, run_migrations: bool = True) -> AuditStore:
+        engine = make_engine(url, echo=echo)
+        if run_migrations:
+            migrate(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error."""
+        with self._sessions.begin() as s:
+            yield s
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    def add_event(self, kind: str, *, actor: str = "node", instance_id: int | None = None,
+                  study_id: int | None = None, association_id: int | None = None,
+                  detail: dict[str, Any] | None = None) -> int:
+        with self.session() as s:
+            return _event(s, kind, actor=actor, instance_id=instance_id, study_id=study_id,
+                          association_id=association_id, detail=detail)
+
+    def list_events(self, *, since: datetime | None = None, kinds: Sequence[str] = (),
+                    calling_ae: str | None = None, instance_id: int | None = None,
+                    limit: int | None = None) -> list[Event]:
+        q = select(Event).order_by(Event.id)
+        if since is not None:
+            q = q.where(Event.at >= since)
+        if kinds:
+            q = q.where(Event.kind.in_(kinds))
+        if instance_id is not None:
+            q = q.where(Event.instance_id == instance_id)
+        if calling_ae is not None:
+            # Events about an association from this AE, or about its instances, or naming it in the detail.
+            q = q.outerjoin(Association, Event.association_id == Association.id).outerjoin(
+                Instance, Event.instance_id == Instance.id).where(
+                or_(Association.calling_ae == calling_ae, Instance.calling_ae == calling_ae))
+        if limit is not None:
+            q = q.limit(limit)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    # -- associations ---------------------------------------------------------------------------------
+
+    def record_association(self, *, calling_ae: str, called_ae: str, peer_host: str = "",
+                           peer_port: int | None = None, result: str, reason: str = "",
+                           tls: bool = False, direction: str = "inbound") -> int:
+        """Record an association request and its outcome (accepted/rejected); returns its id."""
+        with self.session() as s:
+            row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
+                              peer_port=peer_port, result=result, reason=reason, tls=tls,
+                              direction=direction)
+            if result == "rejected":
+                row.ended_at = row.started_at = utcnow()
+            s.add(row)
+            s.flush()
+            _event(s, f"association.{result}", association_id=row.id,
+                   detail={"calling_ae": calling_ae, "called_ae": called_ae, "peer": f"{peer_host}:{peer_port}",
+                           "reason": reason, "direction": direction})
+            return row.id
+
+    def end_association(self, association_id: int, result: str, *, stored: int = 0, duplicate: int = 0,
+                        failed: int = 0) -> None:
+        """Close an accepted association (released/aborted) with the counts of what it brought."""
+        with self.session() as s:
+            row = _get(s, Association, association_id)
+            row.result, row.ended_at = result, utcnow()
+            row.instances_stored, row.instances_duplicate, row.instances_failed = stored, duplicate, failed
+            _event(s, f"association.{result}", association_id=association_id,
+                   detail={"stored": stored, "duplicate": duplicate, "failed": failed})
+
+    def get_association(self, association_id: int) -> Association:
+        with self.session() as s:
+            return _get(s, Association, association_id)
+
+    def list_associations(self, *, since: datetime | None = None, calling_ae: str | None = None,
+                          limit: int | None = None) -> list[Association]:
+        q = select(Association).order_by(Association.id)
+        if since is not None:
+            q = q.where(Association.started_at >= since)
+        if calling_ae is not None:
+            q = q.where(Association.calling_ae == calling_ae)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    # -- instances ------------------------------------------------------------------------------------
+
+    def find_live_instance(self, sop_instance_uid: str) -> Instance | None:
+        """The stored (non-duplicate, non-rejected) row for this SOP Instance UID, if any."""
+        with self.session() as s:
+            return s.scalar(_live(sop_instance_uid))
+
+    def record_instance_received(self, info: ReceivedInstance) -> Instance:
+        """Commit a newly spooled instance in state ``received``; raises DuplicateInstance on a race."""
+        try:
+            with self.session() as s:
+                study = _upsert_study(s, info) if info.study_instance_uid else None
+                row = _instance_row(info, study, InstanceState.RECEIVED)
+                s.add(row)
+                s.flush()
+                _event(s, "instance.received", instance_id=row.id, study_id=row.study_id,
+                       association_id=info.association_id,
+                       detail={"sop_instance_uid": info.sop_instance_uid, "size": info.size_bytes})
+                return row
+        except IntegrityError as e:
+            if self.find_live_instance(info.sop_instance_uid) is not None:
+                raise DuplicateInstance(info.sop_instance_uid) from e
+            raise
+
+    def record_duplicate(self, info: ReceivedInstance, original_id: int) -> Instance:
+        """A second copy of a stored instance: answered with success, recorded, not processed."""
+        with self.session() as s:
+            original = _get(s, Instance, original_id)
+            row = _instance_row(info, None, InstanceState.DUPLICATE)
+            row.study_id, row.duplicate_of_id = original.study_id, original_id
+            row.reason = f"duplicate of instance {original_id}"
+            row.finished_at = row.received_at
+            s.add(row)
+            s.flush()
+            _event(s, "instance.duplicate", instance_id=row.id, study_id=row.study_id,
+                   association_id=info.association_id,
+                   detail={"sop_instance_uid": info.sop_instance_uid, "original_id": original_id})
+            return row
+
+    def record_rejected(self, info: ReceivedInstance, *, status: int, reason: str, quarantine_path: str) -> Instance:
+        """An instance refused at ingest (failure status sent); its bytes are in quarantine."""
+        with self.session() as s:
+            row = _instance_row(info, None, InstanceState.REJECTED)
+            row.reason, row.quarantine_path, row.finished_at = reason, quarantine_path, row.received_at
+            s.add(row)
+            s.flush()
+            _event(s, "instance.rejected", instance_id=row.id, association_id=info.association_id,
+                   detail={"sop_instance_uid": info.sop_instance_uid, "status": f"0x{status:04X}",
+                           "reason": reason, "quarantine": quarantine_path})
+            return row
+
+    def set_instance_state(self, instance_id: int, state: InstanceState | str, reason: str | None = None, *,
+                           actor: str = "node", rule: str | None = None, models: Sequence[str] | None = None,
+                           destinations: Sequence[str] | None = None,
+                           detail: dict[str, Any] | None = None) -> Instance:
+        """Move an instance along the state machine, fill the stage timestamp, append an event."""
+        new = InstanceState(state)
+        with self.session() as s:
+            row = s.get(Instance, instance_id, with_for_update=True)
+            if row is None:
+                raise StoreError(f"no instance with id {instance_id}")
+            old = InstanceState(row.state)
+            if new != old and new not in TRANSITIONS[old]:
+                raise StoreError(f"instance {instance_id}: {old} -> {new} is not allowed")
+            now = utcnow()
+            row.state = new
+            if reason is not None:
+                row.reason = reason
+            if rule is not None:
+                row.rule = rule
+            if models is not None:
+                row.models = list(models)
+            if destinations is not None:
+                row.destinations = list(destinations)
+            if new in STATE_TIMESTAMP:
+                setattr(row, STATE_TIMESTAMP[new], now)
+            row.finished_at = now if new in FINAL_STATES else None
+            _event(s, f"instance.{new}", actor=actor, instance_id=row.id, study_id=row.study_id,
+                   detail={"from": str(old), **({"reason": reason} if reason else {}),
+                           **({"rule": rule} if rule else {}), **(detail or {})})
+            return row
+
+    def get_instance(self, instance_id: int) -> Instance:
+        with self.session() as s:
+            return _get(s, Instance, instance_id)
+
+    def list_instances(self, filters: InstanceFilter | None = None) -> list[Instance]:
+        f = filters or InstanceFilter()
+        q: Select[Instance] = select(Instance).order_by(Instance.id)
+        if f.states:
+            q = q.where(Instance.state.in_([str(x) for x in f.states]))
+        if f.calling_ae is not None:
+            q = q.where(Instance.calling_ae == f.calling_ae)
+        if f.since is not None:
+            q = q.where(Instance.received_at >= f.since)
+        if f.until is not None:
+            q = q.where(Instance.received_at < f.until)
+        if f.sop_instance_uid is not None:
+            q = q.where(Instance.sop_instance_uid == f.sop_instance_uid)
+        if f.study_instance_uid is not None:
+            q = q.join(Study).where(Study.study_instance_uid == f.study_instance_uid)
+        if f.limit is not None:
+            q = q.limit(f.limit)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def pending_instances(self) -> list[Instance]:
+        """Instances not in a final state (what a restart must resume), oldest first."""
+        return self.list_instances(InstanceFilter(states=sorted(PENDING_STATES)))
+
+    # -- studies --------------------------------------------------------------------------------------
+
+    def list_studies(self, *, since: datetime | None = None, calling_ae: str | None = None,
+                     state: str | None = None, limit: int | None = None) -> list[StudySummary]:
+        q = select(Study).order_by(Study.first_received_at, Study.id)
+        if since is not None:
+            q = q.where(Study.last_received_at >= since)
+        if calling_ae is not None:
+            q = q.where(Study.calling_ae == calling_ae)
+        if state is not None:
+            q = q.where(Study.id.in_(select(Instance.study_id).where(Instance.state == state)))
+        if limit is not None:
+            q = q.limit(limit)
+        with self.session() as s:
+            studies = list(s.scalars(q))
+            counts: dict[int, dict[str, int]] = {}
+            if studies:
+                rows = s.execute(select(Instance.study_id, Instance.state, func.count())
+                                 .where(Instance.study_id.in_([st.id for st in studies]))
+                                 .group_by(Instance.study_id, Instance.state))
+                for study_id, st, n in rows:
+                    if study_id is not None:
+                        counts.setdefault(study_id, {})[st] = n
+            return [StudySummary(st, counts.get(st.id, {})) for st in studies]
+
+    def get_study(self, study_instance_uid: str) -> Study | None:
+        with self.session() as s:
+            return s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+
+    # -- AE titles ------------------------------------------------------------------------------------
+
+    def list_ae(self) -> list[AETitle]:
+        with self.session() as s:
+            return list(s.scalars(select(AETitle).order_by(AETitle.name)))
+
+    def get_ae(self, name: str) -> AETitle | None:
+        with self.session() as s:
+            return s.scalar(select(AETitle).where(AETitle.name == name))
+
+    def add_ae(self, name: str, *, host: str | None = None, port: int | None = None,
+               role: AERole | str = AERole.BOTH, tls: bool = False, description: str = "",
+               actor: str = "cli") -> AETitle:
+        """Add an AE title (already validated by the caller); StoreError if the name exists."""
+        try:
+            with self.session() as s:
+                row = AETitle(name=name, host=host, port=port, role=str(AERole(role)), tls=tls,
+                              description=description)
+                s.add(row)
+                s.flush()
+                _event(s, "ae.added", actor=actor, detail=_ae_detail(row))
+                return row
+        except IntegrityError as e:
+            raise StoreError(f"AE title {name!r} already exists") from e
+
+    def update_ae(self, name: str, *, actor: str = "cli", **changes: Any) -> AETitle:
+        """Change host/port/role/tls/description of an AE title; the event records old and new values."""
+        allowed = {"host", "port", "role", "tls", "description"}
+        if unknown := set(changes) - allowed:
+            raise StoreError(f"cannot change {sorted(unknown)} of an AE title")
+        with self.session() as s:
+            row = s.scalar(select(AETitle).where(AETitle.name == name))
+            if row is None:
+                raise StoreError(f"no AE title {name!r}")
+            before = _ae_detail(row)
+            for key, value in changes.items():
+                setattr(row, key, str(AERole(value)) if key == "role" else value)
+            s.flush()
+            _event(s, "ae.updated", actor=actor, detail={"before": before, "after": _ae_detail(row)})
+            return row
+
+    def remove_ae(self, name: str, *, actor: str = "cli") -> None:
+        with self.session() as s:
+            row = s.scalar(select(AETitle).where(AETitle.name == name))
+            if row is None:
+                raise StoreError(f"no AE title {name!r}")
+            detail = _ae_detail(row)
+            s.delete(row)
+            _event(s, "ae.removed", actor=actor, detail=detail)
+
+    def seed_ae(self, entries: Sequence[Any], *, actor: str = "config") -> int:
+        """Add AE titles from config ``[[ae]]`` entries that the DB does not know yet; returns how many.
+
+        Entries already in the DB are left alone: the DB is the administrator's live copy.
+        """
+        added = 0
+        for e in entries:
+            if self.get_ae(e.name) is None:
+                try:
+                    self.add_ae(e.name, host=e.host, port=e.port, role=e.role, tls=e.tls,
+                                description=e.description, actor=actor)
+                    added += 1
+                except StoreError:
+                    pass  # another process seeded it first
+        return added
+
+    # -- exports --------------------------------------------------------------------------------------
+
+    def create_export(self, instance_id: int, *, destination_ae: str, kind: str, file_path: str,
+                      sop_instance_uid: str = "") -> Export:
+        """Register a result object to deliver (state ``pending``, due now)."""
+        with self.session() as s:
+            row = Export(instance_id=instance_id, destination_ae=destination_ae, kind=kind, file_path=file_path,
+                         sop_instance_uid=sop_instance_uid, next_attempt_at=utcnow())
+            s.add(row)
+            s.flush()
+            _event(s, "export.created", instance_id=instance_id,
+                   detail={"export_id": row.id, "kind": kind, "destination": destination_ae})
+            return row
+
+    def record_export_attempt(self, export_id: int, *, status: int | None, error: str = "",
+                              succeeded: bool, next_attempt_at: datetime | None = None,
+                              give_up: bool = False, association_id: int | None = None,
+                              started_at: datetime | None = None) -> Export:
+        """Log one send attempt; ``succeeded`` → sent, ``give_up`` → dead, else pending until next_attempt_at."""
+        with self.session() as s:
+            row = s.get(Export, export_id, with_for_update=True)
+            if row is None:
+                raise StoreError(f"no export with id {export_id}")
+            now = utcnow()
+            s.add(ExportAttempt(export_id=export_id, association_id=association_id, started_at=started_at or now,
+                                finished_at=now, status=status, error=error))
+            row.attempts += 1
+            row.last_error = "" if succeeded else error
+            if succeeded:
+                row.state, row.sent_at, row.next_attempt_at = ExportState.SENT, now, None
+            elif give_up:
+                row.state, row.next_attempt_at = ExportState.DEAD, None
+            else:
+                row.next_attempt_at = next_attempt_at
+            _event(s, f"export.{'sent' if succeeded else 'dead' if give_up else 'retry'}",
+                   instance_id=row.instance_id,
+                   detail={"export_id": export_id, "attempt": row.attempts, "destination": row.destination_ae,
+                           "status": None if status is None else f"0x{status:04X}", "error": error})
+            return row
+
+    def due_exports(self, now: datetime | None = None, limit: int = 100) -> list[Export]:
+        """Pending exports whose next attempt time has come."""
+        when = now or utcnow()
+        q = (select(Export).where(Export.state == ExportState.PENDING)
+             .where(or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= when))
+             .order_by(Export.next_attempt_at, Export.id).limit(limit))
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def list_exports(self, instance_id: int | None = None, *, state: str | None = None) -> list[Export]:
+        q = select(Export).order_by(Export.id)
+        if instance_id is not None:
+            q = q.where(Export.instance_id == instance_id)
+        if state is not None:
+            q = q.where(Export.state == state)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def list_export_attempts(self, export_id: int) -> list[ExportAttempt]:
+        with self.session() as s:
+            return list(s.scalars(select(ExportAttempt).where(ExportAttempt.export_id == export_id)
+                                  .order_by(ExportAttempt.id)))
+
+
+# -- helpers (inside a session) -------------------------------------------------------------------------
+
+
+def _event(s: Session, kind: str, *, actor: str = "node", instance_id: int | None = None,
+           study_id: int | None = None, association_id: int | None = None,
+           detail: dict[str, Any] | None = None) -> int:
+    row = Event(kind=kind, actor=actor, instance_id=instance_id, study_id=study_id,
+                association_id=association_id, detail=detail or {})
+    s.add(row)
+    s.flush()
+    return row.id
+
+
+def _get(s: Session, model: type[_T], key: int) -> _T:
+    row = s.get(model, key)
+    if row is None:
+        raise StoreError(f"no {model.__name__} with id {key}")
+    return row
+
+
+def _live(sop_instance_uid: str) -> Select[Instance]:
+    return select(Instance).where(Instance.sop_instance_uid == sop_instance_uid).where(
+        Instance.state.not_in([InstanceState.DUPLICATE, InstanceState.REJECTED]))
+
+
+def _upsert_study(s: Session, info: ReceivedInstance) -> Study:
+    study = s.scalar(select(Study).where(Study.study_instance_uid == info.study_instance_uid))
+    now = utcnow()
+    if study is None:
+        study = Study(study_instance_uid=info.study_instance_uid, patient_id=info.patient_id[:64],
+                      accession_number=info.accession_number[:16], study_date=info.study_date[:8],
+                      calling_ae=info.calling_ae, first_received_at=now, last_received_at=now)
+        s.add(study)
+        s.flush()
+    else:
+        study.last_received_at = now
+    return study
+
+
+def _instance_row(info: ReceivedInstance, study: Study | None, state: InstanceState) -> Instance:
+    return Instance(
+        sop_instance_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
+        transfer_syntax_uid=info.transfer_syntax_uid, series_instance_uid=info.series_instance_uid,
+        study_id=study.id if study else None, association_id=info.association_id, calling_ae=info.calling_ae,
+        modality=info.modality, body_part=info.body_part, view_position=info.view_position,
+        priority=info.priority, size_bytes=info.size_bytes, spool_path=info.spool_path, state=state,
+        received_at=utcnow(), models=[], destinations=[])
+
+
+def _ae_detail(row: AETitle) -> dict[str, Any]:
+    return {"name": row.name, "host": row.host, "port": row.port, "role": row.role, "tls": row.tls,
+            "description": row.description}

@@ -1,0 +1,264 @@
+"""The `cxrnode` command: serve, config check, audit queries and AE title administration.
+
+Exit status: 0 success, 1 failure (bad configuration, failed echo, unknown study), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"
+
+
+def _since(value: str) -> datetime:
+    """ISO date or date-time; naive values are UTC."""
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not an ISO date or date-time: {value!r}") from e
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str] | None = None) -> None:
+    cols = list(columns or (rows[0].keys() if rows else []))
+    if fmt == "json":
+        _out(json.dumps(rows, indent=2, default=str))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()})
+    else:
+        if not rows:
+            _out("(none)")
+            return
+        cells = [[str(r.get(c, "")) if not isinstance(r.get(c), dict) else json.dumps(r[c]) for c in cols]
+                 for r in rows]
+        widths = [min(max(len(c), *(len(row[i]) for row in cells)), 64) for i, c in enumerate(cols)]
+        _out("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+        for row in cells:
+            _out("  ".join(v[:w].ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- commands ----------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.serve import serve
+
+    return serve(_settings(args))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as e:
+        _err(str(e))
+        return 1
+    _out(f"OK: {args.file} (AE title {settings.dicom.ae_title}, port {settings.dicom.port}, "
+         f"{len(settings.rules)} rule(s), {len(settings.ae)} AE title(s))")
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from node.audit import AuditStore
+
+    return AuditStore.open(_settings(args).database_url)
+
+
+def cmd_audit_studies(args: argparse.Namespace) -> int:
+    from node.audit.report import study_row
+
+    rows = [study_row(s) for s in _store(args).list_studies(since=args.since, calling_ae=args.ae, state=args.state,
+                                                             limit=args.limit)]
+    cols = None if args.format != "table" else ["study_instance_uid", "first_received", "calling_ae",
+                                                 "accession_number", "instances", "states"]
+    _print_rows(rows, args.format, cols)
+    return 0
+
+
+def cmd_audit_study(args: argparse.Namespace) -> int:
+    from node.audit import InstanceFilter
+    from node.audit.report import instance_row
+
+    store = _store(args)
+    if store.get_study(args.uid) is None:
+        _err(f"no study {args.uid}")
+        return 1
+    rows = [instance_row(i) for i in store.list_instances(InstanceFilter(study_instance_uid=args.uid))]
+    cols = None if args.format != "table" else ["id", "sop_instance_uid", "modality", "state", "rule", "reason",
+                                                 "received_at"]
+    _print_rows(rows, args.format, cols)
+    return 0
+
+
+def cmd_audit_events(args: argparse.Namespace) -> int:
+    from node.audit.report import event_row
+
+    events = _store(args).list_events(since=args.since, kinds=args.kind or (), calling_ae=args.ae, limit=args.limit)
+    rows = [event_row(e) for e in events]
+    if args.state:
+        rows = [r for r in rows if r["kind"] == f"instance.{args.state}"]
+    _print_rows(rows, args.format, None if args.format != "table" else
+                ["id", "at", "kind", "actor", "association_id", "instance_id", "detail"])
+    return 0
+
+
+def cmd_ae_add(args: argparse.Namespace) -> int:
+    from node.ae_admin import AdminError, add_ae
+
+    try:
+        row = add_ae(_store(args), args.name, host=args.host, port=args.port, role=args.role, tls=args.tls,
+                     description=args.description, actor=_actor())
+    except AdminError as e:
+        _err(f"error: {e}")
+        return 2
+    _out(f"added AE {row.name} ({row.role}, {row.host or '-'}:{row.port or '-'}{', TLS' if row.tls else ''})")
+    return 0
+
+
+def cmd_ae_list(args: argparse.Namespace) -> int:
+    rows = [{"name": a.name, "host": a.host, "port": a.port, "role": a.role, "tls": a.tls,
+             "description": a.description, "updated_at": a.updated_at.isoformat(timespec="seconds")}
+            for a in _store(args).list_ae()]
+    _print_rows(rows, "json" if args.json else "table",
+                None if args.json else ["name", "host", "port", "role", "tls", "description"])
+    return 0
+
+
+def cmd_ae_remove(args: argparse.Namespace) -> int:
+    from node.ae_admin import AdminError, remove_ae
+
+    try:
+        remove_ae(_store(args), args.name, actor=_actor())
+    except AdminError as e:
+        _err(f"error: {e}")
+        return 1
+    _out(f"removed AE {args.name}")
+    return 0
+
+
+def cmd_ae_echo(args: argparse.Namespace) -> int:
+    from node.ae_admin import AdminError, echo_ae
+
+    try:
+        r = echo_ae(_settings(args), _store(args), args.name, timeout=args.timeout, actor=_actor())
+    except AdminError as e:
+        _err(f"error: {e}")
+        return 1
+    _out(f"C-ECHO {r.ae_title} at {r.host}:{r.port}: {r.detail} ({r.round_trip_ms:.1f} ms)")
+    return 0 if r.ok else 1
+
+
+# -- parser ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrnode", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", type=Path, default=os.environ.get("CXRNODE_CONFIG") or None,
+                        help="TOML configuration file (default: $CXRNODE_CONFIG, else built-in defaults)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    # The same options after the sub-command; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS, help="TOML configuration file")
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the DICOM node")
+    p.set_defaults(func=cmd_serve)
+
+    cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
+    p = cfg.add_parser("check", help="validate a configuration file (prints OK or the bad key)")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_config_check)
+
+    fmt = argparse.ArgumentParser(add_help=False)
+    g = fmt.add_mutually_exclusive_group()
+    g.add_argument("--json", dest="format", action="store_const", const="json", help="JSON output")
+    g.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV output")
+    fmt.set_defaults(format="table")
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--since", type=_since, help="ISO date or date-time (UTC unless given)")
+    filters.add_argument("--ae", help="calling AE title")
+    filters.add_argument("--state", help="instance state (received, queued, skipped, rejected, ...)")
+    filters.add_argument("--limit", type=int)
+
+    audit = sub.add_parser("audit", help="query the audit log").add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("studies", parents=[common, fmt, filters], help="studies received")
+    p.set_defaults(func=cmd_audit_studies)
+    p = audit.add_parser("study", parents=[common, fmt], help="the instances of one study")
+    p.add_argument("uid", help="Study Instance UID")
+    p.set_defaults(func=cmd_audit_study)
+    p = audit.add_parser("events", parents=[common, fmt, filters], help="the event log")
+    p.add_argument("--kind", action="append", help="event kind, e.g. instance.rejected (repeatable)")
+    p.set_defaults(func=cmd_audit_events)
+
+    ae = sub.add_parser("ae", help="AE title administration").add_subparsers(dest="ae_command", required=True)
+    p = ae.add_parser("add", parents=[common], help="add a known AE title")
+    p.add_argument("name")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--role", choices=["source", "destination", "both"], default="both")
+    p.add_argument("--tls", action="store_true", help="use DICOM TLS when contacting it")
+    p.add_argument("--description", default="")
+    p.set_defaults(func=cmd_ae_add)
+    p = ae.add_parser("list", parents=[common], help="list known AE titles")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ae_list)
+    p = ae.add_parser("remove", parents=[common], help="remove an AE title")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_ae_remove)
+    p = ae.add_parser("echo", parents=[common], help="C-ECHO an AE title from the node")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_ae_echo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        _err(str(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

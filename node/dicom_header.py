@@ -1,0 +1,167 @@
+"""Read only the header of a received data set, and check it is consistent before accepting it.
+
+Pixel data is never decoded here: its value is deferred (pydicom ``defer_size``), and only its declared
+length and file offset are used, to catch truncated or mis-described images cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+log = logging.getLogger(__name__)
+
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# C-STORE failure statuses (PS3.4 B.2.3)
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_OUT_OF_RESOURCES = 0xA700
+
+
+class Refusal(Exception):
+    """A data set the node will not accept: the failure status to answer and why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    """The attributes ingest, routing and the audit log need; strings are stripped, '' when absent."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    body_part: str
+    view_position: str
+    patient_id: str
+    accession_number: str
+    study_date: str
+    rows: int | None
+    columns: int | None
+    frames: int
+    samples_per_pixel: int
+    bits_allocated: int | None
+    bits_stored: int | None
+    has_pixel_data: bool
+    pixel_data_length: int | None  # declared length; None when encapsulated (undefined length)
+    pixel_data_offset: int | None  # file offset of the value; None when unknown (deflated)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed value must not stop routing-level reading
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(path: Path, transfer_syntax_uid: str = "") -> Header:
+    """Parse the header of a DICOM file (pixel value deferred); Refusal(0xC000) when it cannot be parsed."""
+    try:
+        ds = dcmread(path, defer_size=1024, force=True)
+        meta = getattr(ds, "file_meta", None)
+        ts = transfer_syntax_uid or (_text(meta, "TransferSyntaxUID") if meta is not None else "")
+        raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
+        frames = _int(ds, "NumberOfFrames") or 1
+        header = Header(
+            sop_class_uid=_text(ds, "SOPClassUID"), sop_instance_uid=_text(ds, "SOPInstanceUID"),
+            study_instance_uid=_text(ds, "StudyInstanceUID"), series_instance_uid=_text(ds, "SeriesInstanceUID"),
+            transfer_syntax_uid=ts,
+            modality=_text(ds, "Modality").upper(), body_part=_text(ds, "BodyPartExamined").upper(),
+            view_position=_text(ds, "ViewPosition").upper(), patient_id=_text(ds, "PatientID"),
+            accession_number=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
+            rows=_int(ds, "Rows"), columns=_int(ds, "Columns"), frames=frames,
+            samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
+            bits_allocated=_int(ds, "BitsAllocated"), bits_stored=_int(ds, "BitsStored"),
+            has_pixel_data=raw is not None,
+            pixel_data_length=_raw_length(raw),
+            pixel_data_offset=raw.value_tell if isinstance(raw, RawDataElement) else None,
+        )
+    except Refusal:
+        raise
+    except Exception as e:  # pydicom raises many types on corrupt input; all mean "cannot understand"
+        raise Refusal(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(e).__name__}: {e}") from e
+    return header
+
+
+def _raw_length(raw: object) -> int | None:
+    if isinstance(raw, RawDataElement):
+        return None if raw.length == UNDEFINED_LENGTH else raw.length
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    return None
+
+
+def expected_native_length(h: Header) -> int | None:
+    """Rows x Columns x Frames x Samples x BitsAllocated / 8 (before even padding); None if not computable."""
+    if h.rows is None or h.columns is None or h.bits_allocated is None:
+        return None
+    bits = h.rows * h.columns * h.frames * h.samples_per_pixel * h.bits_allocated
+    return (bits + 7) // 8
+
+
+def check_dataset(h: Header, *, affected_sop_class: str, affected_sop_instance: str, file_size: int) -> None:
+    """Raise Refusal when the data set contradicts the C-STORE command or its own image description."""
+    if not h.sop_instance_uid and not h.sop_class_uid:
+        raise Refusal(STATUS_CANNOT_UNDERSTAND, "not a DICOM data set: no SOP Class UID and no SOP Instance UID")
+    if not h.sop_instance_uid:
+        raise Refusal(STATUS_DATASET_MISMATCH, "SOP Instance UID (0008,0018) missing from the data set")
+    if h.sop_instance_uid != affected_sop_instance.strip():
+        raise Refusal(STATUS_DATASET_MISMATCH, f"SOP Instance UID {h.sop_instance_uid} differs from the "
+                                               f"command's Affected SOP Instance UID {affected_sop_instance}")
+    if h.sop_class_uid != affected_sop_class.strip():
+        raise Refusal(STATUS_DATASET_MISMATCH, f"SOP Class UID {h.sop_class_uid or '(missing)'} differs from "
+                                               f"the command's Affected SOP Class UID {affected_sop_class}")
+    if not h.study_instance_uid:
+        raise Refusal(STATUS_DATASET_MISMATCH, "Study Instance UID (0020,000D) missing")
+    if not h.has_pixel_data:
+        return
+    _check_truncation(h, file_size)
+    if not h.rows or not h.columns:
+        raise Refusal(STATUS_DATASET_MISMATCH, f"image size Rows={h.rows} Columns={h.columns} is invalid")
+    if h.bits_allocated is None or h.bits_stored is None or h.bits_stored > h.bits_allocated:
+        raise Refusal(STATUS_DATASET_MISMATCH,
+                      f"BitsStored {h.bits_stored} and BitsAllocated {h.bits_allocated} are inconsistent")
+    ts = UID(h.transfer_syntax_uid) if h.transfer_syntax_uid else None
+    if ts is not None and not ts.is_encapsulated and h.pixel_data_length is not None:
+        expected = expected_native_length(h)
+        # An odd length is padded to even on the wire.
+        if expected is not None and h.pixel_data_length not in (expected, expected + (expected & 1)):
+            raise Refusal(STATUS_DATASET_MISMATCH,
+                          f"Pixel Data is {h.pixel_data_length} bytes but Rows x Columns x Frames x Samples x "
+                          f"BitsAllocated/8 = {expected}")
+
+
+def _check_truncation(h: Header, file_size: int) -> None:
+    if h.pixel_data_length is None or h.pixel_data_offset is None:
+        return
+    if h.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        return  # offsets refer to the inflated stream
+    present = file_size - h.pixel_data_offset
+    if present < h.pixel_data_length:
+        raise Refusal(STATUS_CANNOT_UNDERSTAND, f"data set ends inside Pixel Data: {h.pixel_data_length} bytes "
+                                                f"declared, {max(present, 0)} present")

@@ -1,0 +1,186 @@
+"""The ingest pipeline behind C-STORE: check, persist, record, route, hand off.
+
+Independent of pynetdicom: the SCP hands over the received file and the command fields, and answers
+the status returned here. Order matters (persist before ack): the file is fsynced and renamed into the
+spool and its row committed before a success status is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from node.audit import AuditStore, DuplicateInstance, InstanceState, ReceivedInstance
+from node.config import Settings
+from node.dicom_header import STATUS_OUT_OF_RESOURCES, Header, Refusal, check_dataset, read_header
+from node.handoff import Dispatcher, HandoffContext, hand_off
+from node.routing import RouteDecision, decide
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_PROCESSING_FAILURE = 0x0110  # our fault, not the peer's: it may retry
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """The C-STORE request fields ingest needs."""
+
+    affected_sop_class: str
+    affected_sop_instance: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    priority: int = 0
+    association_id: int | None = None
+    peer: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    kind: Literal["stored", "duplicate", "rejected", "refused", "error"]
+    instance_id: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    rerouted: int = 0
+    handed_off: int = 0
+    failed: int = 0
+
+
+class Ingest:
+    def __init__(self, settings: Settings, store: AuditStore, spool: Spool,
+                 dispatcher: Dispatcher | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+        self.dispatcher = dispatcher
+
+    # -- receiving ------------------------------------------------------------------------------------
+
+    def receive(self, received: Path, req: StoreRequest) -> Outcome:
+        """Take a fully received file (preamble + file meta + data set as sent); never raises."""
+        try:
+            return self._receive(received, req)
+        except Exception as e:
+            log.exception("C-STORE of %s from %s failed inside the node", req.affected_sop_instance, req.calling_ae)
+            try:
+                self.store.add_event("instance.error", association_id=req.association_id,
+                                     detail={"sop_instance_uid": req.affected_sop_instance, "error": repr(e)})
+            except Exception:
+                log.exception("could not audit the failure")
+            return Outcome(STATUS_PROCESSING_FAILURE, "error", reason=repr(e))
+
+    def _receive(self, received: Path, req: StoreRequest) -> Outcome:
+        if not self.spool.has_room(self.settings.storage.min_free_mb):
+            reason = (f"free disk {self.spool.free_mb():.0f} MB below storage.min_free_mb "
+                      f"{self.settings.storage.min_free_mb}")
+            log.warning("refusing %s: %s", req.affected_sop_instance, reason)
+            self.store.add_event("instance.refused", association_id=req.association_id,
+                                 detail={"sop_instance_uid": req.affected_sop_instance,
+                                         "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}", "reason": reason})
+            return Outcome(STATUS_OUT_OF_RESOURCES, "refused", reason=reason)
+
+        size = received.stat().st_size
+        try:
+            header = read_header(received, req.transfer_syntax_uid)
+            check_dataset(header, affected_sop_class=req.affected_sop_class,
+                          affected_sop_instance=req.affected_sop_instance, file_size=size)
+        except Refusal as r:
+            return self._reject(received, req, r, size)
+
+        info = self._info(header, req, size, spool_path="")
+        original = self.store.find_live_instance(header.sop_instance_uid)
+        if original is not None:
+            row = self.store.record_duplicate(info, original.id)
+            log.info("duplicate %s from %s (original instance %d)", header.sop_instance_uid, req.calling_ae,
+                     original.id)
+            return Outcome(STATUS_SUCCESS, "duplicate", row.id, row.reason)
+
+        final = self.spool.commit(received, header.study_instance_uid, header.sop_instance_uid)
+        info = self._info(header, req, size, spool_path=str(final))
+        try:
+            instance = self.store.record_instance_received(info)
+        except DuplicateInstance:
+            # The same instance arrived on two associations at once; the other one recorded it first.
+            live = self.store.find_live_instance(header.sop_instance_uid)
+            assert live is not None
+            row = self.store.record_duplicate(self._info(header, req, size, ""), live.id)
+            return Outcome(STATUS_SUCCESS, "duplicate", row.id, row.reason)
+        self.route(instance.id, header, req.calling_ae)
+        return Outcome(STATUS_SUCCESS, "stored", instance.id)
+
+    def _reject(self, received: Path, req: StoreRequest, r: Refusal, size: int) -> Outcome:
+        path = self.spool.quarantine(received, req.affected_sop_instance, {
+            "status": f"0x{r.status:04X}", "reason": r.reason, "calling_ae": req.calling_ae, "peer": req.peer,
+            "sop_class_uid": req.affected_sop_class, "sop_instance_uid": req.affected_sop_instance,
+            "transfer_syntax_uid": req.transfer_syntax_uid, "association_id": req.association_id})
+        info = ReceivedInstance(sop_instance_uid=req.affected_sop_instance, sop_class_uid=req.affected_sop_class,
+                                transfer_syntax_uid=req.transfer_syntax_uid, calling_ae=req.calling_ae,
+                                association_id=req.association_id, priority=req.priority, size_bytes=size)
+        row = self.store.record_rejected(info, status=r.status, reason=r.reason, quarantine_path=str(path))
+        log.warning("rejected %s from %s with 0x%04X: %s", req.affected_sop_instance, req.calling_ae, r.status,
+                    r.reason)
+        return Outcome(r.status, "rejected", row.id, r.reason)
+
+    @staticmethod
+    def _info(h: Header, req: StoreRequest, size: int, spool_path: str) -> ReceivedInstance:
+        return ReceivedInstance(
+            sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
+            transfer_syntax_uid=req.transfer_syntax_uid or h.transfer_syntax_uid,
+            study_instance_uid=h.study_instance_uid, series_instance_uid=h.series_instance_uid,
+            calling_ae=req.calling_ae, association_id=req.association_id, modality=h.modality,
+            body_part=h.body_part, view_position=h.view_position, patient_id=h.patient_id,
+            accession_number=h.accession_number, study_date=h.study_date, priority=req.priority,
+            size_bytes=size, spool_path=spool_path)
+
+    # -- routing and hand-off -------------------------------------------------------------------------
+
+    def route(self, instance_id: int, header: Header, calling_ae: str) -> RouteDecision | None:
+        """Apply the routing rules to a received instance; on error it stays ``received`` (resume retries)."""
+        try:
+            decision = decide(header, calling_ae, self.settings.rules, self.settings.models)
+            if decision.action == "skip":
+                self.store.set_instance_state(instance_id, InstanceState.SKIPPED, decision.reason,
+                                              rule=decision.rule)
+                return decision
+            self.store.set_instance_state(instance_id, InstanceState.QUEUED, rule=decision.rule,
+                                          models=decision.models, destinations=decision.destinations)
+        except Exception:
+            log.exception("routing instance %d failed; it stays received", instance_id)
+            return None
+        self.hand_off(instance_id)
+        return decision
+
+    def hand_off(self, instance_id: int) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.submit(instance_id)
+        else:
+            hand_off(HandoffContext(self.settings, self.store), instance_id)
+
+    def resume_pending(self) -> ResumeReport:
+        """At start: route again what was received but not routed, hand off again what was queued."""
+        rerouted = handed_off = failed = 0
+        for inst in self.store.pending_instances():
+            if inst.state == InstanceState.RECEIVED:
+                path = Path(inst.spool_path)
+                try:
+                    header = read_header(path, inst.transfer_syntax_uid)
+                except (Refusal, OSError) as e:
+                    self.store.set_instance_state(inst.id, InstanceState.FAILED, f"cannot resume: {e}")
+                    failed += 1
+                    continue
+                self.route(inst.id, header, inst.calling_ae)
+                rerouted += 1
+            elif inst.state == InstanceState.QUEUED:
+                self.hand_off(inst.id)
+                handed_off += 1
+        report = ResumeReport(rerouted, handed_off, failed)
+        if rerouted or handed_off or failed:
+            log.info("resumed pending instances: %s", report)
+        return report

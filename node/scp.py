@@ -1,0 +1,246 @@
+"""The DICOM front door: a pynetdicom Storage + Verification SCP with an association policy.
+
+- Association policy (EVT_REQUESTED): the calling AE title must be in the AE table with role
+  ``source`` or ``both`` (and, if the entry has a host and ``dicom.check_calling_host`` is on, the peer
+  must connect from it); the called AE title must be ours. Otherwise A-ASSOCIATE-RJ
+  (rejected-permanent, service-user, "calling/called AE title not recognised"). Every request is audited.
+- C-STORE: pynetdicom writes the data set as it arrives into ``spool/.incoming`` (no decoding,
+  ``STORE_RECV_CHUNKED_DATASET``); :class:`node.ingest.Ingest` checks the header, makes the file durable,
+  commits its row and only then is the status returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.audit import AERole, AuditStore
+from node.config import Settings, TLSConfig
+from node.ingest import Ingest, StoreRequest
+
+log = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ: rejected-permanent (1), DUL service-user (1), diagnostics (PS3.8 9.3.4)
+REJECT_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
+CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+
+
+@dataclass
+class _AssociationState:
+    """What the node tracks about one accepted association."""
+
+    association_id: int
+    calling_ae: str
+    peer: str
+    stored: int = 0
+    duplicate: int = 0
+    failed: int = 0
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    try:
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return frozenset({host})
+
+
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """TLS context for the listener (DICOM TLS profile: TLS 1.2+, optional client certificates)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.cert_file is not None and tls.key_file is not None  # guaranteed by TLSConfig validation
+    ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+class StorageSCP:
+    """The node's listening AE. ``start()`` returns the server; ``stop()`` stops accepting new associations."""
+
+    def __init__(self, settings: Settings, store: AuditStore, ingest: Ingest) -> None:
+        self.settings = settings
+        self.store = store
+        self.ingest = ingest
+        self._states: dict[int, _AssociationState] = {}
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+        self.server: ThreadedAssociationServer | None = None
+
+    def _make_ae(self) -> ApplicationEntity:
+        d = self.settings.dicom
+        ae = ApplicationEntity(ae_title=d.ae_title)
+        ae.maximum_associations = d.max_associations
+        ae.acse_timeout = d.acse_timeout
+        ae.dimse_timeout = d.dimse_timeout
+        ae.network_timeout = d.network_timeout
+        ae.maximum_pdu_size = d.max_pdu
+        # The called AE title is checked in the policy handler so that the rejection is audited.
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_C_ECHO, self.on_c_echo),
+            (evt.EVT_C_STORE, self.on_c_store),
+        ]
+
+    def start(self) -> ThreadedAssociationServer:
+        d = self.settings.dicom
+        # Received data sets go straight to a temp file in the spool (same filesystem: rename, no copy).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.ingest.spool.incoming)
+        ctx = server_ssl_context(d.tls) if d.tls.enabled else None
+        server = self.ae.start_server((d.host, d.port), block=False, evt_handlers=self.handlers,
+                                      ssl_context=ctx)
+        assert server is not None  # block=False returns the server
+        self.server = server
+        log.info("listening as %s on %s:%d%s", d.ae_title, d.host, self.port, " (TLS)" if ctx else "")
+        return server
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else self.settings.dicom.port
+
+    def stop(self) -> None:
+        """Stop accepting associations; the ones in flight go on until they end."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def active_associations(self) -> int:
+        return len([a for a in self.ae.active_associations if a.is_acceptor])
+
+    # -- association policy and bookkeeping -----------------------------------------------------------
+
+    def policy_rejection(self, calling_ae: str, called_ae: str, peer_host: str) -> tuple[int, str] | None:
+        """(diagnostic, reason) when the association must be rejected, else None."""
+        d = self.settings.dicom
+        if d.require_called_ae and called_ae.strip() != d.ae_title:
+            return CALLED_AE_NOT_RECOGNISED, f"called AE title not recognised: {called_ae.strip()!r}"
+        if d.allow_unknown_calling_ae:
+            return None
+        entry = self.store.get_ae(calling_ae.strip())
+        if entry is None or entry.role not in (AERole.SOURCE, AERole.BOTH):
+            return CALLING_AE_NOT_RECOGNISED, f"calling AE title not recognised: {calling_ae.strip()!r}"
+        if d.check_calling_host and entry.host and peer_host not in _addresses(entry.host):
+            return (CALLING_AE_NOT_RECOGNISED,
+                    f"calling AE title {entry.name!r} not allowed from {peer_host} (expected {entry.host})")
+        return None
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor
+        # requestor.ae_title is only filled in during negotiation, which runs after this handler.
+        prim = rq.primitive
+        calling = (prim.calling_ae_title if prim is not None else "") or ""
+        called = (prim.called_ae_title if prim is not None else "") or ""
+        calling, called = calling.strip(), called.strip()
+        peer_host, peer_port = rq.address, rq.port
+        try:
+            rejection = self.policy_rejection(calling, called, peer_host)
+        except Exception:
+            log.exception("association policy check failed; rejecting transiently")
+            assoc.acse.send_reject(0x02, 0x01, 0x01)
+            assoc.kill()
+            return
+        if rejection is None:
+            return
+        diagnostic, reason = rejection
+        log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
+        self.store.record_association(calling_ae=calling, called_ae=called, peer_host=peer_host,
+                                      peer_port=peer_port, result="rejected", reason=reason,
+                                      tls=self.settings.dicom.tls.enabled)
+        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+        assoc.kill()  # returns once the A-ASSOCIATE-RJ is on the wire
+
+    def on_established(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor
+        calling, peer = rq.ae_title.strip(), f"{rq.address}:{rq.port}"
+        association_id = self.store.record_association(
+            calling_ae=calling, called_ae=assoc.acceptor.ae_title.strip(), peer_host=rq.address,
+            peer_port=rq.port, result="accepted", tls=self.settings.dicom.tls.enabled)
+        with self._lock:
+            self._states[id(assoc)] = _AssociationState(association_id, calling, peer)
+        log.info("association %d from %s@%s accepted (%d contexts)", association_id, calling, peer,
+                 len(assoc.accepted_contexts))
+
+    def on_rejected(self, event: evt.Event) -> None:
+        # Rejections decided by pynetdicom itself (e.g. maximum associations reached).
+        assoc = event.assoc
+        rq = assoc.requestor
+        prim = assoc.acceptor.primitive
+        reason = (f"rejected by the DICOM stack (result {getattr(prim, 'result', '?')}, source "
+                  f"{getattr(prim, 'result_source', '?')}, diagnostic {getattr(prim, 'diagnostic', '?')})")
+        self.store.record_association(calling_ae=rq.ae_title.strip(), called_ae=self.settings.dicom.ae_title,
+                                      peer_host=rq.address, peer_port=rq.port, result="rejected", reason=reason,
+                                      tls=self.settings.dicom.tls.enabled)
+
+    def _end(self, assoc: Association, result: str) -> None:
+        with self._lock:
+            state = self._states.pop(id(assoc), None)
+        if state is not None:
+            self.store.end_association(state.association_id, result, stored=state.stored,
+                                       duplicate=state.duplicate, failed=state.failed)
+            log.info("association %d %s: %d stored, %d duplicate, %d failed", state.association_id, result,
+                     state.stored, state.duplicate, state.failed)
+
+    def on_released(self, event: evt.Event) -> None:
+        self._end(event.assoc, "released")
+
+    def on_aborted(self, event: evt.Event) -> None:
+        self._end(event.assoc, "aborted")
+
+    # -- DIMSE ---------------------------------------------------------------------------------------
+
+    def on_c_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def on_c_store(self, event: evt.Event) -> int:
+        with self._lock:
+            state = self._states.get(id(event.assoc))
+        req = cast(C_STORE, event.request)
+        request = StoreRequest(
+            affected_sop_class=str(req.AffectedSOPClassUID or ""),
+            affected_sop_instance=str(req.AffectedSOPInstanceUID or ""),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            calling_ae=state.calling_ae if state else event.assoc.requestor.ae_title.strip(),
+            priority=int(req.Priority or 0),
+            association_id=state.association_id if state else None,
+            peer=state.peer if state else "")
+        outcome = self.ingest.receive(Path(event.dataset_path), request)
+        if state is not None:
+            if outcome.kind == "stored":
+                state.stored += 1
+            elif outcome.kind == "duplicate":
+                state.duplicate += 1
+            else:
+                state.failed += 1
+        return outcome.status

@@ -1,0 +1,82 @@
+"""`cxrnode serve`: open the audit log, resume unfinished work, listen for DICOM, stop gracefully.
+
+One listener process for now. The pieces (store, spool, ingest, SCP) are per process and share only
+the database and the spool directory, so ``dicom.listeners`` > 1 can later fork N of these on one
+SO_REUSEPORT socket without changing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from node.audit import AuditStore
+from node.config import Settings
+from node.handoff import Dispatcher, HandoffContext
+from node.ingest import Ingest
+from node.scp import StorageSCP
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """The running node: audit store, spool, ingest pipeline, hand-off dispatcher and DICOM listener."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = AuditStore.open(settings.database_url, echo=settings.database.echo)
+        self.spool = Spool(settings.storage.data_dir)
+        self.dispatcher = Dispatcher(HandoffContext(settings, self.store))
+        self.ingest = Ingest(settings, self.store, self.spool, self.dispatcher)
+        self.scp = StorageSCP(settings, self.store, self.ingest)
+
+    def start(self) -> None:
+        self.spool.prepare()
+        added = self.store.seed_ae(self.settings.ae, actor="config")
+        if added:
+            log.info("added %d AE title(s) from the configuration", added)
+        self.dispatcher.start()
+        self.ingest.resume_pending()
+        if self.settings.dicom.listeners > 1:
+            log.warning("dicom.listeners=%d: multi-process listeners are not implemented yet; using one",
+                        self.settings.dicom.listeners)
+        self.scp.start()
+        self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title,
+                                                     "port": self.scp.port})
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let in-flight associations finish (up to the grace period), flush hand-offs."""
+        grace = self.settings.dicom.shutdown_grace_s if grace_s is None else grace_s
+        self.scp.stop()
+        deadline = time.monotonic() + grace
+        while (n := self.scp.active_associations()) and time.monotonic() < deadline:
+            log.info("waiting for %d association(s) to finish", n)
+            time.sleep(0.2)
+        if n := self.scp.active_associations():
+            log.warning("stopping with %d association(s) still open after %.0f s", n, grace)
+        self.dispatcher.close()
+        self.store.add_event("node.stopped")
+        self.store.close()
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    node = Node(settings)
+    stopping = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node.start()
+    while not stopping.wait(1.0):
+        pass
+    node.stop()
+    log.info("stopped")
+    return 0
