@@ -1,0 +1,3 @@
+from node.web.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""The node's HTTP server: admin console (server-rendered), /metrics, /healthz, /readyz.
+
+`create_app(settings, store, ...)` builds a FastAPI app around one audit store. Pages are Jinja2
+templates with plain HTML forms (no JavaScript build step). Every POST needs a logged-in session
+and its CSRF token; every change goes to the audit log with `actor="web:<user>"`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from node import metrics
+from node.audit.models import AERole, InstanceState
+from node.audit.store import AuditStore, StoreError
+from node.config import Settings, validate_ae_title, validate_port
+from node.health import CheckResult, Readiness, disk_usage, queue_depth, readiness
+from node.web import queries
+from node.web.actions import ActionError, ConsoleActions
+from node.web.auth import Credentials, Session, SessionSigner, resolve_credentials, verify_password
+from node.web.results_view import (
+    default_weights_dir,
+    legend,
+    read_model_cards,
+    safe_overlay,
+    severity,
+    sr_measurements,
+)
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+COOKIE = "cxrnode_session"
+INFERENCE_QUEUE = "inference"
+
+
+class LoginRequired(Exception):
+    def __init__(self, next_url: str) -> None:
+        self.next_url = next_url
+
+
+@dataclass
+class Console:
+    settings: Settings
+    store: AuditStore
+    actions: ConsoleActions
+    credentials: Credentials
+    signer: SessionSigner
+    templates: Jinja2Templates
+    weights_dir: Path
+    workers_probe: Callable[[], CheckResult] | None
+
+
+def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
+               workers_probe: Callable[[], CheckResult] | None = None,
+               weights_dir: Path | None = None) -> FastAPI:
+    """The web app. Raises node.web.auth.AuthConfigError when production mode has no password hash."""
+    credentials, one_time = resolve_credentials(settings.web.admin_user, settings.web.password_hash,
+                                                settings.web.production)
+    if one_time is not None:
+        # Dev mode only (production refuses to start without a hash): shown once, lives in this process.
+        log.warning("web console: no web.password_hash set; one-time login for this run: user %r password %s",
+                    credentials.user, one_time)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["dt"] = _fmt_dt
+    templates.env.filters["mb"] = lambda b: f"{(b or 0) / 1e6:,.1f} MB"
+    templates.env.globals["INSTANCE_STATES"] = [str(s) for s in InstanceState]
+    console = Console(
+        settings=settings, store=store,
+        actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title),
+        credentials=credentials, signer=SessionSigner(), templates=templates,
+        weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe)
+
+    app = FastAPI(title="cxr-node", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.console = console
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    metrics.register_audit_collector(metrics.AuditCollector(
+        lambda: queries.instance_counts(store), lambda: queries.export_counts(store),
+        lambda: queries.queued_count(store)))
+
+    @app.exception_handler(LoginRequired)
+    async def _to_login(request: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse(f"/login?{urlencode({'next': exc.next_url})}", status_code=303)
+
+    _add_ops_routes(app, console)
+    _add_auth_routes(app, console)
+    _add_pages(app, console)
+    return app
+
+
+def _fmt_dt(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _session(request: Request, console: Console) -> Session:
+    session = console.signer.load(request.cookies.get(COOKIE))
+    if session is None:
+        raise LoginRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+    return session
+
+
+async def _post(request: Request, console: Console) -> tuple[Session, dict[str, str]]:
+    """A state-changing request: logged in, and the form's CSRF token matches the session's."""
+    session = _session(request, console)
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    if form.get("csrf") != session.csrf:
+        raise LoginRequired(request.url.path)  # stale or forged form: log in again
+    return session, form
+
+
+def _back(path: str, msg: str = "", err: str = "") -> RedirectResponse:
+    params = {k: v for k, v in (("msg", msg), ("err", err)) if v}
+    return RedirectResponse(path + (f"?{urlencode(params)}" if params else ""), status_code=303)
+
+
+def _render(console: Console, request: Request, template: str, session: Session | None, status: int = 200,
+            **context: Any) -> HTMLResponse:
+    context.update(request=request, user=session.user if session else None, csrf=session.csrf if session else "",
+                   msg=request.query_params.get("msg", ""), err=request.query_params.get("err", ""),
+                   ae_title=console.settings.dicom.ae_title, production=console.settings.web.production)
+    return console.templates.TemplateResponse(request, template, context, status_code=status)
+
+
+# -- /metrics, /healthz, /readyz (no login: scraped by Prometheus and probed by orchestrators) ---------
+
+
+def _add_ops_routes(app: FastAPI, console: Console) -> None:
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        result = readiness(console.settings, console.store.engine, workers_probe=console.workers_probe)
+        return JSONResponse(result.as_dict(), status_code=200 if result.ready else 503)
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+
+# -- login ------------------------------------------------------------------------------------------------
+
+
+def _add_auth_routes(app: FastAPI, console: Console) -> None:
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> HTMLResponse:
+        return _render(console, request, "login.html", None, next=request.query_params.get("next", "/"))
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        user, password = form.get("username", ""), form.get("password", "")
+        next_url = form.get("next", "/")
+        if not next_url.startswith("/") or next_url.startswith("//"):
+            next_url = "/"  # no open redirect
+        peer = request.client.host if request.client else ""
+        if user != console.credentials.user or not verify_password(password, console.credentials.password_hash):
+            console.store.add_event("web.login_failed", actor=f"web:{user[:40]}", detail={"peer": peer})
+            log.warning("console login failed for %r from %s", user[:40], peer)
+            return _render(console, request, "login.html", None, status=401, next=next_url,
+                           error="Wrong user name or password.")
+        cookie, _ = console.signer.issue(user)
+        console.store.add_event("web.login", actor=f"web:{user}", detail={"peer": peer})
+        response = RedirectResponse(next_url, status_code=303)
+        response.set_cookie(COOKIE, cookie, max_age=int(console.signer.max_age), httponly=True,
+                            samesite="strict", secure=console.settings.web.production)
+        return response
+
+    @app.post("/logout")
+    async def logout(request: Request) -> Response:
+        session, _ = await _post(request, console)
+        console.store.add_event("web.logout", actor=f"web:{session.user}")
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+
+# -- pages ------------------------------------------------------------------------------------------------
+
+
+def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one route table, read top to bottom
+    store, settings = console.store, console.settings
+
+    @app.get("/", response_class=HTMLResponse)
+    def dashboard(request: Request) -> HTMLResponse:
+        session = _session(request, console)
+        ready: Readiness = readiness(settings, store.engine, workers_probe=console.workers_probe)
+        checks = {c.name: c for c in ready.checks}
+        return _render(console, request, "dashboard.html", session, today=queries.today(store),
+                       states=queries.instance_counts(store), ready=ready, checks=checks,
+                       queued=queries.queued_count(store),
+                       broker_depth=queue_depth(settings.broker_url, INFERENCE_QUEUE),
+                       disk=disk_usage(settings.storage.data_dir),
+                       events=queries.recent_events(store, limit=15))
+
+    @app.get("/studies", response_class=HTMLResponse)
+    def studies(request: Request) -> HTMLResponse:
+        session = _session(request, console)
+        p = request.query_params
+        search = queries.StudySearch(date_from=p.get("date_from", ""), date_to=p.get("date_to", ""),
+                                     calling_ae=p.get("ae", ""), state=p.get("state", ""),
+                                     accession=p.get("accession", ""), text=p.get("q", ""))
+        error = ""
+        try:
+            rows = queries.search_studies(store, search)
+        except ValueError as e:
+            rows, error = [], f"Dates are YYYY-MM-DD ({e})."
+        return _render(console, request, "studies.html", session, rows=rows, search=search, search_error=error,
+                       ae_names=[a.name for a in store.list_ae()])
+
+    @app.get("/studies/{study_id}", response_class=HTMLResponse)
+    def study(request: Request, study_id: int) -> HTMLResponse:
+        session = _session(request, console)
+        detail = queries.study_detail(store, study_id)
+        if detail is None:
+            return _render(console, request, "not_found.html", session, status=404, what=f"study {study_id}")
+        results: dict[int, dict[str, Any]] = {}
+        for inst in detail.instances:
+            exports = detail.exports.get(inst.id, [])
+            seg = next((Path(e.file_path) for e in exports if e.kind == "seg" and Path(e.file_path).exists()), None)
+            sr = next((Path(e.file_path) for e in exports if e.kind == "sr" and Path(e.file_path).exists()), None)
+            measurements = sr_measurements(sr) if sr else []
+            results[inst.id] = {"seg": seg, "sr": sr, "measurements": measurements,
+                                "severity": severity(measurements), "legend": legend(seg) if seg else [],
+                                "thumbnail": bool(inst.spool_path) and Path(inst.spool_path).exists()}
+        return _render(console, request, "study.html", session, d=detail, results=results)
+
+    @app.get("/instances/{instance_id}/overlay.png")
+    def overlay(request: Request, instance_id: int) -> Response:
+        _session(request, console)
+        try:
+            inst = store.get_instance(instance_id)
+        except StoreError:
+            return Response(status_code=404)
+        seg = next((Path(e.file_path) for e in store.list_exports(instance_id)
+                    if e.kind == "seg" and Path(e.file_path).exists()), None)
+        png = safe_overlay(Path(inst.spool_path), seg) if inst.spool_path else None
+        if png is None:
+            return Response(status_code=404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+    @app.post("/instances/{instance_id}/rerun")
+    async def rerun(request: Request, instance_id: int) -> Response:
+        session, form = await _post(request, console)
+        back = form.get("back", "/studies")
+        try:
+            msg = console.actions.rerun(instance_id, session.user)
+        except ActionError as e:
+            return _back(back, err=str(e))
+        metrics.count_web_action("rerun")
+        return _back(back, msg=msg)
+
+    @app.post("/instances/{instance_id}/resend")
+    async def resend(request: Request, instance_id: int) -> Response:
+        session, form = await _post(request, console)
+        back = form.get("back", "/studies")
+        try:
+            msg = console.actions.resend(instance_id, session.user)
+        except ActionError as e:
+            return _back(back, err=str(e))
+        metrics.count_web_action("resend")
+        return _back(back, msg=msg)
+
+    # -- AE titles --
+
+    @app.get("/ae", response_class=HTMLResponse)
+    def ae_list(request: Request) -> HTMLResponse:
+        session = _session(request, console)
+        edit = store.get_ae(request.query_params.get("edit", "")) if request.query_params.get("edit") else None
+        echo_events = {e.detail.get("name"): e for e in reversed(queries.recent_events(store, 200, "ae.echo"))}
+        return _render(console, request, "ae.html", session, aes=store.list_ae(), edit=edit,
+                       roles=[str(r) for r in AERole], echoes=echo_events)
+
+    def _ae_fields(form: dict[str, str]) -> dict[str, Any]:
+        """Validated host/port/role/tls/description from a form; ValueError names the bad field."""
+        host = form.get("host", "").strip() or None
+        port_text = form.get("port", "").strip()
+        try:
+            port = validate_port(int(port_text)) if port_text else None
+        except ValueError as e:
+            raise ValueError(f"port: {e}" if port_text.isdigit() else f"port: {port_text!r} is not a number") from e
+        role = form.get("role", "both")
+        if role not in {str(r) for r in AERole}:
+            raise ValueError(f"role: {role!r} is not one of source, destination, both")
+        if role in ("destination", "both") and role != "both" and (host is None or port is None):
+            raise ValueError("a destination needs host and port")
+        return {"host": host, "port": port, "role": role, "tls": form.get("tls") == "on",
+                "description": form.get("description", "").strip()}
+
+    @app.post("/ae")
+    async def ae_add(request: Request) -> Response:
+        session, form = await _post(request, console)
+        try:
+            name = validate_ae_title(form.get("name", ""))
+            fields = _ae_fields(form)
+            store.add_ae(name, actor=f"web:{session.user}", **fields)
+        except (ValueError, StoreError) as e:
+            return _back("/ae", err=str(e))
+        metrics.count_web_action("ae_add")
+        return _back("/ae", msg=f"AE title {name} added")
+
+    @app.post("/ae/{name}")
+    async def ae_update(request: Request, name: str) -> Response:
+        session, form = await _post(request, console)
+        try:
+            store.update_ae(name, actor=f"web:{session.user}", **_ae_fields(form))
+        except (ValueError, StoreError) as e:
+            return _back(f"/ae?edit={quote(name)}", err=str(e))
+        metrics.count_web_action("ae_update")
+        return _back("/ae", msg=f"AE title {name} updated")
+
+    @app.post("/ae/{name}/remove")
+    async def ae_remove(request: Request, name: str) -> Response:
+        session, _ = await _post(request, console)
+        try:
+            store.remove_ae(name, actor=f"web:{session.user}")
+        except StoreError as e:
+            return _back("/ae", err=str(e))
+        metrics.count_web_action("ae_remove")
+        return _back("/ae", msg=f"AE title {name} removed")
+
+    @app.post("/ae/{name}/echo")
+    async def ae_echo(request: Request, name: str) -> Response:
+        session, _ = await _post(request, console)
+        try:
+            result = console.actions.echo_ae(name, session.user)
+        except ActionError as e:
+            return _back("/ae", err=str(e))
+        metrics.count_web_action("ae_echo")
+        if result.ok:
+            return _back("/ae", msg=f"C-ECHO {name}: {result.detail}")
+        return _back("/ae", err=f"C-ECHO {name} failed: {result.detail}")
+
+    # -- configuration views, models, dead letters, audit log --
+
+    @app.get("/rules", response_class=HTMLResponse)
+    def rules(request: Request) -> HTMLResponse:
+        session = _session(request, console)
+        return _render(console, request, "rules.html", session, rules=settings.rules, s=settings)
+
+    @app.get("/models", response_class=HTMLResponse)
+    def models(request: Request) -> HTMLResponse:
+        session = _session(request, console)
+        return _render(console, request, "models.html", session, cards=read_model_cards(console.weights_dir),
+                       enabled=settings.models, weights_dir=console.weights_dir)
+
+    @app.get("/dead", response_class=HTMLResponse)
+    def dead(request: Request) -> HTMLResponse:
+        session = _session(request, console)
+        return _render(console, request, "dead.html", session, rows=queries.dead_exports(store))
+
+    @app.post("/exports/{export_id}/retry")
+    async def export_retry(request: Request, export_id: int) -> Response:
+        session, _ = await _post(request, console)
+        try:
+            msg = console.actions.retry_export(export_id, session.user)
+        except ActionError as e:
+            return _back("/dead", err=str(e))
+        metrics.count_web_action("export_retry")
+        return _back("/dead", msg=msg)
+
+    @app.post("/exports/retry-dead")
+    async def export_retry_all(request: Request) -> Response:
+        session, _ = await _post(request, console)
+        msg = console.actions.retry_all_dead(session.user)
+        metrics.count_web_action("export_retry")
+        return _back("/dead", msg=msg)
+
+    @app.get("/events", response_class=HTMLResponse)
+    def events(request: Request) -> HTMLResponse:
+        session = _session(request, console)
+        prefix = request.query_params.get("kind", "")
+        return _render(console, request, "events.html", session,
+                       events=queries.recent_events(store, limit=300, prefix=prefix), kind=prefix)
+

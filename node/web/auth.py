@@ -1,0 +1,160 @@
+"""Console login: PBKDF2 password hashes, signed session cookies, CSRF tokens.
+
+Password hashes are `pbkdf2_sha256$<iterations>$<salt>$<hash>` (salt and hash base64 without
+padding, the format Django and passlib use), made with `python -m node.web.auth hash-password`.
+
+Policy (decided at start by `resolve_credentials`):
+- a configured `web.password_hash` is used as is;
+- production mode without one: the console refuses to start (`AuthConfigError`) — there is no
+  default password;
+- embedded/dev mode without one: a random one-time password is generated and logged once at
+  start; it lives only in this process.
+
+Sessions are an HMAC-SHA256-signed cookie (user, expiry, CSRF token) with a key made fresh at each
+start, so a restart logs everybody out and nothing secret is stored on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import getpass
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = "pbkdf2_sha256"
+DEFAULT_ITERATIONS = 600_000  # OWASP 2023 recommendation for PBKDF2-HMAC-SHA256
+SESSION_SECONDS = 8 * 3600
+
+
+class AuthConfigError(RuntimeError):
+    """The console cannot start with this configuration (the message says what to do)."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS, salt: str | None = None) -> str:
+    salt = salt or _b64(secrets.token_bytes(16))
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt.encode("ascii"), iterations)
+    return f"{ALGORITHM}${iterations}${salt}${_b64(digest)}"
+
+
+def check_hash_format(encoded: str) -> None:
+    """Raise AuthConfigError unless `encoded` is a well-formed pbkdf2_sha256 hash."""
+    parts = encoded.split("$")
+    if len(parts) != 4 or parts[0] != ALGORITHM or not parts[1].isdigit() or not parts[2] or not parts[3]:
+        raise AuthConfigError(
+            "web.password_hash must look like 'pbkdf2_sha256$<iterations>$<salt>$<hash>'; "
+            "make one with: python -m node.web.auth hash-password")
+    try:
+        _unb64(parts[3])
+    except ValueError as e:
+        raise AuthConfigError(f"web.password_hash: the hash part is not base64 ({e})") from e
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        algorithm, iterations, salt, expected = encoded.split("$")
+        if algorithm != ALGORITHM:
+            return False
+        digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt.encode("ascii"), int(iterations))
+        return hmac.compare_digest(digest, _unb64(expected))
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password_hash: str
+    one_time: bool  # generated at start (dev mode), logged once
+
+
+def resolve_credentials(user: str, password_hash: str, production: bool) -> tuple[Credentials, str | None]:
+    """The login to use and, in dev mode without a hash, the generated password (caller logs it once)."""
+    if password_hash:
+        check_hash_format(password_hash)
+        return Credentials(user, password_hash, one_time=False), None
+    if production:
+        raise AuthConfigError(
+            "web.production is true but web.password_hash is empty: the admin console has no default "
+            "password in production. Set web.password_hash (python -m node.web.auth hash-password) "
+            "or CXRNODE_WEB__PASSWORD_HASH, or set web.enabled = false.")
+    password = secrets.token_urlsafe(12)
+    # Fewer iterations: this hash lives in memory for one process only.
+    return Credentials(user, hash_password(password, iterations=100_000), one_time=True), password
+
+
+@dataclass(frozen=True)
+class Session:
+    user: str
+    csrf: str
+    expires: float
+
+
+class SessionSigner:
+    """Signs and verifies the session cookie: base64(json payload) + '.' + base64(HMAC-SHA256)."""
+
+    def __init__(self, key: bytes | None = None, max_age: float = SESSION_SECONDS) -> None:
+        self._key = key or secrets.token_bytes(32)
+        self.max_age = max_age
+
+    def _mac(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).digest())
+
+    def issue(self, user: str) -> tuple[str, Session]:
+        session = Session(user=user, csrf=secrets.token_urlsafe(24), expires=time.time() + self.max_age)
+        payload = _b64(json.dumps({"u": session.user, "c": session.csrf, "e": session.expires}).encode())
+        return f"{payload}.{self._mac(payload)}", session
+
+    def load(self, cookie: str | None) -> Session | None:
+        if not cookie or "." not in cookie:
+            return None
+        payload, mac = cookie.rsplit(".", 1)
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        try:
+            data = json.loads(_unb64(payload))
+            session = Session(user=str(data["u"]), csrf=str(data["c"]), expires=float(data["e"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return session if session.expires > time.time() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.web.auth", description="Console password tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    hp = sub.add_parser("hash-password", help="print a web.password_hash value for a password")
+    hp.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    hp.add_argument("--stdin", action="store_true", help="read the password from stdin (no prompt)")
+    args = parser.parse_args(argv)
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Again: "):
+            sys.stderr.write("passwords differ\n")
+            return 1
+    if len(password) < 8:
+        sys.stderr.write("use at least 8 characters\n")
+        return 1
+    sys.stdout.write(hash_password(password, args.iterations) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""What the console shows of an instance's results: overlay thumbnails and the SR measurements.
+
+The thumbnail is the source image as the models saw it (`node.prepare`, so the same windowing and
+MONOCHROME1 handling) with each SEG segment blended in its own colour. Measurements are every
+numeric item of the SR (TID 1500), the severity score among them. Model cards are read as JSON
+files: the node never imports the model code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from node.prepare import PrepareError, prepare
+
+log = logging.getLogger(__name__)
+
+# Segment label (lower case) -> RGB; unknown labels cycle through the spare colours.
+SEGMENT_COLOURS = {
+    "right lung": (46, 134, 222), "left lung": (16, 172, 132), "covid-19 opacity": (255, 159, 67),
+    "opacity": (255, 159, 67), "pneumothorax": (238, 82, 83),
+}
+_SPARE = [(165, 94, 234), (254, 202, 87), (72, 219, 251), (255, 107, 129)]
+SEVERITY_CODE = "246112005"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    value: str
+    unit: str
+    code: str
+
+
+def seg_masks(seg: Dataset) -> dict[str, np.ndarray]:
+    """Segment label -> bool mask (rows, cols) of a single-image BINARY/FRACTIONAL SEG."""
+    frames = seg.pixel_array
+    if frames.ndim == 2:
+        frames = frames[np.newaxis]
+    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    masks: dict[str, np.ndarray] = {}
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
+    for index, frame in enumerate(frames):
+        number = (int(per_frame[index].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                  if index < len(per_frame) else index + 1)
+        label = labels.get(number, f"segment {number}")
+        mask = frame > 0
+        masks[label] = masks[label] | mask if label in masks else mask
+    return masks
+
+
+def _resize_mask(mask: np.ndarray, crop: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+    r0, c0, r1, c1 = crop
+    im = Image.fromarray(mask[r0:r1, c0:c1].astype(np.uint8) * 255)
+    return np.asarray(im.resize((shape[1], shape[0]), Image.Resampling.NEAREST)) > 0
+
+
+def render_overlay(source_path: Path, seg_path: Path | None, long_side: int = 384,
+                   alpha: float = 0.45) -> bytes:
+    """PNG bytes: the prepared source with SEG segments blended in. Raises PrepareError/OSError."""
+    prepared = prepare(source_path, long_side=long_side)
+    grey = prepared.pixels.astype(np.float32)
+    rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+    if seg_path is not None:
+        seg = pydicom.dcmread(seg_path)
+        spare = iter(_SPARE * 4)
+        for label, mask in seg_masks(seg).items():
+            if mask.shape != (prepared.source_rows, prepared.source_cols):
+                log.warning("SEG %s: segment %r is %s, source is %dx%d: not drawn", seg_path.name, label,
+                            mask.shape, prepared.source_rows, prepared.source_cols)
+                continue
+            small = _resize_mask(mask, prepared.crop, prepared.pixels.shape)
+            colour = np.array(SEGMENT_COLOURS.get(label.lower()) or next(spare), dtype=np.float32)
+            rgb[small] = (1 - alpha) * rgb[small] + alpha * colour
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def legend(seg_path: Path) -> list[tuple[str, str]]:
+    """(segment label, CSS colour) for the overlay's legend."""
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    out, spare = [], iter(_SPARE * 4)
+    for s in seg.SegmentSequence:
+        r, g, b = SEGMENT_COLOURS.get(str(s.SegmentLabel).lower()) or next(spare)
+        out.append((str(s.SegmentLabel), f"rgb({r},{g},{b})"))
+    return out
+
+
+def sr_measurements(sr_path: Path) -> list[Measurement]:
+    """Every NUM content item of an SR, depth first, in document order."""
+    ds = pydicom.dcmread(sr_path)
+    found: list[Measurement] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
+                name = item.ConceptNameCodeSequence[0]
+                mv = item.MeasuredValueSequence[0]
+                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue if "MeasurementUnitsCodeSequence" in mv else ""
+                found.append(Measurement(str(name.CodeMeaning), str(mv.NumericValue), str(unit),
+                                         str(name.CodeValue)))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.get("ContentSequence", []))
+    return found
+
+
+def severity(measurements: list[Measurement]) -> str | None:
+    for m in measurements:
+        if m.code == SEVERITY_CODE:
+            return m.value
+    return None
+
+
+def safe_overlay(source_path: Path, seg_path: Path | None) -> bytes | None:
+    try:
+        return render_overlay(source_path, seg_path)
+    except (PrepareError, OSError, ValueError, AttributeError, KeyError) as e:
+        log.warning("no thumbnail for %s: %s", source_path.name, e)
+        return None
+
+
+def read_model_cards(weights_dir: Path) -> list[dict[str, Any]]:
+    """The JSON model cards shipped beside the weights (name order); unreadable ones are reported."""
+    cards = []
+    for path in sorted(weights_dir.glob("*.json")):
+        try:
+            card = json.loads(path.read_text())
+            if not isinstance(card, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            card = {"name": path.stem, "error": f"unreadable card: {e}"}
+        card.setdefault("name", path.stem)
+        weights = path.with_suffix(".safetensors")
+        card["_file"] = path.name
+        card["_weights_present"] = weights.exists()
+        card["_weights_mb"] = round(weights.stat().st_size / 1e6, 1) if weights.exists() else None
+        cards.append(card)
+    return cards
+
+
+def default_weights_dir() -> Path:
+    """workers/weights of the installed package, found without importing workers' model code."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("workers")
+    if spec is None or not spec.submodule_search_locations:
+        return Path("workers/weights")
+    return Path(next(iter(spec.submodule_search_locations))) / "weights"

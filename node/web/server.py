@@ -1,0 +1,87 @@
+"""Running the web app: inside `cxrnode serve` (a thread) or on its own (`python -m node.web`).
+
+`start_in_thread` binds the port before it returns, so a port already taken fails `cxrnode serve`
+at start with a clear error rather than later in a background thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+import uvicorn
+
+from node.audit.store import AuditStore
+from node.config import Settings, load_settings
+from node.health import CheckResult
+from node.logging_setup import setup_logging
+from node.web.actions import ConsoleActions
+from node.web.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class WebServer:
+    """A uvicorn server on its own thread; `stop()` ends it (idempotent)."""
+
+    def __init__(self, server: uvicorn.Server, sock: socket.socket, thread: threading.Thread) -> None:
+        self._server, self._sock, self._thread = server, sock, thread
+
+    @property
+    def port(self) -> int:
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        host = self._sock.getsockname()[0]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def start_in_thread(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
+                    workers_probe: Callable[[], CheckResult] | None = None,
+                    port: int | None = None) -> WebServer:
+    """Console + /metrics + /healthz + /readyz on web.host:web.port (port=0 picks a free one).
+
+    Raises AuthConfigError (production without password hash) or OSError (port taken) at once.
+    """
+    app = create_app(settings, store, actions=actions, workers_probe=workers_probe)
+    sock = _bind(settings.web.host, settings.web.port if port is None else port)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cxrnode-web", daemon=True)
+    thread.start()
+    web = WebServer(server, sock, thread)
+    log.info("web console on %s", web.url)
+    return web
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone console (`python -m node.web --config FILE`): same pages, no DICOM listener."""
+    parser = argparse.ArgumentParser(prog="python -m node.web", description="cxr-node web console only")
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--port", type=int, help="override web.port")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.config)
+    setup_logging(json_logs=settings.web.json_logs)
+    store = AuditStore.open(settings.database_url)
+    app = create_app(settings, store)
+    uvicorn.run(app, host=settings.web.host, port=args.port or settings.web.port, log_config=None)
+    return 0
