@@ -1,0 +1,302 @@
+"""The DICOM conformance statement, generated from the code that implements it.
+
+`python -m node.conformance` writes docs/conformance.md; `--check` regenerates it in memory and
+fails (exit 1, with a diff) when the file differs, so the document cannot drift from the code:
+
+- SCP presentation contexts come from the application entity `node.scp.StorageSCP` builds;
+- the association policy from `node.scp` (A-ASSOCIATE-RJ diagnostics) and the config defaults;
+- C-STORE statuses from the `STATUS_*` constants of `node.ingest` and `node.dicom_header` (a new
+  constant without a description here makes generation fail);
+- which transfer syntaxes the analysis can decode from pydicom's installed decoders;
+- SEG segments from `node.results.seg.SEGMENTS`, SR codes from `node.results.codes`/`node.results.sr`;
+- TLS from `node.scp.server_ssl_context` and the config schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import re
+import ssl
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydicom.uid import UID
+
+import node
+from node.config import Settings
+
+DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
+
+# Why each C-STORE status is returned; keyed by constant name so a new constant cannot go undocumented.
+STATUS_MEANINGS: dict[str, tuple[str, str]] = {
+    "STATUS_SUCCESS": ("Success", "The data set is on disk (fsynced) and its audit row committed. Also returned "
+                                  "for a second copy of an instance already stored (audited as duplicate, not "
+                                  "analysed again)."),
+    "STATUS_OUT_OF_RESOURCES": ("Refused: Out of Resources", "Free space on the data volume is below "
+                                "`storage.min_free_mb`; nothing is stored. The sender may retry later."),
+    "STATUS_DATASET_MISMATCH": ("Error: Data Set does not match SOP Class", "SOP Instance/Class UID missing or "
+                                "different from the C-STORE request, Study Instance UID missing, or an "
+                                "impossible image size. The bytes are kept in quarantine with an audit row."),
+    "STATUS_CANNOT_UNDERSTAND": ("Error: Cannot understand", "The data set cannot be parsed (corrupt or "
+                                 "truncated bytes, not DICOM). The bytes are kept in quarantine with an audit row."),
+    "STATUS_PROCESSING_FAILURE": ("Failure: Processing failure", "An internal error of the node (e.g. the audit "
+                                  "database is unreachable). Nothing is acknowledged; the sender may retry."),
+}
+
+DIAGNOSTIC_NAMES = {
+    "CALLING_AE_NOT_RECOGNISED": "calling AE title not recognised",
+    "CALLED_AE_NOT_RECOGNISED": "called AE title not recognised",
+}
+
+
+def _uid_name(uid: str) -> str:
+    return UID(uid).name if UID(uid).is_valid else uid
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    header = list(header)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def scp_contexts(settings: Settings) -> list[tuple[str, list[str]]]:
+    """(abstract syntax, transfer syntaxes) the listener accepts, read from the AE the SCP builds."""
+    from node.scp import StorageSCP
+
+    # `_make_ae` needs only the settings: build it without a store or spool (nothing is opened).
+    scp = StorageSCP.__new__(StorageSCP)
+    scp.settings = settings
+    ae = scp._make_ae()
+    return [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax]) for cx in ae.supported_contexts]
+
+
+def decodable(transfer_syntax: str) -> bool:
+    """Whether node.prepare can decode pixel data in this transfer syntax with the installed plugins."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        return bool(get_decoder(UID(transfer_syntax)).is_available)
+    except NotImplementedError:
+        return False
+
+
+def status_constants() -> list[tuple[str, int]]:
+    from node import dicom_header, ingest
+
+    found: dict[str, int] = {}
+    for module in (ingest, dicom_header):
+        for name, value in vars(module).items():
+            if name.startswith("STATUS_") and isinstance(value, int):
+                found[name] = value
+    return sorted(found.items(), key=lambda kv: kv[1])
+
+
+def _codes(module: ModuleType) -> list[Any]:
+    from highdicom.sr import CodedConcept
+
+    return [v for v in vars(module).values() if isinstance(v, CodedConcept)]
+
+
+def render(settings: Settings | None = None) -> str:  # noqa: C901 — one document, section by section
+    s = settings or Settings()
+    d = s.dicom
+    from node import scp as scp_module
+    from node.results import codes as codes_module
+    from node.results import seg as seg_module
+    from node.results import sr as sr_module
+
+    lines: list[str] = [
+        f"# cxr-node {node.__version__} — DICOM Conformance Statement",
+        "",
+        "<!-- Generated by `python -m node.conformance` from the code; `python -m node.conformance --check` "
+        "(run by the tests) fails when this file and the code disagree. Do not edit by hand. -->",
+        "",
+        "cxr-node receives chest radiographs by C-STORE, analyses them (lung, COVID-19 opacity and "
+        "pneumothorax segmentation, severity score 0–6) and sends the results back as a DICOM "
+        "Segmentation and a TID 1500 Comprehensive SR. Values below are the defaults; the configuration "
+        "key that changes each is given in `code`.",
+        "",
+        "## 1. Application entities and network",
+        "",
+    ]
+    lines += _table(["Property", "Default", "Configuration"], [
+        ("AE title", f"`{d.ae_title}`", "`dicom.ae_title`"),
+        ("Listening port", d.port, "`dicom.port`"),
+        ("Maximum concurrent associations", d.max_associations, "`dicom.max_associations`"),
+        ("Maximum PDU size received (bytes, 0 = unlimited)", d.max_pdu, "`dicom.max_pdu`"),
+        ("ACSE / DIMSE / network timeout (s)", f"{d.acse_timeout:g} / {d.dimse_timeout:g} / {d.network_timeout:g}",
+         "`dicom.acse_timeout`, `dicom.dimse_timeout`, `dicom.network_timeout`"),
+        ("Implementation Class UID / Version Name", "pynetdicom's (see `pynetdicom.PYNETDICOM_IMPLEMENTATION_UID`)",
+         "—"),
+        ("SCP/SCU Role Selection, extended negotiation, asynchronous operations", "not supported", "—"),
+    ])
+    lines += [
+        "## 2. Association acceptance policy",
+        "",
+        "Every association request, accepted or rejected, is written to the audit log (peer AE title, "
+        "address, reason).",
+        "",
+        f"- Called AE title must equal `{d.ae_title}` (`dicom.require_called_ae = {str(d.require_called_ae).lower()}`).",
+        "- Calling AE title must be in the node's AE table with role `source` or `both` "
+        f"(`dicom.allow_unknown_calling_ae = {str(d.allow_unknown_calling_ae).lower()}`; AE titles are "
+        "managed with `cxrnode ae …` or the web console and seeded from `[[ae]]` in the configuration).",
+        "- When the AE entry has a host and `dicom.check_calling_host` is true, the peer must connect from one of "
+        "that host's addresses.",
+        "",
+        "Rejections are A-ASSOCIATE-RJ with:",
+        "",
+    ]
+    lines += _table(["Result", "Source", "Reason/Diag.", "When"], [
+        (f"{scp_module.REJECT_PERMANENT} (rejected-permanent)", f"{scp_module.SOURCE_SERVICE_USER} (service-user)",
+         f"{getattr(scp_module, name)} ({text})", f"the {text.split(' not')[0]} fails the policy above")
+        for name, text in DIAGNOSTIC_NAMES.items()
+    ] + [("2 (rejected-transient)", "1 (service-user)", "1 (no reason given)",
+          "the policy check itself failed (e.g. audit database unreachable)"),
+         ("2 (rejected-transient)", "3 (service-provider, presentation)", "2 (local limit exceeded)",
+          f"more than {d.max_associations} associations at once")])
+
+    contexts = scp_contexts(s)
+    syntaxes = sorted({ts for _, tss in contexts for ts in tss}, key=lambda u: [int(p) for p in u.split(".")])
+    same = all(set(tss) == set(syntaxes) for _, tss in contexts)
+    lines += [
+        "## 3. SCP: Verification and Storage",
+        "",
+        f"The node accepts {len(contexts)} abstract syntaxes as SCP. Data sets are stored exactly as "
+        "received (no transcoding); a proposed presentation context with an abstract syntax not listed "
+        "here is rejected (abstract syntax not supported), and a C-STORE for it cannot be sent.",
+        "",
+        "After storage, routing rules (`[[rules]]`, first match wins; default: CR/DX chest PA/AP) decide "
+        "whether an instance is analysed; others are stored and audited as skipped with the reason.",
+        "",
+        "### 3.1 Transfer syntaxes" + ("" if same else " (union; see 3.2 per SOP class)"),
+        "",
+        "Accepted for every SOP class below. *Analysed* says whether the pixel data can be decoded for "
+        "analysis with the installed decoders; an instance that cannot is stored, audited as failed with the "
+        "reason, and not retried.",
+        "",
+    ]
+    lines += _table(["Transfer syntax", "UID", "Analysed"],
+                    [(_uid_name(ts), f"`{ts}`", "yes" if decodable(ts) else "no (stored only)") for ts in syntaxes])
+    lines += ["### 3.2 SOP classes", ""]
+    lines += _table(["SOP class", "UID"] + ([] if same else ["Transfer syntaxes"]),
+                    [(_uid_name(a), f"`{a}`") + (() if same else (", ".join(f"`{t}`" for t in tss),))
+                     for a, tss in contexts])
+    lines += ["### 3.3 C-STORE response statuses", ""]
+    statuses = status_constants()
+    missing = [name for name, _ in statuses if name not in STATUS_MEANINGS]
+    if missing:
+        raise RuntimeError(f"describe {', '.join(missing)} in node/conformance.py STATUS_MEANINGS")
+    lines += _table(["Status", "Meaning", "When"],
+                    [(f"`0x{value:04X}`", *STATUS_MEANINGS[name]) for name, value in statuses])
+    lines += ["C-ECHO always answers `0x0000` on an accepted association.", ""]
+
+    seg_uid, sr_uid, sc_uid = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
+    lines += [
+        "## 4. SCU: results and verification",
+        "",
+        "The node sends its results with C-STORE to each destination of the matching rule: a named AE title "
+        "from the AE table, or `reply-to-sender` (the calling AE of the source, which must have host and port). "
+        "Each object is proposed with its own SOP class and the transfer syntax it was written with; "
+        "associations are reused per destination.",
+        "",
+    ]
+    lines += _table(["SOP class", "UID", "Sent when"], [
+        (_uid_name(seg_uid), f"`{seg_uid}`", f"`results.seg = {str(s.results.seg).lower()}`"),
+        (_uid_name(sr_uid), f"`{sr_uid}`", f"`results.sr = {str(s.results.sr).lower()}`"),
+        (_uid_name(sc_uid), f"`{sc_uid}`", f"`results.overlay = {str(s.results.overlay).lower()}` (overlay for "
+                                          "viewers without SEG support)"),
+        ("Verification", "`1.2.840.10008.1.1`", "`cxrnode ae echo NAME` and the console's C-ECHO button"),
+    ])
+    sd = s.sender
+    lines += [
+        f"A failed send (no association, or a status other than success/warning) is retried up to "
+        f"{sd.max_attempts} times with exponential backoff ({sd.backoff_initial_s:g} s × {sd.backoff_factor:g}, "
+        f"at most {sd.backoff_max_s:g} s; `[sender]`), then the export is *dead* (dead-letter queue, retry from "
+        "the console or `cxrnode exports retry`). Every attempt is audited. Results stay on disk until sent.",
+        "",
+        "## 5. Result objects",
+        "",
+        "Both objects copy the Patient and Study modules of the source image, start a new series, reference the "
+        "source instance, and identify the algorithm (name, version, model card hash). When a model is marked "
+        "experimental, the series description says \"NOT FOR DIAGNOSTIC USE\" and the SR says so as a "
+        "qualitative evaluation.",
+        "",
+        "### 5.1 Segmentation (BINARY)",
+        "",
+        "One frame per segment on the source image's own pixel grid (Rows × Columns of the source); "
+        "Segment Algorithm Type AUTOMATIC; empty segments are kept (an all-zero frame).",
+        "",
+    ]
+
+    def code(c: Any) -> str:
+        return f"{c.meaning} ({c.scheme_designator} {c.value})" if c is not None else "—"
+
+    lines += _table(["#", "Segment label", "Tracking ID", "Category", "Property type", "Laterality", "Model"],
+                    [(i, spec.label, key, code(spec.category), code(spec.property_type), code(spec.laterality),
+                      spec.model) for i, (key, spec) in enumerate(seg_module.SEGMENTS.items(), start=1)])
+    lines += [
+        "### 5.2 Comprehensive SR: TID 1500 Measurement Report",
+        "",
+    ]
+    doc = inspect.getdoc(sr_module) or ""
+    lines += [line for line in doc.splitlines() if line.startswith("- ")] + [""]
+    lines += ["Coded concepts used (SEG and SR):", ""]
+    concepts = {(c.scheme_designator, c.value): c for c in _codes(codes_module) + _codes(sr_module)}
+    lines += _table(["Scheme", "Code", "Meaning"],
+                    [(c.scheme_designator, f"`{c.value}`", c.meaning) for _, c in sorted(concepts.items())])
+    lines += [f"`{sr_module.LOCAL_SCHEME}` is a private coding scheme (PS3.16 8.2) declared in the SR's Coding "
+              "Scheme Identification Sequence.", ""]
+
+    tls = s.dicom.tls
+    ctx_src = inspect.getsource(scp_module.server_ssl_context)
+    found = re.search(r"minimum_version\s*=\s*ssl\.TLSVersion\.(\w+)", ctx_src)
+    min_version = ssl.TLSVersion[found.group(1)].name.replace("v", " ").replace("_", ".") if found else "default"
+    lines += [
+        "## 6. Security",
+        "",
+        f"- DICOM TLS (`dicom.tls.enabled`, default {str(tls.enabled).lower()}): the listener uses the server "
+        f"certificate and key of `dicom.tls.cert_file`/`key_file`, minimum protocol {min_version}; "
+        "with `dicom.tls.require_client_cert` peers must present a certificate signed by `dicom.tls.ca_file`. "
+        "Per-AE `tls` marks destinations that are sent to over TLS.",
+        "- AE title allow-list and optional host check (section 2).",
+        "- No patient identifiers leave the node: worker messages carry pixels and opaque ids; logs redact "
+        "patient names, IDs and birth dates.",
+        "- Audit log of every association, instance state change, export attempt and administrative change "
+        "(SQL, append-only events).",
+        "",
+        "## 7. Character sets",
+        "",
+        "Received data sets are stored unchanged whatever their Specific Character Set. Result objects copy the "
+        "source's Patient/Study attributes and its Specific Character Set.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.conformance", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the file differs from the code")
+    parser.add_argument("--output", type=Path, default=DOC_PATH)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.output.read_text() if args.output.exists() else ""
+        if current != text:
+            sys.stderr.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                                       str(args.output), "generated from the code"))
+            sys.stderr.write(f"\n{args.output} is out of date: run python -m node.conformance\n")
+            return 1
+        return 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
