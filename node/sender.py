@@ -1,0 +1,328 @@
+"""C-STORE SCU: deliver result objects to one destination, with retries and exponential backoff.
+
+`send` opens ONE association per destination and batch and proposes, for every SOP class in the
+batch, the transfer syntax each object is stored in (plus the other uncompressed syntaxes, which
+pynetdicom can re-encode to). A destination that cannot be reached, rejects or aborts the
+association raises `SendError` with the reason; a refused object comes back as a failed
+`FileStatus` and the others still go. `deliver_with_retries` repeats failed objects with
+`backoff_delay` between attempts and reports each attempt to a callback, so the caller (the export
+table in the audit DB) records it: no database imports here.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
+
+from node.config import SenderConfig
+
+log = logging.getLogger(__name__)
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+#: C-STORE statuses worth another attempt later: out of resources (PS3.4 B.2.3) and "no response".
+RETRYABLE_STATUS_PREFIXES = (0xA7,)
+MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+
+
+class SendError(Exception):
+    """The association could not be used; `retryable` is False when retrying cannot help."""
+
+    def __init__(self, reason: str, *, retryable: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    """What happened to one object. `status` is the C-STORE status, None when none was received."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    status: int | None
+    error: str | None = None
+    path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Stored: success (0x0000) or a warning (0xB000, 0xB006, 0xB007: stored with remarks)."""
+        return self.status is not None and (self.status == 0x0000 or (self.status >> 12) == 0xB)
+
+    @property
+    def retryable(self) -> bool:
+        if self.ok:
+            return False
+        if self.status is None:
+            return self.error is None or not self.error.startswith("no accepted presentation context")
+        return (self.status >> 8) in RETRYABLE_STATUS_PREFIXES
+
+
+Item = Path | str | Dataset
+
+
+def send(items: Sequence[Item], destination: Destination, *, calling_ae: str, timeout_s: float = 30.0,
+         ssl_context: ssl.SSLContext | None = None) -> list[FileStatus]:
+    """Send all `items` (files or data sets) on one association; one FileStatus per item, in order.
+
+    Raises SendError when the association cannot be established (unreachable, rejected, aborted
+    during negotiation, TLS failure) or when no object has an accepted presentation context.
+    """
+    return _send([_load(item) for item in items], destination, calling_ae, timeout_s, ssl_context)
+
+
+def _send(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, timeout_s: float,
+          ssl_context: ssl.SSLContext | None) -> list[FileStatus]:
+    if not loaded:
+        return []
+    ae = AE(ae_title=calling_ae)
+    for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+        setattr(ae, timeout, timeout_s)
+    contexts = _contexts(loaded)
+    if len(contexts) > MAX_CONTEXTS:
+        raise SendError(f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}: split the batch",
+                        retryable=False)
+    ae.requested_contexts = contexts
+    if destination.tls and ssl_context is None:
+        raise SendError(f"destination {destination.ae_title} needs TLS but no TLS context is configured",
+                        retryable=False)
+    watch = _AssociationWatch()
+    tls_args = (ssl_context, destination.host) if destination.tls and ssl_context is not None else None
+    log.info("association to %s@%s:%d for %d objects", destination.ae_title, destination.host, destination.port,
+             len(loaded))
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
+                         evt_handlers=watch.handlers())
+    if not assoc.is_established:
+        raise watch.error(destination)
+    try:
+        return [_store(assoc, item, watch) for item in loaded]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def backoff_delay(attempt: int, cfg: SenderConfig) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): initial * factor^(n-1), capped."""
+    if attempt < 1:
+        raise ValueError("attempts are numbered from 1")
+    return float(min(cfg.backoff_max_s, cfg.backoff_initial_s * cfg.backoff_factor ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery attempt, as the export table records it."""
+
+    number: int
+    destination: Destination
+    started_at: datetime
+    duration_s: float
+    statuses: list[FileStatus]
+    error: str | None  # association-level error (SendError), None when the association worked
+    next_delay_s: float | None  # None: no further attempt (delivered, dead, or attempts exhausted)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(s.ok for s in self.statuses)
+
+
+@dataclass
+class Delivery:
+    delivered: bool
+    attempts: list[Attempt] = field(default_factory=list)
+    statuses: dict[str, FileStatus] = field(default_factory=dict)  # SOP Instance UID -> last status
+
+    @property
+    def dead(self) -> bool:
+        return not self.delivered
+
+    @property
+    def last_error(self) -> str | None:
+        if self.delivered or not self.attempts:
+            return None
+        last = self.attempts[-1]
+        failed = [f"{s.sop_instance_uid}: {s.error or _status_text(s.status)}" for s in last.statuses if not s.ok]
+        return last.error or "; ".join(failed) or None
+
+
+def deliver_with_retries(items: Sequence[Item], destination: Destination, cfg: SenderConfig, *, calling_ae: str,
+                         on_attempt: Callable[[Attempt], None] | None = None,
+                         sleep: Callable[[float], None] = time.sleep,
+                         ssl_context: ssl.SSLContext | None = None, first_attempt: int = 1) -> Delivery:
+    """Attempt delivery up to `cfg.max_attempts` times, re-sending only what failed and can be retried.
+
+    Blocking (it sleeps between attempts); a scheduler that defers retries instead calls `send` and
+    `backoff_delay` itself. `first_attempt` continues numbering after attempts made earlier.
+    """
+    loaded = [_load(item) for item in items]
+    pending = loaded
+    delivery = Delivery(delivered=False)
+    for number in range(first_attempt, cfg.max_attempts + 1):
+        started, t0 = datetime.now(UTC), time.monotonic()
+        error: str | None = None
+        statuses: list[FileStatus] = []
+        retry_all = True
+        try:
+            statuses = _send(pending, destination, calling_ae, cfg.timeout_s, ssl_context)
+        except SendError as e:
+            error, retry_all = e.reason, e.retryable
+        for status in statuses:
+            delivery.statuses[status.sop_instance_uid] = status
+        retry = [item for item, status in zip(pending, statuses, strict=True) if status.retryable] if statuses \
+            else (pending if retry_all else [])
+        finished = not retry or number == cfg.max_attempts
+        delay = None if finished else backoff_delay(number - first_attempt + 1, cfg)
+        attempt = Attempt(number, destination, started, time.monotonic() - t0, statuses, error, delay)
+        delivery.attempts.append(attempt)
+        log.log(logging.INFO if attempt.ok else logging.WARNING, "delivery attempt %d to %s: %s", number,
+                destination.ae_title, "ok" if attempt.ok else (error or "some objects failed"))
+        if on_attempt is not None:
+            on_attempt(attempt)
+        if error is None and all(s.ok for s in delivery.statuses.values()):
+            delivery.delivered = True
+            return delivery
+        if finished:
+            return delivery
+        pending = retry
+        assert delay is not None
+        sleep(delay)
+    return delivery
+
+
+def client_ssl_context(ca_file: Path | None = None, cert_file: Path | None = None,
+                       key_file: Path | None = None) -> ssl.SSLContext:
+    """TLS client context: verify the destination against `ca_file` (system CAs if None), optional client cert."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return context
+
+
+# --- internals ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Loaded:
+    dataset: Dataset
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: UID
+    path: Path | None
+
+
+def _load(item: Item) -> _Loaded:
+    if isinstance(item, Dataset):
+        ds, path = item, None
+    else:
+        path = Path(item)
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as e:  # unreadable result file: a programming or disk error, never retryable
+            raise SendError(f"cannot read {path}: {type(e).__name__}: {e}", retryable=False) from e
+    try:
+        sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    except AttributeError as e:
+        raise SendError(f"object without SOP Class/Instance UID ({path or 'data set'})", retryable=False) from e
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta \
+        else ExplicitVRLittleEndian
+    return _Loaded(ds, sop_class, sop_instance, syntax, path)
+
+
+def _contexts(items: Sequence[_Loaded]) -> list:  # type: ignore[type-arg]
+    """One context per (SOP class, stored syntax); uncompressed objects also offer the other uncompressed
+    syntaxes so a peer that only takes Implicit VR LE still gets them."""
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    for item in items:
+        syntaxes = (item.transfer_syntax, *(s for s in UNCOMPRESSED if s != item.transfer_syntax)) \
+            if item.transfer_syntax in UNCOMPRESSED else (item.transfer_syntax,)
+        wanted[(item.sop_class_uid, tuple(syntaxes))] = None
+    return [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in wanted]
+
+
+def _store(assoc: Association, item: _Loaded, watch: _AssociationWatch) -> FileStatus:
+    def failed(error: str) -> FileStatus:
+        return FileStatus(item.sop_instance_uid, item.sop_class_uid, None, error, item.path)
+
+    if not assoc.is_established:
+        return failed(watch.reason() or "association ended before this object was sent")
+    usable = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == item.sop_class_uid
+              and (cx.transfer_syntax[0] == item.transfer_syntax
+                   or (item.transfer_syntax in UNCOMPRESSED and cx.transfer_syntax[0] in UNCOMPRESSED))]
+    if not usable:
+        return failed(f"no accepted presentation context for {UID(item.sop_class_uid).name} "
+                      f"in {item.transfer_syntax.name}")
+    rsp = assoc.send_c_store(item.dataset)
+    if "Status" not in rsp:
+        return failed(watch.reason() or "no C-STORE response (DIMSE timeout or association aborted)")
+    status = int(rsp.Status)
+    error = None if (status == 0 or status >> 12 == 0xB) else _status_text(status, rsp)
+    if error:
+        log.warning("C-STORE of %s refused: %s", item.sop_instance_uid, error)
+    return FileStatus(item.sop_instance_uid, item.sop_class_uid, status, error, item.path)
+
+
+def _status_text(status: int | None, rsp: Dataset | None = None) -> str:
+    if status is None:
+        return "no response"
+    comment = f" ({rsp.ErrorComment})" if rsp is not None and "ErrorComment" in rsp else ""
+    return f"C-STORE status 0x{status:04X}{comment}"
+
+
+class _AssociationWatch:
+    """Remembers what the peer said (rejection reason, abort source), which pynetdicom only logs."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.rejection: tuple[int, str, str, str] | None = None  # result, result_str, source_str, reason_str
+        self.aborted: str | None = None
+
+    def handlers(self) -> list[Any]:  # pynetdicom's evt_handlers list
+        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_ACSE_RECV, self._acse), (evt.EVT_ABORTED, self._abort)]
+
+    def _opened(self, event: evt.Event) -> None:
+        self.connected = True
+
+    def _acse(self, event: evt.Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            self.rejection = (int(primitive.result), primitive.result_str, primitive.source_str,
+                              primitive.reason_str)
+        elif isinstance(primitive, A_ABORT | A_P_ABORT):
+            source = getattr(primitive, "abort_source", None)
+            self.aborted = f"association aborted by the {'peer' if source in (None, 0x00, 0x02) else 'provider'}"
+
+    def _abort(self, event: evt.Event) -> None:
+        self.aborted = self.aborted or "association aborted"
+
+    def reason(self) -> str | None:
+        return self.aborted
+
+    def error(self, destination: Destination) -> SendError:
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        if self.rejection is not None:
+            result, result_str, source, reason = self.rejection
+            # Permanent rejections (wrong called AE, calling AE not known) need a configuration change.
+            return SendError(f"association rejected by {where}: {result_str} - {source}: {reason}",
+                             retryable=result == 0x02)
+        if not self.connected:
+            return SendError(f"cannot connect to {where} (destination down or unreachable)")
+        return SendError(f"association with {where} failed: {self.aborted or 'no A-ASSOCIATE response'}")
