@@ -1,1 +1,3 @@
-"""node package."""
+"""cxr-node: DICOM node for chest radiographs."""
+
+__version__ = "0.1.0"

@@ -140,6 +140,10 @@ class AEEntry(_Strict):
         return self
 
 
+ModelName = Literal["lung", "opacity", "pneumothorax"]
+ALL_MODELS: tuple[ModelName, ...] = ("lung", "opacity", "pneumothorax")
+
+
 class RuleMatch(_Strict):
     """Each field is a list of accepted values (case-insensitive); empty/absent = any."""
 
@@ -154,8 +158,7 @@ class Rule(_Strict):
     name: str
     match: RuleMatch = Field(default_factory=RuleMatch)
     action: Literal["analyze", "ignore"] = "analyze"
-    models: list[Literal["lung", "opacity", "pneumothorax"]] = Field(
-        default_factory=lambda: ["lung", "opacity", "pneumothorax"])
+    models: list[ModelName] = Field(default_factory=lambda: list(ALL_MODELS))
     destinations: list[str] = Field(default_factory=lambda: ["reply-to-sender"])
     reason: str = ""  # for ignore rules: what the audit log says
 

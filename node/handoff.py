@@ -49,6 +49,10 @@ class Dispatcher:
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="handoff", daemon=True)
 
+    def set_handoff(self, fn: HandoffFn) -> None:
+        """Install the real hand-off (the analysis pipeline's publisher) before `start`."""
+        self._fn = fn
+
     def start(self) -> Dispatcher:
         self._thread.start()
         return self

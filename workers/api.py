@@ -26,6 +26,25 @@ MASK_NAMES: tuple[str, ...] = ("right_lung", "left_lung", "opacity", "pneumothor
 
 SCHEMA_VERSION = 1
 
+#: Celery task priority (Redis: lower = sooner) from the C-STORE Priority (0000,0700) of the source.
+#: DICOM values: 0x0000 MEDIUM, 0x0001 HIGH, 0x0002 LOW.
+CSTORE_PRIORITY_TO_TASK = {0x0001: 0, 0x0000: 5, 0x0002: 9}
+DEFAULT_TASK_PRIORITY = 5
+
+#: Redis broker transport options BOTH sides must share: a task's priority picks its Redis list
+#: (`inference`, `inference:1`, ... `inference:9`), so producer and consumer must agree on the steps.
+REDIS_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "priority_steps": list(range(10)),
+    "sep": ":",
+    "queue_order_strategy": "priority",
+    "visibility_timeout": 3600,  # s before a task of a vanished worker host is delivered again
+}
+
+
+def task_priority(cstore_priority: int | None) -> int:
+    """Celery priority for an instance received with this C-STORE Priority (None/unknown = MEDIUM)."""
+    return CSTORE_PRIORITY_TO_TASK.get(cstore_priority if cstore_priority is not None else 0, DEFAULT_TASK_PRIORITY)
+
 
 def encode_png(pixels: np.ndarray) -> str:
     """uint8 2-D array -> base64 PNG (lossless, ~3x smaller than raw for radiographs)."""
@@ -129,6 +148,9 @@ class AnalyzeResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     schema: int = SCHEMA_VERSION
+    # Set when the job could not be analysed (unreadable message, model failure); the other fields
+    # are then empty and the node marks the instance failed with this reason instead of retrying.
+    error: str | None = None
 
     def mask(self, name: str) -> np.ndarray | None:
         data = self.masks.get(name)
@@ -144,3 +166,41 @@ class AnalyzeResult:
         data = dict(msg)
         data["models"] = [ModelInfo(**m) for m in msg.get("models", [])]
         return cls(**data)
+
+
+# -- Celery settings shared by the node's app and the workers' app (one definition, two processes) -----
+
+BROKER_ENV = "CXRNODE_BROKER_URL"
+RESULT_BACKEND_ENV = "CXRNODE_RESULT_BACKEND"
+
+
+def celery_settings(broker_url: str, result_backend: str = "") -> dict[str, Any]:
+    """Celery configuration for both sides: JSON only, acks_late, prefetch 1, routes per task.
+
+    Messages are acknowledged after the task ran (acks_late) and re-queued if the worker process dies
+    (reject_on_worker_lost), so a task may run twice: both tasks are idempotent by design.
+    """
+    conf: dict[str, Any] = {
+        "broker_url": broker_url,
+        "result_backend": result_backend or None,
+        "task_ignore_result": not result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_routes": {ANALYZE_TASK: {"queue": INFERENCE_QUEUE}, FINISH_TASK: {"queue": NODE_QUEUE}},
+        "task_default_queue": NODE_QUEUE,
+        "broker_connection_retry_on_startup": True,
+        # A publish to a dead broker must fail fast: the node keeps the instance queued (outbox) and retries.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 1.0},
+        "worker_hijack_root_logger": False,
+    }
+    if broker_url.startswith("redis"):
+        # Redis emulates priorities with one list per step; 0 is the highest priority.
+        conf["broker_transport_options"] = {**REDIS_TRANSPORT_OPTIONS, "socket_connect_timeout": 2,
+                                            "socket_timeout": 10}
+    return conf

@@ -1,0 +1,104 @@
+"""Sending queued instances to the workers: the outbox between the audit log and the broker.
+
+The audit log is the source of truth: an instance is `queued` until its result comes back. `publish`
+prepares the pixels (no PHI leaves: the message holds pixels and an opaque job id) and sends the
+`workers.analyze` task. If the broker is unreachable the instance simply stays `queued` and the
+sweeper publishes it again once the broker answers; a result that arrives twice is dropped by
+`node.finish` (job ids are per run), so nothing is lost and nothing is delivered twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from celery import Celery
+
+from node.audit import AuditStore, InstanceFilter, InstanceState
+from node.config import Settings
+from node.finish import job_id_for
+from node.handoff import Dispatcher, HandoffContext
+from node.prepare import PrepareError, prepare
+from workers.api import ANALYZE_TASK, INFERENCE_QUEUE, AnalyzeRequest, task_priority
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """The hand-off function for `node.handoff.Dispatcher`: prepare, then publish one instance."""
+
+    def __init__(self, app: Celery, *, republish_after_s: float = 1800.0) -> None:
+        self.app = app
+        self.republish_after_s = republish_after_s
+        self._published: dict[str, float] = {}  # job id -> monotonic time of the last successful publish
+        self._lock = threading.Lock()
+
+    def __call__(self, ctx: HandoffContext, instance_id: int) -> None:
+        self.publish(ctx.settings, ctx.store, instance_id)
+
+    def due(self, job_id: str) -> bool:
+        with self._lock:
+            at = self._published.get(job_id)
+        return at is None or time.monotonic() - at > self.republish_after_s
+
+    def publish(self, settings: Settings, store: AuditStore, instance_id: int) -> bool:
+        inst = store.get_instance(instance_id)
+        if inst.state != InstanceState.QUEUED:
+            return False
+        job_id = job_id_for(instance_id, inst.queued_at)
+        if not self.due(job_id):
+            return False
+        try:
+            prepared = prepare(inst.spool_path)
+        except PrepareError as e:
+            store.set_instance_state(instance_id, InstanceState.FAILED, f"cannot prepare pixels: {e}")
+            return False
+        except OSError as e:
+            store.set_instance_state(instance_id, InstanceState.FAILED, f"spool file unreadable: {e}")
+            return False
+        request = AnalyzeRequest.build(job_id, prepared.pixels, tuple(inst.models))
+        started = time.monotonic()
+        self.app.send_task(ANALYZE_TASK, args=[request.to_message()], queue=INFERENCE_QUEUE,
+                           priority=task_priority(inst.priority))
+        with self._lock:
+            self._published[job_id] = time.monotonic()
+        store.add_event("analysis.published", instance_id=instance_id,
+                        detail={"job_id": job_id, "publish_ms": round((time.monotonic() - started) * 1000, 1),
+                                "pixels": list(prepared.pixels.shape), "notes": list(prepared.notes)})
+        return True
+
+
+class Sweeper:
+    """Every `interval_s`, hands off again every queued instance whose job was not published (outbox)."""
+
+    def __init__(self, store: AuditStore, dispatcher: Dispatcher, publisher: Publisher, *,
+                 interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.dispatcher, self.publisher = store, dispatcher, publisher
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def sweep_once(self) -> int:
+        n = 0
+        for inst in self.store.list_instances(InstanceFilter(states=[InstanceState.QUEUED], limit=500)):
+            if self.publisher.due(job_id_for(inst.id, inst.queued_at)):
+                self.dispatcher.submit(inst.id)
+                n += 1
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sweep_once()
+            except Exception:
+                log.exception("outbox sweep failed; retrying in %.0f s", self.interval_s)

@@ -1,0 +1,140 @@
+"""Delivers pending exports (SEG, SR, overlay) to their destinations, with retries and a dead letter.
+
+The exports table is the queue: a row is `pending` with a due time until it is sent, or `dead` after
+`sender.max_attempts`. Result files stay on disk until acknowledged. Each pass groups the due
+exports by destination and sends each group on one association; every attempt is audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from node.audit import AuditStore, InstanceState
+from node.audit.models import Event, Export, ExportState, utcnow
+from node.config import Settings
+from node.sender import Destination, FileStatus, SendError, backoff_delay, client_ssl_context, send
+
+log = logging.getLogger(__name__)
+
+
+class Exporter:
+    def __init__(self, settings: Settings, store: AuditStore, *, interval_s: float = 1.0) -> None:
+        self.settings = settings
+        self.store = store
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
+
+    def start(self) -> Exporter:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("export pass failed; retrying")
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def run_once(self) -> int:
+        """One pass over the due exports; returns how many were sent."""
+        groups: dict[str, list[Export]] = defaultdict(list)
+        for export in self.store.due_exports(limit=200):
+            groups[export.destination_ae].append(export)
+        sent = 0
+        for ae_title, exports in groups.items():
+            sent += self._deliver(ae_title, exports)
+        return sent
+
+    def _deliver(self, ae_title: str, exports: list[Export]) -> int:
+        ae = self.store.get_ae(ae_title)
+        if ae is None or not ae.may_receive or ae.host is None or ae.port is None:
+            why = (f"destination {ae_title!r} is not a known AE title" if ae is None
+                   else f"AE {ae_title!r} has no host/port or is not a destination (role {ae.role})")
+            for export in exports:
+                self._record(export, None, why, retryable=False)
+            return 0
+        started = utcnow()
+        cfg = self.settings.sender
+        ssl_context = None
+        if ae.tls:
+            tls = self.settings.dicom.tls
+            ssl_context = client_ssl_context(tls.ca_file, tls.cert_file, tls.key_file)
+        try:
+            statuses = send([e.file_path for e in exports],
+                            Destination(ae.name, ae.host, ae.port, ae.tls),
+                            calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, timeout_s=cfg.timeout_s,
+                            ssl_context=ssl_context)
+        except SendError as e:
+            log.warning("export to %s failed: %s", ae_title, e.reason)
+            for export in exports:
+                self._record(export, None, e.reason, retryable=e.retryable, started=started)
+            return 0
+        except Exception as e:  # an unreadable result file, say: audit it, never kill the loop
+            log.exception("export to %s failed", ae_title)
+            for export in exports:
+                self._record(export, None, f"{type(e).__name__}: {e}", retryable=True, started=started)
+            return 0
+        sent = 0
+        for export, status in zip(exports, statuses, strict=True):
+            self._record(export, status.status, _error(status), retryable=status.retryable, ok=status.ok,
+                         started=started)
+            sent += status.ok
+        return sent
+
+    def _record(self, export: Export, status: int | None, error: str, *, retryable: bool, ok: bool = False,
+                started: datetime | None = None) -> None:
+        attempt = export.attempts + 1
+        give_up = not ok and (not retryable or attempt >= self.settings.sender.max_attempts)
+        next_at = None if ok or give_up else utcnow() + timedelta(seconds=backoff_delay(attempt, self.settings.sender))
+        row = self.store.record_export_attempt(export.id, status=status, error=error, succeeded=ok,
+                                               next_attempt_at=next_at, give_up=give_up, started_at=started)
+        self._settle_instance(row.instance_id)
+
+    def _settle_instance(self, instance_id: int) -> None:
+        """exported when every export is sent; dead when none is pending and one is dead."""
+        states = {e.state for e in self.store.list_exports(instance_id)}
+        inst = self.store.get_instance(instance_id)
+        if inst.state not in (InstanceState.ANALYZED, InstanceState.DEAD) or ExportState.PENDING in states:
+            return
+        if states == {ExportState.SENT}:
+            self.store.set_instance_state(instance_id, InstanceState.EXPORTED)
+        elif ExportState.DEAD in states and inst.state != InstanceState.DEAD:
+            dead = [e for e in self.store.list_exports(instance_id) if e.state == ExportState.DEAD]
+            self.store.set_instance_state(instance_id, InstanceState.DEAD,
+                                          f"{len(dead)} export(s) undeliverable: {dead[-1].last_error}")
+
+
+def _error(status: FileStatus) -> str:
+    if status.ok:
+        return ""
+    return status.error or (f"status 0x{status.status:04X}" if status.status is not None else "no response")
+
+
+def retry_exports(store: AuditStore, export_ids: list[int], *, actor: str) -> int:
+    """Make dead exports due again now, with a fresh attempt budget (history is kept). Returns how many."""
+    n = 0
+    with store.session() as s:
+        for export_id in export_ids:
+            row = s.get(Export, export_id, with_for_update=True)
+            if row is None or row.state != ExportState.DEAD:
+                continue
+            row.state, row.attempts, row.next_attempt_at = ExportState.PENDING, 0, utcnow()
+            s.add(Event(kind="export.requeued", actor=actor, instance_id=row.instance_id,
+                        detail={"export_id": row.id, "destination": row.destination_ae, "kind": row.kind}))
+            n += 1
+    return n

@@ -1,0 +1,150 @@
+"""From a worker's AnalyzeResult to result files on disk and pending exports in the audit log.
+
+Idempotent by construction: each analysis run of an instance has its own job id
+(`<instance id>.<queued timestamp>`) and its own results folder; the files are written atomically and
+reused if they exist, and an export is registered once per (destination, object). A repeated or stale
+result (a task that ran twice, a run superseded by a re-run) never produces a second result set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from node.audit import AuditStore, InstanceState
+from node.config import Settings
+from node.prepare import Prepared, masks_to_source, prepare
+from node.results.common import DeviceInfo
+from node.results.overlay import build_overlay
+from node.results.seg import build_seg
+from node.results.sr import build_sr
+from workers.api import MASK_NAMES, AnalyzeResult
+
+log = logging.getLogger(__name__)
+
+REPLY_TO_SENDER = "reply-to-sender"
+
+
+def job_id_for(instance_id: int, queued_at: datetime | None) -> str:
+    stamp = int(queued_at.timestamp() * 1000) if queued_at else 0
+    return f"{instance_id}.{stamp}"
+
+
+def parse_job_id(job_id: str) -> tuple[int, int]:
+    instance, _, stamp = job_id.partition(".")
+    return int(instance), int(stamp or 0)
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    seg: Path
+    sr: Path
+    overlay: Path | None
+
+
+def run_dir(settings: Settings, job_id: str) -> Path:
+    instance_id, stamp = parse_job_id(job_id)
+    return settings.storage.results_dir / str(instance_id) / str(stamp)
+
+
+def device_info(settings: Settings) -> DeviceInfo:
+    from node import __version__
+
+    return DeviceInfo(manufacturer=settings.results.manufacturer, model_name="cxr-node",
+                      software_version=__version__, serial_number=settings.dicom.ae_title)
+
+
+def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult) -> str:
+    """Handle one worker result; returns what happened ('analyzed', 'stale', 'failed')."""
+    instance_id, _ = parse_job_id(result.job_id)
+    inst = store.get_instance(instance_id)
+    current = job_id_for(instance_id, inst.queued_at)
+    if inst.state != InstanceState.QUEUED or result.job_id != current:
+        log.info("dropping result %s: instance %d is %s (current job %s)", result.job_id, instance_id,
+                 inst.state, current)
+        store.add_event("analysis.stale_result", instance_id=instance_id,
+                        detail={"job_id": result.job_id, "state": str(inst.state)})
+        return "stale"
+    if result.error:
+        store.set_instance_state(instance_id, InstanceState.FAILED, f"worker: {result.error}")
+        return "failed"
+    try:
+        source = pydicom.dcmread(inst.spool_path, force=True)
+        prepared = prepare(source)
+        files = _write_results(settings, source, prepared, result)
+    except Exception as e:  # noqa: BLE001 - any failure here is final for this run, and must be audited
+        log.exception("building results for instance %d failed", instance_id)
+        store.set_instance_state(instance_id, InstanceState.FAILED, f"building results failed: {e}")
+        return "failed"
+
+    destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
+    existing = {(e.destination_ae, e.file_path) for e in store.list_exports(instance_id)}
+    objects = [("seg", files.seg), ("sr", files.sr)] + ([("overlay", files.overlay)] if files.overlay else [])
+    for dest in dict.fromkeys(destinations):
+        for kind, path in objects:
+            if (dest, str(path)) not in existing:
+                uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+                store.create_export(instance_id, destination_ae=dest, kind=kind, file_path=str(path),
+                                    sop_instance_uid=uid)
+    store.set_instance_state(instance_id, InstanceState.ANALYZED, detail=summary(result))
+    if not destinations:
+        store.set_instance_state(instance_id, InstanceState.EXPORTED, "no destinations configured for this rule")
+    return "analyzed"
+
+
+def summary(result: AnalyzeResult) -> dict[str, object]:
+    """The numbers worth finding in the audit log (and the console) without opening the SR."""
+    return {
+        "job_id": result.job_id,
+        "severity_score": result.severity_score,
+        "zone_fractions": result.zone_fractions,
+        "opacity_fraction": result.opacity_fraction,
+        "pneumothorax_present": result.pneumothorax_present,
+        "pneumothorax_probability": result.pneumothorax_probability,
+        "pneumothorax_side": result.pneumothorax_side,
+        "models": [f"{m.name} {m.version} ({m.status})" for m in result.models],
+        "timings_ms": result.timings_ms,
+        "warnings": result.warnings,
+    }
+
+
+def _write_results(settings: Settings, source: Dataset, prepared: Prepared, result: AnalyzeResult) -> ResultFiles:
+    folder = run_dir(settings, result.job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
+    overlay_path = folder / "overlay.dcm" if settings.results.overlay else None
+    if seg_path.exists() and sr_path.exists() and (overlay_path is None or overlay_path.exists()):
+        return ResultFiles(seg_path, sr_path, overlay_path)  # a re-delivered result: files already made
+
+    if (result.rows, result.cols) != prepared.pixels.shape:
+        raise ValueError(f"result grid {(result.rows, result.cols)} != prepared grid {prepared.pixels.shape}")
+    small = {name: m for name in MASK_NAMES if (m := result.mask(name)) is not None}
+    masks = {name: masks_to_source(m, prepared) for name, m in small.items()}
+    device = device_info(settings)
+    seg = build_seg(source, masks, result.models, device=device)
+    sr = build_sr(source, seg, result, pixel_spacing_mm=prepared.prepared_pixel_spacing_mm, device=device,
+                  notes=prepared.notes)
+    _atomic_save(seg, seg_path)
+    _atomic_save(sr, sr_path)
+    if overlay_path is not None:
+        overlay = build_overlay(source, prepared.pixels, small, result.models, device=device,
+                                pixel_spacing_mm=prepared.prepared_pixel_spacing_mm)
+        _atomic_save(overlay, overlay_path)
+    log.info("results for %s written to %s", result.job_id, folder)
+    return ResultFiles(seg_path, sr_path, overlay_path)
+
+
+def _atomic_save(ds: Dataset, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+

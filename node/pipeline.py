@@ -1,0 +1,84 @@
+"""The analysis half of `cxrnode serve`: outbox publisher, sweeper, exporter and the supervised workers.
+
+    queued ──Publisher──▶ broker ──▶ workers.analyze ──▶ node.finish (node-queue worker) ──▶ analyzed
+    analyzed ──Exporter──▶ destinations ──▶ exported | dead
+
+Embedded mode (no broker URL configured) also runs a local CPU inference worker; in production the
+inference workers run on GPU hosts (`celery -A workers.tasks worker -Q inference`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from node.analysis import Publisher, Sweeper
+from node.audit import AuditStore
+from node.celery_app import broker_url_for, make_celery
+from node.config import Settings
+from node.exporter import Exporter
+from node.handoff import Dispatcher
+from node.supervisor import ChildSpec, Supervisor
+from node.tasks import SETTINGS_JSON_ENV
+from workers.api import BROKER_ENV, INFERENCE_QUEUE, NODE_QUEUE, RESULT_BACKEND_ENV
+
+log = logging.getLogger(__name__)
+
+
+def enabled_models(settings: Settings) -> list[str]:
+    m = settings.models
+    return [name for name, on in (("lung", m.lung), ("opacity", m.opacity), ("pneumothorax", m.pneumothorax)) if on]
+
+
+def worker_children(settings: Settings) -> list[ChildSpec]:
+    """The node-queue worker (always) and, in embedded mode, one local inference worker."""
+    logs = settings.storage.data_dir / "logs"
+    celery = [sys.executable, "-m", "celery"]
+    quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
+    broker_env = {BROKER_ENV: broker_url_for(settings), RESULT_BACKEND_ENV: settings.broker.result_backend}
+    children = [ChildSpec(
+        "node-worker",
+        [*celery, "-A", "node.tasks", "worker", "-Q", NODE_QUEUE, "-c", "1", "--pool", "solo",
+         "-n", f"node-{settings.dicom.ae_title.strip()}@%h", *quiet],
+        env={**broker_env, SETTINGS_JSON_ENV: settings.model_dump_json()},
+        log_file=logs / "node-worker.log")]
+    if settings.embedded and settings.broker.embedded_worker:
+        children.append(ChildSpec(
+            "inference-worker",
+            [*celery, "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
+             "-c", str(settings.broker.worker_concurrency), "--pool", "prefork", "-n", "inference@%h", *quiet],
+            env={**broker_env, "CXRNODE_TASK_TIME_LIMIT": str(settings.broker.task_time_limit),
+                 "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings))},
+            log_file=logs / "inference-worker.log"))
+    return children
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, store: AuditStore, *, start_workers: bool = True) -> None:
+        self.settings = settings
+        self.store = store
+        self.app = make_celery(settings)
+        self.publisher = Publisher(self.app)
+        self.exporter = Exporter(settings, store)
+        self.supervisor = Supervisor(worker_children(settings)) if start_workers else None
+        self.sweeper: Sweeper | None = None
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        """Make the ingest dispatcher publish to the broker, and sweep what it could not publish."""
+        dispatcher.set_handoff(self.publisher)
+        self.sweeper = Sweeper(self.store, dispatcher, self.publisher)
+
+    def start(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.start()
+        if self.sweeper is not None:
+            self.sweeper.start()
+        self.exporter.start()
+        log.info("analysis pipeline started (broker %s)", "embedded" if self.settings.embedded else "external")
+
+    def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+        self.exporter.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
