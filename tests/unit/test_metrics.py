@@ -1,0 +1,64 @@
+"""The metrics registry: named series, helper functions, and DB-backed gauges that never break a scrape."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from node import metrics
+
+
+def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _value(name: str, **labels: str) -> float:
+    return _samples().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_helpers_move_their_series() -> None:
+    before = _value("cxrnode_associations_total", result="rejected", reason="calling-ae-not-recognised")
+    metrics.count_association("rejected", "calling-ae-not-recognised")
+    metrics.count_association("accepted")
+    assert _value("cxrnode_associations_total", result="rejected", reason="calling-ae-not-recognised") == before + 1
+    assert _value("cxrnode_associations_total", result="accepted", reason="none") >= 1
+
+    metrics.count_instance("stored")
+    metrics.count_store_status(0xA700)
+    metrics.count_export("dead")
+    metrics.set_queue_depth(7)
+    assert _value("cxrnode_cstore_responses_total", status="0xA700") >= 1
+    assert _value("cxrnode_export_attempts_total", result="dead") >= 1
+    assert _value("cxrnode_queue_depth") == 7
+
+    n = _value("cxrnode_stage_seconds_count", stage="persist")
+    metrics.observe_stage("persist", 0.004)
+    metrics.observe_inference("lung", 0.2)
+    assert _value("cxrnode_stage_seconds_count", stage="persist") == n + 1
+    assert _value("cxrnode_stage_seconds_bucket", stage="persist", le="0.005") >= 1
+    assert _value("cxrnode_inference_seconds_count", model="lung") >= 1
+
+
+def test_audit_collector_reports_db_counts_and_survives_db_errors() -> None:
+    metrics.register_audit_collector(metrics.AuditCollector(
+        lambda: {"queued": 3, "exported": 10}, lambda: {"dead": 2}, lambda: 3))
+    assert _value("cxrnode_instances_in_state", state="queued") == 3
+    assert _value("cxrnode_instances_in_state", state="exported") == 10
+    assert _value("cxrnode_exports_in_state", state="dead") == 2
+
+    def broken() -> dict[str, int]:
+        raise ConnectionError("database is down")
+
+    metrics.register_audit_collector(metrics.AuditCollector(broken))  # replaces the first one
+    samples = _samples()
+    assert not any(name == "cxrnode_instances_in_state" for name, _ in samples)
+    assert any(name == "cxrnode_associations_total" for name, _ in samples)  # the rest still renders
+
+
+def test_no_created_series_and_text_format() -> None:
+    text = metrics.render().decode()
+    assert "_created" not in text
+    assert metrics.CONTENT_TYPE.startswith("text/plain; version=0.0.4")
