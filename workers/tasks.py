@@ -1,0 +1,183 @@
+"""The Celery app of the workers: `celery -A workers.tasks worker -Q inference`.
+
+Broker and result backend come from the environment, so the node (which spawns the embedded worker)
+and a GPU host configure it the same way:
+
+- CXRNODE_BROKER_URL: default `sqla+sqlite:///var/broker.db`, the embedded, serverless broker
+  (kombu SQLAlchemy transport; see `workers.broker` for how it is made fit for this). Production:
+  `redis://host:6379/0`.
+- CXRNODE_RESULT_BACKEND: default none. Results travel to the node as a `node.finish` message, so
+  a backend only adds storage; set one (e.g. the Redis URL) to also keep task results.
+- CXRNODE_TASK_TIME_LIMIT: hard limit per task in seconds (default 600).
+- Model settings (weights dir, device, threads, models to load): see `workers.runner`.
+
+Reliability follows Celery's advice: tasks are idempotent (pure compute on an opaque job id),
+acknowledged late, prefetched one at a time, and re-queued when the process running them dies, so
+a killed worker loses no job. The model runner is built once per worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, signals
+from celery.exceptions import Reject
+
+from workers import broker
+from workers.api import (
+    ANALYZE_TASK,
+    BROKER_ENV,
+    FINISH_TASK,
+    INFERENCE_QUEUE,
+    MODEL_NAMES,
+    NODE_QUEUE,
+    RESULT_BACKEND_ENV,
+    AnalyzeRequest,
+    AnalyzeResult,
+    celery_settings,
+)
+
+log = logging.getLogger(__name__)
+
+ENV_TIME_LIMIT = "CXRNODE_TASK_TIME_LIMIT"
+ENV_BROKER_RECOVER = "CXRNODE_BROKER_RECOVER"  # "0": do not requeue stranded embedded messages at start
+DEFAULT_BROKER_URL = "sqla+sqlite:///var/broker.db"
+
+
+def worker_settings(broker_url: str, result_backend: str, time_limit: float) -> dict[str, Any]:
+    """The shared settings (`workers.api.celery_settings`: JSON, acks_late, prefetch 1, routes,
+    Redis priorities) plus what only the worker side needs."""
+    conf = celery_settings(broker_url, result_backend)
+    conf.update(
+        task_time_limit=time_limit,
+        task_soft_time_limit=max(1.0, time_limit - 30),
+        # The finish message must get out even through a broker hiccup; if it cannot, the task is
+        # requeued (see `analyze`), not lost.
+        task_publish_retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 3.0},
+        worker_send_task_events=False,
+    )
+    if broker_url.startswith("redis"):
+        options = dict(conf.get("broker_transport_options", {}))
+        # A task of a worker host that vanished is delivered again after this: longer than any task.
+        options["visibility_timeout"] = int(max(3600, 2 * time_limit))
+        conf["broker_transport_options"] = options
+    return conf
+
+
+def make_app() -> Celery:
+    broker_url = os.environ.get(BROKER_ENV) or DEFAULT_BROKER_URL
+    time_limit = float(os.environ.get(ENV_TIME_LIMIT, "600"))
+    broker.prepare(broker_url)
+    celery = Celery("cxrnode")
+    celery.conf.update(worker_settings(broker_url, os.environ.get(RESULT_BACKEND_ENV, ""), time_limit))
+    return celery
+
+
+app = make_app()
+
+# -- one ModelRunner per worker process ---------------------------------------------------------
+
+_runner: Any = None
+
+
+def get_runner() -> Any:
+    """The process's ModelRunner, built on first use (or at child start, see below)."""
+    global _runner
+    if _runner is None:
+        from workers.runner import ModelRunner
+
+        _runner = ModelRunner()
+    return _runner
+
+
+@signals.worker_init.connect
+def _check_weights_before_forking(**_: Any) -> None:
+    """Fail the whole worker at start, with the reason, when the weights are missing or wrong; then
+    requeue embedded-broker messages a dead predecessor left unacknowledged (`workers.broker`).
+
+    Only the cards and sha256 are checked here: torch and ONNX Runtime are loaded in each child, as
+    their thread pools must not be forked.
+    """
+    from workers import models
+    from workers.runner import default_weights_dir, models_from_env
+
+    weights_dir = default_weights_dir()
+    try:
+        for name in models_from_env():
+            card = models.read_card(name, weights_dir)
+            path = models.weights_path(name, weights_dir)
+            if not path.exists():
+                raise models.WeightsError(f"weights {path} are missing")
+            if models.sha256_file(path) != card.get("sha256"):
+                raise models.WeightsError(f"{path}: sha256 does not match its card")
+    except (models.WeightsError, ValueError) as exc:
+        # Celery logs and ignores exceptions from signal handlers; SystemExit stops the worker.
+        log.critical("cannot start the worker: %s", exc)
+        raise SystemExit(f"cxr-node worker: {exc}") from exc
+    log.info("worker weights verified in %s", weights_dir)
+    if os.environ.get(ENV_BROKER_RECOVER, "1") != "0":
+        broker.recover_unacked(str(app.conf.broker_url), [INFERENCE_QUEUE])
+
+
+@signals.worker_process_init.connect
+def _load_models_in_child(**_: Any) -> None:
+    # Load before the first task arrives, so no job pays the load (and first ONNX export) time.
+    get_runner()
+
+
+# -- tasks --------------------------------------------------------------------------------------
+
+
+def _error_result(job_id: str, reason: str) -> dict[str, Any]:
+    return AnalyzeResult(job_id=job_id, rows=0, cols=0, error=reason).to_message()
+
+
+def _parse(message: Any) -> AnalyzeRequest:
+    if not isinstance(message, dict):
+        raise ValueError(f"message must be a JSON object, not {type(message).__name__}")
+    request = AnalyzeRequest.from_message(message)
+    unknown = set(request.models) - set(MODEL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown models {sorted(unknown)}")
+    request.pixels()  # decodes and checks the declared shape
+    return request
+
+
+@app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def analyze(self: Any, message: dict[str, Any]) -> dict[str, Any]:
+    """Analyse one prepared image; send the result to the node and return it.
+
+    Idempotent: the same job twice computes the same result twice; the node keeps the first. A
+    message that cannot be read is rejected without requeue (a retry cannot fix it) and, when its
+    job id is readable, the node is told why.
+    """
+    from workers.inference import analyze as run_analysis
+
+    job_id = message.get("job_id") if isinstance(message, dict) else None
+    try:
+        request = _parse(message)
+    except Exception as exc:
+        reason = f"bad analyze message: {type(exc).__name__}: {exc}"
+        log.error("job %s: %s", job_id, reason)
+        if job_id is not None:
+            self.app.send_task(FINISH_TASK, args=[_error_result(str(job_id), reason)], queue=NODE_QUEUE)
+        raise Reject(reason, requeue=False) from exc
+
+    log.info("job %s: analysing (%dx%d, models %s)", request.job_id, request.rows, request.cols,
+             ",".join(request.models))
+    try:
+        result = run_analysis(request, get_runner()).to_message()
+    except Exception as exc:  # a model failed on this image: report, do not loop
+        log.exception("job %s: analysis failed", request.job_id)
+        result = _error_result(request.job_id, f"analysis failed: {type(exc).__name__}: {exc}")
+    try:
+        self.app.send_task(FINISH_TASK, args=[result], queue=NODE_QUEUE)
+    except Exception as exc:  # broker unreachable: run again later rather than lose the result
+        log.error("job %s: could not send the result (%s); requeued", request.job_id, exc)
+        raise Reject(f"result not delivered: {exc}", requeue=True) from exc
+    log.info("job %s: analysed (severity %s, timings %s)", request.job_id, result.get("severity_score"),
+             result.get("timings_ms"))
+    return result
