@@ -84,7 +84,7 @@ def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence
     experimental = experimental_models(models)
     suffix = not_for_diagnostic_suffix(experimental)
     seg = hd.seg.Segmentation(
-        source_images=[source],
+        source_images=[_geometry_source(source)],
         pixel_array=labelmap,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -115,6 +115,23 @@ def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence
             item.SegmentDescription = f"{SEGMENTS[name].label}: experimental model, not for diagnostic use"
     log.info("SEG built: %d segments (%s)%s", len(names), ", ".join(names), suffix)
     return seg
+
+
+def _geometry_source(source: Dataset) -> Dataset:
+    """The source as highdicom should see it for geometry.
+
+    A projection radiograph (no Frame of Reference) with PixelSpacing would give the SEG a Pixel
+    Measures Sequence without SliceThickness, which highdicom's own reader then refuses; the SEG
+    shares the source grid anyway, so viewers take the spacing from the source.
+    """
+    if "FrameOfReferenceUID" in source or "PixelSpacing" not in source:
+        return source
+    view = Dataset()  # a new element dict (elements shared): the caller's data set is not modified
+    for element in source:
+        if element.keyword != "PixelSpacing":
+            view.add(element)
+    view.file_meta = source.file_meta if hasattr(source, "file_meta") else Dataset()
+    return view
 
 
 def segment_numbers(seg: Dataset) -> dict[str, int]:

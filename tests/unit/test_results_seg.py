@@ -95,3 +95,15 @@ def test_bad_inputs_raise_result_error() -> None:
         build_seg(case.source, {"opacity": case.full["opacity"]}, MODELS[:1], device=DEVICE)
     with pytest.raises(ResultError, match="no masks"):
         build_seg(case.source, {}, MODELS, device=DEVICE)
+
+
+def test_projection_image_with_pixel_spacing_stays_readable(tmp_path: Path) -> None:
+    """Many DX carry PixelSpacing as well: the SEG must still read back with highdicom, source untouched."""
+    case = synthetic_case(DICOM / "05_dx_for_processing_14bit_window.dcm")
+    case.source.PixelSpacing = [0.35, 0.35]
+    seg = build_seg(case.source, case.full, MODELS, device=DEVICE)
+    assert "PixelSpacing" in case.source
+    seg.save_as(tmp_path / "seg.dcm")
+    back = hd.seg.segread(tmp_path / "seg.dcm")
+    pixels = back.get_pixels_by_source_instance([case.source.SOPInstanceUID], segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[0, :, :, 0].astype(bool), case.full["right_lung"])
