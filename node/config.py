@@ -109,6 +109,7 @@ class DatabaseConfig(_Strict):
 
 
 class BrokerConfig(_Strict):
+    enabled: bool = True  # false: ingest only, instances stay `queued` (resumed when enabled again)
     url: str = ""  # empty = embedded (no server): sqla+sqlite:///<data_dir>/broker.db
     result_backend: str = ""
     embedded_worker: bool = True  # `cxrnode serve` starts and supervises a local CPU worker

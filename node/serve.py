@@ -17,6 +17,7 @@ from node.audit import AuditStore
 from node.config import Settings
 from node.handoff import Dispatcher, HandoffContext
 from node.ingest import Ingest
+from node.pipeline import Pipeline
 from node.scp import StorageSCP
 from node.spool import Spool
 
@@ -33,6 +34,9 @@ class Node:
         self.dispatcher = Dispatcher(HandoffContext(settings, self.store))
         self.ingest = Ingest(settings, self.store, self.spool, self.dispatcher)
         self.scp = StorageSCP(settings, self.store, self.ingest)
+        self.pipeline = Pipeline(settings, self.store) if settings.broker.enabled else None
+        if self.pipeline is not None:
+            self.pipeline.attach(self.dispatcher)
 
     def start(self) -> None:
         self.spool.prepare()
@@ -40,6 +44,8 @@ class Node:
         if added:
             log.info("added %d AE title(s) from the configuration", added)
         self.dispatcher.start()
+        if self.pipeline is not None:
+            self.pipeline.start()
         self.ingest.resume_pending()
         if self.settings.dicom.listeners > 1:
             log.warning("dicom.listeners=%d: multi-process listeners are not implemented yet; using one",
@@ -59,6 +65,8 @@ class Node:
         if n := self.scp.active_associations():
             log.warning("stopping with %d association(s) still open after %.0f s", n, grace)
         self.dispatcher.close()
+        if self.pipeline is not None:
+            self.pipeline.stop()
         self.store.add_event("node.stopped")
         self.store.close()
 

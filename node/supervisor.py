@@ -25,6 +25,16 @@ class ChildSpec:
     log_file: Path | None = None
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the node dies, even by SIGKILL (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class Supervisor:
     def __init__(self, children: list[ChildSpec], *, grace_s: float = 30.0, max_backoff_s: float = 60.0) -> None:
         self.children = children
@@ -54,7 +64,7 @@ class Supervisor:
             out = open(child.log_file, "ab")  # noqa: SIM115 - handed to the child, closed when it is replaced
         env = {**os.environ, **child.env}
         proc = subprocess.Popen(child.argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         if out is not None:
             out.close()
         self._procs[child.name] = proc
