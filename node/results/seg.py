@@ -130,7 +130,8 @@ def _geometry_source(source: Dataset) -> Dataset:
     for element in source:
         if element.keyword != "PixelSpacing":
             view.add(element)
-    view.file_meta = source.file_meta if hasattr(source, "file_meta") else Dataset()
+    if hasattr(source, "file_meta"):
+        view.file_meta = source.file_meta
     return view
 
 
