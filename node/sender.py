@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 #: C-STORE statuses worth another attempt later: out of resources (PS3.4 B.2.3) and "no response".
 RETRYABLE_STATUS_PREFIXES = (0xA7,)
+UNREADABLE = "cannot read object"
+NO_CONTEXT = "no accepted presentation context"
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
 
@@ -74,7 +76,7 @@ class FileStatus:
         if self.ok:
             return False
         if self.status is None:
-            return self.error is None or not self.error.startswith("no accepted presentation context")
+            return self.error is None or not self.error.startswith((NO_CONTEXT, UNREADABLE))
         return (self.status >> 8) in RETRYABLE_STATUS_PREFIXES
 
 
@@ -86,15 +88,17 @@ def send(items: Sequence[Item], destination: Destination, *, calling_ae: str, ti
     """Send all `items` (files or data sets) on one association; one FileStatus per item, in order.
 
     Raises SendError when the association cannot be established (unreachable, rejected, aborted
-    during negotiation, TLS failure) or when no object has an accepted presentation context.
+    during negotiation, TLS failure). An object that cannot be read, or whose SOP class/transfer
+    syntax the peer did not accept, gets a failed, non-retryable FileStatus; the others still go.
     """
     return _send([_load(item) for item in items], destination, calling_ae, timeout_s, ssl_context)
 
 
-def _send(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, timeout_s: float,
+def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calling_ae: str, timeout_s: float,
           ssl_context: ssl.SSLContext | None) -> list[FileStatus]:
+    loaded = [item for item in items if isinstance(item, _Loaded)]
     if not loaded:
-        return []
+        return [item for item in items if isinstance(item, FileStatus)]
     ae = AE(ae_title=calling_ae)
     for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, timeout, timeout_s)
@@ -115,7 +119,7 @@ def _send(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, 
     if not assoc.is_established:
         raise watch.error(destination)
     try:
-        return [_store(assoc, item, watch) for item in loaded]
+        return [_store(assoc, item, watch) if isinstance(item, _Loaded) else item for item in items]
     finally:
         if assoc.is_established:
             assoc.release()
@@ -149,7 +153,7 @@ class Attempt:
 class Delivery:
     delivered: bool
     attempts: list[Attempt] = field(default_factory=list)
-    statuses: dict[str, FileStatus] = field(default_factory=dict)  # SOP Instance UID -> last status
+    statuses: list[FileStatus | None] = field(default_factory=list)  # latest status per item, in item order
 
     @property
     def dead(self) -> bool:
@@ -174,22 +178,24 @@ def deliver_with_retries(items: Sequence[Item], destination: Destination, cfg: S
     `backoff_delay` itself. `first_attempt` continues numbering after attempts made earlier.
     """
     loaded = [_load(item) for item in items]
-    pending = loaded
-    delivery = Delivery(delivered=False)
+    delivery = Delivery(delivered=False, statuses=[None] * len(loaded))
+    pending = list(range(len(loaded)))  # indexes into `loaded` still to deliver
     for number in range(first_attempt, cfg.max_attempts + 1):
         started, t0 = datetime.now(UTC), time.monotonic()
         error: str | None = None
         statuses: list[FileStatus] = []
-        retry_all = True
+        retryable = True
         try:
-            statuses = _send(pending, destination, calling_ae, cfg.timeout_s, ssl_context)
+            statuses = _send([loaded[i] for i in pending], destination, calling_ae, cfg.timeout_s, ssl_context)
         except SendError as e:
-            error, retry_all = e.reason, e.retryable
-        for status in statuses:
-            delivery.statuses[status.sop_instance_uid] = status
-        retry = [item for item, status in zip(pending, statuses, strict=True) if status.retryable] if statuses \
-            else (pending if retry_all else [])
-        finished = not retry or number == cfg.max_attempts
+            error, retryable = e.reason, e.retryable
+        for index, status in zip(pending, statuses, strict=False):
+            delivery.statuses[index] = status
+        if error is None:
+            retry = [i for i, status in zip(pending, statuses, strict=True) if status.retryable]
+        else:
+            retry = pending if retryable else []
+        finished = not retry or number >= cfg.max_attempts
         delay = None if finished else backoff_delay(number - first_attempt + 1, cfg)
         attempt = Attempt(number, destination, started, time.monotonic() - t0, statuses, error, delay)
         delivery.attempts.append(attempt)
@@ -197,10 +203,8 @@ def deliver_with_retries(items: Sequence[Item], destination: Destination, cfg: S
                 destination.ae_title, "ok" if attempt.ok else (error or "some objects failed"))
         if on_attempt is not None:
             on_attempt(attempt)
-        if error is None and all(s.ok for s in delivery.statuses.values()):
-            delivery.delivered = True
-            return delivery
-        if finished:
+        delivery.delivered = error is None and all(s is not None and s.ok for s in delivery.statuses)
+        if delivery.delivered or finished:
             return delivery
         pending = retry
         assert delay is not None
@@ -228,19 +232,14 @@ class _Loaded:
     path: Path | None
 
 
-def _load(item: Item) -> _Loaded:
-    if isinstance(item, Dataset):
-        ds, path = item, None
-    else:
-        path = Path(item)
-        try:
-            ds = pydicom.dcmread(path)
-        except Exception as e:  # unreadable result file: a programming or disk error, never retryable
-            raise SendError(f"cannot read {path}: {type(e).__name__}: {e}", retryable=False) from e
+def _load(item: Item) -> _Loaded | FileStatus:
+    """The object to send, or a failed status for a file that cannot be (never retryable)."""
+    path = None if isinstance(item, Dataset) else Path(item)
     try:
+        ds = item if isinstance(item, Dataset) else pydicom.dcmread(Path(item))
         sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
-    except AttributeError as e:
-        raise SendError(f"object without SOP Class/Instance UID ({path or 'data set'})", retryable=False) from e
+    except Exception as e:  # unreadable file or no UIDs: a disk or programming error, not the peer's
+        return FileStatus("", "", None, f"{UNREADABLE}: {path or 'data set'}: {type(e).__name__}: {e}", path)
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta \
         else ExplicitVRLittleEndian
@@ -268,7 +267,7 @@ def _store(assoc: Association, item: _Loaded, watch: _AssociationWatch) -> FileS
               and (cx.transfer_syntax[0] == item.transfer_syntax
                    or (item.transfer_syntax in UNCOMPRESSED and cx.transfer_syntax[0] in UNCOMPRESSED))]
     if not usable:
-        return failed(f"no accepted presentation context for {UID(item.sop_class_uid).name} "
+        return failed(f"{NO_CONTEXT} for {UID(item.sop_class_uid).name} "
                       f"in {item.transfer_syntax.name}")
     rsp = assoc.send_c_store(item.dataset)
     if "Status" not in rsp:

@@ -155,3 +155,22 @@ def test_attempts_exhausted_is_dead(results: list[Path]) -> None:
     assert slept == [1.0, 1.5]
     assert [a.next_delay_s for a in attempts] == [1.0, 1.5, None]
     assert delivery.last_error is not None and "cannot connect" in delivery.last_error
+
+
+def test_unreadable_files_fail_alone_and_are_not_retried(results: list[Path], tmp_path: Path) -> None:
+    """The DICOM test set's non-DICOM and empty files: each gets its own failure, the SEG still goes."""
+    bad = [DICOM / "35_bad_not_dicom_random_bytes.dcm", DICOM / "36_bad_empty_file.dcm"]
+    with StoreSCP(tmp_path / "out") as scp:
+        destination = Destination(scp.ae_title, "127.0.0.1", scp.port)
+        statuses = send([bad[0], results[0], bad[1]], destination, calling_ae=CALLING)
+        assert [s.ok for s in statuses] == [False, True, False]
+        assert all(s.error and s.error.startswith("cannot read object") and not s.retryable
+                   for s in (statuses[0], statuses[2]))
+        attempts: list[Attempt] = []
+        delivery = deliver_with_retries([results[1], bad[1]], destination, SenderConfig(max_attempts=3),
+                                        calling_ae=CALLING, on_attempt=attempts.append,
+                                        sleep=lambda s: pytest.fail("nothing retryable"))
+        assert delivery.dead and len(attempts) == 1
+        assert [s.ok for s in delivery.statuses if s is not None] == [True, False]
+        assert send([], destination, calling_ae=CALLING) == []
+        assert send(bad, destination, calling_ae=CALLING)[0].status is None  # no association needed
