@@ -98,9 +98,25 @@ def status_constants() -> list[tuple[str, int]]:
 
 
 def _codes(module: ModuleType) -> list[Any]:
+    """Every CodedConcept a module defines, also inside module-level tuples, lists and dicts."""
     from highdicom.sr import CodedConcept
 
-    return [v for v in vars(module).values() if isinstance(v, CodedConcept)]
+    found: list[Any] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, CodedConcept):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                collect(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+
+    for name, value in vars(module).items():
+        if not name.startswith("_"):
+            collect(value)
+    return found
 
 
 def render(settings: Settings | None = None) -> str:  # noqa: C901 — one document, section by section

@@ -35,7 +35,8 @@ SEVERITY_CODE = "246112005"
 
 @dataclass(frozen=True)
 class Measurement:
-    name: str
+    group: str  # the measurement group's Tracking Identifier (the SEG segment it describes)
+    name: str  # concept name, with its finding site/laterality modifiers, e.g. "Opacity % (Lower zone, Left)"
     value: str
     unit: str
     code: str
@@ -96,23 +97,45 @@ def legend(seg_path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _modifiers(item: Any) -> list[str]:
+    """Meanings of the HAS CONCEPT MOD codes below a content item (finding site, then its laterality)."""
+    out: list[str] = []
+    for child in item.get("ContentSequence", []):
+        if child.get("RelationshipType") == "HAS CONCEPT MOD" and child.get("ValueType") == "CODE":
+            out.append(str(child.ConceptCodeSequence[0].CodeMeaning))
+            out += _modifiers(child)
+    return out
+
+
+def _number(text: str) -> str:
+    value = float(text)
+    return str(int(value)) if value.is_integer() else f"{value:g}"
+
+
 def sr_measurements(sr_path: Path) -> list[Measurement]:
-    """Every NUM content item of an SR, depth first, in document order."""
+    """The numbers and qualitative findings of each TID 1500 measurement group, in document order."""
     ds = pydicom.dcmread(sr_path)
     found: list[Measurement] = []
 
-    def walk(items: Any) -> None:
+    def walk(items: Any, group: str) -> None:
         for item in items:
-            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
-                name = item.ConceptNameCodeSequence[0]
+            name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
+            kind, rel = item.get("ValueType"), item.get("RelationshipType")
+            if kind == "TEXT" and name is not None and name.CodeValue == "112039":  # Tracking Identifier
+                group = str(item.TextValue)
+            if kind == "NUM" and name is not None and "MeasuredValueSequence" in item:
                 mv = item.MeasuredValueSequence[0]
                 unit = mv.MeasurementUnitsCodeSequence[0].CodeValue if "MeasurementUnitsCodeSequence" in mv else ""
-                found.append(Measurement(str(name.CodeMeaning), str(mv.NumericValue), str(unit),
-                                         str(name.CodeValue)))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
+                mods = _modifiers(item)
+                label = f"{name.CodeMeaning} ({', '.join(mods)})" if mods else str(name.CodeMeaning)
+                found.append(Measurement(group, label, _number(str(mv.NumericValue)), str(unit), str(name.CodeValue)))
+            elif kind == "CODE" and rel == "CONTAINS" and name is not None and name.CodeValue != "121071":
+                found.append(Measurement(group, str(name.CodeMeaning), str(item.ConceptCodeSequence[0].CodeMeaning),
+                                         "", str(name.CodeValue)))
+            if "ContentSequence" in item and kind == "CONTAINER":
+                walk(item.ContentSequence, group)
 
-    walk(ds.get("ContentSequence", []))
+    walk(ds.get("ContentSequence", []), "")
     return found
 
 

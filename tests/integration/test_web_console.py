@@ -1,0 +1,325 @@
+"""The admin console over real HTTP on a real audit log filled by `cxrnode serve` from every test file.
+
+The node receives the whole DICOM test set from DCMTK storescu, then stops; the console (in this
+process, as `cxrnode serve` runs it) works on the same database. Result objects for one instance are
+real SEG and SR files built by node.results; C-ECHO goes to a real DCMTK storescp.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.audit import AuditStore
+from node.audit.models import ExportState, Instance, InstanceState
+from node.audit.store import InstanceFilter
+from node.config import Settings, load_settings
+from node.results.common import DeviceInfo
+from node.results.seg import build_seg
+from node.results.sr import build_sr
+from node.web.actions import ConsoleActions
+from node.web.app import create_app
+from node.web.auth import AuthConfigError
+from node.web.server import WebServer, start_in_thread
+from tests.support.console import ADMIN, PASSWORD_HASH, ConsoleClient, send_test_files
+from tests.support.dcmtk import StoreSCP
+from tests.support.net import free_port
+from tests.support.node import NodeProcess
+from tests.support.paths import dicom_manifest
+from tests.support.synthetic_results import synthetic_case
+
+pytestmark = pytest.mark.timeout(300)
+
+ACTOR = f"web:{ADMIN}"
+
+
+class Site:
+    """The node's data and a console serving it."""
+
+    def __init__(self, settings: Settings, store: AuditStore, web: WebServer, statuses: dict[str, int | None],
+                 handed_off: list[int]) -> None:
+        self.settings, self.store, self.web, self.statuses, self.handed_off = settings, store, web, statuses, handed_off
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("console")
+    node = NodeProcess(root, extra_toml="[broker]\nembedded_worker = false\n[web]\nenabled = false\n")
+    node.start()
+    try:
+        statuses = send_test_files(node.port)
+    finally:
+        assert node.stop() == 0, node.log_text()[-3000:]
+    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
+                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH})
+    store = AuditStore.open(settings.database_url)
+    handed_off: list[int] = []
+    actions = ConsoleActions(store, calling_ae=settings.dicom.ae_title, enqueue_analysis=handed_off.append)
+    web = start_in_thread(settings, store, actions=actions, port=0)
+    try:
+        yield Site(settings, store, web, statuses, handed_off)
+    finally:
+        web.stop()
+        store.close()
+
+
+@pytest.fixture
+def client(site: Site) -> Iterator[ConsoleClient]:
+    c = ConsoleClient(site.web.url)
+    assert c.login().status_code == 303
+    yield c
+    c.close()
+
+
+def _stored(site: Site) -> list[Instance]:
+    return [i for i in site.store.list_instances() if i.state not in (InstanceState.REJECTED, InstanceState.DUPLICATE)]
+
+
+def test_pages_need_a_login_and_failed_logins_are_audited(site: Site) -> None:
+    anon = ConsoleClient(site.web.url)
+    for path in ("/", "/studies", "/ae", "/rules", "/models", "/dead", "/events", "/studies/1"):
+        r = anon.get(path)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next="), path
+    assert anon.http.post("/ae", data={"name": "EVIL", "csrf": "x"}).headers["location"].startswith("/login")
+    assert site.store.get_ae("EVIL") is None
+    bad = anon.login(password="wrong")
+    assert bad.status_code == 401 and "Wrong user name or password" in bad.text
+    assert site.store.list_events(kinds=["web.login_failed"])[-1].actor == ACTOR
+    ok = anon.http.post("/login", data={"username": ADMIN, "password": "console-test-password",
+                                        "next": "//evil.example/"})
+    assert ok.status_code == 303 and ok.headers["location"] == "/"  # no open redirect
+    assert "HttpOnly" in ok.headers["set-cookie"] and "SameSite=strict" in ok.headers["set-cookie"]
+    anon.close()
+
+
+def test_forged_form_without_csrf_token_changes_nothing(site: Site, client: ConsoleClient) -> None:
+    r = client.http.post("/ae", data={"name": "FORGED", "role": "both", "csrf": "not-the-token"})
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    assert site.store.get_ae("FORGED") is None
+
+
+def test_dashboard_counts_what_the_node_received_today(site: Site, client: ConsoleClient) -> None:
+    page = client.get("/").text
+    accepted = [s for s in site.statuses.values() if s == 0x0000]
+    received = re.search(r'id="n-received">(\d+)<', page)
+    assert received and int(received.group(1)) == len(accepted) == len(_stored(site))
+    assert 'id="ready" class="ok">yes' in page
+    assert "MB free of" in page and "instance(s) queued" in page
+
+
+def test_study_search_by_ae_state_accession_and_date(site: Site, client: ConsoleClient) -> None:
+    studies = {i.study_id for i in _stored(site)}
+    listed = re.findall(r'href="/studies/(\d+)"', client.get("/studies").text)
+    assert {int(x) for x in listed} == studies
+    assert len(re.findall(r'href="/studies/', client.get("/studies", ae="STORESCU").text)) == len(studies)
+    assert "No study matches." in client.get("/studies", ae="NOSUCHAE").text
+
+    skipped = {i.study_id for i in site.store.list_instances(InstanceFilter(states=["skipped"]))}
+    assert skipped  # the lateral, hand and CT images are stored but not analysed
+    by_state = {int(x) for x in re.findall(r'href="/studies/(\d+)"', client.get("/studies", state="skipped").text)}
+    assert by_state == skipped
+
+    with site.store.session() as s:
+        from node.audit.models import Study
+        study = s.query(Study).filter(Study.accession_number != "").first()
+        assert study is not None
+        accession, study_id = study.accession_number, study.id
+    hits = re.findall(r'href="/studies/(\d+)"', client.get("/studies", accession=accession).text)
+    assert str(study_id) in hits
+    today = datetime.now(UTC).date()
+    assert len(re.findall(r'href="/studies/', client.get("/studies", date_from=str(today)).text)) == len(studies)
+    old = str(today - timedelta(days=400))
+    assert "No study matches." in client.get("/studies", date_from=old, date_to=old).text
+    assert "Dates are YYYY-MM-DD" in client.get("/studies", date_from="yesterday").text
+
+
+@pytest.fixture(scope="module")
+def analysed(site: Site) -> int:
+    """Real SEG + SR for the first CR of the test set, registered as exports (SEG sent, SR dead)."""
+    first = dicom_manifest()[0]["file"]
+    from tests.support.console import sop_instance_uid
+    from tests.support.paths import dicom_dir
+
+    inst = site.store.find_live_instance(sop_instance_uid(dicom_dir() / first))
+    assert inst is not None and Path(inst.spool_path).exists()
+    case = synthetic_case(Path(inst.spool_path))
+    seg = build_seg(case.source, case.full, case.result.models, device=DeviceInfo())
+    sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+                  device=DeviceInfo())
+    out = site.settings.storage.results_dir / str(inst.id)
+    out.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out / "seg.dcm")
+    sr.save_as(out / "sr.dcm")
+    e_seg = site.store.create_export(inst.id, destination_ae="STORESCU", kind="seg", file_path=str(out / "seg.dcm"))
+    e_sr = site.store.create_export(inst.id, destination_ae="STORESCU", kind="sr", file_path=str(out / "sr.dcm"))
+    site.store.record_export_attempt(e_seg.id, status=0, succeeded=True)
+    site.store.record_export_attempt(e_sr.id, status=None, error="connection refused", succeeded=False, give_up=True)
+    return inst.id
+
+
+def test_study_page_shows_timeline_severity_measurements_and_overlay(site: Site, client: ConsoleClient,
+                                                                      analysed: int) -> None:
+    inst = site.store.get_instance(analysed)
+    page = client.get(f"/studies/{inst.study_id}").text
+    assert re.search(rf'id="severity-{analysed}">2<', page)  # the SR's severity score
+    assert "Right lung" in page and "Pneumothorax" in page  # legend from the SEG's segments
+    assert "instance.received" in page and "export.dead" in page  # timeline from the audit log
+    assert "connection refused" in page
+
+    png = client.get(f"/instances/{analysed}/overlay.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    rgb = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB")).astype(int)
+    assert max(rgb.shape[:2]) == 384
+    coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) > 20) | (np.abs(rgb[..., 1] - rgb[..., 2]) > 20)
+    # The synthetic lungs cover ~28 % of the image: the overlay must colour about that much.
+    assert 0.1 < coloured.mean() < 0.6
+
+    other = next(i for i in _stored(site) if i.id != analysed and i.state == InstanceState.QUEUED)
+    plain = np.asarray(Image.open(io.BytesIO(client.get(f"/instances/{other.id}/overlay.png").content)).convert("RGB"))
+    assert (plain[..., 0] == plain[..., 1]).all()  # no SEG: the grey image only
+    assert client.get("/instances/999999/overlay.png").status_code == 404
+
+
+def test_dead_letter_retry_resend_and_rerun_are_audited(site: Site, client: ConsoleClient, analysed: int) -> None:
+    page = client.get("/dead").text
+    dead = site.store.list_exports(analysed, state=ExportState.DEAD)
+    assert len(dead) == 1 and f"/exports/{dead[0].id}/retry" in page
+    r = client.post(f"/exports/{dead[0].id}/retry")
+    assert "will+be+sent+again" in r.headers["location"]
+    assert site.store.list_exports(analysed, state=ExportState.DEAD) == []
+    retried = site.store.list_events(kinds=["export.retry"])[-1]
+    assert retried.actor == ACTOR and retried.detail["export_id"] == dead[0].id
+    assert "not+in+the+dead-letter+queue" in client.post(f"/exports/{dead[0].id}/retry").headers["location"]
+
+    r = client.post(f"/instances/{analysed}/resend", back="/studies")
+    assert "result+object" in r.headers["location"]
+    assert {e.state for e in site.store.list_exports(analysed)} == {ExportState.PENDING}
+    assert site.store.list_events(kinds=["export.resend"])[-1].actor == ACTOR
+
+    skipped = site.store.list_instances(InstanceFilter(states=["skipped"]))[0]
+    r = client.post(f"/instances/{skipped.id}/rerun", back=f"/studies/{skipped.study_id}")
+    assert r.headers["location"].startswith(f"/studies/{skipped.study_id}?msg=")
+    assert site.store.get_instance(skipped.id).state == InstanceState.QUEUED
+    assert site.handed_off[-1] == skipped.id
+    event = site.store.list_events(instance_id=skipped.id, kinds=["instance.queued"])[-1]
+    assert event.actor == ACTOR and event.detail["from"] == "skipped"
+
+    rejected = site.store.list_instances(InstanceFilter(states=["rejected"]))[0]
+    r = client.post(f"/instances/{rejected.id}/rerun")
+    assert "err=" in r.headers["location"] and "not+allowed" in r.headers["location"]
+
+
+def test_ae_titles_add_edit_remove_are_audited_with_the_user(site: Site, client: ConsoleClient) -> None:
+    r = client.post("/ae", name="MODALITY1", role="source", host="10.1.2.3", port="", description="DR room 1")
+    assert r.headers["location"] == "/ae?msg=AE+title+MODALITY1+added"
+    assert "MODALITY1" in client.get("/ae").text
+    added = site.store.list_events(kinds=["ae.added"])[-1]
+    assert added.actor == ACTOR and added.detail["name"] == "MODALITY1"
+
+    r = client.post("/ae/MODALITY1", role="both", host="10.1.2.4", port="104", description="DR room 1", tls="on")
+    assert "updated" in r.headers["location"]
+    ae = site.store.get_ae("MODALITY1")
+    assert ae is not None and (ae.host, ae.port, ae.role, ae.tls) == ("10.1.2.4", 104, "both", True)
+    updated = site.store.list_events(kinds=["ae.updated"])[-1]
+    assert updated.actor == ACTOR and updated.detail["before"]["port"] is None and updated.detail["after"]["port"] == 104
+
+    for form, message in [({"name": "WAY_TOO_LONG_AE_TITLE"}, "maximum is 16"),
+                          ({"name": "BAD\\AE"}, "default repertoire"),
+                          ({"name": "MODALITY1"}, "already exists"),
+                          ({"name": "PORTLESS", "port": "70000"}, "port"),
+                          ({"name": "PORTLESS", "port": "abc"}, "not a number")]:
+        r = client.post("/ae", role="both", **form)
+        assert r.headers["location"].startswith("/ae?err="), form
+        assert message.replace(" ", "+") in r.headers["location"] or message in r.headers["location"], r.headers
+    assert site.store.get_ae("PORTLESS") is None
+
+    assert "removed" in client.post("/ae/MODALITY1/remove").headers["location"]
+    assert site.store.get_ae("MODALITY1") is None
+    assert site.store.list_events(kinds=["ae.removed"])[-1].actor == ACTOR
+
+
+def test_c_echo_from_the_console(site: Site, client: ConsoleClient, tmp_path: Path) -> None:
+    with StoreSCP(tmp_path / "scp", ae_title="ECHOSCP") as scp:
+        client.post("/ae", name="ECHOSCP", role="destination", host="127.0.0.1", port=str(scp.port))
+        r = client.post("/ae/ECHOSCP/echo")
+        assert r.headers["location"].startswith("/ae?msg=C-ECHO+ECHOSCP%3A+success")
+        page = client.get("/ae").text
+        assert re.search(r'class="ok">success in \d+ ms', page)
+    closed = free_port()
+    client.post("/ae", name="GONE", role="destination", host="127.0.0.1", port=str(closed))
+    r = client.post("/ae/GONE/echo")
+    assert r.headers["location"].startswith("/ae?err=C-ECHO+GONE+failed")
+    echoes = site.store.list_events(kinds=["ae.echo"])
+    assert [(e.detail["name"], e.detail["ok"], e.actor) for e in echoes[-2:]] == [("ECHOSCP", True, ACTOR),
+                                                                                  ("GONE", False, ACTOR)]
+    outbound = [a for a in site.store.list_associations() if a.direction == "outbound"]
+    assert {a.called_ae for a in outbound} >= {"ECHOSCP", "GONE"}
+
+
+def test_rules_models_and_events_pages(site: Site, client: ConsoleClient, tmp_path: Path) -> None:
+    rules = client.get("/rules").text
+    for rule in site.settings.rules:
+        assert rule.name in rules
+    assert "<code>CR</code>" in rules and "rejected" in rules  # unknown calling AE titles
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "lung.json").write_text('{"name": "lung", "version": "1.2.0", "experimental": false, '
+                                       '"metrics": {"dsc": 0.95}, "sha256": "ab12"}')
+    (weights / "lung.safetensors").write_bytes(b"\0" * 2_000_000)
+    (weights / "broken.json").write_text("{not json")
+    app = create_app(site.settings, site.store, weights_dir=weights)
+    from starlette.testclient import TestClient
+
+    with TestClient(app, follow_redirects=False) as tc:
+        tc.post("/login", data={"username": ADMIN, "password": "console-test-password"})
+        page = tc.get("/models").text
+    assert "version 1.2.0" in page and "2.0 MB" in page and "dsc" in page
+    assert "unreadable card" in page
+
+    events = client.get("/events", kind="ae.").text
+    assert "ae.added" in events and "instance.received" not in events
+
+
+def test_metrics_health_and_readiness(site: Site, client: ConsoleClient) -> None:
+    assert client.http.get("/healthz").json() == {"status": "ok"}
+    ready = client.http.get("/readyz")
+    body = ready.json()
+    assert ready.status_code == 200 and body["ready"] is True
+    assert {k: v["ok"] for k, v in body["checks"].items() if v["critical"]} == {
+        "database": True, "broker": True, "spool": True}
+    assert body["checks"]["workers"]["critical"] is False
+
+    text = client.http.get("/metrics").text
+    gauges = {s.labels["state"]: s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "cxrnode_instances_in_state"}
+    counts: dict[str, int] = {}
+    for inst in site.store.list_instances():
+        counts[inst.state] = counts.get(inst.state, 0) + 1
+    assert gauges == counts
+
+
+def test_readiness_fails_below_the_disk_watermark(site: Site) -> None:
+    from starlette.testclient import TestClient
+
+    full = site.settings.model_copy(update={"storage": site.settings.storage.model_copy(
+        update={"min_free_mb": 10**9})})
+    with TestClient(create_app(full, site.store)) as tc:
+        r = tc.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["checks"]["spool"]["ok"] is False and "below" in r.json()["checks"]["spool"]["detail"]
+
+
+def test_production_mode_without_password_hash_refuses_to_start(site: Site) -> None:
+    prod = site.settings.model_copy(update={"web": site.settings.web.model_copy(
+        update={"production": True, "password_hash": ""})})
+    with pytest.raises(AuthConfigError, match="no default password"):
+        start_in_thread(prod, site.store, port=0)

@@ -1,0 +1,68 @@
+"""Helpers for console tests: a node fed with every test file, and a logged-in HTTP client."""
+
+from __future__ import annotations
+
+import re
+from itertools import groupby
+from pathlib import Path
+
+import httpx
+import pydicom
+
+from node.web.auth import hash_password
+from tests.support.dcmtk import send_as_stored, storescu, storescu_opts
+from tests.support.paths import dicom_dir, dicom_manifest
+
+ADMIN, PASSWORD = "admin", "console-test-password"
+# Few iterations: tests log in often; production hashes use 600 000.
+PASSWORD_HASH = hash_password(PASSWORD, iterations=1000)
+
+EXTRA_OPTS = {"21": ["-xb"]}  # keep big endian as stored
+RAW_SENDS = {"28", "30"}  # storescu cannot read these; their bytes are sent as they are
+
+
+def sop_instance_uid(path: Path) -> str:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    return str(ds.get("SOPInstanceUID") or ds.file_meta.MediaStorageSOPInstanceUID)
+
+
+def send_test_files(port: int, aet: str = "STORESCU") -> dict[str, int | None]:
+    """Send every file of the DICOM test set the way the manifest says; {file: response status}."""
+    statuses: dict[str, int | None] = {}
+    plan = []
+    for row in dicom_manifest():
+        prefix, opts = row["file"][:2], storescu_opts(row)
+        if prefix in RAW_SENDS:
+            statuses[row["file"]] = send_as_stored(port, dicom_dir() / row["file"], aet=aet)
+        elif opts is not None:
+            plan.append((tuple(opts + EXTRA_OPTS.get(prefix, [])), row["file"]))
+    for opts, group in groupby(sorted(plan), key=lambda p: p[0]):
+        files = [dicom_dir() / name for _, name in group]
+        result = storescu(port, files, aet=aet, opts=list(opts))
+        for f in files:
+            statuses[f.name] = result.responses.get(sop_instance_uid(f))
+    return statuses
+
+
+class ConsoleClient:
+    """An httpx client that logs in and posts forms with the session's CSRF token."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.Client(base_url=base_url, follow_redirects=False, timeout=30)
+
+    def login(self, user: str = ADMIN, password: str = PASSWORD) -> httpx.Response:
+        return self.http.post("/login", data={"username": user, "password": password, "next": "/"})
+
+    def csrf(self) -> str:
+        found = re.search(r'name="csrf" value="([^"]+)"', self.http.get("/ae").text)
+        assert found, "not logged in"
+        return found.group(1)
+
+    def post(self, path: str, **form: str) -> httpx.Response:
+        return self.http.post(path, data={"csrf": self.csrf(), **form})
+
+    def get(self, path: str, **params: str) -> httpx.Response:
+        return self.http.get(path, params=params)
+
+    def close(self) -> None:
+        self.http.close()
