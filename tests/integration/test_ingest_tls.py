@@ -1,0 +1,48 @@
+"""DICOM TLS: storescu +tls against the node with self-signed certificates made by openssl in the test."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from node.audit import InstanceState
+from tests.support.dcmtk import storescu
+from tests.support.node import NodeProcess
+from tests.support.paths import dicom_dir
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
+    key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+def test_tls_association_with_client_certificate(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    server_key, server_cert = self_signed(tmp_path, "cxrnode")
+    client_key, client_cert = self_signed(tmp_path, "storescu")
+    node = node_factory(extra_toml=(
+        f'[dicom.tls]\nenabled = true\ncert_file = "{server_cert}"\nkey_file = "{server_key}"\n'
+        f'ca_file = "{client_cert}"\nrequire_client_cert = true\n')).start()
+    path = dicom_dir() / "09_cr_8bit_alloc8.dcm"
+
+    ok = storescu(node.port, [path], opts=["+tls", str(client_key), str(client_cert), "+cf", str(server_cert)])
+    assert ok.statuses == [0x0000], ok.output[-2000:]
+
+    anonymous = storescu(node.port, [path], opts=["+tla", "+cf", str(server_cert)])
+    assert not anonymous.responses, "a client without a certificate must not get through"
+    plain = storescu(node.port, [path])
+    assert not plain.responses, "a plain TCP peer must not get through a TLS port"
+
+    store = node.store()
+    (inst,) = store.list_instances()
+    assert inst.state == InstanceState.QUEUED
+    accepted = [a for a in store.list_associations() if a.id == inst.association_id]
+    assert accepted and accepted[0].tls
+    assert node.stop() == 0
