@@ -13,6 +13,8 @@ The runner returns probabilities (sigmoid already applied); thresholds and clini
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -21,7 +23,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -131,8 +133,11 @@ class OnnxBackend:
         return Prediction(mask=mask, presence=presence)
 
 
-def onnx_path(cache_dir: Path, sha256: str) -> Path:
-    return cache_dir / f"{sha256}.{EXPORT_RECIPE}.onnx"
+def onnx_path(cache_dir: Path, sha256: str, spec: models.ModelSpec) -> Path:
+    """Cache file of an export: keyed by the weights' sha256 AND what shapes the graph (the spec,
+    e.g. input size, and the export recipe), so no stale or differently shaped graph is ever reused."""
+    shape_key = json.dumps([asdict(spec), EXPORT_RECIPE, OPSET], sort_keys=True)
+    return cache_dir / f"{sha256}.{hashlib.sha256(shape_key.encode()).hexdigest()[:12]}.onnx"
 
 
 def export_onnx(module: Any, spec: models.ModelSpec, target: Path) -> None:
@@ -270,7 +275,7 @@ class ModelRunner:
 
     def _onnx_or_torch(self, module: Any, spec: models.ModelSpec, sha256: str) -> _Backend:
         torch_backend = TorchBackend(module, "cpu")
-        path = onnx_path(self.cache_dir, sha256)
+        path = onnx_path(self.cache_dir, sha256, spec)
         if path.exists():
             try:
                 return OnnxBackend(path, self.threads)

@@ -74,7 +74,7 @@ def test_onnx_equals_torch_within_tolerance(onnx_runner: ModelRunner, torch_runn
 def test_onnx_cache_is_keyed_by_weights_sha(weights: Path, cache: Path, onnx_runner: ModelRunner,
                                             tmp_path: Path) -> None:
     sha = onnx_runner.info("lung").sha256
-    cached = onnx_path(cache, sha)
+    cached = onnx_path(cache, sha, onnx_runner.spec("lung"))
     assert cached.exists()
     mtime = cached.stat().st_mtime_ns
     again = ModelRunner(weights, model_names=["lung"], device="cpu", cache_dir=cache)
@@ -84,15 +84,15 @@ def test_onnx_cache_is_keyed_by_weights_sha(weights: Path, cache: Path, onnx_run
     retrained = write_tiny_weights(tmp_path / "w2", names=("lung",), seed=1)
     fresh = ModelRunner(retrained, model_names=["lung"], device="cpu", cache_dir=cache)
     assert fresh.info("lung").sha256 != sha
-    assert onnx_path(cache, fresh.info("lung").sha256).exists()
+    assert onnx_path(cache, fresh.info("lung").sha256, fresh.spec("lung")).exists()
     x = check_input(fresh.spec("lung"))
     assert max_abs_diff(fresh.predict("lung", x), onnx_runner.predict("lung", x)) > ONNX_TOLERANCE
 
 
 def test_corrupt_cached_graph_is_exported_again(weights: Path, tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    sha = models.read_card("lung", weights)["sha256"]
-    bad = onnx_path(tmp_path, sha)
+    card = models.read_card("lung", weights)
+    bad = onnx_path(tmp_path, card["sha256"], models.spec_from_card(card))
     bad.write_bytes(b"not an onnx graph")
     with caplog.at_level(logging.WARNING, logger="workers.runner"):
         runner = ModelRunner(weights, model_names=["lung"], device="cpu", cache_dir=tmp_path)
@@ -133,3 +133,15 @@ def test_predict_rejects_wrong_shapes(onnx_runner: ModelRunner) -> None:
     with pytest.raises(KeyError, match="not loaded"):
         ModelRunner(onnx_runner.weights_dir, model_names=["lung"], device="cpu",
                     cache_dir=onnx_runner.cache_dir).predict("opacity", np.zeros((1, 1, 64, 64), np.float32))
+
+
+def test_same_weights_at_another_input_size_get_their_own_graph(tmp_path: Path) -> None:
+    # Identical weights (same seed) under a card with a different input size: same sha256, but the
+    # cached 64x64 graph must not be reused for 96x96 inputs.
+    small = ModelRunner(write_tiny_weights(tmp_path / "a", names=("lung",)), model_names=["lung"],
+                        device="cpu", cache_dir=tmp_path / "c")
+    large = ModelRunner(write_tiny_weights(tmp_path / "b", names=("lung",), size=96), model_names=["lung"],
+                        device="cpu", cache_dir=tmp_path / "c")
+    assert small.info("lung").sha256 == large.info("lung").sha256
+    assert large.backend_name("lung") == "onnx-cpu"
+    assert large.predict("lung", check_input(large.spec("lung"), batch=1)).mask.shape == (1, 1, 96, 96)
