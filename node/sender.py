@@ -12,6 +12,7 @@ table in the audit DB) records it: no database imports here.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -117,6 +118,8 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
                          evt_handlers=watch.handlers())
     if not assoc.is_established:
+        if not watch.connected:  # pynetdicom only logs why: ask the network ourselves
+            raise _diagnose_connect(destination, ssl_context if destination.tls else None, timeout_s)
         raise watch.error(destination)
     try:
         return [_store(assoc, item, watch) if isinstance(item, _Loaded) else item for item in items]
@@ -284,6 +287,23 @@ def _status_text(status: int | None, rsp: Dataset | None = None) -> str:
         return "no response"
     comment = f" ({rsp.ErrorComment})" if rsp is not None and "ErrorComment" in rsp else ""
     return f"C-STORE status 0x{status:04X}{comment}"
+
+
+def _diagnose_connect(destination: Destination, ssl_context: ssl.SSLContext | None, timeout_s: float) -> SendError:
+    """Why the transport failed: refused, timed out, or the TLS handshake (e.g. certificate not trusted)."""
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=timeout_s) as raw:
+            if ssl_context is None:
+                return SendError(f"cannot connect to {where}: connection closed before association")
+            with ssl_context.wrap_socket(raw, server_hostname=destination.host):
+                return SendError(f"cannot connect to {where}: TLS connection closed before association")
+    except ssl.SSLCertVerificationError as e:
+        return SendError(f"TLS handshake with {where} failed: {e.verify_message or e}", retryable=False)
+    except ssl.SSLError as e:
+        return SendError(f"TLS handshake with {where} failed: {e.reason or e}")
+    except OSError as e:
+        return SendError(f"cannot connect to {where} (destination down or unreachable): {e.strerror or e}")
 
 
 class _AssociationWatch:

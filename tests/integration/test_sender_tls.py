@@ -1,0 +1,54 @@
+"""node.sender over TLS to a DCMTK storescp with a throw-away certificate (openssl CLI)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.results.common import DeviceInfo
+from node.results.seg import build_seg
+from node.sender import Destination, SendError, client_ssl_context, send
+from tests.support.net import free_port, port_open, wait_for
+from tests.support.paths import shared_data
+from tests.support.synthetic_results import synthetic_case
+
+DICOM = shared_data() / "dicom"
+
+
+@pytest.fixture
+def tls_storescp(tmp_path: Path) -> Iterator[tuple[Destination, Path, Path]]:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    out, port = tmp_path / "out", free_port()
+    out.mkdir()
+    # -ic: the node's client certificate is optional here (the SCP side's policy is not under test).
+    proc = subprocess.Popen(["storescp", "-aet", "TLSDEST", "+tls", str(key), str(cert), "-ic", "-od", str(out),
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(port), 15, "storescp (TLS)")
+        yield Destination("TLSDEST", "127.0.0.1", port, tls=True), cert, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_seg_over_tls(tls_storescp: tuple[Destination, Path, Path]) -> None:
+    destination, cert, out = tls_storescp
+    case = synthetic_case(DICOM / "02_cr_implicit_le_12bit.dcm")
+    seg = build_seg(case.source, case.full, case.result.models, device=DeviceInfo())
+    (status,) = send([seg], destination, calling_ae="CXRNODE", ssl_context=client_ssl_context(ca_file=cert))
+    assert status.ok
+    (received,) = out.iterdir()
+    assert pydicom.dcmread(received).SOPInstanceUID == seg.SOPInstanceUID
+
+    with pytest.raises(SendError, match="TLS handshake") as err:  # the system CAs do not trust this certificate
+        send([seg], destination, calling_ae="CXRNODE", ssl_context=client_ssl_context())
+    assert not err.value.retryable
+    with pytest.raises(SendError, match="needs TLS"):
+        send([seg], destination, calling_ae="CXRNODE")
