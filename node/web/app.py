@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydicom.uid import UID
 
 from node import metrics
 from node.audit.models import AERole, InstanceState
@@ -74,6 +75,7 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["dt"] = _fmt_dt
     templates.env.filters["mb"] = lambda b: f"{(b or 0) / 1e6:,.1f} MB"
+    templates.env.filters["uid_name"] = lambda uid: UID(uid).name if uid else ""
     templates.env.globals["INSTANCE_STATES"] = [str(s) for s in InstanceState]
     console = Console(
         settings=settings, store=store,

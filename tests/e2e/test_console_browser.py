@@ -1,0 +1,154 @@
+"""The console in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium).
+
+An administrator logs in, adds an AE title, echoes it (a real DCMTK storescp), and finds a study that
+DCMTK storescu sent to `cxrnode serve`. Screenshots of each step are kept in test-artifacts/console/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.audit import AuditStore
+from node.config import load_settings
+from node.web.server import WebServer, start_in_thread
+from tests.support.console import ADMIN, PASSWORD, PASSWORD_HASH, send_test_files
+from tests.support.dcmtk import StoreSCP
+from tests.support.node import NodeProcess
+from tests.support.paths import REPO_ROOT, dicom_dir, dicom_manifest
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "console"
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WebServer, AuditStore]]:
+    root = tmp_path_factory.mktemp("browser")
+    node = NodeProcess(root, extra_toml="[broker]\nembedded_worker = false\n[web]\nenabled = false\n")
+    node.start()
+    try:
+        statuses = send_test_files(node.port)
+    finally:
+        assert node.stop() == 0, node.log_text()[-3000:]
+    assert statuses[dicom_manifest()[0]["file"]] == 0x0000
+    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
+                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH})
+    store = AuditStore.open(settings.database_url)
+    web = start_in_thread(settings, store, port=0)
+    try:
+        yield web, store
+    finally:
+        web.stop()
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("Debian packages chromium and chromium-driver are not installed")
+    profile = tempfile.mkdtemp(prefix="cxrnode-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _shot(driver: webdriver.Chrome, name: str) -> None:
+    # The full page: make the window as tall as the document first.
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, max(1000, min(int(height), 6000)))
+    assert driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+
+
+def _wait_text(driver: webdriver.Chrome, css: str, text: str) -> None:
+    WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
+
+
+def test_log_in_add_and_echo_an_ae_then_find_a_study(console: tuple[WebServer, AuditStore],
+                                                     browser: webdriver.Chrome, tmp_path: Path) -> None:
+    web, store = console
+    d = browser
+
+    # Log in (the dashboard sends us to the login page first).
+    d.get(web.url + "/")
+    WebDriverWait(d, 30).until(ec.presence_of_element_located((By.ID, "login")))
+    assert "/login" in d.current_url
+    d.find_element(By.ID, "username").send_keys(ADMIN)
+    d.find_element(By.ID, "password").send_keys(PASSWORD)
+    _shot(d, "01-login")
+    d.find_element(By.ID, "login-submit").click()
+    WebDriverWait(d, 30).until(ec.presence_of_element_located((By.ID, "today")))
+    received = int(d.find_element(By.ID, "n-received").text)
+    assert received == len([i for i in store.list_instances() if i.state not in ("rejected", "duplicate")])
+    _shot(d, "02-dashboard")
+
+    with StoreSCP(tmp_path / "scp", ae_title="ECHOSCP") as scp:
+        # Add an AE title.
+        d.find_element(By.LINK_TEXT, "AE titles").click()
+        WebDriverWait(d, 30).until(ec.presence_of_element_located((By.ID, "ae-add")))
+        form = d.find_element(By.ID, "ae-add")
+        form.find_element(By.NAME, "name").send_keys("ECHOSCP")
+        Select(form.find_element(By.NAME, "role")).select_by_visible_text("destination")
+        form.find_element(By.NAME, "host").send_keys("127.0.0.1")
+        form.find_element(By.NAME, "port").send_keys(str(scp.port))
+        form.find_element(By.NAME, "description").send_keys("DCMTK storescp (test)")
+        form.find_element(By.ID, "ae-add-submit").click()
+        _wait_text(d, ".flash.ok", "AE title ECHOSCP added")
+        row = d.find_element(By.ID, "ae-ECHOSCP")
+        assert "destination" in row.text and str(scp.port) in row.text
+        _shot(d, "03-ae-added")
+
+        # C-ECHO it: a real association to storescp.
+        row.find_element(By.CSS_SELECTOR, "button.echo").click()
+        _wait_text(d, ".flash.ok", "C-ECHO ECHOSCP: success")
+        assert "success in" in d.find_element(By.ID, "ae-ECHOSCP").text
+        _shot(d, "04-ae-echo")
+
+    events = [(e.kind, e.actor) for e in store.list_events(kinds=["ae.added", "ae.echo"])]
+    assert events[-2:] == [("ae.added", f"web:{ADMIN}"), ("ae.echo", f"web:{ADMIN}")]
+
+    # Find the study storescu sent, by its accession number, and open it.
+    first = pydicom.dcmread(dicom_dir() / dicom_manifest()[0]["file"], stop_before_pixels=True)
+    d.find_element(By.LINK_TEXT, "Studies").click()
+    WebDriverWait(d, 30).until(ec.presence_of_element_located((By.ID, "study-search")))
+    d.find_element(By.ID, "search-accession").send_keys(str(first.AccessionNumber))
+    Select(d.find_element(By.ID, "search-ae")).select_by_visible_text("STORESCU")
+    d.find_element(By.ID, "search-submit").click()
+    WebDriverWait(d, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#studies a.uid")))
+    links = d.find_elements(By.CSS_SELECTOR, "#studies a.uid")
+    assert str(first.StudyInstanceUID) in [a.text for a in links]
+    _shot(d, "05-study-search")
+    next(a for a in links if a.text == str(first.StudyInstanceUID)).click()
+    _wait_text(d, "h1", str(first.StudyInstanceUID))
+    assert str(first.SOPInstanceUID) in d.page_source
+    # The thumbnail rendered from the spooled file loaded in the browser.
+    img = d.find_element(By.CSS_SELECTOR, "figure.thumb img")
+    WebDriverWait(d, 30).until(lambda drv: drv.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth", img))
+    assert d.execute_script("return arguments[0].naturalWidth", img) > 0
+    _shot(d, "06-study")
+    assert sorted(p.name for p in ARTIFACTS.glob("0*.png"))[:6] == [
+        "01-login.png", "02-dashboard.png", "03-ae-added.png", "04-ae-echo.png", "05-study-search.png",
+        "06-study.png"]
