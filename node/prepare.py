@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,12 @@ def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
     raw = _decode(ds)
 
     photometric = str(ds.PhotometricInterpretation).strip().upper()
+    if photometric == "PALETTE COLOR":
+        raw = _palette_to_rgb(ds, raw)
     if raw.ndim == 3:  # colour: pydicom converted YBR_* to RGB already
         notes.append(f"{photometric} converted to luma")
-        image = _luma(raw) / 255.0 if raw.dtype == np.uint8 else _luma(raw) / float(raw.max() or 1)
+        full_scale = 255.0 if raw.max() <= 255 else float(np.iinfo(raw.dtype).max)
+        image = _luma(raw) / full_scale
         valid = np.ones(image.shape, dtype=bool)
     else:
         valid = _non_padding(ds, raw)
@@ -114,6 +117,10 @@ def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
     spacing, attribute = _pixel_spacing(ds)
     if spacing is None:
         notes.append("no pixel spacing: measurements in pixels")
+    elif attribute == "ImagerPixelSpacing":
+        notes.append("spacing from ImagerPixelSpacing (detector plane, not magnification corrected)")
+    else:
+        notes.append(f"spacing from {attribute}")
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class.startswith(SECONDARY_CAPTURE_PREFIX) or "ConversionType" in ds:
         notes.append("secondary capture")
@@ -187,7 +194,7 @@ def _check_header(ds: Dataset) -> None:
         raise PrepareError(f"BitsStored {stored} does not fit BitsAllocated {allocated}")
     if frames > 1:
         raise PrepareError(f"multi-frame not analysed ({frames} frames)")
-    if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
         raise PrepareError(f"photometric interpretation {photometric} not supported for 1 sample per pixel")
     if samples not in (1, 3):
         raise PrepareError(f"SamplesPerPixel {samples} not supported")
@@ -278,6 +285,13 @@ def _inverted(ds: Dataset, photometric: str) -> bool:
     if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         inverse = not inverse
     return inverse
+
+
+def _palette_to_rgb(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    try:
+        return np.asarray(apply_color_lut(raw, ds))
+    except Exception as e:  # malformed palette descriptors/data
+        raise PrepareError(f"cannot apply the palette colour LUT: {type(e).__name__}: {e}") from e
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:

@@ -136,3 +136,20 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
     ds.PixelPaddingRangeLimit = int(ds.pixel_array.max())
     with pytest.raises(PrepareError, match="Pixel Padding"):
         prepare(ds)
+
+
+def test_palette_color_is_converted_to_luma() -> None:
+    """A PALETTE COLOR image with a grey palette prepares like its MONOCHROME2 original."""
+    ds = pydicom.dcmread(DICOM / "09_cr_8bit_alloc8.dcm")
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ramp = (np.arange(256, dtype="<u2") * 257).tobytes()  # 16-bit entries, 0..65535
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", ramp)
+    palette = prepare(ds)
+    assert "PALETTE COLOR converted to luma" in palette.notes
+    grey = prepare(DICOM / "09_cr_8bit_alloc8.dcm").pixels.astype(np.float64)
+    assert np.corrcoef(palette.pixels.astype(np.float64).ravel(), grey.ravel())[0, 1] > 0.99
+    ds.RedPaletteColorLookupTableDescriptor = [16, 0, 16]  # descriptor and data disagree
+    with pytest.raises(PrepareError):
+        prepare(ds)
