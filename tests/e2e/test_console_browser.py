@@ -22,7 +22,9 @@ from tests.support.dcmtk import StoreSCP
 from tests.support.node import NodeProcess
 from tests.support.paths import REPO_ROOT, dicom_dir, dicom_manifest
 
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium")
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -55,7 +57,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WebServe
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
+def browser() -> Iterator[WebDriver]:
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("Debian packages chromium and chromium-driver are not installed")
     profile = tempfile.mkdtemp(prefix="cxrnode-chromium-")
@@ -75,19 +77,19 @@ def browser() -> Iterator[webdriver.Chrome]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _shot(driver: webdriver.Chrome, name: str) -> None:
+def _shot(driver: WebDriver, name: str) -> None:
     # The full page: make the window as tall as the document first.
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1400, max(1000, min(int(height), 6000)))
     assert driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 
-def _wait_text(driver: webdriver.Chrome, css: str, text: str) -> None:
+def _wait_text(driver: WebDriver, css: str, text: str) -> None:
     WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
 
 
 def test_log_in_add_and_echo_an_ae_then_find_a_study(console: tuple[WebServer, AuditStore],
-                                                     browser: webdriver.Chrome, tmp_path: Path) -> None:
+                                                     browser: WebDriver, tmp_path: Path) -> None:
     web, store = console
     d = browser
 
