@@ -37,7 +37,6 @@ AREA_IN_PIXELS = hd.sr.CodedConcept("CXR004", LOCAL_SCHEME, "Pixels: source has 
 AREA_IN_CM2 = hd.sr.CodedConcept("CXR005", LOCAL_SCHEME, "Calibrated: source pixel spacing")
 DIAGNOSTIC_USE = hd.sr.CodedConcept("CXR006", LOCAL_SCHEME, "Diagnostic use")
 NOT_FOR_DIAGNOSTIC_USE = hd.sr.CodedConcept("CXR007", LOCAL_SCHEME, "Not for diagnostic use (experimental model)")
-VALIDATED_MODEL = hd.sr.CodedConcept("CXR008", LOCAL_SCHEME, "Validated model")
 PROBABILITY = hd.sr.CodedConcept(dcm_codes.DCM.Probability.value, "DCM", dcm_codes.DCM.Probability.meaning)
 
 #: zone_fractions order in AnalyzeResult: right upper, middle, lower, left upper, middle, lower.
@@ -82,7 +81,7 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
             finding_sites=list(sites),
             algorithm_id=_algorithm(model, notes),
             measurements=list(measurements),
-            qualitative_evaluations=[*evaluations, area.basis(), _use(model)],
+            qualitative_evaluations=[*evaluations, area.basis(), *_use(model)],
         ))
 
     if result.lung_area_px is not None:
@@ -93,7 +92,7 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
         group("opacity", codes.OPACITY, [hd.sr.FindingSite(codes.LUNG, laterality=codes.RIGHT_AND_LEFT)],
               _severity_measurements(result), _zone_evaluations(result))
     if result.pneumothorax_present is not None:
-        group("pneumothorax", codes.PNEUMOTHORAX, [hd.sr.FindingSite(codes.LUNG, laterality=SIDES.get(
+        group("pneumothorax", codes.PNEUMOTHORAX, [hd.sr.FindingSite(codes.PLEURA, laterality=SIDES.get(
             result.pneumothorax_side or "", codes.RIGHT_AND_LEFT))], *_pneumothorax(result, area))
     if not groups:
         raise ResultError("the result has no numbers to report")
@@ -190,9 +189,11 @@ def _algorithm(model: ModelInfo, notes: Sequence[str]) -> hd.sr.AlgorithmIdentif
                                          family=codes.ARTIFICIAL_INTELLIGENCE, manufacturer="cxr-node")
 
 
-def _use(model: ModelInfo) -> hd.sr.QualitativeEvaluation:
-    return hd.sr.QualitativeEvaluation(
-        DIAGNOSTIC_USE, NOT_FOR_DIAGNOSTIC_USE if model.status != "validated" else VALIDATED_MODEL)
+def _use(model: ModelInfo) -> list[hd.sr.QualitativeEvaluation]:
+    """Groups made by an experimental model say so in the content, not only in the series description."""
+    if model.status == "validated":
+        return []
+    return [hd.sr.QualitativeEvaluation(DIAGNOSTIC_USE, NOT_FOR_DIAGNOSTIC_USE)]
 
 
 def _local_scheme() -> Dataset:
