@@ -1,0 +1,96 @@
+"""Routing and header checks on the headers of every file in shared/data/dicom (per manifest.csv)."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.config import ModelsConfig, Rule, RuleMatch, default_rules
+from node.dicom_header import Header, Refusal, check_dataset, read_header
+from node.routing import decide
+from tests.support.paths import dicom_dir, dicom_manifest
+
+MANIFEST = dicom_manifest()
+SKIP_REASONS = {
+    "25": "not chest: BodyPartExamined HAND",
+    "26": "modality CT not routed",
+    "27": "lateral view LL",
+    "37": "multi-frame CR not analysed (2 frames)",
+}
+
+
+def header(prefix: str) -> Header:
+    name = next(r["file"] for r in MANIFEST if r["file"].startswith(prefix))
+    return read_header(dicom_dir() / name)
+
+
+def consistent_rows() -> list[dict[str, str]]:
+    return [r for r in MANIFEST if r["expect"] == "accept"]
+
+
+@pytest.mark.parametrize("row", consistent_rows(), ids=lambda r: r["file"][:2])
+def test_default_rules_follow_the_manifest(row: dict[str, str]) -> None:
+    h = read_header(dicom_dir() / row["file"])
+    decision = decide(h, "PACS", default_rules(), ModelsConfig())
+    if row["analysable"] == "yes":
+        assert decision.action == "analyze", (row["file"], decision)
+        assert decision.models == ["lung", "opacity", "pneumothorax"]
+        assert decision.destinations == ["reply-to-sender"]
+    else:
+        assert decision.action == "skip"
+        assert decision.reason == SKIP_REASONS[row["file"][:2]]
+
+
+# 34 (unknown SOP class) never reaches the handler: no presentation context (see test_ingest);
+# 35/36 cannot be sent at all.
+REFUSED_IN_HANDLER = [r for r in MANIFEST if r["expect"] == "reject" and r["file"][:2] not in ("34", "35", "36")]
+
+
+@pytest.mark.parametrize("row", REFUSED_IN_HANDLER, ids=lambda r: r["file"][:2])
+def test_bad_files_are_refused_with_the_manifest_status(row: dict[str, str]) -> None:
+    path = dicom_dir() / row["file"]
+    with pytest.raises(Refusal) as refusal:
+        h = read_header(path)
+        meta_uid = h.sop_instance_uid or "from-file-meta"
+        check_dataset(h, affected_sop_class=h.sop_class_uid, affected_sop_instance=meta_uid,
+                      file_size=path.stat().st_size)
+    status = refusal.value.status
+    expected = {"28": range(0xC000, 0xD000), "30": (0xC000, 0xA900)}.get(row["file"][:2], (0xA900,))
+    assert status in expected, (row["file"], hex(status), refusal.value.reason)
+
+
+def test_command_mismatch_is_refused() -> None:
+    h = header("09")
+    with pytest.raises(Refusal, match="SOP Class UID .* differs") as r:
+        check_dataset(h, affected_sop_class="1.2.840.10008.5.1.4.1.1.7", affected_sop_instance=h.sop_instance_uid,
+                      file_size=10**9)
+    assert r.value.status == 0xA900
+    with pytest.raises(Refusal, match="SOP Instance UID .* differs"):
+        check_dataset(h, affected_sop_class=h.sop_class_uid, affected_sop_instance="1.2.3", file_size=10**9)
+
+
+def test_first_matching_rule_wins_and_ignore_rules_skip() -> None:
+    rules = [
+        Rule(name="quiet-modality", match=RuleMatch(calling_ae=["OLDCR"]), action="ignore",
+             reason="OLDCR images are not analysed"),
+        Rule(name="ct-research", match=RuleMatch(sop_class=["CTImageStorage"]), models=["lung"],
+             destinations=["RESEARCH"]),
+        *default_rules(),
+    ]
+    chest = header("01")
+    assert decide(chest, "OLDCR", rules).reason == "OLDCR images are not analysed"
+    assert decide(chest, "PACS", rules).rule == "chest-frontal"
+    ct = decide(header("26"), "PACS", rules)
+    assert (ct.action, ct.rule, ct.models, ct.destinations) == ("analyze", "ct-research", ["lung"], ["RESEARCH"])
+
+
+def test_switched_off_models_are_not_requested() -> None:
+    models = ModelsConfig(pneumothorax=False)
+    assert decide(header("01"), "PACS", default_rules(), models).models == ["lung", "opacity"]
+    off = ModelsConfig(lung=False, opacity=False, pneumothorax=False)
+    decision = decide(header("01"), "PACS", default_rules(), off)
+    assert decision.action == "skip" and "switched off" in decision.reason
+
+
+def test_no_analyze_rule_skips_everything() -> None:
+    decision = decide(header("01"), "PACS", [])
+    assert decision.action == "skip" and decision.reason == "no analyze rule configured"
