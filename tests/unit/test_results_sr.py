@@ -11,7 +11,7 @@ import pytest
 from node.results import codes
 from node.results.common import DeviceInfo, ResultError
 from node.results.seg import build_seg, segment_numbers
-from node.results.sr import build_sr
+from node.results.sr import DIAGNOSTIC_USE, NOT_FOR_DIAGNOSTIC_USE, build_sr
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import MODELS, Case, synthetic_case
 
@@ -99,6 +99,8 @@ def test_numbers_equal_the_worker_output(tmp_path: Path) -> None:
     evaluations = {e.name.value: e.value for e in pntx.get_qualitative_evaluations()}
     assert evaluations[codes.PNEUMOTHORAX.value] == codes.PRESENT
     assert evaluations[codes.LATERALITY.value] == codes.LEFT
+    assert evaluations[DIAGNOSTIC_USE.value] == NOT_FOR_DIAGNOSTIC_USE  # the experimental model's group says so
+    assert DIAGNOSTIC_USE.value not in {e.name.value for e in groups["Right lung"].get_qualitative_evaluations()}
     assert _value(pntx, codes.AREA) == pytest.approx((result.pneumothorax_area_px or 0) * cm2, abs=0.01)
     assert _texts(pntx[0], ALGORITHM_NAME) == ["pneumothorax"]
     parameters = " ".join(_texts(pntx[0], ALGORITHM_PARAMETERS))
