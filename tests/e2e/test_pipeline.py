@@ -1,0 +1,251 @@
+"""End to end with real parts: storescu -> `cxrnode serve` -> Celery worker -> SEG + SR -> Orthanc / storescp.
+
+The worker runs tiny models of the shipped architectures whose heads are pinned to constants (lungs
+everywhere, opacity everywhere, no pneumothorax), so every number in the report is known in advance:
+both lungs fully opaque -> severity 6, every zone fraction 1.0, pneumothorax absent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.audit import InstanceFilter
+from tests.support.dcmtk import StoreSCP, send_as_stored, storescu, storescu_opts
+from tests.support.net import wait_for
+from tests.support.node import SENDER_AE, NodeProcess
+from tests.support.orthanc import Orthanc
+from tests.support.paths import dicom_dir, dicom_manifest
+from tests.support.redis import RedisServer
+from tests.support.tiny_models import write_tiny_weights
+
+FINAL = {"exported", "skipped", "duplicate", "rejected", "failed", "dead"}
+CR_FILE = "01_cr_explicit_le_mono2_12bit_2048x2500.dcm"
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_weights(tmp_path_factory.mktemp("weights"),
+                              head_logits={"lung": (6.0, None), "opacity": (6.0, None),
+                                           "pneumothorax": (-6.0, -6.0)})
+
+
+@pytest.fixture(autouse=True)
+def worker_env(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inherited by `cxrnode serve` and the workers it spawns.
+    monkeypatch.setenv("CXRNODE_WEIGHTS_DIR", str(tiny_weights))
+    monkeypatch.setenv("CXRNODE_CACHE", str(tiny_weights.parent / "cache"))
+    monkeypatch.setenv("CXRNODE_WORKER_THREADS", "1")
+
+
+def node_toml(destinations: list[str], *, reply_port: int | None = None, broker_url: str = "",
+              embedded_worker: bool = True, extra_ae: str = "") -> str:
+    """The [broker]/[sender] sections, the two default chest rules sending to `destinations`, extra AEs."""
+    dest = ", ".join(f'"{d}"' for d in destinations)
+    reply = (f'\n[[ae]]\nname = "{SENDER_AE}"\nhost = "127.0.0.1"\nport = {reply_port}\nrole = "both"\n'
+             if reply_port else "")
+    return (f'\n[broker]\nurl = "{broker_url}"\nembedded_worker = {str(embedded_worker).lower()}\n'
+            f'[sender]\nbackoff_initial_s = 0.5\nbackoff_factor = 1.0\nmax_attempts = 50\ntimeout_s = 10\n'
+            f'[[rules]]\nname = "chest"\ndestinations = [{dest}]\n'
+            f'match = {{ modality = ["CR", "DX"], body_part = ["CHEST", ""], view_position = ["PA", "AP", ""] }}\n'
+            f'[[rules]]\nname = "sc-chest"\ndestinations = [{dest}]\n'
+            f'match = {{ modality = ["OT"], body_part = ["CHEST"] }}\n'
+            f'{reply}{extra_ae}')
+
+
+def wait_final(node: NodeProcess, count: int, timeout: float = 600) -> dict[str, str]:
+    """{SOP Instance UID: state} once `count` live instances are all in a final state."""
+    store = node.store()
+
+    def done() -> bool:
+        rows = store.list_instances(InstanceFilter())
+        live = [r for r in rows if r.state not in ("duplicate",)]
+        if node.proc is not None and node.proc.poll() is not None:
+            raise RuntimeError(f"node exited:\n{node.log_text()[-4000:]}")
+        return len(live) >= count and all(r.state in FINAL for r in live)
+
+    try:
+        wait_for(done, timeout, f"{count} instances to reach a final state")
+    except TimeoutError:
+        states = {r.id: (r.state, r.reason) for r in store.list_instances(InstanceFilter())}
+        logs = "".join((node.data_dir / "logs" / n).read_text()[-3000:]
+                       for n in ("node-worker.log", "inference-worker.log") if (node.data_dir / "logs" / n).exists())
+        raise AssertionError(f"states: {states}\n{node.log_text()[-3000:]}\n{logs}") from None
+    return {r.sop_instance_uid: r.state for r in store.list_instances(InstanceFilter()) if r.state != "duplicate"}
+
+
+def send_manifest(port: int) -> dict[str, dict[str, str]]:
+    """Send every file of the DICOM test set the way the manifest says; returns rows of the files sent."""
+    sent: dict[str, dict[str, str]] = {}
+    for row in dicom_manifest():
+        path = dicom_dir() / row["file"]
+        opts = storescu_opts(row)
+        if opts is not None:
+            storescu(port, [path], opts=opts)
+        elif row["file"].startswith(("28_", "30_")):
+            send_as_stored(port, path)
+        else:
+            continue  # 34-36: no presentation context / not DICOM: nothing reaches the node
+        sent[row["file"]] = row
+    return sent
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def sr_numbers(sr: pydicom.Dataset) -> dict[str, float]:
+    found: dict[str, float] = {}
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
+                found.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning,
+                                 float(item.MeasuredValueSequence[0].NumericValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return found
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        yield pacs
+
+
+def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orthanc) -> None:
+    """All 37 files: analysable ones come back as SEG + SR in Orthanc and at the sender; the rest get none."""
+    with StoreSCP(tmp_path / "reply", ae_title=SENDER_AE) as reply:
+        extra = f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\nrole = "destination"\n'
+        node = NodeProcess(tmp_path, extra_toml=node_toml(["ORTHANC", "reply-to-sender"], reply_port=reply.port,
+                                                           extra_ae=extra), sources=(), analysis=True)
+        try:
+            node.start()
+            sent = send_manifest(node.port)
+            stored = [r for r in sent.values() if r["expect"] == "accept"]
+            states = wait_final(node, len(stored))
+            store = node.store()
+            by_file = {}
+            for row in stored:
+                uid = str(pydicom.dcmread(dicom_dir() / row["file"], stop_before_pixels=True, force=True).SOPInstanceUID)
+                by_file[row["file"]] = states[uid]
+            analysable = {f for f, r in sent.items() if r["analysable"] == "yes"}
+            assert {f for f, s in by_file.items() if s == "exported"} == analysable, by_file
+            assert {f: s for f, s in by_file.items() if f not in analysable} == {
+                f: "skipped" for f in by_file if f not in analysable}
+
+            # Orthanc: one SEG and one SR per analysed image, in the source's study, dciodvfy-clean.
+            objects = [pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(i)))
+                       for i in orthanc.instances()]
+            assert len(objects) == 2 * len(analysable)
+            assert sorted({o.Modality for o in objects}) == ["SEG", "SR"]
+            reply_files = sorted((tmp_path / "reply").iterdir())
+            assert len(reply_files) == 2 * len(analysable)
+            for path in reply_files[:6]:
+                assert dciodvfy_errors(path) == [], path
+
+            source = pydicom.dcmread(dicom_dir() / CR_FILE, stop_before_pixels=True)
+            mine = [o for o in objects if o.StudyInstanceUID == source.StudyInstanceUID]
+            seg = next(o for o in mine if o.Modality == "SEG")
+            sr = next(o for o in mine if o.Modality == "SR")
+            assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
+            assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+                source.SOPInstanceUID
+            assert [s.SegmentLabel for s in seg.SegmentSequence][:2] == ["Right lung", "Left lung"]
+            assert seg.PatientID == source.PatientID and seg.SeriesInstanceUID != source.SeriesInstanceUID
+
+            # The SR carries the worker's numbers, as the audit log recorded them.
+            inst = store.list_instances(InstanceFilter(sop_instance_uid=str(source.SOPInstanceUID)))[0]
+            analyzed = [e for e in store.list_events(instance_id=inst.id) if e.kind == "instance.analyzed"][0]
+            assert analyzed.detail["severity_score"] == 6
+            numbers = sr_numbers(sr)
+            severity = [v for k, v in numbers.items() if "everity" in k]
+            assert severity == [6.0], numbers
+
+            kinds = [e.kind for e in store.list_events(instance_id=inst.id)]
+            for kind in ("instance.received", "instance.queued", "analysis.published", "instance.analyzed",
+                         "export.sent", "instance.exported"):
+                assert kind in kinds, kinds
+            assert kinds.count("export.sent") == 4  # SEG + SR to Orthanc and back to the sender
+        finally:
+            node.close()
+
+
+def _run_inference_worker(broker_url: str, log: Path) -> subprocess.Popen[bytes]:
+    """A separate worker host, as in production: `celery -A workers.tasks worker -Q inference`."""
+    env = {**os.environ, "CXRNODE_BROKER_URL": broker_url}
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "inference",
+                                 "-c", "1", "--pool", "prefork", "--without-gossip", "--without-mingle",
+                                 "-l", "INFO"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_production_mode_redis_postgres_and_broker_outage(tmp_path: Path, postgres_server, orthanc: Orthanc) -> None:  # type: ignore[no-untyped-def]
+    """Redis broker, PostgreSQL audit log, worker in its own process; the broker is down when the
+    first image arrives and comes back later: the image is delivered once."""
+    redis = RedisServer().start()
+    worker = _run_inference_worker(redis.url, tmp_path / "worker.log")
+    extra = f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\nrole = "destination"\n'
+    node = NodeProcess(tmp_path, postgres_server.create_database(),
+                       extra_toml=node_toml(["ORTHANC"], broker_url=redis.url, embedded_worker=False, extra_ae=extra),
+                       analysis=True)
+    try:
+        node.start()
+        redis.proc.terminate()  # type: ignore[union-attr]
+        redis.proc.wait(10)  # type: ignore[union-attr]
+        assert storescu(node.port, [dicom_dir() / CR_FILE]).status == 0x0000
+        store = node.store()
+        wait_for(lambda: [i.state for i in store.list_instances(InstanceFilter())] == ["queued"], 30, "queued")
+        time.sleep(3)  # the outbox tries and fails while the broker is down
+        assert not [e for e in store.list_events() if e.kind == "analysis.published"]
+
+        redis.dir.mkdir(parents=True, exist_ok=True)
+        redis.start()  # same port
+        states = wait_final(node, 1, timeout=300)
+        assert list(states.values()) == ["exported"]
+        assert len(orthanc.instances()) == 2  # one SEG, one SR: delivered exactly once
+        assert len([e for e in store.list_events() if e.kind == "export.sent"]) == 2
+    finally:
+        node.close()
+        _stop(worker)
+        redis.stop()
+
+
+def test_destination_down_then_up_is_delivered_after_retry(tmp_path: Path) -> None:
+    reply = StoreSCP(tmp_path / "late", ae_title="LATEPACS")
+    extra = f'\n[[ae]]\nname = "LATEPACS"\nhost = "127.0.0.1"\nport = {reply.port}\nrole = "destination"\n'
+    node = NodeProcess(tmp_path, extra_toml=node_toml(["LATEPACS"], extra_ae=extra), analysis=True)
+    try:
+        node.start()
+        assert storescu(node.port, [dicom_dir() / "02_cr_implicit_le_12bit.dcm"]).status == 0x0000
+        store = node.store()
+        wait_for(lambda: any(e.kind == "export.retry" for e in store.list_events()), 300, "a failed export attempt")
+        with reply:  # the destination comes up on the port it was configured with
+            states = wait_final(node, 1, timeout=120)
+        assert list(states.values()) == ["exported"]
+        exports = store.list_exports()
+        assert len(exports) == 2 and all(e.state == "sent" and e.attempts >= 2 for e in exports)
+        assert len(list((tmp_path / "late").iterdir())) == 2
+    finally:
+        node.close()
