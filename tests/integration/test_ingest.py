@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import struct
+import threading
 from collections.abc import Callable
 from itertools import groupby
 from pathlib import Path
@@ -18,10 +20,11 @@ import pytest
 from pydicom.errors import InvalidDicomError
 
 from node.audit import Association, InstanceFilter, InstanceState
-from tests.support.dcmtk import echoscu, send_as_stored, storescu, storescu_opts
+from tests.support.dcmtk import StoreResult, echoscu, send_as_stored, storescu, storescu_opts
 from tests.support.net import wait_for
 from tests.support.node import NodeProcess
 from tests.support.paths import dicom_dir, dicom_manifest
+from tests.support.synthetic_dicom import small_chest_copies
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -205,3 +208,18 @@ def test_low_disk_answers_out_of_resources(node_factory: Callable[..., NodeProce
     assert event.detail["status"] == "0xA700" and "min_free_mb" in event.detail["reason"]
     assert echoscu(node.port).returncode == 0
     assert node.stop() == 0
+
+
+def test_sigterm_lets_the_association_in_flight_finish(node: NodeProcess, tmp_path: Path) -> None:
+    files = small_chest_copies(tmp_path / "send", 60)
+    out: list[StoreResult] = []
+    sender = threading.Thread(target=lambda: out.append(storescu(node.port, files)))
+    sender.start()
+    wait_for(lambda: len(list(node.spool.glob("*/*.dcm"))) >= 5, 60, "the send to start")
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    sender.join(120)
+    assert node.stop() == 0, node.log_text()[-3000:]
+    assert len(out[0].responses) == len(files) and set(out[0].statuses) == {0x0000}
+    assert len(node.store().list_instances(InstanceFilter(states=[InstanceState.QUEUED]))) == len(files)
+    assert echoscu(node.port).returncode != 0, "a stopped node accepts nothing"

@@ -8,41 +8,21 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from node.audit import InstanceFilter, InstanceState
 from tests.support.dcmtk import StoreResult, parse_store_responses, storescu
 from tests.support.net import wait_for
 from tests.support.node import NodeProcess
-from tests.support.paths import dicom_dir
+from tests.support.synthetic_dicom import small_chest_copies
 
 pytestmark = pytest.mark.timeout(300)
 
 N_FILES = 100
 
 
-def make_copies(out: Path, n: int) -> list[Path]:
-    """n small chest CRs (64x64) with new SOP Instance UIDs, ten per study."""
-    src = pydicom.dcmread(dicom_dir() / "07_cr_10bit_stored_16alloc.dcm")
-    src.Rows = src.Columns = 64
-    src.PixelData = bytes(range(256)) * 32  # 64*64*2 bytes
-    out.mkdir()
-    paths = []
-    for i in range(n):
-        if i % 10 == 0:
-            src.StudyInstanceUID = generate_uid()
-            src.SeriesInstanceUID = generate_uid()
-        src.SOPInstanceUID = generate_uid()
-        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
-        path = out / f"copy{i:03d}.dcm"
-        src.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 def test_kill_9_during_a_send_loses_no_acknowledged_instance(
         node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
-    files = make_copies(tmp_path / "send", N_FILES)
+    files = small_chest_copies(tmp_path / "send", N_FILES)
     node = node_factory().start()
 
     # storescu in a thread; kill -9 the node once some instances are in.
