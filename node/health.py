@@ -79,22 +79,32 @@ def _redact_url(url: str) -> str:
     return url
 
 
+def _transport_options(url: str, timeout: float) -> dict[str, Any]:
+    """The transport options the node and workers publish with (Redis priority lists), short timeouts."""
+    from workers.api import celery_settings
+
+    options = dict(celery_settings(url).get("broker_transport_options") or {})
+    if url.startswith("redis"):
+        options.update(socket_connect_timeout=timeout, socket_timeout=timeout)
+    return options
+
+
 def check_broker(url: str, timeout: float = 2.0) -> CheckResult:
     def probe() -> tuple[bool, str, dict[str, Any]]:
         from kombu import Connection
 
-        with Connection(url, connect_timeout=timeout, transport_options={"socket_timeout": timeout}) as conn:
+        with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
         return True, f"{_redact_url(url)} reachable", {}
     return _timed("broker", True, probe)
 
 
 def queue_depth(url: str, queue: str, timeout: float = 2.0) -> int | None:
-    """Messages waiting in `queue` on the broker, or None when it cannot be asked."""
+    """Messages waiting in `queue` on the broker (all priority lists), or None when it cannot be asked."""
     from kombu import Connection
 
     try:
-        with Connection(url, connect_timeout=timeout, transport_options={"socket_timeout": timeout}) as conn:
+        with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
             ok = conn.default_channel.queue_declare(queue=queue, passive=True)
             return int(ok.message_count)

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     Info,
     disable_created_metrics,
@@ -62,9 +61,6 @@ STAGE_SECONDS = Histogram(
 INFERENCE_SECONDS = Histogram(
     "cxrnode_inference_seconds", "Model inference time as reported by the workers", ["model"],
     buckets=_SECONDS_BUCKETS, registry=REGISTRY)
-QUEUE_DEPTH = Gauge(
-    "cxrnode_queue_depth", "Instances queued for analysis and not yet analysed (last observed)",
-    registry=REGISTRY)
 RECEIVED_BYTES = Counter(
     "cxrnode_received_bytes_total", "Bytes of DICOM datasets received by C-STORE", registry=REGISTRY)
 WEB_ACTIONS = Counter(
@@ -109,8 +105,13 @@ def observe_inference(model: str, seconds: float) -> None:
     INFERENCE_SECONDS.labels(model=model).observe(max(0.0, seconds))
 
 
+_last_queue_depth: int | None = None
+
+
 def set_queue_depth(n: int) -> None:
-    QUEUE_DEPTH.set(n)
+    """Record the inference queue depth seen by the caller (exported when no live probe is wired)."""
+    global _last_queue_depth
+    _last_queue_depth = n
 
 
 def count_web_action(action: str) -> None:
@@ -118,15 +119,16 @@ def count_web_action(action: str) -> None:
 
 
 class AuditCollector(Collector):
-    """Gauges read from the audit DB at scrape time: instances per state, exports per state.
+    """Gauges read at scrape time: instances and exports per state (audit DB), inference queue depth.
 
-    `instance_counts` / `export_counts` return {state: count}; a failing query is logged and the
-    gauges are left out of that scrape (a scrape must never fail because the DB is slow).
+    `instance_counts` / `export_counts` return {state: count}; `queue_depth` the messages waiting on
+    the broker (None = unknown). A failing query is logged and its gauges are left out of that scrape
+    (a scrape must never fail because the DB or broker is slow).
     """
 
     def __init__(self, instance_counts: Callable[[], Mapping[str, int]],
                  export_counts: Callable[[], Mapping[str, int]] | None = None,
-                 queue_depth: Callable[[], int] | None = None) -> None:
+                 queue_depth: Callable[[], int | None] | None = None) -> None:
         self._instance_counts = instance_counts
         self._export_counts = export_counts
         self._queue_depth = queue_depth
@@ -147,10 +149,12 @@ class AuditCollector(Collector):
                 for state, n in sorted(self._export_counts().items()):
                     exp.add_metric([state], n)
                 yield exp
-            if self._queue_depth is not None:
-                set_queue_depth(self._queue_depth())
         except Exception:  # noqa: BLE001 — a scrape reports what it can
             log.warning("audit metrics unavailable for this scrape", exc_info=True)
+        depth = self._queue_depth() if self._queue_depth is not None else _last_queue_depth
+        if depth is not None:
+            yield GaugeMetricFamily("cxrnode_queue_depth", "Analysis requests waiting on the broker's inference queue",
+                                    value=depth)
 
 
 _audit_collector: AuditCollector | None = None

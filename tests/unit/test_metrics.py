@@ -29,10 +29,8 @@ def test_helpers_move_their_series() -> None:
     metrics.count_instance("stored")
     metrics.count_store_status(0xA700)
     metrics.count_export("dead")
-    metrics.set_queue_depth(7)
     assert _value("cxrnode_cstore_responses_total", status="0xA700") >= 1
     assert _value("cxrnode_export_attempts_total", result="dead") >= 1
-    assert _value("cxrnode_queue_depth") == 7
 
     n = _value("cxrnode_stage_seconds_count", stage="persist")
     metrics.observe_stage("persist", 0.004)
@@ -52,9 +50,13 @@ def test_audit_collector_reports_db_counts_and_survives_db_errors() -> None:
     def broken() -> dict[str, int]:
         raise ConnectionError("database is down")
 
+    assert _value("cxrnode_queue_depth") == 3
+
+    metrics.set_queue_depth(7)
     metrics.register_audit_collector(metrics.AuditCollector(broken))  # replaces the first one
     samples = _samples()
     assert not any(name == "cxrnode_instances_in_state" for name, _ in samples)
+    assert _value("cxrnode_queue_depth") == 7  # the last depth a caller saw, without a live probe
     assert any(name == "cxrnode_associations_total" for name, _ in samples)  # the rest still renders
 
 
