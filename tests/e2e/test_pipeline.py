@@ -249,3 +249,50 @@ def test_destination_down_then_up_is_delivered_after_retry(tmp_path: Path) -> No
         assert len(list((tmp_path / "late").iterdir())) == 2
     finally:
         node.close()
+
+
+def _children(parent: int) -> dict[int, str]:
+    """{pid: command line} of the direct children of `parent`."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _pool_processes(node: NodeProcess) -> list[int]:
+    """The Celery pool processes of the node's embedded inference worker."""
+    assert node.proc is not None
+    main = [pid for pid, cmd in _children(node.proc.pid).items() if "workers.tasks worker" in cmd]
+    assert len(main) == 1, main
+    return list(_children(main[0]))
+
+
+def test_worker_killed_mid_task_reruns_and_delivers_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ~1 s per image: long enough to kill the pool process while it works.
+    slow = write_tiny_weights(tmp_path / "slow", size=448, head_logits={
+        "lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)})
+    monkeypatch.setenv("CXRNODE_WEIGHTS_DIR", str(slow))
+    with StoreSCP(tmp_path / "dest", ae_title="DESTSCP") as dest:
+        extra = f'\n[[ae]]\nname = "DESTSCP"\nhost = "127.0.0.1"\nport = {dest.port}\nrole = "destination"\n'
+        node = NodeProcess(tmp_path, extra_toml=node_toml(["DESTSCP"], extra_ae=extra), analysis=True)
+        try:
+            node.start()
+            worker_log = node.data_dir / "logs" / "inference-worker.log"
+            assert storescu(node.port, [dicom_dir() / "02_cr_implicit_le_12bit.dcm"]).status == 0x0000
+            wait_for(lambda: worker_log.exists() and ": analysing" in worker_log.read_text(), 300, "the task to start")
+            children = _pool_processes(node)
+            assert len(children) == 1, children
+            os.kill(children[0], 9)  # the process running the task dies mid-task
+            states = wait_final(node, 1, timeout=300)
+            assert list(states.values()) == ["exported"]
+            assert worker_log.read_text().count(": analysing") == 2  # the task ran again
+            assert len(list((tmp_path / "dest").iterdir())) == 2  # one SEG + one SR, once
+        finally:
+            node.close()
