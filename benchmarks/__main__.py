@@ -1,0 +1,103 @@
+"""`python -m benchmarks [--only ingest|pipeline|worker ...] [--quick] --out bench-results`.
+
+Runs the selected benchmarks one after another, writes ``<out>/<name>.json`` for each and
+``<out>/summary.json`` with the headline figures. ``--quick`` is a smoke run (small files, few
+images, tiny models) that checks the machinery, not the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import write_json
+
+log = logging.getLogger("benchmarks")
+
+NAMES = ("ingest", "pipeline", "worker")
+DEFAULT_CACHE = Path(os.environ.get("CXRNODE_BENCH_CACHE", "/tmp/cxrnode-bench-cache"))
+
+
+def _ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import ingest
+
+    if args.quick:
+        return ingest.run(args.out, args.cache, n_files=8, side=256, listener_counts=(1, 2))
+    return ingest.run(args.out, args.cache)
+
+
+def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import pipeline
+
+    if args.quick:
+        return pipeline.run(args.out, args.cache, n_images=3, weights="tiny", paced_interval_s=0.5)
+    return pipeline.run(args.out, args.cache, weights=args.weights)
+
+
+def _worker(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import worker
+
+    if args.quick:
+        return worker.run(args.out, args.cache, weights="tiny", repeats=2)
+    return worker.run(args.out, args.cache, weights=args.weights)
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "ingest": _ingest, "pipeline": _pipeline, "worker": _worker}
+
+
+def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of each benchmark that go into summary.json."""
+    keys = {"ingest": ("ratio_node_to_dcmtk", "best_ratio", "goal_met"),
+            "pipeline": ("weights", "paced", "burst"),
+            "worker": ("weights", "per_model_ms")}[name]
+    out = {k: data.get(k) for k in keys}
+    out["dominant"] = data.get("dominant")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON results")
+    parser.add_argument("--only", action="append", choices=NAMES, help="run only this benchmark (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, checks the machinery only")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"where generated data is kept between runs (default {DEFAULT_CACHE})")
+    parser.add_argument("--weights", choices=("auto", "shipped", "random", "tiny"), default="auto",
+                        help="model weights for pipeline/worker: shipped (workers/weights), random "
+                             "(full-size architectures, untrained: same speed), tiny; auto = shipped if present")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    selected = args.only or list(NAMES)
+    summary: dict[str, Any] = {"quick": args.quick, "benchmarks": {}}
+    status = 0
+    for name in selected:
+        t0 = time.monotonic()
+        log.info("running benchmark %s%s", name, " (quick)" if args.quick else "")
+        try:
+            data = RUNNERS[name](args)
+        except Exception as exc:
+            log.error("benchmark %s failed: %s", name, exc)
+            data = {"benchmark": name, "error": repr(exc), "traceback": traceback.format_exc()[-4000:]}
+            status = 1
+        data["quick"] = args.quick
+        data["runtime_s"] = round(time.monotonic() - t0, 1)
+        path = write_json(args.out, name, data)
+        log.info("wrote %s (%.0f s)", path, data["runtime_s"])
+        summary["benchmarks"][name] = ({"error": data["error"]} if "error" in data else headline(name, data)) | \
+            {"runtime_s": data["runtime_s"]}
+    write_json(args.out, "summary", summary)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
