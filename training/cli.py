@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from training.tasks import TASKS, shared_data_root
 
@@ -37,9 +40,78 @@ def cmd_train(args: argparse.Namespace) -> int:
         else args.negatives_per_source,
         run_dir=Path(args.run or RUNS / args.task), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes,
-        max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads)
+        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads)
     train(cfg, resume=args.resume)
     return 0
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return "python -m training " + shlex.join(argv)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_segmentation
+    from training.severity_eval import evaluate_severity
+
+    weights_dir = Path(args.weights_dir) if args.weights_dir else None
+    if args.model == "severity":
+        folders = _folders(args.data, ["severity"])
+        out = Path(args.out or RUNS / "eval" / "severity")
+        for folder in folders:
+            summary = evaluate_severity(
+                folder, out if len(folders) == 1 else out / folder.name, weights_dir=weights_dir,
+                lung_checkpoint=_path(args.lung_checkpoint), opacity_checkpoint=_path(args.opacity_checkpoint))
+            _stamp(out if len(folders) == 1 else out / folder.name, summary, args.argv)
+        return 0
+    task = TASKS[args.model]
+    out = Path(args.out or RUNS / "eval" / args.model)
+    summary = evaluate_segmentation(
+        args.model, _folders(args.data, task.data), out, weights_dir=weights_dir,
+        checkpoint=_path(args.checkpoint), split_file=_path(args.split), subset=args.subset,
+        negatives=[Path(n) for n in args.negatives or []], threshold=args.threshold,
+        presence_threshold=args.presence_threshold)
+    _stamp(out, summary, args.argv)
+    return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _stamp(out: Path, summary: dict[str, Any], argv: Sequence[str]) -> None:
+    """Record the command that produced a summary inside it (model cards quote it)."""
+    summary["command"] = _command_line(argv)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import NotBetterError, export
+    from workers.models import WEIGHTS_DIR
+
+    evaluation = Path(args.evaluation)
+    extra: dict[str, Any] = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        extra[key] = json.loads(value) if value[:1] in "-0123456789[{tfn\"" else value
+    for item in args.attach or []:
+        key, _, path = item.partition("=")
+        extra[key] = json.loads(Path(path).read_text())
+    command = json.loads(evaluation.read_text()).get("command", "(not recorded)")
+    try:
+        export(args.model, Path(args.checkpoint), evaluation, command, status=args.status,
+               limitations=args.limitation or [], extra=extra, primary_metric=args.primary_metric,
+               weights_dir=Path(args.weights_dir) if args.weights_dir else WEIGHTS_DIR, force=args.force)
+    except NotBetterError as e:
+        log.warning("%s", e)
+        return 3
+    return 0
+
+
+def cmd_import_siim(args: argparse.Namespace) -> int:
+    from training.siim import import_siim
+
+    n = import_siim(Path(args.rle), Path(args.images), Path(args.out), limit=args.limit)
+    return 0 if n else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--patience", type=int, default=4)
-    t.add_argument("--max-minutes", type=float, default=0.0, help="stop before an epoch that would overrun")
+    t.add_argument("--max-minutes", type=float, default=0.0,
+                   help="training time budget; the cosine schedule follows it (0 = schedule by --epochs)")
+    t.add_argument("--epoch-images", type=int, default=0, help="images per epoch (0 = all): checkpoint cadence")
     t.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0 = full epochs)")
     t.add_argument("--limit", type=int, default=0, help="use only the first N samples")
     t.add_argument("--no-augment", action="store_true")
@@ -69,11 +143,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder")
     t.add_argument("--input-size", type=int)
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="Dice/IoU/HD95 per image + summary; `severity` for labels.csv folders")
+    e.add_argument("model", choices=[*sorted(TASKS), "severity"])
+    e.add_argument("--data", nargs="+", help="shared-format folders (default: the task's)")
+    e.add_argument("--negatives", nargs="*", help="folders free of the structure (pneumothorax)")
+    e.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the shipped weights")
+    e.add_argument("--lung-checkpoint")
+    e.add_argument("--opacity-checkpoint")
+    e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
+    e.add_argument("--split", help="split.json of a run: evaluate only its --subset images")
+    e.add_argument("--subset", default="validation", choices=["train", "validation"])
+    e.add_argument("--threshold", type=float)
+    e.add_argument("--presence-threshold", type=float)
+    e.add_argument("--out", help="output folder (default runs/eval/<model>)")
+    e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="fp16 safetensors + model card into workers/weights/")
+    x.add_argument("model", choices=sorted(TASKS))
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--evaluation", required=True, help="summary.json written by `evaluate`")
+    x.add_argument("--status", choices=["validated", "experimental"], default="experimental")
+    x.add_argument("--limitation", action="append", help="a known weakness (repeatable)")
+    x.add_argument("--set", action="append", help="extra card field KEY=VALUE (JSON values allowed)")
+    x.add_argument("--attach", action="append", help="extra card field KEY=path/to/file.json")
+    x.add_argument("--primary-metric", default="overall.dice", help="dotted key in the evaluation (higher=better)")
+    x.add_argument("--weights-dir")
+    x.add_argument("--force", action="store_true", help="replace shipped weights even if not better")
+    x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import-siim", help="SIIM-ACR train-rle.csv + images -> shared folder format")
+    s.add_argument("--rle", required=True)
+    s.add_argument("--images", required=True, help="folder with <ImageId>.dcm/.png (searched recursively)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--limit", type=int, default=0)
+    s.set_defaults(func=cmd_import_siim)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     rc: int = args.func(args)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 
@@ -48,14 +49,14 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> float:
     return float(np.percentile(d, 95)) * spacing
 
 
-def confusion_matrix(truth: Sequence[int], pred: Sequence[int], n: int) -> np.ndarray:
+def confusion_matrix(truth: npt.ArrayLike, pred: npt.ArrayLike, n: int) -> np.ndarray:
     cm = np.zeros((n, n), dtype=int)
-    for t, p in zip(truth, pred, strict=True):
+    for t, p in zip(np.asarray(truth).ravel(), np.asarray(pred).ravel(), strict=True):
         cm[int(t), int(p)] += 1
     return cm
 
 
-def cohen_kappa(truth: Sequence[int], pred: Sequence[int], n: int, weights: str | None = None) -> float:
+def cohen_kappa(truth: npt.ArrayLike, pred: npt.ArrayLike, n: int, weights: str | None = None) -> float:
     """Cohen's kappa; weights None (unweighted), "linear" or "quadratic"."""
     cm = confusion_matrix(truth, pred, n).astype(float)
     total = cm.sum()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,11 @@ class TrainConfig:
     seed: int = 0
     patience: int = 4
     aux_weight: float = 0.5
-    max_minutes: float = 0.0  # 0 = no budget; else stop before an epoch that would overrun it
+    # Time budget (minutes of training, summed over resumes). When set, the cosine schedule runs on
+    # the fraction of the budget used rather than on steps, so the learning rate has decayed when
+    # the budget ends however busy the shared CPU is; the run stops when the budget is spent.
+    max_minutes: float = 0.0
+    epoch_images: int = 0  # images drawn per epoch (0 = the whole training set): checkpoint cadence
     max_steps: int = 0  # 0 = full epochs; tests use a few steps
     limit: int = 0  # use only the first N samples (tests)
     augment: bool = True
@@ -75,10 +79,11 @@ def collect_samples(cfg: TrainConfig) -> list[Sample]:
     return samples
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to 2% of `lr` as progress goes 0 -> 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    progress = min(1.0, max(0.0, progress))
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -166,10 +171,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ds = SegmentationDataset(train_c, radiograph_augment() if cfg.augment else None)
-    steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+    epoch_len = min(len(ds), cfg.epoch_images) if cfg.epoch_images else len(ds)
+    steps_per_epoch = max(1, epoch_len // cfg.batch_size) if epoch_len > cfg.batch_size else 1
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
     total_steps = steps_per_epoch * cfg.epochs
+    budget_s = cfg.max_minutes * 60
+
+    def progress(step: int, seconds: float) -> float:
+        return seconds / budget_s if budget_s else step / max(1, total_steps)
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0,
                              "history": [], "train_seconds": 0.0}
@@ -187,23 +197,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             log.info("early stop: no validation improvement for %d epochs", cfg.patience)
             break
         history = state["history"]
-        if cfg.max_minutes and history:
-            per_epoch = history[-1]["seconds"]
-            if state["train_seconds"] + per_epoch > cfg.max_minutes * 60:
-                log.info("time budget: %.0f s used, next epoch needs ~%.0f s: stopping",
-                         state["train_seconds"], per_epoch)
-                break
+        if budget_s and state["train_seconds"] >= budget_s:
+            log.info("time budget of %.0f min spent", cfg.max_minutes)
+            break
         epoch = state["epoch"] + 1
         seed_everything(cfg.seed * 1000 + epoch)  # same batches whether or not the run was resumed
-        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
-                            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        loader: DataLoader[Any] = DataLoader(
+            cast(Any, ds), batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         t_epoch = time.monotonic()
         losses = []
         for i, (x, y, v, pos) in enumerate(loader):
-            if i >= steps_per_epoch:
+            used = state["train_seconds"] + time.monotonic() - t_epoch
+            if i >= steps_per_epoch or (budget_s and used >= budget_s):
                 break
             for g in opt.param_groups:
-                g["lr"] = lr_at(state["step"], total_steps, cfg)
+                g["lr"] = lr_at(state["step"], progress(state["step"], used), cfg)
             logits, cls = split_outputs(model(x))
             loss = bce_dice_loss(logits, y, v)
             if cls is not None:

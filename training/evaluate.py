@@ -1,0 +1,145 @@
+"""Evaluation of a model on any shared-format folder, through the worker's preprocessing.
+
+Segmentation: Dice, IoU and HD95 per image and structure at the image's own grid (pixels excluded by
+masks/ignore do not count), a per-image CSV and a JSON summary overall and per source folder. The lung
+model is also scored per side when a folder has right_lung/left_lung masks (JSRT), after the
+worker's component rule (`workers.severity.split_lungs`). The pneumothorax model adds presence
+(the worker's rule: aux probability > presence_threshold) with accuracy per source.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.data import Sample, load_gray, load_mask, read_folder
+from training.metrics import dice, hd95, iou
+from training.predict import load_model, predict
+from training.splits import read_split
+from workers import severity
+
+log = logging.getLogger(__name__)
+
+STRUCTURE = {"lung": "lungs", "opacity": "opacity", "pneumothorax": "pneumothorax"}
+
+
+def select(samples: Sequence[Sample], split_file: Path | None, subset: str) -> list[Sample]:
+    if split_file is None:
+        return list(samples)
+    keep = read_split(split_file)[subset]
+    return [s for s in samples if f"{s.source}/{s.id}" in keep]
+
+
+def _mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def summarise(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    def block(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": len(rs)}
+        for k in keys:
+            vals = [float(r[k]) for r in rs if r.get(k) not in (None, "")]
+            finite = [v for v in vals if not math.isnan(v)]
+            if vals:
+                out[k] = round(_mean(vals), 4)
+                out[f"{k}_median"] = round(float(np.median(finite)), 4) if finite else math.nan
+                if len(finite) < len(vals):
+                    out[f"{k}_undefined"] = len(vals) - len(finite)
+        return out
+
+    sources = sorted({r["source"] for r in rows})
+    return {"overall": block(rows), "by_source": {s: block([r for r in rows if r["source"] == s])
+                                                  for s in sources}}
+
+
+def _spacing(s: Sample) -> float | None:
+    for key in ("pixel_spacing_mm_resized",):
+        if s.row.get(key):
+            return float(s.row[key])
+    return None
+
+
+def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, weights_dir: Path | None = None,
+                          checkpoint: Path | None = None, split_file: Path | None = None,
+                          subset: str = "validation", negatives: Sequence[Path] = (),
+                          threshold: float | None = None, presence_threshold: float | None = None,
+                          ) -> dict[str, Any]:
+    model, spec, card = load_model(name, weights_dir, checkpoint)
+    thr = threshold if threshold is not None else float(card.get("threshold", 0.5))
+    p_thr = presence_threshold if presence_threshold is not None else float(card.get("presence_threshold", 0.5))
+    structure = STRUCTURE[name]
+    samples = [s for f in folders for s in read_folder(Path(f), (structure,))]
+    samples += [s for f in negatives for s in read_folder(Path(f), (structure,), negative=True)]
+    samples = select(samples, split_file, subset)
+    if not samples:
+        raise ValueError(f"no images with {structure} masks in {list(folders)} (after the split filter)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for i, s in enumerate(samples):
+        image = load_gray(s.image)
+        prob, presence = predict(model, spec, image)
+        pred = prob[0] > thr
+        truth = load_mask(s.masks[structure], image.shape)
+        valid = ~load_mask(s.ignore, image.shape) if s.ignore else None
+        row: dict[str, Any] = {"source": s.source, "id": s.id, "truth_px": int(truth.sum()),
+                               "pred_px": int(pred.sum())}
+        if presence is not None:
+            present = presence > p_thr
+            row |= {"presence_prob": round(presence, 4), "present": int(present), "truth_present": int(truth.any()),
+                    "presence_correct": int(present == bool(truth.any()))}
+            if not present:  # the worker reports no mask when presence is below threshold
+                pred = np.zeros_like(pred)
+        p_eval = pred if valid is None else pred & valid
+        t_eval = truth if valid is None else truth & valid
+        row |= {"dice": dice(p_eval, t_eval), "iou": iou(p_eval, t_eval), "hd95_px": hd95(p_eval, t_eval)}
+        if (sp := _spacing(s)) is not None:
+            row["hd95_mm"] = row["hd95_px"] * sp
+        if name == "lung":
+            row |= _side_metrics(s, pred, image.shape)
+        rows.append(row)
+        if (i + 1) % 50 == 0:
+            log.info("evaluated %d/%d", i + 1, len(samples))
+    keys = [k for k in ("dice", "iou", "hd95_px", "hd95_mm", "dice_right", "dice_left", "presence_correct",
+                        "presence_prob") if any(k in r for r in rows)]
+    summary = summarise(rows, keys)
+    if name == "pneumothorax":
+        pos = [r for r in rows if r["truth_present"]]
+        summary["dice_positives"] = summarise(pos, ["dice", "iou", "hd95_px"])["overall"] if pos else None
+    summary |= {"model": name, "spec": spec.__dict__, "threshold": thr,
+                "presence_threshold": p_thr if name == "pneumothorax" else None,
+                "data": [str(f) for f in folders], "negatives": [str(f) for f in negatives],
+                "split": str(split_file) if split_file else None, "subset": subset if split_file else "all",
+                "weights_sha256": card.get("sha256"), "checkpoint": str(checkpoint) if checkpoint else None}
+    _write(out_dir, rows, summary)
+    return summary
+
+
+def _side_metrics(s: Sample, pred: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
+    folder = s.image.parent.parent
+    paths = {side: folder / "masks" / f"{side}_lung" / f"{s.id}.png" for side in ("right", "left")}
+    if not all(p.exists() for p in paths.values()):
+        return {}
+    right, left = severity.split_lungs(pred)
+    return {"dice_right": dice(right, load_mask(paths["right"], shape)),
+            "dice_left": dice(left, load_mask(paths["left"], shape))}
+
+
+def _write(out_dir: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out_dir / "per_image.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str, allow_nan=True) + "\n")
+    log.info("wrote %s: %s", out_dir / "summary.json", json.dumps(summary["overall"]))

@@ -1,0 +1,166 @@
+"""Severity (0-6 affected zones) of lung model + opacity model + the worker's zone rule vs raters.
+
+References in severity/labels.csv:
+- covid_scoring: `score_r`, `score_d` (0-6, two raters); the reference is their mean where both exist.
+- Brixia: zones A-F scored 0-3 by a senior rater; A/B/C = right upper/middle/lower, D/E/F = left
+  upper/middle/lower (BrixIA convention), a zone counts as affected when its score is >= 1.
+
+The zone threshold is chosen by cross-validation over the patient folds (`fold` column): for each fold
+the threshold that minimises the MAE on the OTHER folds is applied to it, so every reported figure is
+on images whose threshold never saw them. The threshold to ship is then chosen on all folds.
+Neither model is trained on severity/ (the opacity model learns from covid_opacity pixel masks only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.data import load_gray, read_rows
+from training.metrics import cohen_kappa, severity_agreement
+from training.predict import load_model, predict
+from workers import severity
+
+log = logging.getLogger(__name__)
+
+BRIXIA_ZONES = ("A", "B", "C", "D", "E", "F")  # = RU, RM, RL, LU, LM, LL of workers.severity
+THRESHOLDS = np.round(np.arange(0.01, 0.80, 0.01), 2)
+
+
+def _num(value: str | None) -> float | None:
+    if value is None or value.strip() in ("", "nan"):
+        return None
+    return float(value)
+
+
+def rater_mean(row: dict[str, str]) -> float | None:
+    scores = [v for v in (_num(row.get("score_r")), _num(row.get("score_d"))) if v is not None]
+    return float(np.mean(scores)) if scores else None
+
+
+def brixia_affected(row: dict[str, str]) -> list[bool] | None:
+    zones = [_num(row.get(f"brixia_{z}")) for z in BRIXIA_ZONES]
+    if any(z is None for z in zones):
+        return None
+    return [bool(z is not None and z >= 1) for z in zones]
+
+
+def zone_fractions(folder: Path, out_dir: Path, *, weights_dir: Path | None = None,
+                   lung_checkpoint: Path | None = None, opacity_checkpoint: Path | None = None,
+                   lung_threshold: float | None = None, opacity_threshold: float | None = None,
+                   ) -> list[dict[str, Any]]:
+    """Per image: the six zone opacity fractions from the two models (cached in zone_fractions.csv)."""
+    lung, lung_spec, lung_card = load_model("lung", weights_dir, lung_checkpoint)
+    opac, opac_spec, opac_card = load_model("opacity", weights_dir, opacity_checkpoint)
+    l_thr = lung_threshold if lung_threshold is not None else float(lung_card.get("threshold", 0.5))
+    o_thr = opacity_threshold if opacity_threshold is not None else float(opac_card.get("threshold", 0.5))
+    rows: list[dict[str, Any]] = []
+    for i, row in enumerate(read_rows(folder)):
+        image_id = row.get("image_id") or row["id"]
+        image = load_gray(folder / "images" / f"{image_id}.png")
+        lung_prob, _ = predict(lung, lung_spec, image)
+        right, left = severity.split_lungs(lung_prob[0] > l_thr)
+        opacity_prob, _ = predict(opac, opac_spec, image)
+        res = severity.score(right, left, opacity_prob[0] > o_thr, threshold=0.0)
+        rows.append({"image_id": image_id, "fold": int(row["fold"]), "source": row.get("source", ""),
+                     "reference": rater_mean(row), "brixia": brixia_affected(row),
+                     "fractions": [round(f, 5) for f in res.zone_fractions],
+                     "lung_area_px": res.lung_area_px})
+        if (i + 1) % 50 == 0:
+            log.info("severity: %d images", i + 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "zone_fractions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "fold", "source", "reference", "brixia_affected", "RU", "RM", "RL", "LU", "LM",
+                    "LL", "right_area_px", "left_area_px"])
+        for r in rows:
+            w.writerow([r["image_id"], r["fold"], r["source"], r["reference"],
+                        "" if r["brixia"] is None else "".join("1" if b else "0" for b in r["brixia"]),
+                        *r["fractions"], r["lung_area_px"]["right"], r["lung_area_px"]["left"]])
+    return rows
+
+
+def _scores(rows: Sequence[dict[str, Any]], thr: float) -> np.ndarray:
+    return np.array([sum(f > thr for f in r["fractions"]) for r in rows], dtype=int)
+
+
+def best_threshold(rows: Sequence[dict[str, Any]]) -> float:
+    """Threshold with the lowest MAE vs the raters' mean (ties: the smaller threshold)."""
+    ref = np.array([r["reference"] for r in rows], float)
+    maes = [float(np.mean(np.abs(_scores(rows, float(t)) - ref))) for t in THRESHOLDS]
+    return float(THRESHOLDS[int(np.argmin(maes))])
+
+
+def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in rows if r["reference"] is not None]
+    folds = sorted({r["fold"] for r in scored})
+    preds: dict[str, int] = {}
+    thr_for_row: dict[str, float] = {}
+    per_fold = {}
+    for f in folds:
+        thr = best_threshold([r for r in scored if r["fold"] != f])
+        test = [r for r in scored if r["fold"] == f]
+        for r, p in zip(test, _scores(test, thr), strict=True):
+            preds[r["image_id"]], thr_for_row[r["image_id"]] = int(p), thr
+        ref = [r["reference"] for r in test]
+        per_fold[str(f)] = {"threshold": thr, "n": len(test),
+                            "mae": round(float(np.mean(np.abs(np.array([preds[r["image_id"]] for r in test]) - ref))), 4)}
+    ref_all = [r["reference"] for r in scored]
+    cv = severity_agreement(ref_all, [preds[r["image_id"]] for r in scored])
+    # Honest baseline: always predict the rounded mean score of the other folds.
+    base = []
+    for r in scored:
+        others = [o["reference"] for o in scored if o["fold"] != r["fold"]]
+        base.append(abs(round(float(np.mean(others))) - r["reference"]))
+    ship = best_threshold(scored)
+    in_sample = severity_agreement(ref_all, list(_scores(scored, ship)))
+    brixia = [r for r in rows if r["brixia"] is not None]
+    zone = {}
+    if brixia:
+        # Zone-level agreement with Brixia (>=1 = affected) at the shipped threshold; the Brixia
+        # labels were not used to pick it.
+        truth = np.array([r["brixia"] for r in brixia], bool)
+        pred = np.array([[f > ship for f in r["fractions"]] for r in brixia], bool)
+        zone = {"n_images": len(brixia), "threshold": ship,
+                "zone_accuracy": round(float((truth == pred).mean()), 4),
+                "zone_kappa": round(cohen_kappa(truth.ravel().astype(int).tolist(), pred.ravel().astype(int).tolist(), 2), 4),
+                "per_zone_accuracy": {z: round(float((truth[:, k] == pred[:, k]).mean()), 4)
+                                      for k, z in enumerate(BRIXIA_ZONES)},
+                "count_mae_vs_brixia_zone_count": round(float(np.mean(np.abs(pred.sum(1) - truth.sum(1)))), 4)}
+    return {"reference": "mean of covid_scoring raters score_r/score_d (one where only one)",
+            "cv": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in cv.items()},
+            "cv_per_fold": per_fold, "baseline_constant_mae": round(float(np.mean(base)), 4),
+            "zone_threshold": ship,
+            "in_sample_at_zone_threshold": {k: v for k, v in in_sample.items() if k != "confusion_matrix"},
+            "brixia_zones": zone, "n_without_reference": len(rows) - len(scored)}
+
+
+def evaluate_severity(folder: Path, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    rows = zone_fractions(folder, out_dir, **kwargs)
+    summary = cross_validate(rows)
+    summary["data"] = str(folder)
+    summary["checkpoints"] = {k: str(v) for k, v in kwargs.items() if v is not None}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    log.info("severity: CV MAE %.3f (baseline %.3f), zone_threshold %.2f", summary["cv"]["mae"],
+             summary["baseline_constant_mae"], summary["zone_threshold"])
+    return summary
+
+
+def rows_from_csv(path: Path) -> list[dict[str, Any]]:
+    """Re-read zone_fractions.csv (re-tune thresholds without running the models again)."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            ref = r["reference"]
+            out.append({"image_id": r["image_id"], "fold": int(r["fold"]), "source": r["source"],
+                        "reference": None if ref in ("", "None") else float(ref),
+                        "brixia": [c == "1" for c in r["brixia_affected"]] if r["brixia_affected"] else None,
+                        "fractions": [float(r[z]) for z in ("RU", "RM", "RL", "LU", "LM", "LL")]})
+    return out
+
