@@ -94,7 +94,7 @@ def check_broker(url: str, timeout: float = 2.0) -> CheckResult:
         from kombu import Connection
 
         with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout)
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
         return True, f"{_redact_url(url)} reachable", {}
     return _timed("broker", True, probe)
 
@@ -105,7 +105,7 @@ def queue_depth(url: str, queue: str, timeout: float = 2.0) -> int | None:
 
     try:
         with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout)
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
             ok = conn.default_channel.queue_declare(queue=queue, passive=True)
             return int(ok.message_count)
     except Exception as e:  # noqa: BLE001 — unknown depth is shown as such
@@ -150,12 +150,37 @@ def check_workers(url: str, timeout: float = 1.0) -> CheckResult:
         if app is None:
             app = _ping_apps[url] = Celery("cxrnode-health", broker=url, set_as_current=False)
             app.conf.broker_connection_timeout = timeout
-        replies = app.control.ping(timeout=timeout) or []
+            app.conf.broker_transport_options = _transport_options(url, timeout)
+        with app.connection_for_write() as conn:
+            # Fail fast on a dead broker instead of Celery's own connection retries.
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
+            replies = app.control.ping(timeout=timeout, connection=conn) or []
         names = sorted(name for reply in replies for name in reply)
         if not names:
             return False, "no worker answered", {"workers": []}
         return True, f"{len(names)} worker(s): {', '.join(names)}", {"workers": names}
     return _timed("workers", False, probe)
+
+
+def supervised_workers_probe(expected: list[str], pids: Callable[[], dict[str, int]],
+                             restarts: Callable[[], dict[str, int]] | None = None) -> Callable[[], CheckResult]:
+    """Worker check for embedded mode: the local worker processes `cxrnode serve` supervises are alive.
+
+    Wire it as `supervised_workers_probe([c.name for c in sup.children], sup.pids, sup.restarts)`.
+    """
+    def probe() -> CheckResult:
+        def run() -> tuple[bool, str, dict[str, Any]]:
+            alive = pids()
+            missing = [name for name in expected if name not in alive]
+            counts = restarts() if restarts is not None else {}
+            data = {"workers": sorted(alive), "restarts": counts}
+            if missing:
+                return False, f"not running: {', '.join(missing)} (restarting)", data
+            restarted = sum(counts.values())
+            return True, f"{len(alive)} local worker process(es) running" + (
+                f", {restarted} restart(s) since start" if restarted else ""), data
+        return _timed("workers", False, run)
+    return probe
 
 
 def readiness(settings: Settings, engine: Engine, timeout: float = 3.0,

@@ -64,3 +64,4 @@ def test_no_created_series_and_text_format() -> None:
     text = metrics.render().decode()
     assert "_created" not in text
     assert metrics.CONTENT_TYPE.startswith("text/plain; version=0.0.4")
+
