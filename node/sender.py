@@ -117,14 +117,33 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
              len(loaded))
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
                          evt_handlers=watch.handlers())
+    if not assoc.is_established and watch.connected and watch.rejection is None and assoc.rejected_contexts \
+            and not assoc.accepted_contexts:
+        # Negotiated, but the peer took none of the contexts (pynetdicom then aborts): per-object refusals.
+        return [item if isinstance(item, FileStatus) else _no_context(item) for item in items]
     if not assoc.is_established:
         if not watch.connected:  # pynetdicom only logs why: ask the network ourselves
             raise _diagnose_connect(destination, ssl_context if destination.tls else None, timeout_s)
         raise watch.error(destination)
+    statuses: list[FileStatus] = []
+    broken: str | None = None  # once a C-STORE got no response, the association is not used again
     try:
-        return [_store(assoc, item, watch) if isinstance(item, _Loaded) else item for item in items]
+        for item in items:
+            if isinstance(item, FileStatus):
+                statuses.append(item)
+            elif broken is not None:
+                statuses.append(FileStatus(item.sop_instance_uid, item.sop_class_uid, None,
+                                           f"not sent: {broken}", item.path))
+            else:
+                status = _store(assoc, item, watch)
+                if status.status is None and status.error is not None and not status.error.startswith(NO_CONTEXT):
+                    broken = status.error
+                statuses.append(status)
+        return statuses
     finally:
-        if assoc.is_established:
+        if broken is not None and assoc.is_established:
+            assoc.abort()
+        elif assoc.is_established:
             assoc.release()
 
 
@@ -270,16 +289,20 @@ def _store(assoc: Association, item: _Loaded, watch: _AssociationWatch) -> FileS
               and (cx.transfer_syntax[0] == item.transfer_syntax
                    or (item.transfer_syntax in UNCOMPRESSED and cx.transfer_syntax[0] in UNCOMPRESSED))]
     if not usable:
-        return failed(f"{NO_CONTEXT} for {UID(item.sop_class_uid).name} "
-                      f"in {item.transfer_syntax.name}")
+        return _no_context(item)
     rsp = assoc.send_c_store(item.dataset)
     if "Status" not in rsp:
-        return failed(watch.reason() or "no C-STORE response (DIMSE timeout or association aborted)")
+        return failed(watch.reason() or "no C-STORE response (association aborted or DIMSE timeout)")
     status = int(rsp.Status)
     error = None if (status == 0 or status >> 12 == 0xB) else _status_text(status, rsp)
     if error:
         log.warning("C-STORE of %s refused: %s", item.sop_instance_uid, error)
     return FileStatus(item.sop_instance_uid, item.sop_class_uid, status, error, item.path)
+
+
+def _no_context(item: _Loaded) -> FileStatus:
+    error = f"{NO_CONTEXT} for {UID(item.sop_class_uid).name} in {item.transfer_syntax.name}"
+    return FileStatus(item.sop_instance_uid, item.sop_class_uid, None, error, item.path)
 
 
 def _status_text(status: int | None, rsp: Dataset | None = None) -> str:
