@@ -58,6 +58,9 @@ def worker_settings(broker_url: str, result_backend: str, time_limit: float) -> 
         task_publish_retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 3.0},
         worker_send_task_events=False,
+        # Each pool process loads (and on first use exports) the models before it reports up; the
+        # default 4 s makes Celery kill and respawn a loading process forever on a busy host.
+        worker_proc_alive_timeout=300.0,
     )
     if broker_url.startswith("redis"):
         options = dict(conf.get("broker_transport_options", {}))
