@@ -100,31 +100,10 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
     loaded = [item for item in items if isinstance(item, _Loaded)]
     if not loaded:
         return [item for item in items if isinstance(item, FileStatus)]
-    ae = AE(ae_title=calling_ae)
-    for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
-        setattr(ae, timeout, timeout_s)
-    contexts = _contexts(loaded)
-    if len(contexts) > MAX_CONTEXTS:
-        raise SendError(f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}: split the batch",
-                        retryable=False)
-    ae.requested_contexts = contexts
-    if destination.tls and ssl_context is None:
-        raise SendError(f"destination {destination.ae_title} needs TLS but no TLS context is configured",
-                        retryable=False)
     watch = _AssociationWatch()
-    tls_args = (ssl_context, destination.host) if destination.tls and ssl_context is not None else None
-    log.info("association to %s@%s:%d for %d objects", destination.ae_title, destination.host, destination.port,
-             len(loaded))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
-                         evt_handlers=watch.handlers())
-    if not assoc.is_established and watch.connected and watch.rejection is None and assoc.rejected_contexts \
-            and not assoc.accepted_contexts:
-        # Negotiated, but the peer took none of the contexts (pynetdicom then aborts): per-object refusals.
+    assoc = _associate(loaded, destination, calling_ae, timeout_s, ssl_context, watch)
+    if assoc is None:  # negotiated, but the peer took none of the contexts: per-object refusals
         return [item if isinstance(item, FileStatus) else _no_context(item) for item in items]
-    if not assoc.is_established:
-        if not watch.connected:  # pynetdicom only logs why: ask the network ourselves
-            raise _diagnose_connect(destination, ssl_context if destination.tls else None, timeout_s)
-        raise watch.error(destination)
     statuses: list[FileStatus] = []
     broken: str | None = None  # once a C-STORE got no response, the association is not used again
     try:
@@ -132,8 +111,8 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
             if isinstance(item, FileStatus):
                 statuses.append(item)
             elif broken is not None:
-                statuses.append(FileStatus(item.sop_instance_uid, item.sop_class_uid, None,
-                                           f"not sent: {broken}", item.path))
+                statuses.append(FileStatus(item.sop_instance_uid, item.sop_class_uid, None, f"not sent: {broken}",
+                                           item.path))
             else:
                 status = _store(assoc, item, watch)
                 if status.status is None and status.error is not None and not status.error.startswith(NO_CONTEXT):
@@ -145,6 +124,34 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
             assoc.abort()
         elif assoc.is_established:
             assoc.release()
+
+
+def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, timeout_s: float,
+               ssl_context: ssl.SSLContext | None, watch: _AssociationWatch) -> Association | None:
+    """An established association, None when the peer accepted no context, else SendError."""
+    contexts = _contexts(loaded)
+    if len(contexts) > MAX_CONTEXTS:
+        raise SendError(f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}: split the batch",
+                        retryable=False)
+    if destination.tls and ssl_context is None:
+        raise SendError(f"destination {destination.ae_title} needs TLS but no TLS context is configured",
+                        retryable=False)
+    ae = AE(ae_title=calling_ae)
+    for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+        setattr(ae, timeout, timeout_s)
+    ae.requested_contexts = contexts
+    tls_args = (ssl_context, destination.host) if destination.tls and ssl_context is not None else None
+    log.info("association to %s@%s:%d for %d objects", destination.ae_title, destination.host, destination.port,
+             len(loaded))
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
+                         evt_handlers=watch.handlers())
+    if assoc.is_established:
+        return assoc
+    if watch.connected and watch.rejection is None and assoc.rejected_contexts and not assoc.accepted_contexts:
+        return None  # pynetdicom aborts an association with no accepted context
+    if not watch.connected:  # pynetdicom only logs why: ask the network ourselves
+        raise _diagnose_connect(destination, ssl_context if destination.tls else None, timeout_s)
+    raise watch.error(destination)
 
 
 def backoff_delay(attempt: int, cfg: SenderConfig) -> float:
