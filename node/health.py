@@ -139,8 +139,12 @@ def check_spool(settings: Settings) -> CheckResult:
 _ping_apps: dict[str, Any] = {}
 
 
-def check_workers(url: str, timeout: float = 1.0) -> CheckResult:
-    """Celery broadcast ping. Transports without broadcast (kombu SQLAlchemy) report 'unknown'."""
+def check_workers(url: str, timeout: float = 1.0, queue: str = "inference") -> CheckResult:
+    """Celery workers consuming `queue` (the node's own `node`-queue consumer does not count).
+
+    Transports without broadcast (the embedded kombu SQLAlchemy one) cannot be asked: not ok, and
+    `cxrnode serve` should pass `supervised_workers_probe` instead.
+    """
     def probe() -> tuple[bool, str, dict[str, Any]]:
         from celery import Celery
 
@@ -154,11 +158,12 @@ def check_workers(url: str, timeout: float = 1.0) -> CheckResult:
         with app.connection_for_write() as conn:
             # Fail fast on a dead broker instead of Celery's own connection retries.
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
-            replies = app.control.ping(timeout=timeout, connection=conn) or []
-        names = sorted(name for reply in replies for name in reply)
+            replies = app.control.inspect(timeout=timeout, connection=conn).active_queues() or {}
+        names = sorted(worker for worker, queues in replies.items()
+                       if any(q.get("name") == queue for q in queues or []))
         if not names:
-            return False, "no worker answered", {"workers": []}
-        return True, f"{len(names)} worker(s): {', '.join(names)}", {"workers": names}
+            return False, f"no worker consumes queue {queue!r}", {"workers": []}
+        return True, f"{len(names)} worker(s) on {queue!r}: {', '.join(names)}", {"workers": names}
     return _timed("workers", False, probe)
 
 
