@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_ae_echo)
+
+    from node.cli_ops import register
+
+    register(sub, common, fmt)
     return parser
 
 

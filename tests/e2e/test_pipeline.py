@@ -7,6 +7,8 @@ both lungs fully opaque -> severity 6, every zone fraction 1.0, pneumothorax abs
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
@@ -145,7 +147,7 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
                 f: "skipped" for f in by_file if f not in analysable}
 
             # Orthanc: one SEG and one SR per analysed image, in the source's study, dciodvfy-clean.
-            objects = [pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(i)))
+            objects = [pydicom.dcmread(io.BytesIO(orthanc.instance_file(i)))
                        for i in orthanc.instances()]
             assert len(objects) == 2 * len(analysable)
             assert sorted({o.Modality for o in objects}) == ["SEG", "SR"]
@@ -296,3 +298,40 @@ def test_worker_killed_mid_task_reruns_and_delivers_once(tmp_path: Path, monkeyp
             assert len(list((tmp_path / "dest").iterdir())) == 2  # one SEG + one SR, once
         finally:
             node.close()
+
+
+def test_dead_letter_retry_and_reanalysis_from_the_command_line(tmp_path: Path) -> None:
+    dest = StoreSCP(tmp_path / "dest", ae_title="LATEPACS")
+    extra = f'\n[[ae]]\nname = "LATEPACS"\nhost = "127.0.0.1"\nport = {dest.port}\nrole = "destination"\n'
+    toml = node_toml(["LATEPACS"], extra_ae=extra).replace("max_attempts = 50", "max_attempts = 2")
+    node = NodeProcess(tmp_path, extra_toml=toml, analysis=True)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(node.config)],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        node.start()
+        assert storescu(node.port, [dicom_dir() / "02_cr_implicit_le_12bit.dcm"]).status == 0x0000
+        assert list(wait_final(node, 1, timeout=300).values()) == ["dead"]
+        store = node.store()
+        assert {e.state for e in store.list_exports()} == {"dead"}
+        listed = cli("exports", "list", "--state", "dead", "--json")
+        assert [e["state"] for e in json.loads(listed.stdout)] == ["dead", "dead"]
+        assert all(e.last_error.startswith("cannot connect to LATEPACS") for e in store.list_exports())
+        with dest:
+            result = cli("exports", "retry", "--all-dead")
+            assert result.returncode == 0, result.stderr
+            wait_for(lambda: [i.state for i in store.list_instances(InstanceFilter())] == ["exported"], 120,
+                     "delivery after retry")
+            assert len(list((tmp_path / "dest").iterdir())) == 2
+            inst = store.list_instances(InstanceFilter())[0]
+            result = cli("reanalyze", str(inst.id))
+            assert result.returncode == 0, result.stderr
+            wait_for(lambda: len(list((tmp_path / "dest").iterdir())) == 4, 300, "the second result set")
+            assert list(wait_final(node, 1, timeout=120).values()) == ["exported"]
+        kinds = [e.kind for e in store.list_events(instance_id=inst.id)]
+        assert kinds.count("export.dead") == 2 and kinds.count("export.requeued") == 2
+        assert kinds.count("instance.analyzed") == 2
+    finally:
+        node.close()

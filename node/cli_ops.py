@@ -1,0 +1,92 @@
+"""`cxrnode exports …`, `cxrnode reanalyze` and `cxrnode worker`: the analysis half of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from node.config import Settings
+
+
+def cmd_exports_list(args: argparse.Namespace) -> int:
+    from node.cli import _print_rows, _store
+
+    store = _store(args)
+    rows = [{"id": e.id, "instance": e.instance_id, "destination": e.destination_ae, "kind": e.kind,
+             "state": e.state, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
+             "last_error": e.last_error, "sop_instance_uid": e.sop_instance_uid, "file": e.file_path}
+            for e in store.list_exports(args.instance, state=args.state)]
+    _print_rows(rows, args.format, None if args.format != "table" else
+                ["id", "instance", "destination", "kind", "state", "attempts", "next_attempt_at", "last_error"])
+    return 0
+
+
+def cmd_exports_retry(args: argparse.Namespace) -> int:
+    from node.cli import _actor, _err, _out, _store
+    from node.exporter import retry_exports
+
+    store = _store(args)
+    ids = [e.id for e in store.list_exports(state="dead")] if args.all_dead else list(args.ids)
+    if not ids:
+        _err("no dead exports" if args.all_dead else "give export ids or --all-dead")
+        return 1
+    n = retry_exports(store, ids, actor=_actor())
+    _out(f"{n} export(s) due again (a running node sends them within seconds)")
+    return 0 if n else 1
+
+
+def cmd_reanalyze(args: argparse.Namespace) -> int:
+    from node.audit import InstanceState, StoreError
+    from node.cli import _actor, _err, _out, _store
+
+    store = _store(args)
+    try:
+        store.set_instance_state(args.instance, InstanceState.QUEUED, "re-analysis requested", actor=_actor())
+    except StoreError as e:
+        _err(str(e))
+        return 1
+    _out(f"instance {args.instance} queued again (a running node publishes it within seconds)")
+    return 0
+
+
+def worker_argv(settings: Settings, concurrency: int, pool: str) -> tuple[list[str], dict[str, str]]:
+    from workers.api import BROKER_ENV, INFERENCE_QUEUE, RESULT_BACKEND_ENV
+
+    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
+            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO"]
+    env = {BROKER_ENV: settings.broker_url, RESULT_BACKEND_ENV: settings.broker.result_backend,
+           "CXRNODE_TASK_TIME_LIMIT": str(settings.broker.task_time_limit)}
+    return argv, env
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Replace this process with an inference worker on the configured broker (a GPU host, say)."""
+    from node.cli import _settings
+
+    argv, env = worker_argv(_settings(args), args.concurrency, args.pool)
+    os.execve(argv[0], argv, {**os.environ, **env})
+    return 0  # not reached
+
+
+def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentParser) -> None:
+    exports = sub.add_parser("exports", help="result deliveries (SEG/SR/overlay) and the dead letter") \
+        .add_subparsers(dest="exports_command", required=True)
+    p = exports.add_parser("list", parents=[common, fmt], help="list exports")
+    p.add_argument("--state", choices=["pending", "sent", "dead"])
+    p.add_argument("--instance", type=int, help="instance id")
+    p.set_defaults(func=cmd_exports_list)
+    p = exports.add_parser("retry", parents=[common], help="send dead exports again")
+    p.add_argument("ids", type=int, nargs="*", help="export ids")
+    p.add_argument("--all-dead", action="store_true", help="every export in state dead")
+    p.set_defaults(func=cmd_exports_retry)
+
+    p = sub.add_parser("reanalyze", parents=[common], help="run the models again on a stored instance")
+    p.add_argument("instance", type=int, help="instance id (cxrnode audit study UID lists them)")
+    p.set_defaults(func=cmd_reanalyze)
+
+    p = sub.add_parser("worker", parents=[common], help="run an inference worker (needs cxr-node[worker])")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.set_defaults(func=cmd_worker)
