@@ -212,14 +212,20 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
                     [(f"`0x{value:04X}`", *STATUS_MEANINGS[name]) for name, value in statuses])
     lines += ["C-ECHO always answers `0x0000` on an accepted association.", ""]
 
-    seg_uid, sr_uid, sc_uid = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
+    from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
+
+    seg_uid, sr_uid, sc_uid = str(SegmentationStorage), str(ComprehensiveSRStorage), str(SecondaryCaptureImageStorage)
+    from node import sender as sender_module
+
+    uncompressed = ", ".join(_uid_name(str(ts)) for ts in sender_module.UNCOMPRESSED)
     lines += [
         "## 4. SCU: results and verification",
         "",
         "The node sends its results with C-STORE to each destination of the matching rule: a named AE title "
         "from the AE table, or `reply-to-sender` (the calling AE of the source, which must have host and port). "
-        "Each object is proposed with its own SOP class and the transfer syntax it was written with; "
-        "associations are reused per destination.",
+        "All objects for one destination go on one association. Each SOP class is proposed with the transfer "
+        f"syntax its object is stored in; uncompressed objects also offer the other uncompressed syntaxes "
+        f"({uncompressed}). Destinations marked `tls` are sent to over TLS.",
         "",
     ]
     lines += _table(["SOP class", "UID", "Sent when"], [
@@ -230,11 +236,16 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         ("Verification", "`1.2.840.10008.1.1`", "`cxrnode ae echo NAME` and the console's C-ECHO button"),
     ])
     sd = s.sender
+    delays = [sender_module.backoff_delay(n, sd) for n in range(1, sd.max_attempts)]
+    retryable = ", ".join(f"`0x{p:02X}xx`" for p in sender_module.RETRYABLE_STATUS_PREFIXES)
     lines += [
-        f"A failed send (no association, or a status other than success/warning) is retried up to "
-        f"{sd.max_attempts} times with exponential backoff ({sd.backoff_initial_s:g} s × {sd.backoff_factor:g}, "
-        f"at most {sd.backoff_max_s:g} s; `[sender]`), then the export is *dead* (dead-letter queue, retry from "
-        "the console or `cxrnode exports retry`). Every attempt is audited. Results stay on disk until sent.",
+        "A response of `0x0000` or a warning (`0xBxxx`) is delivered. The object is tried again later when the "
+        f"association fails (unreachable, rejected, aborted), no response comes, or the status is {retryable}; "
+        "other failure statuses are final. "
+        f"Up to {sd.max_attempts} attempts (`sender.max_attempts`), waiting "
+        f"{', '.join(f'{d:g}' for d in delays)} s between them (`sender.backoff_*`); then the export is *dead*: "
+        "it stays on disk in the dead-letter queue until retried from the console or `cxrnode exports retry`. "
+        "Every attempt is audited with the status or error.",
         "",
         "## 5. Result objects",
         "",
