@@ -81,8 +81,8 @@ def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence
         descriptions.append(_segment(number, name, spec, model))
 
     labelmap = np.stack([np.asarray(masks[name], dtype=bool) for name in names], axis=-1)[np.newaxis]
-    experimental = experimental_models(models)
-    suffix = not_for_diagnostic_suffix(experimental)
+    used = {SEGMENTS[name].model: by_model[SEGMENTS[name].model] for name in names}
+    suffix = not_for_diagnostic_suffix(experimental_models(list(used.values())))
     seg = hd.seg.Segmentation(
         source_images=[_geometry_source(source)],
         pixel_array=labelmap,
@@ -97,7 +97,7 @@ def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence
         software_versions=device.software_version,
         device_serial_number=device.serial_number,
         content_label="CXRSEG",
-        content_description=("AI lung/opacity/pneumothorax" + (" - NOT FOR DIAGNOSTIC USE" if experimental else ""))[:64],
+        content_description=("AI " + "/".join(used) + suffix)[:64],
         content_creator_name=None,
         omit_empty_frames=True,
     )
@@ -111,7 +111,7 @@ def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence
             setattr(seg, keyword, getattr(source, keyword))
     for item, name in zip(seg.SegmentSequence, names, strict=True):
         model = by_model[SEGMENTS[name].model]
-        if model.status == "experimental":
+        if model.status != "validated":
             item.SegmentDescription = f"{SEGMENTS[name].label}: experimental model, not for diagnostic use"
     log.info("SEG built: %d segments (%s)%s", len(names), ", ".join(names), suffix)
     return seg

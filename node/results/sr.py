@@ -62,7 +62,7 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
         raise ResultError("the SEG does not belong to the source's study")
     numbers = segment_numbers(seg)
     models = {m.name: m for m in result.models}
-    experimental = experimental_models(result.models)
+    used: dict[str, ModelInfo] = {}  # models whose numbers are in the report
     area = _AreaUnit(pixel_spacing_mm)
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
 
@@ -72,6 +72,7 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
         model = models.get(SEGMENTS[name].model)
         if name not in numbers or model is None:
             raise ResultError(f"the SEG has no segment {name!r} or the result no model {SEGMENTS[name].model!r}")
+        used[model.name] = model
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=SEGMENTS[name].label),
             referenced_segment=hd.sr.ReferencedSegment(
@@ -97,7 +98,7 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
     if not groups:
         raise ResultError("the result has no numbers to report")
 
-    suffix = not_for_diagnostic_suffix(experimental)
+    suffix = not_for_diagnostic_suffix(experimental_models(list(used.values())))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(device),
         procedure_reported=codes.CHEST_XRAY,

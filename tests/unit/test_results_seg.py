@@ -107,3 +107,12 @@ def test_projection_image_with_pixel_spacing_stays_readable(tmp_path: Path) -> N
     back = hd.seg.segread(tmp_path / "seg.dcm")
     pixels = back.get_pixels_by_source_instance([case.source.SOPInstanceUID], segment_numbers=[1])
     np.testing.assert_array_equal(pixels[0, :, :, 0].astype(bool), case.full["right_lung"])
+
+
+def test_warning_only_when_an_experimental_model_made_a_segment() -> None:
+    case = synthetic_case(DICOM / "02_cr_implicit_le_12bit.dcm")
+    lungs = {k: case.full[k] for k in ("right_lung", "left_lung")}
+    seg = build_seg(case.source, lungs, MODELS, device=DEVICE)  # the experimental model ran but is not in it
+    assert "DIAGNOSTIC" not in seg.SeriesDescription and "DIAGNOSTIC" not in seg.ContentDescription
+    seg = build_seg(case.source, case.full, MODELS, device=DEVICE)
+    assert seg.ContentDescription.endswith("NOT FOR DIAGNOSTIC USE")
