@@ -4,7 +4,6 @@ or aborts the association in the middle of a batch. Only what failed is sent aga
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from node.results.common import DeviceInfo
 from node.results.seg import build_seg
 from node.results.sr import build_sr
 from node.sender import Attempt, Destination, deliver_with_retries, send
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_for
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import synthetic_case
 
@@ -50,7 +49,7 @@ class ScriptedSCP:
         if action == "abort":
             # From another thread: abort() joins the association's own thread, which runs this handler.
             threading.Thread(target=event.assoc.abort, daemon=True).start()
-            time.sleep(0.5)  # the A-ABORT goes out before any response could
+            wait_for(lambda: not event.assoc.is_established, 10, "the abort")  # no response can go out now
             return 0xC000
         if action == 0x0000:
             self.received.append(str(event.dataset.SOPInstanceUID))
