@@ -73,6 +73,25 @@ def start_in_thread(settings: Settings, store: AuditStore, *, actions: ConsoleAc
     return web
 
 
+def start_console(settings: Settings, store: AuditStore, *,
+                  enqueue_analysis: Callable[[int], None] | None = None,
+                  kick_sender: Callable[[], None] | None = None,
+                  workers_probe: Callable[[], CheckResult] | None = None) -> WebServer | None:
+    """What `cxrnode serve` calls after the SCP starts: the console when `web.enabled`, else None.
+
+    `enqueue_analysis(instance_id)` hands a re-run to the analysis queue, `kick_sender()` wakes the
+    export loop; both optional (without them the outbox/resume passes pick the work up). Call it
+    before binding the DICOM port if a production configuration without a password hash must stop
+    the start: it raises AuthConfigError at once.
+    """
+    if not settings.web.enabled:
+        log.info("web console disabled (web.enabled = false)")
+        return None
+    actions = ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+                             enqueue_analysis=enqueue_analysis, kick_sender=kick_sender)
+    return start_in_thread(settings, store, actions=actions, workers_probe=workers_probe)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Standalone console (`python -m node.web --config FILE`): same pages, no DICOM listener."""
     parser = argparse.ArgumentParser(prog="python -m node.web", description="cxr-node web console only")

@@ -28,7 +28,7 @@ from node.results.sr import build_sr
 from node.web.actions import ConsoleActions
 from node.web.app import create_app
 from node.web.auth import AuthConfigError
-from node.web.server import WebServer, start_in_thread
+from node.web.server import WebServer, start_console, start_in_thread
 from tests.support.console import ADMIN, PASSWORD_HASH, ConsoleClient, send_test_files
 from tests.support.dcmtk import StoreSCP
 from tests.support.net import free_port
@@ -323,3 +323,16 @@ def test_production_mode_without_password_hash_refuses_to_start(site: Site) -> N
         update={"production": True, "password_hash": ""})})
     with pytest.raises(AuthConfigError, match="no default password"):
         start_in_thread(prod, site.store, port=0)
+
+
+def test_start_console_follows_web_enabled(site: Site) -> None:
+    off = site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"enabled": False})})
+    assert start_console(off, site.store) is None
+    on = site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"port": free_port()})})
+    web = start_console(on, site.store)
+    assert web is not None
+    try:
+        assert web.port == on.web.port
+        assert ConsoleClient(web.url).http.get("/healthz").json() == {"status": "ok"}
+    finally:
+        web.stop()
