@@ -22,7 +22,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def count_web_action(action: str) -> None:
 
 
 class AuditCollector(Collector):
-    """Gauges read at scrape time: instances and exports per state (audit DB), inference queue depth.
+    """Read at scrape time: instances/exports per state and events per kind (audit DB), queue depth.
 
     `instance_counts` / `export_counts` return {state: count}; `queue_depth` the messages waiting on
     the broker (None = unknown). A failing query is logged and its gauges are left out of that scrape
@@ -128,10 +128,12 @@ class AuditCollector(Collector):
 
     def __init__(self, instance_counts: Callable[[], Mapping[str, int]],
                  export_counts: Callable[[], Mapping[str, int]] | None = None,
-                 queue_depth: Callable[[], int | None] | None = None) -> None:
+                 queue_depth: Callable[[], int | None] | None = None,
+                 event_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
         self._instance_counts = instance_counts
         self._export_counts = export_counts
         self._queue_depth = queue_depth
+        self._event_counts = event_counts
 
     def describe(self) -> Iterable[Metric]:
         return []  # no DB query at registration time
@@ -149,6 +151,14 @@ class AuditCollector(Collector):
                 for state, n in sorted(self._export_counts().items()):
                     exp.add_metric([state], n)
                 yield exp
+            if self._event_counts is not None:
+                # The append-only event table is a set of counters that survive restarts and span every
+                # process: association.accepted/rejected, instance.<state>, export.sent/retry/dead, ae.*, web.*
+                events = CounterMetricFamily("cxrnode_audit_events", "Audit log events by kind (all processes)",
+                                             labels=["kind"])
+                for kind, n in sorted(self._event_counts().items()):
+                    events.add_metric([kind], n)
+                yield events
         except Exception:  # noqa: BLE001 — a scrape reports what it can
             log.warning("audit metrics unavailable for this scrape", exc_info=True)
         depth = self._queue_depth() if self._queue_depth is not None else _last_queue_depth

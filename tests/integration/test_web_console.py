@@ -305,7 +305,10 @@ def test_metrics_health_and_readiness(site: Site, client: ConsoleClient) -> None
     for inst in site.store.list_instances():
         counts[inst.state] = counts.get(inst.state, 0) + 1
     assert gauges == counts
-
+    events = {s.labels["kind"]: s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "cxrnode_audit_events_total"}
+    assert events["instance.received"] == len(_stored(site))
+    assert events["association.accepted"] >= 1 and events["instance.rejected"] >= 1
 
 def test_readiness_fails_below_the_disk_watermark(site: Site) -> None:
     from starlette.testclient import TestClient

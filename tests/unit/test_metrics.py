@@ -42,7 +42,9 @@ def test_helpers_move_their_series() -> None:
 
 def test_audit_collector_reports_db_counts_and_survives_db_errors() -> None:
     metrics.register_audit_collector(metrics.AuditCollector(
-        lambda: {"queued": 3, "exported": 10}, lambda: {"dead": 2}, lambda: 3))
+        lambda: {"queued": 3, "exported": 10}, lambda: {"dead": 2}, lambda: 3,
+        lambda: {"association.rejected": 4, "instance.received": 12}))
+    assert _value("cxrnode_audit_events_total", kind="association.rejected") == 4
     assert _value("cxrnode_instances_in_state", state="queued") == 3
     assert _value("cxrnode_instances_in_state", state="exported") == 10
     assert _value("cxrnode_exports_in_state", state="dead") == 2
