@@ -28,7 +28,7 @@ def _ingest(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import ingest
 
     if args.quick:
-        return ingest.run(args.out, args.cache, n_files=8, side=256, listener_counts=(1, 2))
+        return ingest.run(args.out, args.cache, n_files=8, side=256, repeats=1, listener_counts=(2,), profile=False)
     return ingest.run(args.out, args.cache)
 
 

@@ -1,0 +1,281 @@
+"""Several receiving processes on one port (``dicom.listeners`` > 1).
+
+One Python interpreter receives at most about one core's worth of DICOM: pynetdicom decodes PDUs
+and the node fsyncs and commits in the same process, under one GIL. With four concurrent
+associations a single process reaches about 0.4x of DCMTK's forking ``storescp`` (see DESIGN.md).
+So the node can run N listener processes, each with the same ingest and SCP code, each on its own
+``SO_REUSEPORT`` socket bound to the shared port; the kernel spreads new connections over them.
+They share only what node replicas share anyway: the audit database (SQLite in WAL mode with
+``BEGIN IMMEDIATE``, or PostgreSQL) and the spool directory.
+
+The parent process reserves the port (bound but not listening, so it is never handed a
+connection), forks the listeners before it starts any thread, restarts a listener that dies, and
+runs what must run once: resuming unfinished instances and, with the broker enabled, the analysis
+pipeline (publisher, sweeper, exporter, supervised workers). Listeners hand received instances to
+the broker themselves when it is enabled.
+
+Use :func:`run_listeners` from ``cxrnode serve``, or run ``python -m node.listeners --config FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from pynetdicom import _config
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.audit import AuditStore
+from node.config import Settings, load_settings
+from node.handoff import Dispatcher, HandoffContext
+from node.ingest import Ingest
+from node.logging_setup import setup_logging
+from node.pipeline import Pipeline
+from node.scp import StorageSCP, server_ssl_context
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+#: A listener target runs one receiving process until `stop` is set: (settings, index, stop).
+ListenerTarget = Callable[[Settings, int, threading.Event], None]
+
+
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a socket that shares its port with the other listeners."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (never listen) a SO_REUSEPORT socket: claims the port and resolves port 0.
+
+    A bound socket that is not listening receives no connections, so the parent can hold it for as
+    long as the listeners run; another program cannot take the port unless it also sets SO_REUSEPORT
+    as the same user.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def start_scp(scp: StorageSCP, index: int = 0) -> ThreadedAssociationServer:
+    """`StorageSCP.start` on a SO_REUSEPORT socket (same handlers, TLS and chunked receiving)."""
+    d = scp.settings.dicom
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(scp.ingest.spool.incoming)
+    ctx = server_ssl_context(d.tls) if d.tls.enabled else None
+    server = scp.ae.make_server((d.host, d.port), evt_handlers=scp.handlers, ssl_context=ctx,
+                                server_class=ReusePortAssociationServer)
+    # As AE.start_server does: the AE tracks its servers, and the server's shutdown() removes itself.
+    scp.ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer-listener{index}", daemon=True).start()
+    scp.server = server
+    log.info("listening as %s on %s:%d%s (listener %d, pid %d)", d.ae_title, d.host, scp.port,
+             " (TLS)" if ctx else "", index, os.getpid())
+    return server
+
+
+def serve_listener(settings: Settings, index: int, stop: threading.Event) -> None:
+    """The default listener: ingest + SCP on the shared port until `stop`, then a graceful end."""
+    store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
+    spool = Spool(settings.storage.data_dir)
+    dispatcher = Dispatcher(HandoffContext(settings, store))
+    if settings.broker.enabled:
+        # Publishing prepares pixels and talks to the broker: each listener does it for what it received.
+        from node.analysis import Publisher
+        from node.celery_app import make_celery
+
+        dispatcher.set_handoff(Publisher(make_celery(settings)))
+    ingest = Ingest(settings, store, spool, dispatcher)
+    scp = StorageSCP(settings, store, ingest)
+    dispatcher.start()
+    start_scp(scp, index)
+    stop.wait()
+    scp.stop()
+    deadline = time.monotonic() + settings.dicom.shutdown_grace_s
+    while (n := scp.active_associations()) and time.monotonic() < deadline:
+        log.info("listener %d: waiting for %d association(s) to finish", index, n)
+        time.sleep(0.2)
+    dispatcher.close()
+    store.close()
+    log.info("listener %d stopped", index)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when the parent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _listener_process(target: ListenerTarget, settings: Settings, index: int) -> None:
+    """Entry point of a forked listener: its own signal handling, then the target."""
+    _die_with_parent()
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    target(settings, index, stop)
+
+
+class ListenerPool:
+    """N forked listener processes; restarts one that dies (with backoff) until `stop`."""
+
+    def __init__(self, settings: Settings, n: int, target: ListenerTarget = serve_listener, *,
+                 max_backoff_s: float = 60.0) -> None:
+        if n < 1:
+            raise ValueError("a listener pool needs at least one listener")
+        self.settings = settings
+        self.n = n
+        self.target = target
+        self.max_backoff_s = max_backoff_s
+        self._ctx = multiprocessing.get_context("fork")
+        self._procs: list[BaseProcess | None] = [None] * n
+        self._restarts = [0] * n
+        self._next_start: dict[int, float] = {}
+
+    def start(self) -> ListenerPool:
+        for i in range(self.n):
+            self._spawn(i)
+        return self
+
+    def _spawn(self, index: int) -> None:
+        proc = self._ctx.Process(target=_listener_process, args=(self.target, self.settings, index),
+                                 name=f"cxrnode-listener-{index}", daemon=False)
+        proc.start()
+        self._procs[index] = proc
+        log.info("started listener %d (pid %s)", index, proc.pid)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.pid is not None and p.is_alive()]
+
+    def restarts(self) -> list[int]:
+        return list(self._restarts)
+
+    def check(self) -> None:
+        """Restart listeners that exited (call periodically; backoff 1, 2, 4 … max_backoff_s)."""
+        now = time.monotonic()
+        for i, proc in enumerate(self._procs):
+            if proc is None or proc.is_alive():
+                continue
+            if i not in self._next_start:
+                delay = min(self.max_backoff_s, 2.0 ** min(self._restarts[i], 6))
+                log.warning("listener %d exited with status %s; restarting in %.0f s", i, proc.exitcode, delay)
+                self._next_start[i] = now + delay
+            elif now >= self._next_start[i]:
+                del self._next_start[i]
+                self._restarts[i] += 1
+                proc.close()
+                self._spawn(i)
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM every listener (each lets its associations finish), SIGKILL what outlives the grace."""
+        live = [p for p in self._procs if p is not None and p.is_alive()]
+        for p in live:
+            p.terminate()
+        deadline = time.monotonic() + grace_s + 5.0
+        for p in live:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                log.warning("listener pid %s did not stop in %.0f s; killing it", p.pid, grace_s)
+                p.kill()
+                p.join(5)
+
+
+def run_listeners(settings: Settings, n: int, target: ListenerTarget = serve_listener, *,
+                  stop: threading.Event | None = None) -> int:
+    """Run the node with `n` listener processes until SIGTERM/SIGINT (or `stop`); returns the exit status.
+
+    The parent seeds the AE titles and migrates the database before forking (the listeners open it
+    without migrating), then resumes unfinished instances and runs the analysis pipeline once.
+    """
+    d = settings.dicom
+    reserved = reserve_port(d.host, d.port)
+    port = int(reserved.getsockname()[1])
+    settings = settings.model_copy(update={"dicom": d.model_copy(update={"port": port})})
+    store = AuditStore.open(settings.database_url, echo=settings.database.echo)
+    spool = Spool(settings.storage.data_dir)
+    spool.prepare()
+    added = store.seed_ae(settings.ae, actor="config")
+    if added:
+        log.info("added %d AE title(s) from the configuration", added)
+    store.close()  # no database connection crosses the fork
+
+    pool = ListenerPool(settings, n, target).start()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+    # Threads start only now, after the fork.
+    store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
+    dispatcher = Dispatcher(HandoffContext(settings, store))
+    pipeline = Pipeline(settings, store) if settings.broker.enabled else None
+    if pipeline is not None:
+        pipeline.attach(dispatcher)
+    dispatcher.start()
+    if pipeline is not None:
+        pipeline.start()
+    Ingest(settings, store, spool, dispatcher).resume_pending()
+    store.add_event("node.started", detail={"ae_title": d.ae_title, "port": port, "listeners": n})
+    log.info("node running with %d listeners on %s:%d", n, d.host, port)
+    try:
+        while not stop.wait(1.0):
+            pool.check()
+    finally:
+        pool.stop(d.shutdown_grace_s)
+        reserved.close()
+        dispatcher.close()
+        if pipeline is not None:
+            pipeline.stop()
+        store.add_event("node.stopped")
+        store.close()
+        log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.listeners",
+                                     description="Run the node with several listener processes on one port.")
+    parser.add_argument("--config", required=True, help="node configuration file (TOML)")
+    parser.add_argument("-n", "--listeners", type=int, default=None,
+                        help="listener processes (default: dicom.listeners from the configuration)")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.config)
+    setup_logging("INFO", json_logs=settings.web.json_logs)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return run_listeners(settings, args.listeners or settings.dicom.listeners)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
