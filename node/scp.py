@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 REJECT_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
 CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
 
+# Rejections pynetdicom makes by itself: (result source, diagnostic) -> what the audit log says.
+_STACK_REJECTIONS: dict[tuple[object, object], str] = {
+    (0x03, 0x02): "too many associations (dicom.max_associations reached)",
+    (0x03, 0x01): "temporary congestion",
+    (0x02, 0x02): "protocol version not supported",
+    (0x01, 0x02): "application context name not supported",
+}
+
 
 @dataclass
 class _AssociationState:
@@ -197,8 +205,10 @@ class StorageSCP:
         assoc = event.assoc
         rq = assoc.requestor
         prim = assoc.acceptor.primitive
-        reason = (f"rejected by the DICOM stack (result {getattr(prim, 'result', '?')}, source "
-                  f"{getattr(prim, 'result_source', '?')}, diagnostic {getattr(prim, 'diagnostic', '?')})")
+        source, diagnostic = getattr(prim, "result_source", None), getattr(prim, "diagnostic", None)
+        reason = _STACK_REJECTIONS.get((source, diagnostic),
+                                       f"rejected by the DICOM stack (source {source}, diagnostic {diagnostic})")
+        log.warning("rejected association from %s@%s:%s: %s", rq.ae_title.strip(), rq.address, rq.port, reason)
         self.store.record_association(calling_ae=rq.ae_title.strip(), called_ae=self.settings.dicom.ae_title,
                                       peer_host=rq.address, peer_port=rq.port, result="rejected", reason=reason,
                                       tls=self.settings.dicom.tls.enabled)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.audit import Association, InstanceFilter, InstanceState
 from tests.support.dcmtk import StoreResult, echoscu, send_as_stored, storescu, storescu_opts
@@ -96,7 +98,8 @@ def send_manifest_files(node: NodeProcess) -> dict[str, int | None]:
     return statuses
 
 
-def test_echo_and_association_policy(node: NodeProcess) -> None:
+def test_echo_and_association_policy(node_factory: Callable[..., NodeProcess]) -> None:
+    node = node_factory(extra_toml="max_associations = 1").start()
     assert echoscu(node.port).returncode == 0
 
     unknown = echoscu(node.port, aet="INTRUDER")
@@ -113,6 +116,20 @@ def test_echo_and_association_policy(node: NodeProcess) -> None:
     ]
     assert all(a.peer_host == "127.0.0.1" and a.peer_port for a in rejected)
     assert any(a.result == "released" and a.calling_ae == "STORESCU" for a in node.store().list_associations())
+
+    # dicom.max_associations: one association open, the next is rejected (transient) and audited.
+    holder = AE(ae_title="STORESCU")
+    holder.add_requested_context(Verification)
+    held = holder.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert held.is_established
+    try:
+        busy = echoscu(node.port)
+        assert busy.returncode != 0 and "Local Limit Exceeded" in busy.stdout + busy.stderr
+    finally:
+        held.release()
+    assert any(a.result == "rejected" and "max_associations" in a.reason for a in finished_associations(node, 5))
+    assert echoscu(node.port).returncode == 0
+    assert node.stop() == 0
 
 
 def test_every_test_file_gets_its_manifest_answer(node: NodeProcess) -> None:
@@ -159,27 +176,22 @@ def test_every_test_file_gets_its_manifest_answer(node: NodeProcess) -> None:
     assert not list((node.spool / ".incoming").iterdir())
 
 
-def test_unknown_sop_class_gets_no_presentation_context(node: NodeProcess) -> None:
-    row = next(r for r in MANIFEST if r["file"].startswith("34"))
-    path = dicom_dir() / row["file"]
-    before = len(node.store().list_associations())
-    result = storescu(node.port, [path])
+def test_files_that_never_reach_the_handler(node: NodeProcess) -> None:
+    """34: no presentation context for a made-up SOP class; 35/36: no sender can read them."""
+    unknown_class = dicom_dir() / next(r["file"] for r in MANIFEST if r["file"].startswith("34"))
+    result = storescu(node.port, [unknown_class])
     assert not result.responses and "No presentation context" in result.output
-    associations = finished_associations(node, before + 1)[before:]
-    assert len(associations) == 1 and associations[0].calling_ae == "STORESCU"
-    assert associations[0].result in ("released", "aborted") and associations[0].instances_stored == 0
-    assert node.store().list_instances(InstanceFilter(sop_instance_uid=sop_instance_uid(path))) == []
+    (association,) = finished_associations(node, 1)
+    assert association.calling_ae == "STORESCU" and association.result in ("released", "aborted")
+    assert association.instances_stored == 0
 
-
-@pytest.mark.parametrize("prefix", ["35", "36"])
-def test_unreadable_files_cannot_be_sent_and_node_is_unaffected(node: NodeProcess, prefix: str) -> None:
-    row = next(r for r in MANIFEST if r["file"].startswith(prefix))
-    path = dicom_dir() / row["file"]
-    result = storescu(node.port, [path])
-    assert not result.responses and re.search(r"^[EWF]: ", result.output, re.MULTILINE)
-    with pytest.raises((InvalidDicomError, EOFError, ValueError, OSError)):
-        send_as_stored(node.port, path)
-    assert echoscu(node.port).returncode == 0
+    for row in (r for r in MANIFEST if r["file"][:2] in ("35", "36")):
+        path = dicom_dir() / row["file"]
+        result = storescu(node.port, [path])
+        assert not result.responses and re.search(r"^[EWF]: ", result.output, re.MULTILINE), row["file"]
+        with pytest.raises((InvalidDicomError, EOFError, ValueError, OSError)):
+            send_as_stored(node.port, path)
+    assert echoscu(node.port).returncode == 0, "the node is unaffected"
     assert node.store().list_instances() == []
 
 
