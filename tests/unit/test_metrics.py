@@ -67,3 +67,20 @@ def test_no_created_series_and_text_format() -> None:
     assert "_created" not in text
     assert metrics.CONTENT_TYPE.startswith("text/plain; version=0.0.4")
 
+
+
+def test_every_metric_in_the_operations_guide_exists() -> None:
+    import re
+
+    from tests.support.paths import REPO_ROOT
+
+    metrics.register_audit_collector(metrics.AuditCollector(
+        lambda: {"queued": 1}, lambda: {"sent": 1}, lambda: 0, lambda: {"instance.received": 1}))
+    metrics.observe_stage("total", 1.0)
+    metrics.observe_inference("lung", 0.1)
+    metrics.count_store_status(0)
+    metrics.count_export("success")
+    exposed = {s.name for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    exposed |= {name.rsplit("_", 1)[0] for name in exposed}  # histogram families (_bucket/_count/_sum)
+    documented = set(re.findall(r"`(cxrnode_[a-z_]+)", (REPO_ROOT / "docs" / "operations.md").read_text()))
+    assert documented and documented <= exposed, documented - exposed
