@@ -54,6 +54,14 @@ class Node:
         self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title,
                                                      "port": self.scp.port})
 
+    def sweep(self) -> None:
+        """Housekeeping: drop partial files of transfers that were aborted (no longer being written)."""
+        d = self.settings.dicom
+        try:
+            self.spool.sweep_incoming(max_age_s=max(d.network_timeout, d.dimse_timeout) * 2)
+        except OSError:
+            log.exception("sweeping %s failed", self.spool.incoming)
+
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight associations finish (up to the grace period), flush hand-offs."""
         grace = self.settings.dicom.shutdown_grace_s if grace_s is None else grace_s
@@ -71,6 +79,9 @@ class Node:
         self.store.close()
 
 
+SWEEP_INTERVAL_S = 60.0
+
+
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
     node = Node(settings)
@@ -83,8 +94,11 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     node.start()
+    next_sweep = time.monotonic() + SWEEP_INTERVAL_S
     while not stopping.wait(1.0):
-        pass
+        if time.monotonic() >= next_sweep:
+            node.sweep()
+            next_sweep = time.monotonic() + SWEEP_INTERVAL_S
     node.stop()
     log.info("stopped")
     return 0

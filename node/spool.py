@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +103,21 @@ class Spool:
             p.unlink(missing_ok=True)
         if leftovers:
             log.info("removed %d unacknowledged temporary file(s) from %s", len(leftovers), self.incoming)
+
+    def sweep_incoming(self, max_age_s: float) -> int:
+        """Remove temporary files not written for max_age_s (an aborted transfer leaves one behind)."""
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for p in self.incoming.iterdir():
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # finished and renamed meanwhile
+        if removed:
+            log.info("removed %d stale partial file(s) from %s", removed, self.incoming)
+        return removed
 
     def free_mb(self) -> float:
         usage = shutil.disk_usage(self.root)
