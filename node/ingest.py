@@ -100,6 +100,8 @@ class Ingest:
             row = self.store.record_duplicate(info, original.id)
             log.info("duplicate %s from %s (original instance %d)", header.sop_instance_uid, req.calling_ae,
                      original.id)
+            if self.settings.results.reanalyze_duplicates:
+                self._reanalyze(original.id, original.state)
             return Outcome(STATUS_SUCCESS, "duplicate", row.id, row.reason)
 
         final = self.spool.commit(received, header.study_instance_uid, header.sop_instance_uid)
@@ -138,6 +140,14 @@ class Ingest:
             body_part=h.body_part, view_position=h.view_position, patient_id=h.patient_id,
             accession_number=h.accession_number, study_date=h.study_date, priority=req.priority,
             size_bytes=size, spool_path=spool_path)
+
+    def _reanalyze(self, instance_id: int, state: str) -> None:
+        """results.reanalyze_duplicates: a resent instance is analysed again from the stored copy."""
+        if state not in (InstanceState.EXPORTED, InstanceState.FAILED, InstanceState.DEAD):
+            return  # still in progress (results will come) or routed away (skipped stays skipped)
+        self.store.set_instance_state(instance_id, InstanceState.QUEUED, "sent again: re-analysis",
+                                      detail={"reanalyze_duplicates": True})
+        self.hand_off(instance_id)
 
     # -- routing and hand-off -------------------------------------------------------------------------
 
