@@ -192,3 +192,33 @@ def test_production_config_serves_over_tls_into_postgres_and_redis(deployment: D
             web.stop()
     finally:
         store.close()
+
+
+def test_readiness_finds_a_real_worker_on_the_inference_queue(redis_server: RedisServer) -> None:
+    """A Celery worker consuming `inference` (a minimal app: no models) is found; one on another queue is not."""
+    import sys
+
+    from node.health import check_workers
+
+    broker = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of its own: no other test's messages
+    env = {**os.environ, "CXRNODE_PROBE_BROKER": broker}
+    celery = [sys.executable, "-m", "celery", "-A", "tests.support.probe_worker", "worker", "--pool", "solo",
+              "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel", "WARNING"]
+    other = subprocess.Popen([*celery, "-Q", "node", "-n", "nodeq@%h"], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen([*celery, "-Q", "inference", "-n", "gpu0@%h"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: check_workers(broker, timeout=1.0).ok, 60, "the inference worker to answer")
+        wait_for(lambda: check_workers(broker, timeout=1.0, queue="node").ok, 60, "the node-queue worker to answer")
+        result = check_workers(broker, timeout=1.0)
+        assert [name.split("@")[0] for name in result.data["workers"]] == ["gpu0"], result.detail
+    finally:
+        for proc in (worker, other):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (worker, other):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
