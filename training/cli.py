@@ -50,9 +50,12 @@ def _command_line(argv: Sequence[str]) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from training.evaluate import evaluate_segmentation
     from training.severity_eval import evaluate_severity
 
+    torch.set_num_threads(args.threads)
     weights_dir = Path(args.weights_dir) if args.weights_dir else None
     if args.model == "severity":
         folders = _folders(args.data, ["severity"])
@@ -69,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.model, _folders(args.data, task.data), out, weights_dir=weights_dir,
         checkpoint=_path(args.checkpoint), split_file=_path(args.split), subset=args.subset,
         negatives=[Path(n) for n in args.negatives or []], threshold=args.threshold,
-        presence_threshold=args.presence_threshold)
+        presence_threshold=args.presence_threshold, max_per_source=args.max_per_source)
     _stamp(out, summary, args.argv)
     return 0
 
@@ -153,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opacity-checkpoint")
     e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     e.add_argument("--split", help="split.json of a run: evaluate only its --subset images")
-    e.add_argument("--subset", default="validation", choices=["train", "validation"])
+    e.add_argument("--subset", default="validation", choices=["train", "validation", "heldout"],
+                   help="heldout = every image the run did not train on")
+    e.add_argument("--max-per-source", type=int, default=0, help="at most N images per source folder")
+    e.add_argument("--threads", type=int, default=2)
     e.add_argument("--threshold", type=float)
     e.add_argument("--presence-threshold", type=float)
     e.add_argument("--out", help="output folder (default runs/eval/<model>)")

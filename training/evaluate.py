@@ -30,11 +30,26 @@ log = logging.getLogger(__name__)
 STRUCTURE = {"lung": "lungs", "opacity": "opacity", "pneumothorax": "pneumothorax"}
 
 
-def select(samples: Sequence[Sample], split_file: Path | None, subset: str) -> list[Sample]:
-    if split_file is None:
-        return list(samples)
-    keep = read_split(split_file)[subset]
-    return [s for s in samples if f"{s.source}/{s.id}" in keep]
+def select(samples: Sequence[Sample], split_file: Path | None, subset: str,
+           max_per_source: int = 0) -> list[Sample]:
+    """Samples of the split's `subset`: "train", "validation", or "heldout" (every image the run did
+    not train on: its validation images plus those it never drew, e.g. unused negatives)."""
+    chosen = list(samples)
+    if split_file is not None:
+        sides = read_split(split_file)
+        if subset == "heldout":
+            chosen = [s for s in chosen if f"{s.source}/{s.id}" not in sides["train"]]
+        else:
+            chosen = [s for s in chosen if f"{s.source}/{s.id}" in sides[subset]]
+    if max_per_source:
+        counts: dict[str, int] = {}
+        kept = []
+        for s in chosen:
+            counts[s.source] = counts.get(s.source, 0) + 1
+            if counts[s.source] <= max_per_source:
+                kept.append(s)
+        chosen = kept
+    return chosen
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -71,14 +86,14 @@ def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, 
                           checkpoint: Path | None = None, split_file: Path | None = None,
                           subset: str = "validation", negatives: Sequence[Path] = (),
                           threshold: float | None = None, presence_threshold: float | None = None,
-                          ) -> dict[str, Any]:
+                          max_per_source: int = 0) -> dict[str, Any]:
     model, spec, card = load_model(name, weights_dir, checkpoint)
     thr = threshold if threshold is not None else float(card.get("threshold", 0.5))
     p_thr = presence_threshold if presence_threshold is not None else float(card.get("presence_threshold", 0.5))
     structure = STRUCTURE[name]
     samples = [s for f in folders for s in read_folder(Path(f), (structure,))]
     samples += [s for f in negatives for s in read_folder(Path(f), (structure,), negative=True)]
-    samples = select(samples, split_file, subset)
+    samples = select(samples, split_file, subset, max_per_source)
     if not samples:
         raise ValueError(f"no images with {structure} masks in {list(folders)} (after the split filter)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +132,7 @@ def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, 
                 "presence_threshold": p_thr if name == "pneumothorax" else None,
                 "data": [str(f) for f in folders], "negatives": [str(f) for f in negatives],
                 "split": str(split_file) if split_file else None, "subset": subset if split_file else "all",
+                "max_per_source": max_per_source,
                 "weights_sha256": card.get("sha256"), "checkpoint": str(checkpoint) if checkpoint else None}
     _write(out_dir, rows, summary)
     return summary
