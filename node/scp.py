@@ -30,7 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AERole, AuditStore
 from node.config import Settings, TLSConfig
-from node.ingest import Ingest, StoreRequest
+from node.ingest import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,12 @@ class StorageSCP:
             priority=int(req.Priority or 0),
             association_id=state.association_id if state else None,
             peer=state.peer if state else "")
-        outcome = self.ingest.receive(Path(event.dataset_path), request)
+        try:
+            received = Path(event.dataset_path)
+        except AttributeError:  # only if chunked receiving were switched off: a bug, not the peer's fault
+            log.exception("C-STORE data set was not written to a file")
+            return STATUS_PROCESSING_FAILURE
+        outcome = self.ingest.receive(received, request)
         if state is not None:
             if outcome.kind == "stored":
                 state.stored += 1
