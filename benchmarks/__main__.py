@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import ingest, pipeline, worker
 from benchmarks.common import write_json
 
 log = logging.getLogger("benchmarks")
@@ -25,24 +26,18 @@ DEFAULT_CACHE = Path(os.environ.get("CXRNODE_BENCH_CACHE", "/tmp/cxrnode-bench-c
 
 
 def _ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks import ingest
-
     if args.quick:
         return ingest.run(args.out, args.cache, n_files=8, side=256, repeats=1, listener_counts=(2,), profile=False)
     return ingest.run(args.out, args.cache)
 
 
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks import pipeline
-
     if args.quick:
         return pipeline.run(args.out, args.cache, n_images=3, weights="tiny", paced_interval_s=0.5)
     return pipeline.run(args.out, args.cache, weights=args.weights)
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks import worker
-
     if args.quick:
         return worker.run(args.out, args.cache, weights="tiny", repeats=2)
     return worker.run(args.out, args.cache, weights=args.weights)

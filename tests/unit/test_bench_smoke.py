@@ -1,0 +1,49 @@
+"""`python -m benchmarks --quick`: the benchmark machinery runs and writes JSON of the documented shape.
+
+Checks shape and bookkeeping only (every file sent was stored, every model was timed), never speed.
+The pipeline benchmark needs the whole embedded node with its workers and is left to `make bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main
+
+pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="DCMTK is not installed")
+
+
+@pytest.mark.timeout(180)
+def test_quick_ingest_and_worker_write_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench-results"
+    status = main(["--only", "ingest", "--only", "worker", "--quick", "--out", str(out),
+                   "--cache", str(tmp_path / "cache")])
+
+    assert status == 0, (out / "summary.json").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["benchmarks"]) == {"ingest", "worker"}
+    assert all("error" not in b for b in summary["benchmarks"].values())
+
+    ingest = json.loads((out / "ingest.json").read_text())
+    assert {r["server"] for r in ingest["runs"]} == {
+        "dcmtk-storescp", "dcmtk-storescp --fork", "cxrnode serve (listeners=2)"}
+    for run in ingest["runs"]:
+        assert run["stored"] == run["files"] == 8
+        assert run["mb_per_s"] > 0
+    for key in ("1_association", "4_associations"):
+        assert ingest["ratio_node_to_dcmtk"]["cxrnode serve (listeners=2)"][key]["best"] > 0
+    assert ingest["node_peak_rss_mb_4_associations"]["cxrnode serve (listeners=2)"] > 0
+    assert isinstance(ingest["conditions_before"]["training_running"], bool)
+
+    worker = json.loads((out / "worker.json").read_text())
+    assert worker["weights"] == "tiny"
+    for backend in ("onnx", "torch"):
+        for model in ("lung", "opacity", "pneumothorax"):
+            assert set(worker["per_model_ms"][backend][model]) == {"batch1", "batch4"}
+        assert worker["results"][backend]["analyze"]["batch4"]["images_per_s"] > 0
+    assert worker["results"]["onnx"]["backends"]["lung"] == "onnx-cpu"
+    assert "available" in worker["gpu"]
