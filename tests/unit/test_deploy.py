@@ -18,6 +18,7 @@ import yaml
 
 from node.config import ConfigError, load_settings
 from tests.support.paths import REPO_ROOT
+from workers.api import BROKER_ENV, RESULT_BACKEND_ENV
 
 DEPLOY = REPO_ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -118,9 +119,12 @@ def test_compose_has_the_whole_stack_with_health_checks_and_volumes() -> None:
     assert any(str(v).startswith("pgdata:") for v in services["postgres"]["volumes"])
     assert services["node"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
                                               "redis": {"condition": "service_healthy"}}
-    # The node's environment points at the compose services, and the broker URL is the worker's too.
+    # The node's environment points at the compose services, and the worker reads the same broker
+    # under the names workers.tasks looks up.
     env = services["node"]["environment"]
-    assert env["CXRNODE_BROKER__URL"] == services["worker"]["environment"]["CXRNODE_BROKER__URL"] == "redis://redis:6379/0"
+    worker_env = services["worker"]["environment"]
+    assert env["CXRNODE_BROKER__URL"] == worker_env[BROKER_ENV] == "redis://redis:6379/0"
+    assert env["CXRNODE_BROKER__RESULT_BACKEND"] == worker_env[RESULT_BACKEND_ENV]
     assert "@postgres:5432/" in env["CXRNODE_DATABASE__URL"]
 
 
@@ -234,3 +238,9 @@ def test_systemd_units_are_well_formed() -> None:
         assert svc["User"] == "cxrnode" and svc["NoNewPrivileges"] == "yes" and svc["Restart"] == "on-failure"
         assert svc["KillSignal"] == "SIGTERM"
         assert sections["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_worker_unit_points_at_the_production_broker() -> None:
+    unit = (DEPLOY / "systemd" / "cxrnode-worker@.service").read_text()
+    broker = re.search(rf"^Environment={BROKER_ENV}=(\S+)$", unit, re.M)
+    assert broker is not None and broker.group(1) == load_settings(PRODUCTION).broker.url
