@@ -178,8 +178,9 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
         cookie, _ = console.signer.issue(user)
         console.store.add_event("web.login", actor=f"web:{user}", detail={"peer": peer})
         response = RedirectResponse(next_url, status_code=303)
+        # Secure only over HTTPS (e.g. behind a TLS proxy): a Secure cookie on plain HTTP is dropped by browsers.
         response.set_cookie(COOKIE, cookie, max_age=int(console.signer.max_age), httponly=True,
-                            samesite="strict", secure=console.settings.web.production)
+                            samesite="strict", secure=request.url.scheme == "https")
         return response
 
     @app.post("/logout")
