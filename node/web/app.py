@@ -28,7 +28,14 @@ from node.config import Settings, validate_ae_title, validate_port
 from node.health import CheckResult, Readiness, disk_usage, queue_depth, readiness
 from node.web import queries
 from node.web.actions import ActionError, ConsoleActions
-from node.web.auth import Credentials, Session, SessionSigner, resolve_credentials, verify_password
+from node.web.auth import (
+    Credentials,
+    LoginThrottle,
+    Session,
+    SessionSigner,
+    resolve_credentials,
+    verify_password,
+)
 from node.web.results_view import (
     default_weights_dir,
     legend,
@@ -60,6 +67,7 @@ class Console:
     templates: Jinja2Templates
     weights_dir: Path
     workers_probe: Callable[[], CheckResult] | None
+    throttle: LoginThrottle
 
 
 def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
@@ -81,7 +89,7 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
         settings=settings, store=store,
         actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title),
         credentials=credentials, signer=SessionSigner(), templates=templates,
-        weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe)
+        weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle())
 
     app = FastAPI(title="cxr-node", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.console = console
@@ -170,11 +178,16 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
         if not next_url.startswith("/") or next_url.startswith("//"):
             next_url = "/"  # no open redirect
         peer = request.client.host if request.client else ""
+        if (wait := console.throttle.retry_after(peer)) > 0:
+            return _render(console, request, "login.html", None, status=429, next=next_url,
+                           error=f"Too many failed logins from {peer}: try again in {wait / 60:.0f} minute(s).")
         if user != console.credentials.user or not verify_password(password, console.credentials.password_hash):
+            console.throttle.failed(peer)
             console.store.add_event("web.login_failed", actor=f"web:{user[:40]}", detail={"peer": peer})
             log.warning("console login failed for %r from %s", user[:40], peer)
             return _render(console, request, "login.html", None, status=401, next=next_url,
                            error="Wrong user name or password.")
+        console.throttle.succeeded(peer)
         cookie, _ = console.signer.issue(user)
         console.store.add_event("web.login", actor=f"web:{user}", detail={"peer": peer})
         response = RedirectResponse(next_url, status_code=303)

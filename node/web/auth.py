@@ -25,7 +25,9 @@ import json
 import logging
 import secrets
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,39 @@ class SessionSigner:
         except (ValueError, KeyError, TypeError):
             return None
         return session if session.expires > time.time() else None
+
+
+class LoginThrottle:
+    """After `max_failures` failed logins from one address within `window_s`, refuse it for `window_s`."""
+
+    def __init__(self, max_failures: int = 5, window_s: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures, self.window_s, self._clock = max_failures, window_s, clock
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, peer: str, now: float) -> list[float]:
+        recent = [t for t in self._failures.get(peer, []) if now - t < self.window_s]
+        self._failures[peer] = recent
+        return recent
+
+    def retry_after(self, peer: str) -> float:
+        """Seconds until `peer` may try again (0 = now)."""
+        with self._lock:
+            now = self._clock()
+            recent = self._recent(peer, now)
+            if len(recent) < self.max_failures:
+                return 0.0
+            return max(0.0, recent[-1] + self.window_s - now)
+
+    def failed(self, peer: str) -> None:
+        with self._lock:
+            now = self._clock()
+            self._recent(peer, now).append(now)
+
+    def succeeded(self, peer: str) -> None:
+        with self._lock:
+            self._failures.pop(peer, None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -339,3 +339,14 @@ def test_start_console_follows_web_enabled(site: Site) -> None:
         assert ConsoleClient(web.url).http.get("/healthz").json() == {"status": "ok"}
     finally:
         web.stop()
+
+
+def test_repeated_failed_logins_lock_the_address_out(site: Site) -> None:
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(site.settings, site.store), follow_redirects=False) as tc:
+        for _ in range(5):
+            assert tc.post("/login", data={"username": ADMIN, "password": "guess"}).status_code == 401
+        locked = tc.post("/login", data={"username": ADMIN, "password": "console-test-password"})
+        assert locked.status_code == 429 and "Too many failed logins" in locked.text
+        assert "set-cookie" not in locked.headers

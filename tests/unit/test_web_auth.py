@@ -10,6 +10,7 @@ import pytest
 
 from node.web.auth import (
     AuthConfigError,
+    LoginThrottle,
     SessionSigner,
     check_hash_format,
     hash_password,
@@ -82,3 +83,21 @@ def test_hash_password_command() -> None:
     short = subprocess.run([sys.executable, "-m", "node.web.auth", "hash-password", "--stdin"],
                            input="short\n", capture_output=True, text=True, timeout=60)
     assert short.returncode == 1 and "8 characters" in short.stderr
+
+
+def test_login_throttle_blocks_an_address_after_repeated_failures() -> None:
+    now = [1000.0]
+    throttle = LoginThrottle(max_failures=3, window_s=600, clock=lambda: now[0])
+    for _ in range(2):
+        throttle.failed("10.0.0.9")
+    assert throttle.retry_after("10.0.0.9") == 0
+    throttle.failed("10.0.0.9")
+    assert throttle.retry_after("10.0.0.9") == 600
+    assert throttle.retry_after("10.0.0.10") == 0  # other addresses are not affected
+    now[0] += 599
+    assert throttle.retry_after("10.0.0.9") == 1
+    now[0] += 1
+    assert throttle.retry_after("10.0.0.9") == 0  # the failures aged out of the window
+    throttle.failed("10.0.0.9")
+    throttle.succeeded("10.0.0.9")
+    assert throttle.retry_after("10.0.0.9") == 0
