@@ -28,8 +28,10 @@ sysdeps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+CONFIG ?= deploy/config/cxrnode.example.toml
+
 run: $(STAMP)
-	$(VENV)/bin/cxrnode serve $(if $(CONFIG),--config $(CONFIG),)
+	$(VENV)/bin/cxrnode serve --config $(CONFIG)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check node workers training tests benchmarks
