@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from node.audit.models import Event, Export, ExportState, InstanceState, utcnow
 from node.audit.store import AuditStore, StoreError
+from node.exporter import retry_exports
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,17 @@ class ConsoleActions:
         return f"{len(ids)} result object(s) of instance {instance_id} will be sent again"
 
     def retry_export(self, export_id: int, user: str) -> str:
-        ids = self._reset_exports(user, export_ids=[export_id], states=(ExportState.DEAD,), kind="export.retry")
-        if not ids:
+        """A dead export due again now with a fresh attempt budget (same code path as `cxrnode exports retry`)."""
+        if retry_exports(self.store, [export_id], actor=f"web:{user}") == 0:
             raise ActionError(f"export {export_id} is not in the dead-letter queue")
         self._kick()
         return f"export {export_id} will be sent again"
 
     def retry_all_dead(self, user: str) -> str:
-        ids = self._reset_exports(user, states=(ExportState.DEAD,), kind="export.retry")
+        dead = [e.id for e in self.store.list_exports(state=ExportState.DEAD)]
+        n = retry_exports(self.store, dead, actor=f"web:{user}")
         self._kick()
-        return f"{len(ids)} dead export(s) will be sent again"
+        return f"{n} dead export(s) will be sent again"
 
     def _kick(self) -> None:
         if self.kick_sender is not None:
@@ -122,13 +124,10 @@ class ConsoleActions:
                 log.warning("could not wake the sender: %s", e)
 
     def _reset_exports(self, user: str, *, states: tuple[ExportState, ...], kind: str,
-                       instance_id: int | None = None, export_ids: list[int] | None = None) -> list[int]:
+                       instance_id: int) -> list[int]:
         """Pending again, due now, attempts reset; one event per export, same transaction."""
-        stmt = select(Export).where(Export.state.in_([str(s) for s in states])).with_for_update()
-        if instance_id is not None:
-            stmt = stmt.where(Export.instance_id == instance_id)
-        if export_ids is not None:
-            stmt = stmt.where(Export.id.in_(export_ids))
+        stmt = (select(Export).where(Export.state.in_([str(s) for s in states]))
+                .where(Export.instance_id == instance_id).with_for_update())
         done: list[int] = []
         with self.store.session() as s:
             for row in s.scalars(stmt):

@@ -195,7 +195,7 @@ def test_dead_letter_retry_resend_and_rerun_are_audited(site: Site, client: Cons
     r = client.post(f"/exports/{dead[0].id}/retry")
     assert "will+be+sent+again" in r.headers["location"]
     assert site.store.list_exports(analysed, state=ExportState.DEAD) == []
-    retried = site.store.list_events(kinds=["export.retry"])[-1]
+    retried = site.store.list_events(kinds=["export.requeued"])[-1]
     assert retried.actor == ACTOR and retried.detail["export_id"] == dead[0].id
     assert "not+in+the+dead-letter+queue" in client.post(f"/exports/{dead[0].id}/retry").headers["location"]
 
