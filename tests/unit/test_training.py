@@ -178,3 +178,20 @@ def test_split_file_lists_every_image(tiny_run) -> None:
     _, run, _ = tiny_run
     sides = read_split(run / "split.json")
     assert len(sides["train"]) == 8
+
+
+def test_pneumothorax_presence_follows_the_worker_rule(tmp_path) -> None:
+    """Presence below its threshold empties the mask (as the worker reports it), per source."""
+    from tests.support.tiny_models import write_tiny_weights
+
+    positives = make_folder(tmp_path / "ptx", n=4)
+    (positives / "masks" / "lungs").rename(positives / "masks" / "pneumothorax")
+    negatives = make_folder(tmp_path / "normals", n=4)
+    weights = write_tiny_weights(tmp_path / "w", names=("pneumothorax",),
+                                 head_logits={"pneumothorax": (5.0, -5.0)})  # mask everywhere, presence ~0.007
+    out = tmp_path / "eval"
+    summary = evaluate_segmentation("pneumothorax", [positives], out, weights_dir=weights, negatives=[negatives])
+    by_source = summary["by_source"]
+    assert by_source["normals"]["presence_correct"] == 1.0 and by_source["normals"]["dice"] == 1.0
+    assert by_source["ptx"]["presence_correct"] == 0.0 and by_source["ptx"]["dice"] == 0.0
+    assert summary["dice_positives"]["n"] == 4
