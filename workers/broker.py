@@ -21,6 +21,8 @@ do not fail each other with "database is locked".
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,26 @@ class Channel(kombu_sqla.Channel):
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         self._rows: dict[str, int] = {}  # delivery tag -> kombu_message.id of unacked deliveries
+        # A prefork worker acks from its result-handler thread while the main thread polls; both use
+        # this channel's one SQLAlchemy session, which must never be used by two threads at once.
+        self._lock = threading.RLock()
         super().__init__(connection, **kwargs)
+
+    def _get_or_create(self, queue: str) -> Any:
+        with self._lock:
+            return super()._get_or_create(queue)
+
+    def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        with self._lock:
+            super()._put(queue, message, **kwargs)
+
+    def _purge(self, queue: str) -> int:
+        with self._lock:
+            return int(super()._purge(queue))
+
+    def _size(self, queue: str) -> int:
+        with self._lock:
+            return int(super()._size(queue))
 
     def _engine_from_config(self) -> Any:
         url = self.connection.client.hostname
@@ -59,6 +80,10 @@ class Channel(kombu_sqla.Channel):
         return engine
 
     def _get(self, queue: str, timeout: Any = None) -> Any:
+        with self._lock:
+            return self._get_locked(queue)
+
+    def _get_locked(self, queue: str) -> Any:
         # kombu's _get, keeping the row id so that ack/reject can find the row again.
         obj = self._get_or_create(queue)
         if self.session.bind.name == "sqlite":
@@ -81,16 +106,22 @@ class Channel(kombu_sqla.Channel):
 
     def _set_row(self, tag: str | None, visible: bool) -> bool:
         """Delete (visible=False) or re-show (True) the row of a delivery. False if unknown."""
-        row = self._rows.pop(tag, None) if tag is not None else None
-        if row is None:
-            return False
-        query = self.session.query(self.message_cls).filter(self.message_cls.id == row)
-        if visible:
-            query.update({self.message_cls.visible: True}, synchronize_session=False)
-        else:
-            query.delete(synchronize_session=False)
-        self.session.commit()
-        return True
+        with self._lock:
+            row = self._rows.pop(tag, None) if tag is not None else None
+            if row is None:
+                return False
+            query = self.session.query(self.message_cls).filter(self.message_cls.id == row)
+            try:
+                if visible:
+                    query.update({self.message_cls.visible: True}, synchronize_session=False)
+                else:
+                    query.delete(synchronize_session=False)
+                self.session.commit()
+            except Exception:
+                # Leave the session usable; the row stays invisible and is recovered at the next start.
+                self.session.rollback()
+                raise
+            return True
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
         super().basic_ack(delivery_tag, multiple=multiple)
@@ -110,6 +141,16 @@ class Channel(kombu_sqla.Channel):
 
     def _restore_at_beginning(self, message: Message) -> None:
         self._restore(message)
+
+
+def _forget_engines_after_fork() -> None:
+    # kombu caches engines on the Channel class; a forked pool process must not reuse the parent's
+    # SQLite connections (SQLite forbids carrying a connection across fork: locks get confused).
+    for engine, _session in list(kombu_sqla.Channel._engines.values()):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_engines_after_fork)
 
 
 class SqliteTransport(kombu_sqla.Transport):
