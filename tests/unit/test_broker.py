@@ -1,0 +1,66 @@
+"""The embedded SQLite broker: acked rows are deleted, requeues reuse the row, stranded rows recover."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from kombu import Connection
+
+from workers import broker
+
+
+def rows(db: Path) -> list[tuple[int, int, str]]:
+    """(message id, visible, queue name) of every message row."""
+    with sqlite3.connect(db) as con:
+        return [(int(i), int(v), str(q)) for i, v, q in con.execute(
+            "SELECT m.id, m.visible, q.name FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id "
+            "ORDER BY m.id")]
+
+
+def test_ack_deletes_and_requeue_keeps_the_row(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "broker.db"
+    url = f"sqla+sqlite:///{db}"
+    broker.prepare(url)  # also creates the folder
+    with Connection(url) as conn:
+        q = conn.SimpleQueue("inference")
+        q.put({"n": 1})
+        q.put({"n": 2})
+        first = q.get(timeout=5)
+        assert first.payload == {"n": 1}
+        assert [r[1] for r in rows(db)] == [0, 1]  # delivered, not yet acked: invisible
+        first.ack()
+        assert [r[1] for r in rows(db)] == [1]  # acked: gone, the file does not grow
+
+        second = q.get(timeout=5)
+        (row_id, _, _), = rows(db)
+        second.requeue()
+        assert rows(db) == [(row_id, 1, "inference")]  # same row visible again, not a copy
+        again = q.get(timeout=5)
+        assert again.payload == {"n": 2}
+        again.reject()  # not requeued: dropped
+        assert rows(db) == []
+        q.close()
+
+
+def test_recover_unacked_only_touches_the_given_queues(tmp_path: Path) -> None:
+    db = tmp_path / "broker.db"
+    url = f"sqla+sqlite:///{db}"
+    broker.prepare(url)
+    assert broker.recover_unacked(url, ["inference"]) == 0  # no tables yet: nothing to do
+    with Connection(url) as conn:
+        for name in ("inference", "node"):
+            conn.SimpleQueue(name).put({"q": name})
+    # A consumer took both and died before acknowledging (its rows stay invisible).
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE kombu_message SET visible = 0")
+    assert broker.recover_unacked(url, ["inference"]) == 1
+    assert {(q, v) for _, v, q in rows(db)} == {("inference", 1), ("node", 0)}
+    assert broker.recover_unacked("redis://127.0.0.1:1/0", ["inference"]) == 0  # not embedded: no-op
+
+
+def test_sqlite_path() -> None:
+    assert broker.sqlite_path("sqla+sqlite:////var/lib/cxr/broker.db") == Path("/var/lib/cxr/broker.db")
+    assert broker.sqlite_path("sqla+sqlite:///var/broker.db") == Path("var/broker.db")
+    assert broker.sqlite_path("sqla+sqlite://") is None
+    assert broker.is_embedded("sqla+sqlite:///x.db") and not broker.is_embedded("redis://h:1/0")
