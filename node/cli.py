@@ -252,8 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from node.logging_setup import setup_logging
+
+    json_logs = False
+    if getattr(args, "config", None) is not None and args.command == "serve":
+        try:
+            json_logs = load_settings(args.config).web.json_logs
+        except ConfigError:
+            pass  # reported by the command itself
+    # PHI-redacting handler; pynetdicom's per-PDU chatter only with --verbose.
+    setup_logging("DEBUG" if args.verbose else "INFO", json_logs=json_logs)
     if not args.verbose:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -70,6 +70,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from node.web.server import main as web_main
+
+    return web_main([*(["--config", str(args.config)] if args.config else []),
+                     *(["--port", str(args.port)] if args.port else [])])
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from node.web.auth import main as auth_main
+
+    return auth_main(["hash-password", *(["--stdin"] if args.stdin else [])])
+
+
 def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentParser) -> None:
     exports = sub.add_parser("exports", help="result deliveries (SEG/SR/overlay) and the dead letter") \
         .add_subparsers(dest="exports_command", required=True)
@@ -90,3 +103,12 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
     p.set_defaults(func=cmd_worker)
+
+    web = sub.add_parser("web", help="the web console on its own (no DICOM listener), and its tools")
+    web_sub = web.add_subparsers(dest="web_command")
+    web.add_argument("--port", type=int, help="override web.port")
+    web.add_argument("--config", "-c", default=argparse.SUPPRESS, help="TOML configuration file")
+    web.set_defaults(func=cmd_web)
+    p = web_sub.add_parser("hash-password", help="print a web.password_hash value for a password")
+    p.add_argument("--stdin", action="store_true", help="read the password from stdin (no prompt)")
+    p.set_defaults(func=cmd_hash_password)

@@ -12,8 +12,9 @@ import threading
 from collections import defaultdict
 from datetime import datetime, timedelta
 
+from node import metrics
 from node.audit import AuditStore, InstanceState
-from node.audit.models import Event, Export, ExportState, utcnow
+from node.audit.models import Event, Export, ExportState, Instance, utcnow
 from node.config import Settings
 from node.sender import Destination, FileStatus, SendError, backoff_delay, client_ssl_context, send
 
@@ -103,6 +104,7 @@ class Exporter:
         next_at = None if ok or give_up else utcnow() + timedelta(seconds=backoff_delay(attempt, self.settings.sender))
         row = self.store.record_export_attempt(export.id, status=status, error=error, succeeded=ok,
                                                next_attempt_at=next_at, give_up=give_up, started_at=started)
+        metrics.count_export("success" if ok else "dead" if give_up else "retry")
         self._settle_instance(row.instance_id)
 
     def _settle_instance(self, instance_id: int) -> None:
@@ -112,11 +114,27 @@ class Exporter:
         if inst.state not in (InstanceState.ANALYZED, InstanceState.DEAD) or ExportState.PENDING in states:
             return
         if states == {ExportState.SENT}:
-            self.store.set_instance_state(instance_id, InstanceState.EXPORTED)
+            row = self.store.set_instance_state(instance_id, InstanceState.EXPORTED)
+            _observe_latencies(self.store, row)
         elif ExportState.DEAD in states and inst.state != InstanceState.DEAD:
             dead = [e for e in self.store.list_exports(instance_id) if e.state == ExportState.DEAD]
             self.store.set_instance_state(instance_id, InstanceState.DEAD,
                                           f"{len(dead)} export(s) undeliverable: {dead[-1].last_error}")
+
+
+def _observe_latencies(store: AuditStore, inst: Instance) -> None:
+    """Stage latencies of an instance that just reached `exported`, and the worker's model timings."""
+    if inst.exported_at is None:
+        return
+    stages = {"total": inst.received_at, "export": inst.analyzed_at, "analysis": inst.queued_at}
+    for stage, start in stages.items():
+        if start is not None:
+            metrics.observe_stage(stage, (inst.exported_at - start).total_seconds())
+    analyzed = [e for e in store.list_events(instance_id=inst.id, kinds=["instance.analyzed"])]
+    if analyzed:
+        for model, ms in (analyzed[-1].detail.get("timings_ms") or {}).items():
+            if model != "total":
+                metrics.observe_inference(model, float(ms) / 1000)
 
 
 def _error(status: FileStatus) -> str:

@@ -34,7 +34,8 @@ disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: Pipeline stages timed by `observe_stage` (seconds from the previous stage's end).
-STAGES = ("receive", "persist", "route", "prepare", "queue_wait", "inference", "results", "export", "total")
+STAGES = ("receive", "persist", "route", "prepare", "queue_wait", "inference", "results", "analysis", "export",
+          "total")
 
 # Latency buckets from a few ms (persist) to minutes (export with retries).
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

@@ -17,6 +17,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -28,6 +29,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import metrics
 from node.audit import AERole, AuditStore
 from node.config import Settings, TLSConfig
 from node.ingest import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
@@ -181,6 +183,8 @@ class StorageSCP:
         if rejection is None:
             return
         diagnostic, reason = rejection
+        metrics.count_association("rejected", "called-ae-not-recognised" if diagnostic == CALLED_AE_NOT_RECOGNISED
+                                  else "calling-ae-not-recognised")
         log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
         self.store.record_association(calling_ae=calling, called_ae=called, peer_host=peer_host,
                                       peer_port=peer_port, result="rejected", reason=reason,
@@ -195,6 +199,7 @@ class StorageSCP:
         association_id = self.store.record_association(
             calling_ae=calling, called_ae=assoc.acceptor.ae_title.strip(), peer_host=rq.address,
             peer_port=rq.port, result="accepted", tls=self.settings.dicom.tls.enabled)
+        metrics.count_association("accepted")
         with self._lock:
             self._states[id(assoc)] = _AssociationState(association_id, calling, peer)
         log.info("association %d from %s@%s accepted (%d contexts)", association_id, calling, peer,
@@ -208,6 +213,7 @@ class StorageSCP:
         source, diagnostic = getattr(prim, "result_source", None), getattr(prim, "diagnostic", None)
         reason = _STACK_REJECTIONS.get((source, diagnostic),
                                        f"rejected by the DICOM stack (source {source}, diagnostic {diagnostic})")
+        metrics.count_association("rejected", "stack")
         log.warning("rejected association from %s@%s:%s: %s", rq.ae_title.strip(), rq.address, rq.port, reason)
         self.store.record_association(calling_ae=rq.ae_title.strip(), called_ae=self.settings.dicom.ae_title,
                                       peer_host=rq.address, peer_port=rq.port, result="rejected", reason=reason,
@@ -250,7 +256,10 @@ class StorageSCP:
         except AttributeError:  # only if chunked receiving were switched off: a bug, not the peer's fault
             log.exception("C-STORE data set was not written to a file")
             return STATUS_PROCESSING_FAILURE
+        started = time.perf_counter()
         outcome = self.ingest.receive(received, request)
+        metrics.observe_stage("persist", time.perf_counter() - started)
+        metrics.count_store_status(outcome.status)
         if state is not None:
             if outcome.kind == "stored":
                 state.stored += 1

@@ -11,15 +11,19 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from node.audit import AuditStore
 from node.config import Settings
 from node.handoff import Dispatcher, HandoffContext
+from node.health import CheckResult, supervised_workers_probe
 from node.ingest import Ingest
 from node.pipeline import Pipeline
+from node.retention import RetentionLoop
 from node.scp import StorageSCP
 from node.spool import Spool
+from node.web.server import WebServer, start_console
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class Node:
         self.pipeline = Pipeline(settings, self.store) if settings.broker.enabled else None
         if self.pipeline is not None:
             self.pipeline.attach(self.dispatcher)
+        self.retention = RetentionLoop(settings, self.store)
+        self.web: WebServer | None = None
 
     def start(self) -> None:
         self.spool.prepare()
@@ -47,12 +53,24 @@ class Node:
         if self.pipeline is not None:
             self.pipeline.start()
         self.ingest.resume_pending()
+        self.retention.start()
         if self.settings.dicom.listeners > 1:
             log.warning("dicom.listeners=%d: multi-process listeners are not implemented yet; using one",
                         self.settings.dicom.listeners)
+        # Before the DICOM port is bound: a production config without a console password stops here.
+        self.web = start_console(self.settings, self.store, enqueue_analysis=self.dispatcher.submit,
+                                 kick_sender=self.pipeline.exporter.wake if self.pipeline else None,
+                                 workers_probe=self._workers_probe())
         self.scp.start()
         self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title,
                                                      "port": self.scp.port})
+
+    def _workers_probe(self) -> Callable[[], CheckResult] | None:
+        """Embedded mode: the supervised local workers; with a broker server, Celery's own ping."""
+        sup = self.pipeline.supervisor if self.pipeline is not None else None
+        if sup is None or not self.settings.embedded:
+            return None
+        return supervised_workers_probe([c.name for c in sup.children], sup.pids, sup.restarts)
 
     def sweep(self) -> None:
         """Housekeeping: drop partial files of transfers that were aborted (no longer being written)."""
@@ -66,6 +84,9 @@ class Node:
         """Stop accepting, let in-flight associations finish (up to the grace period), flush hand-offs."""
         grace = self.settings.dicom.shutdown_grace_s if grace_s is None else grace_s
         self.scp.stop()
+        if self.web is not None:
+            self.web.stop()
+        self.retention.stop()
         deadline = time.monotonic() + grace
         while (n := self.scp.active_associations()) and time.monotonic() < deadline:
             log.info("waiting for %d association(s) to finish", n)

@@ -38,7 +38,9 @@ class NodeProcess:
             f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = {min_free_mb}\n'
             f'[database]\nurl = "{self.database_url}"\n{ae_entries}'
             # Ingest tests run without the analysis pipeline (no workers): instances stay `queued`.
-            + ("" if analysis or "[broker]" in extra_toml else "\n[broker]\nenabled = false\n"))
+            + ("" if analysis or "[broker]" in extra_toml else "\n[broker]\nenabled = false\n")
+            # The console is tested on its own free port; other node tests run without it.
+            + ("" if "[web]" in extra_toml else "\n[web]\nenabled = false\n"))
         self.proc: subprocess.Popen[bytes] | None = None
         self._store: AuditStore | None = None
 
