@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else args.negatives_per_source,
         run_dir=Path(args.run or RUNS / args.task), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes,
-        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads)
+        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads, device=args.device)
     train(cfg, resume=args.resume)
     return 0
 
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, default=0, help="use only the first N samples")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA when available (mixed precision), else CPU")
     t.add_argument("--arch")
     t.add_argument("--encoder")
     t.add_argument("--input-size", type=int)

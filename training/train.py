@@ -55,6 +55,7 @@ class TrainConfig:
     limit: int = 0  # use only the first N samples (tests)
     augment: bool = True
     threads: int = 2
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"; CUDA trains in mixed precision
 
 
 def seed_everything(seed: int) -> None:
@@ -94,8 +95,16 @@ def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch sees no CUDA device")
+    return torch.device(choice)
+
+
 def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence[Sample],
-             batch_size: int) -> dict[str, Any]:
+             batch_size: int, device: torch.device | None = None) -> dict[str, Any]:
     """Dice per image at the input grid (ignore pixels excluded), mean overall and per source.
 
     A quick per-epoch figure for early stopping; `python -m training evaluate` gives the full-size
@@ -108,8 +117,10 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
     losses = []
     for start in range(0, len(ds), batch_size):
         items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
-        x, y, v, pos = (torch.from_numpy(np.stack(a)) for a in zip(*items, strict=True))
+        x, y, v, pos = (torch.from_numpy(np.stack(a)).to(device or "cpu") for a in zip(*items, strict=True))
         logits, cls = split_outputs(model(x))
+        logits = logits.float()
+        cls = cls.float() if cls is not None else None
         losses.append(bce_dice_loss(logits, y, v).item() * len(items))
         pred = (logits > 0).float() * v
         yv = y * v
@@ -167,8 +178,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     val_c = cache_samples(val_s, cfg.structures, cfg.spec.input_size)
     log.info("cached images in %.0f s", time.monotonic() - t0)
 
-    model = build(cfg.spec)
+    device = pick_device(cfg.device)
+    amp = device.type == "cuda"
+    model = build(cfg.spec).to(device)
     model.train()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ds = SegmentationDataset(train_c, radiograph_augment() if cfg.augment else None)
     epoch_len = min(len(ds), cfg.epoch_images) if cfg.epoch_images else len(ds)
@@ -188,6 +202,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
         log.info("resumed from %s at epoch %d (best %.4f at epoch %d)", last, state["epoch"],
                  state["best"], state["best_epoch"])
@@ -213,13 +229,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(state["step"], progress(state["step"], used), cfg)
-            logits, cls = split_outputs(model(x))
-            loss = bce_dice_loss(logits, y, v)
+            x, y, v, pos = x.to(device), y.to(device), v.to(device), pos.to(device)
+            with torch.autocast(device.type, enabled=amp):
+                logits, cls = split_outputs(model(x))
+            loss = bce_dice_loss(logits.float(), y, v)
             if cls is not None:
-                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(cls.reshape(-1), pos)
+                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(cls.float().reshape(-1), pos)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             state["step"] += 1
             losses.append(loss.item())
             if (i + 1) % 20 == 0:
@@ -228,7 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                          steps_per_epoch, np.mean(losses[-20:]), el / (i + 1),
                          el / (i + 1) * (steps_per_epoch - i - 1))
         train_time = time.monotonic() - t_epoch
-        metrics = validate(model, val_c, val_s, cfg.batch_size)
+        metrics = validate(model, val_c, val_s, cfg.batch_size, device)
         seconds = time.monotonic() - t_epoch
         state["train_seconds"] += seconds
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
@@ -245,7 +264,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             state["bad_epochs"] += 1
         # Write to a temporary file first: an interrupted save must not destroy the last checkpoint.
         tmp = cfg.run_dir / "last.pt.tmp"
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "state": state,
                     "spec": asdict(cfg.spec)}, tmp)
         tmp.replace(last)
         _write_metrics(cfg.run_dir, history)
