@@ -35,7 +35,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        input_size=args.input_size or spec.input_size)
     cfg = TrainConfig(
         spec=spec, structures=task.structures, data=_folders(args.data, task.data),
-        negatives=_folders(args.negatives, task.negatives) if (args.negatives or task.negatives) else [],
+        # `--negatives` with no folder means none (e.g. a full SIIM set has its own negatives).
+        negatives=[Path(n) for n in args.negatives] if args.negatives is not None
+        else [shared_data_root() / d for d in task.negatives],
         negatives_per_source=task.negatives_per_source if args.negatives_per_source is None
         else args.negatives_per_source,
         run_dir=Path(args.run or RUNS / args.task), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
