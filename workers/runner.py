@@ -22,8 +22,9 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -179,12 +180,75 @@ def check_input(spec: models.ModelSpec, batch: int = 2) -> np.ndarray:
 
 
 @dataclass
+class _Pending:
+    x: np.ndarray
+    result: Prediction | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class MicroBatcher:
+    """Runs concurrent `predict` calls of one model together, up to `max_batch` images per pass.
+
+    For GPU workers with a thread pool (`--pool threads -c 8`): each task thread submits its images;
+    whichever thread gets the model next runs everything queued by then in one forward pass and hands
+    each caller its rows. No timer: while one pass runs, the next callers queue up, so batches grow
+    with load and a lone request never waits.
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], Prediction], max_batch: int) -> None:
+        self.run = run
+        self.max_batch = max_batch
+        self._queue: deque[_Pending] = deque()
+        self._queue_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> Prediction:
+        mine = _Pending(x)
+        with self._queue_lock:
+            self._queue.append(mine)
+        while not mine.done:
+            with self._run_lock:
+                if mine.done:  # another thread ran it while we waited
+                    break
+                self._run_queued()
+        if mine.error is not None:
+            raise mine.error
+        assert mine.result is not None
+        return mine.result
+
+    def _run_queued(self) -> None:
+        taken: list[_Pending] = []
+        with self._queue_lock:
+            n = 0
+            while self._queue and (not taken or n + len(self._queue[0].x) <= self.max_batch):
+                item = self._queue.popleft()
+                taken.append(item)
+                n += len(item.x)
+        try:
+            pred = self.run(np.concatenate([t.x for t in taken]))
+            start = 0
+            for t in taken:
+                stop = start + len(t.x)
+                t.result = Prediction(mask=pred.mask[start:stop],
+                                      presence=None if pred.presence is None else pred.presence[start:stop])
+                start = stop
+        except BaseException as exc:  # every caller of this pass sees the failure
+            for t in taken:
+                t.error = exc
+        finally:
+            for t in taken:
+                t.done = True
+
+
+@dataclass
 class LoadedModel:
     name: str
     spec: models.ModelSpec
     card: dict[str, Any]
     info: ModelInfo
     backend: _Backend
+    batcher: MicroBatcher | None = None
     calls: int = 0
     images: int = 0
     # Recent forward-pass times only: a worker runs for weeks.
@@ -213,13 +277,15 @@ class ModelRunner:
         threads: intra-op threads on CPU (torch and ONNX Runtime); None = library default.
         gpu_batch_size: images per forward pass on CUDA (CPU runs one image at a time: faster per
             image there, see DESIGN.md).
+        micro_batch: most images one coalesced pass may hold when several threads call `predict` at
+            once (`MicroBatcher`); default `gpu_batch_size` on CUDA, 1 (no coalescing) on CPU.
 
     Raises models.WeightsError when a requested model's weights or card are missing or do not match.
     """
 
     def __init__(self, weights_dir: Path | None = None, model_names: Iterable[str] | None = None,
                  device: str | None = None, backend: str | None = None, cache_dir: Path | None = None,
-                 threads: int | None = None, gpu_batch_size: int = 8) -> None:
+                 threads: int | None = None, gpu_batch_size: int = 8, micro_batch: int | None = None) -> None:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         names = tuple(model_names) if model_names is not None else models_from_env()
@@ -233,14 +299,18 @@ class ModelRunner:
         env_threads = os.environ.get(ENV_THREADS)
         self.threads = threads if threads is not None else (int(env_threads) if env_threads else None)
         self.batch_size = gpu_batch_size if self.device == "cuda" else 1
-        self._lock = threading.Lock()  # one forward pass at a time (thread pools share the runner)
+        # Coalesce concurrent callers (thread pool) into one pass: on by default on CUDA only.
+        self.micro_batch = micro_batch if micro_batch is not None else self.batch_size
+        self._stats_lock = threading.Lock()
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
         self.models: dict[str, LoadedModel] = {}
         for name in names:
-            self.models[name] = self._load(name)
+            loaded = self._load(name)
+            loaded.batcher = MicroBatcher(partial(self._forward, loaded), max(1, self.micro_batch))
+            self.models[name] = loaded
 
     @staticmethod
     def _pick_device(device: str) -> str:
@@ -340,17 +410,22 @@ class ModelRunner:
         s = m.spec.input_size
         if batch.ndim != 4 or batch.shape[1:] != (m.spec.in_channels, s, s):
             raise ValueError(f"{name}: expected (N, {m.spec.in_channels}, {s}, {s}), got {batch.shape}")
+        assert m.batcher is not None
         masks: list[np.ndarray] = []
         presences: list[np.ndarray] = []
         for start in range(0, batch.shape[0], self.batch_size):
-            chunk = batch[start:start + self.batch_size]
-            with self._lock:
-                t0 = time.perf_counter()
-                pred = m.backend(chunk)
-                m.timings_ms.append((time.perf_counter() - t0) * 1000)
-                m.calls += 1
-                m.images += len(chunk)
+            pred = m.batcher(batch[start:start + self.batch_size])
             masks.append(pred.mask)
             if pred.presence is not None:
                 presences.append(pred.presence)
         return Prediction(mask=np.concatenate(masks), presence=np.concatenate(presences) if presences else None)
+
+    def _forward(self, m: LoadedModel, x: np.ndarray) -> Prediction:
+        """One forward pass (the batcher guarantees one at a time per model)."""
+        t0 = time.perf_counter()
+        pred = m.backend(x)
+        with self._stats_lock:
+            m.timings_ms.append((time.perf_counter() - t0) * 1000)
+            m.calls += 1
+            m.images += len(x)
+        return pred

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from celery import Celery, signals
@@ -84,16 +85,19 @@ app = make_app()
 # -- one ModelRunner per worker process ---------------------------------------------------------
 
 _runner: Any = None
+_runner_lock = threading.Lock()
 
 
 def get_runner() -> Any:
-    """The process's ModelRunner, built on first use (or at child start, see below)."""
+    """The process's ModelRunner, built once (at pool-process start, see below) and shared by all
+    task threads of the process: with `--pool threads` on a GPU their images are micro-batched."""
     global _runner
-    if _runner is None:
-        from workers.runner import ModelRunner
+    with _runner_lock:
+        if _runner is None:
+            from workers.runner import ModelRunner
 
-        _runner = ModelRunner()
-    return _runner
+            _runner = ModelRunner()
+        return _runner
 
 
 @signals.worker_init.connect
@@ -129,6 +133,14 @@ def _check_weights_before_forking(**_: Any) -> None:
 def _load_models_in_child(**_: Any) -> None:
     # Load before the first task arrives, so no job pays the load (and first ONNX export) time.
     get_runner()
+
+
+@signals.worker_ready.connect
+def _load_models_in_threaded_worker(sender: Any = None, **_: Any) -> None:
+    # Thread and solo pools run tasks in this process (no pool process to start): load here.
+    pool = getattr(sender, "pool", None)
+    if pool is not None and type(pool).__module__.rsplit(".", 1)[-1] in ("thread", "solo"):
+        get_runner()
 
 
 # -- tasks --------------------------------------------------------------------------------------

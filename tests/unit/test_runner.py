@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support.net import wait_for
 from tests.support.tiny_models import TINY_SIZE, write_tiny_weights
 from workers import models
-from workers.runner import ONNX_TOLERANCE, ModelRunner, check_input, max_abs_diff, onnx_path
+from workers.runner import (
+    ONNX_TOLERANCE,
+    MicroBatcher,
+    ModelRunner,
+    Prediction,
+    check_input,
+    max_abs_diff,
+    onnx_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +155,64 @@ def test_same_weights_at_another_input_size_get_their_own_graph(tmp_path: Path) 
     assert small.info("lung").sha256 == large.info("lung").sha256
     assert large.backend_name("lung") == "onnx-cpu"
     assert large.predict("lung", check_input(large.spec("lung"), batch=1)).mask.shape == (1, 1, 96, 96)
+
+
+def test_micro_batcher_runs_waiting_callers_together() -> None:
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def run(x: np.ndarray) -> Prediction:
+        sizes.append(len(x))
+        if len(sizes) == 1:
+            gate.wait(30)  # hold the first pass until everyone else has queued
+        return Prediction(mask=x * 2, presence=x[:, 0, 0, 0].copy())
+
+    batcher = MicroBatcher(run, max_batch=4)
+    results: dict[int, Prediction] = {}
+
+    def call(i: int) -> None:
+        results[i] = batcher(np.full((1, 1, 2, 2), i, np.float32))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(7)]
+    threads[0].start()
+    wait_for(lambda: sizes == [1], 10, "the first pass")
+    for t in threads[1:]:
+        t.start()
+    wait_for(lambda: len(batcher._queue) == 6, 10, "six queued callers")
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert sizes == [1, 4, 2]  # FIFO, at most 4 images per pass
+    for i in range(7):
+        assert np.all(results[i].mask == 2 * i)
+        assert results[i].presence is not None and results[i].presence.tolist() == [i]
+
+
+def test_micro_batcher_failure_reaches_every_caller_of_the_pass() -> None:
+    def run(x: np.ndarray) -> Prediction:
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        MicroBatcher(run, max_batch=4)(np.zeros((1, 1, 2, 2), np.float32))
+
+
+def test_concurrent_predicts_match_single_predicts(weights: Path, cache: Path) -> None:
+    runner = ModelRunner(weights, model_names=["pneumothorax"], device="cpu", backend="torch", cache_dir=cache,
+                         micro_batch=4)
+    x = check_input(runner.spec("pneumothorax"), batch=6)
+    singles = [runner.predict("pneumothorax", x[i:i + 1]) for i in range(6)]
+    out: dict[int, Prediction] = {}
+    barrier = threading.Barrier(6)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        out[i] = runner.predict("pneumothorax", x[i:i + 1])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(6):
+        assert max_abs_diff(out[i], singles[i]) < 1e-4  # each caller gets its own rows back
+    assert runner.timings()["pneumothorax"].images == 12
