@@ -195,3 +195,27 @@ def test_pneumothorax_presence_follows_the_worker_rule(tmp_path) -> None:
     assert by_source["normals"]["presence_correct"] == 1.0 and by_source["normals"]["dice"] == 1.0
     assert by_source["ptx"]["presence_correct"] == 0.0 and by_source["ptx"]["dice"] == 0.0
     assert summary["dice_positives"]["n"] == 4
+
+
+@pytest.mark.parametrize("angle", [0, 15])
+def test_side_scores_use_the_patient_convention(tmp_path, angle: int) -> None:
+    """JSRT/SCR side masks are in the PATIENT sense: the right lung is on the image's left."""
+    from training.data import Sample
+    from training.evaluate import _side_metrics
+
+    shape = (120, 100)
+    image_left = _ellipse(shape, 60, 30, 35, 14)
+    image_right = _ellipse(shape, 60, 70, 35, 14)
+    if angle:
+        def rot(m: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).rotate(angle)) > 127
+        image_left, image_right = rot(image_left), rot(image_right)
+    folder = tmp_path / "jsrt_like"
+    for side, mask in (("right_lung", image_left), ("left_lung", image_right)):
+        (folder / "masks" / side).mkdir(parents=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / side / "x.png")
+    sample = Sample("jsrt_like", "x", folder / "images" / "x.png", {}, "x")
+    scores = _side_metrics(sample, image_left | image_right, shape)
+    assert scores == {"dice_right": 1.0, "dice_left": 1.0}
+    one_lung = _side_metrics(sample, image_left, shape)  # only the patient's right lung found
+    assert one_lung == {"dice_right": 1.0, "dice_left": 0.0}
