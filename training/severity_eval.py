@@ -8,7 +8,10 @@ References in severity/labels.csv:
 The zone threshold is chosen by cross-validation over the patient folds (`fold` column): for each fold
 the threshold that minimises the MAE on the OTHER folds is applied to it, so every reported figure is
 on images whose threshold never saw them. The threshold to ship is then chosen on all folds.
-Neither model is trained on severity/ (the opacity model learns from covid_opacity pixel masks only).
+Neither model is trained on severity/ scores (the opacity model learns from covid_opacity pixel masks
+only), but many severity images are also in lung/darwin_covid (`in_darwin`), so the lung model may have
+trained on their lung masks: with `lung_split` the CV figures are also given for the images whose lung
+mask the lung run did NOT train on.
 """
 
 from __future__ import annotations
@@ -97,6 +100,20 @@ def best_threshold(rows: Sequence[dict[str, Any]]) -> float:
     return float(THRESHOLDS[int(np.argmin(maes))])
 
 
+def lung_trained_ids(folder: Path, lung_split: Path) -> set[str]:
+    """Severity image ids whose lung mask was in the lung run's training set (same file in darwin_covid)."""
+    import json
+
+    train = json.loads(lung_split.read_text())["train"].get("darwin_covid", [])
+    darwin_index = folder.parent / "lung" / "darwin_covid" / "index.csv"
+    if not darwin_index.exists():
+        return set()
+    by_filename = {r["filename"]: r["id"] for r in read_rows(darwin_index.parent)}
+    trained = set(train)
+    return {r.get("image_id") or r["id"] for r in read_rows(folder)
+            if r.get("in_darwin") == "1" and by_filename.get(r.get("filename", "")) in trained}
+
+
 def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     scored = [r for r in rows if r["reference"] is not None]
     folds = sorted({r["fold"] for r in scored})
@@ -133,17 +150,26 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "per_zone_accuracy": {z: round(float((truth[:, k] == pred[:, k]).mean()), 4)
                                       for k, z in enumerate(BRIXIA_ZONES)},
                 "count_mae_vs_brixia_zone_count": round(float(np.mean(np.abs(pred.sum(1) - truth.sum(1)))), 4)}
+    unseen = [r for r in scored if not r.get("lung_trained")]
+    cv_unseen = severity_agreement([r["reference"] for r in unseen], [preds[r["image_id"]] for r in unseen])
     return {"reference": "mean of covid_scoring raters score_r/score_d (one where only one)",
             "cv": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in cv.items()},
+            "cv_lung_mask_unseen": {k: (round(v, 4) if isinstance(v, float) else v)
+                                    for k, v in cv_unseen.items() if k != "confusion_matrix"},
             "cv_per_fold": per_fold, "baseline_constant_mae": round(float(np.mean(base)), 4),
             "zone_threshold": ship,
             "in_sample_at_zone_threshold": {k: v for k, v in in_sample.items() if k != "confusion_matrix"},
             "brixia_zones": zone, "n_without_reference": len(rows) - len(scored)}
 
 
-def evaluate_severity(folder: Path, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
+def evaluate_severity(folder: Path, out_dir: Path, lung_split: Path | None = None,
+                      **kwargs: Any) -> dict[str, Any]:
     rows = zone_fractions(folder, out_dir, **kwargs)
+    trained = lung_trained_ids(folder, lung_split) if lung_split else set()
+    for r in rows:
+        r["lung_trained"] = r["image_id"] in trained
     summary = cross_validate(rows)
+    summary["n_lung_mask_trained"] = len(trained)
     summary["data"] = str(folder)
     summary["checkpoints"] = {k: str(v) for k, v in kwargs.items() if v is not None}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
