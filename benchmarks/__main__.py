@@ -49,11 +49,18 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of each benchmark that go into summary.json."""
-    keys = {"ingest": ("ratio_node_to_dcmtk", "best_ratio", "goal_met"),
-            "pipeline": ("weights", "paced", "burst"),
-            "worker": ("weights", "per_model_ms")}[name]
-    out = {k: data.get(k) for k in keys}
-    out["dominant"] = data.get("dominant")
+    if name == "ingest":
+        out = {k: data.get(k) for k in ("best_ratio", "goal_met", "ratio_node_to_dcmtk",
+                                        "node_peak_rss_mb_4_associations")}
+    elif name == "pipeline":
+        out = {"weights": data.get("weights")}
+        for phase in ("paced", "burst"):
+            p = data.get(phase) or {}
+            out[phase] = {k: p.get(k) for k in ("images", "complete", "latency_s", "images_per_minute")}
+    else:
+        out = {k: data.get(k) for k in ("weights", "per_model_ms", "cpu_images_per_s", "gpu")}
+    dominant = data.get("dominant")
+    out["dominant"] = dominant.get("measured") or dominant.get("text") if isinstance(dominant, dict) else dominant
     return out
 
 
