@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from workers import severity
 from workers.api import AnalyzeRequest, AnalyzeResult, ModelInfo, pack_mask
@@ -198,6 +197,11 @@ def _predict_lung_crop(cases: Sequence[_Case], runner: ModelRunner) -> list[np.n
     return probs
 
 
+def _centroid_col(mask: np.ndarray) -> float:
+    per_col = mask.sum(axis=0)
+    return float((per_col * np.arange(mask.shape[1])).sum() / per_col.sum())
+
+
 def pneumothorax_side(mask: np.ndarray, right: np.ndarray | None, left: np.ndarray | None) -> str | None:
     """'right', 'left', 'both' or None, by the share of the mask on each lung's side of the chest.
 
@@ -209,9 +213,9 @@ def pneumothorax_side(mask: np.ndarray, right: np.ndarray | None, left: np.ndarr
         return None
     split = mask.shape[1] / 2
     if right is not None and left is not None and right.any() and left.any():
-        split = (ndimage.center_of_mass(right)[1] + ndimage.center_of_mass(left)[1]) / 2
-    cols = np.nonzero(mask)[1]
-    right_share = float((cols < split).sum()) / area  # patient's right is on the image left
+        split = (_centroid_col(right) + _centroid_col(left)) / 2
+    per_col = mask.sum(axis=0)
+    right_share = float(per_col[: int(np.ceil(split))].sum()) / area  # patient's right is on the image left
     sides = [s for s, share in (("right", right_share), ("left", 1 - right_share)) if share >= SIDE_MIN_SHARE]
     return sides[0] if len(sides) == 1 else "both"
 
