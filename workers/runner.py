@@ -275,8 +275,9 @@ class ModelRunner:
         backend: CPU backend, "auto"/"onnx" (ONNX Runtime, torch fallback) or "torch".
         cache_dir: where ONNX exports are cached; default $CXRNODE_CACHE/onnx or ~/.cache/cxr-node/onnx.
         threads: intra-op threads on CPU (torch and ONNX Runtime); None = library default.
-        gpu_batch_size: images per forward pass on CUDA (CPU runs one image at a time: faster per
-            image there, see DESIGN.md).
+        gpu_batch_size: images per forward pass on CUDA.
+        cpu_batch_size: images per forward pass on CPU; 1 by default, faster per image there
+            (DESIGN.md). Benchmarks may raise it.
         micro_batch: most images one coalesced pass may hold when several threads call `predict` at
             once (`MicroBatcher`); default `gpu_batch_size` on CUDA, 1 (no coalescing) on CPU.
 
@@ -285,7 +286,8 @@ class ModelRunner:
 
     def __init__(self, weights_dir: Path | None = None, model_names: Iterable[str] | None = None,
                  device: str | None = None, backend: str | None = None, cache_dir: Path | None = None,
-                 threads: int | None = None, gpu_batch_size: int = 8, micro_batch: int | None = None) -> None:
+                 threads: int | None = None, gpu_batch_size: int = 8, cpu_batch_size: int = 1,
+                 micro_batch: int | None = None) -> None:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         names = tuple(model_names) if model_names is not None else models_from_env()
@@ -298,14 +300,16 @@ class ModelRunner:
             raise ValueError(f"backend must be auto, onnx or torch, not {self.backend_choice!r}")
         env_threads = os.environ.get(ENV_THREADS)
         self.threads = threads if threads is not None else (int(env_threads) if env_threads else None)
-        self.batch_size = gpu_batch_size if self.device == "cuda" else 1
+        self.batch_size = gpu_batch_size if self.device == "cuda" else cpu_batch_size
         # Coalesce concurrent callers (thread pool) into one pass: on by default on CUDA only.
         self.micro_batch = micro_batch if micro_batch is not None else self.batch_size
         self._stats_lock = threading.Lock()
-        if self.threads:
-            import torch
+        import torch
 
+        if self.threads:
             torch.set_num_threads(self.threads)
+        if self.device == "cuda":
+            torch.backends.cudnn.benchmark = True  # input sizes are fixed per model
         self.models: dict[str, LoadedModel] = {}
         for name in names:
             loaded = self._load(name)
@@ -335,6 +339,8 @@ class ModelRunner:
         backend: _Backend
         if self.device == "cuda":
             backend = TorchBackend(module, "cuda")
+            # First passes pick cuDNN kernels for this fixed input size: pay that here, not in a job.
+            backend(check_input(spec, batch=self.batch_size))
         elif self.backend_choice == "torch":
             backend = TorchBackend(module, "cpu")
         else:

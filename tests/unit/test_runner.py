@@ -216,3 +216,11 @@ def test_concurrent_predicts_match_single_predicts(weights: Path, cache: Path) -
     for i in range(6):
         assert max_abs_diff(out[i], singles[i]) < 1e-4  # each caller gets its own rows back
     assert runner.timings()["pneumothorax"].images == 12
+
+
+def test_cpu_batch_size_groups_images_per_pass(weights: Path, cache: Path) -> None:
+    runner = ModelRunner(weights, model_names=["lung"], device="cpu", cache_dir=cache, cpu_batch_size=3)
+    pred = runner.predict("lung", check_input(runner.spec("lung"), batch=4))
+    assert pred.mask.shape[0] == 4
+    stats = runner.timings()["lung"]
+    assert (stats.calls, stats.images) == (2, 4)  # passes of 3 + 1
