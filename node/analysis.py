@@ -29,10 +29,14 @@ log = logging.getLogger(__name__)
 class Publisher:
     """The hand-off function for `node.handoff.Dispatcher`: prepare, then publish one instance."""
 
-    def __init__(self, app: Celery, *, republish_after_s: float = 1800.0) -> None:
+    def __init__(self, app: Celery, *, republish_after_s: float = 1800.0, max_publishes: int = 3) -> None:
         self.app = app
+        # A job with no result this long after its publish is sent again (a lost message, a task killed
+        # by its time limit); after `max_publishes` sends the instance is failed instead of looping.
         self.republish_after_s = republish_after_s
+        self.max_publishes = max_publishes
         self._published: dict[str, float] = {}  # job id -> monotonic time of the last successful publish
+        self._sends: dict[str, int] = {}  # job id -> successful publishes
         self._lock = threading.Lock()
 
     def __call__(self, ctx: HandoffContext, instance_id: int) -> None:
@@ -50,6 +54,11 @@ class Publisher:
         job_id = job_id_for(instance_id, inst.queued_at)
         if not self.due(job_id):
             return False
+        if self._sends.get(job_id, 0) >= self.max_publishes:
+            store.set_instance_state(instance_id, InstanceState.FAILED,
+                                     f"no analysis result after {self.max_publishes} attempts "
+                                     f"({self.republish_after_s:.0f} s each): check the inference workers")
+            return False
         try:
             prepared = prepare(inst.spool_path)
         except PrepareError as e:
@@ -64,6 +73,7 @@ class Publisher:
                            priority=task_priority(inst.priority))
         with self._lock:
             self._published[job_id] = time.monotonic()
+            self._sends[job_id] = self._sends.get(job_id, 0) + 1
         store.add_event("analysis.published", instance_id=instance_id,
                         detail={"job_id": job_id, "publish_ms": round((time.monotonic() - started) * 1000, 1),
                                 "pixels": list(prepared.pixels.shape), "notes": list(prepared.notes)})
