@@ -67,7 +67,8 @@ class Publisher:
         except OSError as e:
             store.set_instance_state(instance_id, InstanceState.FAILED, f"spool file unreadable: {e}")
             return False
-        request = AnalyzeRequest.build(job_id, prepared.pixels, tuple(inst.models))
+        request = AnalyzeRequest.build(job_id, prepared.pixels, tuple(inst.models),
+                                       zone_threshold=settings.models.severity_zone_threshold)
         started = time.monotonic()
         self.app.send_task(ANALYZE_TASK, args=[request.to_message()], queue=INFERENCE_QUEUE,
                            priority=task_priority(inst.priority))

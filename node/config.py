@@ -199,6 +199,12 @@ class ResultsConfig(_Strict):
     manufacturer: str = "cxr-node"
     reanalyze_duplicates: bool = False
 
+    @model_validator(mode="after")
+    def _sr_needs_seg(self) -> ResultsConfig:
+        if self.sr and not self.seg:
+            raise ValueError("results.sr needs results.seg: the report's measurements reference SEG segments")
+        return self
+
 
 class WebConfig(_Strict):
     enabled: bool = True

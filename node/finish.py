@@ -85,7 +85,9 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
 
     destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
     existing = {(e.destination_ae, e.file_path) for e in store.list_exports(instance_id)}
-    objects = [("seg", files.seg), ("sr", files.sr)] + ([("overlay", files.overlay)] if files.overlay else [])
+    wanted = settings.results
+    objects = ([("seg", files.seg)] if wanted.seg else []) + ([("sr", files.sr)] if wanted.sr else []) \
+        + ([("overlay", files.overlay)] if files.overlay else [])
     for dest in dict.fromkeys(destinations):
         for kind, path in objects:
             if (dest, str(path)) not in existing:

@@ -69,3 +69,13 @@ def test_ae_title_and_port_validators() -> None:
     for bad_port in (0, 65536):
         with pytest.raises(ValueError):
             validate_port(bad_port)
+
+
+def test_sr_without_seg_is_refused_with_the_reason() -> None:
+    import pytest
+
+    from node.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="results.sr needs results.seg"):
+        load_settings(None, results={"seg": False, "sr": True})
+    assert not load_settings(None, results={"seg": True, "sr": False}).results.sr
