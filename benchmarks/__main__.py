@@ -39,7 +39,7 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
-        return worker.run(args.out, args.cache, weights="tiny", repeats=2)
+        return worker.run(args.out, args.cache, weights="tiny", repeats=1)
     return worker.run(args.out, args.cache, weights=args.weights)
 
 

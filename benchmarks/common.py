@@ -142,13 +142,25 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (forked listeners) counted once across the processes."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class RssSampler:
-    """Samples the summed RSS of a process tree on a thread; `peak` is the highest sum seen."""
+    """Samples the summed RSS (and PSS) of a process tree on a thread; `peak` is the highest RSS sum seen."""
 
     def __init__(self, root_pid: int, interval_s: float = 0.1) -> None:
         self.root_pid = root_pid
         self.interval_s = interval_s
         self.peak = 0
+        self.peak_pss = 0
         self.peak_processes = 0
         self.samples = 0
         self._stop = threading.Event()
@@ -168,6 +180,7 @@ class RssSampler:
             total = sum(rss_bytes(p) for p in pids)
             if total > self.peak:
                 self.peak, self.peak_processes = total, len(pids)
+            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in pids))
             self.samples += 1
             self._stop.wait(self.interval_s)
 

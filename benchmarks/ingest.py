@@ -58,6 +58,7 @@ class Transfer:
     files_per_s: float = 0.0
     mb_per_s: float = 0.0
     peak_rss_mb: float | None = None
+    peak_pss_mb: float | None = None
     peak_rss_processes: int | None = None
 
     def __post_init__(self) -> None:
@@ -224,12 +225,13 @@ def run_scenario(server: Server, files: Sequence[Path], associations: int, sampl
             with RssSampler(server.proc.pid) as rss:
                 seconds = send(server.port, files, associations)
             peak: float | None = round(mb(rss.peak), 1)
+            pss: float | None = round(mb(rss.peak_pss), 1)
             procs: int | None = rss.peak_processes
         else:
-            seconds, peak, procs = send(server.port, files, associations), None, None
+            seconds, peak, pss, procs = send(server.port, files, associations), None, None, None
         wait_for(lambda: server.stored() >= len(files), 20, f"{server.name} to hold every file")
         result = Transfer(server.name, associations, len(files), total, seconds, server.stored(),
-                          peak_rss_mb=peak, peak_rss_processes=procs)
+                          peak_rss_mb=peak, peak_pss_mb=pss, peak_rss_processes=procs)
         if isinstance(server, NodeServer):
             rows = server.rows()
             log.info("node audit rows: %s", rows)
@@ -301,10 +303,11 @@ def summarise(results: list[Transfer], files: Sequence[Path], before: dict[str, 
     for (server, associations), runs in groups.items():
         speeds = sorted(r.mb_per_s for r in runs)
         rss = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
+        pss = [r.peak_pss_mb for r in runs if r.peak_pss_mb is not None]
         table.setdefault(server, {})[_key(associations)] = {
             "best_mb_per_s": speeds[-1], "median_mb_per_s": round(float(statistics.median(speeds)), 1),
             "best_files_per_s": max(r.files_per_s for r in runs), "runs": len(runs),
-            **({"peak_rss_mb": max(rss)} if rss else {})}
+            **({"peak_rss_mb": max(rss), "peak_pss_mb": max(pss)} if rss and pss else {})}
     ratios: dict[str, dict[str, dict[str, float]]] = {}
     for server, by_assoc in table.items():
         if not server.startswith("cxrnode"):
@@ -316,8 +319,8 @@ def summarise(results: list[Transfer], files: Sequence[Path], before: dict[str, 
                 "median": round(row["median_mb_per_s"] / ref["median_mb_per_s"], 3)}
     best = {key: max((v[key]["best"] for v in ratios.values() if key in v), default=0.0)
             for key in ("1_association", "4_associations")}
-    node_rss = {s: v["4_associations"].get("peak_rss_mb") for s, v in table.items()
-                if s.startswith("cxrnode") and "4_associations" in v}
+    node_rss = {s: {"rss_sum": v["4_associations"].get("peak_rss_mb"), "pss_sum": v["4_associations"].get("peak_pss_mb")}
+                for s, v in table.items() if s.startswith("cxrnode") and "4_associations" in v}
     return {
         "benchmark": "ingest",
         "files": len(files),

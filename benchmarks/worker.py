@@ -79,7 +79,7 @@ def bench_backend(backend: str, weights_dir: Path, cache: Path, image: np.ndarra
                 for k, v in result.timings_ms.items():
                     steps.setdefault(k, []).append(v)
 
-        times = _timed(one, max(2, repeats // 2))
+        times = _timed(one, max(1, repeats // 2))
         ms = statistics.median(times) / b
         out["analyze"][f"batch{b}"] = {
             "ms_per_image": round(ms, 1), "images_per_s": round(1000 / ms, 2),

@@ -36,7 +36,7 @@ def test_quick_ingest_and_worker_write_json(tmp_path: Path) -> None:
         assert run["mb_per_s"] > 0
     for key in ("1_association", "4_associations"):
         assert ingest["ratio_node_to_dcmtk"]["cxrnode serve (listeners=2)"][key]["best"] > 0
-    assert ingest["node_peak_rss_mb_4_associations"]["cxrnode serve (listeners=2)"] > 0
+    assert ingest["node_peak_rss_mb_4_associations"]["cxrnode serve (listeners=2)"]["rss_sum"] > 0
     assert isinstance(ingest["conditions_before"]["training_running"], bool)
 
     worker = json.loads((out / "worker.json").read_text())
