@@ -64,3 +64,27 @@ def test_rows_of_one_image_are_ored(tmp_path) -> None:
 def test_invalid_rle_is_an_error(bad: str) -> None:
     with pytest.raises(ValueError):
         decode(bad)
+
+
+def test_import_siim_writes_a_shared_format_folder(tmp_path) -> None:
+    from PIL import Image
+
+    from training.data import load_mask, read_folder
+    from training.siim import import_siim
+
+    images = tmp_path / "siim_png"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    positive = np.zeros((1024, 1024), bool)
+    positive[100:400, 600:800] = True
+    for image_id in ("1.2.3.pos", "1.2.3.neg"):
+        Image.fromarray(rng.integers(0, 255, (1024, 1024), dtype=np.uint8)).save(images / f"{image_id}.png")
+    rle = tmp_path / "train-rle.csv"
+    write_csv(rle, [("1.2.3.pos", positive), ("1.2.3.neg", np.zeros_like(positive))])
+    out = tmp_path / "siim"
+    assert import_siim(rle, images, out) == 2
+    samples = {s.id: s for s in read_folder(out, ("pneumothorax",))}
+    assert set(samples) == {"1.2.3.pos", "1.2.3.neg"}
+    pos = load_mask(samples["1.2.3.pos"].masks["pneumothorax"], (512, 512))
+    assert pos[50:200, 300:400].all() and pos.sum() == 150 * 100
+    assert not load_mask(samples["1.2.3.neg"].masks["pneumothorax"], (512, 512)).any()
