@@ -8,6 +8,7 @@ images, tiny models) that checks the machinery, not the speed.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -59,9 +60,23 @@ def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
             out[phase] = {k: p.get(k) for k in ("images", "complete", "latency_s", "images_per_minute")}
     else:
         out = {k: data.get(k) for k in ("weights", "per_model_ms", "cpu_images_per_s", "gpu")}
+    cond = data.get("conditions_before") or {}
+    out["conditions"] = {"loadavg": cond.get("loadavg"), "training_running": cond.get("training_running"),
+                         "time_utc": cond.get("time_utc")}
     dominant = data.get("dominant")
     out["dominant"] = dominant.get("measured") or dominant.get("text") if isinstance(dominant, dict) else dominant
     return out
+
+
+def previous_summary(out: Path, quick: bool) -> dict[str, Any]:
+    """summary.json so far: a run of some benchmarks keeps the others' last headlines (same mode only)."""
+    try:
+        old = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("quick") != quick or not isinstance(old.get("benchmarks"), dict):
+        old = {"quick": quick, "benchmarks": {}}
+    return old
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     selected = args.only or list(NAMES)
-    summary: dict[str, Any] = {"quick": args.quick, "benchmarks": {}}
+    summary = previous_summary(args.out, args.quick)
     status = 0
     for name in selected:
         t0 = time.monotonic()

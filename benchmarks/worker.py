@@ -87,7 +87,7 @@ def bench_backend(backend: str, weights_dir: Path, cache: Path, image: np.ndarra
     return out
 
 
-def run(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 8, batches: tuple[int, ...] = (1, 4),
+def run(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 10, batches: tuple[int, ...] = (1, 4),
         backends: tuple[str, ...] = ("onnx", "torch")) -> dict[str, Any]:
     from node.prepare import prepare
 
@@ -95,7 +95,7 @@ def run(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 8, 
     image = prepare(DICOM_DIR / IMAGE).pixels
     before = conditions()
     # torch eager is several times slower on CPU: fewer repeats keep the run near two minutes.
-    results = {b: bench_backend(b, weights_dir, cache, image, repeats if b == "onnx" else max(2, repeats // 3),
+    results = {b: bench_backend(b, weights_dir, cache, image, repeats if b == "onnx" else max(2, repeats // 2),
                                 batches) for b in backends}
     per_model = {backend: {name: {f"batch{b}": r["forward"][name][f"batch{b}"]["ms_per_image"] for b in batches}
                            for name in r["forward"]} for backend, r in results.items()}
