@@ -35,12 +35,12 @@ def _ingest(args: argparse.Namespace) -> dict[str, Any]:
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         return pipeline.run(args.out, args.cache, n_images=3, weights="tiny", paced_interval_s=0.5)
-    return pipeline.run(args.out, args.cache, weights=args.weights)
+    return pipeline.run(args.out, args.cache, weights=args.weights, worker_threads=args.worker_threads)
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
-        return worker.run(args.out, args.cache, weights="tiny", repeats=1)
+        return worker.run(args.out, args.cache, weights="tiny", repeats=1, backends=("onnx", "torch"))
     return worker.run(args.out, args.cache, weights=args.weights)
 
 
@@ -54,7 +54,7 @@ def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
         out = {k: data.get(k) for k in ("best_ratio", "goal_met", "ratio_node_to_dcmtk",
                                         "node_peak_rss_mb_4_associations")}
     elif name == "pipeline":
-        out = {"weights": data.get("weights")}
+        out = {"weights": data.get("weights"), "worker_threads": data.get("worker_threads")}
         for phase in ("paced", "burst"):
             p = data.get(phase) or {}
             out[phase] = {k: p.get(k) for k in ("images", "complete", "latency_s", "images_per_minute")}
@@ -90,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", choices=("auto", "shipped", "random", "tiny"), default="auto",
                         help="model weights for pipeline/worker: shipped (workers/weights), random "
                              "(full-size architectures, untrained: same speed), tiny; auto = shipped if present")
+    parser.add_argument("--worker-threads", type=int, default=None,
+                        help="pipeline: intra-op threads of the embedded inference worker (CXRNODE_WORKER_THREADS)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

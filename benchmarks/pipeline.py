@@ -46,7 +46,7 @@ FINAL = {"exported", "dead", "failed", "skipped"}
 class EmbeddedNode:
     """`cxrnode serve` with the analysis pipeline, results to a DCMTK storescp."""
 
-    def __init__(self, root: Path, weights_dir: Path, onnx_cache: Path) -> None:
+    def __init__(self, root: Path, weights_dir: Path, onnx_cache: Path, worker_threads: int | None = None) -> None:
         self.root = root
         self.data_dir = root / "var"
         self.port, self.dest_port = free_port(), free_port()
@@ -55,6 +55,7 @@ class EmbeddedNode:
         self.dest_dir = root / "dest"
         self.weights_dir = weights_dir
         self.onnx_cache = onnx_cache
+        self.worker_threads = worker_threads
         self.proc: subprocess.Popen[bytes] | None = None
         self.dest: subprocess.Popen[bytes] | None = None
 
@@ -77,6 +78,8 @@ class EmbeddedNode:
             f'destinations = ["{DEST_AE}"]\n[rules.match]\nmodality = ["CR", "DX"]\n')
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CXRNODE_WEIGHTS_DIR": str(self.weights_dir),
                "CXRNODE_CACHE": str(self.onnx_cache)}
+        if self.worker_threads:  # the supervised inference worker inherits the node's environment
+            env["CXRNODE_WORKER_THREADS"] = str(self.worker_threads)
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen([*cxrnode_command(), "serve", "--config", str(self.config)], stdout=logf,
                                          stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -208,11 +211,11 @@ def _r(x: float | None) -> float | None:
 
 
 def run(out_dir: Path, cache: Path, *, n_images: int = 50, weights: str = "auto", paced_interval_s: float = 1.0,
-        phase_timeout_s: float = 240.0) -> dict[str, Any]:
+        phase_timeout_s: float = 240.0, worker_threads: int | None = None) -> dict[str, Any]:
     label, weights_dir = resolve(weights, cache)
     before = conditions()
     work = Path(tempfile.mkdtemp(prefix="cxrnode-bench-pipeline-"))
-    node = EmbeddedNode(work / "node", weights_dir, cache)
+    node = EmbeddedNode(work / "node", weights_dir, cache, worker_threads)
     try:
         paced_files = analysable_copies(work / "paced", n_images, TEMPLATE)
         burst_files = analysable_copies(work / "burst", n_images, TEMPLATE)
@@ -233,6 +236,7 @@ def run(out_dir: Path, cache: Path, *, n_images: int = 50, weights: str = "auto"
         "weights": label,
         "mode": "embedded (SQLite audit, kombu sqla+sqlite broker, 1 supervised CPU inference worker)",
         "image": f"{TEMPLATE} copies with new UIDs",
+        "worker_threads": worker_threads or "runner default (library default: one per core)",
         "warmup": warmup,
         "paced": paced,
         "burst": burst,
