@@ -103,6 +103,18 @@ class EmbeddedNode:
             self.dest.terminate()
             self.dest.wait(10)
 
+    def log_errors(self) -> dict[str, Any]:
+        """Tracebacks in the node's and its workers' logs: a benchmark must not hide a failing path."""
+        errors: dict[str, int] = {}
+        for path in [self.log, *sorted((self.data_dir / "logs").glob("*.log"))]:
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            for i, line in enumerate(lines):
+                if line.startswith("Traceback"):
+                    last = next((x for x in lines[i + 1:] if x and not x.startswith((" ", "\t"))), "?")
+                    key = f"{path.name}: {last[:200]}"
+                    errors[key] = errors.get(key, 0) + 1
+        return errors
+
     def instances(self, uids: set[str]) -> list[Any]:
         from node.audit import AuditStore
 
@@ -230,6 +242,7 @@ def run(out_dir: Path, cache: Path, *, n_images: int = 50, weights: str = "auto"
         dest_files = sum(1 for p in node.dest_dir.iterdir() if p.is_file())
     finally:
         node.stop()
+        errors = node.log_errors()
         shutil.rmtree(work, ignore_errors=True)
     return {
         "benchmark": "pipeline",
@@ -241,6 +254,7 @@ def run(out_dir: Path, cache: Path, *, n_images: int = 50, weights: str = "auto"
         "paced": paced,
         "burst": burst,
         "destination_received_files": dest_files,
+        "node_log_tracebacks": errors,
         "dominant": dominant(paced, burst),
         "conditions_before": before,
         "conditions_after": conditions(),
