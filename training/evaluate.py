@@ -128,6 +128,7 @@ def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, 
     if name == "pneumothorax":
         pos = [r for r in rows if r["truth_present"]]
         summary["dice_positives"] = summarise(pos, ["dice", "iou", "hd95_px"])["overall"] if pos else None
+        summary["presence"] = presence_summary(rows)
     summary |= {"model": name, "spec": spec.__dict__, "threshold": thr,
                 "presence_threshold": p_thr if name == "pneumothorax" else None,
                 "data": [str(f) for f in folders], "negatives": [str(f) for f in negatives],
@@ -136,6 +137,17 @@ def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, 
                 "weights_sha256": card.get("sha256"), "checkpoint": str(checkpoint) if checkpoint else None}
     _write(out_dir, rows, summary)
     return summary
+
+
+def presence_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sensitivity, specificity and their mean (balanced accuracy): the overall accuracy alone would
+    mostly count the many easy negatives."""
+    pos = [r for r in rows if r["truth_present"]]
+    neg = [r for r in rows if not r["truth_present"]]
+    sens = float(np.mean([r["present"] for r in pos])) if pos else math.nan
+    spec = float(np.mean([1 - r["present"] for r in neg])) if neg else math.nan
+    return {"n_positive": len(pos), "n_negative": len(neg), "sensitivity": round(sens, 4),
+            "specificity": round(spec, 4), "balanced_accuracy": round((sens + spec) / 2, 4)}
 
 
 def _side_metrics(s: Sample, pred: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:

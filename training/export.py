@@ -34,7 +34,9 @@ def git_rev(repo: Path) -> str:
     try:
         rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "training", "workers"],
+        # The code that shapes the weights: training/ and the architecture/preprocessing/zone rule.
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "training",
+                                "workers/models.py", "workers/severity.py", "workers/inference.py"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
