@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from node.audit import AuditStore, DuplicateInstance, InstanceState, ReceivedInstance
+from node.audit.store import RouteOutcome
 from node.config import Settings
 from node.dicom_header import STATUS_OUT_OF_RESOURCES, Header, Refusal, check_dataset, read_header
 from node.handoff import Dispatcher, HandoffContext, hand_off
@@ -106,16 +107,31 @@ class Ingest:
 
         final = self.spool.commit(received, header.study_instance_uid, header.sop_instance_uid)
         info = self._info(header, req, size, spool_path=str(final))
+        route = self._route_outcome(header, req.calling_ae)
         try:
-            instance = self.store.record_instance_received(info)
+            instance = self.store.record_instance_received(info, route)
         except DuplicateInstance:
             # The same instance arrived on two associations at once; the other one recorded it first.
             live = self.store.find_live_instance(header.sop_instance_uid)
             assert live is not None
             row = self.store.record_duplicate(self._info(header, req, size, ""), live.id)
             return Outcome(STATUS_SUCCESS, "duplicate", row.id, row.reason)
-        self.route(instance.id, header, req.calling_ae)
+        if route is None:
+            self.route(instance.id, header, req.calling_ae)  # routing failed above: try once more
+        elif route.state == InstanceState.QUEUED:
+            self.hand_off(instance.id)
         return Outcome(STATUS_SUCCESS, "stored", instance.id)
+
+    def _route_outcome(self, header: Header, calling_ae: str) -> RouteOutcome | None:
+        """The routing decision as the state to commit with the row (None: routing failed, stays received)."""
+        try:
+            d = decide(header, calling_ae, self.settings.rules, self.settings.models)
+        except Exception:
+            log.exception("routing %s failed; it stays received", header.sop_instance_uid)
+            return None
+        if d.action == "skip":
+            return RouteOutcome(InstanceState.SKIPPED, rule=d.rule, reason=d.reason)
+        return RouteOutcome(InstanceState.QUEUED, rule=d.rule, models=d.models, destinations=d.destinations)
 
     def _reject(self, received: Path, req: StoreRequest, r: Refusal, size: int) -> Outcome:
         path = self.spool.quarantine(received, req.affected_sop_instance, {
