@@ -5,9 +5,10 @@ References in severity/labels.csv:
 - Brixia: zones A-F scored 0-3 by a senior rater; A/B/C = right upper/middle/lower, D/E/F = left
   upper/middle/lower (BrixIA convention), a zone counts as affected when its score is >= 1.
 
-The zone threshold is chosen by cross-validation over the patient folds (`fold` column): for each fold
-the threshold that minimises the MAE on the OTHER folds is applied to it, so every reported figure is
-on images whose threshold never saw them. The threshold to ship is then chosen on all folds.
+The zone threshold (jointly with the opacity model's pixel threshold, from PIXEL_THRESHOLDS) is chosen
+by cross-validation over the patient folds (`fold` column): for each fold the pair that minimises the
+MAE on the OTHER folds is applied to it, so every reported figure is on images whose thresholds never
+saw them. The pair to ship (card `zone_threshold` and opacity `threshold`) is then chosen on all folds.
 Neither model is trained on severity/ scores (the opacity model learns from covid_opacity pixel masks
 only), but many severity images are also in lung/darwin_covid (`in_darwin`), so the lung model may have
 trained on their lung masks: with `lung_split` the CV figures are also given for the images whose lung
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 BRIXIA_ZONES = ("A", "B", "C", "D", "E", "F")  # = RU, RM, RL, LU, LM, LL of workers.severity
 THRESHOLDS = np.round(np.arange(0.01, 0.80, 0.01), 2)
+#: Opacity pixel thresholds tried with each zone threshold (the worker applies the card's `threshold`
+#: to the opacity probabilities before it measures the zone fractions).
+PIXEL_THRESHOLDS = (0.3, 0.4, 0.5)
 
 
 def _num(value: str | None) -> float | None:
@@ -71,9 +75,13 @@ def zone_fractions(folder: Path, out_dir: Path, *, weights_dir: Path | None = No
         right, left = severity.split_lungs(lung_prob[0] > l_thr)
         opacity_prob, _ = predict(opac, opac_spec, image)
         res = severity.score(right, left, opacity_prob[0] > o_thr, threshold=0.0)
+        by_pixel = {pt: [round(f, 5) for f in severity.score(right, left, opacity_prob[0] > pt,
+                                                              threshold=0.0).zone_fractions]
+                    for pt in PIXEL_THRESHOLDS}
         rows.append({"image_id": image_id, "fold": int(row["fold"]), "source": row.get("source", ""),
                      "reference": rater_mean(row), "brixia": brixia_affected(row),
-                     "fractions": [round(f, 5) for f in res.zone_fractions],
+                     "fractions": [round(f, 5) for f in res.zone_fractions], "opacity_threshold": o_thr,
+                     "fractions_by_pixel": by_pixel,
                      "lung_area_px": res.lung_area_px})
         if (i + 1) % 50 == 0:
             log.info("severity: %d images", i + 1)
@@ -89,15 +97,26 @@ def zone_fractions(folder: Path, out_dir: Path, *, weights_dir: Path | None = No
     return rows
 
 
-def _scores(rows: Sequence[dict[str, Any]], thr: float) -> np.ndarray:
-    return np.array([sum(f > thr for f in r["fractions"]) for r in rows], dtype=int)
+Params = tuple[float | None, float]  # (opacity pixel threshold; None = as evaluated, zone threshold)
 
 
-def best_threshold(rows: Sequence[dict[str, Any]]) -> float:
-    """Threshold with the lowest MAE vs the raters' mean (ties: the smaller threshold)."""
+def _fractions(row: dict[str, Any], pixel: float | None) -> list[float]:
+    by_pixel = row.get("fractions_by_pixel") or {}
+    return list(by_pixel[pixel]) if pixel is not None and pixel in by_pixel else list(row["fractions"])
+
+
+def _scores(rows: Sequence[dict[str, Any]], params: Params) -> np.ndarray:
+    pixel, zone = params
+    return np.array([sum(f > zone for f in _fractions(r, pixel)) for r in rows], dtype=int)
+
+
+def best_threshold(rows: Sequence[dict[str, Any]]) -> Params:
+    """(pixel, zone) thresholds with the lowest MAE vs the raters' mean (ties: the first, i.e. smaller)."""
     ref = np.array([r["reference"] for r in rows], float)
-    maes = [float(np.mean(np.abs(_scores(rows, float(t)) - ref))) for t in THRESHOLDS]
-    return float(THRESHOLDS[int(np.argmin(maes))])
+    pixels: list[float | None] = sorted({p for r in rows for p in (r.get("fractions_by_pixel") or {})}) or [None]
+    grid = [(p, float(z)) for p in pixels for z in THRESHOLDS]
+    maes = [float(np.mean(np.abs(_scores(rows, g) - ref))) for g in grid]
+    return grid[int(np.argmin(maes))]
 
 
 def lung_trained_ids(folder: Path, lung_split: Path) -> set[str]:
@@ -121,12 +140,12 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     thr_for_row: dict[str, float] = {}
     per_fold = {}
     for f in folds:
-        thr = best_threshold([r for r in scored if r["fold"] != f])
+        params = best_threshold([r for r in scored if r["fold"] != f])
         test = [r for r in scored if r["fold"] == f]
-        for r, p in zip(test, _scores(test, thr), strict=True):
-            preds[r["image_id"]], thr_for_row[r["image_id"]] = int(p), thr
+        for r, p in zip(test, _scores(test, params), strict=True):
+            preds[r["image_id"]], thr_for_row[r["image_id"]] = int(p), params[1]
         ref = [r["reference"] for r in test]
-        per_fold[str(f)] = {"threshold": thr, "n": len(test),
+        per_fold[str(f)] = {"threshold": params[1], "opacity_threshold": params[0], "n": len(test),
                             "mae": round(float(np.mean(np.abs(np.array([preds[r["image_id"]] for r in test]) - ref))), 4)}
     ref_all = [r["reference"] for r in scored]
     cv = severity_agreement(ref_all, [preds[r["image_id"]] for r in scored])
@@ -143,8 +162,8 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         # Zone-level agreement with Brixia (>=1 = affected) at the shipped threshold; the Brixia
         # labels were not used to pick it.
         truth = np.array([r["brixia"] for r in brixia], bool)
-        pred = np.array([[f > ship for f in r["fractions"]] for r in brixia], bool)
-        zone = {"n_images": len(brixia), "threshold": ship,
+        pred = np.array([[f > ship[1] for f in _fractions(r, ship[0])] for r in brixia], bool)
+        zone = {"n_images": len(brixia), "threshold": ship[1], "opacity_threshold": ship[0],
                 "zone_accuracy": round(float((truth == pred).mean()), 4),
                 "zone_kappa": round(cohen_kappa(truth.ravel().astype(int).tolist(), pred.ravel().astype(int).tolist(), 2), 4),
                 "per_zone_accuracy": {z: round(float((truth[:, k] == pred[:, k]).mean()), 4)
@@ -157,7 +176,7 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "cv_lung_mask_unseen": {k: (round(v, 4) if isinstance(v, float) else v)
                                     for k, v in cv_unseen.items() if k != "confusion_matrix"},
             "cv_per_fold": per_fold, "baseline_constant_mae": round(float(np.mean(base)), 4),
-            "zone_threshold": ship,
+            "zone_threshold": ship[1], "opacity_threshold": ship[0],
             "in_sample_at_zone_threshold": {k: v for k, v in in_sample.items() if k != "confusion_matrix"},
             "brixia_zones": zone, "n_without_reference": len(rows) - len(scored)}
 

@@ -219,3 +219,18 @@ def test_side_scores_use_the_patient_convention(tmp_path, angle: int) -> None:
     assert scores == {"dice_right": 1.0, "dice_left": 1.0}
     one_lung = _side_metrics(sample, image_left, shape)  # only the patient's right lung found
     assert one_lung == {"dice_right": 1.0, "dice_left": 0.0}
+
+
+def test_opacity_pixel_threshold_is_tuned_with_the_zone_threshold() -> None:
+    """Only the fractions measured at pixel threshold 0.3 carry the signal: the CV must pick 0.3."""
+    rows = []
+    for fold in range(5):
+        for k in range(7):
+            signal = [0.6] * k + [0.05] * (6 - k)
+            rows.append({"image_id": f"{fold}-{k}", "fold": fold, "source": "s", "reference": float(k),
+                         "brixia": None, "fractions": [0.0] * 6,
+                         "fractions_by_pixel": {0.3: signal, 0.5: [0.0] * 6}})
+    out = cross_validate(rows)
+    assert out["opacity_threshold"] == 0.3
+    assert 0.05 <= out["zone_threshold"] < 0.6
+    assert out["cv"]["mae"] == 0.0
