@@ -239,6 +239,7 @@ def run(out_dir: Path, cache: Path, *, n_images: int = 50, weights: str = "auto"
         warmup["seconds"] = round(time.monotonic() - warm_t0, 1)
         paced = phase(node, f"paced ({1 / paced_interval_s:.0f}/s)", paced_files, paced_interval_s, phase_timeout_s)
         burst = phase(node, "burst", burst_files, None, phase_timeout_s)
+        profiled = profile_burst(node, analysable_copies(work / "profiled", min(20, n_images), TEMPLATE), work)
         dest_files = sum(1 for p in node.dest_dir.iterdir() if p.is_file())
     finally:
         node.stop()
@@ -255,13 +256,26 @@ def run(out_dir: Path, cache: Path, *, n_images: int = 50, weights: str = "auto"
         "burst": burst,
         "destination_received_files": dest_files,
         "node_log_tracebacks": errors,
-        "dominant": dominant(paced, burst),
+        "profile_burst_cpu": profiled,
+        "dominant": dominant(paced, burst, profiled),
         "conditions_before": before,
         "conditions_after": conditions(),
     }
 
 
-def dominant(paced: dict[str, Any], burst: dict[str, Any]) -> dict[str, Any]:
+def profile_burst(node: EmbeddedNode, files: Sequence[Path], work: Path) -> dict[str, Any]:
+    """An extra, unmeasured burst sampled by py-spy (CPU only): which process and function use the CPU."""
+    from benchmarks import profile
+
+    if profile.py_spy() is None:
+        return {"skipped": "py-spy not installed (.venv/bin/pip install py-spy)"}
+    assert node.proc is not None
+    raw = work / "py-spy-pipeline.txt"
+    profile.sample(node.proc.pid, raw, lambda: phase(node, "profiled burst", files, None, 240), rate=50, idle=False)
+    return profile.summarise_processes(raw)
+
+
+def dominant(paced: dict[str, Any], burst: dict[str, Any], profiled: dict[str, Any]) -> dict[str, Any]:
     stages = burst["stage_median_s"]
     worker = {k: v["p50"] for k, v in burst["worker_ms_per_model"].items() if k != "total"}
     slowest = max((k for k, v in stages.items() if v is not None), key=lambda k: stages[k], default=None)
@@ -269,8 +283,12 @@ def dominant(paced: dict[str, Any], burst: dict[str, Any]) -> dict[str, Any]:
         "burst_slowest_stage": slowest,
         "worker_total_ms_p50": burst["worker_ms_per_model"].get("total", {}).get("p50"),
         "worker_ms_per_model_p50": worker,
-        "text": ("With 2 shared cores one CPU inference worker is the bottleneck: a burst queues in the broker "
-                 "(published_to_analyzed grows with the queue), so latency is roughly queue position x "
-                 "per-image worker time; paced at 1/s the latency stays near the per-image service time only "
-                 "while the worker keeps up. See stage_median_s in both phases."),
+        "cpu_share_by_process": {k: v["share"] for k, v in profiled.get("cpu_share", {}).items()},
+        "text": ("A burst queues in the broker (published_to_analyzed grows with the queue position), so its "
+                 "latency is queue position x per-image service time of the whole chain. On 2 shared cores the "
+                 "chain is CPU-bound across three processes: the inference worker (networks, Celery/kombu "
+                 "polling), the node worker (node.finish: SEG and SR with highdicom, masks back to the source "
+                 "grid, the source prepared a second time) and serve (publisher prepare, exporter). See "
+                 "profile_burst_cpu for this run's split; paced at 1/s the latency stays near one service "
+                 "time while the chain keeps up."),
     }

@@ -40,13 +40,16 @@ def py_spy() -> str | None:
     return str(exe) if exe.exists() else shutil.which("py-spy")
 
 
-def sample(pid: int, out: Path, work: Callable[[], Any], rate: int = 200) -> Any:
-    """Run `work()` while py-spy samples `pid` (and its children); returns what work returned."""
+def sample(pid: int, out: Path, work: Callable[[], Any], rate: int = 200, idle: bool = True) -> Any:
+    """Run `work()` while py-spy samples `pid` (and its children); returns what work returned.
+
+    idle=True samples every thread (wall time); False only threads on the CPU (CPU time).
+    """
     exe = py_spy()
     if exe is None:
         raise FileNotFoundError("py-spy is not installed")
-    spy = subprocess.Popen([exe, "record", "--pid", str(pid), "--subprocesses", "--idle", "-f", "raw",
-                            "-r", str(rate), "-d", "300", "-o", str(out)],
+    spy = subprocess.Popen([exe, "record", "--pid", str(pid), "--subprocesses", *(["--idle"] if idle else []),
+                            "-f", "raw", "-r", str(rate), "-d", "300", "-o", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)  # py-spy attaches
@@ -101,3 +104,38 @@ def summarise(raw: Path) -> dict[str, Any]:
         "ingest_share": round(sum(v for k, v in per_category.items() if k.startswith("ingest")) / assoc_total, 3),
         "top_frames_all_threads": {k: round(v / total, 3) for k, v in self_time.most_common(8)},
     }
+
+
+#: Processes of the embedded node, recognised by their command line.
+PIPELINE_PROCESSES = (("workers.tasks", "inference worker"), ("node.tasks", "node worker (node.finish: SEG/SR)"),
+                      ("serve", "cxrnode serve (SCP, publisher, sweeper, exporter)"))
+#: Frames from these modules name a sample (the deepest one wins); others fall back to the leaf frame.
+OWN_MODULES = re.compile(r"\((prepare|finish|seg|sr|exporter|sender|analysis|inference|runner|severity|api|"
+                         r"store|ingest|spool)\.py\)")
+
+
+def summarise_processes(raw: Path, top: int = 6) -> dict[str, Any]:
+    """CPU share per process of the embedded node, and each process's busiest functions."""
+    per_proc: Counter[str] = Counter()
+    frames: dict[str, Counter[str]] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        parts = stack.split(";")
+        procs = [f for f in parts if f.startswith("process ")]
+        cmd = procs[-1] if procs else "?"
+        name = next((label for needle, label in PIPELINE_PROCESSES if needle in cmd), cmd[:80])
+        names = [re.sub(r" \((?:.*/)?([^/]+?):\d+\)", r" (\1)", f) for f in parts if not f.startswith("process ")]
+        key = next((f for f in reversed(names) if OWN_MODULES.search(f)), names[-1] if names else "?")
+        per_proc[name] += n
+        frames.setdefault(name, Counter())[key] += n
+    if not total:
+        return {"samples": 0}
+    return {"samples": total, "cpu_share": {
+        name: {"share": round(n / total, 3),
+               "top": {k: round(v / total, 3) for k, v in frames[name].most_common(top)}}
+        for name, n in per_proc.most_common()}}
