@@ -35,7 +35,9 @@ from types import FrameType
 from pynetdicom import _config
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.analysis import Publisher
 from node.audit import AuditStore
+from node.celery_app import make_celery
 from node.config import Settings, load_settings
 from node.handoff import Dispatcher, HandoffContext
 from node.ingest import Ingest
@@ -102,9 +104,6 @@ def serve_listener(settings: Settings, index: int, stop: threading.Event) -> Non
     dispatcher = Dispatcher(HandoffContext(settings, store))
     if settings.broker.enabled:
         # Publishing prepares pixels and talks to the broker: each listener does it for what it received.
-        from node.analysis import Publisher
-        from node.celery_app import make_celery
-
         dispatcher.set_handoff(Publisher(make_celery(settings)))
     ingest = Ingest(settings, store, spool, dispatcher)
     scp = StorageSCP(settings, store, ingest)
