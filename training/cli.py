@@ -66,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             summary = evaluate_severity(
                 folder, out if len(folders) == 1 else out / folder.name, weights_dir=weights_dir,
                 lung_checkpoint=_path(args.lung_checkpoint), opacity_checkpoint=_path(args.opacity_checkpoint),
-                lung_split=_path(args.lung_split))
+                lung_split=_path(args.lung_split), pixel_thresholds=args.opacity_thresholds or ())
             _stamp(out if len(folders) == 1 else out / folder.name, summary, args.argv)
         return 0
     task = TASKS[args.model]
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the shipped weights")
     e.add_argument("--lung-checkpoint")
     e.add_argument("--opacity-checkpoint")
+    e.add_argument("--opacity-thresholds", nargs="*", type=float,
+                   help="severity: also tune the opacity pixel threshold over these values (e.g. 0.3 0.5 0.7)")
     e.add_argument("--lung-split", help="severity: the lung run's split.json, to report images whose lung "
                                         "mask the lung model did not train on separately")
     e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")

@@ -34,10 +34,11 @@ from workers import severity
 log = logging.getLogger(__name__)
 
 BRIXIA_ZONES = ("A", "B", "C", "D", "E", "F")  # = RU, RM, RL, LU, LM, LL of workers.severity
-THRESHOLDS = np.round(np.arange(0.01, 0.80, 0.01), 2)
-#: Opacity pixel thresholds tried with each zone threshold (the worker applies the card's `threshold`
-#: to the opacity probabilities before it measures the zone fractions).
-PIXEL_THRESHOLDS = (0.3, 0.4, 0.5)
+THRESHOLDS = np.round(np.arange(0.01, 0.96, 0.01), 2)
+#: Opacity pixel thresholds that `--opacity-thresholds` may try with each zone threshold (the worker
+#: applies the opacity card's `threshold` to the probabilities before it measures the zone fractions;
+#: by default only that one is used, so the displayed opacity mask keeps its Dice-optimal threshold).
+PIXEL_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def _num(value: str | None) -> float | None:
@@ -61,7 +62,7 @@ def brixia_affected(row: dict[str, str]) -> list[bool] | None:
 def zone_fractions(folder: Path, out_dir: Path, *, weights_dir: Path | None = None,
                    lung_checkpoint: Path | None = None, opacity_checkpoint: Path | None = None,
                    lung_threshold: float | None = None, opacity_threshold: float | None = None,
-                   ) -> list[dict[str, Any]]:
+                   pixel_thresholds: Sequence[float] = ()) -> list[dict[str, Any]]:
     """Per image: the six zone opacity fractions from the two models (cached in zone_fractions.csv)."""
     lung, lung_spec, lung_card = load_model("lung", weights_dir, lung_checkpoint)
     opac, opac_spec, opac_card = load_model("opacity", weights_dir, opacity_checkpoint)
@@ -77,7 +78,7 @@ def zone_fractions(folder: Path, out_dir: Path, *, weights_dir: Path | None = No
         res = severity.score(right, left, opacity_prob[0] > o_thr, threshold=0.0)
         by_pixel = {pt: [round(f, 5) for f in severity.score(right, left, opacity_prob[0] > pt,
                                                               threshold=0.0).zone_fractions]
-                    for pt in PIXEL_THRESHOLDS}
+                    for pt in pixel_thresholds}
         rows.append({"image_id": image_id, "fold": int(row["fold"]), "source": row.get("source", ""),
                      "reference": rater_mean(row), "brixia": brixia_affected(row),
                      "fractions": [round(f, 5) for f in res.zone_fractions], "opacity_threshold": o_thr,
@@ -176,7 +177,8 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "cv_lung_mask_unseen": {k: (round(v, 4) if isinstance(v, float) else v)
                                     for k, v in cv_unseen.items() if k != "confusion_matrix"},
             "cv_per_fold": per_fold, "baseline_constant_mae": round(float(np.mean(base)), 4),
-            "zone_threshold": ship[1], "opacity_threshold": ship[0],
+            "zone_threshold": ship[1],
+            "opacity_threshold": ship[0] if ship[0] is not None else (rows[0].get("opacity_threshold") if rows else None),
             "in_sample_at_zone_threshold": {k: v for k, v in in_sample.items() if k != "confusion_matrix"},
             "brixia_zones": zone, "n_without_reference": len(rows) - len(scored)}
 
