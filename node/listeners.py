@@ -43,8 +43,10 @@ from node.handoff import Dispatcher, HandoffContext
 from node.ingest import Ingest
 from node.logging_setup import setup_logging
 from node.pipeline import Pipeline
+from node.retention import RetentionLoop
 from node.scp import StorageSCP, server_ssl_context
 from node.spool import Spool
+from node.web.server import start_console
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +248,19 @@ def run_listeners(settings: Settings, n: int, target: ListenerTarget = serve_lis
     if pipeline is not None:
         pipeline.start()
     Ingest(settings, store, spool, dispatcher).resume_pending()
-    store.add_event("node.started", detail={"ae_title": d.ae_title, "port": port, "listeners": n})
-    log.info("node running with %d listeners on %s:%d", n, d.host, port)
+    retention = RetentionLoop(settings, store).start()
+    web = None
     try:
+        web = start_console(settings, store, enqueue_analysis=dispatcher.submit,
+                            kick_sender=pipeline.exporter.wake if pipeline else None)
+        store.add_event("node.started", detail={"ae_title": d.ae_title, "port": port, "listeners": n})
+        log.info("node running with %d listeners on %s:%d", n, d.host, port)
         while not stop.wait(1.0):
             pool.check()
     finally:
+        if web is not None:
+            web.stop()
+        retention.stop()
         pool.stop(d.shutdown_grace_s)
         reserved.close()
         dispatcher.close()

@@ -10,6 +10,7 @@ inference workers run on GPU hosts (`celery -A workers.tasks worker -Q inference
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from node.analysis import Publisher, Sweeper
@@ -47,8 +48,11 @@ def worker_children(settings: Settings) -> list[ChildSpec]:
             "inference-worker",
             [*celery, "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
              "-c", str(settings.broker.worker_concurrency), "--pool", "prefork", "-n", "inference@%h", *quiet],
+            # One intra-op thread: the node shares the cores, and oversubscribed OpenMP/ORT pools ran
+            # 2x (ONNX) to 10x (torch) slower here (bench-results/worker.json).
             env={**broker_env, "CXRNODE_TASK_TIME_LIMIT": str(settings.broker.task_time_limit),
-                 "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings))},
+                 "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings)),
+                 "CXRNODE_WORKER_THREADS": os.environ.get("CXRNODE_WORKER_THREADS", "1")},
             log_file=logs / "inference-worker.log"))
     return children
 

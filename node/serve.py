@@ -54,9 +54,6 @@ class Node:
             self.pipeline.start()
         self.ingest.resume_pending()
         self.retention.start()
-        if self.settings.dicom.listeners > 1:
-            log.warning("dicom.listeners=%d: multi-process listeners are not implemented yet; using one",
-                        self.settings.dicom.listeners)
         # Before the DICOM port is bound: a production config without a console password stops here.
         self.web = start_console(self.settings, self.store, enqueue_analysis=self.dispatcher.submit,
                                  kick_sender=self.pipeline.exporter.wake if self.pipeline else None,
@@ -105,6 +102,11 @@ SWEEP_INTERVAL_S = 60.0
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
+    if settings.dicom.listeners > 1:
+        # Several receiving processes on one port: one interpreter receives about one core's worth.
+        from node.listeners import run_listeners
+
+        return run_listeners(settings, settings.dicom.listeners)
     node = Node(settings)
     stopping = threading.Event()
 

@@ -1,0 +1,81 @@
+"""`cxrnode serve` with `dicom.listeners = 2`: several receiving processes on one port, one node."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from node.audit import InstanceFilter
+from tests.support.dcmtk import echoscu, storescu
+from tests.support.net import wait_for
+from tests.support.node import NodeProcess
+from tests.support.paths import dicom_dir
+
+SOURCE = "09_cr_8bit_alloc8.dcm"
+
+
+def _copies(folder: Path, n: int) -> list[Path]:
+    folder.mkdir()
+    ds = pydicom.dcmread(dicom_dir() / SOURCE)
+    paths = []
+    for i in range(n):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _listener_pids(node: NodeProcess) -> list[int]:
+    assert node.proc is not None
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == node.proc.pid:
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path) -> None:
+    files = _copies(tmp_path / "send", 40)
+    node = NodeProcess(tmp_path, extra_toml="listeners = 2\n")
+    try:
+        node.start()
+        assert echoscu(node.port).returncode == 0
+        # Four concurrent associations, ten files each: the kernel spreads them over the listeners.
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda chunk=files[i::4]: results.extend(storescu(node.port, chunk).statuses))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [0] * 40
+        store = node.store()
+        rows = store.list_instances(InstanceFilter())
+        assert len(rows) == 40 and {r.state for r in rows} == {"queued"}  # broker off: stays queued
+        assert len({r.sop_instance_uid for r in rows}) == 40
+        assert len(list(node.spool.rglob("*.dcm"))) == 40
+        assert len({r.association_id for r in rows}) == 4
+
+        listeners = _listener_pids(node)
+        assert len(listeners) == 2, listeners
+        os.kill(listeners[0], signal.SIGKILL)
+        wait_for(lambda: len(set(_listener_pids(node)) - {listeners[0]}) == 2, 30, "a replacement listener")
+        more = _copies(tmp_path / "more", 6)
+        assert storescu(node.port, more).statuses == [0] * 6
+        assert len(store.list_instances(InstanceFilter())) == 46
+        assert node.stop() == 0  # SIGTERM: every listener finishes and the node exits cleanly
+    finally:
+        node.close()
+        shutil.rmtree(tmp_path / "send", ignore_errors=True)
