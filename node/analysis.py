@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 
 from node.audit import AuditStore, InstanceFilter, InstanceState
+from node.audit.models import utcnow
 from node.config import Settings
 from node.finish import job_id_for
 from node.handoff import Dispatcher, HandoffContext
@@ -41,6 +42,11 @@ class Publisher:
 
     def __call__(self, ctx: HandoffContext, instance_id: int) -> None:
         self.publish(ctx.settings, ctx.store, instance_id)
+
+    def remember(self, job_id: str) -> None:
+        """A publish of `job_id` made by another process (from the audit log): not due until it ages."""
+        with self._lock:
+            self._published.setdefault(job_id, time.monotonic())
 
     def due(self, job_id: str) -> bool:
         with self._lock:
@@ -85,9 +91,10 @@ class Sweeper:
     """Every `interval_s`, hands off again every queued instance whose job was not published (outbox)."""
 
     def __init__(self, store: AuditStore, dispatcher: Dispatcher, publisher: Publisher, *,
-                 interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 interval_s: float = 5.0, grace_s: float = 10.0) -> None:
         self.store, self.dispatcher, self.publisher = store, dispatcher, publisher
         self.interval_s = interval_s
+        self.grace_s = grace_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-sweeper", daemon=True)
 
@@ -100,9 +107,26 @@ class Sweeper:
         self._thread.join(10)
 
     def sweep_once(self) -> int:
+        """Submit queued instances nobody published: left behind by a broker outage or a lost message.
+
+        Another process may own a fresh instance (a listener publishes what it received), so only
+        instances queued more than `grace_s` ago are considered, and a job whose publish another
+        process recorded in the audit log is not published again.
+        """
+        now = utcnow()
+        stale = [i for i in self.store.list_instances(InstanceFilter(states=[InstanceState.QUEUED], limit=500))
+                 if i.queued_at is None or _aware(i.queued_at) < now - timedelta(seconds=self.grace_s)]
+        if not stale:
+            return 0
+        since = now - timedelta(seconds=self.publisher.republish_after_s)
+        elsewhere = {str(e.detail.get("job_id")) for e in self.store.list_events(since=since,
+                                                                                  kinds=["analysis.published"])}
         n = 0
-        for inst in self.store.list_instances(InstanceFilter(states=[InstanceState.QUEUED], limit=500)):
-            if self.publisher.due(job_id_for(inst.id, inst.queued_at)):
+        for inst in stale:
+            job_id = job_id_for(inst.id, inst.queued_at)
+            if job_id in elsewhere:
+                self.publisher.remember(job_id)
+            elif self.publisher.due(job_id):
                 self.dispatcher.submit(inst.id)
                 n += 1
         return n
@@ -113,3 +137,8 @@ class Sweeper:
                 self.sweep_once()
             except Exception:
                 log.exception("outbox sweep failed; retrying in %.0f s", self.interval_s)
+
+
+def _aware(dt: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

@@ -69,3 +69,24 @@ def test_not_republished_while_waiting_and_undecodable_pixels_fail_once(tmp_path
     inst = store.get_instance(multiframe)
     assert inst.state == InstanceState.FAILED and inst.reason.startswith("cannot prepare pixels: multi-frame")
     assert len(_messages(settings)) == 1
+
+
+def test_sweeper_leaves_jobs_another_process_published(tmp_path: Path) -> None:
+    from node.analysis import Sweeper
+    from node.finish import job_id_for
+    from node.handoff import Dispatcher, HandoffContext
+
+    settings = load_settings(None, storage={"data_dir": str(tmp_path)})
+    store = AuditStore.open(settings.database_url)
+    publisher = Publisher(make_celery(settings))
+    dispatcher = Dispatcher(HandoffContext(settings, store))  # not started: submissions just queue up
+    mine = _queued(store, tmp_path, "02_cr_implicit_le_12bit.dcm")
+    theirs = _queued(store, tmp_path, "09_cr_8bit_alloc8.dcm")
+    # A listener process published `theirs` and wrote it in the audit log.
+    store.add_event("analysis.published", instance_id=theirs,
+                    detail={"job_id": job_id_for(theirs, store.get_instance(theirs).queued_at)})
+
+    assert Sweeper(store, dispatcher, publisher, grace_s=3600).sweep_once() == 0  # both still fresh
+    assert Sweeper(store, dispatcher, publisher, grace_s=0).sweep_once() == 1  # only `mine` is left over
+    assert dispatcher._queue.get_nowait() == mine
+    assert not publisher.due(job_id_for(theirs, store.get_instance(theirs).queued_at))
