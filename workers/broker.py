@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import kombu.transport as kombu_transport
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.transport.virtual import Message
@@ -173,6 +174,8 @@ def prepare(url: str) -> None:
     if not url.startswith("sqla+"):
         return
     TRANSPORT_ALIASES["sqla"] = f"{__name__}:SqliteTransport"
+    # kombu caches the class per alias: drop a stock transport resolved before this call.
+    kombu_transport._transport_cache.pop("sqla", None)
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,11 @@ def test_sqlite_path() -> None:
     assert broker.sqlite_path("sqla+sqlite:///var/broker.db") == Path("var/broker.db")
     assert broker.sqlite_path("sqla+sqlite://") is None
     assert broker.is_embedded("sqla+sqlite:///x.db") and not broker.is_embedded("redis://h:1/0")
+
+
+def test_prepare_wins_over_a_stock_transport_resolved_earlier(tmp_path: Path) -> None:
+    from kombu.transport import get_transport_cls
+
+    get_transport_cls("sqla")  # e.g. a health check connected before the Celery app was made
+    broker.prepare(f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    assert get_transport_cls("sqla") is broker.SqliteTransport
