@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydicom.filereader import read_file_meta_info
 
 from node.audit import AuditStore
 from node.audit.models import InstanceState
@@ -28,7 +27,7 @@ from node.config import load_settings
 from node.health import queue_depth
 from node.web.server import start_in_thread
 from tests.support.console import EXTRA_OPTS, PASSWORD_HASH, RAW_SENDS, sop_instance_uid
-from tests.support.dcmtk import echoscu, storescu, storescu_opts
+from tests.support.dcmtk import echoscu, send_as_stored, storescu, storescu_opts
 from tests.support.net import free_port, wait_for
 from tests.support.node import cxrnode_command
 from tests.support.paths import REPO_ROOT, dicom_dir, dicom_manifest
@@ -111,24 +110,9 @@ def deployment(postgres_server: PostgresServer, redis_server: RedisServer,
 
 def _send_raw_tls(dep: Deployment, path: Path) -> int | None:
     """The bytes of a file storescu cannot read, over TLS with the client certificate (pynetdicom)."""
-    from pynetdicom import AE, _config
-
-    meta = read_file_meta_info(path)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(dep.tls["server_cert"]))
     ctx.load_cert_chain(str(dep.tls["client_cert"]), str(dep.tls["client_key"]))
-    ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        assoc = ae.associate("127.0.0.1", dep.port, ae_title="CXRNODE", tls_args=(ctx, "127.0.0.1"))
-        assert assoc.is_established
-        try:
-            rsp = assoc.send_c_store(path)
-            return int(rsp.Status) if "Status" in rsp else None
-        finally:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return send_as_stored(dep.port, path, ssl_context=ctx)
 
 
 def test_production_config_serves_over_tls_into_postgres_and_redis(deployment: Deployment) -> None:

@@ -8,29 +8,11 @@ import signal
 import threading
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
-
 from node.audit import InstanceFilter
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import wait_for
 from tests.support.node import NodeProcess
-from tests.support.paths import dicom_dir
-
-SOURCE = "09_cr_8bit_alloc8.dcm"
-
-
-def _copies(folder: Path, n: int) -> list[Path]:
-    folder.mkdir()
-    ds = pydicom.dcmread(dicom_dir() / SOURCE)
-    paths = []
-    for i in range(n):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"{i:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+from tests.support.synthetic_dicom import small_chest_copies
 
 
 def _listener_pids(node: NodeProcess) -> list[int]:
@@ -47,7 +29,7 @@ def _listener_pids(node: NodeProcess) -> list[int]:
 
 
 def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path) -> None:
-    files = _copies(tmp_path / "send", 40)
+    files = small_chest_copies(tmp_path / "send", 40)
     node = NodeProcess(tmp_path, extra_toml="listeners = 2\n")
     try:
         node.start()
@@ -72,7 +54,7 @@ def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path)
         assert len(listeners) == 2, listeners
         os.kill(listeners[0], signal.SIGKILL)
         wait_for(lambda: len(set(_listener_pids(node)) - {listeners[0]}) == 2, 30, "a replacement listener")
-        more = _copies(tmp_path / "more", 6)
+        more = small_chest_copies(tmp_path / "more", 6)
         assert storescu(node.port, more).statuses == [0] * 6
         assert len(store.list_instances(InstanceFilter())) == 46
         assert node.stop() == 0  # SIGTERM: every listener finishes and the node exits cleanly

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,7 +89,8 @@ class StoreSCP:
             self.proc.wait(10)
 
 
-def send_as_stored(port: int, path: Path, *, aet: str = "STORESCU", aec: str = "CXRNODE") -> int | None:
+def send_as_stored(port: int, path: Path, *, aet: str = "STORESCU", aec: str = "CXRNODE",
+                   ssl_context: ssl.SSLContext | None = None) -> int | None:
     """Send a file's bytes as they are with pynetdicom (for files storescu refuses to read).
 
     Chunked sending (``STORE_SEND_CHUNKED_DATASET``) takes the SOP Class/Instance UIDs and transfer
@@ -104,7 +106,8 @@ def send_as_stored(port: int, path: Path, *, aet: str = "STORESCU", aec: str = "
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+        tls_args = (ssl_context, "127.0.0.1") if ssl_context is not None else None
+        assoc = ae.associate("127.0.0.1", port, ae_title=aec, tls_args=tls_args)
         if not assoc.is_established:
             raise RuntimeError("association not established")
         try:
