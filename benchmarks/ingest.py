@@ -367,8 +367,8 @@ DOMINANT = {
     "one_association": (
         "storescu waits for each C-STORE response, so per-file latency is serial: receiving (pynetdicom PDU "
         "decoding in Python plus its polling reactor threads) and the node's persist-before-ack (fsync of the "
-        "8 MB file and its directories, then two separate SQLite commits with synchronous=FULL: the instance "
-        "row, then the routed state). See profile_node_1_association for this run's split. DCMTK does not "
+        "8 MB file and its directories, then one SQLite commit with synchronous=FULL holding the instance "
+        "row in its routed state). See profile_node_1_association for this run's split. DCMTK does not "
         "fsync at all. More listener processes cannot help one association."),
     "four_associations": (
         "one interpreter is CPU-bound (GIL) on PDU decoding; node.listeners runs N processes on one "
@@ -376,6 +376,6 @@ DOMINANT = {
     "what_was_done": (
         "node/listeners.py: N pre-forked listener processes on SO_REUSEPORT sockets, same ingest/SCP code; "
         "the data set is already written as received (STORE_RECV_CHUNKED_DATASET) and only the header is "
-        "parsed (pixels deferred). Proposed (not in the benchmark's files): record the instance and its "
-        "routing decision in ONE transaction (saves one synchronous commit per file)."),
+        "parsed (pixels deferred); the instance and its routing decision are recorded in ONE transaction "
+        "(one synchronous commit per file instead of two)."),
 }
