@@ -13,7 +13,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 from node import metrics
-from node.audit import AuditStore, InstanceState
+from node.audit import AuditStore, InstanceState, StoreError
 from node.audit.models import Event, Export, ExportState, Instance, utcnow
 from node.config import Settings
 from node.sender import Destination, FileStatus, SendError, backoff_delay, client_ssl_context, send
@@ -108,18 +108,31 @@ class Exporter:
         self._settle_instance(row.instance_id)
 
     def _settle_instance(self, instance_id: int) -> None:
-        """exported when every export is sent; dead when none is pending and one is dead."""
-        states = {e.state for e in self.store.list_exports(instance_id)}
-        inst = self.store.get_instance(instance_id)
-        if inst.state not in (InstanceState.ANALYZED, InstanceState.DEAD) or ExportState.PENDING in states:
-            return
+        settle_instance(self.store, instance_id)
+
+
+def settle_instance(store: AuditStore, instance_id: int) -> None:
+    """exported when every export is sent; dead when none is pending and one is dead.
+
+    Called by the exporter after each attempt and by `node.finish` right after `analyzed`: the two run
+    in different processes, and an export can be sent before its instance is marked analyzed.
+    """
+    exports = store.list_exports(instance_id)
+    states = {e.state for e in exports}
+    inst = store.get_instance(instance_id)
+    if inst.state not in (InstanceState.ANALYZED, InstanceState.DEAD) or not exports \
+            or ExportState.PENDING in states:
+        return
+    try:
         if states == {ExportState.SENT}:
-            row = self.store.set_instance_state(instance_id, InstanceState.EXPORTED)
-            _observe_latencies(self.store, row)
+            row = store.set_instance_state(instance_id, InstanceState.EXPORTED)
+            _observe_latencies(store, row)
         elif ExportState.DEAD in states and inst.state != InstanceState.DEAD:
-            dead = [e for e in self.store.list_exports(instance_id) if e.state == ExportState.DEAD]
-            self.store.set_instance_state(instance_id, InstanceState.DEAD,
-                                          f"{len(dead)} export(s) undeliverable: {dead[-1].last_error}")
+            dead = [e for e in exports if e.state == ExportState.DEAD]
+            store.set_instance_state(instance_id, InstanceState.DEAD,
+                                     f"{len(dead)} export(s) undeliverable: {dead[-1].last_error}")
+    except StoreError:
+        log.info("instance %d was settled concurrently", instance_id)
 
 
 def _utc(dt: datetime) -> datetime:

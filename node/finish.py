@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from node.audit import AuditStore, InstanceState
 from node.config import Settings
+from node.exporter import settle_instance
 from node.prepare import Prepared, masks_to_source, prepare
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
@@ -95,8 +96,12 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
                 store.create_export(instance_id, destination_ae=dest, kind=kind, file_path=str(path),
                                     sop_instance_uid=uid)
     store.set_instance_state(instance_id, InstanceState.ANALYZED, detail=summary(result))
-    if not destinations:
-        store.set_instance_state(instance_id, InstanceState.EXPORTED, "no destinations configured for this rule")
+    if not destinations or not objects:
+        store.set_instance_state(instance_id, InstanceState.EXPORTED,
+                                 "nothing to send: no destinations for this rule" if not destinations
+                                 else "nothing to send: results.seg, results.sr and results.overlay are off")
+    else:
+        settle_instance(store, instance_id)  # the exporter may have sent everything already
     return "analyzed"
 
 
