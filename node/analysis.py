@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from celery import Celery
 
 from node.audit import AuditStore, InstanceFilter, InstanceState
-from node.audit.models import utcnow
+from node.audit.models import as_utc, utcnow
 from node.config import Settings
 from node.finish import job_id_for
 from node.handoff import Dispatcher, HandoffContext
@@ -115,7 +115,7 @@ class Sweeper:
         """
         now = utcnow()
         stale = [i for i in self.store.list_instances(InstanceFilter(states=[InstanceState.QUEUED], limit=500))
-                 if i.queued_at is None or _aware(i.queued_at) < now - timedelta(seconds=self.grace_s)]
+                 if i.queued_at is None or as_utc(i.queued_at) < now - timedelta(seconds=self.grace_s)]
         if not stale:
             return 0
         since = now - timedelta(seconds=self.publisher.republish_after_s)
@@ -138,7 +138,3 @@ class Sweeper:
             except Exception:
                 log.exception("outbox sweep failed; retrying in %.0f s", self.interval_s)
 
-
-def _aware(dt: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

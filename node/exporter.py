@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from node import metrics
 from node.audit import AuditStore, InstanceState, StoreError
-from node.audit.models import Event, Export, ExportState, Instance, utcnow
+from node.audit.models import Event, Export, ExportState, Instance, as_utc, utcnow
 from node.config import Settings
 from node.sender import Destination, FileStatus, SendError, backoff_delay, client_ssl_context, send
 
@@ -135,11 +135,6 @@ def settle_instance(store: AuditStore, instance_id: int) -> None:
         log.info("instance %d was settled concurrently", instance_id)
 
 
-def _utc(dt: datetime) -> datetime:
-    """SQLite gives naive UTC datetimes back, while a just-set timestamp is aware: compare them as aware."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
-
-
 def _observe_latencies(store: AuditStore, inst: Instance) -> None:
     """Stage latencies of an instance that just reached `exported`, and the worker's model timings."""
     if inst.exported_at is None:
@@ -147,7 +142,7 @@ def _observe_latencies(store: AuditStore, inst: Instance) -> None:
     stages = {"total": inst.received_at, "export": inst.analyzed_at, "analysis": inst.queued_at}
     for stage, start in stages.items():
         if start is not None:
-            metrics.observe_stage(stage, (_utc(inst.exported_at) - _utc(start)).total_seconds())
+            metrics.observe_stage(stage, (as_utc(inst.exported_at) - as_utc(start)).total_seconds())
     analyzed = [e for e in store.list_events(instance_id=inst.id, kinds=["instance.analyzed"])]
     if analyzed:
         for model, ms in (analyzed[-1].detail.get("timings_ms") or {}).items():

@@ -46,6 +46,7 @@ from node.pipeline import Pipeline
 from node.retention import RetentionLoop
 from node.scp import StorageSCP, server_ssl_context
 from node.spool import Spool
+from node.supervisor import die_with_parent
 from node.web.server import start_console
 
 log = logging.getLogger(__name__)
@@ -122,19 +123,9 @@ def serve_listener(settings: Settings, index: int, stop: threading.Event) -> Non
     log.info("listener %d stopped", index)
 
 
-def _die_with_parent() -> None:
-    """SIGTERM this process when the parent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
 def _listener_process(target: ListenerTarget, settings: Settings, index: int) -> None:
     """Entry point of a forked listener: its own signal handling, then the target."""
-    _die_with_parent()
+    die_with_parent()
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -25,7 +25,7 @@ class ChildSpec:
     log_file: Path | None = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if the node dies, even by SIGKILL (Linux prctl)."""
     try:
         import ctypes
@@ -64,7 +64,7 @@ class Supervisor:
             out = open(child.log_file, "ab")  # noqa: SIM115 - handed to the child, closed when it is replaced
         env = {**os.environ, **child.env}
         proc = subprocess.Popen(child.argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         if out is not None:
             out.close()
         self._procs[child.name] = proc

@@ -36,6 +36,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(dt: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC), PostgreSQL aware ones: compare them as aware."""
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
 class InstanceState(enum.StrEnum):
     RECEIVED = "received"
     QUEUED = "queued"
