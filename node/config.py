@@ -206,16 +206,55 @@ class ResultsConfig(_Strict):
         return self
 
 
+WebRole = Literal["admin", "viewer"]
+
+
+class WebUser(_Strict):
+    """A console login (`[[web.users]]`). Viewers see every page; only admins run actions."""
+
+    name: str
+    password_hash: str  # "pbkdf2_sha256$iterations$salt$hash" (cxrnode web hash-password)
+    role: WebRole = "viewer"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip() or len(v) > 64 or any(not c.isprintable() for c in v):
+            raise ValueError("user names are 1-64 printable characters")
+        return v
+
+
 class WebConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    # The single administrator of older configs; kept as one more admin login when password_hash is set.
     admin_user: str = "admin"
     password_hash: str = ""  # "pbkdf2_sha256$iterations$salt$hash"; empty = console disabled in production
+    users: list[WebUser] = Field(default_factory=list)
+    # Signs session cookies, so sessions outlive restarts and are shared by every console process that
+    # reads the same file. None = <storage.data_dir>/web-session.key, generated (mode 0600) when missing.
+    session_key_file: Path | None = None
+    session_hours: float = 8.0
     production: bool = False
     json_logs: bool = False
 
     _port = field_validator("port")(lambda cls, v: validate_port(v))
+
+    @field_validator("session_hours")
+    @classmethod
+    def _positive_hours(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> WebConfig:
+        names = [u.name for u in self.users] + ([self.admin_user] if self.password_hash else [])
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"user name(s) {', '.join(twice)} given more than once (web.users, web.admin_user)")
+        return self
 
 
 class Settings(BaseSettings):

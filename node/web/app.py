@@ -2,7 +2,8 @@
 
 `create_app(settings, store, ...)` builds a FastAPI app around one audit store. Pages are Jinja2
 templates with plain HTML forms (no JavaScript build step). Every POST needs a logged-in session
-and its CSRF token; every change goes to the audit log with `actor="web:<user>"`.
+and its CSRF token; every action also needs the admin role (viewers get 403, audited as
+`web.denied`); every change goes to the audit log with `actor="web:<user>"`.
 """
 
 from __future__ import annotations
@@ -26,16 +27,9 @@ from node.audit.models import AERole, InstanceState
 from node.audit.store import AuditStore, StoreError
 from node.config import Settings, validate_ae_title, validate_port
 from node.health import CheckResult, Readiness, disk_usage, queue_depth, readiness
-from node.web import queries
+from node.web import queries, session_key
 from node.web.actions import ActionError, ConsoleActions
-from node.web.auth import (
-    Credentials,
-    LoginThrottle,
-    Session,
-    SessionSigner,
-    resolve_credentials,
-    verify_password,
-)
+from node.web.auth import LoginThrottle, Session, SessionSigner, User, authenticate, resolve_users
 from node.web.results_view import (
     default_weights_dir,
     legend,
@@ -57,12 +51,16 @@ class LoginRequired(Exception):
         self.next_url = next_url
 
 
+class AdminRequired(Exception):
+    """A viewer tried an action (answered 403)."""
+
+
 @dataclass
 class Console:
     settings: Settings
     store: AuditStore
     actions: ConsoleActions
-    credentials: Credentials
+    users: dict[str, User]
     signer: SessionSigner
     templates: Jinja2Templates
     weights_dir: Path
@@ -73,13 +71,18 @@ class Console:
 def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
                workers_probe: Callable[[], CheckResult] | None = None,
                weights_dir: Path | None = None) -> FastAPI:
-    """The web app. Raises node.web.auth.AuthConfigError when production mode has no password hash."""
-    credentials, one_time = resolve_credentials(settings.web.admin_user, settings.web.password_hash,
-                                                settings.web.production)
+    """The web app. Raises node.web.auth.AuthConfigError when production mode has no console user, a
+    password hash is malformed or the session key file is unusable."""
+    web = settings.web
+    users, one_time = resolve_users([(u.name, u.password_hash, u.role) for u in web.users],
+                                    admin_user=web.admin_user, password_hash=web.password_hash,
+                                    production=web.production)
     if one_time is not None:
-        # Dev mode only (production refuses to start without a hash): shown once, lives in this process.
-        log.warning("web console: no web.password_hash set; one-time login for this run: user %r password %s",
-                    credentials.user, one_time)
+        # Dev mode only (production refuses to start without a user): shown once, lives in this process.
+        log.warning("web console: no console user configured; one-time login for this run: user %r password %s",
+                    web.admin_user, one_time)
+    signer = SessionSigner(session_key.load_or_create(session_key.key_path(settings)),
+                           max_age=web.session_hours * 3600)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["dt"] = _fmt_dt
     templates.env.filters["mb"] = lambda b: f"{(b or 0) / 1e6:,.1f} MB"
@@ -88,7 +91,7 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     console = Console(
         settings=settings, store=store,
         actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title),
-        credentials=credentials, signer=SessionSigner(), templates=templates,
+        users=users, signer=signer, templates=templates,
         weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle())
 
     app = FastAPI(title="cxr-node", docs_url=None, redoc_url=None, openapi_url=None)
@@ -101,6 +104,11 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, exc: LoginRequired) -> Response:
         return RedirectResponse(f"/login?{urlencode({'next': exc.next_url})}", status_code=303)
+
+    @app.exception_handler(AdminRequired)
+    async def _forbidden(request: Request, exc: AdminRequired) -> Response:
+        session = console.signer.load(request.cookies.get(COOKIE))
+        return _render(console, request, "forbidden.html", session, status=403)
 
     _add_ops_routes(app, console)
     _add_auth_routes(app, console)
@@ -117,17 +125,24 @@ def _fmt_dt(value: datetime | None) -> str:
 
 def _session(request: Request, console: Console) -> Session:
     session = console.signer.load(request.cookies.get(COOKIE))
-    if session is None:
+    # A user no longer configured is logged out even though the key (and so the cookie) outlived the restart.
+    if session is None or session.user not in console.users:
         raise LoginRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
     return session
 
 
-async def _post(request: Request, console: Console) -> tuple[Session, dict[str, str]]:
-    """A state-changing request: logged in, and the form's CSRF token matches the session's."""
+async def _post(request: Request, console: Console, *, admin: bool = True) -> tuple[Session, dict[str, str]]:
+    """A state-changing request: logged in, the form's CSRF token matches the session's, and (for
+    every action but logging out) the user is an admin."""
     session = _session(request, console)
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
     if form.get("csrf") != session.csrf:
         raise LoginRequired(request.url.path)  # stale or forged form: log in again
+    if admin and not console.users[session.user].is_admin:
+        console.store.add_event("web.denied", actor=f"web:{session.user}",
+                                detail={"method": request.method, "path": request.url.path})
+        log.warning("console: viewer %r may not %s %s", session.user, request.method, request.url.path)
+        raise AdminRequired()
     return session, form
 
 
@@ -138,7 +153,9 @@ def _back(path: str, msg: str = "", err: str = "") -> RedirectResponse:
 
 def _render(console: Console, request: Request, template: str, session: Session | None, status: int = 200,
             **context: Any) -> HTMLResponse:
-    context.update(request=request, user=session.user if session else None, csrf=session.csrf if session else "",
+    user = console.users.get(session.user) if session else None
+    context.update(request=request, user=user.name if user else None, csrf=session.csrf if session else "",
+                   role=user.role if user else None, can_act=bool(user and user.is_admin),
                    msg=request.query_params.get("msg", ""), err=request.query_params.get("err", ""),
                    ae_title=console.settings.dicom.ae_title, production=console.settings.web.production)
     return console.templates.TemplateResponse(request, template, context, status_code=status)
@@ -181,7 +198,8 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
         if (wait := console.throttle.retry_after(peer)) > 0:
             return _render(console, request, "login.html", None, status=429, next=next_url,
                            error=f"Too many failed logins from {peer}: try again in {wait / 60:.0f} minute(s).")
-        if user != console.credentials.user or not verify_password(password, console.credentials.password_hash):
+        account = authenticate(console.users, user, password)
+        if account is None:
             console.throttle.failed(peer)
             console.store.add_event("web.login_failed", actor=f"web:{user[:40]}", detail={"peer": peer})
             log.warning("console login failed for %r from %s", user[:40], peer)
@@ -189,7 +207,7 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
                            error="Wrong user name or password.")
         console.throttle.succeeded(peer)
         cookie, _ = console.signer.issue(user)
-        console.store.add_event("web.login", actor=f"web:{user}", detail={"peer": peer})
+        console.store.add_event("web.login", actor=f"web:{user}", detail={"peer": peer, "role": account.role})
         response = RedirectResponse(next_url, status_code=303)
         # Secure only over HTTPS (e.g. behind a TLS proxy): a Secure cookie on plain HTTP is dropped by browsers.
         response.set_cookie(COOKIE, cookie, max_age=int(console.signer.max_age), httponly=True,
@@ -198,7 +216,7 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
 
     @app.post("/logout")
     async def logout(request: Request) -> Response:
-        session, _ = await _post(request, console)
+        session, _ = await _post(request, console, admin=False)
         console.store.add_event("web.logout", actor=f"web:{session.user}")
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)

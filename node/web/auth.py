@@ -1,17 +1,18 @@
-"""Console login: PBKDF2 password hashes, signed session cookies, CSRF tokens.
+"""Console login: PBKDF2 password hashes, users with roles, signed session cookies, CSRF tokens.
 
 Password hashes are `pbkdf2_sha256$<iterations>$<salt>$<hash>` (salt and hash base64 without
-padding, the format Django and passlib use), made with `python -m node.web.auth hash-password`.
+padding, the format Django and passlib use), made with `cxrnode web hash-password`.
 
-Policy (decided at start by `resolve_credentials`):
-- a configured `web.password_hash` is used as is;
-- production mode without one: the console refuses to start (`AuthConfigError`) — there is no
-  default password;
-- embedded/dev mode without one: a random one-time password is generated and logged once at
-  start; it lives only in this process.
+Users (decided at start by `resolve_users`): every `[[web.users]]` entry (role `admin` or
+`viewer`), plus `web.admin_user` as an admin when `web.password_hash` is set (older configs).
+With neither:
+- production mode: the console refuses to start (`AuthConfigError`) — there is no default password;
+- embedded/dev mode: a random one-time password for `web.admin_user` is generated and logged once
+  at start; it lives only in this process.
 
-Sessions are an HMAC-SHA256-signed cookie (user, expiry, CSRF token) with a key made fresh at each
-start, so a restart logs everybody out and nothing secret is stored on disk.
+Sessions are an HMAC-SHA256-signed cookie (user, expiry, CSRF token). The key comes from
+node.web.session_key (a file), so sessions survive a restart; the user's role is looked up on each
+request, so a user removed from the config is logged out at the next restart.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,12 @@ def check_hash_format(encoded: str) -> None:
     parts = encoded.split("$")
     if len(parts) != 4 or parts[0] != ALGORITHM or not parts[1].isdigit() or not parts[2] or not parts[3]:
         raise AuthConfigError(
-            "web.password_hash must look like 'pbkdf2_sha256$<iterations>$<salt>$<hash>'; "
-            "make one with: python -m node.web.auth hash-password")
+            "the password hash must look like 'pbkdf2_sha256$<iterations>$<salt>$<hash>'; "
+            "make one with: cxrnode web hash-password")
     try:
         _unb64(parts[3])
     except ValueError as e:
-        raise AuthConfigError(f"web.password_hash: the hash part is not base64 ({e})") from e
+        raise AuthConfigError(f"the hash part is not base64 ({e})") from e
 
 
 def verify_password(password: str, encoded: str) -> bool:
@@ -79,26 +81,60 @@ def verify_password(password: str, encoded: str) -> bool:
         return False
 
 
+ADMIN: Final = "admin"
+VIEWER: Final = "viewer"
+
+
 @dataclass(frozen=True)
-class Credentials:
-    user: str
+class User:
+    name: str
     password_hash: str
-    one_time: bool  # generated at start (dev mode), logged once
+    role: str  # ADMIN or VIEWER
+    one_time: bool = False  # generated at start (dev mode), logged once
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
 
 
-def resolve_credentials(user: str, password_hash: str, production: bool) -> tuple[Credentials, str | None]:
-    """The login to use and, in dev mode without a hash, the generated password (caller logs it once)."""
+def resolve_users(configured: Iterable[tuple[str, str, str]], *, admin_user: str, password_hash: str,
+                  production: bool) -> tuple[dict[str, User], str | None]:
+    """The logins by name, and in dev mode without any user the generated password (caller logs it once).
+
+    `configured` is (name, password_hash, role) per `[[web.users]]` entry; `admin_user` with
+    `password_hash` is one more admin (older single-admin configs).
+    """
+    entries = list(configured)
     if password_hash:
-        check_hash_format(password_hash)
-        return Credentials(user, password_hash, one_time=False), None
+        entries.append((admin_user, password_hash, ADMIN))
+    users: dict[str, User] = {}
+    for name, encoded, role in entries:
+        try:
+            check_hash_format(encoded)
+        except AuthConfigError as e:
+            raise AuthConfigError(f"console user {name!r}: {e}") from e
+        if name in users:
+            raise AuthConfigError(f"console user {name!r} is configured twice (web.users, web.admin_user)")
+        users[name] = User(name, encoded, role)
+    if users:
+        return users, None
     if production:
         raise AuthConfigError(
-            "web.production is true but web.password_hash is empty: the admin console has no default "
-            "password in production. Set web.password_hash (python -m node.web.auth hash-password) "
-            "or CXRNODE_WEB__PASSWORD_HASH, or set web.enabled = false.")
+            "web.production is true but no console user is configured: the admin console has no default "
+            "password in production. Set web.password_hash (cxrnode web hash-password) or "
+            "CXRNODE_WEB__PASSWORD_HASH, or add [[web.users]] entries, or set web.enabled = false.")
     password = secrets.token_urlsafe(12)
     # Fewer iterations: this hash lives in memory for one process only.
-    return Credentials(user, hash_password(password, iterations=100_000), one_time=True), password
+    one_time = User(admin_user, hash_password(password, iterations=100_000), ADMIN, one_time=True)
+    return {admin_user: one_time}, password
+
+
+def authenticate(users: dict[str, User], name: str, password: str) -> User | None:
+    """The user when the password is right. An unknown name costs a hash check too (no name probing by timing)."""
+    user = users.get(name)
+    reference = user or next(iter(users.values()))
+    ok = verify_password(password, reference.password_hash)
+    return user if ok and user is not None else None
 
 
 @dataclass(frozen=True)
@@ -111,8 +147,10 @@ class Session:
 class SessionSigner:
     """Signs and verifies the session cookie: base64(json payload) + '.' + base64(HMAC-SHA256)."""
 
-    def __init__(self, key: bytes | None = None, max_age: float = SESSION_SECONDS) -> None:
-        self._key = key or secrets.token_bytes(32)
+    def __init__(self, key: bytes, max_age: float = SESSION_SECONDS) -> None:
+        if len(key) < 32:
+            raise ValueError("session keys are at least 32 bytes")
+        self._key = key
         self.max_age = max_age
 
     def _mac(self, payload: str) -> str:
@@ -173,7 +211,7 @@ class LoginThrottle:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.web.auth", description="Console password tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    hp = sub.add_parser("hash-password", help="print a web.password_hash value for a password")
+    hp = sub.add_parser("hash-password", help="print a password hash for web.password_hash or a [[web.users]] entry")
     hp.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     hp.add_argument("--stdin", action="store_true", help="read the password from stdin (no prompt)")
     args = parser.parse_args(argv)

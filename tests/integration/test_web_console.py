@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import io
 import re
+import stat
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,10 +32,22 @@ from node.web.actions import ConsoleActions
 from node.web.app import create_app
 from node.web.auth import AuthConfigError
 from node.web.server import WebServer, start_console, start_in_thread
-from tests.support.console import ADMIN, PASSWORD_HASH, ConsoleClient, send_test_files
+from tests.support.console import (
+    ADMIN,
+    OPS,
+    OPS_PASSWORD,
+    PASSWORD,
+    PASSWORD_HASH,
+    USERS,
+    VIEWER,
+    VIEWER_PASSWORD,
+    ConsoleClient,
+    send_test_files,
+    web_toml,
+)
 from tests.support.dcmtk import StoreSCP
-from tests.support.net import free_port
-from tests.support.node import NodeProcess
+from tests.support.net import free_port, wait_for
+from tests.support.node import NodeProcess, cxrnode_command
 from tests.support.paths import dicom_manifest
 from tests.support.synthetic_results import synthetic_case
 
@@ -59,7 +74,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     finally:
         assert node.stop() == 0, node.log_text()[-3000:]
     settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH})
+                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH, "users": USERS})
     store = AuditStore.open(settings.database_url)
     handed_off: list[int] = []
     actions = ConsoleActions(store, calling_ae=settings.dicom.ae_title, enqueue_analysis=handed_off.append)
@@ -321,9 +336,9 @@ def test_readiness_fails_below_the_disk_watermark(site: Site) -> None:
     assert r.json()["checks"]["spool"]["ok"] is False and "below" in r.json()["checks"]["spool"]["detail"]
 
 
-def test_production_mode_without_password_hash_refuses_to_start(site: Site) -> None:
+def test_production_mode_without_any_console_user_refuses_to_start(site: Site) -> None:
     prod = site.settings.model_copy(update={"web": site.settings.web.model_copy(
-        update={"production": True, "password_hash": ""})})
+        update={"production": True, "password_hash": "", "users": []})})
     with pytest.raises(AuthConfigError, match="no default password"):
         start_in_thread(prod, site.store, port=0)
 
@@ -350,3 +365,98 @@ def test_repeated_failed_logins_lock_the_address_out(site: Site) -> None:
         locked = tc.post("/login", data={"username": ADMIN, "password": "console-test-password"})
         assert locked.status_code == 429 and "Too many failed logins" in locked.text
         assert "set-cookie" not in locked.headers
+
+
+def test_viewer_sees_every_page_but_each_action_is_refused_and_audited(site: Site, analysed: int) -> None:
+    viewer = ConsoleClient(site.web.url)
+    assert viewer.login(VIEWER, VIEWER_PASSWORD).status_code == 303
+    study_id = site.store.get_instance(analysed).study_id
+    for path in ("/", "/studies", f"/studies/{study_id}", "/ae", "/rules", "/models", "/dead", "/events"):
+        assert viewer.get(path).status_code == 200, path
+    assert viewer.get(f"/instances/{analysed}/overlay.png").status_code == 200
+    ae_page, study_page = viewer.get("/ae").text, viewer.get(f"/studies/{study_id}").text
+    assert "(viewer)" in ae_page and 'id="ae-add"' not in ae_page and 'class="echo"' not in ae_page
+    assert 'class="rerun"' not in study_page and 'class="resend"' not in study_page
+
+    def snapshot() -> tuple[object, ...]:
+        return ([(a.name, a.host, a.port, a.role) for a in site.store.list_ae()],
+                [(i.id, i.state) for i in site.store.list_instances()],
+                [(e.id, e.state, e.attempts) for e in site.store.list_exports()])
+
+    before, handed_off = snapshot(), len(site.handed_off)
+    export_id = site.store.list_exports(analysed)[0].id
+    attempts = [("/ae", {"name": "VIEWERAE", "role": "both"}),
+                ("/ae/STORESCU", {"role": "both", "host": "10.9.9.9"}),
+                ("/ae/STORESCU/remove", {}), ("/ae/STORESCU/echo", {}),
+                (f"/instances/{analysed}/rerun", {}), (f"/instances/{analysed}/resend", {}),
+                (f"/exports/{export_id}/retry", {}), ("/exports/retry-dead", {})]
+    for path, form in attempts:
+        r = viewer.post(path, **form)
+        assert r.status_code == 403 and "Not allowed" in r.text, path
+    assert snapshot() == before and len(site.handed_off) == handed_off
+    denied = site.store.list_events(kinds=["web.denied"])[-len(attempts):]
+    assert [(e.actor, e.detail["path"]) for e in denied] == [(f"web:{VIEWER}", p) for p, _ in attempts]
+
+    assert viewer.post("/logout").headers["location"] == "/login"  # viewers may log out
+    assert viewer.get("/studies").status_code == 303
+    viewer.close()
+
+
+def test_an_admin_from_web_users_runs_actions_audited_with_its_name(site: Site) -> None:
+    ops = ConsoleClient(site.web.url)
+    assert ops.login(OPS, OPS_PASSWORD).status_code == 303
+    login = site.store.list_events(kinds=["web.login"])[-1]
+    assert login.actor == f"web:{OPS}" and login.detail["role"] == "admin"
+    r = ops.post("/ae", name="OPSAE", role="source", host="10.0.0.7", port="")
+    assert r.headers["location"] == "/ae?msg=AE+title+OPSAE+added"
+    assert site.store.list_events(kinds=["ae.added"])[-1].actor == f"web:{OPS}"
+    assert "removed" in ops.post("/ae/OPSAE/remove").headers["location"]
+    assert site.store.list_events(kinds=["ae.removed"])[-1].actor == f"web:{OPS}"
+    ops.close()
+
+
+def test_sessions_survive_a_node_restart_and_are_shared_by_console_processes(tmp_path: Path) -> None:
+    """`cxrnode serve` with the console, restarted; then `cxrnode web` beside it: one cookie works on all."""
+    port = free_port()
+    node = NodeProcess(tmp_path, extra_toml=web_toml(port))
+    standalone: subprocess.Popen[bytes] | None = None
+    try:
+        node.start()
+        user = ConsoleClient(f"http://127.0.0.1:{port}")
+        assert user.login(VIEWER, PASSWORD).status_code == 401  # another user's password
+        assert user.login("nobody", VIEWER_PASSWORD).status_code == 401
+        assert user.login(VIEWER, VIEWER_PASSWORD).status_code == 303
+        assert user.get("/studies").status_code == 200
+
+        key_file = node.data_dir / "web-session.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        assert node.stop() == 0
+        node.start()
+        page = user.get("/studies")
+        assert page.status_code == 200 and VIEWER in page.text  # the same cookie, a new process
+        assert key_file.read_text().strip() == key and key not in node.log_text()
+
+        other_port = free_port()
+        standalone = subprocess.Popen([*cxrnode_command(), "web", "--config", str(node.config),
+                                       "--port", str(other_port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        other = httpx.Client(base_url=f"http://127.0.0.1:{other_port}", timeout=30, follow_redirects=False,
+                             headers={"Cookie": f"cxrnode_session={user.http.cookies['cxrnode_session']}"})
+
+        def up() -> bool:
+            assert standalone is not None and standalone.poll() is None, "cxrnode web exited"
+            try:
+                return other.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, 60, "cxrnode web")
+        assert other.get("/studies").status_code == 200
+        other.close()
+        user.close()
+    finally:
+        if standalone is not None:
+            standalone.terminate()
+            standalone.wait(30)
+        node.close()

@@ -16,6 +16,19 @@ from tests.support.paths import dicom_dir, dicom_manifest
 ADMIN, PASSWORD = "admin", "console-test-password"
 # Few iterations: tests log in often; production hashes use 600 000.
 PASSWORD_HASH = hash_password(PASSWORD, iterations=1000)
+# [[web.users]] beside the single `admin_user` of older configs: a second admin and a read-only viewer.
+OPS, OPS_PASSWORD = "ops", "ops-test-password"
+VIEWER, VIEWER_PASSWORD = "viewer", "viewer-test-password"
+USERS = [{"name": OPS, "password_hash": hash_password(OPS_PASSWORD, iterations=1000), "role": "admin"},
+         {"name": VIEWER, "password_hash": hash_password(VIEWER_PASSWORD, iterations=1000), "role": "viewer"}]
+
+
+def web_toml(port: int) -> str:
+    """A [web] section for a node config: console on `port`, the legacy admin plus USERS."""
+    users = "".join(f'\n[[web.users]]\nname = "{u["name"]}"\npassword_hash = "{u["password_hash"]}"\n'
+                    f'role = "{u["role"]}"\n' for u in USERS)
+    return (f'[web]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nadmin_user = "{ADMIN}"\n'
+            f'password_hash = "{PASSWORD_HASH}"\n{users}')
 
 EXTRA_OPTS = {"21": ["-xb"]}  # keep big endian as stored
 RAW_SENDS = {"28", "30"}  # storescu cannot read these; their bytes are sent as they are

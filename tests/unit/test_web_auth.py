@@ -1,4 +1,4 @@
-"""Console login: password hashes, the no-default-password rule, signed sessions."""
+"""Console login: password hashes, users and roles, the no-default-password rule, signed sessions."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import time
 
 import pytest
 
+from node.config import ConfigError, load_settings
 from node.web.auth import (
     AuthConfigError,
     LoginThrottle,
     SessionSigner,
+    authenticate,
     check_hash_format,
     hash_password,
-    resolve_credentials,
+    resolve_users,
     verify_password,
 )
+
+KEY = b"k" * 32
 
 
 def test_hash_round_trip_and_wrong_password() -> None:
@@ -35,9 +39,9 @@ def test_published_pbkdf2_vector() -> None:
     assert verify_password("password", expected)
 
 
-def test_production_without_hash_refuses_with_a_clear_message() -> None:
-    with pytest.raises(AuthConfigError, match="no default password in production.*password_hash"):
-        resolve_credentials("admin", "", production=True)
+def test_production_without_any_user_refuses_with_a_clear_message() -> None:
+    with pytest.raises(AuthConfigError, match="no default password in production.*password_hash.*web.users"):
+        resolve_users([], admin_user="admin", password_hash="", production=True)
 
 
 def test_malformed_hash_is_a_configuration_error() -> None:
@@ -46,33 +50,65 @@ def test_malformed_hash_is_a_configuration_error() -> None:
             check_hash_format(bad)
 
 
-def test_dev_mode_without_hash_makes_a_one_time_password() -> None:
-    creds, password = resolve_credentials("admin", "", production=False)
-    assert creds.one_time and password is not None and len(password) >= 12
-    assert verify_password(password, creds.password_hash)
-    _, other = resolve_credentials("admin", "", production=False)
+def test_dev_mode_without_any_user_makes_a_one_time_admin_password() -> None:
+    users, password = resolve_users([], admin_user="admin", password_hash="", production=False)
+    assert list(users) == ["admin"] and users["admin"].one_time and users["admin"].is_admin
+    assert password is not None and len(password) >= 12
+    assert verify_password(password, users["admin"].password_hash)
+    _, other = resolve_users([], admin_user="admin", password_hash="", production=False)
     assert other != password
 
 
-def test_configured_hash_is_used_as_is() -> None:
+def test_single_admin_config_is_used_as_is() -> None:
     h = hash_password("pw-12345", 1000)
-    creds, password = resolve_credentials("ops", h, production=True)
-    assert password is None and creds.user == "ops" and creds.password_hash == h and not creds.one_time
+    users, password = resolve_users([], admin_user="ops", password_hash=h, production=True)
+    assert password is None and list(users) == ["ops"]
+    assert users["ops"].password_hash == h and users["ops"].is_admin and not users["ops"].one_time
+
+
+def test_users_with_roles_beside_the_single_admin() -> None:
+    admin_hash, viewer_hash = hash_password("admin-pw", 1000), hash_password("viewer-pw", 1000)
+    users, password = resolve_users([("ward", viewer_hash, "viewer")], admin_user="admin",
+                                    password_hash=admin_hash, production=True)
+    assert password is None and {u.name: u.is_admin for u in users.values()} == {"ward": False, "admin": True}
+    assert authenticate(users, "ward", "viewer-pw") == users["ward"]
+    assert authenticate(users, "ward", "admin-pw") is None  # another user's password
+    assert authenticate(users, "nobody", "admin-pw") is None
+    # Without web.password_hash the [[web.users]] alone are the logins, also in production.
+    only, _ = resolve_users([("ward", viewer_hash, "viewer")], admin_user="admin", password_hash="", production=True)
+    assert list(only) == ["ward"]
+    with pytest.raises(AuthConfigError, match="'ward': the password hash must look like"):
+        resolve_users([("ward", "plain-text", "viewer")], admin_user="admin", password_hash="", production=False)
+
+
+def test_user_config_is_validated() -> None:
+    h = hash_password("x" * 8, 1000)
+    settings = load_settings(None, web={"users": [{"name": "ward", "password_hash": h}]})
+    assert settings.web.users[0].role == "viewer"  # least privilege by default
+    for web, message in [({"users": [{"name": "a", "password_hash": h, "role": "root"}]}, "web.users.0.role"),
+                         ({"password_hash": h, "users": [{"name": "admin", "password_hash": h}]}, "more than once"),
+                         ({"users": [{"name": " ", "password_hash": h}]}, "user names"),
+                         ({"session_hours": 0}, "web.session_hours")]:
+        with pytest.raises(ConfigError, match=message):
+            load_settings(None, web=web)
 
 
 def test_session_cookie_is_signed_and_expires() -> None:
-    signer = SessionSigner(max_age=60)
+    signer = SessionSigner(KEY, max_age=60)
     cookie, session = signer.issue("admin")
     loaded = signer.load(cookie)
     assert loaded == session
     payload, mac = cookie.rsplit(".", 1)
     assert signer.load(payload + "." + mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB")) is None
-    assert SessionSigner().load(cookie) is None  # another process' key (a restart logs everybody out)
+    assert SessionSigner(b"o" * 32).load(cookie) is None  # signed with another key
+    assert SessionSigner(KEY).load(cookie) == session  # same key, another process: still valid
     assert signer.load(None) is None and signer.load("no-dot") is None
-    expired = SessionSigner(max_age=-1)
+    expired = SessionSigner(KEY, max_age=-1)
     old, _ = expired.issue("admin")
     assert expired.load(old) is None
     assert session.expires > time.time()
+    with pytest.raises(ValueError, match="32 bytes"):
+        SessionSigner(b"short")
 
 
 def test_hash_password_command() -> None:
