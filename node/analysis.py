@@ -17,9 +17,8 @@ from datetime import timedelta
 from celery import Celery
 
 from node.audit import AuditStore, InstanceFilter, InstanceState
-from node.audit.models import as_utc, utcnow
+from node.audit.models import as_utc, job_id_for, utcnow
 from node.config import Settings
-from node.finish import job_id_for
 from node.handoff import Dispatcher, HandoffContext
 from node.prepare import PrepareError, prepare
 from workers.api import ANALYZE_TASK, INFERENCE_QUEUE, AnalyzeRequest, task_priority

@@ -2,7 +2,9 @@
 
 The exports table is the queue: a row is `pending` with a due time until it is sent, or `dead` after
 `sender.max_attempts`. Result files stay on disk until acknowledged. Each pass groups the due
-exports by destination and sends each group on one association; every attempt is audited.
+exports by destination and sends each group on one association; every attempt is audited, and the
+attempt that leaves no export of a run pending settles its instance (``exported`` or ``dead``) in the
+same transaction (:meth:`AuditStore.record_export_attempt`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 
 from node import metrics
-from node.audit import AuditStore, InstanceState, StoreError
+from node.audit import AuditStore, InstanceState
 from node.audit.models import Event, Export, ExportState, Instance, as_utc, utcnow
 from node.config import Settings
 from node.sender import Destination, FileStatus, SendError, backoff_delay, client_ssl_context, send
@@ -102,52 +104,24 @@ class Exporter:
         attempt = export.attempts + 1
         give_up = not ok and (not retryable or attempt >= self.settings.sender.max_attempts)
         next_at = None if ok or give_up else utcnow() + timedelta(seconds=backoff_delay(attempt, self.settings.sender))
-        row = self.store.record_export_attempt(export.id, status=status, error=error, succeeded=ok,
-                                               next_attempt_at=next_at, give_up=give_up, started_at=started)
+        self.store.record_export_attempt(export.id, status=status, error=error, succeeded=ok,
+                                         next_attempt_at=next_at, give_up=give_up, started_at=started,
+                                         on_settled=self._observe_latencies)
         metrics.count_export("success" if ok else "dead" if give_up else "retry")
-        self._settle_instance(row.instance_id)
 
-    def _settle_instance(self, instance_id: int) -> None:
-        settle_instance(self.store, instance_id)
-
-
-def settle_instance(store: AuditStore, instance_id: int) -> None:
-    """exported when every export is sent; dead when none is pending and one is dead.
-
-    Called by the exporter after each attempt and by `node.finish` right after `analyzed`: the two run
-    in different processes, and an export can be sent before its instance is marked analyzed.
-    """
-    exports = store.list_exports(instance_id)
-    states = {e.state for e in exports}
-    inst = store.get_instance(instance_id)
-    if inst.state not in (InstanceState.ANALYZED, InstanceState.DEAD) or not exports \
-            or ExportState.PENDING in states:
-        return
-    try:
-        if states == {ExportState.SENT}:
-            row = store.set_instance_state(instance_id, InstanceState.EXPORTED)
-            _observe_latencies(store, row)
-        elif ExportState.DEAD in states and inst.state != InstanceState.DEAD:
-            dead = [e for e in exports if e.state == ExportState.DEAD]
-            store.set_instance_state(instance_id, InstanceState.DEAD,
-                                     f"{len(dead)} export(s) undeliverable: {dead[-1].last_error}")
-    except StoreError:
-        log.info("instance %d was settled concurrently", instance_id)
-
-
-def _observe_latencies(store: AuditStore, inst: Instance) -> None:
-    """Stage latencies of an instance that just reached `exported`, and the worker's model timings."""
-    if inst.exported_at is None:
-        return
-    stages = {"total": inst.received_at, "export": inst.analyzed_at, "analysis": inst.queued_at}
-    for stage, start in stages.items():
-        if start is not None:
-            metrics.observe_stage(stage, (as_utc(inst.exported_at) - as_utc(start)).total_seconds())
-    analyzed = [e for e in store.list_events(instance_id=inst.id, kinds=["instance.analyzed"])]
-    if analyzed:
-        for model, ms in (analyzed[-1].detail.get("timings_ms") or {}).items():
-            if model != "total":
-                metrics.observe_inference(model, float(ms) / 1000)
+    def _observe_latencies(self, inst: Instance) -> None:
+        """Stage latencies of an instance that just reached `exported`, and the worker's model timings."""
+        if inst.state != InstanceState.EXPORTED or inst.exported_at is None:
+            return
+        stages = {"total": inst.received_at, "export": inst.analyzed_at, "analysis": inst.queued_at}
+        for stage, start in stages.items():
+            if start is not None:
+                metrics.observe_stage(stage, (as_utc(inst.exported_at) - as_utc(start)).total_seconds())
+        analyzed = self.store.list_events(instance_id=inst.id, kinds=["instance.analyzed"])
+        if analyzed:
+            for model, ms in (analyzed[-1].detail.get("timings_ms") or {}).items():
+                if model != "total":
+                    metrics.observe_inference(model, float(ms) / 1000)
 
 
 def _error(status: FileStatus) -> str:

@@ -2,8 +2,10 @@
 
 Idempotent by construction: each analysis run of an instance has its own job id
 (`<instance id>.<queued timestamp>`) and its own results folder; the files are written atomically and
-reused if they exist, and an export is registered once per (destination, object). A repeated or stale
-result (a task that ran twice, a run superseded by a re-run) never produces a second result set.
+reused if they exist. The outcome (result files, exports, ``analyzed``) is recorded in one transaction
+that first checks, under the instance's row lock, that the run is still the current one: a repeated
+or stale result (a task that ran twice, a run superseded by a re-run) never produces a second result
+set, and a crash leaves the instance ``queued`` with nothing half-registered.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.audit import AuditStore, InstanceState
+from node.audit import AuditStore, InstanceState, NewExport
+from node.audit.models import job_id_for, parse_job_id
 from node.config import Settings
-from node.exporter import settle_instance
 from node.prepare import Prepared, masks_to_source, prepare
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
@@ -29,17 +30,9 @@ from workers.api import MASK_NAMES, AnalyzeResult
 
 log = logging.getLogger(__name__)
 
+__all__ = ["REPLY_TO_SENDER", "ResultFiles", "finish_analysis", "job_id_for", "parse_job_id", "run_dir"]
+
 REPLY_TO_SENDER = "reply-to-sender"
-
-
-def job_id_for(instance_id: int, queued_at: datetime | None) -> str:
-    stamp = int(queued_at.timestamp() * 1000) if queued_at else 0
-    return f"{instance_id}.{stamp}"
-
-
-def parse_job_id(job_id: str) -> tuple[int, int]:
-    instance, _, stamp = job_id.partition(".")
-    return int(instance), int(stamp or 0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +40,15 @@ class ResultFiles:
     seg: Path
     sr: Path
     overlay: Path | None
+
+    def wanted(self, settings: Settings) -> list[tuple[str, Path]]:
+        """(kind, path) of the objects to export, as `results` configures."""
+        return ([("seg", self.seg)] if settings.results.seg else []) \
+            + ([("sr", self.sr)] if settings.results.sr else []) \
+            + ([("overlay", self.overlay)] if self.overlay else [])
+
+    def as_detail(self) -> dict[str, str]:
+        return {"seg": str(self.seg), "sr": str(self.sr), **({"overlay": str(self.overlay)} if self.overlay else {})}
 
 
 def run_dir(settings: Settings, job_id: str) -> Path:
@@ -65,44 +67,32 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
     """Handle one worker result; returns what happened ('analyzed', 'stale', 'failed')."""
     instance_id, _ = parse_job_id(result.job_id)
     inst = store.get_instance(instance_id)
-    current = job_id_for(instance_id, inst.queued_at)
-    if inst.state != InstanceState.QUEUED or result.job_id != current:
-        log.info("dropping result %s: instance %d is %s (current job %s)", result.job_id, instance_id,
-                 inst.state, current)
-        store.add_event("analysis.stale_result", instance_id=instance_id,
-                        detail={"job_id": result.job_id, "state": str(inst.state)})
+    if inst.state != InstanceState.QUEUED or result.job_id != inst.job_id:
+        # Checked again, under the row lock, when the outcome is recorded; this early look saves
+        # building result files for a run that is over.
+        store.record_stale_result(result.job_id)
         return "stale"
     if result.error:
-        store.set_instance_state(instance_id, InstanceState.FAILED, f"worker: {result.error}")
-        return "failed"
+        return _failed(store, result.job_id, f"worker: {result.error}")
     try:
         source = pydicom.dcmread(inst.spool_path, force=True)
         prepared = prepare(source)
         files = _write_results(settings, source, prepared, result)
+        destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
+        exports = [NewExport(dest, kind, str(path), _sop_instance_uid(path))
+                   for dest in dict.fromkeys(destinations) for kind, path in files.wanted(settings)]
     except Exception as e:  # noqa: BLE001 - any failure here is final for this run, and must be audited
         log.exception("building results for instance %d failed", instance_id)
-        store.set_instance_state(instance_id, InstanceState.FAILED, f"building results failed: {e}")
-        return "failed"
+        return _failed(store, result.job_id, f"building results failed: {e}")
+    nothing_to_send = ("nothing to send: no destinations for this rule" if not destinations
+                       else "nothing to send: results.seg, results.sr and results.overlay are off")
+    recorded = store.record_analysis(result.job_id, exports=exports, files=files.as_detail(),
+                                     detail=summary(result), nothing_to_send=nothing_to_send)
+    return "analyzed" if recorded is not None else "stale"
 
-    destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
-    existing = {(e.destination_ae, e.file_path) for e in store.list_exports(instance_id)}
-    wanted = settings.results
-    objects = ([("seg", files.seg)] if wanted.seg else []) + ([("sr", files.sr)] if wanted.sr else []) \
-        + ([("overlay", files.overlay)] if files.overlay else [])
-    for dest in dict.fromkeys(destinations):
-        for kind, path in objects:
-            if (dest, str(path)) not in existing:
-                uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-                store.create_export(instance_id, destination_ae=dest, kind=kind, file_path=str(path),
-                                    sop_instance_uid=uid)
-    store.set_instance_state(instance_id, InstanceState.ANALYZED, detail=summary(result))
-    if not destinations or not objects:
-        store.set_instance_state(instance_id, InstanceState.EXPORTED,
-                                 "nothing to send: no destinations for this rule" if not destinations
-                                 else "nothing to send: results.seg, results.sr and results.overlay are off")
-    else:
-        settle_instance(store, instance_id)  # the exporter may have sent everything already
-    return "analyzed"
+
+def _failed(store: AuditStore, job_id: str, reason: str) -> str:
+    return "failed" if store.record_failed_analysis(job_id, reason) is not None else "stale"
 
 
 def summary(result: AnalyzeResult) -> dict[str, object]:
@@ -145,6 +135,10 @@ def _write_results(settings: Settings, source: Dataset, prepared: Prepared, resu
         _atomic_save(overlay, overlay_path)
     log.info("results for %s written to %s", result.job_id, folder)
     return ResultFiles(seg_path, sr_path, overlay_path)
+
+
+def _sop_instance_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
 
 
 def _atomic_save(ds: Dataset, path: Path) -> None:

@@ -21,6 +21,7 @@ from node.audit.store import (
     AuditStore,
     DuplicateInstance,
     InstanceFilter,
+    NewExport,
     ReceivedInstance,
     StoreError,
     StudySummary,
@@ -29,5 +30,5 @@ from node.audit.store import (
 __all__ = [
     "FINAL_STATES", "PENDING_STATES", "AERole", "AETitle", "Association", "AuditStore", "DuplicateInstance",
     "Event", "Export", "ExportAttempt", "ExportState", "Instance", "InstanceFilter", "InstanceState",
-    "ReceivedInstance", "StoreError", "Study", "StudySummary",
+    "NewExport", "ReceivedInstance", "StoreError", "Study", "StudySummary",
 ]

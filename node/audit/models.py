@@ -41,6 +41,18 @@ def as_utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
+def job_id_for(instance_id: int, queued_at: datetime | None) -> str:
+    """The id of one analysis run: `<instance id>.<queued_at in ms>`; a re-queue starts a new run."""
+    stamp = int(as_utc(queued_at).timestamp() * 1000) if queued_at else 0
+    return f"{instance_id}.{stamp}"
+
+
+def parse_job_id(job_id: str) -> tuple[int, int]:
+    """(instance id, queued_at stamp) of a job id made by :func:`job_id_for`."""
+    instance, _, stamp = job_id.partition(".")
+    return int(instance), int(stamp or 0)
+
+
 class InstanceState(enum.StrEnum):
     RECEIVED = "received"
     QUEUED = "queued"
@@ -162,6 +174,11 @@ class Instance(Base):
 
     study: Mapped[Study | None] = relationship(back_populates="instances")
     exports: Mapped[list[Export]] = relationship(back_populates="instance", order_by="Export.id")
+
+    @property
+    def job_id(self) -> str:
+        """The current analysis run (see :func:`job_id_for`); results of any other run are stale."""
+        return job_id_for(self.id, self.queued_at)
 
 
 class Event(Base):

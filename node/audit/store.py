@@ -9,7 +9,7 @@ these methods. Thread-safe: each call opens its own session.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +34,7 @@ from node.audit.models import (
     Instance,
     InstanceState,
     Study,
+    parse_job_id,
     utcnow,
 )
 
@@ -82,6 +83,16 @@ class ReceivedInstance:
     priority: int = 0
     size_bytes: int = 0
     spool_path: str = ""
+
+
+@dataclass(frozen=True)
+class NewExport:
+    """A result object to register for delivery: one file to one destination AE."""
+
+    destination_ae: str
+    kind: str  # seg | sr | overlay
+    file_path: str
+    sop_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -270,30 +281,41 @@ class AuditStore:
                            destinations: Sequence[str] | None = None,
                            detail: dict[str, Any] | None = None) -> Instance:
         """Move an instance along the state machine, fill the stage timestamp, append an event."""
-        new = InstanceState(state)
         with self.session() as s:
-            row = s.get(Instance, instance_id, with_for_update=True)
-            if row is None:
-                raise StoreError(f"no instance with id {instance_id}")
-            old = InstanceState(row.state)
-            if new != old and new not in TRANSITIONS[old]:
-                raise StoreError(f"instance {instance_id}: {old} -> {new} is not allowed")
-            now = utcnow()
-            row.state = new
-            if reason is not None:
-                row.reason = reason
+            row = _locked_instance(s, instance_id)
             if rule is not None:
                 row.rule = rule
             if models is not None:
                 row.models = list(models)
             if destinations is not None:
                 row.destinations = list(destinations)
-            if new in STATE_TIMESTAMP:
-                setattr(row, STATE_TIMESTAMP[new], now)
-            row.finished_at = now if new in FINAL_STATES else None
-            _event(s, f"instance.{new}", actor=actor, instance_id=row.id, study_id=row.study_id,
-                   detail={"from": str(old), **({"reason": reason} if reason else {}),
-                           **({"rule": rule} if rule else {}), **(detail or {})})
+            _transition(s, row, InstanceState(state), reason, actor=actor,
+                        detail={**({"rule": rule} if rule else {}), **(detail or {})})
+            return row
+
+    def record_analysis(self, job_id: str, *, exports: Sequence[NewExport], files: dict[str, str],
+                        detail: dict[str, Any] | None = None, nothing_to_send: str = "") -> Instance | None:
+        """Record the results of analysis run `job_id` in ONE transaction; None when the result is stale.
+
+        The instance must still be ``queued`` for this very run (a re-run or a second delivery of the
+        same result is stale: an event says so and nothing else changes). Then the result files are
+        noted in the ``instance.analyzed`` event, each export not registered yet is created, and the
+        instance becomes ``analyzed``, or ``exported`` at once with the reason `nothing_to_send` when
+        there is nothing to export. A crash anywhere leaves the instance ``queued`` with no exports.
+        """
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            row = _locked_instance(s, instance_id)
+            if _stale(s, row, job_id):
+                return None
+            registered = {(e.destination_ae, e.file_path) for e in
+                          s.scalars(select(Export).where(Export.instance_id == instance_id))}
+            for export in exports:
+                if (export.destination_ae, export.file_path) not in registered:
+                    _add_export(s, instance_id, export)
+            _transition(s, row, InstanceState.ANALYZED, detail={**(detail or {}), "files": files})
+            if not exports:
+                _transition(s, row, InstanceState.EXPORTED, nothing_to_send or "nothing to send")
             return row
 
     def get_instance(self, instance_id: int) -> Instance:
@@ -421,23 +443,41 @@ class AuditStore:
 
     # -- exports --------------------------------------------------------------------------------------
 
+    def record_failed_analysis(self, job_id: str, reason: str) -> Instance | None:
+        """Run `job_id` failed for good: the instance becomes ``failed``, unless the result is stale (None)."""
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            row = _locked_instance(s, instance_id)
+            if _stale(s, row, job_id):
+                return None
+            _transition(s, row, InstanceState.FAILED, reason, detail={"job_id": job_id})
+            return row
+
+    def record_stale_result(self, job_id: str) -> None:
+        """Audit a result that belongs to no current run (``analysis.stale_result``), change nothing else."""
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            _stale(s, _get(s, Instance, instance_id), job_id, force=True)
+
+    # -- exports --------------------------------------------------------------------------------------
+
     def create_export(self, instance_id: int, *, destination_ae: str, kind: str, file_path: str,
                       sop_instance_uid: str = "") -> Export:
         """Register a result object to deliver (state ``pending``, due now)."""
         with self.session() as s:
-            row = Export(instance_id=instance_id, destination_ae=destination_ae, kind=kind, file_path=file_path,
-                         sop_instance_uid=sop_instance_uid, next_attempt_at=utcnow())
-            s.add(row)
-            s.flush()
-            _event(s, "export.created", instance_id=instance_id,
-                   detail={"export_id": row.id, "kind": kind, "destination": destination_ae})
-            return row
+            return _add_export(s, instance_id, NewExport(destination_ae, kind, file_path, sop_instance_uid))
 
     def record_export_attempt(self, export_id: int, *, status: int | None, error: str = "",
                               succeeded: bool, next_attempt_at: datetime | None = None,
                               give_up: bool = False, association_id: int | None = None,
-                              started_at: datetime | None = None) -> Export:
-        """Log one send attempt; ``succeeded`` → sent, ``give_up`` → dead, else pending until next_attempt_at."""
+                              started_at: datetime | None = None,
+                              on_settled: Callable[[Instance], None] | None = None) -> Export:
+        """Log one send attempt; ``succeeded`` → sent, ``give_up`` → dead, else pending until next_attempt_at.
+
+        In the same transaction the instance is settled once its run has no pending export left:
+        ``exported`` when every export was sent, ``dead`` when one is dead. `on_settled` is called with
+        the instance after the commit when this attempt settled it.
+        """
         with self.session() as s:
             row = s.get(Export, export_id, with_for_update=True)
             if row is None:
@@ -457,7 +497,10 @@ class AuditStore:
                    instance_id=row.instance_id,
                    detail={"export_id": export_id, "attempt": row.attempts, "destination": row.destination_ae,
                            "status": None if status is None else f"0x{status:04X}", "error": error})
-            return row
+            settled = _settle(s, row.instance_id) if succeeded or give_up else None
+        if settled is not None and on_settled is not None:
+            on_settled(settled)
+        return row
 
     def due_exports(self, now: datetime | None = None, limit: int = 100) -> list[Export]:
         """Pending exports whose next attempt time has come."""
@@ -494,6 +537,73 @@ def _event(s: Session, kind: str, *, actor: str = "node", instance_id: int | Non
     s.add(row)
     s.flush()
     return row.id
+
+
+def _locked_instance(s: Session, instance_id: int) -> Instance:
+    row = s.get(Instance, instance_id, with_for_update=True)
+    if row is None:
+        raise StoreError(f"no instance with id {instance_id}")
+    return row
+
+
+def _stale(s: Session, row: Instance, job_id: str, *, force: bool = False) -> bool:
+    """True (and an ``analysis.stale_result`` event) unless `row` is ``queued`` for the run `job_id`."""
+    if not force and row.state == InstanceState.QUEUED and row.job_id == job_id:
+        return False
+    log.info("dropping result %s: instance %d is %s (current job %s)", job_id, row.id, row.state, row.job_id)
+    _event(s, "analysis.stale_result", instance_id=row.id, study_id=row.study_id,
+           detail={"job_id": job_id, "state": str(row.state)})
+    return True
+
+
+def _transition(s: Session, row: Instance, new: InstanceState, reason: str | None = None, *, actor: str = "node",
+                detail: dict[str, Any] | None = None) -> None:
+    """Move `row` to `new` (checked against TRANSITIONS), fill its stage timestamp, append the event."""
+    old = InstanceState(row.state)
+    if new != old and new not in TRANSITIONS[old]:
+        raise StoreError(f"instance {row.id}: {old} -> {new} is not allowed")
+    now = utcnow()
+    row.state = new
+    if reason is not None:
+        row.reason = reason
+    if new in STATE_TIMESTAMP:
+        setattr(row, STATE_TIMESTAMP[new], now)
+    row.finished_at = now if new in FINAL_STATES else None
+    _event(s, f"instance.{new}", actor=actor, instance_id=row.id, study_id=row.study_id,
+           detail={"from": str(old), **({"reason": reason} if reason else {}), **(detail or {})})
+
+
+def _add_export(s: Session, instance_id: int, export: NewExport) -> Export:
+    row = Export(instance_id=instance_id, destination_ae=export.destination_ae, kind=export.kind,
+                 file_path=export.file_path, sop_instance_uid=export.sop_instance_uid, next_attempt_at=utcnow())
+    s.add(row)
+    s.flush()
+    _event(s, "export.created", instance_id=instance_id,
+           detail={"export_id": row.id, "kind": export.kind, "destination": export.destination_ae})
+    return row
+
+
+def _settle(s: Session, instance_id: int) -> Instance | None:
+    """``exported`` when every export of the current run is sent, ``dead`` when none is pending and one
+    is dead; returns the instance when it moved. Exports of earlier runs (before a re-queue) do not count."""
+    row = _locked_instance(s, instance_id)
+    if row.state not in (InstanceState.ANALYZED, InstanceState.DEAD):
+        return None
+    q = select(Export).where(Export.instance_id == instance_id).order_by(Export.id)
+    if row.queued_at is not None:
+        q = q.where(Export.created_at >= row.queued_at)
+    exports = list(s.scalars(q))
+    states = {e.state for e in exports}
+    if not exports or ExportState.PENDING in states:
+        return None
+    if states == {ExportState.SENT}:
+        _transition(s, row, InstanceState.EXPORTED)
+        return row
+    if row.state != InstanceState.DEAD:
+        dead = [e for e in exports if e.state == ExportState.DEAD]
+        _transition(s, row, InstanceState.DEAD, f"{len(dead)} export(s) undeliverable: {dead[-1].last_error}")
+        return row
+    return None
 
 
 def _get(s: Session, model: type[_T], key: int) -> _T:

@@ -1,0 +1,148 @@
+"""node.finish against a real audit database: one transaction per outcome, idempotent, stale results dropped.
+
+The result is what a worker would return (synthetic masks on the prepared grid); the SEG and SR are
+really built and written. The crash test injects a real database failure (an SQLite trigger) at the
+step that marks the instance analyzed, and checks that nothing of the run was left half-registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from node.audit import AuditStore, ExportState, Instance, InstanceState, ReceivedInstance
+from node.config import Settings, load_settings
+from node.finish import finish_analysis
+from node.prepare import prepare
+from tests.support.paths import dicom_dir
+from tests.support.synthetic_results import synthetic_masks, synthetic_result
+from workers.api import AnalyzeResult
+
+CHEST = dicom_dir() / "09_cr_8bit_alloc8.dcm"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return load_settings(None, storage={"data_dir": str(tmp_path / "var")}, database={"url": database_url})
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[AuditStore]:
+    s = AuditStore.open(settings.database_url)
+    yield s
+    s.close()
+
+
+def queue(store: AuditStore, settings: Settings, destinations: list[str]) -> Instance:
+    """A received chest CR, routed to analysis with `destinations`; returns the queued row."""
+    spool = settings.storage.data_dir / "spool.dcm"
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(CHEST, spool)
+    ds = pydicom.dcmread(spool, stop_before_pixels=True)
+    row = store.record_instance_received(ReceivedInstance(
+        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+        study_instance_uid=str(ds.StudyInstanceUID), calling_ae="MODALITY", spool_path=str(spool)))
+    return store.set_instance_state(row.id, InstanceState.QUEUED, rule="chest", models=["lung", "opacity"],
+                                    destinations=destinations)
+
+
+def worker_result(inst: Instance) -> AnalyzeResult:
+    """What the worker returns for the instance's current run."""
+    prepared = prepare(inst.spool_path)
+    result = synthetic_result(prepared.rows, prepared.cols, synthetic_masks(prepared.rows, prepared.cols))
+    return dataclasses.replace(result, job_id=inst.job_id)
+
+
+def event_kinds(store: AuditStore, instance_id: int) -> list[str]:
+    return [e.kind for e in store.list_events(instance_id=instance_id)]
+
+
+def test_crash_while_recording_leaves_nothing_half_done(tmp_path: Path) -> None:
+    settings = load_settings(None, storage={"data_dir": str(tmp_path / "var")})
+    store = AuditStore.open(settings.database_url)
+    inst = queue(store, settings, ["PACS", "ARCHIVE"])
+    result = worker_result(inst)
+    before = event_kinds(store, inst.id)
+    # The database refuses the step that marks the instance analyzed, as a crash at that point would.
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE TRIGGER crash BEFORE UPDATE OF state ON instances WHEN NEW.state = 'analyzed' "
+                          "BEGIN SELECT RAISE(ABORT, 'injected crash'); END"))
+    with pytest.raises(DBAPIError, match="injected crash"):
+        finish_analysis(settings, store, result)
+    assert store.list_exports(inst.id) == []  # no export registered for a run that is not recorded
+    assert store.get_instance(inst.id).state == InstanceState.QUEUED
+    assert event_kinds(store, inst.id) == before
+
+    # The redelivered task (acks_late) records the whole outcome once.
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER crash"))
+    assert finish_analysis(settings, store, result) == "analyzed"
+    exports = store.list_exports(inst.id)
+    assert sorted((e.destination_ae, e.kind) for e in exports) == [
+        ("ARCHIVE", "seg"), ("ARCHIVE", "sr"), ("PACS", "seg"), ("PACS", "sr")]
+    (analyzed,) = store.list_events(instance_id=inst.id, kinds=["instance.analyzed"])
+    assert set(analyzed.detail["files"]) == {"seg", "sr"} and analyzed.detail["severity_score"] == 2
+    store.close()
+
+
+def test_same_result_twice_registers_exports_once(store: AuditStore, settings: Settings) -> None:
+    inst = queue(store, settings, ["PACS", "reply-to-sender"])
+    result = worker_result(inst)
+    assert finish_analysis(settings, store, result) == "analyzed"
+    first = [(e.id, e.destination_ae, e.kind) for e in store.list_exports(inst.id)]
+    assert sorted(d for _, d, _ in first) == ["MODALITY", "MODALITY", "PACS", "PACS"]
+    assert finish_analysis(settings, store, result) == "stale"  # the task ran twice
+    assert [(e.id, e.destination_ae, e.kind) for e in store.list_exports(inst.id)] == first
+    assert event_kinds(store, inst.id).count("instance.analyzed") == 1
+    (stale,) = store.list_events(instance_id=inst.id, kinds=["analysis.stale_result"])
+    assert stale.detail == {"job_id": result.job_id, "state": "analyzed"}
+
+
+def test_result_of_a_superseded_run_is_stale(store: AuditStore, settings: Settings) -> None:
+    inst = queue(store, settings, ["PACS"])
+    old = worker_result(inst)
+    rerun = store.set_instance_state(inst.id, InstanceState.FAILED, "operator")
+    rerun = store.set_instance_state(inst.id, InstanceState.QUEUED, "re-run requested")
+    assert rerun.job_id != old.job_id
+    assert finish_analysis(settings, store, old) == "stale"
+    assert finish_analysis(settings, store, dataclasses.replace(old, error="worker died")) == "stale"
+    assert store.list_exports(inst.id) == [] and store.get_instance(inst.id).state == InstanceState.QUEUED
+    assert finish_analysis(settings, store, dataclasses.replace(old, job_id=rerun.job_id)) == "analyzed"
+    assert len(store.list_exports(inst.id)) == 2
+
+
+def test_nothing_to_send_ends_exported(store: AuditStore, settings: Settings) -> None:
+    inst = queue(store, settings, [])
+    assert finish_analysis(settings, store, worker_result(inst)) == "analyzed"
+    done = store.get_instance(inst.id)
+    assert (done.state, done.reason) == (InstanceState.EXPORTED, "nothing to send: no destinations for this rule")
+    assert event_kinds(store, inst.id)[-2:] == ["instance.analyzed", "instance.exported"]
+    assert store.list_exports(inst.id) == []
+
+
+def test_last_export_attempt_settles_the_instance(store: AuditStore, settings: Settings) -> None:
+    inst = queue(store, settings, ["PACS"])
+    assert finish_analysis(settings, store, worker_result(inst)) == "analyzed"
+    seg, sr = store.list_exports(inst.id)
+    settled: list[Instance] = []
+    store.record_export_attempt(seg.id, status=0, succeeded=True, on_settled=settled.append)
+    assert settled == [] and store.get_instance(inst.id).state == InstanceState.ANALYZED  # SR still pending
+    store.record_export_attempt(sr.id, status=None, error="connection refused", succeeded=False, give_up=True,
+                                on_settled=settled.append)
+    assert [i.state for i in settled] == [InstanceState.DEAD]
+    assert "1 export(s) undeliverable: connection refused" in store.get_instance(inst.id).reason
+
+    # A re-run: the dead export of the first run no longer counts once the new run's exports are sent.
+    store.set_instance_state(inst.id, InstanceState.QUEUED, "re-run requested")
+    assert finish_analysis(settings, store, worker_result(store.get_instance(inst.id))) == "analyzed"
+    for export in store.list_exports(inst.id, state=ExportState.PENDING):
+        store.record_export_attempt(export.id, status=0, succeeded=True, on_settled=settled.append)
+    assert [i.state for i in settled] == [InstanceState.DEAD, InstanceState.EXPORTED]
+    assert store.get_instance(inst.id).state == InstanceState.EXPORTED
