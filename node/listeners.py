@@ -10,9 +10,9 @@ They share only what node replicas share anyway: the audit database (SQLite in W
 
 The parent process reserves the port (bound but not listening, so it is never handed a
 connection), forks the listeners before it starts any thread, restarts a listener that dies, and
-runs what must run once: resuming unfinished instances and, with the broker enabled, the analysis
-pipeline (publisher, sweeper, exporter, supervised workers). Listeners hand received instances to
-the broker themselves when it is enabled.
+runs what must run once: :class:`node.serve.NodeServices`, as a single-process node does (resume,
+analysis pipeline, retention, web console). Each listener is a :class:`node.serve.Listener` on a
+SO_REUSEPORT socket; listeners hand received instances to the broker themselves when it is enabled.
 
 Use :func:`run_listeners` from ``cxrnode serve``, or run ``python -m node.listeners --config FILE``.
 """
@@ -23,16 +23,12 @@ import argparse
 import logging
 import multiprocessing
 import os
-import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
-from types import FrameType
 
-from pynetdicom import _config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.analysis import Publisher
@@ -42,12 +38,9 @@ from node.config import Settings, load_settings
 from node.handoff import Dispatcher, HandoffContext
 from node.ingest import Ingest
 from node.logging_setup import setup_logging
-from node.pipeline import Pipeline
-from node.retention import RetentionLoop
-from node.scp import StorageSCP, server_ssl_context
+from node.serve import Listener, NodeServices, bootstrap, stop_on_signals
 from node.spool import Spool
 from node.supervisor import die_with_parent
-from node.web.server import start_console
 
 log = logging.getLogger(__name__)
 
@@ -83,41 +76,20 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_scp(scp: StorageSCP, index: int = 0) -> ThreadedAssociationServer:
-    """`StorageSCP.start` on a SO_REUSEPORT socket (same handlers, TLS and chunked receiving)."""
-    d = scp.settings.dicom
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(scp.ingest.spool.incoming)
-    ctx = server_ssl_context(d.tls) if d.tls.enabled else None
-    server = scp.ae.make_server((d.host, d.port), evt_handlers=scp.handlers, ssl_context=ctx,
-                                server_class=ReusePortAssociationServer)
-    # As AE.start_server does: the AE tracks its servers, and the server's shutdown() removes itself.
-    scp.ae._servers.append(server)
-    threading.Thread(target=server.serve_forever, name=f"AcceptorServer-listener{index}", daemon=True).start()
-    scp.server = server
-    log.info("listening as %s on %s:%d%s (listener %d, pid %d)", d.ae_title, d.host, scp.port,
-             " (TLS)" if ctx else "", index, os.getpid())
-    return server
-
-
 def serve_listener(settings: Settings, index: int, stop: threading.Event) -> None:
     """The default listener: ingest + SCP on the shared port until `stop`, then a graceful end."""
     store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
-    spool = Spool(settings.storage.data_dir)
     dispatcher = Dispatcher(HandoffContext(settings, store))
     if settings.broker.enabled:
         # Publishing prepares pixels and talks to the broker: each listener does it for what it received.
         dispatcher.set_handoff(Publisher(make_celery(settings)))
-    ingest = Ingest(settings, store, spool, dispatcher)
-    scp = StorageSCP(settings, store, ingest)
+    ingest = Ingest(settings, store, Spool(settings.storage.data_dir), dispatcher)
+    listener = Listener(settings, ingest, server_class=ReusePortAssociationServer, name=f"listener{index}")
     dispatcher.start()
-    start_scp(scp, index)
+    listener.start()
+    log.info("listener %d (pid %d) accepting", index, os.getpid())
     stop.wait()
-    scp.stop()
-    deadline = time.monotonic() + settings.dicom.shutdown_grace_s
-    while (n := scp.active_associations()) and time.monotonic() < deadline:
-        log.info("listener %d: waiting for %d association(s) to finish", index, n)
-        time.sleep(0.2)
+    listener.stop()
     dispatcher.close()
     store.close()
     log.info("listener %d stopped", index)
@@ -126,14 +98,7 @@ def serve_listener(settings: Settings, index: int, stop: threading.Event) -> Non
 def _listener_process(target: ListenerTarget, settings: Settings, index: int) -> None:
     """Entry point of a forked listener: its own signal handling, then the target."""
     die_with_parent()
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    target(settings, index, stop)
+    target(settings, index, stop_on_signals())
 
 
 class ListenerPool:
@@ -204,61 +169,25 @@ def run_listeners(settings: Settings, n: int, target: ListenerTarget = serve_lis
                   stop: threading.Event | None = None) -> int:
     """Run the node with `n` listener processes until SIGTERM/SIGINT (or `stop`); returns the exit status.
 
-    The parent seeds the AE titles and migrates the database before forking (the listeners open it
-    without migrating), then resumes unfinished instances and runs the analysis pipeline once.
+    The parent bootstraps (migrates, seeds the AE titles) before forking (the listeners open the
+    database without migrating), then runs the node's services, the same as a single-process node.
     """
     d = settings.dicom
     reserved = reserve_port(d.host, d.port)
     port = int(reserved.getsockname()[1])
     settings = settings.model_copy(update={"dicom": d.model_copy(update={"port": port})})
-    store = AuditStore.open(settings.database_url, echo=settings.database.echo)
-    spool = Spool(settings.storage.data_dir)
-    spool.prepare()
-    added = store.seed_ae(settings.ae, actor="config")
-    if added:
-        log.info("added %d AE title(s) from the configuration", added)
-    store.close()  # no database connection crosses the fork
-
+    bootstrap(settings)  # no database connection crosses the fork
     pool = ListenerPool(settings, n, target).start()
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        def _on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("received %s: stopping", signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-
-    # Threads start only now, after the fork.
-    store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
-    dispatcher = Dispatcher(HandoffContext(settings, store))
-    pipeline = Pipeline(settings, store) if settings.broker.enabled else None
-    if pipeline is not None:
-        pipeline.attach(dispatcher)
-    dispatcher.start()
-    if pipeline is not None:
-        pipeline.start()
-    Ingest(settings, store, spool, dispatcher).resume_pending()
-    retention = RetentionLoop(settings, store).start()
-    web = None
+    stop = stop_on_signals(stop)
+    services = NodeServices(settings)  # threads start only now, after the fork
     try:
-        web = start_console(settings, store, enqueue_analysis=dispatcher.submit,
-                            kick_sender=pipeline.exporter.wake if pipeline else None)
-        store.add_event("node.started", detail={"ae_title": d.ae_title, "port": port, "listeners": n})
-        log.info("node running with %d listeners on %s:%d", n, d.host, port)
-        while not stop.wait(1.0):
-            pool.check()
+        services.start()
+        services.announce(port, listeners=n)
+        services.run_until(stop, tick=pool.check)
     finally:
-        if web is not None:
-            web.stop()
-        retention.stop()
         pool.stop(d.shutdown_grace_s)
         reserved.close()
-        dispatcher.close()
-        if pipeline is not None:
-            pipeline.stop()
-        store.add_event("node.stopped")
-        store.close()
+        services.stop()
         log.info("stopped")
     return 0
 

@@ -121,15 +121,23 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.on_c_store),
         ]
 
-    def start(self) -> ThreadedAssociationServer:
+    def start(self, server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer, *,
+              thread_name: str = "AcceptorServer") -> ThreadedAssociationServer:
+        """Listen on ``dicom.host``:``dicom.port`` in a background thread; returns the server.
+
+        `server_class` lets a listener process bind a socket of its own kind (``node.listeners`` uses a
+        SO_REUSEPORT one); the handlers, TLS and chunked receiving are the same whatever the class.
+        """
         d = self.settings.dicom
         # Received data sets go straight to a temp file in the spool (same filesystem: rename, no copy).
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.ingest.spool.incoming)
         ctx = server_ssl_context(d.tls) if d.tls.enabled else None
-        server = self.ae.start_server((d.host, d.port), block=False, evt_handlers=self.handlers,
-                                      ssl_context=ctx)
-        assert server is not None  # block=False returns the server
+        # AE.start_server(block=False) with our server class: it always makes its own class.
+        server = self.ae.make_server((d.host, d.port), evt_handlers=self.handlers, ssl_context=ctx,
+                                     server_class=server_class)
+        self.ae._servers.append(server)  # as start_server does: the AE tracks it, server.shutdown() removes it
+        threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
         self.server = server
         log.info("listening as %s on %s:%d%s", d.ae_title, d.host, self.port, " (TLS)" if ctx else "")
         return server

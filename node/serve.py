@@ -1,8 +1,16 @@
 """`cxrnode serve`: open the audit log, resume unfinished work, listen for DICOM, stop gracefully.
 
-One listener process for now. The pieces (store, spool, ingest, SCP) are per process and share only
-the database and the spool directory, so ``dicom.listeners`` > 1 can later fork N of these on one
-SO_REUSEPORT socket without changing them.
+A node is two parts:
+
+- :class:`NodeServices`, what runs once per node: the hand-off dispatcher and the analysis pipeline
+  (publisher, sweeper, exporter, supervised workers), resuming unfinished instances, retention, the
+  web console and the spool sweeps;
+- :class:`Listener`, the receiving part: ingest and the Storage SCP on the DICOM port.
+
+With ``dicom.listeners = 1`` (:class:`Node`) both run in one process and the listener shares the
+services' store and dispatcher. With more, :mod:`node.listeners` runs the services in the parent and
+forks one :class:`Listener` per process on a SO_REUSEPORT socket. They share only the audit database
+and the spool directory, as node replicas do.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditStore
 from node.config import Settings
@@ -27,47 +37,113 @@ from node.web.server import WebServer, start_console
 
 log = logging.getLogger(__name__)
 
+SWEEP_INTERVAL_S = 60.0
 
-class Node:
-    """The running node: audit store, spool, ingest pipeline, hand-off dispatcher and DICOM listener."""
+
+def bootstrap(settings: Settings) -> None:
+    """Once per start, before any listener or thread: migrate the audit schema, make the spool folders,
+    add the configuration's AE titles. Leaves no database connection open (listeners fork after it)."""
+    store = AuditStore.open(settings.database_url, echo=settings.database.echo)
+    try:
+        Spool(settings.storage.data_dir).prepare()
+        added = store.seed_ae(settings.ae, actor="config")
+        if added:
+            log.info("added %d AE title(s) from the configuration", added)
+    finally:
+        store.close()
+
+
+def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
+    """An event that SIGTERM/SIGINT set (handlers are installed only from the main thread)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    return stop
+
+
+class Listener:
+    """Ingest + Storage SCP on the DICOM port; `stop` lets the associations in flight finish."""
+
+    def __init__(self, settings: Settings, ingest: Ingest, *,
+                 server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer,
+                 name: str = "listener") -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.scp = StorageSCP(settings, ingest.store, ingest)
+        self.server_class = server_class
+        self.name = name
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def start(self) -> None:
+        self.scp.start(self.server_class, thread_name=f"AcceptorServer-{self.name}")
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, then wait up to the grace period for the associations in flight."""
+        grace = self.settings.dicom.shutdown_grace_s if grace_s is None else grace_s
+        self.scp.stop()
+        deadline = time.monotonic() + grace
+        while (n := self.scp.active_associations()) and time.monotonic() < deadline:
+            log.info("%s: waiting for %d association(s) to finish", self.name, n)
+            time.sleep(0.2)
+        if n := self.scp.active_associations():
+            log.warning("%s: stopping with %d association(s) still open after %.0f s", self.name, n, grace)
+
+
+class NodeServices:
+    """What a node runs once, however many listeners receive for it (see the module docstring).
+
+    Expects :func:`bootstrap` to have run. ``ingest`` is the node's ingest (resume, console re-runs);
+    a listener in the same process receives through it.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = AuditStore.open(settings.database_url, echo=settings.database.echo)
+        self.store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
         self.spool = Spool(settings.storage.data_dir)
         self.dispatcher = Dispatcher(HandoffContext(settings, self.store))
         self.ingest = Ingest(settings, self.store, self.spool, self.dispatcher)
-        self.scp = StorageSCP(settings, self.store, self.ingest)
         self.pipeline = Pipeline(settings, self.store) if settings.broker.enabled else None
         if self.pipeline is not None:
             self.pipeline.attach(self.dispatcher)
         self.retention = RetentionLoop(settings, self.store)
         self.web: WebServer | None = None
+        self._running = False
 
     def start(self) -> None:
-        self.spool.prepare()
-        added = self.store.seed_ae(self.settings.ae, actor="config")
-        if added:
-            log.info("added %d AE title(s) from the configuration", added)
         self.dispatcher.start()
         if self.pipeline is not None:
             self.pipeline.start()
+        self._running = True
         self.ingest.resume_pending()
         self.retention.start()
         # Before the DICOM port is bound: a production config without a console password stops here.
         self.web = start_console(self.settings, self.store, enqueue_analysis=self.dispatcher.submit,
                                  kick_sender=self.pipeline.exporter.wake if self.pipeline else None,
                                  workers_probe=self._workers_probe())
-        self.scp.start()
-        self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title,
-                                                     "port": self.scp.port})
 
-    def _workers_probe(self) -> Callable[[], CheckResult] | None:
-        """Embedded mode: the supervised local workers; with a broker server, Celery's own ping."""
-        sup = self.pipeline.supervisor if self.pipeline is not None else None
-        if sup is None or not self.settings.embedded:
-            return None
-        return supervised_workers_probe([c.name for c in sup.children], sup.pids, sup.restarts)
+    def announce(self, port: int, listeners: int) -> None:
+        self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title, "port": port,
+                                                     "listeners": listeners})
+        log.info("node %s running on %s:%d (%d listener process%s)", self.settings.dicom.ae_title,
+                 self.settings.dicom.host, port, listeners, "" if listeners == 1 else "es")
+
+    def run_until(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+        """Every second call `tick` (e.g. the listener pool's check) until `stop`; sweep the spool now and then."""
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        while not stop.wait(1.0):
+            if tick is not None:
+                tick()
+            if time.monotonic() >= next_sweep:
+                self.sweep()
+                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
 
     def sweep(self) -> None:
         """Housekeeping: drop partial files of transfers that were aborted (no longer being written)."""
@@ -77,27 +153,44 @@ class Node:
         except OSError:
             log.exception("sweeping %s failed", self.spool.incoming)
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting, let in-flight associations finish (up to the grace period), flush hand-offs."""
-        grace = self.settings.dicom.shutdown_grace_s if grace_s is None else grace_s
-        self.scp.stop()
+    def stop(self) -> None:
+        """Stop the console and retention, flush the hand-offs, stop the pipeline (call after the listeners)."""
         if self.web is not None:
             self.web.stop()
         self.retention.stop()
-        deadline = time.monotonic() + grace
-        while (n := self.scp.active_associations()) and time.monotonic() < deadline:
-            log.info("waiting for %d association(s) to finish", n)
-            time.sleep(0.2)
-        if n := self.scp.active_associations():
-            log.warning("stopping with %d association(s) still open after %.0f s", n, grace)
-        self.dispatcher.close()
-        if self.pipeline is not None:
-            self.pipeline.stop()
-        self.store.add_event("node.stopped")
+        if self._running:
+            self.dispatcher.close()
+            if self.pipeline is not None:
+                self.pipeline.stop()
+            self.store.add_event("node.stopped")
         self.store.close()
 
+    def _workers_probe(self) -> Callable[[], CheckResult] | None:
+        """Embedded mode: the supervised local workers; with a broker server, Celery's own ping."""
+        sup = self.pipeline.supervisor if self.pipeline is not None else None
+        if sup is None or not self.settings.embedded:
+            return None
+        return supervised_workers_probe([c.name for c in sup.children], sup.pids, sup.restarts)
 
-SWEEP_INTERVAL_S = 60.0
+
+class Node:
+    """The single-process node: the services and one listener sharing their store and dispatcher."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services = NodeServices(settings)
+        self.listener = Listener(settings, self.services.ingest)
+
+    def start(self) -> None:
+        bootstrap(self.settings)
+        self.services.start()
+        self.listener.start()
+        self.services.announce(self.listener.port, listeners=1)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let in-flight associations finish (up to the grace period), then the services."""
+        self.listener.stop(grace_s)
+        self.services.stop()
 
 
 def serve(settings: Settings) -> int:
@@ -107,21 +200,12 @@ def serve(settings: Settings) -> int:
         from node.listeners import run_listeners
 
         return run_listeners(settings, settings.dicom.listeners)
+    stop = stop_on_signals()
     node = Node(settings)
-    stopping = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    node.start()
-    next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-    while not stopping.wait(1.0):
-        if time.monotonic() >= next_sweep:
-            node.sweep()
-            next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-    node.stop()
-    log.info("stopped")
+    try:
+        node.start()
+        node.services.run_until(stop)
+    finally:
+        node.stop()
+        log.info("stopped")
     return 0
