@@ -42,7 +42,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         else args.negatives_per_source,
         run_dir=Path(args.run or RUNS / args.task), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes,
-        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads, device=args.device)
+        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads, device=args.device,
+        init=args.init or "",
+        weak_data=[Path(w) for w in args.weak_data] if args.weak_data is not None
+        else [shared_data_root() / d for d in task.weak_data],
+        weak_train_folds=tuple(args.weak_train_folds), weak_val_folds=tuple(args.weak_val_folds),
+        weak_weight=args.weak_weight)
     train(cfg, resume=args.resume)
     return 0
 
@@ -147,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when available (mixed precision), else CPU")
+    t.add_argument("--weak-data", nargs="*", help="severity-format folders for the weak zone loss "
+                                                  "(default: the task's; no folder = none)")
+    t.add_argument("--weak-train-folds", nargs="+", type=int, default=[0, 1, 2])
+    t.add_argument("--weak-val-folds", nargs="+", type=int, default=[3],
+                   help="weak-label folds for validation; folds in neither list are never read (test)")
+    t.add_argument("--weak-weight", type=float, default=1.0)
+    t.add_argument("--init", help="fine-tune from a checkpoint (*.pt) or a shipped model name (e.g. lung)")
     t.add_argument("--arch")
     t.add_argument("--encoder")
     t.add_argument("--input-size", type=int)

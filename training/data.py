@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,11 @@ class Sample:
     patient: str  # patient key for splits; the image id where the folder has no patient ids
     ignore: Path | None = None
     row: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Weak labels (severity/ images: no pixel masks). `pixel_labels=False` excludes every pixel from
+    # the pixel loss; `zone_target` holds six 0/1 zone labels (NaN = unknown), `score` a 0-6 count.
+    pixel_labels: bool = True
+    zone_target: tuple[float, ...] = ()
+    score: float | None = None
 
 
 def index_file(folder: Path) -> Path:
@@ -122,12 +128,18 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return (image.astype(np.float32) / 255.0 - 0.5) / 0.25
 
 
+ZONES = 6  # RU, RM, RL, LU, LM, LL (workers.severity)
+
+
 @dataclass
 class Cached:
     image: np.ndarray  # uint8 SxS
     target: np.ndarray  # uint8 CxSxS, 0/1
-    valid: np.ndarray  # uint8 SxS, 0 where masks/ignore marks pixels
+    valid: np.ndarray  # uint8 SxS, 0 where masks/ignore marks pixels (all 0 without pixel labels)
     positive: float  # 1.0 if any target pixel (presence label)
+    zones: np.ndarray | None = None  # uint8 6xSxS lung zones, for weak labels (training.weak)
+    zone_target: np.ndarray = field(default_factory=lambda: np.full(ZONES, np.nan, np.float32))
+    score: float = math.nan  # 0-6 severity reference; NaN = none
 
 
 def cache_samples(samples: Sequence[Sample], structures: Sequence[str], size: int) -> list[Cached]:
@@ -135,10 +147,17 @@ def cache_samples(samples: Sequence[Sample], structures: Sequence[str], size: in
     for i, s in enumerate(samples):
         image = load_gray(s.image)
         masks = [load_mask(s.masks.get(st), image.shape) for st in structures]
-        valid = ~load_mask(s.ignore, image.shape) if s.ignore else np.ones(image.shape, bool)
+        if not s.pixel_labels:
+            valid = np.zeros(image.shape, bool)
+        elif s.ignore:
+            valid = ~load_mask(s.ignore, image.shape)
+        else:
+            valid = np.ones(image.shape, bool)
         target = np.stack([resize_mask(m, size) for m in masks]).astype(np.uint8)
+        zone_target = np.array(s.zone_target or [math.nan] * ZONES, np.float32)
         out.append(Cached(resize_image(image, size), target, resize_mask(valid, size).astype(np.uint8),
-                          float(any(m.any() for m in masks))))
+                          float(any(m.any() for m in masks)), zone_target=zone_target,
+                          score=math.nan if s.score is None else s.score))
         if (i + 1) % 200 == 0:
             log.info("cached %d/%d images", i + 1, len(samples))
     return out
@@ -147,8 +166,13 @@ def cache_samples(samples: Sequence[Sample], structures: Sequence[str], size: in
 Augment = Callable[..., dict[str, np.ndarray]]
 
 
+Item = dict[str, np.ndarray | np.float32]
+
+
 class SegmentationDataset:
-    """torch-style dataset over cached samples: (image 1xSxS, target CxSxS, valid 1xSxS, presence)."""
+    """torch-style dataset over cached samples; an item is a dict of arrays that the default collate
+    stacks: x (1xSxS), target (CxSxS), valid (1xSxS), positive, zones (6xSxS), zone_target (6), score.
+    """
 
     def __init__(self, cached: Sequence[Cached], augment: Augment | None = None) -> None:
         self.cached = list(cached)
@@ -157,13 +181,21 @@ class SegmentationDataset:
     def __len__(self) -> int:
         return len(self.cached)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.float32]:
+    def __getitem__(self, i: int) -> Item:
         c = self.cached[i]
         image, target, valid = c.image, c.target, c.valid
+        zones = c.zones if c.zones is not None else np.zeros((ZONES, *image.shape), np.uint8)
         if self.augment is not None:
-            out = self.augment(image=image, masks=[*target, valid])
+            # Zones move with the image: the weak labels belong to the anatomy, not to the grid.
+            extra = list(zones) if c.zones is not None else []
+            out = self.augment(image=image, masks=[*target, valid, *extra])
             image = out["image"]
-            *chans, valid = out["masks"]
-            target = np.stack(chans)
-        return (normalise(image)[None], target.astype(np.float32), np.asarray(valid, np.float32)[None],
-                np.float32(c.positive))
+            masks = list(out["masks"])
+            target = np.stack(masks[:len(target)])
+            valid = masks[len(target)]
+            if extra:
+                zones = np.stack(masks[len(target) + 1:])
+        return {"x": normalise(image)[None], "target": target.astype(np.float32),
+                "valid": np.asarray(valid, np.float32)[None], "positive": np.float32(c.positive),
+                "zones": np.asarray(zones, np.float32), "zone_target": c.zone_target,
+                "score": np.float32(c.score)}

@@ -70,11 +70,15 @@ def build_card(run_dir: Path, evaluation: dict[str, Any], command: str, *, statu
             "negatives_per_source": config.get("negatives_per_source", 0),
             "structures": config["structures"],
             "split": {k: split[k] for k in ("rule", "seed", "val_fraction", "counts")},
-            "epochs_run": len(history), "best_epoch": max(history, key=lambda h: h["val_dice"])["epoch"],
+            "epochs_run": len(history), "best_epoch": max(history, key=lambda h: h.get("val_select", h["val_dice"]))["epoch"],
             "hyperparameters": {k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay",
                                                        "warmup_steps", "patience", "augment")},
             "loss": "BCE + soft Dice" + (" + 0.5 x BCE on the presence head" if "presence" in str(history[-1])
-                                          else ""),
+                                          else "")
+            + (" + weak zone loss on severity labels (training.weak)" if config.get("weak_data") else ""),
+            "weak_labels": {k: config[k] for k in ("weak_data", "weak_train_folds", "weak_val_folds",
+                                                   "weak_weight")} if config.get("weak_data") else None,
+            "initialised_from": config.get("init") or "random",
             "optimizer": "AdamW, linear warm-up + cosine decay",
             "history": history,
             "wall_clock_s": round(sum(h["seconds"] for h in history)),

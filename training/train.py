@@ -24,7 +24,8 @@ from training.augment import radiograph_augment
 from training.data import Cached, Sample, SegmentationDataset, cache_samples, read_folder
 from training.losses import bce_dice_loss
 from training.splits import split, write_split
-from workers.models import ModelSpec, build
+from training.weak import attach_zones, hard_affected, severity_samples, zone_loss
+from workers.models import ModelSpec, build, load
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,15 @@ class TrainConfig:
     augment: bool = True
     threads: int = 2
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"; CUDA trains in mixed precision
+    # Start from these weights instead of random ones: a training checkpoint (*.pt) or a shipped model
+    # name ("lung"): fine-tuning, possibly at another input size (the networks are fully convolutional).
+    init: str = ""
+    # Weak labels (opacity): severity/ folders whose zone/score labels train through training.weak;
+    # `weak_train_folds` enter training, `weak_val_folds` validation; other folds are never read.
+    weak_data: list[Path] = field(default_factory=list)
+    weak_train_folds: tuple[int, ...] = (0, 1, 2)
+    weak_val_folds: tuple[int, ...] = (3,)
+    weak_weight: float = 1.0
 
 
 def seed_everything(seed: int) -> None:
@@ -75,7 +85,7 @@ def collect_samples(cfg: TrainConfig) -> list[Sample]:
         samples += neg
     if cfg.limit:
         samples = samples[:cfg.limit]
-    if not samples:
+    if not samples and not cfg.weak_data:
         raise ValueError(f"no samples with masks of {cfg.structures} in {cfg.data}")
     return samples
 
@@ -94,7 +104,14 @@ def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out, None
 
 
-@torch.no_grad()
+def initial_weights(init: str) -> dict[str, torch.Tensor]:
+    """State dict of a checkpoint file or of the shipped weights of model `init` (fp16 -> fp32)."""
+    if init.endswith(".pt"):
+        return cast(dict[str, torch.Tensor], torch.load(init, map_location="cpu", weights_only=False)["model"])
+    shipped, _ = load(init)
+    return {k: v.float() for k, v in shipped.state_dict().items()}
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,38 +122,62 @@ def pick_device(choice: str) -> torch.device:
 
 def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence[Sample],
              batch_size: int, device: torch.device | None = None) -> dict[str, Any]:
-    """Dice per image at the input grid (ignore pixels excluded), mean overall and per source.
+    """Dice per image at the input grid (ignore pixels excluded), mean overall and per source; for
+    weakly labelled images the severity count's MAE against their score (`val_severity_mae`).
 
-    A quick per-epoch figure for early stopping; `python -m training evaluate` gives the full-size
-    metrics of the exported model.
+    `val_select` is what early stopping and best.pt follow: the Dice minus the weak-label error (MAE/6).
+    A quick per-epoch figure; `python -m training evaluate` gives the full-size metrics of the
+    exported model.
     """
     model.eval()
     ds = SegmentationDataset(cached)
-    dices: list[float] = []
+    dices: dict[int, float] = {}
     presence_correct: list[bool] = []
+    severity_err: list[float] = []
+    zone_correct: list[bool] = []
     losses = []
     for start in range(0, len(ds), batch_size):
-        items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
-        x, y, v, pos = (torch.from_numpy(np.stack(a)).to(device or "cpu") for a in zip(*items, strict=True))
-        logits, cls = split_outputs(model(x))
+        idx = list(range(start, min(len(ds), start + batch_size)))
+        b = {k: torch.from_numpy(np.stack([ds[i][k] for i in idx])).to(device or "cpu")
+             for k in ("x", "target", "valid", "positive", "zones", "zone_target", "score")}
+        y, v = b["target"], b["valid"]
+        logits, cls = split_outputs(model(b["x"]))
         logits = logits.float()
         cls = cls.float() if cls is not None else None
-        losses.append(bce_dice_loss(logits, y, v).item() * len(items))
+        losses.append(bce_dice_loss(logits, y, v).item() * len(idx))
         pred = (logits > 0).float() * v
         yv = y * v
         inter = (pred * yv).sum((1, 2, 3))
         denom = pred.sum((1, 2, 3)) + yv.sum((1, 2, 3))
-        dices += torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom)).tolist()
+        dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom)).tolist()
+        pixel = (v.sum((1, 2, 3)) > 0).tolist()
+        dices |= {i: d for i, d, p in zip(idx, dice, pixel, strict=True) if p}
+        scored = ~torch.isnan(b["score"])
+        zoned = ~torch.isnan(b["zone_target"])
+        if scored.any() or zoned.any():
+            affected = hard_affected(torch.sigmoid(logits), b["zones"])
+            severity_err += (affected.sum(1)[scored].float() - b["score"][scored]).abs().tolist()
+            zone_correct += (affected.float() == b["zone_target"])[zoned].tolist()
         if cls is not None:
-            presence_correct += ((cls.reshape(-1) > 0).float() == pos).tolist()
+            presence_correct += ((cls.reshape(-1) > 0).float() == b["positive"]).tolist()
     by_source: dict[str, list[float]] = {}
-    for s, d in zip(samples, dices, strict=True):
-        by_source.setdefault(s.source, []).append(d)
+    for i, d in dices.items():
+        by_source.setdefault(samples[i].source, []).append(d)
+    val_dice = float(np.mean(list(dices.values()))) if dices else math.nan
     result: dict[str, Any] = {
         "val_loss": sum(losses) / max(1, len(ds)),
-        "val_dice": float(np.mean(dices)) if dices else math.nan,
+        "val_dice": val_dice,
         **{f"val_dice_{src}": float(np.mean(d)) for src, d in sorted(by_source.items())},
     }
+    # Weak-label error on a 0-1 scale: severity MAE / 6 where scores exist, else zone error rate.
+    weak_error = 0.0
+    if zone_correct:
+        result["val_zone_acc"] = float(np.mean(zone_correct))
+        weak_error = 1 - result["val_zone_acc"]
+    if severity_err:
+        result["val_severity_mae"] = float(np.mean(severity_err))
+        weak_error = result["val_severity_mae"] / 6
+    result["val_select"] = (0.0 if math.isnan(val_dice) else val_dice) - weak_error
     if presence_correct:
         result["val_presence_acc"] = float(np.mean(presence_correct))
         by_src_acc: dict[str, list[bool]] = {}
@@ -167,7 +208,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     train_s, val_s = split(samples, cfg.seed, cfg.val_fraction)
     if not val_s:  # tiny test sets: validate on the training images rather than on nothing
         val_s = train_s
-    write_split(cfg.run_dir / "split.json", train_s, val_s, cfg.seed, cfg.val_fraction)
+    for folder in cfg.weak_data:  # split by the folder's own patient folds
+        train_s += severity_samples(folder, cfg.weak_train_folds)
+        val_s += severity_samples(folder, cfg.weak_val_folds)
+    write_split(cfg.run_dir / "split.json", train_s, val_s, cfg.seed, cfg.val_fraction,
+                weak_folds={"train": list(cfg.weak_train_folds), "validation": list(cfg.weak_val_folds)}
+                if cfg.weak_data else None)
     (cfg.run_dir / "config.json").write_text(json.dumps(
         asdict(cfg), default=str, indent=1) + "\n")
     log.info("%d train / %d validation images (%d / %d patients)", len(train_s), len(val_s),
@@ -176,11 +222,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     t0 = time.monotonic()
     train_c = cache_samples(train_s, cfg.structures, cfg.spec.input_size)
     val_c = cache_samples(val_s, cfg.structures, cfg.spec.input_size)
+    attach_zones(train_c, train_s, cfg.spec.input_size, cfg.run_dir / "zones.npz")
+    attach_zones(val_c, val_s, cfg.spec.input_size, cfg.run_dir / "zones.npz")
     log.info("cached images in %.0f s", time.monotonic() - t0)
 
     device = pick_device(cfg.device)
     amp = device.type == "cuda"
-    model = build(cfg.spec).to(device)
+    model = build(cfg.spec)
+    if cfg.init:
+        model.load_state_dict(initial_weights(cfg.init))
+        log.info("initialised from %s", cfg.init)
+    model = model.to(device)
     model.train()
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -223,18 +275,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         t_epoch = time.monotonic()
         losses = []
-        for i, (x, y, v, pos) in enumerate(loader):
+        for i, batch in enumerate(loader):
             used = state["train_seconds"] + time.monotonic() - t_epoch
             if i >= steps_per_epoch or (budget_s and used >= budget_s):
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(state["step"], progress(state["step"], used), cfg)
-            x, y, v, pos = x.to(device), y.to(device), v.to(device), pos.to(device)
+            b = {k: t.to(device) for k, t in batch.items()}
             with torch.autocast(device.type, enabled=amp):
-                logits, cls = split_outputs(model(x))
-            loss = bce_dice_loss(logits.float(), y, v)
+                logits, cls = split_outputs(model(b["x"]))
+            loss = bce_dice_loss(logits.float(), b["target"], b["valid"])
+            if cfg.weak_data:
+                loss = loss + cfg.weak_weight * zone_loss(logits.float(), b["zones"], b["zone_target"], b["score"])
             if cls is not None:
-                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(cls.float().reshape(-1), pos)
+                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(cls.float().reshape(-1),
+                                                                                   b["positive"])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -256,8 +311,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         history.append(row)
         log.info("epoch %d: %s", epoch, json.dumps(row))
         state["epoch"] = epoch
-        if metrics["val_dice"] > state["best"]:
-            state["best"], state["best_epoch"], state["bad_epochs"] = metrics["val_dice"], epoch, 0
+        if metrics["val_select"] > state["best"]:
+            state["best"], state["best_epoch"], state["bad_epochs"] = metrics["val_select"], epoch, 0
             torch.save({"model": model.state_dict(), "spec": asdict(cfg.spec), "epoch": epoch,
                         "metrics": row}, cfg.run_dir / "best.pt")
         else:
@@ -269,7 +324,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                     "spec": asdict(cfg.spec)}, tmp)
         tmp.replace(last)
         _write_metrics(cfg.run_dir, history)
-    summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_dice": state["best"],
+    summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_select": state["best"],
                "train_seconds": state["train_seconds"]}
     log.info("done: %s", summary)
     return summary

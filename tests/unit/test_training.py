@@ -92,7 +92,8 @@ def test_resume_continues_instead_of_restarting(tiny_run, tmp_path) -> None:
 def test_training_input_is_the_worker_preprocessing(tiny_run) -> None:
     folder, _, _ = tiny_run
     samples = read_folder(folder, ("lungs",))
-    x, target, valid, _ = SegmentationDataset(cache_samples(samples[:1], ("lungs",), SIZE))[0]
+    item = SegmentationDataset(cache_samples(samples[:1], ("lungs",), SIZE))[0]
+    x, target, valid = item["x"], item["target"], item["valid"]
     image = np.asarray(Image.open(samples[0].image))
     np.testing.assert_array_equal(x[None], models.preprocess(image, SIZE))
     assert target.shape == (1, SIZE, SIZE) and valid.min() == 1.0
