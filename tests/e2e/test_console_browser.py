@@ -14,12 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.audit import AuditStore
-from node.config import load_settings
-from node.web.server import WebServer, start_in_thread
-from tests.support.console import ADMIN, PASSWORD, PASSWORD_HASH, send_test_files
+from tests.support.console import ADMIN, PASSWORD, ConsoleSite, console_site
 from tests.support.dcmtk import StoreSCP
-from tests.support.node import NodeProcess
 from tests.support.paths import REPO_ROOT, dicom_dir, dicom_manifest
 
 pytest.importorskip("selenium")
@@ -36,24 +32,10 @@ ARTIFACTS = REPO_ROOT / "test-artifacts" / "console"
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WebServer, AuditStore]]:
-    root = tmp_path_factory.mktemp("browser")
-    node = NodeProcess(root, extra_toml="[broker]\nembedded_worker = false\n[web]\nenabled = false\n")
-    node.start()
-    try:
-        statuses = send_test_files(node.port)
-    finally:
-        assert node.stop() == 0, node.log_text()[-3000:]
-    assert statuses[dicom_manifest()[0]["file"]] == 0x0000
-    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH})
-    store = AuditStore.open(settings.database_url)
-    web = start_in_thread(settings, store, port=0)
-    try:
-        yield web, store
-    finally:
-        web.stop()
-        store.close()
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleSite]:
+    with console_site(tmp_path_factory.mktemp("browser")) as s:
+        assert s.statuses[dicom_manifest()[0]["file"]] == 0x0000
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +70,8 @@ def _wait_text(driver: WebDriver, css: str, text: str) -> None:
     WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
 
 
-def test_log_in_add_and_echo_an_ae_then_find_a_study(console: tuple[WebServer, AuditStore],
-                                                     browser: WebDriver, tmp_path: Path) -> None:
-    web, store = console
+def test_log_in_add_and_echo_an_ae_then_find_a_study(site: ConsoleSite, browser: WebDriver, tmp_path: Path) -> None:
+    web, store = site.web, site.store
     d = browser
 
     # Log in (the dashboard sends us to the login page first).

@@ -21,28 +21,24 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.audit import AuditStore
 from node.audit.models import ExportState, Instance, InstanceState
 from node.audit.store import InstanceFilter
-from node.config import Settings, load_settings
 from node.results.common import DeviceInfo
 from node.results.seg import build_seg
 from node.results.sr import build_sr
-from node.web.actions import ConsoleActions
 from node.web.app import create_app
 from node.web.auth import AuthConfigError
-from node.web.server import WebServer, start_console, start_in_thread
+from node.web.server import start_console, start_in_thread
 from tests.support.console import (
     ADMIN,
     OPS,
     OPS_PASSWORD,
     PASSWORD,
-    PASSWORD_HASH,
-    USERS,
     VIEWER,
     VIEWER_PASSWORD,
     ConsoleClient,
-    send_test_files,
+    ConsoleSite,
+    console_site,
     web_toml,
 )
 from tests.support.dcmtk import StoreSCP
@@ -56,49 +52,25 @@ pytestmark = pytest.mark.timeout(300)
 ACTOR = f"web:{ADMIN}"
 
 
-class Site:
-    """The node's data and a console serving it."""
-
-    def __init__(self, settings: Settings, store: AuditStore, web: WebServer, statuses: dict[str, int | None],
-                 handed_off: list[int]) -> None:
-        self.settings, self.store, self.web, self.statuses, self.handed_off = settings, store, web, statuses, handed_off
-
-
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("console")
-    node = NodeProcess(root, extra_toml="[broker]\nembedded_worker = false\n[web]\nenabled = false\n")
-    node.start()
-    try:
-        statuses = send_test_files(node.port)
-    finally:
-        assert node.stop() == 0, node.log_text()[-3000:]
-    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH, "users": USERS})
-    store = AuditStore.open(settings.database_url)
-    handed_off: list[int] = []
-    actions = ConsoleActions(store, calling_ae=settings.dicom.ae_title, enqueue_analysis=handed_off.append)
-    web = start_in_thread(settings, store, actions=actions, port=0)
-    try:
-        yield Site(settings, store, web, statuses, handed_off)
-    finally:
-        web.stop()
-        store.close()
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleSite]:
+    with console_site(tmp_path_factory.mktemp("console")) as s:
+        yield s
 
 
 @pytest.fixture
-def client(site: Site) -> Iterator[ConsoleClient]:
+def client(site: ConsoleSite) -> Iterator[ConsoleClient]:
     c = ConsoleClient(site.web.url)
     assert c.login().status_code == 303
     yield c
     c.close()
 
 
-def _stored(site: Site) -> list[Instance]:
+def _stored(site: ConsoleSite) -> list[Instance]:
     return [i for i in site.store.list_instances() if i.state not in (InstanceState.REJECTED, InstanceState.DUPLICATE)]
 
 
-def test_pages_need_a_login_and_failed_logins_are_audited(site: Site) -> None:
+def test_pages_need_a_login_and_failed_logins_are_audited(site: ConsoleSite) -> None:
     anon = ConsoleClient(site.web.url)
     for path in ("/", "/studies", "/ae", "/rules", "/models", "/dead", "/events", "/studies/1"):
         r = anon.get(path)
@@ -115,13 +87,13 @@ def test_pages_need_a_login_and_failed_logins_are_audited(site: Site) -> None:
     anon.close()
 
 
-def test_forged_form_without_csrf_token_changes_nothing(site: Site, client: ConsoleClient) -> None:
+def test_forged_form_without_csrf_token_changes_nothing(site: ConsoleSite, client: ConsoleClient) -> None:
     r = client.http.post("/ae", data={"name": "FORGED", "role": "both", "csrf": "not-the-token"})
     assert r.status_code == 303 and r.headers["location"].startswith("/login")
     assert site.store.get_ae("FORGED") is None
 
 
-def test_dashboard_counts_what_the_node_received_today(site: Site, client: ConsoleClient) -> None:
+def test_dashboard_counts_what_the_node_received_today(site: ConsoleSite, client: ConsoleClient) -> None:
     page = client.get("/").text
     accepted = [s for s in site.statuses.values() if s == 0x0000]
     received = re.search(r'id="n-received">(\d+)<', page)
@@ -130,7 +102,7 @@ def test_dashboard_counts_what_the_node_received_today(site: Site, client: Conso
     assert "MB free of" in page and "instance(s) queued" in page
 
 
-def test_study_search_by_ae_state_accession_and_date(site: Site, client: ConsoleClient) -> None:
+def test_study_search_by_ae_state_accession_and_date(site: ConsoleSite, client: ConsoleClient) -> None:
     studies = {i.study_id for i in _stored(site)}
     listed = re.findall(r'href="/studies/(\d+)"', client.get("/studies").text)
     assert {int(x) for x in listed} == studies
@@ -157,7 +129,7 @@ def test_study_search_by_ae_state_accession_and_date(site: Site, client: Console
 
 
 @pytest.fixture(scope="module")
-def analysed(site: Site) -> int:
+def analysed(site: ConsoleSite) -> int:
     """Real SEG + SR for the first CR of the test set, registered as exports (SEG sent, SR dead)."""
     first = dicom_manifest()[0]["file"]
     from tests.support.console import sop_instance_uid
@@ -180,7 +152,7 @@ def analysed(site: Site) -> int:
     return inst.id
 
 
-def test_study_page_shows_timeline_severity_measurements_and_overlay(site: Site, client: ConsoleClient,
+def test_study_page_shows_timeline_severity_measurements_and_overlay(site: ConsoleSite, client: ConsoleClient,
                                                                       analysed: int) -> None:
     inst = site.store.get_instance(analysed)
     page = client.get(f"/studies/{inst.study_id}").text
@@ -203,7 +175,7 @@ def test_study_page_shows_timeline_severity_measurements_and_overlay(site: Site,
     assert client.get("/instances/999999/overlay.png").status_code == 404
 
 
-def test_dead_letter_retry_resend_and_rerun_are_audited(site: Site, client: ConsoleClient, analysed: int) -> None:
+def test_dead_letter_retry_resend_and_rerun_are_audited(site: ConsoleSite, client: ConsoleClient, analysed: int) -> None:
     page = client.get("/dead").text
     dead = site.store.list_exports(analysed, state=ExportState.DEAD)
     assert len(dead) == 1 and f"/exports/{dead[0].id}/retry" in page
@@ -232,7 +204,7 @@ def test_dead_letter_retry_resend_and_rerun_are_audited(site: Site, client: Cons
     assert "err=" in r.headers["location"] and "not+allowed" in r.headers["location"]
 
 
-def test_ae_titles_add_edit_remove_are_audited_with_the_user(site: Site, client: ConsoleClient) -> None:
+def test_ae_titles_add_edit_remove_are_audited_with_the_user(site: ConsoleSite, client: ConsoleClient) -> None:
     r = client.post("/ae", name="MODALITY1", role="source", host="10.1.2.3", port="", description="DR room 1")
     assert r.headers["location"] == "/ae?msg=AE+title+MODALITY1+added"
     assert "MODALITY1" in client.get("/ae").text
@@ -261,7 +233,7 @@ def test_ae_titles_add_edit_remove_are_audited_with_the_user(site: Site, client:
     assert site.store.list_events(kinds=["ae.removed"])[-1].actor == ACTOR
 
 
-def test_c_echo_from_the_console(site: Site, client: ConsoleClient, tmp_path: Path) -> None:
+def test_c_echo_from_the_console(site: ConsoleSite, client: ConsoleClient, tmp_path: Path) -> None:
     with StoreSCP(tmp_path / "scp", ae_title="ECHOSCP") as scp:
         client.post("/ae", name="ECHOSCP", role="destination", host="127.0.0.1", port=str(scp.port))
         r = client.post("/ae/ECHOSCP/echo")
@@ -279,7 +251,7 @@ def test_c_echo_from_the_console(site: Site, client: ConsoleClient, tmp_path: Pa
     assert {a.called_ae for a in outbound} >= {"ECHOSCP", "GONE"}
 
 
-def test_rules_models_and_events_pages(site: Site, client: ConsoleClient, tmp_path: Path) -> None:
+def test_rules_models_and_events_pages(site: ConsoleSite, client: ConsoleClient, tmp_path: Path) -> None:
     rules = client.get("/rules").text
     for rule in site.settings.rules:
         assert rule.name in rules
@@ -304,7 +276,7 @@ def test_rules_models_and_events_pages(site: Site, client: ConsoleClient, tmp_pa
     assert "ae.added" in events and "instance.received" not in events
 
 
-def test_metrics_health_and_readiness(site: Site, client: ConsoleClient) -> None:
+def test_metrics_health_and_readiness(site: ConsoleSite, client: ConsoleClient) -> None:
     assert client.http.get("/healthz").json() == {"status": "ok"}
     ready = client.http.get("/readyz")
     body = ready.json()
@@ -325,7 +297,8 @@ def test_metrics_health_and_readiness(site: Site, client: ConsoleClient) -> None
     assert events["instance.received"] == len(_stored(site))
     assert events["association.accepted"] >= 1 and events["instance.rejected"] >= 1
 
-def test_readiness_fails_below_the_disk_watermark(site: Site) -> None:
+
+def test_readiness_fails_below_the_disk_watermark(site: ConsoleSite) -> None:
     from starlette.testclient import TestClient
 
     full = site.settings.model_copy(update={"storage": site.settings.storage.model_copy(
@@ -336,14 +309,14 @@ def test_readiness_fails_below_the_disk_watermark(site: Site) -> None:
     assert r.json()["checks"]["spool"]["ok"] is False and "below" in r.json()["checks"]["spool"]["detail"]
 
 
-def test_production_mode_without_any_console_user_refuses_to_start(site: Site) -> None:
+def test_production_mode_without_any_console_user_refuses_to_start(site: ConsoleSite) -> None:
     prod = site.settings.model_copy(update={"web": site.settings.web.model_copy(
         update={"production": True, "password_hash": "", "users": []})})
     with pytest.raises(AuthConfigError, match="no default password"):
         start_in_thread(prod, site.store, port=0)
 
 
-def test_start_console_follows_web_enabled(site: Site) -> None:
+def test_start_console_follows_web_enabled(site: ConsoleSite) -> None:
     off = site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"enabled": False})})
     assert start_console(off, site.store) is None
     on = site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"port": free_port()})})
@@ -356,7 +329,7 @@ def test_start_console_follows_web_enabled(site: Site) -> None:
         web.stop()
 
 
-def test_repeated_failed_logins_lock_the_address_out(site: Site) -> None:
+def test_repeated_failed_logins_lock_the_address_out(site: ConsoleSite) -> None:
     from starlette.testclient import TestClient
 
     with TestClient(create_app(site.settings, site.store), follow_redirects=False) as tc:
@@ -367,7 +340,7 @@ def test_repeated_failed_logins_lock_the_address_out(site: Site) -> None:
         assert "set-cookie" not in locked.headers
 
 
-def test_viewer_sees_every_page_but_each_action_is_refused_and_audited(site: Site, analysed: int) -> None:
+def test_viewer_sees_every_page_but_each_action_is_refused_and_audited(site: ConsoleSite, analysed: int) -> None:
     viewer = ConsoleClient(site.web.url)
     assert viewer.login(VIEWER, VIEWER_PASSWORD).status_code == 303
     study_id = site.store.get_instance(analysed).study_id
@@ -402,7 +375,7 @@ def test_viewer_sees_every_page_but_each_action_is_refused_and_audited(site: Sit
     viewer.close()
 
 
-def test_an_admin_from_web_users_runs_actions_audited_with_its_name(site: Site) -> None:
+def test_an_admin_from_web_users_runs_actions_audited_with_its_name(site: ConsoleSite) -> None:
     ops = ConsoleClient(site.web.url)
     assert ops.login(OPS, OPS_PASSWORD).status_code == 303
     login = site.store.list_events(kinds=["web.login"])[-1]

@@ -1,16 +1,25 @@
-"""Helpers for console tests: a node fed with every test file, and a logged-in HTTP client."""
+"""Helpers for console tests: a node fed with every test file and a console on its audit log
+(`console_site`), and a logged-in HTTP client."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
 import httpx
 import pydicom
 
+from node.audit import AuditStore
+from node.config import Settings, load_settings
+from node.web.actions import ConsoleActions
 from node.web.auth import hash_password
+from node.web.server import WebServer, start_in_thread
 from tests.support.dcmtk import send_as_stored, storescu, storescu_opts
+from tests.support.node import NodeProcess
 from tests.support.paths import dicom_dir, dicom_manifest
 
 ADMIN, PASSWORD = "admin", "console-test-password"
@@ -55,6 +64,43 @@ def send_test_files(port: int, aet: str = "STORESCU") -> dict[str, int | None]:
         for f in files:
             statuses[f.name] = result.responses.get(sop_instance_uid(f))
     return statuses
+
+
+@dataclass
+class ConsoleSite:
+    """The data of a node that received the whole test set, and a console serving it."""
+
+    settings: Settings
+    store: AuditStore
+    web: WebServer
+    statuses: dict[str, int | None]  # test file -> C-STORE response status
+    handed_off: list[int] = field(default_factory=list)  # instance ids the console's re-runs handed on
+
+
+@contextmanager
+def console_site(root: Path) -> Iterator[ConsoleSite]:
+    """`cxrnode serve` receives every test file from storescu and stops; then the console runs in this
+    process (as `cxrnode serve` runs it) on the same data, with the legacy admin plus USERS.
+
+    Use it in a module-scoped fixture: the node and the sends take a while.
+    """
+    node = NodeProcess(root, extra_toml="[broker]\nembedded_worker = false\n")
+    node.start()
+    try:
+        statuses = send_test_files(node.port)
+    finally:
+        assert node.stop() == 0, node.log_text()[-3000:]
+    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
+                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH, "users": USERS})
+    store = AuditStore.open(settings.database_url)
+    handed_off: list[int] = []
+    actions = ConsoleActions(store, calling_ae=settings.dicom.ae_title, enqueue_analysis=handed_off.append)
+    web = start_in_thread(settings, store, actions=actions, port=0)
+    try:
+        yield ConsoleSite(settings, store, web, statuses, handed_off)
+    finally:
+        web.stop()
+        store.close()
 
 
 class ConsoleClient:
