@@ -71,7 +71,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             summary = evaluate_severity(
                 folder, out if len(folders) == 1 else out / folder.name, weights_dir=weights_dir,
                 lung_checkpoint=_path(args.lung_checkpoint), opacity_checkpoint=_path(args.opacity_checkpoint),
-                lung_split=_path(args.lung_split), pixel_thresholds=args.opacity_thresholds or ())
+                lung_split=_path(args.lung_split), pixel_thresholds=args.opacity_thresholds or (),
+                folds=args.folds)
             _stamp(out if len(folders) == 1 else out / folder.name, summary, args.argv)
         return 0
     task = TASKS[args.model]
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="severity: also tune the opacity pixel threshold over these values (e.g. 0.3 0.5 0.7)")
     e.add_argument("--lung-split", help="severity: the lung run's split.json, to report images whose lung "
                                         "mask the lung model did not train on separately")
+    e.add_argument("--folds", nargs="+", type=int,
+                   help="severity: only these folds (those a weakly supervised opacity model never saw); "
+                        "each fold's zone threshold is tuned on the others")
     e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     e.add_argument("--split", help="split.json of a run: evaluate only its --subset images")
     e.add_argument("--subset", default="validation", choices=["train", "validation", "heldout"],

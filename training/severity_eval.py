@@ -62,14 +62,19 @@ def brixia_affected(row: dict[str, str]) -> list[bool] | None:
 def zone_fractions(folder: Path, out_dir: Path, *, weights_dir: Path | None = None,
                    lung_checkpoint: Path | None = None, opacity_checkpoint: Path | None = None,
                    lung_threshold: float | None = None, opacity_threshold: float | None = None,
-                   pixel_thresholds: Sequence[float] = ()) -> list[dict[str, Any]]:
-    """Per image: the six zone opacity fractions from the two models (cached in zone_fractions.csv)."""
+                   pixel_thresholds: Sequence[float] = (), folds: Sequence[int] | None = None
+                   ) -> list[dict[str, Any]]:
+    """Per image: the six zone opacity fractions from the two models (cached in zone_fractions.csv).
+
+    `folds`: only images of these folds (e.g. the folds an opacity model trained with weak labels
+    never saw)."""
     lung, lung_spec, lung_card = load_model("lung", weights_dir, lung_checkpoint)
     opac, opac_spec, opac_card = load_model("opacity", weights_dir, opacity_checkpoint)
     l_thr = lung_threshold if lung_threshold is not None else float(lung_card.get("threshold", 0.5))
     o_thr = opacity_threshold if opacity_threshold is not None else float(opac_card.get("threshold", 0.5))
     rows: list[dict[str, Any]] = []
-    for i, row in enumerate(read_rows(folder)):
+    selected = [r for r in read_rows(folder) if folds is None or int(r["fold"]) in folds]
+    for i, row in enumerate(selected):
         image_id = row.get("image_id") or row["id"]
         image = load_gray(folder / "images" / f"{image_id}.png")
         lung_prob, _ = predict(lung, lung_spec, image)
@@ -192,7 +197,8 @@ def evaluate_severity(folder: Path, out_dir: Path, lung_split: Path | None = Non
     summary = cross_validate(rows)
     summary["n_lung_mask_trained"] = len(trained)
     summary["data"] = str(folder)
-    summary["checkpoints"] = {k: str(v) for k, v in kwargs.items() if v is not None}
+    summary["checkpoints"] = {k: str(v) for k, v in kwargs.items() if k.endswith("checkpoint") and v is not None}
+    summary["folds"] = kwargs.get("folds") or "all"
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log.info("severity: CV MAE %.3f (baseline %.3f), zone_threshold %.2f", summary["cv"]["mae"],
              summary["baseline_constant_mae"], summary["zone_threshold"])

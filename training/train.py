@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from training.augment import radiograph_augment
 from training.data import Cached, Sample, SegmentationDataset, cache_samples, read_folder
@@ -153,7 +155,7 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
         pixel = (v.sum((1, 2, 3)) > 0).tolist()
         dices |= {i: d for i, d, p in zip(idx, dice, pixel, strict=True) if p}
         scored = ~torch.isnan(b["score"])
-        zoned = ~torch.isnan(b["zone_target"])
+        zoned = (b["zone_target"] == 0) | (b["zone_target"] == 1)  # a half-affected target has no hard answer
         if scored.any() or zoned.any():
             affected = hard_affected(torch.sigmoid(logits), b["zones"])
             severity_err += (affected.sum(1)[scored].float() - b["score"][scored]).abs().tolist()
@@ -275,6 +277,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         t_epoch = time.monotonic()
         losses = []
+        # A progress bar on a terminal; background runs log to a file instead.
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not sys.stderr.isatty(), leave=False)
         for i, batch in enumerate(loader):
             used = state["train_seconds"] + time.monotonic() - t_epoch
             if i >= steps_per_epoch or (budget_s and used >= budget_s):
@@ -296,11 +300,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             scaler.update()
             state["step"] += 1
             losses.append(loss.item())
-            if (i + 1) % 20 == 0:
+            bar.update()
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if (i + 1) % 20 == 0 and bar.disable:  # a log file gets a line every 20 steps instead
                 el = time.monotonic() - t_epoch
                 log.info("epoch %d step %d/%d loss %.4f (%.2f s/step, ~%.0f s left in epoch)", epoch, i + 1,
                          steps_per_epoch, np.mean(losses[-20:]), el / (i + 1),
                          el / (i + 1) * (steps_per_epoch - i - 1))
+        bar.close()
         train_time = time.monotonic() - t_epoch
         metrics = validate(model, val_c, val_s, cfg.batch_size, device)
         seconds = time.monotonic() - t_epoch

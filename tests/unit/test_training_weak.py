@@ -69,7 +69,7 @@ def test_samples_follow_the_folds_and_read_both_label_kinds(tmp_path) -> None:
     assert [s.id for s in train_s] == ["a", "b"]
     a, b = train_s
     assert a.score == 2.5 and all(math.isnan(z) for z in a.zone_target) and not a.pixel_labels
-    assert b.score is None and b.zone_target == (0.0, 1.0, 1.0, 0.0, 0.0, 1.0)
+    assert b.score is None and b.zone_target == (0.0, 0.5, 1.0, 0.0, 0.0, 1.0)  # Brixia 1 = half a zone
     assert [s.id for s in severity_samples(folder, (4,))] == ["c"]
 
 
