@@ -1,9 +1,10 @@
 """Sending queued instances to the workers: the outbox between the audit log and the broker.
 
 The audit log is the source of truth: an instance is `queued` until its result comes back. `publish`
-prepares the pixels (no PHI leaves: the message holds pixels and an opaque job id) and sends the
-`workers.analyze` task. If the broker is unreachable the instance simply stays `queued` and the
-sweeper publishes it again once the broker answers; a result that arrives twice is dropped by
+prepares the pixels (no PHI leaves: the message holds pixels and an opaque job id), keeps where the
+model grid lies on the source with the instance (so `node.finish` need not decode the source again)
+and sends the `workers.analyze` task. If the broker is unreachable the instance simply stays `queued`
+and the sweeper publishes it again once the broker answers; a result that arrives twice is dropped by
 `node.finish` (job ids are per run), so nothing is lost and nothing is delivered twice.
 """
 
@@ -17,7 +18,7 @@ from datetime import timedelta
 from celery import Celery
 
 from node.audit import AuditStore, InstanceFilter, InstanceState
-from node.audit.models import as_utc, job_id_for, utcnow
+from node.audit.models import as_utc, utcnow
 from node.config import Settings
 from node.handoff import Dispatcher, HandoffContext
 from node.prepare import PrepareError, prepare
@@ -56,7 +57,7 @@ class Publisher:
         inst = store.get_instance(instance_id)
         if inst.state != InstanceState.QUEUED:
             return False
-        job_id = job_id_for(instance_id, inst.queued_at)
+        job_id = inst.job_id
         if not self.due(job_id):
             return False
         if self._sends.get(job_id, 0) >= self.max_publishes:
@@ -72,6 +73,10 @@ class Publisher:
         except OSError as e:
             store.set_instance_state(instance_id, InstanceState.FAILED, f"spool file unreadable: {e}")
             return False
+        # Before the publish: the result may come back at once, and node.finish maps its masks with this.
+        if (inst.prepared_geometry or {}).get("job_id") != job_id \
+                and not store.record_job_geometry(job_id, prepared.geometry.to_json()):
+            return False  # the run ended (re-queued, failed) while the pixels were prepared
         request = AnalyzeRequest.build(job_id, prepared.pixels, tuple(inst.models),
                                        zone_threshold=settings.models.severity_zone_threshold)
         started = time.monotonic()
@@ -122,7 +127,7 @@ class Sweeper:
                                                                                   kinds=["analysis.published"])}
         n = 0
         for inst in stale:
-            job_id = job_id_for(inst.id, inst.queued_at)
+            job_id = inst.job_id
             if job_id in elsewhere:
                 self.publisher.remember(job_id)
             elif self.publisher.due(job_id):

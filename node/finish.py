@@ -18,10 +18,10 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.audit import AuditStore, InstanceState, NewExport
+from node.audit import AuditStore, Instance, InstanceState, NewExport
 from node.audit.models import job_id_for, parse_job_id
 from node.config import Settings
-from node.prepare import Prepared, masks_to_source, prepare
+from node.prepare import Geometry, masks_to_source, prepare
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
 from node.results.seg import build_seg
@@ -30,7 +30,8 @@ from workers.api import MASK_NAMES, AnalyzeResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REPLY_TO_SENDER", "ResultFiles", "finish_analysis", "job_id_for", "parse_job_id", "run_dir"]
+__all__ = ["REPLY_TO_SENDER", "ResultFiles", "device_info", "finish_analysis", "job_id_for", "parse_job_id",
+           "published_geometry", "run_dir", "summary"]
 
 REPLY_TO_SENDER = "reply-to-sender"
 
@@ -75,9 +76,7 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
     if result.error:
         return _failed(store, result.job_id, f"worker: {result.error}")
     try:
-        source = pydicom.dcmread(inst.spool_path, force=True)
-        prepared = prepare(source)
-        files = _write_results(settings, source, prepared, result)
+        files = _write_results(settings, inst, result)
         destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
         exports = [NewExport(dest, kind, str(path), _sop_instance_uid(path))
                    for dest in dict.fromkeys(destinations) for kind, path in files.wanted(settings)]
@@ -111,7 +110,7 @@ def summary(result: AnalyzeResult) -> dict[str, object]:
     }
 
 
-def _write_results(settings: Settings, source: Dataset, prepared: Prepared, result: AnalyzeResult) -> ResultFiles:
+def _write_results(settings: Settings, inst: Instance, result: AnalyzeResult) -> ResultFiles:
     folder = run_dir(settings, result.job_id)
     folder.mkdir(parents=True, exist_ok=True)
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
@@ -119,22 +118,42 @@ def _write_results(settings: Settings, source: Dataset, prepared: Prepared, resu
     if seg_path.exists() and sr_path.exists() and (overlay_path is None or overlay_path.exists()):
         return ResultFiles(seg_path, sr_path, overlay_path)  # a re-delivered result: files already made
 
-    if (result.rows, result.cols) != prepared.pixels.shape:
-        raise ValueError(f"result grid {(result.rows, result.cols)} != prepared grid {prepared.pixels.shape}")
+    geometry = published_geometry(inst, result.job_id)
+    pixels = None
+    if geometry is None or overlay_path is not None:
+        # A job published before the geometry was kept, or an overlay (drawn on the prepared picture).
+        prepared = prepare(inst.spool_path)
+        geometry, pixels = prepared.geometry, prepared.pixels
+    # The header is all SEG and SR take from the source: its pixels are neither read nor decoded here.
+    source = pydicom.dcmread(inst.spool_path, force=True, stop_before_pixels=True)
+    if (result.rows, result.cols) != (geometry.rows, geometry.cols):
+        raise ValueError(f"result grid {(result.rows, result.cols)} != prepared grid {(geometry.rows, geometry.cols)}")
     small = {name: m for name in MASK_NAMES if (m := result.mask(name)) is not None}
-    masks = {name: masks_to_source(m, prepared) for name, m in small.items()}
+    masks = {name: masks_to_source(m, geometry) for name, m in small.items()}
     device = device_info(settings)
     seg = build_seg(source, masks, result.models, device=device)
-    sr = build_sr(source, seg, result, pixel_spacing_mm=prepared.prepared_pixel_spacing_mm, device=device,
-                  notes=prepared.notes)
+    sr = build_sr(source, seg, result, pixel_spacing_mm=geometry.prepared_pixel_spacing_mm, device=device,
+                  notes=geometry.notes)
     _atomic_save(seg, seg_path)
     _atomic_save(sr, sr_path)
-    if overlay_path is not None:
-        overlay = build_overlay(source, prepared.pixels, small, result.models, device=device,
-                                pixel_spacing_mm=prepared.prepared_pixel_spacing_mm)
+    if overlay_path is not None and pixels is not None:
+        overlay = build_overlay(source, pixels, small, result.models, device=device,
+                                pixel_spacing_mm=geometry.prepared_pixel_spacing_mm)
         _atomic_save(overlay, overlay_path)
     log.info("results for %s written to %s", result.job_id, folder)
     return ResultFiles(seg_path, sr_path, overlay_path)
+
+
+def published_geometry(inst: Instance, job_id: str) -> Geometry | None:
+    """The geometry `node.analysis` kept when it published run `job_id`, if it did."""
+    stored = inst.prepared_geometry
+    if not stored or stored.get("job_id") != job_id:
+        return None
+    try:
+        return Geometry.from_json(stored)
+    except ValueError as e:
+        log.warning("instance %d: ignoring the stored geometry (%s); preparing the source again", inst.id, e)
+        return None
 
 
 def _sop_instance_uid(path: Path) -> str:

@@ -2,16 +2,18 @@
 
 Order follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> Modality LUT (rescale) ->
 VOI LUT or window -> Presentation (MONOCHROME1 / INVERSE). Pixel Padding is cropped away before
-resizing so the models see only the image, and `Prepared` keeps the mapping to bring masks back to
-the source grid. No torch here: the node stays small (import-linter enforces it).
+resizing so the models see only the image, and `Prepared.geometry` keeps the mapping to bring masks
+back to the source grid. No torch here: the node stays small (import-linter enforces it).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -42,12 +44,65 @@ class PrepareError(ValueError):
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """The model input and how it relates to the source image.
+class Geometry:
+    """How the model grid lies on the source grid: what a result needs of `prepare` besides the pixels.
 
     `crop` is (row0, col0, row1, col1) on the source grid (end exclusive): the part of the source that
-    was resized to `pixels`. Without padding it is the whole image.
+    was resized to the `rows` x `cols` model grid. Without padding it is the whole image. Kept with a
+    published job (:meth:`to_json`) so that `node.finish` maps masks back without decoding the source.
     """
+
+    source_rows: int
+    source_cols: int
+    crop: tuple[int, int, int, int]
+    rows: int
+    cols: int
+    pixel_spacing_mm: tuple[float, float] | None  # (row, column) spacing on the SOURCE grid
+    spacing_attribute: str | None  # "ImagerPixelSpacing" | "PixelSpacing" | None (measurements in pixels)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Prepared pixels per source pixel, (rows, columns)."""
+        r0, c0, r1, c1 = self.crop
+        return self.rows / (r1 - r0), self.cols / (c1 - c0)
+
+    @property
+    def prepared_pixel_spacing_mm(self) -> tuple[float, float] | None:
+        """Spacing of one prepared pixel, for areas measured on the model grid."""
+        if self.pixel_spacing_mm is None:
+            return None
+        sy, sx = self.scale
+        return self.pixel_spacing_mm[0] / sy, self.pixel_spacing_mm[1] / sx
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source_rows": self.source_rows, "source_cols": self.source_cols, "crop": list(self.crop),
+                "rows": self.rows, "cols": self.cols,
+                "pixel_spacing_mm": list(self.pixel_spacing_mm) if self.pixel_spacing_mm else None,
+                "spacing_attribute": self.spacing_attribute, "notes": list(self.notes)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Geometry:
+        """The inverse of :meth:`to_json`; ValueError when `data` is not a geometry."""
+        try:
+            r0, c0, r1, c1 = (int(v) for v in data["crop"])
+            spacing = data["pixel_spacing_mm"]
+            geometry = cls(source_rows=int(data["source_rows"]), source_cols=int(data["source_cols"]),
+                           crop=(r0, c0, r1, c1), rows=int(data["rows"]), cols=int(data["cols"]),
+                           pixel_spacing_mm=(float(spacing[0]), float(spacing[1])) if spacing else None,
+                           spacing_attribute=data["spacing_attribute"],
+                           notes=tuple(str(n) for n in data["notes"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a prepared geometry: {e!r}") from e
+        if not (0 <= r0 < r1 <= geometry.source_rows and 0 <= c0 < c1 <= geometry.source_cols) \
+                or geometry.rows < 1 or geometry.cols < 1:
+            raise ValueError(f"inconsistent prepared geometry: {dict(data)}")
+        return geometry
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The model input and how it relates to the source image (see :class:`Geometry` for `crop`)."""
 
     pixels: np.ndarray  # uint8, 2-D, long side == the requested long side
     source_rows: int
@@ -70,18 +125,20 @@ class Prepared:
         return self.pixel_spacing_mm is not None
 
     @property
+    def geometry(self) -> Geometry:
+        return Geometry(source_rows=self.source_rows, source_cols=self.source_cols, crop=self.crop,
+                        rows=self.rows, cols=self.cols, pixel_spacing_mm=self.pixel_spacing_mm,
+                        spacing_attribute=self.spacing_attribute, notes=self.notes)
+
+    @property
     def scale(self) -> tuple[float, float]:
         """Prepared pixels per source pixel, (rows, columns)."""
-        r0, c0, r1, c1 = self.crop
-        return self.rows / (r1 - r0), self.cols / (c1 - c0)
+        return self.geometry.scale
 
     @property
     def prepared_pixel_spacing_mm(self) -> tuple[float, float] | None:
         """Spacing of one prepared pixel, for areas measured on the model grid."""
-        if self.pixel_spacing_mm is None:
-            return None
-        sy, sx = self.scale
-        return self.pixel_spacing_mm[0] / sy, self.pixel_spacing_mm[1] / sx
+        return self.geometry.prepared_pixel_spacing_mm
 
 
 def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
@@ -133,15 +190,16 @@ def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
                     pixel_spacing_mm=spacing, spacing_attribute=attribute, notes=tuple(notes))
 
 
-def masks_to_source(mask: np.ndarray, prepared: Prepared) -> np.ndarray:
+def masks_to_source(mask: np.ndarray, prepared: Prepared | Geometry) -> np.ndarray:
     """Nearest-neighbour inverse of `prepare`'s crop + resize: prepared-grid mask -> source-grid bool mask."""
-    if mask.shape != prepared.pixels.shape:
-        raise ValueError(f"mask shape {mask.shape} != prepared shape {prepared.pixels.shape}")
-    r0, c0, r1, c1 = prepared.crop
+    g = prepared.geometry if isinstance(prepared, Prepared) else prepared
+    if mask.shape != (g.rows, g.cols):
+        raise ValueError(f"mask shape {mask.shape} != prepared shape {(g.rows, g.cols)}")
+    r0, c0, r1, c1 = g.crop
     # Source pixel centre (i + 0.5) lands at (i + 0.5) * scale on the prepared grid.
-    rows = np.minimum(((np.arange(r1 - r0) + 0.5) * prepared.rows / (r1 - r0)).astype(np.intp), prepared.rows - 1)
-    cols = np.minimum(((np.arange(c1 - c0) + 0.5) * prepared.cols / (c1 - c0)).astype(np.intp), prepared.cols - 1)
-    full = np.zeros((prepared.source_rows, prepared.source_cols), dtype=bool)
+    rows = np.minimum(((np.arange(r1 - r0) + 0.5) * g.rows / (r1 - r0)).astype(np.intp), g.rows - 1)
+    cols = np.minimum(((np.arange(c1 - c0) + 0.5) * g.cols / (c1 - c0)).astype(np.intp), g.cols - 1)
+    full = np.zeros((g.source_rows, g.source_cols), dtype=bool)
     full[r0:r1, c0:c1] = np.asarray(mask, dtype=bool)[np.ix_(rows, cols)]
     return full
 

@@ -163,6 +163,9 @@ class Instance(Base):
     models: Mapped[list[str]] = mapped_column(default=list)
     destinations: Mapped[list[str]] = mapped_column(default=list)
     spool_path: Mapped[str] = mapped_column(Text, default="")
+    # Where the model grid of the published run lies on the source (node.prepare.Geometry.to_json() plus
+    # its "job_id"), so that node.finish need not decode the source again; NULL before a publish.
+    prepared_geometry: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     quarantine_path: Mapped[str] = mapped_column(Text, default="")
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -293,6 +293,17 @@ class AuditStore:
                         detail={**({"rule": rule} if rule else {}), **(detail or {})})
             return row
 
+    def record_job_geometry(self, job_id: str, geometry: dict[str, Any]) -> bool:
+        """Keep with the instance where the model grid of run `job_id` lies on the source (written before
+        the job is published, read by ``node.finish``); False, and nothing written, if the run is over."""
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            row = _locked_instance(s, instance_id)
+            if row.state != InstanceState.QUEUED or row.job_id != job_id:
+                return False
+            row.prepared_geometry = {**geometry, "job_id": job_id}
+            return True
+
     def record_analysis(self, job_id: str, *, exports: Sequence[NewExport], files: dict[str, str],
                         detail: dict[str, Any] | None = None, nothing_to_send: str = "") -> Instance | None:
         """Record the results of analysis run `job_id` in ONE transaction; None when the result is stale.

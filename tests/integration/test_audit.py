@@ -47,6 +47,33 @@ def test_migrations_create_every_table_and_are_idempotent(store: AuditStore) -> 
             "alembic_version"} <= tables
 
 
+def test_upgrade_from_0001_keeps_rows_and_leaves_their_geometry_empty(database_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from node.audit.db import alembic_config, make_engine
+
+    engine = make_engine(database_url)
+    cfg = alembic_config(database_url)
+    with engine.begin() as conn:  # a database made by the first release
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                          "series_instance_uid, calling_ae, modality, body_part, view_position, priority, size_bytes, "
+                          "state, reason, rule, models, destinations, spool_path, quarantine_path, received_at, "
+                          "updated_at) VALUES ('9.9', '1.2', '', '', 'PACS', 'CR', '', '', 0, 0, 'queued', '', '', "
+                          "'[]', '[]', '/spool/9.9.dcm', '', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    store = AuditStore.open(database_url)  # migrates to head, as every start does
+    try:
+        (row,) = store.list_instances()
+        assert (row.sop_instance_uid, row.state, row.prepared_geometry) == ("9.9", "queued", None)
+        assert store.record_job_geometry(row.job_id, {"rows": 1}) and not store.record_job_geometry("1.5", {})
+        assert store.get_instance(row.id).prepared_geometry == {"rows": 1, "job_id": row.job_id}
+    finally:
+        store.close()
+
+
 def test_instance_state_machine_with_stage_timestamps(store: AuditStore) -> None:
     assoc = store.record_association(calling_ae="PACS", called_ae="CXRNODE", peer_host="127.0.0.1",
                                      peer_port=5000, result="accepted")

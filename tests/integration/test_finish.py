@@ -1,8 +1,10 @@
-"""node.finish against a real audit database: one transaction per outcome, idempotent, stale results dropped.
+"""node.finish against a real audit database: one transaction per outcome, idempotent, stale results dropped,
+masks mapped back with the geometry kept at publish time.
 
 The result is what a worker would return (synthetic masks on the prepared grid); the SEG and SR are
 really built and written. The crash test injects a real database failure (an SQLite trigger) at the
 step that marks the instance analyzed, and checks that nothing of the run was left half-registered.
+Publishing goes to the embedded (SQLite) broker; no worker consumes it.
 """
 
 from __future__ import annotations
@@ -12,20 +14,25 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from node.analysis import Publisher
 from node.audit import AuditStore, ExportState, Instance, InstanceState, ReceivedInstance
+from node.celery_app import make_celery
 from node.config import Settings, load_settings
 from node.finish import finish_analysis
-from node.prepare import prepare
+from node.prepare import Geometry, masks_to_source, prepare
+from node.results.seg import segment_numbers
 from tests.support.paths import dicom_dir
 from tests.support.synthetic_results import synthetic_masks, synthetic_result
 from workers.api import AnalyzeResult
 
 CHEST = dicom_dir() / "09_cr_8bit_alloc8.dcm"
+PADDED = dicom_dir() / "11_cr_pixel_padding_value0.dcm"  # image in rows 112..943, cols 88..967: a real crop
 
 
 @pytest.fixture
@@ -40,11 +47,11 @@ def store(settings: Settings) -> Iterator[AuditStore]:
     s.close()
 
 
-def queue(store: AuditStore, settings: Settings, destinations: list[str]) -> Instance:
+def queue(store: AuditStore, settings: Settings, destinations: list[str], source: Path = CHEST) -> Instance:
     """A received chest CR, routed to analysis with `destinations`; returns the queued row."""
     spool = settings.storage.data_dir / "spool.dcm"
     spool.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(CHEST, spool)
+    shutil.copyfile(source, spool)
     ds = pydicom.dcmread(spool, stop_before_pixels=True)
     row = store.record_instance_received(ReceivedInstance(
         sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
@@ -146,3 +153,66 @@ def test_last_export_attempt_settles_the_instance(store: AuditStore, settings: S
         store.record_export_attempt(export.id, status=0, succeeded=True, on_settled=settled.append)
     assert [i.state for i in settled] == [InstanceState.DEAD, InstanceState.EXPORTED]
     assert store.get_instance(inst.id).state == InstanceState.EXPORTED
+
+
+def strip_pixels(path: Path) -> None:
+    """Leave only the header: a source that can no longer be prepared (decoded) at all."""
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+
+
+def seg_masks(path: Path) -> dict[str, np.ndarray]:
+    """Mask name -> source-grid mask, read back from a SEG the node wrote."""
+    seg = pydicom.dcmread(path)
+    names = {number: name for name, number in segment_numbers(seg).items()}
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    masks: dict[str, np.ndarray] = {}
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        name = names[int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
+        masks[name] = frame.astype(bool)
+    return masks
+
+
+@pytest.mark.parametrize("source", [PADDED, CHEST], ids=["padded", "plain"])
+def test_publish_keeps_the_geometry_that_prepare_gives(store: AuditStore, settings: Settings, source: Path) -> None:
+    inst = queue(store, settings, ["PACS"], source)
+    assert Publisher(make_celery(settings)).publish(settings, store, inst.id)
+    stored = store.get_instance(inst.id).prepared_geometry
+    expected = prepare(source).geometry
+    assert stored == {**expected.to_json(), "job_id": inst.job_id}
+    assert Geometry.from_json(stored) == expected
+    if source == PADDED:
+        assert expected.crop == (112, 88, 944, 968) and (expected.rows, expected.cols) != (1024, 1024)
+
+
+def test_finish_uses_the_published_geometry_and_never_decodes_the_source(store: AuditStore,
+                                                                         settings: Settings) -> None:
+    inst = queue(store, settings, ["PACS"], PADDED)
+    assert Publisher(make_celery(settings)).publish(settings, store, inst.id)
+    geometry = prepare(inst.spool_path).geometry
+    small = synthetic_masks(geometry.rows, geometry.cols)
+    result = dataclasses.replace(synthetic_result(geometry.rows, geometry.cols, small), job_id=inst.job_id)
+    strip_pixels(Path(inst.spool_path))  # preparing it now would fail: "no Pixel Data"
+
+    assert finish_analysis(settings, store, result) == "analyzed"
+    (seg,) = [e for e in store.list_exports(inst.id) if e.kind == "seg"]
+    written = seg_masks(Path(seg.file_path))
+    assert set(written) == {"right_lung", "left_lung", "opacity", "pneumothorax"}
+    for name, mask in written.items():
+        assert np.array_equal(mask, masks_to_source(small[name], geometry)), name
+        assert not mask[:112].any() and not mask[:, :88].any(), name  # nothing drawn on the padding
+
+
+def test_jobs_published_before_the_geometry_was_kept_prepare_again(store: AuditStore, settings: Settings) -> None:
+    inst = queue(store, settings, ["PACS"], PADDED)  # queued, never published by this version: no geometry
+    assert inst.prepared_geometry is None
+    result = worker_result(inst)
+    assert finish_analysis(settings, store, result) == "analyzed"
+
+    # Without a stored geometry finish prepares the source: a source it cannot prepare fails the run.
+    store.set_instance_state(inst.id, InstanceState.FAILED, "operator")
+    rerun = store.set_instance_state(inst.id, InstanceState.QUEUED, "re-run requested")
+    strip_pixels(Path(inst.spool_path))
+    assert finish_analysis(settings, store, dataclasses.replace(result, job_id=rerun.job_id)) == "failed"
+    assert store.get_instance(inst.id).reason == "building results failed: no Pixel Data: not an image"
