@@ -72,7 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 folder, out if len(folders) == 1 else out / folder.name, weights_dir=weights_dir,
                 lung_checkpoint=_path(args.lung_checkpoint), opacity_checkpoint=_path(args.opacity_checkpoint),
                 lung_split=_path(args.lung_split), pixel_thresholds=args.opacity_thresholds or (),
-                folds=args.folds)
+                folds=args.folds, normals=[Path(n) for n in args.normals or []],
+                normals_split=_path(args.normals_split))
             _stamp(out if len(folders) == 1 else out / folder.name, summary, args.argv)
         return 0
     task = TASKS[args.model]
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--folds", nargs="+", type=int,
                    help="severity: only these folds (those a weakly supervised opacity model never saw); "
                         "each fold's zone threshold is tuned on the others")
+    e.add_argument("--normals", nargs="*", help="severity: folders free of COVID opacity (e.g. lung/jsrt): "
+                                                "report the zones called on them (false alarms)")
+    e.add_argument("--normals-split", help="severity: only the --normals images on this split's validation side")
     e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     e.add_argument("--split", help="split.json of a run: evaluate only its --subset images")
     e.add_argument("--subset", default="validation", choices=["train", "validation", "heldout"],

@@ -188,7 +188,36 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "brixia_zones": zone, "n_without_reference": len(rows) - len(scored)}
 
 
+def normals_check(folders: Sequence[Path], split_file: Path | None, zone_threshold: float, *,
+                  weights_dir: Path | None = None, lung_checkpoint: Path | None = None,
+                  opacity_checkpoint: Path | None = None) -> dict[str, Any]:
+    """Severity on images known to be free of COVID opacity (JSRT: normals and nodules): every zone
+    counted there is a false alarm. With `split_file`, only the images on its validation side (the
+    opacity run may have trained on the others as negatives)."""
+    from training.data import read_folder
+    from training.evaluate import select
+
+    lung, lung_spec, lung_card = load_model("lung", weights_dir, lung_checkpoint)
+    opac, opac_spec, opac_card = load_model("opacity", weights_dir, opacity_checkpoint)
+    l_thr, o_thr = float(lung_card.get("threshold", 0.5)), float(opac_card.get("threshold", 0.5))
+    samples = select([s for f in folders for s in read_folder(Path(f), (), require_masks=False)],
+                     split_file, "validation")
+    scores = []
+    for s in samples:
+        image = load_gray(s.image)
+        right, left = severity.split_lungs(predict(lung, lung_spec, image)[0][0] > l_thr)
+        opacity = predict(opac, opac_spec, image)[0][0] > o_thr
+        scores.append(severity.score(right, left, opacity, threshold=zone_threshold).score)
+    counts = np.bincount(scores, minlength=7) if scores else np.zeros(7, int)
+    return {"folders": [str(f) for f in folders], "split": str(split_file) if split_file else None,
+            "n": len(scores), "zone_threshold": zone_threshold,
+            "mean_score": round(float(np.mean(scores)), 4) if scores else None,
+            "fraction_score_0": round(float(counts[0] / max(1, len(scores))), 4),
+            "score_counts": counts.tolist()}
+
+
 def evaluate_severity(folder: Path, out_dir: Path, lung_split: Path | None = None,
+                      normals: Sequence[Path] = (), normals_split: Path | None = None,
                       **kwargs: Any) -> dict[str, Any]:
     rows = zone_fractions(folder, out_dir, **kwargs)
     trained = lung_trained_ids(folder, lung_split) if lung_split else set()
@@ -199,6 +228,10 @@ def evaluate_severity(folder: Path, out_dir: Path, lung_split: Path | None = Non
     summary["data"] = str(folder)
     summary["checkpoints"] = {k: str(v) for k, v in kwargs.items() if k.endswith("checkpoint") and v is not None}
     summary["folds"] = kwargs.get("folds") or "all"
+    if normals:
+        summary["normals"] = normals_check(
+            normals, normals_split, summary["zone_threshold"], weights_dir=kwargs.get("weights_dir"),
+            lung_checkpoint=kwargs.get("lung_checkpoint"), opacity_checkpoint=kwargs.get("opacity_checkpoint"))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log.info("severity: CV MAE %.3f (baseline %.3f), zone_threshold %.2f", summary["cv"]["mae"],
              summary["baseline_constant_mae"], summary["zone_threshold"])

@@ -148,3 +148,19 @@ def test_tiny_weak_run_lowers_the_weak_loss(tmp_path) -> None:
     # Brixia labels only: validation reports zone accuracy, and the model learnt the lower zones.
     assert history[-1]["val_zone_acc"] > history[0]["val_zone_acc"] or history[-1]["val_zone_acc"] == 1.0
     assert (cfg.run_dir / "best.pt").exists() and ZONE_THRESHOLD == 0.5
+
+
+def test_normals_check_counts_false_alarms_on_the_validation_side_only(tmp_path) -> None:
+    from training.severity_eval import normals_check
+
+    folder = write_severity_folder(tmp_path / "normals", [
+        {"image_id": f"n{i}", "patient_id": f"q{i}", "fold": "0"} for i in range(3)])
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": {"normals": ["n0"]}, "validation": {"normals": ["n1", "n2"]}}))
+    every = normals_check([folder], None, zone_threshold=0.5)
+    held = normals_check([folder], split_file, zone_threshold=0.5)
+    assert every["n"] == 3 and held["n"] == 2
+    assert sum(held["score_counts"]) == 2 and len(held["score_counts"]) == 7
+    # A higher zone threshold never calls more zones.
+    strict = normals_check([folder], split_file, zone_threshold=0.95)
+    assert strict["mean_score"] <= held["mean_score"] and strict["zone_threshold"] == 0.95
