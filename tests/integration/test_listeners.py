@@ -12,7 +12,10 @@ from node.audit import InstanceFilter
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import wait_for
 from tests.support.node import NodeProcess
+from tests.support.paths import dicom_dir
 from tests.support.synthetic_dicom import small_chest_copies
+
+PADDED = dicom_dir() / "11_cr_pixel_padding_value0.dcm"  # image in rows 112..943, cols 88..967
 
 
 def _listener_pids(node: NodeProcess) -> list[int]:
@@ -61,3 +64,22 @@ def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path)
     finally:
         node.close()
         shutil.rmtree(tmp_path / "send", ignore_errors=True)
+
+
+def test_listeners_publish_with_the_geometry_and_the_parent_runs_the_services(tmp_path: Path) -> None:
+    """With the broker on, a listener publishes what it received (geometry kept first); the parent runs
+    the node's services (pipeline, node.started) as a single-process node does. No inference worker."""
+    node = NodeProcess(tmp_path, extra_toml="listeners = 2\n[broker]\nembedded_worker = false\n")
+    try:
+        node.start()
+        assert storescu(node.port, [PADDED]).statuses == [0]
+        store = node.store()
+        wait_for(lambda: store.list_events(kinds=["analysis.published"]), 60, "the listener's publish")
+        (inst,) = store.list_instances(InstanceFilter())
+        assert inst.state == "queued" and inst.prepared_geometry is not None
+        assert (inst.prepared_geometry["job_id"], inst.prepared_geometry["crop"]) == (inst.job_id, [112, 88, 944, 968])
+        (started,) = store.list_events(kinds=["node.started"])
+        assert started.detail["listeners"] == 2 and started.detail["port"] == node.port
+        assert node.stop() == 0
+    finally:
+        node.close()
