@@ -293,42 +293,6 @@ class AuditStore:
                         detail={**({"rule": rule} if rule else {}), **(detail or {})})
             return row
 
-    def record_job_geometry(self, job_id: str, geometry: dict[str, Any]) -> bool:
-        """Keep with the instance where the model grid of run `job_id` lies on the source (written before
-        the job is published, read by ``node.finish``); False, and nothing written, if the run is over."""
-        instance_id, _ = parse_job_id(job_id)
-        with self.session() as s:
-            row = _locked_instance(s, instance_id)
-            if row.state != InstanceState.QUEUED or row.job_id != job_id:
-                return False
-            row.prepared_geometry = {**geometry, "job_id": job_id}
-            return True
-
-    def record_analysis(self, job_id: str, *, exports: Sequence[NewExport], files: dict[str, str],
-                        detail: dict[str, Any] | None = None, nothing_to_send: str = "") -> Instance | None:
-        """Record the results of analysis run `job_id` in ONE transaction; None when the result is stale.
-
-        The instance must still be ``queued`` for this very run (a re-run or a second delivery of the
-        same result is stale: an event says so and nothing else changes). Then the result files are
-        noted in the ``instance.analyzed`` event, each export not registered yet is created, and the
-        instance becomes ``analyzed``, or ``exported`` at once with the reason `nothing_to_send` when
-        there is nothing to export. A crash anywhere leaves the instance ``queued`` with no exports.
-        """
-        instance_id, _ = parse_job_id(job_id)
-        with self.session() as s:
-            row = _locked_instance(s, instance_id)
-            if _stale(s, row, job_id):
-                return None
-            registered = {(e.destination_ae, e.file_path) for e in
-                          s.scalars(select(Export).where(Export.instance_id == instance_id))}
-            for export in exports:
-                if (export.destination_ae, export.file_path) not in registered:
-                    _add_export(s, instance_id, export)
-            _transition(s, row, InstanceState.ANALYZED, detail={**(detail or {}), "files": files})
-            if not exports:
-                _transition(s, row, InstanceState.EXPORTED, nothing_to_send or "nothing to send")
-            return row
-
     def get_instance(self, instance_id: int) -> Instance:
         with self.session() as s:
             return _get(s, Instance, instance_id)
@@ -452,7 +416,43 @@ class AuditStore:
                     pass  # another process seeded it first
         return added
 
-    # -- exports --------------------------------------------------------------------------------------
+    # -- analysis runs (job id = instance id + queued_at: see node.audit.models.job_id_for) --------------
+
+    def record_job_geometry(self, job_id: str, geometry: dict[str, Any]) -> bool:
+        """Keep with the instance where the model grid of run `job_id` lies on the source (written before
+        the job is published, read by ``node.finish``); False, and nothing written, if the run is over."""
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            row = _locked_instance(s, instance_id)
+            if row.state != InstanceState.QUEUED or row.job_id != job_id:
+                return False
+            row.prepared_geometry = {**geometry, "job_id": job_id}
+            return True
+
+    def record_analysis(self, job_id: str, *, exports: Sequence[NewExport], files: dict[str, str],
+                        detail: dict[str, Any] | None = None, nothing_to_send: str = "") -> Instance | None:
+        """Record the results of analysis run `job_id` in ONE transaction; None when the result is stale.
+
+        The instance must still be ``queued`` for this very run (a re-run or a second delivery of the
+        same result is stale: an event says so and nothing else changes). Then the result files are
+        noted in the ``instance.analyzed`` event, each export not registered yet is created, and the
+        instance becomes ``analyzed``, or ``exported`` at once with the reason `nothing_to_send` when
+        there is nothing to export. A crash anywhere leaves the instance ``queued`` with no exports.
+        """
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            row = _locked_instance(s, instance_id)
+            if _stale(s, row, job_id):
+                return None
+            registered = {(e.destination_ae, e.file_path) for e in
+                          s.scalars(select(Export).where(Export.instance_id == instance_id))}
+            for export in exports:
+                if (export.destination_ae, export.file_path) not in registered:
+                    _add_export(s, instance_id, export)
+            _transition(s, row, InstanceState.ANALYZED, detail={**(detail or {}), "files": files})
+            if not exports:
+                _transition(s, row, InstanceState.EXPORTED, nothing_to_send or "nothing to send")
+            return row
 
     def record_failed_analysis(self, job_id: str, reason: str) -> Instance | None:
         """Run `job_id` failed for good: the instance becomes ``failed``, unless the result is stale (None)."""
