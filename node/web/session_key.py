@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from node.config import Settings
+from node.spool import fsync_dir
 from node.web.auth import AuthConfigError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def load_or_create(path: Path) -> bytes:
             pass  # another console process created it a moment ago: use theirs
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return _read(path)
 
 
@@ -70,11 +71,3 @@ def _read(path: Path) -> bytes:
         log.warning("web.session_key_file %s is accessible to group/others (mode %o): chmod 600 it",
                     path, stat.S_IMODE(mode))
     return key
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
