@@ -26,10 +26,13 @@ from training.augment import radiograph_augment
 from training.data import Cached, Sample, SegmentationDataset, cache_samples, read_folder
 from training.losses import bce_dice_loss
 from training.splits import split, write_split
-from training.weak import attach_zones, hard_affected, severity_samples, zone_loss
+from training.weak import ZONE_THRESHOLD, attach_zones, hard_fractions, severity_samples, zone_loss
 from workers.models import ModelSpec, build, load
 
 log = logging.getLogger(__name__)
+
+
+VAL_ZONE_THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 
 
 @dataclass
@@ -127,7 +130,8 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
     """Dice per image at the input grid (ignore pixels excluded), mean overall and per source; for
     weakly labelled images the severity count's MAE against their score (`val_severity_mae`).
 
-    `val_select` is what early stopping and best.pt follow: the Dice minus the weak-label error (MAE/6).
+    `val_select` is what early stopping and best.pt follow: the Dice minus the weak-label error (the
+    severity MAE at the validation images' best zone threshold, / 6).
     A quick per-epoch figure; `python -m training evaluate` gives the full-size metrics of the
     exported model.
     """
@@ -137,6 +141,8 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
     presence_correct: list[bool] = []
     severity_err: list[float] = []
     zone_correct: list[bool] = []
+    scored_fractions: list[list[float]] = []
+    scores: list[float] = []
     losses = []
     for start in range(0, len(ds), batch_size):
         idx = list(range(start, min(len(ds), start + batch_size)))
@@ -157,9 +163,12 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
         scored = ~torch.isnan(b["score"])
         zoned = (b["zone_target"] == 0) | (b["zone_target"] == 1)  # a half-affected target has no hard answer
         if scored.any() or zoned.any():
-            affected = hard_affected(torch.sigmoid(logits), b["zones"])
+            fractions = hard_fractions(torch.sigmoid(logits), b["zones"])
+            affected = fractions > ZONE_THRESHOLD
             severity_err += (affected.sum(1)[scored].float() - b["score"][scored]).abs().tolist()
             zone_correct += (affected.float() == b["zone_target"])[zoned].tolist()
+            scored_fractions += fractions[scored].tolist()
+            scores += b["score"][scored].tolist()
         if cls is not None:
             presence_correct += ((cls.reshape(-1) > 0).float() == b["positive"]).tolist()
     by_source: dict[str, list[float]] = {}
@@ -178,7 +187,13 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
         weak_error = 1 - result["val_zone_acc"]
     if severity_err:
         result["val_severity_mae"] = float(np.mean(severity_err))
-        weak_error = result["val_severity_mae"] / 6
+        # The shipped zone threshold is tuned on validation folds afterwards: select epochs on the
+        # MAE at the best threshold for these validation images, not at the fixed training one.
+        fr, ref = np.array(scored_fractions), np.array(scores)
+        maes = [float(np.abs((fr > t).sum(1) - ref).mean()) for t in VAL_ZONE_THRESHOLDS]
+        best = int(np.argmin(maes))
+        result["val_severity_mae_tuned"], result["val_zone_threshold"] = maes[best], float(VAL_ZONE_THRESHOLDS[best])
+        weak_error = result["val_severity_mae_tuned"] / 6
     result["val_select"] = (0.0 if math.isnan(val_dice) else val_dice) - weak_error
     if presence_correct:
         result["val_presence_acc"] = float(np.mean(presence_correct))

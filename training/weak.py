@@ -129,8 +129,6 @@ def zone_loss(logits: torch.Tensor, zones: torch.Tensor, zone_target: torch.Tens
     return torch.stack(terms).sum()
 
 
-def hard_affected(prob: torch.Tensor, zones: torch.Tensor, pixel_threshold: float = 0.5,
-                  zone_threshold: float = ZONE_THRESHOLD) -> torch.Tensor:
-    """(B, 6) bool: the zones the worker would count (on the training grid), for validation."""
-    fractions = soft_zone_fractions((prob[:, :1] > pixel_threshold).float(), zones)
-    return fractions > zone_threshold
+def hard_fractions(prob: torch.Tensor, zones: torch.Tensor, pixel_threshold: float = 0.5) -> torch.Tensor:
+    """(B, 6) zone fractions of the thresholded mask, as the worker measures them (on the training grid)."""
+    return soft_zone_fractions((prob[:, :1] > pixel_threshold).float(), zones)
