@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "each fold's zone threshold is tuned on the others")
     e.add_argument("--normals", nargs="*", help="severity: folders free of COVID opacity (e.g. lung/jsrt): "
                                                 "report the zones called on them (false alarms)")
-    e.add_argument("--normals-split", help="severity: only the --normals images on this split's validation side")
+    e.add_argument("--normals-split", help="severity: only the --normals images this run did not train on")
     e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     e.add_argument("--split", help="split.json of a run: evaluate only its --subset images")
     e.add_argument("--subset", default="validation", choices=["train", "validation", "heldout"],

@@ -192,8 +192,8 @@ def normals_check(folders: Sequence[Path], split_file: Path | None, zone_thresho
                   weights_dir: Path | None = None, lung_checkpoint: Path | None = None,
                   opacity_checkpoint: Path | None = None) -> dict[str, Any]:
     """Severity on images known to be free of COVID opacity (JSRT: normals and nodules): every zone
-    counted there is a false alarm. With `split_file`, only the images on its validation side (the
-    opacity run may have trained on the others as negatives)."""
+    counted there is a false alarm. With `split_file`, only the images the run did not train on (its
+    validation side and the negatives it never drew)."""
     from training.data import read_folder
     from training.evaluate import select
 
@@ -201,7 +201,7 @@ def normals_check(folders: Sequence[Path], split_file: Path | None, zone_thresho
     opac, opac_spec, opac_card = load_model("opacity", weights_dir, opacity_checkpoint)
     l_thr, o_thr = float(lung_card.get("threshold", 0.5)), float(opac_card.get("threshold", 0.5))
     samples = select([s for f in folders for s in read_folder(Path(f), (), require_masks=False)],
-                     split_file, "validation")
+                     split_file, "heldout")
     scores = []
     for s in samples:
         image = load_gray(s.image)

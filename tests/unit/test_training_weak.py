@@ -155,13 +155,14 @@ def test_tiny_weak_run_lowers_the_weak_loss(tmp_path) -> None:
     assert (cfg.run_dir / "best.pt").exists() and ZONE_THRESHOLD == 0.5
 
 
-def test_normals_check_counts_false_alarms_on_the_validation_side_only(tmp_path) -> None:
+def test_normals_check_counts_false_alarms_on_unseen_images_only(tmp_path) -> None:
     from training.severity_eval import normals_check
 
     folder = write_severity_folder(tmp_path / "normals", [
         {"image_id": f"n{i}", "patient_id": f"q{i}", "fold": "0"} for i in range(3)])
     split_file = tmp_path / "split.json"
-    split_file.write_text(json.dumps({"train": {"normals": ["n0"]}, "validation": {"normals": ["n1", "n2"]}}))
+    # n2 is on neither side (a negative the run never drew): unseen, so it counts.
+    split_file.write_text(json.dumps({"train": {"normals": ["n0"]}, "validation": {"normals": ["n1"]}}))
     every = normals_check([folder], None, zone_threshold=0.5)
     held = normals_check([folder], split_file, zone_threshold=0.5)
     assert every["n"] == 3 and held["n"] == 2
