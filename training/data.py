@@ -171,7 +171,8 @@ Item = dict[str, np.ndarray | np.float32]
 
 class SegmentationDataset:
     """torch-style dataset over cached samples; an item is a dict of arrays that the default collate
-    stacks: x (1xSxS), target (CxSxS), valid (1xSxS), positive, zones (6xSxS), zone_target (6), score.
+    stacks: x (1xSxS), target (CxSxS), valid (1xSxS), positive, zones (6xSxS uint8), zone_target (6),
+    score.
     """
 
     def __init__(self, cached: Sequence[Cached], augment: Augment | None = None) -> None:
@@ -197,5 +198,5 @@ class SegmentationDataset:
                 zones = np.stack(masks[len(target) + 1:])
         return {"x": normalise(image)[None], "target": target.astype(np.float32),
                 "valid": np.asarray(valid, np.float32)[None], "positive": np.float32(c.positive),
-                "zones": np.asarray(zones, np.float32), "zone_target": c.zone_target,
+                "zones": np.asarray(zones, np.uint8), "zone_target": c.zone_target,
                 "score": np.float32(c.score)}

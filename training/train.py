@@ -146,8 +146,8 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
     losses = []
     for start in range(0, len(ds), batch_size):
         idx = list(range(start, min(len(ds), start + batch_size)))
-        b = {k: torch.from_numpy(np.stack([ds[i][k] for i in idx])).to(device or "cpu")
-             for k in ("x", "target", "valid", "positive", "zones", "zone_target", "score")}
+        items = [ds[i] for i in idx]
+        b = {k: torch.from_numpy(np.stack([it[k] for it in items])).to(device or "cpu") for k in items[0]}
         y, v = b["target"], b["valid"]
         logits, cls = split_outputs(model(b["x"]))
         logits = logits.float()

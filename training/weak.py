@@ -103,7 +103,8 @@ def attach_zones(cached: Sequence[Cached], samples: Sequence[Sample], size: int,
 
 
 def soft_zone_fractions(prob: torch.Tensor, zones: torch.Tensor) -> torch.Tensor:
-    """(B, 6) opacity fraction of each zone; prob (B,1,S,S), zones (B,6,S,S). Empty zones give 0."""
+    """(B, 6) opacity fraction of each zone; prob (B,1,S,S), zones (B,6,S,S) 0/1. Empty zones give 0."""
+    zones = zones.float()
     area = zones.sum((2, 3))
     return (prob * zones).sum((2, 3)) / area.clamp_min(1.0)
 
@@ -112,6 +113,7 @@ def zone_loss(logits: torch.Tensor, zones: torch.Tensor, zone_target: torch.Tens
               ) -> torch.Tensor:
     """Mean weak loss over the samples that have weak labels (0 when a batch has none)."""
     prob = torch.sigmoid(logits[:, :1])
+    zones = zones.float()
     affected = torch.sigmoid((soft_zone_fractions(prob, zones) - ZONE_THRESHOLD) / TEMPERATURE)
     nonempty = zones.sum((2, 3)) > 0
     known = ~torch.isnan(zone_target) & nonempty
