@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,25 +100,12 @@ class Geometry:
         return geometry
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """The model input and how it relates to the source image (see :class:`Geometry` for `crop`)."""
+@dataclass(frozen=True, kw_only=True)
+class Prepared(Geometry):
+    """A prepared image: the model input `pixels` (`rows` x `cols`) and, inherited, where it lies on the
+    source (:class:`Geometry`)."""
 
     pixels: np.ndarray  # uint8, 2-D, long side == the requested long side
-    source_rows: int
-    source_cols: int
-    crop: tuple[int, int, int, int]
-    pixel_spacing_mm: tuple[float, float] | None  # (row, column) spacing on the SOURCE grid
-    spacing_attribute: str | None  # "ImagerPixelSpacing" | "PixelSpacing" | None (measurements in pixels)
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def rows(self) -> int:
-        return int(self.pixels.shape[0])
-
-    @property
-    def cols(self) -> int:
-        return int(self.pixels.shape[1])
 
     @property
     def has_spacing(self) -> bool:
@@ -126,19 +113,8 @@ class Prepared:
 
     @property
     def geometry(self) -> Geometry:
-        return Geometry(source_rows=self.source_rows, source_cols=self.source_cols, crop=self.crop,
-                        rows=self.rows, cols=self.cols, pixel_spacing_mm=self.pixel_spacing_mm,
-                        spacing_attribute=self.spacing_attribute, notes=self.notes)
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """Prepared pixels per source pixel, (rows, columns)."""
-        return self.geometry.scale
-
-    @property
-    def prepared_pixel_spacing_mm(self) -> tuple[float, float] | None:
-        """Spacing of one prepared pixel, for areas measured on the model grid."""
-        return self.geometry.prepared_pixel_spacing_mm
+        """The geometry alone, without the pixels (what a published job keeps)."""
+        return Geometry(**{f.name: getattr(self, f.name) for f in fields(Geometry)})
 
 
 def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
@@ -187,12 +163,13 @@ def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
         notes.append("lossy source")
     log.debug("prepared %dx%d -> %dx%d (%s)", raw.shape[0], raw.shape[1], *pixels.shape, ", ".join(notes))
     return Prepared(pixels=pixels, source_rows=int(raw.shape[0]), source_cols=int(raw.shape[1]), crop=crop,
-                    pixel_spacing_mm=spacing, spacing_attribute=attribute, notes=tuple(notes))
+                    rows=int(pixels.shape[0]), cols=int(pixels.shape[1]), pixel_spacing_mm=spacing,
+                    spacing_attribute=attribute, notes=tuple(notes))
 
 
-def masks_to_source(mask: np.ndarray, prepared: Prepared | Geometry) -> np.ndarray:
-    """Nearest-neighbour inverse of `prepare`'s crop + resize: prepared-grid mask -> source-grid bool mask."""
-    g = prepared.geometry if isinstance(prepared, Prepared) else prepared
+def masks_to_source(mask: np.ndarray, g: Geometry) -> np.ndarray:
+    """Nearest-neighbour inverse of `prepare`'s crop + resize: prepared-grid mask -> source-grid bool mask
+    (`g` a :class:`Geometry`, or the :class:`Prepared` image itself)."""
     if mask.shape != (g.rows, g.cols):
         raise ValueError(f"mask shape {mask.shape} != prepared shape {(g.rows, g.cols)}")
     r0, c0, r1, c1 = g.crop
