@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,25 @@ def load_model(name: str, weights_dir: Path | None = None, checkpoint: Path | No
         return model, spec, {}
     model, card = load(name, weights_dir) if weights_dir else load(name)
     return model, ModelSpec(**card["spec"]), card
+
+
+@dataclass(frozen=True)
+class Segmenter:
+    """A loaded model, its spec and the pixel threshold its card ships (or one given)."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    threshold: float
+
+    @classmethod
+    def load(cls, name: str, weights_dir: Path | None = None, checkpoint: Path | None = None,
+             threshold: float | None = None) -> Segmenter:
+        model, spec, card = load_model(name, weights_dir, checkpoint)
+        return cls(model, spec, threshold if threshold is not None else float(card.get("threshold", 0.5)))
+
+    def prob(self, image: np.ndarray) -> np.ndarray:
+        """Probability map of the first channel, on the image's grid."""
+        return predict(self.model, self.spec, image)[0][0]
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        return self.prob(image) > self.threshold

@@ -28,7 +28,7 @@ import numpy as np
 
 from training.data import load_gray, read_rows
 from training.metrics import cohen_kappa, severity_agreement
-from training.predict import load_model, predict
+from training.predict import Segmenter
 from workers import severity
 
 log = logging.getLogger(__name__)
@@ -52,41 +52,47 @@ def rater_mean(row: dict[str, str]) -> float | None:
     return float(np.mean(scores)) if scores else None
 
 
+def brixia_scores(row: dict[str, str]) -> list[float | None]:
+    """The six Brixia zone scores (0-3; None where not scored), in workers.severity zone order."""
+    return [_num(row.get(f"brixia_{z}")) for z in BRIXIA_ZONES]
+
+
 def brixia_affected(row: dict[str, str]) -> list[bool] | None:
-    zones = [_num(row.get(f"brixia_{z}")) for z in BRIXIA_ZONES]
+    zones = brixia_scores(row)
     if any(z is None for z in zones):
         return None
     return [bool(z is not None and z >= 1) for z in zones]
 
 
-def zone_fractions(folder: Path, out_dir: Path, *, weights_dir: Path | None = None,
-                   lung_checkpoint: Path | None = None, opacity_checkpoint: Path | None = None,
-                   lung_threshold: float | None = None, opacity_threshold: float | None = None,
+def load_models(weights_dir: Path | None = None, lung_checkpoint: Path | None = None,
+                opacity_checkpoint: Path | None = None) -> tuple[Segmenter, Segmenter]:
+    """(lung, opacity): checkpoints where given, else the weights in `weights_dir` (default: shipped)."""
+    return (Segmenter.load("lung", weights_dir, lung_checkpoint),
+            Segmenter.load("opacity", weights_dir, opacity_checkpoint))
+
+
+def zone_fractions(folder: Path, out_dir: Path, lung: Segmenter, opacity: Segmenter, *,
                    pixel_thresholds: Sequence[float] = (), folds: Sequence[int] | None = None
                    ) -> list[dict[str, Any]]:
     """Per image: the six zone opacity fractions from the two models (cached in zone_fractions.csv).
 
     `folds`: only images of these folds (e.g. the folds an opacity model trained with weak labels
     never saw)."""
-    lung, lung_spec, lung_card = load_model("lung", weights_dir, lung_checkpoint)
-    opac, opac_spec, opac_card = load_model("opacity", weights_dir, opacity_checkpoint)
-    l_thr = lung_threshold if lung_threshold is not None else float(lung_card.get("threshold", 0.5))
-    o_thr = opacity_threshold if opacity_threshold is not None else float(opac_card.get("threshold", 0.5))
     rows: list[dict[str, Any]] = []
     selected = [r for r in read_rows(folder) if folds is None or int(r["fold"]) in folds]
     for i, row in enumerate(selected):
         image_id = row.get("image_id") or row["id"]
         image = load_gray(folder / "images" / f"{image_id}.png")
-        lung_prob, _ = predict(lung, lung_spec, image)
-        right, left = severity.split_lungs(lung_prob[0] > l_thr)
-        opacity_prob, _ = predict(opac, opac_spec, image)
-        res = severity.score(right, left, opacity_prob[0] > o_thr, threshold=0.0)
-        by_pixel = {pt: [round(f, 5) for f in severity.score(right, left, opacity_prob[0] > pt,
+        right, left = severity.split_lungs(lung.mask(image))
+        opacity_prob = opacity.prob(image)
+        res = severity.score(right, left, opacity_prob > opacity.threshold, threshold=0.0)
+        by_pixel = {pt: [round(f, 5) for f in severity.score(right, left, opacity_prob > pt,
                                                               threshold=0.0).zone_fractions]
                     for pt in pixel_thresholds}
         rows.append({"image_id": image_id, "fold": int(row["fold"]), "source": row.get("source", ""),
                      "reference": rater_mean(row), "brixia": brixia_affected(row),
-                     "fractions": [round(f, 5) for f in res.zone_fractions], "opacity_threshold": o_thr,
+                     "fractions": [round(f, 5) for f in res.zone_fractions],
+                     "opacity_threshold": opacity.threshold,
                      "fractions_by_pixel": by_pixel,
                      "lung_area_px": res.lung_area_px})
         if (i + 1) % 50 == 0:
@@ -188,26 +194,21 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "brixia_zones": zone, "n_without_reference": len(rows) - len(scored)}
 
 
-def normals_check(folders: Sequence[Path], split_file: Path | None, zone_threshold: float, *,
-                  weights_dir: Path | None = None, lung_checkpoint: Path | None = None,
-                  opacity_checkpoint: Path | None = None) -> dict[str, Any]:
+def normals_check(folders: Sequence[Path], split_file: Path | None, zone_threshold: float,
+                  lung: Segmenter, opacity: Segmenter) -> dict[str, Any]:
     """Severity on images known to be free of COVID opacity (JSRT: normals and nodules): every zone
     counted there is a false alarm. With `split_file`, only the images the run did not train on (its
     validation side and the negatives it never drew)."""
     from training.data import read_folder
     from training.evaluate import select
 
-    lung, lung_spec, lung_card = load_model("lung", weights_dir, lung_checkpoint)
-    opac, opac_spec, opac_card = load_model("opacity", weights_dir, opacity_checkpoint)
-    l_thr, o_thr = float(lung_card.get("threshold", 0.5)), float(opac_card.get("threshold", 0.5))
     samples = select([s for f in folders for s in read_folder(Path(f), (), require_masks=False)],
                      split_file, "heldout")
     scores = []
     for s in samples:
         image = load_gray(s.image)
-        right, left = severity.split_lungs(predict(lung, lung_spec, image)[0][0] > l_thr)
-        opacity = predict(opac, opac_spec, image)[0][0] > o_thr
-        scores.append(severity.score(right, left, opacity, threshold=zone_threshold).score)
+        right, left = severity.split_lungs(lung.mask(image))
+        scores.append(severity.score(right, left, opacity.mask(image), threshold=zone_threshold).score)
     counts = np.bincount(scores, minlength=7) if scores else np.zeros(7, int)
     return {"folders": [str(f) for f in folders], "split": str(split_file) if split_file else None,
             "n": len(scores), "zone_threshold": zone_threshold,
@@ -216,22 +217,24 @@ def normals_check(folders: Sequence[Path], split_file: Path | None, zone_thresho
             "score_counts": counts.tolist()}
 
 
-def evaluate_severity(folder: Path, out_dir: Path, lung_split: Path | None = None,
+def evaluate_severity(folder: Path, out_dir: Path, *, lung_split: Path | None = None,
                       normals: Sequence[Path] = (), normals_split: Path | None = None,
-                      **kwargs: Any) -> dict[str, Any]:
-    rows = zone_fractions(folder, out_dir, **kwargs)
+                      weights_dir: Path | None = None, lung_checkpoint: Path | None = None,
+                      opacity_checkpoint: Path | None = None, pixel_thresholds: Sequence[float] = (),
+                      folds: Sequence[int] | None = None) -> dict[str, Any]:
+    lung, opacity = load_models(weights_dir, lung_checkpoint, opacity_checkpoint)
+    rows = zone_fractions(folder, out_dir, lung, opacity, pixel_thresholds=pixel_thresholds, folds=folds)
     trained = lung_trained_ids(folder, lung_split) if lung_split else set()
     for r in rows:
         r["lung_trained"] = r["image_id"] in trained
     summary = cross_validate(rows)
     summary["n_lung_mask_trained"] = len(trained)
     summary["data"] = str(folder)
-    summary["checkpoints"] = {k: str(v) for k, v in kwargs.items() if k.endswith("checkpoint") and v is not None}
-    summary["folds"] = kwargs.get("folds") or "all"
+    summary["checkpoints"] = {k: str(v) for k, v in (("lung_checkpoint", lung_checkpoint),
+                                                      ("opacity_checkpoint", opacity_checkpoint)) if v is not None}
+    summary["folds"] = folds or "all"
     if normals:
-        summary["normals"] = normals_check(
-            normals, normals_split, summary["zone_threshold"], weights_dir=kwargs.get("weights_dir"),
-            lung_checkpoint=kwargs.get("lung_checkpoint"), opacity_checkpoint=kwargs.get("opacity_checkpoint"))
+        summary["normals"] = normals_check(normals, normals_split, summary["zone_threshold"], lung, opacity)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log.info("severity: CV MAE %.3f (baseline %.3f), zone_threshold %.2f", summary["cv"]["mae"],
              summary["baseline_constant_mae"], summary["zone_threshold"])

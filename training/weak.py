@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from training.data import Cached, Sample, load_gray, read_rows, resize_mask
-from training.predict import predict
+from training.predict import Segmenter
+from training.severity_eval import brixia_scores, rater_mean
 from workers import severity
-from workers.models import ModelSpec, load, spec_from_card
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,7 @@ log = logging.getLogger(__name__)
 #: threshold is tuned afterwards on validation folds, by `python -m training evaluate severity`).
 ZONE_THRESHOLD = 0.5
 TEMPERATURE = 0.05
-BRIXIA_ZONES = ("A", "B", "C", "D", "E", "F")  # = RU, RM, RL, LU, LM, LL
 BRIXIA_TARGET = {0: 0.0, 1: 0.5, 2: 1.0}  # zone score (2 and 3 alike) -> soft "affected" target
-
-
-def _num(value: str | None) -> float | None:
-    if value is None or value.strip() in ("", "nan"):
-        return None
-    return float(value)
 
 
 def severity_samples(folder: Path, folds: Sequence[int]) -> list[Sample]:
@@ -55,10 +48,8 @@ def severity_samples(folder: Path, folds: Sequence[int]) -> list[Sample]:
     for row in read_rows(folder):
         if int(row["fold"]) not in folds:
             continue
-        brixia = [_num(row.get(f"brixia_{z}")) for z in BRIXIA_ZONES]
-        zone_target = tuple(math.nan if b is None else BRIXIA_TARGET[min(int(b), 2)] for b in brixia)
-        raters = [v for v in (_num(row.get("score_r")), _num(row.get("score_d"))) if v is not None]
-        score = float(np.mean(raters)) if raters else None
+        zone_target = tuple(math.nan if b is None else BRIXIA_TARGET[min(int(b), 2)] for b in brixia_scores(row))
+        score = rater_mean(row)
         if score is None and all(math.isnan(z) for z in zone_target):
             continue
         image_id = row.get("image_id") or row["id"]
@@ -69,11 +60,9 @@ def severity_samples(folder: Path, folds: Sequence[int]) -> list[Sample]:
     return samples
 
 
-def zone_maps(image: np.ndarray, lung: torch.nn.Module, spec: ModelSpec, lung_threshold: float,
-              size: int) -> np.ndarray:
+def zone_maps(image: np.ndarray, lung: Segmenter, size: int) -> np.ndarray:
     """uint8 6 x size x size: the worker's six lung zones of `image`, resized to the training grid."""
-    prob, _ = predict(lung, spec, image)
-    right, left = severity.split_lungs(prob[0] > lung_threshold)
+    right, left = severity.split_lungs(lung.mask(image))
     zones = [z for side in (right, left) for z in severity.zone_masks(side)]
     return np.stack([resize_mask(z, size) for z in zones]).astype(np.uint8)
 
@@ -89,12 +78,10 @@ def attach_zones(cached: Sequence[Cached], samples: Sequence[Sample], size: int,
             stored = {k: npz[k] for k in npz.files}
     missing = [s for _, s in weak if s.id not in stored or stored[s.id].shape[-1] != size]
     if missing:
-        lung, card = load("lung")
-        spec = spec_from_card(card)
-        threshold = float(card.get("threshold", 0.5))
+        lung = Segmenter.load("lung")
         with torch.no_grad():
             for i, s in enumerate(missing):
-                stored[s.id] = zone_maps(load_gray(s.image), lung, spec, threshold, size)
+                stored[s.id] = zone_maps(load_gray(s.image), lung, size)
                 if (i + 1) % 50 == 0:
                     log.info("lung zones: %d/%d images", i + 1, len(missing))
         np.savez_compressed(cache_file, **stored)  # type: ignore[arg-type]  # numpy stub: **kwds arrays
@@ -113,7 +100,6 @@ def zone_loss(logits: torch.Tensor, zones: torch.Tensor, zone_target: torch.Tens
               ) -> torch.Tensor:
     """Mean weak loss over the samples that have weak labels (0 when a batch has none)."""
     prob = torch.sigmoid(logits[:, :1])
-    zones = zones.float()
     affected = torch.sigmoid((soft_zone_fractions(prob, zones) - ZONE_THRESHOLD) / TEMPERATURE)
     nonempty = zones.sum((2, 3)) > 0
     known = ~torch.isnan(zone_target) & nonempty

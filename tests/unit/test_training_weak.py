@@ -156,17 +156,18 @@ def test_tiny_weak_run_lowers_the_weak_loss(tmp_path) -> None:
 
 
 def test_normals_check_counts_false_alarms_on_unseen_images_only(tmp_path) -> None:
-    from training.severity_eval import normals_check
+    from training.severity_eval import load_models, normals_check
 
     folder = write_severity_folder(tmp_path / "normals", [
         {"image_id": f"n{i}", "patient_id": f"q{i}", "fold": "0"} for i in range(3)])
     split_file = tmp_path / "split.json"
     # n2 is on neither side (a negative the run never drew): unseen, so it counts.
     split_file.write_text(json.dumps({"train": {"normals": ["n0"]}, "validation": {"normals": ["n1"]}}))
-    every = normals_check([folder], None, zone_threshold=0.5)
-    held = normals_check([folder], split_file, zone_threshold=0.5)
+    models = load_models()  # the shipped lung and opacity models
+    every = normals_check([folder], None, 0.5, *models)
+    held = normals_check([folder], split_file, 0.5, *models)
     assert every["n"] == 3 and held["n"] == 2
     assert sum(held["score_counts"]) == 2 and len(held["score_counts"]) == 7
     # A higher zone threshold never calls more zones.
-    strict = normals_check([folder], split_file, zone_threshold=0.95)
+    strict = normals_check([folder], split_file, 0.95, *models)
     assert strict["mean_score"] <= held["mean_score"] and strict["zone_threshold"] == 0.95
