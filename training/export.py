@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from training.predict import load_model
+from training.tasks import portable
 from workers import models
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def export(name: str, checkpoint: Path, evaluation_file: Path, command: str, *, 
     evaluation = json.loads(evaluation_file.read_text())
     card = build_card(checkpoint.parent, evaluation, command, status=status, limitations=limitations,
                       extra=extra or {}, primary_metric=primary_metric)
+    card = portable(card)
     card["version"] = f"{card['training_date']}-{card['code_version']}"
     shipped = models.card_path(name, weights_dir)
     if shipped.exists() and not force:

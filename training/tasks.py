@@ -5,12 +5,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def shared_data_root() -> Path:
     """$CXR_SHARED_DATA, else ../shared/data beside the repository root."""
     env = os.environ.get("CXR_SHARED_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def portable(value: Any) -> Any:
+    """`value` (a string, or lists and dicts of them) with the shared data root written as
+    `../shared/data` (relative to the repository root; `$CXR_SHARED_DATA` when that is set), so model
+    cards and summaries name no machine's paths."""
+    if isinstance(value, str):
+        name = "$CXR_SHARED_DATA" if os.environ.get("CXR_SHARED_DATA") else "../shared/data"
+        return value.replace(str(shared_data_root()), name)
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)

@@ -235,3 +235,15 @@ def test_opacity_pixel_threshold_is_tuned_with_the_zone_threshold() -> None:
     assert out["opacity_threshold"] == 0.3
     assert 0.05 <= out["zone_threshold"] < 0.6
     assert out["cv"]["mae"] == 0.0
+
+
+def test_cards_name_the_shared_data_without_this_machines_path(monkeypatch) -> None:
+    from training.tasks import portable, shared_data_root
+
+    monkeypatch.delenv("CXR_SHARED_DATA", raising=False)
+    root = str(shared_data_root())
+    card = {"data": [f"{root}/lung/jsrt"], "weak": {"data": f"{root}/severity"}, "epochs": 3, "note": "runs/x"}
+    assert portable(card) == {"data": ["../shared/data/lung/jsrt"], "weak": {"data": "../shared/data/severity"},
+                              "epochs": 3, "note": "runs/x"}
+    for name in ("lung", "opacity", "pneumothorax"):  # the shipped cards too
+        assert root not in models.card_path(name).read_text()
