@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else args.negatives_per_source,
         run_dir=Path(args.run or RUNS / args.task), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes,
-        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads, device=args.device,
+        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads, workers=args.workers, device=args.device,
         init=args.init or "",
         weak_data=[Path(w) for w in args.weak_data] if args.weak_data is not None
         else [shared_data_root() / d for d in task.weak_data],
@@ -120,6 +120,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crossval(args: argparse.Namespace) -> int:
+    from training.crossval import FoldTrainingError, evaluate_folds, plan, run_folds
+    from training.predict import Segmenter
+    from workers.models import SPECS
+
+    plans = [p for p in plan(args.folds) if not args.only or p.test in args.only]
+    if not plans:
+        raise ValueError(f"--only {args.only}: no such test fold among {args.folds}")
+    root = Path(args.run or RUNS / "opacity_cv")
+    weak_data = Path(args.data) if args.data else shared_data_root() / "severity"
+    # The fold runs' own arguments, checked here rather than five times over in the fold processes.
+    fold_args = build_parser().parse_args(["train", args.model, *args.passthrough])
+    if not args.evaluate_only:
+        try:
+            run_folds(plans, root, weak_data, args.passthrough, parallel=args.parallel,
+                      input_size=fold_args.input_size or SPECS[args.model].input_size)
+        except FoldTrainingError as e:
+            log.error("%s", e)
+            return 2
+    if args.train_only:
+        return 0
+    lung = Segmenter.load("lung", Path(args.weights_dir) if args.weights_dir else None, _path(args.lung_checkpoint))
+    _stamp(root, evaluate_folds(plans, root, weak_data, lung), args.argv)
+    return 0
+
+
 def cmd_import_siim(args: argparse.Namespace) -> int:
     from training.siim import import_siim
 
@@ -147,11 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=4)
     t.add_argument("--max-minutes", type=float, default=0.0,
                    help="training time budget; the cosine schedule follows it (0 = schedule by --epochs)")
-    t.add_argument("--epoch-images", type=int, default=0, help="images per epoch (0 = all): checkpoint cadence")
+    t.add_argument("--epoch-images", type=int, default=0, help="images per epoch (0 = one pass; more than the set = several passes): "
+                                                              "checkpoint and validation cadence")
     t.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0 = full epochs)")
     t.add_argument("--limit", type=int, default=0, help="use only the first N samples")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--workers", type=int, default=0,
+                   help="DataLoader processes for augmentation (0 = in the training process; use the cores on a GPU)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when available (mixed precision), else CPU")
     t.add_argument("--weak-data", nargs="*", help="severity-format folders for the weak zone loss "
@@ -207,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace shipped weights even if not better")
     x.set_defaults(func=cmd_export)
 
+    c = sub.add_parser("crossval", help="k-fold CV of the opacity model's weak training by severity/ `fold`",
+                       description="Trains one opacity model per test fold (fold k-1 selects, the rest train) "
+                                   "and pools their predictions. Arguments after `--` go to `train`, e.g. "
+                                   "`crossval opacity --parallel 5 -- --max-minutes 5 --workers 2`.")
+    c.add_argument("model", choices=["opacity"])
+    c.add_argument("--folds", type=int, default=5, help="number of folds in the `fold` column")
+    c.add_argument("--only", nargs="+", type=int, help="only these test folds")
+    c.add_argument("--parallel", type=int, default=1, help="folds trained at once (a GPU holds several)")
+    c.add_argument("--data", help="severity-format folder (default: the shared severity/)")
+    c.add_argument("--run", help="folder of the fold runs (default runs/opacity_cv)")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--evaluate-only", action="store_true", help="evaluate the fold runs already there")
+    mode.add_argument("--train-only", action="store_true",
+                      help="train the folds and stop (evaluate later with --evaluate-only, e.g. on another machine)")
+    c.add_argument("--lung-checkpoint", help="lung model for the zones (default: the shipped one)")
+    c.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
+    c.set_defaults(func=cmd_crossval)
+
     s = sub.add_parser("import-siim", help="SIIM-ACR train-rle.csv + images -> shared folder format")
     s.add_argument("--rle", required=True)
     s.add_argument("--images", required=True, help="folder with <ImageId>.dcm/.png (searched recursively)")
@@ -218,9 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    # `crossval ... -- TRAIN ARGS`: what follows `--` is handed to each fold's `train` as it stands.
+    own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = build_parser()
+    args = parser.parse_args(own)
+    if passthrough and args.command != "crossval":
+        parser.error(f"arguments after -- are for crossval only: {' '.join(passthrough)}")
+    args.passthrough = passthrough
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    rc: int = args.func(args)
+    try:
+        rc: int = args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments or data: say so, no traceback
+        log.error("%s", e)
+        return 2
     return rc

@@ -222,6 +222,9 @@ def evaluate_severity(folder: Path, out_dir: Path, *, lung_split: Path | None = 
                       weights_dir: Path | None = None, lung_checkpoint: Path | None = None,
                       opacity_checkpoint: Path | None = None, pixel_thresholds: Sequence[float] = (),
                       folds: Sequence[int] | None = None) -> dict[str, Any]:
+    if folds is not None and len(set(folds)) < 2:
+        raise ValueError(f"--folds {' '.join(map(str, folds))}: the zone threshold of each fold is tuned on the "
+                         "others, so give at least two folds (or use `crossval` for per-fold models)")
     lung, opacity = load_models(weights_dir, lung_checkpoint, opacity_checkpoint)
     rows = zone_fractions(folder, out_dir, lung, opacity, pixel_thresholds=pixel_thresholds, folds=folds)
     trained = lung_trained_ids(folder, lung_split) if lung_split else set()

@@ -11,7 +11,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -25,14 +25,13 @@ from tqdm import tqdm
 from training.augment import radiograph_augment
 from training.data import Cached, Sample, SegmentationDataset, cache_samples, read_folder
 from training.losses import bce_dice_loss
+from training.severity_eval import THRESHOLDS as VAL_ZONE_THRESHOLDS
 from training.splits import split, write_split
 from training.weak import ZONE_THRESHOLD, attach_zones, hard_fractions, severity_samples, zone_loss
 from workers.models import ModelSpec, build, load
 
 log = logging.getLogger(__name__)
 
-
-VAL_ZONE_THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 
 
 @dataclass
@@ -56,11 +55,14 @@ class TrainConfig:
     # the fraction of the budget used rather than on steps, so the learning rate has decayed when
     # the budget ends however busy the shared CPU is; the run stops when the budget is spent.
     max_minutes: float = 0.0
-    epoch_images: int = 0  # images drawn per epoch (0 = the whole training set): checkpoint cadence
+    epoch_images: int = 0  # images drawn per epoch (0 = one pass over the training set): checkpoint cadence
     max_steps: int = 0  # 0 = full epochs; tests use a few steps
     limit: int = 0  # use only the first N samples (tests)
     augment: bool = True
     threads: int = 2
+    # DataLoader worker processes (0 = augment in the training process). On a GPU the augmentation
+    # is the bottleneck: give it the CPU cores.
+    workers: int = 0
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"; CUDA trains in mixed precision
     # Start from these weights instead of random ones: a training checkpoint (*.pt) or a shipped model
     # name ("lung"): fine-tuning, possibly at another input size (the networks are fully convolutional).
@@ -115,6 +117,26 @@ def initial_weights(init: str) -> dict[str, torch.Tensor]:
         return cast(dict[str, torch.Tensor], torch.load(init, map_location="cpu", weights_only=False)["model"])
     shipped, _ = load(init)
     return {k: v.float() for k, v in shipped.state_dict().items()}
+
+
+def _passes(loader: DataLoader[Any]) -> Iterator[Any]:
+    """Batches of pass after pass over the data (the epoch loop decides when to stop)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:  # nothing to draw: end the epoch rather than spin
+            return
+
+
+def _seed_augment_worker(worker_id: int) -> None:
+    """Each DataLoader worker draws its own augmentations: albumentations keeps its generator in the
+    Compose, which every forked worker would otherwise inherit in the same state."""
+    info = torch.utils.data.get_worker_info()
+    augment = getattr(info.dataset, "augment", None) if info else None
+    if info is not None and augment is not None:
+        augment.set_random_seed(info.seed % 2**32)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -254,7 +276,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ds = SegmentationDataset(train_c, radiograph_augment() if cfg.augment else None)
-    epoch_len = min(len(ds), cfg.epoch_images) if cfg.epoch_images else len(ds)
+    # An epoch may be shorter or (on a GPU, to checkpoint less often) longer than one pass.
+    epoch_len = cfg.epoch_images or len(ds)
     steps_per_epoch = max(1, epoch_len // cfg.batch_size) if epoch_len > cfg.batch_size else 1
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -277,6 +300,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         log.info("resumed from %s at epoch %d (best %.4f at epoch %d)", last, state["epoch"],
                  state["best"], state["best_epoch"])
 
+    # One loader for the whole run: its workers persist across epochs, and each epoch reseeds its
+    # shuffle so that a resumed run draws the same batches.
+    shuffle = torch.Generator()
+    loader: DataLoader[Any] = DataLoader(
+        cast(Any, ds), batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+        generator=shuffle, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+        worker_init_fn=_seed_augment_worker if cfg.workers else None, pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input size for the whole run
     while state["epoch"] < cfg.epochs:
         if state["bad_epochs"] >= cfg.patience:
             log.info("early stop: no validation improvement for %d epochs", cfg.patience)
@@ -287,20 +319,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             break
         epoch = state["epoch"] + 1
         seed_everything(cfg.seed * 1000 + epoch)  # same batches whether or not the run was resumed
-        loader: DataLoader[Any] = DataLoader(
-            cast(Any, ds), batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        shuffle.manual_seed(cfg.seed * 1000 + epoch)
         t_epoch = time.monotonic()
         losses = []
         # A progress bar on a terminal; background runs log to a file instead.
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not sys.stderr.isatty(), leave=False)
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(_passes(loader)):
             used = state["train_seconds"] + time.monotonic() - t_epoch
             if i >= steps_per_epoch or (budget_s and used >= budget_s):
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(state["step"], progress(state["step"], used), cfg)
-            b = {k: t.to(device) for k, t in batch.items()}
+            b = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
             with torch.autocast(device.type, enabled=amp):
                 logits, cls = split_outputs(model(b["x"]))
             loss = bce_dice_loss(logits.float(), b["target"], b["valid"])

@@ -67,16 +67,14 @@ def zone_maps(image: np.ndarray, lung: Segmenter, size: int) -> np.ndarray:
     return np.stack([resize_mask(z, size) for z in zones]).astype(np.uint8)
 
 
-def attach_zones(cached: Sequence[Cached], samples: Sequence[Sample], size: int, cache_file: Path) -> None:
-    """Fill `zones` of the weak samples from the shipped lung model (cached in `cache_file`)."""
-    weak = [(c, s) for c, s in zip(cached, samples, strict=True) if not s.pixel_labels]
-    if not weak:
-        return
+def zone_cache(samples: Sequence[Sample], size: int, cache_file: Path) -> dict[str, np.ndarray]:
+    """Lung zones (6 x size x size) of each weak sample by image id, from the shipped lung model;
+    kept in `cache_file` so that the lung model runs once per image and grid size."""
     stored: dict[str, np.ndarray] = {}
     if cache_file.exists():
         with np.load(cache_file) as npz:
             stored = {k: npz[k] for k in npz.files}
-    missing = [s for _, s in weak if s.id not in stored or stored[s.id].shape[-1] != size]
+    missing = [s for s in samples if not s.pixel_labels and (s.id not in stored or stored[s.id].shape[-1] != size)]
     if missing:
         lung = Segmenter.load("lung")
         with torch.no_grad():
@@ -84,7 +82,17 @@ def attach_zones(cached: Sequence[Cached], samples: Sequence[Sample], size: int,
                 stored[s.id] = zone_maps(load_gray(s.image), lung, size)
                 if (i + 1) % 50 == 0:
                     log.info("lung zones: %d/%d images", i + 1, len(missing))
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache_file, **stored)  # type: ignore[arg-type]  # numpy stub: **kwds arrays
+    return stored
+
+
+def attach_zones(cached: Sequence[Cached], samples: Sequence[Sample], size: int, cache_file: Path) -> None:
+    """Fill `zones` of the weak samples from the shipped lung model (cached in `cache_file`)."""
+    weak = [(c, s) for c, s in zip(cached, samples, strict=True) if not s.pixel_labels]
+    if not weak:
+        return
+    stored = zone_cache([s for _, s in weak], size, cache_file)
     for c, s in weak:
         c.zones = stored[s.id]
 

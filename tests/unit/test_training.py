@@ -89,6 +89,33 @@ def test_resume_continues_instead_of_restarting(tiny_run, tmp_path) -> None:
     assert [h["epoch"] for h in history] == list(range(1, 10))
 
 
+def test_augmenting_workers_run_epochs_of_several_passes(tiny_run, tmp_path) -> None:
+    """The GPU set-up: augmentation in DataLoader worker processes, epochs longer than the data."""
+    folder, _, _ = tiny_run
+    spec = dataclasses.replace(models.SPECS["lung"], input_size=SIZE)
+    cfg = TrainConfig(spec=spec, structures=("lungs",), data=[folder], run_dir=tmp_path / "run", epochs=2,
+                      batch_size=4, epoch_images=20, lr=3e-3, warmup_steps=1, val_fraction=0.0, patience=100,
+                      threads=1, workers=2)
+    train(cfg)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["state"]
+    assert state["epoch"] == 2 and state["step"] == 2 * (20 // 4)  # 5 steps from 8 images: two passes
+
+
+def test_augmenting_workers_draw_different_augmentations(tiny_run) -> None:
+    from torch.utils.data import DataLoader
+
+    from training.augment import radiograph_augment
+    from training.train import _seed_augment_worker
+
+    folder, _, _ = tiny_run
+    cached = cache_samples(read_folder(folder, ("lungs",))[:1] * 4, ("lungs",), SIZE)
+    ds = SegmentationDataset(cached, radiograph_augment(strength=2.0))
+    loader = DataLoader(ds, batch_size=1, num_workers=2, worker_init_fn=_seed_augment_worker)
+    xs = [b["x"][0, 0].numpy() for b in loader]
+    # Items 0 and 1 come from different workers: without the reseed both would draw the same changes.
+    assert not np.array_equal(xs[0], xs[1])
+
+
 def test_training_input_is_the_worker_preprocessing(tiny_run) -> None:
     folder, _, _ = tiny_run
     samples = read_folder(folder, ("lungs",))
