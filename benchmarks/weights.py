@@ -1,7 +1,7 @@
 """Which model weights a benchmark runs: the shipped ones, or stand-ins with a clear label.
 
 - ``shipped``: `workers/weights/` (what `make run` uses).
-- ``random``: the shipped architectures at their full input size, randomly initialised: the same
+- ``random``: the shipped architectures at their shipped input size (from the cards), randomly initialised: the same
   speed as trained weights (the numbers they produce mean nothing).
 - ``tiny``: the same architectures at 64x64 (smoke runs only).
 - ``auto``: shipped when all three models are there, else random.
@@ -29,6 +29,13 @@ def shipped_present(weights_dir: Path = models.WEIGHTS_DIR) -> bool:
                for n in MODEL_NAMES)
 
 
+def shipped_spec(name: str) -> models.ModelSpec:
+    """The architecture and input size of the shipped model (its card, which travels without the
+    weights), else the default spec."""
+    card = models.card_path(name)
+    return models.spec_from_card(json.loads(card.read_text())) if card.exists() else models.SPECS[name]
+
+
 def resolve(mode: str, cache: Path) -> tuple[str, Path]:
     """(label, folder) for `mode`; stand-ins are written once into `cache`."""
     if mode == "auto":
@@ -40,7 +47,7 @@ def resolve(mode: str, cache: Path) -> tuple[str, Path]:
     if mode not in ("random", "tiny"):
         raise ValueError(f"unknown weights mode {mode!r}")
     size = TINY_SIZE if mode == "tiny" else None
-    specs = {n: dataclasses.replace(models.SPECS[n], input_size=size) if size else models.SPECS[n]
+    specs = {n: dataclasses.replace(shipped_spec(n), input_size=size) if size else shipped_spec(n)
              for n in MODEL_NAMES}
     key = json.dumps({n: dataclasses.asdict(s) for n, s in specs.items()}, sort_keys=True)
     folder = cache / f"weights-{mode}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"

@@ -16,6 +16,8 @@ from workers.runner import (
     ONNX_TOLERANCE,
     MicroBatcher,
     ModelRunner,
+    OnThread,
+    OwnerThread,
     Prediction,
     check_input,
     max_abs_diff,
@@ -194,6 +196,44 @@ def test_micro_batcher_failure_reaches_every_caller_of_the_pass() -> None:
 
     with pytest.raises(RuntimeError, match="out of memory"):
         MicroBatcher(run, max_batch=4)(np.zeros((1, 1, 2, 2), np.float32))
+
+
+class _ThreadRecorder:
+    """A backend that answers with its input and notes which thread ran it."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def __call__(self, x: np.ndarray) -> Prediction:
+        self.threads.append(threading.get_ident())
+        if not np.isfinite(x).all():
+            raise ValueError("not a number in the input")
+        return Prediction(mask=x)
+
+
+def test_owner_thread_runs_every_callers_passes_on_one_thread() -> None:
+    recorder = _ThreadRecorder()
+    backend = OnThread(recorder, OwnerThread("test-owner"))
+    results: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        results[i] = backend(np.full((1, 1, 2, 2), i, np.float32)).mask
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    assert all(float(results[i].max()) == i for i in range(8))  # each caller gets its own answer
+    assert len(set(recorder.threads)) == 1 and len(recorder.threads) == 8
+    assert recorder.threads[0] not in {c.ident for c in callers} | {threading.get_ident()}
+    assert backend.name == "recorder"
+    # A failing pass raises in the caller's thread, and the owner thread goes on serving.
+    with pytest.raises(ValueError, match="not a number"):
+        backend(np.full((1, 1, 2, 2), np.nan, np.float32))
+    assert backend(np.ones((1, 1, 2, 2), np.float32)).mask.sum() == 4
 
 
 def test_concurrent_predicts_match_single_predicts(weights: Path, cache: Path) -> None:

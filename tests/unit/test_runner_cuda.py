@@ -286,3 +286,36 @@ def test_training_runs_on_device_and_its_checkpoints_load_on_cpu(device: str, tm
         with torch.inference_mode():
             out = module.eval()(torch.from_numpy(check_input(spec, batch=1)))
         assert out.shape == (1, 1, TINY_SIZE, TINY_SIZE) and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
+def test_cuda_runner_tunes_every_batch_size_a_pass_can_have_at_load(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN tunes each new input shape on its first pass: the runner pays that at load for every size
+    the micro-batcher can form, so that no job does."""
+    from workers.runner import TorchBackend
+
+    sizes: list[int] = []
+    threads: set[int] = set()
+    forward = TorchBackend.__call__
+
+    def counting(self: TorchBackend, x: np.ndarray) -> Prediction:
+        sizes.append(len(x))
+        threads.add(threading.get_ident())
+        return forward(self, x)
+
+    monkeypatch.setattr(TorchBackend, "__call__", counting)
+    write_tiny_weights(tmp_path, names=("lung",))
+    runner = ModelRunner(tmp_path, model_names=["lung"], device="cuda", gpu_batch_size=4, micro_batch=6)
+    assert sorted(set(sizes)) == [1, 2, 3, 4, 5, 6]
+    assert runner.timings()["lung"].calls == 0  # warm-up passes are not counted as work
+    # Passes asked for by any thread run on the one thread that tuned them (the cuDNN choices are
+    # kept per thread).
+    x = check_input(runner.spec("lung"), batch=1)
+    callers = [threading.Thread(target=runner.predict, args=("lung", x)) for _ in range(3)]
+    for c in callers:
+        c.start()
+    runner.predict("lung", x)
+    for c in callers:
+        c.join()
+    assert len(threads) == 1 and threading.get_ident() not in threads
