@@ -120,6 +120,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `train` options that `crossval` chooses per fold (the protocol), so they may not follow `--`.
+FOLD_OWNED = {"--run", "--weak-data", "--weak-train-folds", "--weak-val-folds"}
+
+
 def cmd_crossval(args: argparse.Namespace) -> int:
     from training.crossval import FoldTrainingError, evaluate_folds, plan, run_folds
     from training.predict import Segmenter
@@ -130,6 +134,9 @@ def cmd_crossval(args: argparse.Namespace) -> int:
         raise ValueError(f"--only {args.only}: no such test fold among {args.folds}")
     root = Path(args.run or RUNS / "opacity_cv")
     weak_data = Path(args.data) if args.data else shared_data_root() / "severity"
+    owned = sorted({a.split("=")[0] for a in args.passthrough} & FOLD_OWNED)
+    if owned:
+        raise ValueError(f"crossval sets {', '.join(owned)} for each fold itself: leave them out after --")
     # The fold runs' own arguments, checked here rather than five times over in the fold processes.
     fold_args = build_parser().parse_args(["train", args.model, *args.passthrough])
     if not args.evaluate_only:
@@ -279,5 +286,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or data: say so, no traceback
         log.error("%s", e)
+        log.debug("where it was raised", exc_info=True)  # -v shows the traceback
         return 2
     return rc

@@ -33,7 +33,6 @@ from workers.models import ModelSpec, build, load
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class TrainConfig:
     spec: ModelSpec

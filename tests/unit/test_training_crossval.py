@@ -89,3 +89,9 @@ def test_crossval_rejects_a_fold_that_does_not_exist(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.ERROR):
         assert main(["crossval", "opacity", "--only", "7"]) == 2
     assert "no such test fold" in caplog.text
+
+
+def test_crossval_keeps_the_protocol_options_to_itself(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert main(["crossval", "opacity", "--", "--weak-val-folds", "4", "--epochs", "1"]) == 2
+    assert "--weak-val-folds" in caplog.text and "for each fold itself" in caplog.text
