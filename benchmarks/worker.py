@@ -98,8 +98,6 @@ def bench_backend(backend: str, weights_dir: Path, cache: Path, image: np.ndarra
     import torch
 
     from workers.api import AnalyzeRequest
-    from workers.inference import analyze_batch
-    from workers.models import preprocess
     from workers.runner import ModelRunner
 
     t0 = time.perf_counter()
@@ -109,30 +107,42 @@ def bench_backend(backend: str, weights_dir: Path, cache: Path, image: np.ndarra
                            "backends": {n: runner.backend_name(n) for n in runner.models}, "forward": {},
                            "analyze": {}}
     for name, model in runner.models.items():
-        x1 = preprocess(image, model.spec.input_size)
-        per_batch = {}
-        for b in batches:
-            xb = np.repeat(x1, b, axis=0)
-            times = _timed(lambda xb=xb, fn=model.backend: fn(xb), repeats)
-            per_batch[f"batch{b}"] = {"ms_per_image": round(statistics.median(times) / b, 1),
-                                      "ms_per_call_p95": round(float(np.percentile(times, 95)), 1)}
-        out["forward"][name] = {"input": model.spec.input_size, "arch": f"{model.spec.arch}/{model.spec.encoder}",
-                                **per_batch}
+        out["forward"][name] = forward_figures(model, image, batches, repeats, digits=1)
     request = AnalyzeRequest.build("bench", image)
     for b in batches:
-        steps: dict[str, list[float]] = {}
-
-        def one(b: int = b, steps: dict[str, list[float]] = steps) -> None:
-            for result in analyze_batch([request] * b, runner):
-                for k, v in result.timings_ms.items():
-                    steps.setdefault(k, []).append(v)
-
-        times = _timed(one, max(1, repeats // 2))
-        ms = statistics.median(times) / b
-        out["analyze"][f"batch{b}"] = {
-            "ms_per_image": round(ms, 1), "images_per_s": round(1000 / ms, 2),
-            "step_ms_per_image": {k: round(statistics.median(v), 1) for k, v in steps.items()}}
+        out["analyze"][f"batch{b}"] = analyze_figures(runner, request, b, max(1, repeats // 2))
     return out
+
+
+def forward_figures(model: Any, image: np.ndarray, batches: Sequence[int], repeats: int, digits: int) -> dict[str, Any]:
+    """The network alone (the runner's backend) on `image` repeated to each batch size: ms per image."""
+    from workers.models import preprocess
+
+    x1 = preprocess(image, model.spec.input_size)
+    per_batch = {}
+    for b in batches:
+        xb = np.repeat(x1, b, axis=0)
+        times = _timed(lambda xb=xb, fn=model.backend: fn(xb), repeats)
+        per_batch[f"batch{b}"] = {"ms_per_image": round(statistics.median(times) / b, digits),
+                                  "ms_per_call_p95": round(float(np.percentile(times, 95)), digits)}
+    return {"input": model.spec.input_size, "arch": f"{model.spec.arch}/{model.spec.encoder}", **per_batch}
+
+
+def analyze_figures(runner: Any, request: Any, batch: int, repeats: int) -> dict[str, Any]:
+    """The whole worker step (`analyze_batch`) on `batch` copies of the request: ms per image, images/s
+    and each model's step time."""
+    from workers.inference import analyze_batch
+
+    steps: dict[str, list[float]] = {}
+
+    def one() -> None:
+        for result in analyze_batch([request] * batch, runner):
+            for k, v in result.timings_ms.items():
+                steps.setdefault(k, []).append(v)
+
+    ms = statistics.median(_timed(one, repeats)) / batch
+    return {"ms_per_image": round(ms, 1), "images_per_s": round(1000 / ms, 2),
+            "step_ms_per_image": {k: round(statistics.median(v), 1) for k, v in steps.items()}}
 
 
 def _concurrent_callers(runner: Any, request: Any, callers: int, per_caller: int) -> dict[str, Any]:
@@ -179,8 +189,6 @@ def bench_gpu(weights_dir: Path, cache: Path, image: np.ndarray, repeats: int,
     import torch
 
     from workers.api import AnalyzeRequest
-    from workers.inference import analyze_batch
-    from workers.models import preprocess
     from workers.runner import ModelRunner
 
     # Stand-in weights find implausible lungs in every image: one warning per job would drown the log.
@@ -197,29 +205,10 @@ def bench_gpu(weights_dir: Path, cache: Path, image: np.ndarray, repeats: int,
         "load_s": round(time.perf_counter() - t0, 2), "gpu_batch_size": runner.batch_size,
         "backends": {n: runner.backend_name(n) for n in runner.models}, "forward": {}, "analyze": {}}
     for name, model in runner.models.items():
-        x1 = preprocess(image, model.spec.input_size)
-        per_batch = {}
-        for b in forward_batches:
-            xb = np.repeat(x1, b, axis=0)
-            times = _timed(lambda xb=xb, fn=model.backend: fn(xb), repeats)
-            per_batch[f"batch{b}"] = {"ms_per_image": round(statistics.median(times) / b, 2),
-                                      "ms_per_call_p95": round(float(np.percentile(times, 95)), 2)}
-        out["forward"][name] = {"input": model.spec.input_size, "arch": f"{model.spec.arch}/{model.spec.encoder}",
-                                **per_batch}
+        out["forward"][name] = forward_figures(model, image, forward_batches, repeats, digits=2)
     request = AnalyzeRequest.build("bench", image)
     for b in analyze_batches:
-        steps: dict[str, list[float]] = {}
-
-        def one(b: int = b, steps: dict[str, list[float]] = steps) -> None:
-            for result in analyze_batch([request] * b, runner):
-                for k, v in result.timings_ms.items():
-                    steps.setdefault(k, []).append(v)
-
-        times = _timed(one, max(2, repeats // 2))
-        ms = statistics.median(times) / b
-        out["analyze"][f"batch{b}"] = {
-            "ms_per_image": round(ms, 1), "images_per_s": round(1000 / ms, 2),
-            "step_ms_per_image": {k: round(statistics.median(v), 1) for k, v in steps.items()}}
+        out["analyze"][f"batch{b}"] = analyze_figures(runner, request, b, max(2, repeats // 2))
     out["concurrent"] = _concurrent_callers(runner, request, callers, per_caller=max(2, repeats // 2))
     out["peak_memory_mb"] = {"allocated": round(torch.cuda.max_memory_allocated() / 1e6, 1) if cuda else None,
                              "reserved": round(torch.cuda.max_memory_reserved() / 1e6, 1) if cuda else None}

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from tests.support.paths import shared_data
+from tests.support.synthetic_lungs import lung_folder
 from tests.support.tiny_models import TINY_SIZE, write_tiny_weights
 from workers import models
 from workers.api import MODEL_NAMES, AnalyzeRequest, AnalyzeResult, unpack_mask
@@ -234,35 +235,12 @@ def test_analyze_batch_on_device_equals_cpu_with_the_shipped_lung_model(device: 
 
 # -- e) training in mixed precision ---------------------------------------------------------------
 
-def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    y, x = np.ogrid[:shape[0], :shape[1]]
-    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-
-
-def _lung_folder(root: Path, n: int = 8, shape: tuple[int, int] = (80, 72)) -> Path:
-    """A folder in the shared training format: dark 'lungs' (the mask) in a bright body, 2 per patient."""
-    rng = np.random.default_rng(1)
-    (root / "images").mkdir(parents=True)
-    (root / "masks" / "lungs").mkdir(parents=True)
-    lines = ["id,patient_id,image_path"]
-    h, w = shape
-    for i in range(n):
-        lungs = (_ellipse(shape, h * 0.5 + rng.uniform(-4, 4), w * 0.3, h * 0.3, w * 0.13)
-                 | _ellipse(shape, h * 0.5 + rng.uniform(-4, 4), w * 0.7, h * 0.3, w * 0.13))
-        image = np.where(lungs, 60, 190) + rng.normal(0, 12, shape)
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"img{i}.png")
-        Image.fromarray(lungs.astype(np.uint8) * 255).save(root / "masks" / "lungs" / f"img{i}.png")
-        lines.append(f"img{i},p{i // 2},images/img{i}.png")
-    (root / "index.csv").write_text("\n".join(lines) + "\n")
-    return root
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_runs_on_device_and_its_checkpoints_load_on_cpu(device: str, tmp_path: Path) -> None:
     train_module = pytest.importorskip("training.train", reason="training needs albumentations, cv2 and tqdm")
     spec = dataclasses.replace(models.SPECS["lung"], input_size=TINY_SIZE)
     run = tmp_path / "run"
-    cfg = train_module.TrainConfig(spec=spec, structures=("lungs",), data=[_lung_folder(tmp_path / "lungs")],
+    cfg = train_module.TrainConfig(spec=spec, structures=("lungs",), data=[lung_folder(tmp_path / "lungs")],
                                    run_dir=run, epochs=2, batch_size=4, max_steps=2, lr=3e-3, warmup_steps=1,
                                    val_fraction=0.0, patience=100, augment=False, threads=1, device=device)
     summary = train_module.train(cfg)

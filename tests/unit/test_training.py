@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support.synthetic_lungs import ellipse, lung_folder
 from training.data import SegmentationDataset, cache_samples, read_folder
 from training.evaluate import evaluate_segmentation
 from training.export import NotBetterError, export
@@ -31,37 +32,10 @@ from workers.runner import ModelRunner
 SIZE = 64
 
 
-def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    y, x = np.ogrid[:shape[0], :shape[1]]
-    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-
-
-def make_folder(root: Path, n: int = 8, shape: tuple[int, int] = (80, 72)) -> Path:
-    """Chest-like images: a bright body with two dark lungs (the mask), 2 images per patient."""
-    rng = np.random.default_rng(1)
-    (root / "images").mkdir(parents=True)
-    (root / "masks" / "lungs").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        h, w = shape
-        lungs = (_ellipse(shape, h * 0.5 + rng.uniform(-4, 4), w * 0.3, h * 0.3, w * 0.13)
-                 | _ellipse(shape, h * 0.5 + rng.uniform(-4, 4), w * 0.7, h * 0.3, w * 0.13))
-        image = np.where(lungs, 60, 190) + rng.normal(0, 12, shape)
-        sid = f"img{i}"
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{sid}.png")
-        Image.fromarray(lungs.astype(np.uint8) * 255).save(root / "masks" / "lungs" / f"{sid}.png")
-        rows.append({"id": sid, "patient_id": f"p{i // 2}", "image_path": f"images/{sid}.png"})
-    with open(root / "index.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("tiny")
-    folder = make_folder(root / "tiny_lungs")
+    folder = lung_folder(root / "tiny_lungs")
     spec = dataclasses.replace(models.SPECS["lung"], input_size=SIZE)
     cfg = TrainConfig(spec=spec, structures=("lungs",), data=[folder], run_dir=root / "run", epochs=8,
                       batch_size=8, lr=3e-3, warmup_steps=1, val_fraction=0.0, patience=100, augment=False,
@@ -212,9 +186,9 @@ def test_pneumothorax_presence_follows_the_worker_rule(tmp_path) -> None:
     """Presence below its threshold empties the mask (as the worker reports it), per source."""
     from tests.support.tiny_models import write_tiny_weights
 
-    positives = make_folder(tmp_path / "ptx", n=4)
+    positives = lung_folder(tmp_path / "ptx", n=4)
     (positives / "masks" / "lungs").rename(positives / "masks" / "pneumothorax")
-    negatives = make_folder(tmp_path / "normals", n=4)
+    negatives = lung_folder(tmp_path / "normals", n=4)
     weights = write_tiny_weights(tmp_path / "w", names=("pneumothorax",),
                                  head_logits={"pneumothorax": (5.0, -5.0)})  # mask everywhere, presence ~0.007
     out = tmp_path / "eval"
@@ -232,8 +206,8 @@ def test_side_scores_use_the_patient_convention(tmp_path, angle: int) -> None:
     from training.evaluate import _side_metrics
 
     shape = (120, 100)
-    image_left = _ellipse(shape, 60, 30, 35, 14)
-    image_right = _ellipse(shape, 60, 70, 35, 14)
+    image_left = ellipse(shape, 60, 30, 35, 14)
+    image_right = ellipse(shape, 60, 70, 35, 14)
     if angle:
         def rot(m: np.ndarray) -> np.ndarray:
             return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).rotate(angle)) > 127
