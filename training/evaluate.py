@@ -2,8 +2,9 @@
 
 Segmentation: Dice, IoU and HD95 per image and structure at the image's own grid (pixels excluded by
 masks/ignore do not count), a per-image CSV and a JSON summary overall and per source folder. The lung
-model is also scored per side when a folder has right_lung/left_lung masks (JSRT), after the
-worker's component rule (`workers.severity.split_lungs`). The pneumothorax model adds presence
+model is scored on the two lungs the worker delivers (`workers.severity.split_lungs`; `dice_raw` is
+the network's thresholded mask before that rule), and per side where a folder has
+right_lung/left_lung masks (JSRT). The pneumothorax model adds presence
 (the worker's rule: aux probability > presence_threshold) with accuracy per source.
 """
 
@@ -112,17 +113,22 @@ def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, 
                     "presence_correct": int(present == bool(truth.any()))}
             if not present:  # the worker reports no mask when presence is below threshold
                 pred = np.zeros_like(pred)
-        p_eval = pred if valid is None else pred & valid
         t_eval = truth if valid is None else truth & valid
+        if name == "lung":
+            # Scored as the worker delivers it: its two lungs (workers.severity.split_lungs drops
+            # specks and extra components), and the network's raw mask beside it for comparison.
+            row["dice_raw"] = dice(pred if valid is None else pred & valid, t_eval)
+            right, left = severity.split_lungs(pred)
+            pred = right | left
+            row |= _side_metrics(s, right, left, image.shape)
+        p_eval = pred if valid is None else pred & valid
         row |= {"dice": dice(p_eval, t_eval), "iou": iou(p_eval, t_eval), "hd95_px": hd95(p_eval, t_eval)}
         if (sp := _spacing(s)) is not None:
             row["hd95_mm"] = row["hd95_px"] * sp
-        if name == "lung":
-            row |= _side_metrics(s, pred, image.shape)
         rows.append(row)
         if (i + 1) % 50 == 0:
             log.info("evaluated %d/%d", i + 1, len(samples))
-    keys = [k for k in ("dice", "iou", "hd95_px", "hd95_mm", "dice_right", "dice_left", "presence_correct",
+    keys = [k for k in ("dice", "iou", "hd95_px", "hd95_mm", "dice_right", "dice_left", "dice_raw", "presence_correct",
                         "presence_prob") if any(k in r for r in rows)]
     summary = summarise(rows, keys)
     if name == "pneumothorax":
@@ -150,12 +156,11 @@ def presence_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "specificity": round(spec, 4), "balanced_accuracy": round((sens + spec) / 2, 4)}
 
 
-def _side_metrics(s: Sample, pred: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
+def _side_metrics(s: Sample, right: np.ndarray, left: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
     folder = s.image.parent.parent
     paths = {side: folder / "masks" / f"{side}_lung" / f"{s.id}.png" for side in ("right", "left")}
     if not all(p.exists() for p in paths.values()):
         return {}
-    right, left = severity.split_lungs(pred)
     return {"dice_right": dice(right, load_mask(paths["right"], shape)),
             "dice_left": dice(left, load_mask(paths["left"], shape))}
 

@@ -63,6 +63,22 @@ def test_merged_blob_is_cut_at_the_narrow_bridge() -> None:
     assert 40 < cut_cols[0] < 60
 
 
+def test_a_lung_lying_across_the_midline_is_not_cut_when_the_other_lung_is_there() -> None:
+    """A rotated chest: the patient's right lung reaches well past the midline (a third of it on the
+    image-right half), the left lung is its own component. Two lungs, not two touching lungs."""
+    image_left = np.zeros((H, W), bool)
+    image_left[10:100, 30:60] = True  # 20 of its 30 columns left of the midline (50)
+    image_right = np.zeros((H, W), bool)
+    image_right[20:100, 70:95] = True
+    right, left = split_lungs(image_left | image_right)
+    assert np.array_equal(right, image_left) and np.array_equal(left, image_right)
+    # The same lung alone, with only a speck beside it, is still taken for two touching lungs.
+    speck = np.zeros((H, W), bool)
+    speck[5:8, 90:93] = True
+    right, left = split_lungs(image_left | speck)
+    assert right.any() and left.any() and np.array_equal(right | left, image_left)
+
+
 def test_specks_are_dropped_and_empty_mask_gives_empty_lungs() -> None:
     mask, image_left, image_right = two_lungs()
     mask[2:4, 2:4] = True  # 4 px speck, far below 5% of a lung

@@ -28,6 +28,7 @@ from training.splits import read_split, split
 from training.train import TrainConfig, train
 from workers import models
 from workers.runner import ModelRunner
+from workers.severity import split_lungs
 
 SIZE = 64
 
@@ -127,7 +128,10 @@ def test_evaluate_writes_expected_json_and_csv(tiny_run, tmp_path) -> None:
     image = np.asarray(Image.open(folder / "images" / "img0.png"))
     prob, _ = predict(model, spec, image)
     truth = np.asarray(Image.open(folder / "masks" / "lungs" / "img0.png")) > 127
-    assert float(rows[0]["dice"]) == pytest.approx(dice(prob[0] > 0.5, truth), abs=1e-4)
+    # The lung is scored as the worker delivers it (its two lungs), the raw mask beside it.
+    right, left = split_lungs(prob[0] > 0.5)
+    assert float(rows[0]["dice"]) == pytest.approx(dice(right | left, truth), abs=1e-4)
+    assert float(rows[0]["dice_raw"]) == pytest.approx(dice(prob[0] > 0.5, truth), abs=1e-4)
     assert written["overall"]["dice"] > 0.5  # 9 steps on an easy task: clearly learned something
 
 
@@ -217,9 +221,10 @@ def test_side_scores_use_the_patient_convention(tmp_path, angle: int) -> None:
         (folder / "masks" / side).mkdir(parents=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / side / "x.png")
     sample = Sample("jsrt_like", "x", folder / "images" / "x.png", {}, "x")
-    scores = _side_metrics(sample, image_left | image_right, shape)
+    # The worker's rule makes the two sides of one lung mask; the scores follow the patient convention.
+    scores = _side_metrics(sample, *split_lungs(image_left | image_right), shape)
     assert scores == {"dice_right": 1.0, "dice_left": 1.0}
-    one_lung = _side_metrics(sample, image_left, shape)  # only the patient's right lung found
+    one_lung = _side_metrics(sample, *split_lungs(image_left), shape)  # only the patient's right lung found
     assert one_lung == {"dice_right": 1.0, "dice_left": 0.0}
 
 
