@@ -127,7 +127,8 @@ class OwnerThread:
     All passes of the CUDA runner go through one. PyTorch keeps cuDNN's benchmarked kernel choices
     (`cudnn.benchmark`) per thread (pytorch/pytorch#191744), so passes made straight from a pool of
     task threads searched again for each input shape in every thread: on an H200, 8 concurrent
-    callers got 1.2 images/s where one caller got 15.6. One owner thread searches once, at load.
+    callers got 1.2 images/s where one caller got 15.6 (measured before this class; not yet measured
+    with it). One owner thread searches once, at load.
     """
 
     def __init__(self, name: str) -> None:
@@ -377,9 +378,9 @@ class ModelRunner:
         backend: _Backend
         if self._cuda_thread is not None:
             backend = OnThread(TorchBackend(module, "cuda"), self._cuda_thread)
-            # cuDNN picks kernels per input shape (cudnn.benchmark) on its first pass, which takes
-            # seconds: pay that here for every batch size a pass can have (the micro-batcher forms any
-            # size up to its limit), not in the first jobs.
+            # cuDNN picks kernels per input shape (cudnn.benchmark) on its first pass, about half a
+            # second per shape on an H200: pay that here for every batch size a pass can have (the
+            # micro-batcher forms any size up to its limit), not in the first jobs.
             for b in range(1, max(self.batch_size, self.micro_batch) + 1):
                 backend(check_input(spec, batch=b))
         elif self.backend_choice == "torch":
