@@ -126,9 +126,9 @@ class OwnerThread:
 
     All passes of the CUDA runner go through one. PyTorch keeps cuDNN's benchmarked kernel choices
     (`cudnn.benchmark`) per thread (pytorch/pytorch#191744), so passes made straight from a pool of
-    task threads searched again for each input shape in every thread: on an H200, 8 concurrent
-    callers got 1.2 images/s where one caller got 15.6 (measured before this class; not yet measured
-    with it). One owner thread searches once, at load.
+    task threads search again for each input shape in every thread; on an H200, 8 concurrent callers
+    got 1.2 images/s where one caller got 15.6, and warming every shape at load (in one thread) did not
+    help (measured before this class; not yet measured with it). One owner thread searches once.
     """
 
     def __init__(self, name: str) -> None:
