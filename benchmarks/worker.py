@@ -262,15 +262,13 @@ def run(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 6, 
     # "torch-1thread": one intra-op thread. With two OpenMP threads on a machine whose cores are taken
     # by other jobs, every parallel region waits for a descheduled thread (measured ~1.5 s per forward
     # pass instead of ~50 ms); one thread, or OMP_WAIT_POLICY=PASSIVE, avoids it.
-    spawn = multiprocessing.get_context("spawn")
     results = {}
     for variant in backends:
         backend, _, suffix = variant.partition("-")
         threads = 1 if suffix == "1thread" else None
-        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            results[variant] = pool.submit(bench_backend, backend, weights_dir, cache, image,
-                                           repeats if backend == "onnx" else max(2, repeats // 2), batches,
-                                           threads).result(timeout=600)
+        results[variant] = _in_fresh_process(bench_backend, backend, weights_dir, cache, image,
+                                             repeats if backend == "onnx" else max(2, repeats // 2), batches,
+                                             threads)
     per_model = {backend: {name: {f"batch{b}": r["forward"][name][f"batch{b}"]["ms_per_image"] for b in batches}
                            for name in r["forward"]} for backend, r in results.items()}
     best = min(results, key=lambda k: results[k]["analyze"]["batch1"]["ms_per_image"])

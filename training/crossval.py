@@ -29,7 +29,7 @@ import numpy as np
 
 from training.metrics import severity_agreement
 from training.predict import Segmenter
-from training.severity_eval import best_threshold, zone_fractions
+from training.severity_eval import best_threshold, constant_baseline_errors, zone_fractions
 from training.weak import severity_samples, zone_cache
 from workers.models import SPECS
 
@@ -130,9 +130,7 @@ def evaluate_folds(plans: Sequence[FoldPlan], root: Path, weak_data: Path, lung:
                             "train_minutes": round(sum(h["seconds"] for h in history) / 60, 1)}
     refs = [x["reference"] for x in predictions]
     pooled = severity_agreement(refs, [x["score"] for x in predictions])
-    # Honest baseline: the rounded mean score of the other folds, for every image.
-    baseline = [abs(round(float(np.mean([o["reference"] for o in predictions if o["fold"] != x["fold"]])))
-                    - x["reference"]) for x in predictions] if len(plans) > 1 else []
+    baseline = constant_baseline_errors(predictions) if len(plans) > 1 else []
     summary = {
         "protocol": "test fold k; fold k-1 selects the epoch and tunes the zone threshold; the rest train",
         "reference": "mean of covid_scoring raters score_r/score_d (one where only one)",

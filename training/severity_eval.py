@@ -145,6 +145,13 @@ def lung_trained_ids(folder: Path, lung_split: Path) -> set[str]:
             if r.get("in_darwin") == "1" and by_filename.get(r.get("filename", "")) in trained}
 
 
+def constant_baseline_errors(rows: Sequence[dict[str, Any]]) -> list[float]:
+    """Honest baseline: each row's error when the rounded mean reference of the OTHER folds is
+    predicted for it (rows need "fold" and "reference"; at least two folds)."""
+    return [abs(round(float(np.mean([o["reference"] for o in rows if o["fold"] != r["fold"]]))) - r["reference"])
+            for r in rows]
+
+
 def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     scored = [r for r in rows if r["reference"] is not None]
     folds = sorted({r["fold"] for r in scored})
@@ -161,11 +168,7 @@ def cross_validate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                             "mae": round(float(np.mean(np.abs(np.array([preds[r["image_id"]] for r in test]) - ref))), 4)}
     ref_all = [r["reference"] for r in scored]
     cv = severity_agreement(ref_all, [preds[r["image_id"]] for r in scored])
-    # Honest baseline: always predict the rounded mean score of the other folds.
-    base = []
-    for r in scored:
-        others = [o["reference"] for o in scored if o["fold"] != r["fold"]]
-        base.append(abs(round(float(np.mean(others))) - r["reference"]))
+    base = constant_baseline_errors(scored)
     ship = best_threshold(scored)
     in_sample = severity_agreement(ref_all, list(_scores(scored, ship)))
     brixia = [r for r in rows if r["brixia"] is not None]
