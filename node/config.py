@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -206,6 +206,132 @@ class ResultsConfig(_Strict):
         return self
 
 
+TriageLevelName = Literal["critical", "urgent", "routine"]
+
+
+class TriageCondition(_Strict):
+    """One rule's condition; every given field must hold (AND). Give at least one."""
+
+    pneumothorax_probability_gte: float | None = None  # pneumothorax present with probability >= this
+    severity_gte: int | None = None  # severity score (0-6) >= this
+    severity_change_gte: int | None = None  # severity up by >= this against the patient's last prior
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TriageCondition:
+        if all(v is None for v in (self.pneumothorax_probability_gte, self.severity_gte, self.severity_change_gte)):
+            raise ValueError("a triage rule needs at least one of pneumothorax_probability_gte, severity_gte, "
+                             "severity_change_gte")
+        return self
+
+
+class TriageRule(_Strict):
+    """`level` when `when` holds; the most pressing level over all matching rules wins."""
+
+    name: str
+    level: Literal["critical", "urgent"]
+    when: TriageCondition
+
+
+def default_triage_rules() -> list[TriageRule]:
+    return [
+        TriageRule(name="pneumothorax", level="critical",
+                   when=TriageCondition(pneumothorax_probability_gte=0.5)),
+        TriageRule(name="severe-opacity", level="urgent", when=TriageCondition(severity_gte=4)),
+        TriageRule(name="worsening", level="urgent", when=TriageCondition(severity_change_gte=2)),
+    ]
+
+
+class _AlertDestinationBase(_Strict):
+    name: str
+    timeout_s: float = 10.0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("alert destination names are 1-64 of A-Z a-z 0-9 _ . -")
+        return v
+
+
+class HL7Destination(_AlertDestinationBase):
+    """HL7 v2.5.1 ORU^R01 over MLLP to a RIS (waits for the ACK)."""
+
+    type: Literal["hl7"]
+    host: str
+    port: int
+    tls: bool = False  # MLLP over TLS with dicom.tls's CA/client certificate
+    sending_application: str = "CXRNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+    _port = field_validator("port")(lambda cls, v: validate_port(v))
+
+
+class FHIRDestination(_AlertDestinationBase):
+    """FHIR R4: a DiagnosticReport with its Observations, POSTed as a transaction Bundle to `base_url`."""
+
+    type: Literal["fhir"]
+    base_url: str
+    token: str = ""  # bearer token; prefer token_file
+    token_file: Path | None = None
+    ca_file: Path | None = None  # to verify an https server with a private CA
+
+
+class WebhookDestination(_AlertDestinationBase):
+    """JSON POST signed with HMAC-SHA256 (see docs/operations.md for verification)."""
+
+    type: Literal["webhook"]
+    url: str
+    secret: str = ""  # HMAC key; prefer secret_file
+    secret_file: Path | None = None
+    include_patient: bool = False  # add patient id/name/birth date/sex (off: minimal PHI)
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _has_secret(self) -> WebhookDestination:
+        if not self.secret and self.secret_file is None:
+            raise ValueError(f"webhook {self.name!r} needs secret or secret_file (receivers verify the signature)")
+        return self
+
+
+AlertDestination = HL7Destination | FHIRDestination | WebhookDestination
+
+
+class TriageConfig(_Strict):
+    """Study-level triage: priority per study, alerts out (see README "Triage")."""
+
+    enabled: bool = True
+    stable_s: float = 15.0  # a study is processed when no instance arrived for this long
+    # Findings of models whose card says "experimental" may raise a level only when this is true.
+    allow_experimental: bool = False
+    rules: list[TriageRule] = Field(default_factory=default_triage_rules)
+    destinations: list[Annotated[AlertDestination, Field(discriminator="type")]] = Field(default_factory=list)
+    # Which levels go where: level -> destination names, e.g. critical = ["ris", "hook"].
+    routes: dict[TriageLevelName, list[str]] = Field(default_factory=dict)
+    max_attempts: int = 6  # then the alert is dead (retry with `cxrnode alerts retry`)
+    backoff_initial_s: float = 5.0
+    backoff_factor: float = 2.0
+    backoff_max_s: float = 600.0
+
+    @model_validator(mode="after")
+    def _routes_known(self) -> TriageConfig:
+        names = [d.name for d in self.destinations]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"alert destination name(s) {', '.join(twice)} given more than once")
+        unknown = sorted({n for targets in self.routes.values() for n in targets if n not in names})
+        if unknown:
+            raise ValueError(f"triage.routes names unknown destination(s): {', '.join(unknown)}")
+        rules = [r.name for r in self.rules]
+        if len(set(rules)) != len(rules):
+            raise ValueError("triage rule names must be unique")
+        return self
+
+    def destination(self, name: str) -> AlertDestination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+
 WebRole = Literal["admin", "viewer"]
 
 
@@ -270,6 +396,7 @@ class Settings(BaseSettings):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    triage: TriageConfig = Field(default_factory=TriageConfig)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
