@@ -244,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_ae_echo)
 
-    from node.cli_ops import register
+    from node import cli_ops, cli_triage
 
-    register(sub, common, fmt)
+    cli_ops.register(sub, common, fmt)
+    cli_triage.register(sub, common, fmt)
     return parser
 
 

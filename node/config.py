@@ -303,6 +303,9 @@ class TriageConfig(_Strict):
 
     enabled: bool = True
     stable_s: float = 15.0  # a study is processed when no instance arrived for this long
+    # Studies whose last instance is older than this are not triaged (after an upgrade or a long outage,
+    # alerting on old studies would only add noise to a RIS worklist).
+    max_age_h: float = 24.0
     # Findings of models whose card says "experimental" may raise a level only when this is true.
     allow_experimental: bool = False
     rules: list[TriageRule] = Field(default_factory=default_triage_rules)

@@ -105,6 +105,8 @@ def summary(result: AnalyzeResult) -> dict[str, object]:
         "pneumothorax_probability": result.pneumothorax_probability,
         "pneumothorax_side": result.pneumothorax_side,
         "models": [f"{m.name} {m.version} ({m.status})" for m in result.models],
+        # The same, structured: triage reads each model's status (experimental findings raise no level).
+        "model_cards": [{"name": m.name, "version": m.version, "status": m.status} for m in result.models],
         "timings_ms": result.timings_ms,
         "warnings": result.warnings,
     }

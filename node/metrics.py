@@ -64,6 +64,12 @@ INFERENCE_SECONDS = Histogram(
     buckets=_SECONDS_BUCKETS, registry=REGISTRY)
 RECEIVED_BYTES = Counter(
     "cxrnode_received_bytes_total", "Bytes of DICOM datasets received by C-STORE", registry=REGISTRY)
+TRIAGE_DECISIONS = Counter(
+    "cxrnode_triage_decisions_total", "Study triage decisions made in this process, by level", ["level"],
+    registry=REGISTRY)
+ALERTS = Counter(
+    "cxrnode_alert_attempts_total", "Triage alert delivery attempts, by destination type and result",
+    ["kind", "result"], registry=REGISTRY)
 WEB_ACTIONS = Counter(
     "cxrnode_web_actions_total", "Changes made in the admin console, by action", ["action"],
     registry=REGISTRY)
@@ -115,6 +121,14 @@ def set_queue_depth(n: int) -> None:
     _last_queue_depth = n
 
 
+def count_triage(level: str) -> None:
+    TRIAGE_DECISIONS.labels(level=level).inc()
+
+
+def count_alert(kind: str, result: str) -> None:
+    ALERTS.labels(kind=kind, result=result).inc()
+
+
 def count_web_action(action: str) -> None:
     WEB_ACTIONS.labels(action=action).inc()
 
@@ -130,8 +144,12 @@ class AuditCollector(Collector):
     def __init__(self, instance_counts: Callable[[], Mapping[str, int]],
                  export_counts: Callable[[], Mapping[str, int]] | None = None,
                  queue_depth: Callable[[], int | None] | None = None,
-                 event_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 event_counts: Callable[[], Mapping[str, int]] | None = None,
+                 triage_counts: Callable[[], Mapping[str, int]] | None = None,
+                 alert_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
         self._instance_counts = instance_counts
+        self._triage_counts = triage_counts
+        self._alert_counts = alert_counts
         self._export_counts = export_counts
         self._queue_depth = queue_depth
         self._event_counts = event_counts
@@ -152,6 +170,19 @@ class AuditCollector(Collector):
                 for state, n in sorted(self._export_counts().items()):
                     exp.add_metric([state], n)
                 yield exp
+            if self._triage_counts is not None:
+                counts = self._triage_counts()
+                tri = GaugeMetricFamily("cxrnode_triage_studies", "Decided studies in the audit DB by triage level",
+                                        labels=["level"])
+                for level in ("critical", "urgent", "routine"):  # always all three: alerts need a series
+                    tri.add_metric([level], counts.get(level, 0))
+                yield tri
+            if self._alert_counts is not None:
+                al = GaugeMetricFamily("cxrnode_alerts_in_state", "Triage alerts in the audit DB by state",
+                                       labels=["state"])
+                for state, n in sorted(self._alert_counts().items()):
+                    al.add_metric([state], n)
+                yield al
             if self._event_counts is not None:
                 # The append-only event table is a set of counters that survive restarts and span every
                 # process: association.accepted/rejected, instance.<state>, export.sent/retry/dead, ae.*, web.*

@@ -28,7 +28,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
-from node.config import SenderConfig
+from node.config import SenderConfig, TriageConfig
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: 
     raise watch.error(destination)
 
 
-def backoff_delay(attempt: int, cfg: SenderConfig) -> float:
+def backoff_delay(attempt: int, cfg: SenderConfig | TriageConfig) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based): initial * factor^(n-1), capped."""
     if attempt < 1:
         raise ValueError("attempts are numbered from 1")

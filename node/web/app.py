@@ -99,7 +99,8 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     metrics.register_audit_collector(metrics.AuditCollector(
         lambda: queries.instance_counts(store), lambda: queries.export_counts(store),
-        lambda: queue_depth(settings.broker_url, INFERENCE_QUEUE), lambda: queries.event_counts(store)))
+        lambda: queue_depth(settings.broker_url, INFERENCE_QUEUE), lambda: queries.event_counts(store),
+        triage_counts=store.triage_level_counts, alert_counts=store.alert_counts))
 
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, exc: LoginRequired) -> Response:
