@@ -114,6 +114,9 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     _add_ops_routes(app, console)
     _add_auth_routes(app, console)
     _add_pages(app, console)
+    from node.web.triage_pages import add_triage_pages
+
+    add_triage_pages(app, console)
     return app
 
 
