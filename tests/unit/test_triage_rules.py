@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from node.alerts.message import AlertModel, Prior
@@ -79,3 +81,9 @@ def test_bad_rules_stop_start_up_naming_the_key() -> None:
         load_settings(triage={"routes": {"critical": ["nowhere"]}})
     with pytest.raises(ConfigError, match="triage.routes"):
         load_settings(triage={"routes": {"stat": []}})
+
+
+def test_examples_switch_experimental_triage_as_documented() -> None:
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "config"
+    assert load_settings(deploy / "cxrnode.example.toml").triage.allow_experimental is True
+    assert load_settings(deploy / "cxrnode.production.toml").triage.allow_experimental is False
