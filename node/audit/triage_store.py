@@ -145,7 +145,8 @@ class TriageStoreMixin:
                                              .where(Alert.destination == new.destination)) for f in a.findings}
                 if set(new.findings) <= told:
                     continue
-                alert_id = uuid.uuid4().hex
+                # 20 characters: HL7 2.5.1 MSH-10 (message control id) allows no more; 80 random bits.
+                alert_id = uuid.uuid4().hex[:20]
                 alert = Alert(alert_id=alert_id, study_id=study_id, destination=new.destination, kind=new.kind,
                               level=level, findings=list(new.findings), payload=payload(row.revision, alert_id),
                               state=AlertState.PENDING, attempts=0, next_attempt_at=utcnow())
