@@ -37,6 +37,7 @@ import torch
 from training.data import Sample, _image_path, load_gray, read_rows
 from training.metrics import cohen_kappa
 from training.predict import Segmenter
+from training.tasks import portable
 from workers import severity
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def evaluate_extent(folder: Path, out_dir: Path, *, folds: Sequence[int] | None 
         if (i + 1) % 100 == 0:
             log.info("extent: %d/%d images", i + 1, len(selected))
     summary = summarise_extents(rows, all_rows)
-    summary |= {"data": str(folder), "folds": list(folds) if folds is not None else "all",
+    summary |= {"data": portable(str(folder)), "folds": list(folds) if folds is not None else "all",
                 "opacity_threshold": opacity.threshold, "none_fraction": NONE_FRACTION,
                 "checkpoints": {k: str(v) for k, v in (("lung_checkpoint", lung_checkpoint),
                                                         ("opacity_checkpoint", opacity_checkpoint)) if v}}
