@@ -71,9 +71,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    from node.cli import _config_path
     from node.web.server import main as web_main
 
-    return web_main([*(["--config", str(args.config)] if args.config else []),
+    path = _config_path(args)
+    return web_main([*(["--config", str(path)] if path else []),
                      *(["--port", str(args.port)] if args.port else [])])
 
 

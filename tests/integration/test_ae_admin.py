@@ -22,6 +22,7 @@ def config(tmp_path: Path, database_url: str) -> Path:
     path = tmp_path / "admin.toml"
     path.write_text(f'[dicom]\nae_title = "CXRNODE"\n[storage]\ndata_dir = "{tmp_path / "var"}"\n'
                     f'[database]\nurl = "{database_url}"\n')
+    AuditStore.open(database_url).close()  # admin commands need the database a node has made
     return path
 
 

@@ -79,3 +79,86 @@ def test_sr_without_seg_is_refused_with_the_reason() -> None:
     with pytest.raises(ConfigError, match="results.sr needs results.seg"):
         load_settings(None, results={"seg": False, "sr": True})
     assert not load_settings(None, results={"seg": True, "sr": False}).results.sr
+
+
+# -- where commands find the configuration, and what relative paths mean (issue 17, finding 3) --------
+
+
+def test_find_config_order(tmp_path: Path) -> None:
+    from node.config import find_config
+
+    system = tmp_path / "etc.toml"
+    assert find_config(None, environ={}, system=system) is None  # nothing: built-in defaults
+    system.write_text("")
+    assert find_config(None, environ={}, system=system) == system
+    assert find_config(None, environ={"CXRNODE_CONFIG": "/x/env.toml"}, system=system) == Path("/x/env.toml")
+    assert find_config("/x/arg.toml", environ={"CXRNODE_CONFIG": "/x/env.toml"}, system=system) == Path("/x/arg.toml")
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = write(conf_dir, '[storage]\ndata_dir = "data"\n[database]\nurl = "sqlite:///db/audit.db"\n'
+                           '[broker]\nurl = "sqla+sqlite:///q.db"\n'
+                           '[dicom.tls]\nenabled = true\ncert_file = "tls/n.crt"\nkey_file = "/abs/n.key"\n'
+                           '[web]\nsession_key_file = "k"\n'
+                           '[[triage.destinations]]\nname = "hook"\ntype = "webhook"\nurl = "https://x"\n'
+                           'secret_file = "hook.secret"\n')
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(path)
+    assert s.storage.data_dir == conf_dir / "data"
+    assert s.database_url == f"sqlite:///{conf_dir / 'db' / 'audit.db'}"
+    assert s.broker_url == f"sqla+sqlite:///{conf_dir / 'q.db'}"
+    assert (s.dicom.tls.cert_file, s.dicom.tls.key_file) == (conf_dir / "tls" / "n.crt", Path("/abs/n.key"))
+    assert s.web.session_key_file == conf_dir / "k"
+    assert s.triage.destinations[0].secret_file == conf_dir / "hook.secret"  # type: ignore[union-attr]
+    # The environment keeps its meaning (relative to the working directory), as do absolute URLs.
+    monkeypatch.setenv("CXRNODE_STORAGE__DATA_DIR", "envdir")
+    monkeypatch.setenv("CXRNODE_DATABASE__URL", "sqlite:////abs/a.db")
+    s = load_settings(path)
+    assert (s.storage.data_dir, s.database_url) == (Path("envdir"), "sqlite:////abs/a.db")
+
+
+def test_config_check_finds_the_file_like_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[dicom]\nae_title = "FROMENV"\n')
+    monkeypatch.setenv("CXRNODE_CONFIG", str(path))
+    assert main(["config", "check"]) == 0
+    assert f"OK: {path} (AE title FROMENV" in capsys.readouterr().out
+    monkeypatch.setenv("CXRNODE_CONFIG", str(tmp_path / "missing.toml"))
+    assert main(["config", "check"]) == 1
+    assert "missing.toml does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["ae", "add", "PACS"], ["ae", "list"], ["audit", "studies"],
+                                     ["exports", "list"], ["reanalyze", "1"]])
+def test_admin_commands_refuse_a_fresh_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CXRNODE_CONFIG", raising=False)
+    monkeypatch.setattr("node.config.SYSTEM_CONFIG", tmp_path / "no-such" / "cxrnode.toml")
+    path = write(tmp_path, '[storage]\ndata_dir = "nodevar"\n')
+    assert main([*command, "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"no audit database at sqlite:///{tmp_path / 'nodevar' / 'audit.db'} (configuration {path})" in err
+    assert main(command) == 1
+    assert "looked for --config, $CXRNODE_CONFIG, /etc/cxrnode/cxrnode.toml" in capsys.readouterr().err
+    assert not (tmp_path / "var").exists() and not (tmp_path / "nodevar").exists()  # nothing created
+
+
+def test_admin_commands_use_the_node_database_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from node.audit import AuditStore
+
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = write(conf_dir, '[storage]\ndata_dir = "var"\n')
+    AuditStore.open(load_settings(path).database_url).close()  # what `cxrnode serve` does at start
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("CXRNODE_CONFIG", str(path))
+    assert main(["ae", "add", "PACS", "--host", "pacs", "--port", "104"]) == 0
+    assert main(["ae", "list", "--json"]) == 0
+    assert '"name": "PACS"' in capsys.readouterr().out
+    assert not (elsewhere / "var").exists()
