@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from node.config import Settings
+from node.config import Settings, load_settings
 
 
 def cmd_exports_list(args: argparse.Namespace) -> int:
@@ -52,20 +52,31 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
 
 
 def worker_argv(settings: Settings, concurrency: int, pool: str) -> tuple[list[str], dict[str, str]]:
-    from workers.api import BROKER_ENV, INFERENCE_QUEUE, RESULT_BACKEND_ENV
+    from workers.api import BROKER_ENV, INFERENCE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
 
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
             "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO"]
     env = {BROKER_ENV: settings.broker_url, RESULT_BACKEND_ENV: settings.broker.result_backend,
-           "CXRNODE_TASK_TIME_LIMIT": str(settings.broker.task_time_limit)}
+           TIME_LIMIT_ENV: str(settings.broker.task_time_limit)}
     return argv, env
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Replace this process with an inference worker on the configured broker (a GPU host, say)."""
-    from node.cli import _settings
+    """Replace this process with an inference worker on the configured broker (a GPU host, say).
 
-    argv, env = worker_argv(_settings(args), args.concurrency, args.pool)
+    Refuses a configuration without `broker.url`: the embedded broker's worker is started by
+    `cxrnode serve` itself, and a separate worker on a local SQLite file would never get work.
+    """
+    from node.cli import _config_path, _err
+
+    path = _config_path(args)
+    settings = load_settings(path)
+    if settings.embedded:
+        _err(f"no broker configured: broker.url is empty in {path or 'the built-in defaults (no file found)'} "
+             "and CXRNODE_BROKER__URL is not set; a separate worker needs the node's broker "
+             "(e.g. redis://host:6379/0). The embedded broker's worker is started by `cxrnode serve`.")
+        return 1
+    argv, env = worker_argv(settings, args.concurrency, args.pool)
     os.execve(argv[0], argv, {**os.environ, **env})
     return 0  # not reached
 

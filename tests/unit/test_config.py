@@ -162,3 +162,11 @@ def test_admin_commands_use_the_node_database_from_any_directory(tmp_path: Path,
     assert main(["ae", "list", "--json"]) == 0
     assert '"name": "PACS"' in capsys.readouterr().out
     assert not (elsewhere / "var").exists()
+
+
+def test_cxrnode_worker_refuses_a_configuration_without_broker(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[broker]\nurl = \"\"\n")
+    assert main(["worker", "--config", str(config)]) == 1
+    assert f"no broker configured: broker.url is empty in {config}" in capsys.readouterr().err
