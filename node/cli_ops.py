@@ -51,11 +51,15 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(settings: Settings, concurrency: int, pool: str) -> tuple[list[str], dict[str, str]]:
+def worker_argv(settings: Settings, concurrency: int, pool: str,
+                hostname: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The celery command line and environment of an inference worker; `hostname` is Celery's node
+    name (`%h` = host name): two workers on one host need different ones, or Celery sees one node."""
     from workers.api import BROKER_ENV, INFERENCE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
 
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
-            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO"]
+            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO",
+            *(["--hostname", hostname] if hostname else [])]
     env = {BROKER_ENV: settings.broker_url, RESULT_BACKEND_ENV: settings.broker.result_backend,
            TIME_LIMIT_ENV: str(settings.broker.task_time_limit)}
     return argv, env
@@ -76,7 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
              "and CXRNODE_BROKER__URL is not set; a separate worker needs the node's broker "
              "(e.g. redis://host:6379/0). The embedded broker's worker is started by `cxrnode serve`.")
         return 1
-    argv, env = worker_argv(settings, args.concurrency, args.pool)
+    argv, env = worker_argv(settings, args.concurrency, args.pool, args.hostname)
     os.execve(argv[0], argv, {**os.environ, **env})
     return 0  # not reached
 
@@ -115,6 +119,8 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     p = sub.add_parser("worker", parents=[common], help="run an inference worker (needs cxr-node[worker])")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.add_argument("--hostname", "-n", help="Celery node name, e.g. gpu0@%%h (default celery@%%h): give each "
+                                           "worker on one host its own")
     p.set_defaults(func=cmd_worker)
 
     web = sub.add_parser("web", help="the web console on its own (no DICOM listener), and its tools")

@@ -170,3 +170,16 @@ def test_cxrnode_worker_refuses_a_configuration_without_broker(tmp_path: Path,
     config.write_text("[broker]\nurl = \"\"\n")
     assert main(["worker", "--config", str(config)]) == 1
     assert f"no broker configured: broker.url is empty in {config}" in capsys.readouterr().err
+
+
+def test_cxrnode_worker_passes_its_hostname_to_celery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path, '[broker]\nurl = "redis://127.0.0.1:6379/0"\n')
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr("os.execve", lambda path, argv, env: execs.append((path, argv, env)))
+    assert main(["worker", "--config", str(config), "--hostname", "gpu1@%h", "--concurrency", "2"]) == 0
+    (_, argv, env), = execs
+    assert argv[argv.index("--hostname") + 1] == "gpu1@%h" and argv[argv.index("-Q") + 1] == "inference"
+    assert argv[argv.index("-c") + 1] == "2"
+    assert env["CXRNODE_BROKER__URL"] == "redis://127.0.0.1:6379/0"
+    assert main(["worker", "--config", str(config)]) == 0
+    assert "--hostname" not in execs[-1][1]  # Celery's default, celery@<host>
