@@ -129,5 +129,6 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     web.add_argument("--config", "-c", default=argparse.SUPPRESS, help="TOML configuration file")
     web.set_defaults(func=cmd_web)
     p = web_sub.add_parser("hash-password", help="print a password hash for web.password_hash or a [[web.users]] entry")
-    p.add_argument("--stdin", action="store_true", help="read the password from stdin (no prompt)")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the password as one line from stdin, no prompt (the default when stdin is no terminal)")
     p.set_defaults(func=cmd_hash_password)
