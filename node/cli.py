@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     path = _config_path(args)
     log.info("configuration: %s", path or f"built-in defaults (no file found: looked for {CONFIG_SEARCH})")
-    return serve(load_settings(path))
+    return serve(load_settings(path), str(path) if path else "the built-in defaults")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -95,8 +95,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if path is None:
         _err(f"no configuration file found (looked for {CONFIG_SEARCH})")
         return 1
+    from node.preflight import check_start
+
     try:
         settings = load_settings(path)
+        check_start(settings, str(path))
     except ConfigError as e:
         _err(str(e))
         return 1
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
-    p = cfg.add_parser("check", parents=[common], help="validate a configuration file (prints OK or the bad key)")
+    p = cfg.add_parser("check", parents=[common],
+                       help="run every start-time check of serve on a configuration (prints OK or each problem)")
     p.add_argument("file", type=Path, nargs="?", help=f"default: {CONFIG_SEARCH}")
     p.set_defaults(func=cmd_config_check)
 

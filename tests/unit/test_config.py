@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,58 @@ def test_defaults() -> None:
     assert [r.name for r in s.rules] == ["chest-frontal", "secondary-capture-chest"]
 
 
+def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
+    key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return key, cert
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_shipped_examples_pass_config_check(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shipped_examples_pass_config_check(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    if "production" in path.name:
+        # Its certificates live in /etc/cxrnode/tls on a real host; point at real ones made here.
+        key, cert = self_signed(tmp_path, "node")
+        for name, value in (("CERT_FILE", cert), ("KEY_FILE", key), ("CA_FILE", cert)):
+            monkeypatch.setenv(f"CXRNODE_DICOM__TLS__{name}", str(value))
+        monkeypatch.setenv("CXRNODE_STORAGE__DATA_DIR", str(tmp_path / "data"))
     assert main(["config", "check", str(path)]) == 0
     assert capsys.readouterr().out.startswith("OK")
+
+
+# -- config check runs every start-time check, the same function serve runs (issue 17, finding 6) ------
+
+
+def test_config_check_reports_what_would_stop_the_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key, cert = self_signed(tmp_path, "node")
+    other_key, _ = self_signed(tmp_path, "other")
+    (tmp_path / "afile").write_text("")
+    path = write(tmp_path, '[storage]\ndata_dir = "afile/var"\n'
+                           f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "missing.key"\n'
+                           '[web]\nproduction = true\n')
+    assert main(["config", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path} cannot start the node:" in err
+    assert f"storage.data_dir: {tmp_path / 'afile'} is not a folder" in err
+    assert f"dicom.tls.key_file: {tmp_path / 'missing.key'} does not exist" in err
+    assert "web: web.production is true but no console user is configured" in err
+    # serve runs the same checks first and stops with the same message (nothing is bound or created).
+    assert main(["serve", "--config", str(path)]) == 1
+    assert capsys.readouterr().err.endswith(err)
+    # A key that is not the certificate's is found too, as the listener would find it.
+    path = write(tmp_path, f'[storage]\ndata_dir = "{tmp_path / "var"}"\n'
+                           f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "{other_key}"\n')
+    assert main(["config", "check", str(path)]) == 1
+    assert "dicom.tls: the certificate, key or CA cannot be loaded" in capsys.readouterr().err
+    assert key.exists()
+
+
+def test_config_check_reports_an_unusable_session_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "short.key").write_text("abc\n")
+    path = write(tmp_path, f'[storage]\ndata_dir = "{tmp_path / "var"}"\n[web]\nsession_key_file = "short.key"\n')
+    assert main(["config", "check", str(path)]) == 1
+    assert f"web.session_key_file {tmp_path / 'short.key'} holds 3 bytes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "named"), [
