@@ -211,7 +211,9 @@ def cmd_ae_echo(args: argparse.Namespace) -> int:
     from node.ae_admin import AdminError, echo_ae
 
     try:
-        r = echo_ae(_settings(args), _store(args), args.name, timeout=args.timeout, actor=_actor())
+        settings = _settings(args)
+        r = echo_ae(_store(args), args.name, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+                    tls=settings.dicom.tls, timeout=args.timeout, actor=_actor())
     except AdminError as e:
         _err(f"error: {e}")
         return 1

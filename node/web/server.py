@@ -88,6 +88,7 @@ def start_console(settings: Settings, store: AuditStore, *,
         log.info("web console disabled (web.enabled = false)")
         return None
     actions = ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+                             tls=settings.dicom.tls,
                              enqueue_analysis=enqueue_analysis, kick_sender=kick_sender)
     return start_in_thread(settings, store, actions=actions, workers_probe=workers_probe)
 

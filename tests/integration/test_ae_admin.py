@@ -84,7 +84,7 @@ def test_echo_reports_round_trip_and_failure(config: Path, database_url: str, tm
     assert cli(config, "add", "GONE", "--host", "127.0.0.1", "--port", str(free_port()),
                "--role", "destination") == 0
     assert cli(config, "echo", "GONE", "--timeout", "3") == 1
-    assert "association failed" in capsys.readouterr().out
+    assert "cannot connect to GONE@127.0.0.1" in capsys.readouterr().out
     assert cli(config, "echo", "NOBODY") == 1
 
     store = AuditStore.open(database_url)
