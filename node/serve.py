@@ -31,6 +31,7 @@ from node.handoff import Dispatcher, HandoffContext
 from node.health import CheckResult, supervised_workers_probe
 from node.ingest import Ingest
 from node.pipeline import Pipeline
+from node.preflight import check_start
 from node.retention import RetentionLoop
 from node.scp import StorageSCP
 from node.spool import Spool
@@ -205,8 +206,10 @@ class Node:
         self.services.stop()
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
+def serve(settings: Settings, source: str = "the configuration") -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status. Raises ConfigError, before anything starts,
+    for every problem `cxrnode config check` also reports (`node.preflight`)."""
+    check_start(settings, source)
     if settings.dicom.listeners > 1:
         # Several receiving processes on one port: one interpreter receives about one core's worth.
         from node.listeners import run_listeners

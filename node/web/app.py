@@ -90,7 +90,8 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     templates.env.globals["INSTANCE_STATES"] = [str(s) for s in InstanceState]
     console = Console(
         settings=settings, store=store,
-        actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title),
+        actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+                                          tls=settings.dicom.tls),
         users=users, signer=signer, templates=templates,
         weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle())
 
@@ -380,7 +381,7 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             return _back("/ae", err=str(e))
         metrics.count_web_action("ae_echo")
         if result.ok:
-            return _back("/ae", msg=f"C-ECHO {name}: {result.detail}")
+            return _back("/ae", msg=f"C-ECHO {name}: {result.detail} in {result.round_trip_ms:.0f} ms")
         return _back("/ae", err=f"C-ECHO {name} failed: {result.detail}")
 
     # -- configuration views, models, dead letters, audit log --
