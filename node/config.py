@@ -314,6 +314,9 @@ class TriageConfig(_Strict):
     # Studies whose last instance is older than this are not triaged (after an upgrade or a long outage,
     # alerting on old studies would only add noise to a RIS worklist).
     max_age_h: float = 24.0
+    # An AE title (in the AE table, with host and port) to C-FIND/C-MOVE a patient's prior CR/DX study
+    # from when the node holds none; it must know the node's AE title as a move destination. "" = off.
+    priors_from: str = ""
     # Findings of models whose card says "experimental" may raise a level only when this is true.
     allow_experimental: bool = False
     rules: list[TriageRule] = Field(default_factory=default_triage_rules)

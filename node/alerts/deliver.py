@@ -76,7 +76,12 @@ class Alerter:
 
     def run_once(self) -> int:
         """One pass; returns how many alerts were delivered."""
-        return sum(self._attempt(alert) for alert in self.store.due_alerts(limit=100))
+        sent = 0
+        for alert in self.store.due_alerts(limit=100):
+            if self._stop.is_set():  # each try may take a destination's timeout: stop between them
+                break
+            sent += self._attempt(alert)
+        return sent
 
     def _attempt(self, alert: Alert) -> bool:
         dest = self.settings.triage.destination(alert.destination)
