@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from node.audit import AuditStore, Instance, Study
 from node.audit.models import utcnow
 from node.audit.triage_store import NewAlert
 from node.config import Settings
+from node.loop import BackgroundLoop
 from node.triage.priors import PriorFetcher, PriorRequest
 from node.triage.rules import Decision, ImageFindings, decide
 
@@ -115,35 +115,16 @@ def build_alert(decision: Decision, study: Study, header: PatientHeader, *, revi
         study_date=header.study_date or study.study_date, study_time=header.study_time)
 
 
-class TriageEngine:
+class TriageEngine(BackgroundLoop):
     """Decides stable studies (``run_once``), in a thread (``start``/``stop``) or called directly."""
 
     def __init__(self, settings: Settings, store: AuditStore, *, interval_s: float = 1.0,
                  on_alerts: Callable[[], None] | None = None, priors: PriorFetcher | None = None) -> None:
+        super().__init__("triage", interval_s)
         self.settings = settings
         self.store = store
         self.priors = priors
-        self.interval_s = interval_s
         self.on_alerts = on_alerts
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="triage", daemon=True)
-
-    def start(self) -> TriageEngine:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("triage pass failed; retrying")
-            self._stop.wait(self.interval_s)
 
     def run_once(self) -> int:
         """Decide every study that is due; returns how many were decided."""
@@ -151,7 +132,7 @@ class TriageEngine:
         due = self.store.triage_candidates(stable_s=cfg.stable_s, max_age_s=cfg.max_age_h * 3600)
         queued = 0
         for study_id in due:
-            if self._stop.is_set():
+            if self.stopping:
                 break
             try:
                 queued += self.decide_study(study_id)
