@@ -73,6 +73,11 @@ class Publisher:
         except OSError as e:
             store.set_instance_state(instance_id, InstanceState.FAILED, f"spool file unreadable: {e}")
             return False
+        except Exception as e:  # MemoryError, a bug: maybe not the file's fault, so tried again (bounded)
+            log.exception("preparing instance %d failed", instance_id)
+            store.record_prepare_error(job_id, f"{type(e).__name__}: {e}",
+                                       max_attempts=settings.prepare.max_attempts)
+            return False
         # Before the publish: the result may come back at once, and node.finish maps its masks with this.
         if (inst.prepared_geometry or {}).get("job_id") != job_id \
                 and not store.record_job_geometry(job_id, prepared.geometry.to_json()):

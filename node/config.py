@@ -117,6 +117,15 @@ class BrokerConfig(_Strict):
     task_time_limit: float = 600.0
 
 
+class PrepareConfig(_Strict):
+    """Turning a stored image into model input (node.prepare): bounds that keep one bad image from
+    looping or hurting the node."""
+
+    # An unexpected error while preparing (not a bad attribute, which fails at once) is tried this many
+    # times, one sweep apart, then the instance is `failed` with the reason: never retried for ever.
+    max_attempts: int = Field(default=3, ge=1)
+
+
 class AEEntry(_Strict):
     """An AE title known to the node (seeded from config into the DB)."""
 
@@ -390,6 +399,7 @@ class Settings(BaseSettings):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     ae: list[AEEntry] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=default_rules)
     sender: SenderConfig = Field(default_factory=SenderConfig)

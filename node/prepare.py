@@ -117,10 +117,30 @@ class Prepared(Geometry):
         return Geometry(**{f.name: getattr(self, f.name) for f in fields(Geometry)})
 
 
+#: What a malformed attribute value raises inside pydicom and numpy (WindowCenter "abc", RescaleSlope as
+#: text, an empty VOI LUT item, an odd-length PixelPaddingValue …): a property of the file, so final.
+#: MemoryError and OSError are not here: they say something about the node, and are retried (bounded).
+DATA_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, AttributeError, IndexError, KeyError,
+                                            ArithmeticError)
+
+
 def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
-    """Decode, window and resize one single-frame image. Raises PrepareError with the reason."""
+    """Decode, window and resize one single-frame image. Raises PrepareError with the reason.
+
+    Any error caused by the data set's content is a PrepareError (final: the same file fails the same
+    way every time), so a poison instance never loops through the outbox.
+    """
     ds = _read(source)
-    _check_header(ds)
+    try:
+        _check_header(ds)
+        return _prepare(ds, long_side)
+    except PrepareError:
+        raise
+    except DATA_ERRORS as e:
+        raise PrepareError(f"invalid image attributes: {type(e).__name__}: {e}") from e
+
+
+def _prepare(ds: Dataset, long_side: int) -> Prepared:
     notes: list[str] = []
     raw = _decode(ds)
 

@@ -429,6 +429,25 @@ class AuditStore:
             row.prepared_geometry = {**geometry, "job_id": job_id}
             return True
 
+    def record_prepare_error(self, job_id: str, error: str, *, max_attempts: int) -> Instance | None:
+        """One failed attempt to prepare run `job_id` (``analysis.prepare_error``); at the
+        `max_attempts`-th the instance becomes ``failed`` with the error, in the same transaction.
+        None when the run is over (stale: nothing recorded)."""
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            row = _locked_instance(s, instance_id)
+            if row.state != InstanceState.QUEUED or row.job_id != job_id:
+                return None
+            earlier = s.scalars(select(Event).where(Event.instance_id == instance_id)
+                                .where(Event.kind == "analysis.prepare_error"))
+            attempt = 1 + sum(1 for e in earlier if (e.detail or {}).get("job_id") == job_id)
+            _event(s, "analysis.prepare_error", instance_id=instance_id, study_id=row.study_id,
+                   detail={"job_id": job_id, "attempt": attempt, "max_attempts": max_attempts, "error": error})
+            if attempt >= max_attempts:
+                _transition(s, row, InstanceState.FAILED,
+                            f"cannot prepare pixels after {attempt} attempts: {error}", detail={"job_id": job_id})
+            return row
+
     def record_analysis(self, job_id: str, *, exports: Sequence[NewExport], files: dict[str, str],
                         detail: dict[str, Any] | None = None, nothing_to_send: str = "") -> Instance | None:
         """Record the results of analysis run `job_id` in ONE transaction; None when the result is stale.
