@@ -87,7 +87,10 @@ class DicomConfig(_Strict):
 
 class StorageConfig(_Strict):
     data_dir: Path = Path("./var")
-    min_free_mb: int = 1024  # below this free space, C-STORE answers 0xA700 (out of resources)
+    # Below this free space, associations that may store are rejected (transient) and C-STORE answers 0xA700.
+    min_free_mb: int = 1024
+    # A data set larger than this is answered 0xA700 and not kept: bytes past the cap are never written.
+    max_instance_mb: int = Field(default=512, ge=1)
     keep_days: int = 0  # 0 = keep forever
 
     @property

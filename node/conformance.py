@@ -37,8 +37,10 @@ STATUS_MEANINGS: dict[str, tuple[str, str]] = {
     "STATUS_SUCCESS": ("Success", "The data set is on disk (fsynced) and its audit row committed. Also returned "
                                   "for a second copy of an instance already stored (audited as duplicate, not "
                                   "analysed again)."),
-    "STATUS_OUT_OF_RESOURCES": ("Refused: Out of Resources", "Free space on the data volume is below "
-                                "`storage.min_free_mb`; nothing is stored. The sender may retry later."),
+    "STATUS_OUT_OF_RESOURCES": ("Refused: Out of Resources", "Free space on the data volume fell below "
+                                "`storage.min_free_mb` during the association, or the data set is larger than "
+                                "`storage.max_instance_mb` (bytes past that are never written); nothing is "
+                                "stored. The sender may retry later."),
     "STATUS_DATASET_MISMATCH": ("Error: Data Set does not match SOP Class", "SOP Instance/Class UID missing or "
                                 "different from the C-STORE request, Study Instance UID missing, or an "
                                 "impossible image size. The bytes are kept in quarantine with an audit row."),
@@ -174,6 +176,9 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         for name, text in DIAGNOSTIC_NAMES.items()
     ] + [("2 (rejected-transient)", "1 (service-user)", "1 (no reason given)",
           "the policy check itself failed (e.g. audit database unreachable)"),
+         ("2 (rejected-transient)", "3 (service-provider, presentation)", "1 (temporary congestion)",
+          f"free space on the data volume is below `storage.min_free_mb` ({s.storage.min_free_mb} MB) and "
+          "the association proposes more than Verification"),
          ("2 (rejected-transient)", "3 (service-provider, presentation)", "2 (local limit exceeded)",
           f"more than {d.max_associations} associations at once")])
 
@@ -210,7 +215,8 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         raise RuntimeError(f"describe {', '.join(missing)} in node/conformance.py STATUS_MEANINGS")
     lines += _table(["Status", "Meaning", "When"],
                     [(f"`0x{value:04X}`", *STATUS_MEANINGS[name]) for name, value in statuses])
-    lines += ["C-ECHO always answers `0x0000` on an accepted association.", ""]
+    lines += ["A failure status carries the reason in Error Comment (0000,0902), cut to 64 characters.", "",
+              "C-ECHO always answers `0x0000` on an accepted association.", ""]
 
     from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 

@@ -37,6 +37,7 @@ class StoreRequest:
     priority: int = 0
     association_id: int | None = None
     peer: str = ""
+    received_bytes: int | None = None  # data set bytes the peer sent, kept or not (node.guard counts them)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class Ingest:
             return Outcome(STATUS_PROCESSING_FAILURE, "error", reason=repr(e))
 
     def _receive(self, received: Path, req: StoreRequest) -> Outcome:
+        size = max(received.stat().st_size, req.received_bytes or 0)
+        limit_mb = self.settings.storage.max_instance_mb
+        if size > limit_mb * 1024 * 1024:
+            return self._refuse_oversize(received, req, size, limit_mb)
         if not self.spool.has_room(self.settings.storage.min_free_mb):
             reason = (f"free disk {self.spool.free_mb():.0f} MB below storage.min_free_mb "
                       f"{self.settings.storage.min_free_mb}")
@@ -87,7 +92,6 @@ class Ingest:
                                          "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}", "reason": reason})
             return Outcome(STATUS_OUT_OF_RESOURCES, "refused", reason=reason)
 
-        size = received.stat().st_size
         try:
             header = read_header(received, req.transfer_syntax_uid)
             check_dataset(header, affected_sop_class=req.affected_sop_class,
@@ -121,6 +125,19 @@ class Ingest:
         elif route.state == InstanceState.QUEUED:
             self.hand_off(instance.id)
         return Outcome(STATUS_SUCCESS, "stored", instance.id)
+
+    def _refuse_oversize(self, received: Path, req: StoreRequest, size: int, limit_mb: int) -> Outcome:
+        """Larger than storage.max_instance_mb: 0xA700, nothing kept (the bytes past the cap were never
+        written), a rejected row that says so."""
+        reason = f"data set of {size} bytes exceeds storage.max_instance_mb {limit_mb}"
+        received.unlink(missing_ok=True)
+        info = ReceivedInstance(sop_instance_uid=req.affected_sop_instance, sop_class_uid=req.affected_sop_class,
+                                transfer_syntax_uid=req.transfer_syntax_uid, calling_ae=req.calling_ae,
+                                association_id=req.association_id, priority=req.priority, size_bytes=size)
+        row = self.store.record_rejected(info, status=STATUS_OUT_OF_RESOURCES, reason=reason, quarantine_path="")
+        log.warning("refused %s from %s (%s) with 0xA700: %s", req.affected_sop_instance, req.calling_ae, req.peer,
+                    reason)
+        return Outcome(STATUS_OUT_OF_RESOURCES, "rejected", row.id, reason)
 
     def _route_outcome(self, header: Header, calling_ae: str) -> RouteOutcome | None:
         """The routing decision as the state to commit with the row (None: routing failed, stays received)."""

@@ -210,15 +210,16 @@ def test_duplicate_is_acknowledged_recorded_and_not_processed_again(node: NodePr
     assert (second_assoc.instances_stored, second_assoc.instances_duplicate) == (0, 1)
 
 
-def test_low_disk_answers_out_of_resources(node_factory: Callable[..., NodeProcess]) -> None:
+def test_low_disk_rejects_storage_associations_before_any_data_set(node_factory: Callable[..., NodeProcess]) -> None:
     node = node_factory(min_free_mb=10**9).start()  # a petabyte free: never true
     path = dicom_dir() / next(r["file"] for r in MANIFEST if r["file"].startswith("09"))
     result = storescu(node.port, [path])
-    assert result.statuses == [0xA700]
+    assert result.returncode != 0 and result.statuses == []
+    assert "Association Rejected" in result.output and "Transient" in result.output, result.output
     assert not list(node.spool.glob("*/*.dcm")) and node.store().list_instances() == []
-    (event,) = node.store().list_events(kinds=["instance.refused"])
-    assert event.detail["status"] == "0xA700" and "min_free_mb" in event.detail["reason"]
-    assert echoscu(node.port).returncode == 0
+    (assoc,) = node.store().list_associations()
+    assert assoc.result == "rejected" and "min_free_mb" in assoc.reason and assoc.peer_host == "127.0.0.1"
+    assert echoscu(node.port).returncode == 0  # verification needs no disk: monitoring still sees the node
     assert node.stop() == 0
 
 
