@@ -66,7 +66,9 @@ class DicomConfig(_Strict):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
-    max_pdu: int = 262144  # bytes; 0 = unlimited
+    max_pdu: int = 262144  # bytes; 0 = unlimited. A longer PDU from an associated peer: A-ABORT, dropped
+    # Longest PDU read before the association is accepted (an A-ASSOCIATE-RQ is a few kB); longer: dropped.
+    max_request_pdu: int = Field(default=65536, ge=1024)
     require_called_ae: bool = True  # reject associations whose called AE title is not ours
     allow_unknown_calling_ae: bool = False  # True accepts any peer (testing only)
     listeners: int = 1  # receiving processes sharing the port (SO_REUSEPORT)

@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import metrics
 from node.audit import AERole, AuditStore
 from node.config import Settings, TLSConfig
-from node.guard import GuardedRequestHandler, received_bytes
+from node.guard import ConnectionGuard, GuardedRequestHandler, received_bytes
 from node.ingest import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class StorageSCP:
         # AE.start_server(block=False) with our server class: it always makes its own class.
         server = self.ae.make_server((d.host, d.port), evt_handlers=self.handlers, ssl_context=ctx,
                                      server_class=server_class, request_handler=GuardedRequestHandler)
-        server.max_instance_bytes = self.settings.storage.max_instance_mb * 1024 * 1024  # type: ignore[attr-defined]
+        server.guard = ConnectionGuard(self.settings, self.store)  # type: ignore[attr-defined]
         self.ae._servers.append(server)  # as start_server does: the AE tracks it, server.shutdown() removes it
         threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
         self.server = server
