@@ -69,6 +69,15 @@ class DicomConfig(_Strict):
     max_pdu: int = 262144  # bytes; 0 = unlimited. A longer PDU from an associated peer: A-ABORT, dropped
     # Longest PDU read before the association is accepted (an A-ASSOCIATE-RQ is a few kB); longer: dropped.
     max_request_pdu: int = Field(default=65536, ge=1024)
+    # Half-open connections (node.guard): the whole A-ASSOCIATE-RQ (and a TLS handshake) must arrive
+    # within this many seconds of connecting, however slowly it drips.
+    association_request_timeout_s: float = Field(default=10.0, gt=0)
+    # Connections still waiting for their association, all peers together; a new one beyond this drops
+    # the oldest waiting one (real modalities send their request within milliseconds).
+    max_pending_associations: int = Field(default=8, ge=1)
+    # Connections at once from one address; beyond, its oldest waiting one is dropped, or the new one
+    # refused when all of that address's connections are accepted associations.
+    max_connections_per_peer: int = Field(default=8, ge=1)
     require_called_ae: bool = True  # reject associations whose called AE title is not ours
     allow_unknown_calling_ae: bool = False  # True accepts any peer (testing only)
     listeners: int = 1  # receiving processes sharing the port (SO_REUSEPORT)

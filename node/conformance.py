@@ -151,6 +151,10 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
          d.max_pdu, "`dicom.max_pdu`"),
         ("Longest PDU accepted before the association is established (the A-ASSOCIATE-RQ)", d.max_request_pdu,
          "`dicom.max_request_pdu`"),
+        ("Time from connecting to a complete A-ASSOCIATE-RQ (and TLS handshake), s", f"{d.association_request_timeout_s:g}",
+         "`dicom.association_request_timeout_s`"),
+        ("Connections waiting for association / from one address", f"{d.max_pending_associations} / "
+         f"{d.max_connections_per_peer}", "`dicom.max_pending_associations`, `dicom.max_connections_per_peer`"),
         ("ACSE / DIMSE / network timeout (s)", f"{d.acse_timeout:g} / {d.dimse_timeout:g} / {d.network_timeout:g}",
          "`dicom.acse_timeout`, `dicom.dimse_timeout`, `dicom.network_timeout`"),
         ("Implementation Class UID / Version Name", "pynetdicom's (see `pynetdicom.PYNETDICOM_IMPLEMENTATION_UID`)",

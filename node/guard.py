@@ -13,6 +13,16 @@ peer sends, so the listener's connections are made here, with bounds pynetdicom 
   after. A longer one is never buffered: the peer gets an A-ABORT and the connection is dropped
   (see :class:`GuardedSocket`).
 
+- a connection must complete its A-ASSOCIATE-RQ within ``dicom.association_request_timeout_s`` of
+  connecting, however slowly it drips bytes; at most ``dicom.max_pending_associations`` connections may
+  be waiting for theirs, and at most ``dicom.max_connections_per_peer`` connections come from one
+  address. When a new connection would pass a limit, the oldest connection still not associated is
+  dropped to make room (a real modality sends its request within milliseconds, so slow peers lose to
+  fast ones); only when a peer address holds its whole share in accepted associations is the new
+  connection refused (see :meth:`ConnectionGuard.admit`);
+- with TLS, the handshake runs on the connection's thread under the same deadline, not in the accept
+  loop where pynetdicom does it (one silent TLS client would stop every other connection).
+
 Each drop is logged and audited as ``connection.dropped`` with the peer address; per peer address at
 most :data:`AUDIT_BURST` such rows a minute are written (then one row says how many were left out), so
 a flood of bad connections cannot fill the audit log instead.
@@ -26,10 +36,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
+from dataclasses import dataclass
 from typing import IO, Any, cast
 
+from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
@@ -48,14 +61,88 @@ MIB = 1024 * 1024
 class ConnectionGuard:
     """The listener's bounds on its peers, and the one place that logs and audits a dropped connection."""
 
-    def __init__(self, settings: Settings, store: AuditStore) -> None:
+    def __init__(self, settings: Settings, store: AuditStore, *, tick_s: float = 0.25) -> None:
         d = settings.dicom
         self.store = store
         self.max_instance_bytes = settings.storage.max_instance_mb * MIB
         self.max_request_pdu = d.max_request_pdu
-        self.max_pdu = d.max_pdu  # 0: no limit once associated (what the node offered the peer)
+        self.request_timeout_s = d.association_request_timeout_s
+        self.max_pending = d.max_pending_associations
+        self.max_per_peer = d.max_connections_per_peer
+        self.ssl_context: ssl.SSLContext | None = None  # set by the SCP: the handshake happens in `handshake`
         self._lock = threading.Lock()
         self._audit_windows: dict[str, tuple[float, int, int]] = {}  # peer -> (window start, written, left out)
+        self._conns: list[_Connection] = []
+        self._tick_s = tick_s
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    # -- connections ----------------------------------------------------------------------------------
+
+    def admit(self, assoc: Any) -> None:
+        """Register a new connection; drop what must go to make room for it (maybe the new one)."""
+        sock = cast(GuardedSocket, assoc.dul.socket)
+        new = _Connection(assoc, sock, _peer(assoc)[0], time.monotonic())
+        drops: list[tuple[_Connection, str]] = []
+        with self._lock:
+            self._start_watchdog()
+            live = [c for c in self._conns if c.alive]
+            mine = [c for c in live if c.host == new.host]
+            refuse_new = False
+            if len(mine) >= self.max_per_peer:
+                waiting = [c for c in mine if c.pending]
+                if waiting:
+                    drops.append((waiting[0], f"{len(mine) + 1} connections from {new.host}, more than "
+                                              f"dicom.max_connections_per_peer {self.max_per_peer}: its oldest "
+                                              "connection not yet associated is dropped"))
+                else:
+                    refuse_new = True
+                    drops.append((new, f"{new.host} holds dicom.max_connections_per_peer {self.max_per_peer} "
+                                       "associations already"))
+            if not refuse_new:
+                pending = [c for c in live if c.pending and all(c is not d for d, _ in drops)]
+                if len(pending) >= self.max_pending:
+                    drops.append((pending[0], f"{len(pending) + 1} connections waiting for association, more "
+                                              f"than dicom.max_pending_associations {self.max_pending}: the "
+                                              "oldest is dropped"))
+                live.append(new)
+            self._conns = live
+        for conn, reason in drops:
+            conn.sock.drop(reason)
+
+    def handshake(self, raw: socket.socket) -> socket.socket:
+        """TLS: the server-side handshake, within the association request deadline; OSError when it fails."""
+        assert self.ssl_context is not None
+        raw.settimeout(self.request_timeout_s)
+        tls = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        tls.do_handshake()
+        tls.settimeout(None)
+        return tls
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _start_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="connection-guard", daemon=True)
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Drop every connection whose association request is not complete by its deadline."""
+        while not self._stop.wait(self._tick_s):
+            now = time.monotonic()
+            with self._lock:
+                self._conns = [c for c in self._conns if c.alive]
+                late = [c for c in self._conns if c.pending and now - c.since > self.request_timeout_s]
+            for conn in late:
+                conn.sock.drop(f"association request not complete {now - conn.since:.1f} s after connecting "
+                               f"(dicom.association_request_timeout_s {self.request_timeout_s:g})")
+
+    def refused_handshake(self, host: str, port: int, error: BaseException) -> None:
+        """A TLS handshake that failed or took too long: logged and audited like a dropped connection."""
+        self._audit(host, port, "", f"TLS handshake failed: {type(error).__name__}: {error}", associated=False)
+
+    # -- audit ----------------------------------------------------------------------------------------
 
     def pdu_limit(self, assoc: Any) -> int | None:
         """The longest PDU (its length field) the node reads now on `assoc`; None: no limit."""
@@ -66,7 +153,9 @@ class ConnectionGuard:
     def dropped(self, assoc: Any, reason: str, **detail: Any) -> None:
         """Log and audit (throttled per peer address) a connection the guard ends."""
         host, port = _peer(assoc)
-        calling = _calling_ae(assoc)
+        self._audit(host, port, _calling_ae(assoc), reason, associated=bool(assoc.is_established), **detail)
+
+    def _audit(self, host: str, port: int | None, calling: str, reason: str, **detail: Any) -> None:
         now = time.monotonic()
         with self._lock:
             start, written, left_out = self._audit_windows.get(host, (now, 0, 0))
@@ -76,14 +165,30 @@ class ConnectionGuard:
             self._audit_windows[host] = (start, written + record, 0 if record else left_out + 1)
         if not record:
             return
-        log.warning("dropped connection from %s@%s:%s: %s", calling or "?", host, port, reason)
+        log.warning("dropped connection from %s%s:%s: %s", f"{calling}@" if calling else "", host, port, reason)
         try:
             self.store.add_event("connection.dropped", detail={
-                "peer": f"{host}:{port}", "calling_ae": calling, "reason": reason,
-                "associated": bool(assoc.is_established), **detail,
+                "peer": f"{host}:{port}", "calling_ae": calling, "reason": reason, **detail,
                 **({"left_out_before": left_out} if left_out else {})})
         except Exception:
             log.exception("could not audit the dropped connection from %s", host)
+
+
+@dataclass(eq=False)
+class _Connection:
+    assoc: Any
+    sock: GuardedSocket
+    host: str
+    since: float  # time.monotonic() at connect
+
+    @property
+    def alive(self) -> bool:
+        return not self.sock.dropped and (self.assoc.ident is None or self.assoc.is_alive())
+
+    @property
+    def pending(self) -> bool:
+        """Its A-ASSOCIATE-RQ has not been received whole yet."""
+        return self.assoc.requestor.primitive is None
 
 
 def _peer(assoc: Any) -> tuple[str, int | None]:
@@ -106,22 +211,32 @@ class GuardedSocket(AssociationSocket):
 
     guard: ConnectionGuard
     dropped = False
+    _eof_given = False  # the DUL was told the connection ended (a short read): it reads no more
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self.dropped:
+            self._eof_given = True
             return bytearray()
         limit = self.guard.pdu_limit(self.assoc)
         if limit is not None and nr_bytes > limit:
             when = "after the association was accepted" if self.assoc.is_established else "before association"
             self.drop(f"PDU of {nr_bytes} bytes declared, more than {limit} allowed {when}",
                       pdu_length=nr_bytes, limit=limit)
+            self._eof_given = True
             return bytearray()  # the DUL sees a short PDU: transport closed (Evt17), the association ends
-        return super().recv(nr_bytes)
+        data = super().recv(nr_bytes)
+        if len(data) < nr_bytes:
+            self._eof_given = True  # closed by the peer, or shut down by `drop` while the DUL waited
+        return data
 
     @property
     def ready(self) -> bool:
-        """No more reading once dropped: what the peer still sends is never looked at."""
-        return False if self.dropped else bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+        """Once dropped, "ready" once so that the DUL reads the end of the connection (one short read: one
+        transport-closed event, in whatever state it is); then never again: what the peer still sends
+        is never looked at."""
+        if self._eof_given:
+            return False
+        return True if self.dropped else bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
 
     def drop(self, reason: str, **detail: Any) -> None:
         """Audit, A-ABORT (service-provider, invalid PDU parameter value) and shut the connection down.
@@ -212,6 +327,33 @@ class SizeCappedDIMSE(DIMSEServiceProvider):
 
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's connection handler with the node's bounds installed on each new association."""
+
+    def setup(self) -> None:
+        """TLS handshake here, on this connection's thread, under the request deadline (see the module)."""
+        super().setup()
+        guard: ConnectionGuard | None = getattr(self.server, "guard", None)
+        self.refused = False
+        if guard is not None and guard.ssl_context is not None:
+            host, port = self.client_address[0], int(self.client_address[1])
+            try:
+                self.request = guard.handshake(cast(socket.socket, self.request))
+            except (OSError, ValueError) as e:
+                guard.refused_handshake(str(host), port, e)
+                self.refused = True
+
+    def handle(self) -> None:
+        """As pynetdicom's, with the connection admitted by the guard before the association starts."""
+        guard: ConnectionGuard | None = getattr(self.server, "guard", None)
+        if guard is None:
+            super().handle()
+            return
+        if self.refused:
+            self.server.shutdown_request(self.request)  # type: ignore[attr-defined]
+            return
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        guard.admit(assoc)
+        assoc.start()
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()

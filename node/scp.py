@@ -144,7 +144,10 @@ class StorageSCP:
         # AE.start_server(block=False) with our server class: it always makes its own class.
         server = self.ae.make_server((d.host, d.port), evt_handlers=self.handlers, ssl_context=ctx,
                                      server_class=server_class, request_handler=GuardedRequestHandler)
-        server.guard = ConnectionGuard(self.settings, self.store)  # type: ignore[attr-defined]
+        guard = ConnectionGuard(self.settings, self.store)
+        # The TLS handshake moves from pynetdicom's accept loop to each connection's thread (node.guard).
+        guard.ssl_context, server.ssl_context = server.ssl_context, None
+        server.guard = guard  # type: ignore[attr-defined]
         self.ae._servers.append(server)  # as start_server does: the AE tracks it, server.shutdown() removes it
         threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
         self.server = server
@@ -159,6 +162,9 @@ class StorageSCP:
         """Stop accepting associations; the ones in flight go on until they end."""
         if self.server is not None:
             self.server.shutdown()
+            guard = getattr(self.server, "guard", None)
+            if guard is not None:
+                guard.close()
             self.server = None
 
     def active_associations(self) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,4 +47,26 @@ def test_tls_association_with_client_certificate(node_factory: Callable[..., Nod
     assert inst.state == InstanceState.QUEUED
     accepted = [a for a in store.list_associations() if a.id == inst.association_id]
     assert accepted and accepted[0].tls
+    assert node.stop() == 0
+
+
+def test_a_silent_client_does_not_stop_the_tls_listener(node_factory: Callable[..., NodeProcess],
+                                                         tmp_path: Path) -> None:
+    # pynetdicom runs the TLS handshake in its accept loop, without a timeout: one TCP connection that
+    # never says hello stopped every later connection. The handshake now runs on the connection's own
+    # thread, within dicom.association_request_timeout_s (issue 13, finding 2).
+    server_key, server_cert = self_signed(tmp_path, "cxrnode")
+    node = node_factory(extra_toml=(
+        f'association_request_timeout_s = 3\n[dicom.tls]\nenabled = true\ncert_file = "{server_cert}"\n'
+        f'key_file = "{server_key}"\n')).start()
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as silent:
+        started = time.monotonic()
+        ok = storescu(node.port, [dicom_dir() / "09_cr_8bit_alloc8.dcm"], opts=["+tla", "+cf", str(server_cert)],
+                      timeout=30)
+        assert ok.statuses == [0x0000], ok.output[-2000:]
+        assert time.monotonic() - started < 3
+        assert silent.recv(1) == b""  # dropped at the deadline
+        assert time.monotonic() - started < 8
+    (event,) = node.store().list_events(kinds=["connection.dropped"])
+    assert "TLS handshake failed" in event.detail["reason"] and event.detail["peer"].startswith("127.0.0.1:")
     assert node.stop() == 0
