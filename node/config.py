@@ -138,6 +138,13 @@ class PrepareConfig(_Strict):
     # An unexpected error while preparing (not a bad attribute, which fails at once) is tried this many
     # times, one sweep apart, then the instance is `failed` with the reason: never retried for ever.
     max_attempts: int = Field(default=3, ge=1)
+    # Nothing is decoded when Rows x Columns x Frames x Samples x bytes per sample is larger (MiB); the
+    # largest chest detectors decode to ~35 MiB.
+    max_pixel_mb: int = Field(default=100, ge=1)
+    # Decoding runs in a child process with this address-space limit (MB): a decompression bomb fails its
+    # image, never the node. 0 decodes in the node's own process (no isolation).
+    decode_memory_mb: int = Field(default=2048, ge=0)
+    decode_timeout_s: float = Field(default=120.0, gt=0)  # a decode taking longer fails the image
 
 
 class AEEntry(_Strict):

@@ -93,7 +93,7 @@ class Ingest:
             return Outcome(STATUS_OUT_OF_RESOURCES, "refused", reason=reason)
 
         try:
-            header = read_header(received, req.transfer_syntax_uid)
+            header = read_header(received, req.transfer_syntax_uid, max_inflated_bytes=limit_mb * 1024 * 1024)
             check_dataset(header, affected_sop_class=req.affected_sop_class,
                           affected_sop_instance=req.affected_sop_instance, file_size=size)
         except Refusal as r:
@@ -213,7 +213,8 @@ class Ingest:
             if inst.state == InstanceState.RECEIVED:
                 path = Path(inst.spool_path)
                 try:
-                    header = read_header(path, inst.transfer_syntax_uid)
+                    header = read_header(path, inst.transfer_syntax_uid,
+                                         max_inflated_bytes=self.settings.storage.max_instance_mb * 1024 * 1024)
                 except (Refusal, OSError) as e:
                     self.store.set_instance_state(inst.id, InstanceState.FAILED, f"cannot resume: {e}")
                     failed += 1

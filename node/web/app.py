@@ -282,7 +282,7 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             return Response(status_code=404)
         seg = next((Path(e.file_path) for e in store.list_exports(instance_id)
                     if e.kind == "seg" and Path(e.file_path).exists()), None)
-        png = safe_overlay(Path(inst.spool_path), seg) if inst.spool_path else None
+        png = safe_overlay(settings, Path(inst.spool_path), seg) if inst.spool_path else None
         if png is None:
             return Response(status_code=404)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})

@@ -100,7 +100,7 @@ def test_unexpected_prepare_error_is_retried_a_bounded_number_of_times(tmp_path:
     def broken(_path: object) -> None:
         raise MemoryError("no room to decode")
 
-    monkeypatch.setattr(node.analysis, "prepare", broken)
+    monkeypatch.setattr(node.analysis, "prepare_isolated", lambda _settings, path: broken(path))
     settings = load_settings(None, storage={"data_dir": str(tmp_path)}, prepare={"max_attempts": 3})
     store = AuditStore.open(settings.database_url)
     publisher = Publisher(make_celery(settings))
