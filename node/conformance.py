@@ -46,6 +46,11 @@ STATUS_MEANINGS: dict[str, tuple[str, str]] = {
                                 "impossible image size. The bytes are kept in quarantine with an audit row."),
     "STATUS_CANNOT_UNDERSTAND": ("Error: Cannot understand", "The data set cannot be parsed (corrupt or "
                                  "truncated bytes, not DICOM). The bytes are kept in quarantine with an audit row."),
+    "STATUS_DUPLICATE_SOP_INSTANCE": ("Failure: Duplicate SOP Instance", "The SOP Instance UID is stored "
+                                      "already with another data set (other SOP class, series or study, or "
+                                      "other bytes in the same transfer syntax). The stored instance stays as "
+                                      "it is; the new data set is kept in quarantine and audited as "
+                                      "`instance.conflict`. A copy of the stored one gets 0x0000 (duplicate)."),
     "STATUS_PROCESSING_FAILURE": ("Failure: Processing failure", "An internal error of the node (e.g. the audit "
                                   "database is unreachable). Nothing is acknowledged; the sender may retry."),
 }

@@ -310,7 +310,10 @@ class StorageSCP:
                 state.duplicate += 1
             else:
                 state.failed += 1
-        return _status_dataset(outcome.status, outcome.reason) if outcome.status >= 0xA000 else outcome.status
+        if outcome.kind == "error":  # the node's own fault: its details stay in the node's log
+            return _status_dataset(outcome.status, "internal error of the receiving node")
+        failed = outcome.kind in ("rejected", "refused")
+        return _status_dataset(outcome.status, outcome.reason) if failed else outcome.status
 
 
 def _status_dataset(status: int, reason: str) -> Dataset:

@@ -264,16 +264,25 @@ class AuditStore:
                    detail={"sop_instance_uid": info.sop_instance_uid, "original_id": original_id})
             return row
 
-    def record_rejected(self, info: ReceivedInstance, *, status: int, reason: str, quarantine_path: str) -> Instance:
-        """An instance refused at ingest (failure status sent); its bytes are in quarantine."""
+    def record_rejected(self, info: ReceivedInstance, *, status: int, reason: str, quarantine_path: str,
+                        conflict_with: int | None = None) -> Instance:
+        """An instance refused at ingest (failure status sent); its bytes are in quarantine.
+
+        With `conflict_with`: another data set under the SOP Instance UID of that stored instance
+        (``instance.conflict``; the row points at the stored one, which stays as it is)."""
         with self.session() as s:
             row = _instance_row(info, None, InstanceState.REJECTED)
             row.reason, row.quarantine_path, row.finished_at = reason, quarantine_path, row.received_at
+            if conflict_with is not None:
+                original = _get(s, Instance, conflict_with)
+                row.study_id, row.duplicate_of_id = original.study_id, conflict_with
             s.add(row)
             s.flush()
-            _event(s, "instance.rejected", instance_id=row.id, association_id=info.association_id,
+            _event(s, "instance.conflict" if conflict_with is not None else "instance.rejected", instance_id=row.id,
+                   study_id=row.study_id, association_id=info.association_id,
                    detail={"sop_instance_uid": info.sop_instance_uid, "status": f"0x{status:04X}",
-                           "reason": reason, "quarantine": quarantine_path})
+                           "reason": reason, "quarantine": quarantine_path,
+                           **({"stored_instance_id": conflict_with} if conflict_with is not None else {})})
             return row
 
     def set_instance_state(self, instance_id: int, state: InstanceState | str, reason: str | None = None, *,
