@@ -71,6 +71,7 @@ class Header:
     has_pixel_data: bool
     pixel_data_length: int | None  # declared length; None when encapsulated (undefined length)
     pixel_data_offset: int | None  # file offset of the value; None when unknown (deflated)
+    photometric: str = ""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -117,6 +118,7 @@ def read_header(path: Path, transfer_syntax_uid: str = "", *, max_inflated_bytes
             has_pixel_data=raw is not None,
             pixel_data_length=_raw_length(raw),
             pixel_data_offset=raw.value_tell if isinstance(raw, RawDataElement) else None,
+            photometric=_text(ds, "PhotometricInterpretation").upper(),
         )
     except Refusal:
         raise
@@ -186,10 +188,14 @@ def _raw_length(raw: object) -> int | None:
 
 
 def expected_native_length(h: Header) -> int | None:
-    """Rows x Columns x Frames x Samples x BitsAllocated / 8 (before even padding); None if not computable."""
+    """Rows x Columns x Frames x Samples x BitsAllocated / 8 (before even padding); None if not computable.
+
+    YBR_FULL_422 keeps one Cb and one Cr per two pixels (PS3.3 C.7.6.3.1.2): two values per pixel, not three.
+    """
     if h.rows is None or h.columns is None or h.bits_allocated is None:
         return None
-    bits = h.rows * h.columns * h.frames * h.samples_per_pixel * h.bits_allocated
+    samples = 2 if h.photometric == "YBR_FULL_422" and h.samples_per_pixel == 3 else h.samples_per_pixel
+    bits = h.rows * h.columns * h.frames * samples * h.bits_allocated
     return (bits + 7) // 8
 
 

@@ -236,3 +236,16 @@ def test_sigterm_lets_the_association_in_flight_finish(node: NodeProcess, tmp_pa
     assert len(out[0].responses) == len(files) and set(out[0].statuses) == {0x0000}
     assert len(node.store().list_instances(InstanceFilter(states=[InstanceState.QUEUED]))) == len(files)
     assert echoscu(node.port).returncode != 0, "a stopped node accepts nothing"
+
+
+def test_uncompressed_ybr_full_422_is_accepted(node: NodeProcess, tmp_path: Path) -> None:
+    # 4:2:2 Pixel Data is two thirds of Rows x Columns x 3 (issue 13, finding 9): valid, so stored.
+    from node.prepare import prepare
+    from tests.support.synthetic_dicom import ybr_full_422_copy
+
+    path = ybr_full_422_copy(tmp_path / "ybr422.dcm")
+    result = storescu(node.port, [path])
+    assert result.statuses == [0x0000], result.output[-2000:]
+    (inst,) = node.store().list_instances()
+    assert inst.state in (InstanceState.QUEUED, InstanceState.SKIPPED) and inst.spool_path
+    assert prepare(inst.spool_path).pixels.shape == (1024, 1024)
