@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ingest, pipeline, worker
+from benchmarks import ingest, pipeline, triage, worker
 from benchmarks.common import write_json
 
 log = logging.getLogger("benchmarks")
 
-NAMES = ("ingest", "pipeline", "worker")
+NAMES = ("ingest", "pipeline", "worker", "triage")
 DEFAULT_CACHE = Path(os.environ.get("CXRNODE_BENCH_CACHE", "/tmp/cxrnode-bench-cache"))
 
 
@@ -44,8 +44,14 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     return worker.run(args.out, args.cache, weights=args.weights)
 
 
+def _triage(args: argparse.Namespace) -> dict[str, Any]:
+    if args.quick:
+        return triage.run(args.out, args.cache, n_studies=2, interval_s=1.0, stable_s=1.0, weights="tiny")
+    return triage.run(args.out, args.cache, weights=args.weights)
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "ingest": _ingest, "pipeline": _pipeline, "worker": _worker}
+    "ingest": _ingest, "pipeline": _pipeline, "worker": _worker, "triage": _triage}
 
 
 def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +64,9 @@ def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
         for phase in ("paced", "burst"):
             p = data.get(phase) or {}
             out[phase] = {k: p.get(k) for k in ("images", "complete", "latency_s", "images_per_minute")}
+    elif name == "triage":
+        out = {k: data.get(k) for k in ("weights", "stable_s", "acked", "last_image_to_hl7_ack_s",
+                                        "reference_received_to_results_acknowledged_s", "ratio_ack_to_reference_p50")}
     else:
         out = {k: data.get(k) for k in ("weights", "per_model_ms", "cpu_images_per_s", "gpu")}
     cond = data.get("conditions_before") or {}

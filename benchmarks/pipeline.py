@@ -46,8 +46,10 @@ FINAL = {"exported", "dead", "failed", "skipped"}
 class EmbeddedNode:
     """`cxrnode serve` with the analysis pipeline, results to a DCMTK storescp."""
 
-    def __init__(self, root: Path, weights_dir: Path, onnx_cache: Path, worker_threads: int | None = None) -> None:
+    def __init__(self, root: Path, weights_dir: Path, onnx_cache: Path, worker_threads: int | None = None,
+                 extra_toml: str = "") -> None:
         self.root = root
+        self.extra_toml = extra_toml  # more sections (e.g. [triage]) for other benchmarks
         self.data_dir = root / "var"
         self.port, self.dest_port = free_port(), free_port()
         self.config = root / "cxrnode.toml"
@@ -75,7 +77,7 @@ class EmbeddedNode:
             f'[[ae]]\nname = "{SENDER_AE}"\nhost = "{LOOPBACK}"\nrole = "source"\n'
             f'[[ae]]\nname = "{DEST_AE}"\nhost = "{LOOPBACK}"\nport = {self.dest_port}\nrole = "destination"\n'
             '[[rules]]\nname = "bench-chest"\naction = "analyze"\n'
-            f'destinations = ["{DEST_AE}"]\n[rules.match]\nmodality = ["CR", "DX"]\n')
+            f'destinations = ["{DEST_AE}"]\n[rules.match]\nmodality = ["CR", "DX"]\n' + self.extra_toml)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CXRNODE_WEIGHTS_DIR": str(self.weights_dir),
                "CXRNODE_CACHE": str(self.onnx_cache)}
         if self.worker_threads:  # the supervised inference worker inherits the node's environment

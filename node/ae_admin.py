@@ -6,16 +6,13 @@ Every change goes through :class:`node.audit.AuditStore`, which appends an event
 from __future__ import annotations
 
 import logging
-import ssl
-import time
 from dataclasses import dataclass
 
 from pydantic import ValidationError
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.audit import AETitle, AuditStore, StoreError
-from node.config import AEEntry, Settings
+from node.config import AEEntry, TLSConfig
+from node.sender import Destination, echo, tls_client_context
 
 log = logging.getLogger(__name__)
 
@@ -63,51 +60,30 @@ class EchoResult:
     detail: str
 
 
-def client_ssl_context(settings: Settings) -> ssl.SSLContext:
-    """TLS for outgoing associations: verify the peer with dicom.tls.ca_file, present our cert if set."""
-    tls = settings.dicom.tls
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                     cafile=str(tls.ca_file) if tls.ca_file else None)
-    ctx.check_hostname = False  # DICOM peers are identified by certificate chain, not by host name
-    if tls.cert_file and tls.key_file:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    return ctx
-
-
-def echo_ae(settings: Settings, store: AuditStore, name: str, *, timeout: float = 10.0,
+def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, timeout: float = 10.0,
             actor: str = "cli") -> EchoResult:
-    """C-ECHO a known AE from the node's AE title; audited as an outbound association and an event."""
+    """C-ECHO a known AE from the node's AE title, as the exporter would reach it (TLS when the AE says
+    so, with dicom.tls's CA and certificate); audited as an outbound association and an event.
+
+    The one echo of the node: `cxrnode ae echo` and the console's C-ECHO button both call this.
+    """
     entry = store.get_ae(name.strip())
     if entry is None:
         raise AdminError(f"no AE title {name!r}")
     if entry.host is None or entry.port is None:
         raise AdminError(f"AE title {entry.name!r} has no host and port to contact")
-    ae = AE(ae_title=settings.sender.calling_ae or settings.dicom.ae_title)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    tls_args = (client_ssl_context(settings), "") if entry.tls else None
-    start = time.perf_counter()
-    status: int | None = None
     try:
-        assoc = ae.associate(entry.host, entry.port, ae_title=entry.name, tls_args=tls_args)
-        if assoc.is_established:
-            rsp = assoc.send_c_echo()
-            status = int(rsp.Status) if "Status" in rsp else None
-            assoc.release()
-            detail = "success" if status == 0 else ("no response" if status is None else f"status 0x{status:04X}")
-        elif assoc.is_rejected:
-            detail = "association rejected"
-        else:
-            detail = "association failed (no answer or aborted)"
-    except Exception as e:  # network errors must become a clear message
-        detail = f"error: {e}"
-    elapsed = (time.perf_counter() - start) * 1000
-    result = EchoResult(entry.name, entry.host, entry.port, status == 0, status, elapsed, detail)
+        ssl_context = tls_client_context(tls) if entry.tls else None
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise AdminError(f"AE title {entry.name!r} needs TLS, but the node's TLS files cannot be loaded: {e}") from e
+    r = echo(Destination(entry.name, entry.host, entry.port, entry.tls), calling_ae, timeout, ssl_context)
+    result = EchoResult(entry.name, entry.host, entry.port, r.ok, r.status, r.seconds * 1000, r.detail)
     association_id = store.record_association(
-        calling_ae=ae.ae_title, called_ae=entry.name, peer_host=entry.host, peer_port=entry.port,
-        result="released" if result.ok else "failed", reason="" if result.ok else detail, tls=entry.tls,
+        calling_ae=calling_ae, called_ae=entry.name, peer_host=entry.host, peer_port=entry.port,
+        result="released" if result.ok else "failed", reason="" if result.ok else r.detail, tls=entry.tls,
         direction="outbound")
     store.add_event("ae.echo", actor=actor, association_id=association_id,
-                    detail={"name": entry.name, "ok": result.ok, "detail": detail,
-                            "round_trip_ms": round(elapsed, 1)})
+                    detail={"name": entry.name, "ok": result.ok, "detail": r.detail, "tls": entry.tls,
+                            "round_trip_ms": round(result.round_trip_ms, 1)})
+    log.info("C-ECHO %s@%s:%d%s: %s", entry.name, entry.host, entry.port, " (TLS)" if entry.tls else "", r.detail)
     return result

@@ -1,5 +1,10 @@
 """The `cxrnode` command: serve, config check, audit queries and AE title administration.
 
+Every command finds its configuration like a service (`node.config.find_config`: --config,
+$CXRNODE_CONFIG, /etc/cxrnode/cxrnode.toml). Administrative commands (audit, ae, exports,
+reanalyze) only open an audit database a node has already made: an admin command that silently
+created a fresh one would report "(none)" or add an AE title that the running node never sees.
+
 Exit status: 0 success, 1 failure (bad configuration, failed echo, unknown study), 2 usage errors.
 """
 
@@ -10,14 +15,13 @@ import csv
 import getpass
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import CONFIG_SEARCH, ConfigError, Settings, find_config, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,12 @@ def _since(value: str) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    return find_config(getattr(args, "config", None))
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    return load_settings(_config_path(args))
 
 
 def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str] | None = None) -> None:
@@ -77,24 +85,54 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str] | N
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.serve import serve
 
-    return serve(_settings(args))
+    path = _config_path(args)
+    log.info("configuration: %s", path or f"built-in defaults (no file found: looked for {CONFIG_SEARCH})")
+    return serve(load_settings(path), str(path) if path else "the built-in defaults")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    path = find_config(args.file or getattr(args, "config", None))
+    if path is None:
+        _err(f"no configuration file found (looked for {CONFIG_SEARCH})")
+        return 1
+    from node.preflight import check_start
+
     try:
-        settings = load_settings(args.file)
+        settings = load_settings(path)
+        check_start(settings, str(path))
     except ConfigError as e:
         _err(str(e))
         return 1
-    _out(f"OK: {args.file} (AE title {settings.dicom.ae_title}, port {settings.dicom.port}, "
+    _out(f"OK: {path} (AE title {settings.dicom.ae_title}, port {settings.dicom.port}, "
          f"{len(settings.rules)} rule(s), {len(settings.ae)} AE title(s))")
     return 0
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from node.audit import AuditStore
+    """The node's audit database; ConfigError (naming the configuration) when there is none yet."""
+    from sqlalchemy.exc import SQLAlchemyError
 
-    return AuditStore.open(_settings(args).database_url)
+    from node.audit import AuditStore
+    from node.audit.db import database_exists
+
+    path = _config_path(args)
+    url = load_settings(path).database_url
+    source = f"configuration {path}" if path else f"no configuration file (looked for {CONFIG_SEARCH})"
+    try:
+        exists = database_exists(url)
+    except SQLAlchemyError as e:
+        raise ConfigError(f"cannot open the audit database of {source}: {e}") from e
+    if not exists:
+        raise ConfigError(f"no audit database at {_redacted(url)} ({source}); an administrative command does "
+                          "not create one: start `cxrnode serve` with this configuration first, or pass "
+                          "--config with the node's file")
+    return AuditStore.open(url)
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_audit_studies(args: argparse.Namespace) -> int:
@@ -173,7 +211,9 @@ def cmd_ae_echo(args: argparse.Namespace) -> int:
     from node.ae_admin import AdminError, echo_ae
 
     try:
-        r = echo_ae(_settings(args), _store(args), args.name, timeout=args.timeout, actor=_actor())
+        settings = _settings(args)
+        r = echo_ae(_store(args), args.name, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+                    tls=settings.dicom.tls, timeout=args.timeout, actor=_actor())
     except AdminError as e:
         _err(f"error: {e}")
         return 1
@@ -186,8 +226,9 @@ def cmd_ae_echo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrnode", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", "-c", type=Path, default=os.environ.get("CXRNODE_CONFIG") or None,
-                        help="TOML configuration file (default: $CXRNODE_CONFIG, else built-in defaults)")
+    parser.add_argument("--config", "-c", type=Path, default=None,
+                        help="TOML configuration file (default: $CXRNODE_CONFIG, else /etc/cxrnode/cxrnode.toml "
+                             "if it exists, else built-in defaults)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     # The same options after the sub-command; SUPPRESS keeps a value given before it.
     common = argparse.ArgumentParser(add_help=False)
@@ -199,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
-    p = cfg.add_parser("check", help="validate a configuration file (prints OK or the bad key)")
-    p.add_argument("file", type=Path)
+    p = cfg.add_parser("check", parents=[common],
+                       help="run every start-time check of serve on a configuration (prints OK or each problem)")
+    p.add_argument("file", type=Path, nargs="?", help=f"default: {CONFIG_SEARCH}")
     p.set_defaults(func=cmd_config_check)
 
     fmt = argparse.ArgumentParser(add_help=False)
@@ -244,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_ae_echo)
 
-    from node.cli_ops import register
+    from node import cli_ops, cli_triage
 
-    register(sub, common, fmt)
+    cli_ops.register(sub, common, fmt)
+    cli_triage.register(sub, common, fmt)
     return parser
 
 
@@ -255,9 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from node.logging_setup import setup_logging
 
     json_logs = False
-    if getattr(args, "config", None) is not None and args.command == "serve":
+    if args.command == "serve" and (path := _config_path(args)) is not None:
         try:
-            json_logs = load_settings(args.config).web.json_logs
+            json_logs = load_settings(path).web.json_logs
         except ConfigError:
             pass  # reported by the command itself
     # PHI-redacting handler; pynetdicom's per-PDU chatter only with --verbose.

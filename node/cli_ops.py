@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from node.config import Settings
+from node.config import Settings, load_settings
 
 
 def cmd_exports_list(args: argparse.Namespace) -> int:
@@ -51,29 +51,46 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(settings: Settings, concurrency: int, pool: str) -> tuple[list[str], dict[str, str]]:
-    from workers.api import BROKER_ENV, INFERENCE_QUEUE, RESULT_BACKEND_ENV
+def worker_argv(settings: Settings, concurrency: int, pool: str,
+                hostname: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The celery command line and environment of an inference worker; `hostname` is Celery's node
+    name (`%h` = host name): two workers on one host need different ones, or Celery sees one node."""
+    from workers.api import BROKER_ENV, INFERENCE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
 
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
-            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO"]
+            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO",
+            *(["--hostname", hostname] if hostname else [])]
     env = {BROKER_ENV: settings.broker_url, RESULT_BACKEND_ENV: settings.broker.result_backend,
-           "CXRNODE_TASK_TIME_LIMIT": str(settings.broker.task_time_limit)}
+           TIME_LIMIT_ENV: str(settings.broker.task_time_limit)}
     return argv, env
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Replace this process with an inference worker on the configured broker (a GPU host, say)."""
-    from node.cli import _settings
+    """Replace this process with an inference worker on the configured broker (a GPU host, say).
 
-    argv, env = worker_argv(_settings(args), args.concurrency, args.pool)
+    Refuses a configuration without `broker.url`: the embedded broker's worker is started by
+    `cxrnode serve` itself, and a separate worker on a local SQLite file would never get work.
+    """
+    from node.cli import _config_path, _err
+
+    path = _config_path(args)
+    settings = load_settings(path)
+    if settings.embedded:
+        _err(f"no broker configured: broker.url is empty in {path or 'the built-in defaults (no file found)'} "
+             "and CXRNODE_BROKER__URL is not set; a separate worker needs the node's broker "
+             "(e.g. redis://host:6379/0). The embedded broker's worker is started by `cxrnode serve`.")
+        return 1
+    argv, env = worker_argv(settings, args.concurrency, args.pool, args.hostname)
     os.execve(argv[0], argv, {**os.environ, **env})
     return 0  # not reached
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    from node.cli import _config_path
     from node.web.server import main as web_main
 
-    return web_main([*(["--config", str(args.config)] if args.config else []),
+    path = _config_path(args)
+    return web_main([*(["--config", str(path)] if path else []),
                      *(["--port", str(args.port)] if args.port else [])])
 
 
@@ -102,6 +119,8 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     p = sub.add_parser("worker", parents=[common], help="run an inference worker (needs cxr-node[worker])")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.add_argument("--hostname", "-n", help="Celery node name, e.g. gpu0@%%h (default celery@%%h): give each "
+                                           "worker on one host its own")
     p.set_defaults(func=cmd_worker)
 
     web = sub.add_parser("web", help="the web console on its own (no DICOM listener), and its tools")
@@ -110,5 +129,6 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     web.add_argument("--config", "-c", default=argparse.SUPPRESS, help="TOML configuration file")
     web.set_defaults(func=cmd_web)
     p = web_sub.add_parser("hash-password", help="print a password hash for web.password_hash or a [[web.users]] entry")
-    p.add_argument("--stdin", action="store_true", help="read the password from stdin (no prompt)")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the password as one line from stdin, no prompt (the default when stdin is no terminal)")
     p.set_defaults(func=cmd_hash_password)

@@ -3,14 +3,22 @@
 A wrong key or value stops start-up with a message naming it (`extra="forbid"` everywhere).
 Environment overrides use `__` between levels, e.g. `CXRNODE_DICOM__PORT=11113`,
 `CXRNODE_DATABASE__URL=postgresql+psycopg://…`.
+
+Every command finds the file the way services do (:func:`find_config`): `--config`, else
+`$CXRNODE_CONFIG`, else /etc/cxrnode/cxrnode.toml when it exists, else built-in defaults. Relative
+paths in the file (data_dir, TLS and key files, `sqlite:///` URLs) are relative to the file, not to
+the working directory, so `cxrnode ae add` run from a home directory reaches the node's database.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -333,6 +341,9 @@ class TriageConfig(_Strict):
 
     enabled: bool = True
     stable_s: float = 15.0  # a study is processed when no instance arrived for this long
+    # Studies whose last instance is older than this are not triaged (after an upgrade or a long outage,
+    # alerting on old studies would only add noise to a RIS worklist).
+    max_age_h: float = 24.0
     # Findings of models whose card says "experimental" may raise a level only when this is true.
     allow_experimental: bool = False
     rules: list[TriageRule] = Field(default_factory=default_triage_rules)
@@ -462,8 +473,81 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+#: Where services and admin commands look when neither --config nor $CXRNODE_CONFIG is given.
+SYSTEM_CONFIG = Path("/etc/cxrnode/cxrnode.toml")
+CONFIG_ENV = "CXRNODE_CONFIG"
+CONFIG_SEARCH = f"--config, ${CONFIG_ENV}, {SYSTEM_CONFIG}"
+
+
+def find_config(explicit: Path | str | None = None, environ: Mapping[str, str] | None = None,
+                system: Path | None = None) -> Path | None:
+    """The configuration file a command uses: `explicit`, else $CXRNODE_CONFIG, else `system` when it
+    exists; None means built-in defaults (the embedded development node)."""
+    if explicit:
+        return Path(explicit)
+    env = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    system = SYSTEM_CONFIG if system is None else system
+    return system if system.is_file() else None
+
+
+_SQLITE_URL = re.compile(r"^((?:sqla\+)?sqlite:///)(?!/)(.+)$")
+
+
+def _resolve_url(url: str, base: Path) -> str:
+    """`sqlite:///rel.db` (three slashes: relative) -> absolute against `base`."""
+    m = _SQLITE_URL.match(url)
+    if m is None or m.group(2).startswith(":memory:"):
+        return url
+    return f"{m.group(1)}{base / m.group(2)}"
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [m for a in get_args(annotation) for m in _models_of(a)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _is_path(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_path(a) for a in get_args(annotation))
+    return annotation is Path
+
+
+def _resolve_relative(data: Any, annotation: Any, base: Path) -> Any:
+    """Resolve relative paths in raw TOML `data` against `base`, guided by the model's annotations."""
+    if isinstance(data, list):
+        inner = get_args(annotation)[0] if get_origin(annotation) is list else annotation
+        return [_resolve_relative(item, inner, base) for item in data]
+    if isinstance(data, str):
+        if _is_path(annotation) and data and not Path(data).is_absolute():
+            return str(base / data)
+        return data
+    if not isinstance(data, dict):
+        return data
+    # A union of models (alert destinations): the member that has every given key.
+    model = next((m for m in _models_of(annotation) if set(data) <= set(m.model_fields)), None)
+    if model is None:
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        field = model.model_fields[key]
+        if key == "url" and isinstance(value, str) and model in (DatabaseConfig, BrokerConfig):
+            out[key] = _resolve_url(value, base)
+        else:
+            out[key] = _resolve_relative(value, field.annotation, base)
+    return out
+
+
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
-    """Load TOML (if given) + environment; raise ConfigError naming every bad key."""
+    """Load TOML (if given) + environment; raise ConfigError naming every bad key.
+
+    Relative paths in the file are resolved against the file's folder; environment values and
+    built-in defaults stay relative to the working directory.
+    """
     data: dict[str, Any] = {}
     source = "defaults/environment"
     if path is not None:
@@ -475,6 +559,9 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"configuration file {p} does not exist") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p} is not valid TOML: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration file {p}: {e.strerror or e}") from e
+        data = _resolve_relative(data, Settings, p.resolve().parent)
     data.update(overrides)
     try:
         return Settings(**data)

@@ -321,7 +321,52 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         "source's Patient/Study attributes and its Specific Character Set.",
         "",
     ]
+    lines += _triage_section(s)
     return "\n".join(lines)
+
+
+def _triage_section(s: Settings) -> list[str]:
+    """Section 8: study-level triage and the alerts it sends (not DICOM, but what a PACS/RIS team integrates)."""
+    from node.alerts import hl7
+
+    t = s.triage
+    lines = [
+        "## 8. Triage and alerts (HL7 v2, FHIR, webhook)",
+        "",
+        f"A study is decided when no instance arrived for {t.stable_s:g} s (`triage.stable_s`) and none of its "
+        "instances is waiting for analysis; a late instance makes a new revision, and a destination is never told "
+        "the same finding of a study twice. The level is the most pressing of the rules that hold "
+        "(`[[triage.rules]]`); a rule whose finding comes from a model marked experimental raises nothing unless "
+        f"`triage.allow_experimental` (default {str(t.allow_experimental).lower()}). A study with no analysable "
+        "image is `routine` with the reason \"no analysable image\". Default rules:",
+        "",
+    ]
+    lines += _table(["Rule", "Level", "When"], [
+        (r.name, r.level, ", ".join(f"`{k}` = {v:g}" for k, v in r.when.model_dump().items() if v is not None))
+        for r in t.rules])
+    lines += [
+        "The SR of an image whose patient (Patient ID and Issuer) has an earlier decided study carries the "
+        "prior's severity and the change in its opacity group and lists the prior image in the Pertinent Other "
+        "Evidence Sequence.",
+        "",
+        f"**HL7 v{hl7.VERSION} ORU^R01 over MLLP** (waits for the ACK: AA/CA delivered, AE/CE retried, AR/CR "
+        "dead at once). OBX-3 observation identifiers:",
+        "",
+    ]
+    observations = [v for k, v in vars(hl7).items() if k.startswith("OBS_")]
+    lines += _table(["Code", "Meaning", "Coding system"], [(f"`{c}`", m, sys_) for c, m, sys_ in observations])
+    lines += [
+        "**FHIR R4**: a transaction Bundle (Patient, Observations, DiagnosticReport referencing the ImagingStudy by "
+        "its Study Instance UID), every entry a conditional create, POSTed with a bearer token. "
+        "**Webhook**: JSON signed with HMAC-SHA256 (`X-CXRNode-Timestamp`, `X-CXRNode-Signature`), no patient "
+        "fields unless `include_patient`. docs/operations.md has an example of each.",
+        "",
+        f"Each alert is tried up to {t.max_attempts} times (`triage.max_attempts`, backoff `triage.backoff_*`), "
+        "then it is *dead* until `cxrnode alerts retry` or the console's worklist retries it; every attempt is "
+        "audited.",
+        "",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

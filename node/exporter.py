@@ -18,7 +18,7 @@ from node import metrics
 from node.audit import AuditStore, InstanceState
 from node.audit.models import Event, Export, ExportState, Instance, as_utc, utcnow
 from node.config import Settings
-from node.sender import Destination, FileStatus, SendError, backoff_delay, client_ssl_context, send
+from node.sender import Destination, FileStatus, SendError, backoff_delay, send, tls_client_context
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,7 @@ class Exporter:
             return 0
         started = utcnow()
         cfg = self.settings.sender
-        ssl_context = None
-        if ae.tls:
-            tls = self.settings.dicom.tls
-            ssl_context = client_ssl_context(tls.ca_file, tls.cert_file, tls.key_file)
+        ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
         try:
             statuses = send([e.file_path for e in exports],
                             Destination(ae.name, ae.host, ae.port, ae.tls),

@@ -26,7 +26,7 @@ from node.prepare import Geometry, masks_to_source
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
 from node.results.seg import build_seg
-from node.results.sr import build_sr
+from node.results.sr import PriorComparison, build_sr
 from workers.api import MASK_NAMES, AnalyzeResult
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
     if result.error:
         return _failed(store, result.job_id, f"worker: {result.error}")
     try:
-        files = _write_results(settings, inst, result)
+        files = _write_results(settings, store, inst, result)
         destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
         exports = [NewExport(dest, kind, str(path), _sop_instance_uid(path))
                    for dest in dict.fromkeys(destinations) for kind, path in files.wanted(settings)]
@@ -106,12 +106,14 @@ def summary(result: AnalyzeResult) -> dict[str, object]:
         "pneumothorax_probability": result.pneumothorax_probability,
         "pneumothorax_side": result.pneumothorax_side,
         "models": [f"{m.name} {m.version} ({m.status})" for m in result.models],
+        # The same, structured: triage reads each model's status (experimental findings raise no level).
+        "model_cards": [{"name": m.name, "version": m.version, "status": m.status} for m in result.models],
         "timings_ms": result.timings_ms,
         "warnings": result.warnings,
     }
 
 
-def _write_results(settings: Settings, inst: Instance, result: AnalyzeResult) -> ResultFiles:
+def _write_results(settings: Settings, store: AuditStore, inst: Instance, result: AnalyzeResult) -> ResultFiles:
     folder = run_dir(settings, result.job_id)
     folder.mkdir(parents=True, exist_ok=True)
     seg_path, sr_path = folder / "seg.dcm", folder / "sr.dcm"
@@ -134,7 +136,7 @@ def _write_results(settings: Settings, inst: Instance, result: AnalyzeResult) ->
     device = device_info(settings)
     seg = build_seg(source, masks, result.models, device=device)
     sr = build_sr(source, seg, result, pixel_spacing_mm=geometry.prepared_pixel_spacing_mm, device=device,
-                  notes=geometry.notes)
+                  notes=geometry.notes, prior=prior_comparison(store, inst, source))
     _atomic_save(seg, seg_path)
     _atomic_save(sr, sr_path)
     if overlay_path is not None and pixels is not None:
@@ -143,6 +145,21 @@ def _write_results(settings: Settings, inst: Instance, result: AnalyzeResult) ->
         _atomic_save(overlay, overlay_path)
     log.info("results for %s written to %s", result.job_id, folder)
     return ResultFiles(seg_path, sr_path, overlay_path)
+
+
+def prior_comparison(store: AuditStore, inst: Instance, source: Dataset) -> PriorComparison | None:
+    """The patient's last prior decided by triage (same Patient ID and issuer, an earlier study), which
+    the SR compares against; the triage decision of this study finds the same one."""
+    prior = store.find_prior(study_id=inst.study_id or 0, patient_id=str(source.get("PatientID", "") or ""),
+                             issuer=str(source.get("IssuerOfPatientID", "") or ""),
+                             study_date=str(source.get("StudyDate", "") or "")[:8])
+    if prior is None or prior.severity_score is None:
+        return None
+    image = store.find_live_instance(str(prior.summary.get("severity_sop_instance_uid") or ""))
+    return PriorComparison(
+        study_instance_uid=store.study_uid(prior.study_id), study_date=prior.study_date,
+        severity_score=prior.severity_score, series_instance_uid=image.series_instance_uid if image else "",
+        sop_class_uid=image.sop_class_uid if image else "", sop_instance_uid=image.sop_instance_uid if image else "")
 
 
 def published_geometry(inst: Instance, job_id: str) -> Geometry | None:

@@ -106,7 +106,10 @@ def queue_depth(url: str, queue: str, timeout: float = 2.0) -> int | None:
     try:
         with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
-            ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+            # Not passive: Redis deletes an empty list, so a passive declare of an empty queue fails
+            # ("no queue") and the depth gauge vanished exactly when all work was done. Declaring is
+            # harmless on every transport (no key is written on Redis).
+            ok = conn.default_channel.queue_declare(queue=queue, passive=False)
             return int(ok.message_count)
     except Exception as e:  # noqa: BLE001 — unknown depth is shown as such
         log.debug("queue depth of %s unavailable: %s", queue, e)

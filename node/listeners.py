@@ -28,9 +28,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import metrics
 from node.analysis import Publisher
 from node.audit import AuditStore
 from node.celery_app import make_celery
@@ -76,6 +78,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def metrics_folder(settings: Settings) -> Path:
+    """Where listener processes leave their metrics for the parent's /metrics (`node.metrics`)."""
+    return settings.storage.data_dir / "metrics" / "listeners"
+
+
 def serve_listener(settings: Settings, index: int, stop: threading.Event) -> None:
     """The default listener: ingest + SCP on the shared port until `stop`, then a graceful end."""
     store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
@@ -85,12 +92,15 @@ def serve_listener(settings: Settings, index: int, stop: threading.Event) -> Non
         dispatcher.set_handoff(Publisher(make_celery(settings)))
     ingest = Ingest(settings, store, Spool(settings.storage.data_dir), dispatcher)
     listener = Listener(settings, ingest, server_class=ReusePortAssociationServer, name=f"listener{index}")
+    metrics.reset_listener_metrics()
+    snapshots = metrics.SnapshotWriter(metrics_folder(settings)).start()
     dispatcher.start()
     listener.start()
     log.info("listener %d (pid %d) accepting", index, os.getpid())
     stop.wait()
     listener.stop()
     dispatcher.close()
+    snapshots.stop()
     store.close()
     log.info("listener %d stopped", index)
 
@@ -177,6 +187,7 @@ def run_listeners(settings: Settings, n: int, target: ListenerTarget = serve_lis
     port = int(reserved.getsockname()[1])
     settings = settings.model_copy(update={"dicom": d.model_copy(update={"port": port})})
     bootstrap(settings)  # no database connection crosses the fork
+    metrics.aggregate_listeners(metrics_folder(settings))  # /metrics sums what every listener counted
     pool = ListenerPool(settings, n, target).start()
     stop = stop_on_signals(stop)
     services = NodeServices(settings)  # threads start only now, after the fork

@@ -5,14 +5,27 @@ the web server each count what they see). Numbers the audit database already kno
 state, dead exports — are read at scrape time by `AuditCollector`, so they are right across
 processes and restarts. `/metrics` on the web server renders `REGISTRY`.
 
+With `dicom.listeners > 1` the receiving happens in forked listener processes, whose counters the
+parent's `/metrics` would never see. Each listener writes a snapshot of the receiving metrics
+(`LISTENER_METRICS`) to a folder every `SNAPSHOT_INTERVAL_S` and when it stops; the parent's
+`ListenerAggregate` adds every snapshot to its own values at scrape time. Snapshots are per process
+id and kept after the process ends, so a listener that dies and is replaced does not make a counter
+go down (at most its last interval is lost). The prometheus_client multiprocess mode was not used:
+it must be chosen before prometheus_client is imported and does not support `Info`.
+
 Label values are small fixed vocabularies (states, reasons, stage names): never put UIDs, AE titles
 of arbitrary peers or anything patient-related in a label.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -64,6 +77,12 @@ INFERENCE_SECONDS = Histogram(
     buckets=_SECONDS_BUCKETS, registry=REGISTRY)
 RECEIVED_BYTES = Counter(
     "cxrnode_received_bytes_total", "Bytes of DICOM datasets received by C-STORE", registry=REGISTRY)
+TRIAGE_DECISIONS = Counter(
+    "cxrnode_triage_decisions_total", "Study triage decisions made in this process, by level", ["level"],
+    registry=REGISTRY)
+ALERTS = Counter(
+    "cxrnode_alert_attempts_total", "Triage alert delivery attempts, by destination type and result",
+    ["kind", "result"], registry=REGISTRY)
 WEB_ACTIONS = Counter(
     "cxrnode_web_actions_total", "Changes made in the admin console, by action", ["action"],
     registry=REGISTRY)
@@ -115,6 +134,14 @@ def set_queue_depth(n: int) -> None:
     _last_queue_depth = n
 
 
+def count_triage(level: str) -> None:
+    TRIAGE_DECISIONS.labels(level=level).inc()
+
+
+def count_alert(kind: str, result: str) -> None:
+    ALERTS.labels(kind=kind, result=result).inc()
+
+
 def count_web_action(action: str) -> None:
     WEB_ACTIONS.labels(action=action).inc()
 
@@ -130,8 +157,12 @@ class AuditCollector(Collector):
     def __init__(self, instance_counts: Callable[[], Mapping[str, int]],
                  export_counts: Callable[[], Mapping[str, int]] | None = None,
                  queue_depth: Callable[[], int | None] | None = None,
-                 event_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 event_counts: Callable[[], Mapping[str, int]] | None = None,
+                 triage_counts: Callable[[], Mapping[str, int]] | None = None,
+                 alert_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
         self._instance_counts = instance_counts
+        self._triage_counts = triage_counts
+        self._alert_counts = alert_counts
         self._export_counts = export_counts
         self._queue_depth = queue_depth
         self._event_counts = event_counts
@@ -152,6 +183,19 @@ class AuditCollector(Collector):
                 for state, n in sorted(self._export_counts().items()):
                     exp.add_metric([state], n)
                 yield exp
+            if self._triage_counts is not None:
+                counts = self._triage_counts()
+                tri = GaugeMetricFamily("cxrnode_triage_studies", "Decided studies in the audit DB by triage level",
+                                        labels=["level"])
+                for level in ("critical", "urgent", "routine"):  # always all three: alerts need a series
+                    tri.add_metric([level], counts.get(level, 0))
+                yield tri
+            if self._alert_counts is not None:
+                al = GaugeMetricFamily("cxrnode_alerts_in_state", "Triage alerts in the audit DB by state",
+                                       labels=["state"])
+                for state, n in sorted(self._alert_counts().items()):
+                    al.add_metric([state], n)
+                yield al
             if self._event_counts is not None:
                 # The append-only event table is a set of counters that survive restarts and span every
                 # process: association.accepted/rejected, instance.<state>, export.sent/retry/dead, ae.*, web.*
@@ -178,6 +222,116 @@ def register_audit_collector(collector: AuditCollector) -> None:
         REGISTRY.unregister(_audit_collector)
     REGISTRY.register(collector)
     _audit_collector = collector
+
+
+#: What listener processes count: associations, C-STORE statuses, bytes, instances, stage latencies.
+LISTENER_METRICS: tuple[Any, ...] = (ASSOCIATIONS, INSTANCES, STORE_STATUS, RECEIVED_BYTES, STAGE_SECONDS)
+SNAPSHOT_INTERVAL_S = 2.0
+
+
+def write_snapshot(folder: Path, metrics: Iterable[Any] = LISTENER_METRICS) -> Path:
+    """Write this process's values of `metrics` to `folder`/<pid>.json (atomically)."""
+    families = [{"name": fam.name, "type": fam.type, "doc": fam.documentation,
+                 "samples": [[smp.name, smp.labels, smp.value] for smp in fam.samples]}
+                for metric in metrics for fam in metric.collect()]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{os.getpid()}.json"
+    tmp = folder / f".{os.getpid()}.json.tmp"
+    tmp.write_text(json.dumps(families))
+    os.replace(tmp, path)
+    return path
+
+
+def reset_listener_metrics() -> None:
+    """Zero `LISTENER_METRICS` in a freshly forked listener: it inherited the parent's values, which the
+    parent reports itself."""
+    for metric in (ASSOCIATIONS, INSTANCES, STORE_STATUS, STAGE_SECONDS):
+        metric.clear()
+    RECEIVED_BYTES.reset()
+
+
+class SnapshotWriter:
+    """In a listener process: `write_snapshot` every interval until `stop()`, then once more."""
+
+    def __init__(self, folder: Path, interval_s: float = SNAPSHOT_INTERVAL_S) -> None:
+        self.folder, self.interval_s = folder, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-snapshot", daemon=True)
+
+    def start(self) -> SnapshotWriter:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            write_snapshot(self.folder)
+        except OSError as e:
+            log.warning("cannot write the metrics snapshot to %s: %s", self.folder, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._write()
+
+
+class ListenerAggregate(Collector):
+    """In the parent: `metrics` summed over this process and every snapshot in `folder`."""
+
+    def __init__(self, folder: Path, metrics: Iterable[Any] = LISTENER_METRICS) -> None:
+        self.folder = folder
+        self.metrics = tuple(metrics)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+
+        def add(name: str, type_: str, doc: str, samples: Iterable[Any]) -> None:
+            values = families.setdefault(name, (type_, doc, {}))[2]
+            for sample_name, labels, value in samples:
+                key = (sample_name, tuple(sorted(labels.items())))
+                values[key] = values.get(key, 0.0) + float(value)
+
+        for metric in self.metrics:
+            for fam in metric.collect():
+                add(fam.name, fam.type, fam.documentation, ((x.name, x.labels, x.value) for x in fam.samples))
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                for fam in json.loads(path.read_text()):
+                    if fam["name"] in families:  # only the metrics this collector stands for
+                        add(fam["name"], fam["type"], fam["doc"], fam["samples"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("skipping metrics snapshot %s: %s", path, e)
+        for name, (type_, doc, values) in families.items():
+            family = Metric(name, doc, type_)
+            for (sample_name, labels), value in values.items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+
+
+_aggregate: ListenerAggregate | None = None
+
+
+def aggregate_listeners(folder: Path) -> ListenerAggregate:
+    """In the parent of listener processes: export `LISTENER_METRICS` summed over them all (replacing
+    this process's own series of those metrics, which the aggregate includes). Empties `folder`."""
+    global _aggregate
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):
+        old.unlink()
+    if _aggregate is None:
+        for metric in LISTENER_METRICS:
+            REGISTRY.unregister(metric)
+    else:
+        REGISTRY.unregister(_aggregate)
+    _aggregate = ListenerAggregate(folder)
+    REGISTRY.register(_aggregate)
+    return _aggregate
 
 
 def render() -> bytes:

@@ -21,7 +21,7 @@ from node.exporter import Exporter
 from node.handoff import Dispatcher
 from node.supervisor import ChildSpec, Supervisor
 from node.tasks import SETTINGS_JSON_ENV
-from workers.api import BROKER_ENV, INFERENCE_QUEUE, NODE_QUEUE, RESULT_BACKEND_ENV
+from workers.api import BROKER_ENV, INFERENCE_QUEUE, NODE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def worker_children(settings: Settings) -> list[ChildSpec]:
              "-c", str(settings.broker.worker_concurrency), "--pool", "prefork", "-n", "inference@%h", *quiet],
             # One intra-op thread: the node shares the cores, and oversubscribed OpenMP/ORT pools ran
             # 2x (ONNX) to 10x (torch) slower here (bench-results/worker.json).
-            env={**broker_env, "CXRNODE_TASK_TIME_LIMIT": str(settings.broker.task_time_limit),
+            env={**broker_env, TIME_LIMIT_ENV: str(settings.broker.task_time_limit),
                  "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings)),
                  "CXRNODE_WORKER_THREADS": os.environ.get("CXRNODE_WORKER_THREADS", "1")},
             log_file=logs / "inference-worker.log"))

@@ -28,7 +28,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
-from node.config import SenderConfig
+from node.config import SenderConfig, TLSConfig, TriageConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +126,9 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
             assoc.release()
 
 
-def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, timeout_s: float,
-               ssl_context: ssl.SSLContext | None, watch: _AssociationWatch) -> Association | None:
-    """An established association, None when the peer accepted no context, else SendError."""
-    contexts = _contexts(loaded)
-    if len(contexts) > MAX_CONTEXTS:
-        raise SendError(f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}: split the batch",
-                        retryable=False)
+def _open(destination: Destination, calling_ae: str, timeout_s: float, ssl_context: ssl.SSLContext | None,
+          contexts: list[Any], watch: _AssociationWatch, purpose: str) -> Association:
+    """Request an association to `destination` (TLS when it says so, verified like every outgoing one)."""
     if destination.tls and ssl_context is None:
         raise SendError(f"destination {destination.ae_title} needs TLS but no TLS context is configured",
                         retryable=False)
@@ -140,11 +136,22 @@ def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: 
     for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, timeout, timeout_s)
     ae.requested_contexts = contexts
+    # The peer's certificate is checked against its configured host name (server_hostname), as HTTPS does.
     tls_args = (ssl_context, destination.host) if destination.tls and ssl_context is not None else None
-    log.info("association to %s@%s:%d for %d objects", destination.ae_title, destination.host, destination.port,
-             len(loaded))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
-                         evt_handlers=watch.handlers())
+    log.info("association to %s@%s:%d%s for %s", destination.ae_title, destination.host, destination.port,
+             " (TLS)" if tls_args else "", purpose)
+    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
+                        evt_handlers=watch.handlers())
+
+
+def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, timeout_s: float,
+               ssl_context: ssl.SSLContext | None, watch: _AssociationWatch) -> Association | None:
+    """An established association, None when the peer accepted no context, else SendError."""
+    contexts = _contexts(loaded)
+    if len(contexts) > MAX_CONTEXTS:
+        raise SendError(f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}: split the batch",
+                        retryable=False)
+    assoc = _open(destination, calling_ae, timeout_s, ssl_context, contexts, watch, f"{len(loaded)} objects")
     if assoc.is_established:
         return assoc
     if watch.connected and watch.rejection is None and assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -154,7 +161,51 @@ def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: 
     raise watch.error(destination)
 
 
-def backoff_delay(attempt: int, cfg: SenderConfig) -> float:
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    status: int | None  # the C-ECHO status, None when there was no response
+    detail: str  # "success" or why not, in the words the exporter uses for the same failure
+    seconds: float
+
+
+def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0,
+         ssl_context: ssl.SSLContext | None = None) -> EchoResult:
+    """One C-ECHO, set up exactly like a delivery (`send`): same TLS, same diagnosis of failures.
+
+    The CLI and the console both echo through this (via `node.ae_admin.echo_ae`), so an echo that
+    succeeds means the results can get through the same way. Never raises for network problems.
+    """
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    watch = _AssociationWatch()
+    start = time.perf_counter()
+    status: int | None = None
+    try:
+        assoc = _open(destination, calling_ae, timeout_s, ssl_context, [build_context(Verification)], watch,
+                      "C-ECHO")
+        if not assoc.is_established:
+            if not watch.connected:
+                raise _diagnose_connect(destination, ssl_context if destination.tls else None, timeout_s)
+            raise watch.error(destination)
+        try:
+            rsp = assoc.send_c_echo()
+            status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+        finally:
+            assoc.release()
+    except SendError as e:
+        return EchoResult(False, None, e.reason, time.perf_counter() - start)
+    except (OSError, RuntimeError, ValueError) as e:
+        return EchoResult(False, None, f"{type(e).__name__}: {e}", time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if status == 0x0000:
+        return EchoResult(True, status, "success", elapsed)
+    if status is None:
+        return EchoResult(False, None, watch.reason() or "no C-ECHO response (DIMSE timeout or abort)", elapsed)
+    return EchoResult(False, status, f"C-ECHO status 0x{status:04X}", elapsed)
+
+
+def backoff_delay(attempt: int, cfg: SenderConfig | TriageConfig) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based): initial * factor^(n-1), capped."""
     if attempt < 1:
         raise ValueError("attempts are numbered from 1")
@@ -248,6 +299,12 @@ def client_ssl_context(ca_file: Path | None = None, cert_file: Path | None = Non
     if cert_file is not None:
         context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     return context
+
+
+def tls_client_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The node's one TLS client context for outgoing associations (deliveries, C-ECHO): `dicom.tls`'s
+    CA verifies the peer, its certificate and key identify the node."""
+    return client_ssl_context(tls.ca_file, tls.cert_file, tls.key_file)
 
 
 # --- internals ------------------------------------------------------------------------------------

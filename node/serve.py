@@ -24,15 +24,18 @@ from types import FrameType
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.alerts.deliver import Alerter
 from node.audit import AuditStore
 from node.config import Settings
 from node.handoff import Dispatcher, HandoffContext
 from node.health import CheckResult, supervised_workers_probe
 from node.ingest import Ingest
 from node.pipeline import Pipeline
+from node.preflight import check_start
 from node.retention import RetentionLoop
 from node.scp import StorageSCP
 from node.spool import Spool
+from node.triage.engine import TriageEngine
 from node.web.server import WebServer, start_console
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,10 @@ class NodeServices:
         if self.pipeline is not None:
             self.pipeline.attach(self.dispatcher)
         self.retention = RetentionLoop(settings, self.store)
+        # Study-level triage and its alerts; off with triage.enabled = false (results are still sent).
+        self.alerter = Alerter(settings, self.store) if settings.triage.enabled else None
+        self.triage = TriageEngine(settings, self.store, on_alerts=self.alerter.wake) \
+            if self.alerter is not None else None
         self.web: WebServer | None = None
         self._running = False
 
@@ -124,6 +131,9 @@ class NodeServices:
         self._running = True
         self.ingest.resume_pending()
         self.retention.start()
+        if self.triage is not None and self.alerter is not None:
+            self.alerter.start()
+            self.triage.start()
         # Before the DICOM port is bound: a production config without a console password stops here.
         self.web = start_console(self.settings, self.store, enqueue_analysis=self.dispatcher.submit,
                                  kick_sender=self.pipeline.exporter.wake if self.pipeline else None,
@@ -158,6 +168,9 @@ class NodeServices:
         if self.web is not None:
             self.web.stop()
         self.retention.stop()
+        if self.triage is not None and self.alerter is not None:
+            self.triage.stop()
+            self.alerter.stop()
         if self._running:
             self.dispatcher.close()
             if self.pipeline is not None:
@@ -193,8 +206,10 @@ class Node:
         self.services.stop()
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
+def serve(settings: Settings, source: str = "the configuration") -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status. Raises ConfigError, before anything starts,
+    for every problem `cxrnode config check` also reports (`node.preflight`)."""
+    check_start(settings, source)
     if settings.dicom.listeners > 1:
         # Several receiving processes on one port: one interpreter receives about one core's worth.
         from node.listeners import run_listeners

@@ -17,14 +17,13 @@ from celery import signals
 
 from node.audit import AuditStore
 from node.celery_app import make_celery
-from node.config import Settings, load_settings
+from node.config import Settings, find_config, load_settings
 from node.finish import finish_analysis
 from workers import broker
 from workers.api import FINISH_TASK, NODE_QUEUE, AnalyzeResult
 
 log = logging.getLogger(__name__)
 
-CONFIG_ENV = "CXRNODE_CONFIG"
 #: `cxrnode serve` passes its validated settings to the worker it spawns, so both see one configuration.
 SETTINGS_JSON_ENV = "CXRNODE_SETTINGS_JSON"
 
@@ -33,7 +32,7 @@ SETTINGS_JSON_ENV = "CXRNODE_SETTINGS_JSON"
 def _settings() -> Settings:
     if raw := os.environ.get(SETTINGS_JSON_ENV):
         return Settings.model_validate_json(raw)
-    return load_settings(os.environ.get(CONFIG_ENV) or None)
+    return load_settings(find_config())
 
 
 @cache

@@ -40,6 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else [shared_data_root() / d for d in task.negatives],
         negatives_per_source=task.negatives_per_source if args.negatives_per_source is None
         else args.negatives_per_source,
+        negatives_where=dict(w.split("=", 1) for w in args.negatives_where or []),
         run_dir=Path(args.run or RUNS / args.task), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes,
         epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads, workers=args.workers, device=args.device,
@@ -47,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weak_data=[Path(w) for w in args.weak_data] if args.weak_data is not None
         else [shared_data_root() / d for d in task.weak_data],
         weak_train_folds=tuple(args.weak_train_folds), weak_val_folds=tuple(args.weak_val_folds),
-        weak_weight=args.weak_weight)
+        weak_weight=args.weak_weight, extent_weight=args.extent_weight)
     train(cfg, resume=args.resume)
     return 0
 
@@ -64,6 +65,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     weights_dir = Path(args.weights_dir) if args.weights_dir else None
+    if args.model == "extent":
+        from training.ralo import evaluate_extent
+
+        out = Path(args.out or RUNS / "eval" / "extent")
+        summary = evaluate_extent(_folders(args.data, ["severity_ralo"])[0], out, folds=args.folds,
+                                  weights_dir=weights_dir, lung_checkpoint=_path(args.lung_checkpoint),
+                                  opacity_checkpoint=_path(args.opacity_checkpoint))
+        _stamp(out, summary, args.argv)
+        return 0
     if args.model == "severity":
         folders = _folders(args.data, ["severity"])
         out = Path(args.out or RUNS / "eval" / "severity")
@@ -170,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", nargs="+", help="shared-format folders with masks (default: the task's)")
     t.add_argument("--negatives", nargs="*", help="folders free of the structure (all-zero masks)")
     t.add_argument("--negatives-per-source", type=int, default=None)
+    t.add_argument("--negatives-where", nargs="+", metavar="COLUMN=VALUE",
+                   help="only negatives rows with this index value, e.g. class=Normal (covid_opacity_negatives)")
     t.add_argument("--run", help="run directory (default runs/<task>)")
     t.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
     t.add_argument("--epochs", type=int, default=10)
@@ -190,12 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader processes for augmentation (0 = in the training process; use the cores on a GPU)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when available (mixed precision), else CPU")
-    t.add_argument("--weak-data", nargs="*", help="severity-format folders for the weak zone loss "
+    t.add_argument("--weak-data", nargs="*", help="severity-format folders for the weak zone loss, "
+                                                  "severity_ralo-format ones for the per-lung extent loss "
                                                   "(default: the task's; no folder = none)")
     t.add_argument("--weak-train-folds", nargs="+", type=int, default=[0, 1, 2])
     t.add_argument("--weak-val-folds", nargs="+", type=int, default=[3],
                    help="weak-label folds for validation; folds in neither list are never read (test)")
     t.add_argument("--weak-weight", type=float, default=1.0)
+    t.add_argument("--extent-weight", type=float, default=1.0,
+                   help="weight of the per-lung extent loss of severity_ralo-format --weak-data folders")
     t.add_argument("--init", help="fine-tune from a checkpoint (*.pt) or a shipped model name (e.g. lung)")
     t.add_argument("--arch")
     t.add_argument("--encoder")
@@ -203,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="Dice/IoU/HD95 per image + summary; `severity` for labels.csv folders")
-    e.add_argument("model", choices=[*sorted(TASKS), "severity"])
+    e.add_argument("model", choices=[*sorted(TASKS), "severity", "extent"],
+                   help="severity: 0-6 zone score on labels.csv folders; extent: RALO per-lung "
+                        "geographic extent 0-4 (severity_ralo/) MAE, e.g. on held-out --folds 4")
     e.add_argument("--data", nargs="+", help="shared-format folders (default: the task's)")
     e.add_argument("--negatives", nargs="*", help="folders free of the structure (pneumothorax)")
     e.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the shipped weights")

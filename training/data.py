@@ -39,6 +39,11 @@ class Sample:
     pixel_labels: bool = True
     zone_target: tuple[float, ...] = ()
     score: float | None = None
+    # Per-lung RALO geographic extent (severity_ralo/, training.ralo; a 0-4 scale per lung, never the
+    # 0-6 score): `extent_bounds` = right lo, right hi, left lo, left hi fraction of the lung;
+    # `extent_score` = the raters' mean extent of the right and left lung.
+    extent_bounds: tuple[float, ...] = ()
+    extent_score: tuple[float, ...] = ()
 
 
 def index_file(folder: Path) -> Path:
@@ -140,6 +145,8 @@ class Cached:
     zones: np.ndarray | None = None  # uint8 6xSxS lung zones, for weak labels (training.weak)
     zone_target: np.ndarray = field(default_factory=lambda: np.full(ZONES, np.nan, np.float32))
     score: float = math.nan  # 0-6 severity reference; NaN = none
+    extent_bounds: np.ndarray = field(default_factory=lambda: np.full(4, np.nan, np.float32))  # training.ralo
+    extent_score: np.ndarray = field(default_factory=lambda: np.full(2, np.nan, np.float32))
 
 
 def cache_samples(samples: Sequence[Sample], structures: Sequence[str], size: int) -> list[Cached]:
@@ -157,7 +164,9 @@ def cache_samples(samples: Sequence[Sample], structures: Sequence[str], size: in
         zone_target = np.array(s.zone_target or [math.nan] * ZONES, np.float32)
         out.append(Cached(resize_image(image, size), target, resize_mask(valid, size).astype(np.uint8),
                           float(any(m.any() for m in masks)), zone_target=zone_target,
-                          score=math.nan if s.score is None else s.score))
+                          score=math.nan if s.score is None else s.score,
+                          extent_bounds=np.array(s.extent_bounds or [math.nan] * 4, np.float32),
+                          extent_score=np.array(s.extent_score or [math.nan] * 2, np.float32)))
         if (i + 1) % 200 == 0:
             log.info("cached %d/%d images", i + 1, len(samples))
     return out
@@ -172,7 +181,7 @@ Item = dict[str, np.ndarray | np.float32]
 class SegmentationDataset:
     """torch-style dataset over cached samples; an item is a dict of arrays that the default collate
     stacks: x (1xSxS), target (CxSxS), valid (1xSxS), positive, zones (6xSxS uint8), zone_target (6),
-    score.
+    score, extent_bounds (4) and extent_score (2) (training.ralo).
     """
 
     def __init__(self, cached: Sequence[Cached], augment: Augment | None = None) -> None:
@@ -199,4 +208,5 @@ class SegmentationDataset:
         return {"x": normalise(image)[None], "target": target.astype(np.float32),
                 "valid": np.asarray(valid, np.float32)[None], "positive": np.float32(c.positive),
                 "zones": np.asarray(zones, np.uint8), "zone_target": c.zone_target,
-                "score": np.float32(c.score)}
+                "score": np.float32(c.score), "extent_bounds": c.extent_bounds,
+                "extent_score": c.extent_score}

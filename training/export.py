@@ -76,9 +76,13 @@ def build_card(run_dir: Path, evaluation: dict[str, Any], command: str, *, statu
                                                        "warmup_steps", "patience", "augment")},
             "loss": "BCE + soft Dice" + (" + 0.5 x BCE on the presence head" if "presence" in str(history[-1])
                                           else "")
-            + (" + weak zone loss on severity labels (training.weak)" if config.get("weak_data") else ""),
+            + (" + weak zone loss on severity labels (training.weak)" if config.get("weak_data") else "")
+            + (" + per-lung extent hinge on severity_ralo labels (training.ralo)"
+               if any("ralo" in str(w) for w in config.get("weak_data") or []) else ""),
             "weak_labels": {k: config[k] for k in ("weak_data", "weak_train_folds", "weak_val_folds",
-                                                   "weak_weight")} if config.get("weak_data") else None,
+                                                   "weak_weight", "extent_weight") if k in config}
+            if config.get("weak_data") else None,
+            **({"negatives_where": config["negatives_where"]} if config.get("negatives_where") else {}),
             "initialised_from": config.get("init") or "random",
             "optimizer": "AdamW, linear warm-up + cosine decay",
             "history": history,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from training.augment import radiograph_augment
 from training.data import Cached, Sample, SegmentationDataset, cache_samples, read_folder
 from training.losses import bce_dice_loss
+from training.ralo import extent_loss, hard_extents, is_ralo_folder, ralo_samples
 from training.severity_eval import THRESHOLDS as VAL_ZONE_THRESHOLDS
 from training.splits import split, write_split
 from training.weak import ZONE_THRESHOLD, attach_zones, hard_fractions, severity_samples, zone_loss
@@ -41,6 +42,10 @@ class TrainConfig:
     run_dir: Path
     negatives: list[Path] = field(default_factory=list)
     negatives_per_source: int = 0
+    # Keep only the negatives rows whose index column equals the value (e.g. {"class": "Normal"} for
+    # covid_opacity_negatives: its Non-COVID pneumonias have undrawn opacities); folders without the
+    # column are not filtered.
+    negatives_where: dict[str, str] = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 8
     lr: float = 1e-3
@@ -72,6 +77,9 @@ class TrainConfig:
     weak_train_folds: tuple[int, ...] = (0, 1, 2)
     weak_val_folds: tuple[int, ...] = (3,)
     weak_weight: float = 1.0
+    # severity_ralo-format folders among `weak_data` train through the per-lung extent loss
+    # (training.ralo), weighted by this, on the same folds.
+    extent_weight: float = 1.0
 
 
 def seed_everything(seed: int) -> None:
@@ -84,6 +92,8 @@ def collect_samples(cfg: TrainConfig) -> list[Sample]:
     samples = [s for folder in cfg.data for s in read_folder(folder, cfg.structures)]
     for folder in cfg.negatives:
         neg = read_folder(folder, cfg.structures, negative=True)
+        for column, value in cfg.negatives_where.items():
+            neg = [s for s in neg if column not in s.row or s.row[column] == value]
         if cfg.negatives_per_source:
             # A fixed, seed-dependent choice; sorted by a hash so it does not follow file order.
             rng = random.Random(f"negatives|{cfg.seed}|{folder.name}")
@@ -164,6 +174,7 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
     zone_correct: list[bool] = []
     scored_fractions: list[list[float]] = []
     scores: list[float] = []
+    extent_err: list[float] = []
     losses = []
     for start in range(0, len(ds), batch_size):
         idx = list(range(start, min(len(ds), start + batch_size)))
@@ -190,6 +201,10 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
             zone_correct += (affected.float() == b["zone_target"])[zoned].tolist()
             scored_fractions += fractions[scored].tolist()
             scores += b["score"][scored].tolist()
+        extent_known = ~torch.isnan(b["extent_score"])
+        if extent_known.any():
+            extents = hard_extents(torch.sigmoid(logits), b["zones"]).to(b["extent_score"].device)
+            extent_err += (extents[extent_known] - b["extent_score"][extent_known]).abs().tolist()
         if cls is not None:
             presence_correct += ((cls.reshape(-1) > 0).float() == b["positive"]).tolist()
     by_source: dict[str, list[float]] = {}
@@ -215,6 +230,10 @@ def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence
         best = int(np.argmin(maes))
         result["val_severity_mae_tuned"], result["val_zone_threshold"] = maes[best], float(VAL_ZONE_THRESHOLDS[best])
         weak_error = result["val_severity_mae_tuned"] / 6
+    if extent_err:
+        # RALO per-lung extent (0-4) error, on its own scale; it adds to the selection on a 0-1 scale.
+        result["val_extent_mae"] = float(np.mean(extent_err))
+        weak_error += result["val_extent_mae"] / 4
     result["val_select"] = (0.0 if math.isnan(val_dice) else val_dice) - weak_error
     if presence_correct:
         result["val_presence_acc"] = float(np.mean(presence_correct))
@@ -245,10 +264,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     samples = collect_samples(cfg)
     train_s, val_s = split(samples, cfg.seed, cfg.val_fraction)
     if not val_s:  # tiny test sets: validate on the training images rather than on nothing
-        val_s = train_s
+        val_s = list(train_s)  # a copy: the weak folds below must not land on both sides
     for folder in cfg.weak_data:  # split by the folder's own patient folds
-        train_s += severity_samples(folder, cfg.weak_train_folds)
-        val_s += severity_samples(folder, cfg.weak_val_folds)
+        # severity/ (0-6 score, Brixia zones) and severity_ralo/ (0-4 extent per lung) keep their own
+        # labels and losses: the two scales are never mixed.
+        read = ralo_samples if is_ralo_folder(folder) else severity_samples
+        train_s += read(folder, cfg.weak_train_folds)
+        val_s += read(folder, cfg.weak_val_folds)
     write_split(cfg.run_dir / "split.json", train_s, val_s, cfg.seed, cfg.val_fraction,
                 weak_folds={"train": list(cfg.weak_train_folds), "validation": list(cfg.weak_val_folds)}
                 if cfg.weak_data else None)
@@ -335,6 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             loss = bce_dice_loss(logits.float(), b["target"], b["valid"])
             if cfg.weak_data:
                 loss = loss + cfg.weak_weight * zone_loss(logits.float(), b["zones"], b["zone_target"], b["score"])
+                loss = loss + cfg.extent_weight * extent_loss(logits.float(), b["zones"], b["extent_bounds"])
             if cls is not None:
                 loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(cls.float().reshape(-1),
                                                                                    b["positive"])

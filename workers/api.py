@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -170,8 +171,32 @@ class AnalyzeResult:
 
 # -- Celery settings shared by the node's app and the workers' app (one definition, two processes) -----
 
-BROKER_ENV = "CXRNODE_BROKER_URL"
-RESULT_BACKEND_ENV = "CXRNODE_RESULT_BACKEND"
+#: The node's own spelling (`[broker]` keys as CXRNODE_<SECTION>__<KEY>), so one environment file
+#: configures the node and its workers alike.
+BROKER_ENV = "CXRNODE_BROKER__URL"
+RESULT_BACKEND_ENV = "CXRNODE_BROKER__RESULT_BACKEND"
+TIME_LIMIT_ENV = "CXRNODE_BROKER__TASK_TIME_LIMIT"
+#: Spellings of earlier releases, still read with a warning (deployed worker.env files keep working).
+DEPRECATED_ENV: dict[str, str] = {"CXRNODE_BROKER_URL": BROKER_ENV, "CXRNODE_RESULT_BACKEND": RESULT_BACKEND_ENV,
+                                  "CXRNODE_TASK_TIME_LIMIT": TIME_LIMIT_ENV}
+
+
+def broker_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The worker's broker settings from `environ` (keys BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV,
+    only those given) and a warning per deprecated spelling found."""
+    values = {name: environ[name] for name in (BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV)
+              if environ.get(name)}
+    warnings = []
+    for old, new in DEPRECATED_ENV.items():
+        if not environ.get(old):
+            continue
+        if new in values:
+            if values[new] != environ[old]:
+                warnings.append(f"{old} is deprecated and ignored: {new} is set and wins")
+            continue
+        values[new] = environ[old]
+        warnings.append(f"{old} is deprecated: rename it {new} (the node's spelling)")
+    return values, warnings
 
 
 def celery_settings(broker_url: str, result_backend: str = "") -> dict[str, Any]:

@@ -1,14 +1,17 @@
 """The Celery app of the workers: `celery -A workers.tasks worker -Q inference`.
 
-Broker and result backend come from the environment, so the node (which spawns the embedded worker)
-and a GPU host configure it the same way:
+Broker and result backend come from the environment, under the node's own names, so one environment
+file configures the node and its workers (the node spawns its embedded worker the same way):
 
-- CXRNODE_BROKER_URL: default `sqla+sqlite:///var/broker.db`, the embedded, serverless broker
-  (kombu SQLAlchemy transport; see `workers.broker` for how it is made fit for this). Production:
-  `redis://host:6379/0`.
-- CXRNODE_RESULT_BACKEND: default none. Results travel to the node as a `node.finish` message, so
-  a backend only adds storage; set one (e.g. the Redis URL) to also keep task results.
-- CXRNODE_TASK_TIME_LIMIT: hard limit per task in seconds (default 600).
+- CXRNODE_BROKER__URL: the node's `[broker] url`, e.g. `redis://host:6379/0`; for the embedded
+  broker `cxrnode serve` passes its `sqla+sqlite:///…/broker.db`. Required: a worker without it
+  says so and stops (it used to fall back to a local SQLite file and wait forever for work that
+  the node was putting on Redis).
+- CXRNODE_BROKER__RESULT_BACKEND: default none. Results travel to the node as a `node.finish`
+  message, so a backend only adds storage; set one (e.g. the Redis URL) to also keep task results.
+- CXRNODE_BROKER__TASK_TIME_LIMIT: hard limit per task in seconds (default 600).
+- The spellings of earlier releases (CXRNODE_BROKER_URL, CXRNODE_RESULT_BACKEND,
+  CXRNODE_TASK_TIME_LIMIT) are still read, with a warning each (`workers.api.DEPRECATED_ENV`).
 - Model settings (weights dir, device, threads, models to load): see `workers.runner`.
 
 Reliability follows Celery's advice: tasks are idempotent (pure compute on an opaque job id),
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, signals
@@ -35,16 +39,18 @@ from workers.api import (
     MODEL_NAMES,
     NODE_QUEUE,
     RESULT_BACKEND_ENV,
+    TIME_LIMIT_ENV,
     AnalyzeRequest,
     AnalyzeResult,
+    broker_environment,
     celery_settings,
 )
 
 log = logging.getLogger(__name__)
 
-ENV_TIME_LIMIT = "CXRNODE_TASK_TIME_LIMIT"
 ENV_BROKER_RECOVER = "CXRNODE_BROKER_RECOVER"  # "0": do not requeue stranded embedded messages at start
-DEFAULT_BROKER_URL = "sqla+sqlite:///var/broker.db"
+NO_BROKER = (f"no broker configured: set {BROKER_ENV} to the node's [broker] url (e.g. redis://host:6379/0; "
+             "`cxrnode worker --config FILE` sets it from the node's configuration)")
 
 
 def worker_settings(broker_url: str, result_backend: str, time_limit: float) -> dict[str, Any]:
@@ -71,12 +77,19 @@ def worker_settings(broker_url: str, result_backend: str, time_limit: float) -> 
     return conf
 
 
-def make_app() -> Celery:
-    broker_url = os.environ.get(BROKER_ENV) or DEFAULT_BROKER_URL
-    time_limit = float(os.environ.get(ENV_TIME_LIMIT, "600"))
+def make_app(environ: Mapping[str, str] | None = None) -> Celery:
+    """The workers' app from the environment. Without a broker the app is still made (importing this
+    module must not fail, e.g. for `celery inspect`), and the worker stops at start (see below)."""
+    values, warnings = broker_environment(os.environ if environ is None else environ)
+    for warning in warnings:
+        log.warning("%s", warning)
+    broker_url = values.get(BROKER_ENV, "")
+    time_limit = float(values.get(TIME_LIMIT_ENV, "600"))
     broker.prepare(broker_url)
     celery = Celery("cxrnode")
-    celery.conf.update(worker_settings(broker_url, os.environ.get(RESULT_BACKEND_ENV, ""), time_limit))
+    celery.conf.update(worker_settings(broker_url, values.get(RESULT_BACKEND_ENV, ""), time_limit))
+    if not broker_url:
+        celery.conf.broker_url = None
     return celery
 
 
@@ -98,6 +111,14 @@ def get_runner() -> Any:
 
             _runner = ModelRunner()
         return _runner
+
+
+@signals.worker_init.connect
+def _refuse_without_broker(**_: Any) -> None:
+    """A worker with no broker would wait on a default broker the node never publishes to: stop."""
+    if not app.conf.broker_url:
+        log.critical("cannot start the worker: %s", NO_BROKER)
+        raise SystemExit(f"cxr-node worker: {NO_BROKER}")
 
 
 @signals.worker_init.connect

@@ -8,7 +8,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
@@ -60,3 +60,21 @@ def migrate(engine: Engine) -> None:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     log.debug("audit schema at head (%s)", engine.url.get_backend_name())
+
+
+def database_exists(url: str) -> bool:
+    """Whether `url` holds an audit schema a node has made (alembic's version table), creating nothing.
+
+    Admin commands open the database only when this holds: a mistyped or missing configuration
+    must not give them a new, empty database that they then report from or write into.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).is_file():
+            return False
+    engine = create_engine(url, future=True)
+    try:
+        with engine.connect() as conn:
+            return bool(inspect(conn).has_table("alembic_version"))
+    finally:
+        engine.dispose()

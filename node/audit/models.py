@@ -260,3 +260,61 @@ class ExportAttempt(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
     export: Mapped[Export] = relationship(back_populates="attempt_log")
+
+
+class TriageState(enum.StrEnum):
+    DONE = "done"  # decided for the study as it stands (a late instance makes it due again)
+
+
+class StudyTriage(Base):
+    """The triage decision of one study (node.triage): level, why, and the findings it rests on.
+
+    One row per study, rewritten when a late instance changes the decision (``revision`` + 1); every
+    decision is also an ``triage.decided`` event with the same content, so the history stays in the log.
+    ``patient_id``/``issuer_of_patient_id`` are kept here (from the source header) to find priors.
+    """
+
+    __tablename__ = "study_triage"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), unique=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    level: Mapped[str] = mapped_column(String(16), index=True)  # critical | urgent | routine
+    reasons: Mapped[list[str]] = mapped_column(default=list)
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)  # node.triage.StudyResult.to_json()
+    severity_score: Mapped[int | None]
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    # The instances the decision saw (ids), to tell when a late or re-analysed instance makes it stale.
+    inputs: Mapped[list[str]] = mapped_column(default=list)
+    decided_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class AlertState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Alert(Base):
+    """One triage alert to one alert destination (HL7, FHIR, webhook); delivered like an export."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    alert_id: Mapped[str] = mapped_column(String(64), unique=True)  # message control id, stable across retries
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # hl7 | fhir | webhook
+    level: Mapped[str] = mapped_column(String(16))
+    findings: Mapped[list[str]] = mapped_column(default=list)  # the triage rules it tells about
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)  # node.alerts.message.TriageAlert.to_json()
+    state: Mapped[str] = mapped_column(String(16), default=AlertState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    receipt: Mapped[str] = mapped_column(Text, default="")
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

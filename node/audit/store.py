@@ -37,6 +37,7 @@ from node.audit.models import (
     parse_job_id,
     utcnow,
 )
+from node.audit.triage_store import TriageStoreMixin
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -120,7 +121,7 @@ class StudySummary:
         return sum(self.states.values())
 
 
-class AuditStore:
+class AuditStore(TriageStoreMixin):
     """Typed access to the audit log. Create with :meth:`open` (migrates) or from an engine."""
 
     def __init__(self, engine: Engine) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -37,6 +38,8 @@ AREA_IN_PIXELS = hd.sr.CodedConcept("CXR004", LOCAL_SCHEME, "Pixels: source has 
 AREA_IN_CM2 = hd.sr.CodedConcept("CXR005", LOCAL_SCHEME, "Calibrated: source pixel spacing")
 DIAGNOSTIC_USE = hd.sr.CodedConcept("CXR006", LOCAL_SCHEME, "Diagnostic use")
 NOT_FOR_DIAGNOSTIC_USE = hd.sr.CodedConcept("CXR007", LOCAL_SCHEME, "Not for diagnostic use (experimental model)")
+PRIOR_SEVERITY = hd.sr.CodedConcept("CXR021", LOCAL_SCHEME, "Severity score of the prior study")
+SEVERITY_CHANGE = hd.sr.CodedConcept("CXR022", LOCAL_SCHEME, "Severity score change from the prior study")
 PROBABILITY = hd.sr.CodedConcept(dcm_codes.DCM.Probability.value, "DCM", dcm_codes.DCM.Probability.meaning)
 
 #: zone_fractions order in AnalyzeResult: right upper, middle, lower, left upper, middle, lower.
@@ -49,14 +52,29 @@ ZONE_COUNTED: tuple[hd.sr.CodedConcept, ...] = tuple(
 SIDES = {"right": codes.RIGHT, "left": codes.LEFT, "both": codes.RIGHT_AND_LEFT}
 
 
+@dataclass(frozen=True)
+class PriorComparison:
+    """The patient's last prior analysed by the node (node.triage), and the image it was scored on."""
+
+    study_instance_uid: str
+    study_date: str  # DA or ""
+    severity_score: int
+    series_instance_uid: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+
+
 def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spacing_mm: tuple[float, float] | None,
              device: DeviceInfo, notes: Sequence[str] = (), series_number: int = 9002, instance_number: int = 1,
-             series_instance_uid: str | None = None, sop_instance_uid: str | None = None) -> hd.sr.ComprehensiveSR:
+             series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
+             prior: PriorComparison | None = None) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 report for one analysed image.
 
     `pixel_spacing_mm` is the (row, column) spacing of the RESULT grid (result.rows x result.cols),
     i.e. `Prepared.prepared_pixel_spacing_mm`, or None when the source has no spacing. `notes` are
     the preparation notes (e.g. 'secondary capture', 'lossy source'), recorded with the algorithm.
+    With a `prior`, the opacity group also carries the prior's severity and the change, and the prior
+    image is listed in the Pertinent Other Evidence Sequence (its study UID and date travel with it).
     """
     if seg.StudyInstanceUID != source.StudyInstanceUID:
         raise ResultError("the SEG does not belong to the source's study")
@@ -91,7 +109,7 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
                   [area.measurement(result.lung_area_px[side])])
     if result.severity_score is not None:
         group("opacity", codes.OPACITY, [hd.sr.FindingSite(codes.LUNG, laterality=codes.RIGHT_AND_LEFT)],
-              _severity_measurements(result), _zone_evaluations(result))
+              _severity_measurements(result) + _comparison(result, prior), _zone_evaluations(result))
     if result.pneumothorax_present is not None:
         group("pneumothorax", codes.PNEUMOTHORAX, [hd.sr.FindingSite(codes.PLEURA, laterality=SIDES.get(
             result.pneumothorax_side or "", codes.RIGHT_AND_LEFT))], *_pneumothorax(result, area))
@@ -119,6 +137,8 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
     )
     sr.SeriesDescription = ("AI chest X-ray measurements" + suffix)[:64]
     sr.CodingSchemeIdentificationSequence = [_local_scheme()]
+    if prior is not None and prior.sop_instance_uid and result.severity_score is not None:
+        sr.PertinentOtherEvidenceSequence = [_evidence(prior)]
     log.info("SR built: %d measurement groups%s", len(groups), suffix)
     return sr
 
@@ -153,6 +173,28 @@ def _severity_measurements(result: AnalyzeResult) -> list[hd.sr.Measurement]:
         items.append(hd.sr.Measurement(name=OPACITY_PERCENTAGE, value=_percent(fraction), unit=codes.UNIT_PERCENT,
                                        finding_sites=[hd.sr.FindingSite(zone, laterality=side)]))
     return items
+
+
+def _comparison(result: AnalyzeResult, prior: PriorComparison | None) -> list[hd.sr.Measurement]:
+    if prior is None or result.severity_score is None:
+        return []
+    return [hd.sr.Measurement(name=PRIOR_SEVERITY, value=int(prior.severity_score), unit=codes.UNIT_SCORE),
+            hd.sr.Measurement(name=SEVERITY_CHANGE, value=int(result.severity_score) - int(prior.severity_score),
+                              unit=codes.UNIT_SCORE)]
+
+
+def _evidence(prior: PriorComparison) -> Dataset:
+    """One Hierarchical SOP Instance Reference item (study > series > instance) for the prior image."""
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = prior.sop_class_uid
+    instance.ReferencedSOPInstanceUID = prior.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = prior.series_instance_uid
+    series.ReferencedSOPSequence = [instance]
+    study = Dataset()
+    study.StudyInstanceUID = prior.study_instance_uid
+    study.ReferencedSeriesSequence = [series]
+    return study
 
 
 def _zone_evaluations(result: AnalyzeResult) -> list[hd.sr.QualitativeEvaluation]:

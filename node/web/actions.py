@@ -9,14 +9,14 @@ the instance or export up (both are idempotent), so an unwired console never los
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from node.ae_admin import AdminError, EchoResult, echo_ae
 from node.audit.models import Event, Export, ExportState, InstanceState, utcnow
 from node.audit.store import AuditStore, StoreError
+from node.config import TLSConfig
 from node.exporter import retry_exports
 
 log = logging.getLogger(__name__)
@@ -26,55 +26,15 @@ class ActionError(Exception):
     """The action cannot be done now; the message is shown to the administrator."""
 
 
-@dataclass(frozen=True)
-class EchoResult:
-    ok: bool
-    status: int | None
-    detail: str
-    seconds: float
-
-
-def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float = 10.0) -> EchoResult:
-    """One C-ECHO to a peer (a real association); never raises for network problems."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    start = time.monotonic()
-    try:
-        assoc = ae.associate(host, port, ae_title=called_ae)
-        if not assoc.is_established:
-            reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-            return EchoResult(False, None, f"{reason} ({host}:{port}, called AE {called_ae})",
-                              time.monotonic() - start)
-        try:
-            rsp = assoc.send_c_echo()
-            status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
-        finally:
-            assoc.release()
-    except (OSError, RuntimeError, ValueError) as e:
-        return EchoResult(False, None, f"{type(e).__name__}: {e}", time.monotonic() - start)
-    finally:
-        ae.shutdown()
-    elapsed = time.monotonic() - start
-    if status == 0x0000:
-        return EchoResult(True, status, f"success in {elapsed * 1000:.0f} ms", elapsed)
-    if status is None:
-        return EchoResult(False, None, "no C-ECHO response (DIMSE timeout or abort)", elapsed)
-    return EchoResult(False, status, f"C-ECHO status 0x{status:04X}", elapsed)
-
-
 class ConsoleActions:
     """The console's write operations. `enqueue_analysis(instance_id)` and `kick_sender()` do the work."""
 
-    def __init__(self, store: AuditStore, *, calling_ae: str,
+    def __init__(self, store: AuditStore, *, calling_ae: str, tls: TLSConfig | None = None,
                  enqueue_analysis: Callable[[int], None] | None = None,
                  kick_sender: Callable[[], None] | None = None) -> None:
         self.store = store
         self.calling_ae = calling_ae
+        self.tls = tls or TLSConfig()  # dicom.tls: C-ECHO reaches a TLS AE as the exporter does
         self.enqueue_analysis = enqueue_analysis
         self.kick_sender = kick_sender
 
@@ -140,18 +100,8 @@ class ConsoleActions:
         return done
 
     def echo_ae(self, name: str, user: str) -> EchoResult:
-        """C-ECHO a known AE title; the attempt is audited as an outbound association and an event."""
-        ae = self.store.get_ae(name)
-        if ae is None:
-            raise ActionError(f"no AE title {name!r}")
-        if not ae.host or not ae.port:
-            raise ActionError(f"AE {name} has no host and port to echo")
-        result = echo(ae.host, ae.port, called_ae=ae.name, calling_ae=self.calling_ae)
-        assoc_id = self.store.record_association(
-            calling_ae=self.calling_ae, called_ae=ae.name, peer_host=ae.host, peer_port=ae.port,
-            result="released" if result.ok else "rejected", reason="" if result.ok else result.detail,
-            direction="outbound")
-        self.store.add_event("ae.echo", actor=f"web:{user}", association_id=assoc_id,
-                             detail={"name": ae.name, "ok": result.ok, "detail": result.detail,
-                                     "ms": round(result.seconds * 1000, 1)})
-        return result
+        """C-ECHO a known AE title: the node's one echo (`node.ae_admin.echo_ae`, as `cxrnode ae echo`)."""
+        try:
+            return echo_ae(self.store, name, calling_ae=self.calling_ae, tls=self.tls, actor=f"web:{user}")
+        except AdminError as e:
+            raise ActionError(str(e)) from e

@@ -90,7 +90,8 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     templates.env.globals["INSTANCE_STATES"] = [str(s) for s in InstanceState]
     console = Console(
         settings=settings, store=store,
-        actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title),
+        actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+                                          tls=settings.dicom.tls),
         users=users, signer=signer, templates=templates,
         weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle())
 
@@ -99,7 +100,8 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     metrics.register_audit_collector(metrics.AuditCollector(
         lambda: queries.instance_counts(store), lambda: queries.export_counts(store),
-        lambda: queue_depth(settings.broker_url, INFERENCE_QUEUE), lambda: queries.event_counts(store)))
+        lambda: queue_depth(settings.broker_url, INFERENCE_QUEUE), lambda: queries.event_counts(store),
+        triage_counts=store.triage_level_counts, alert_counts=store.alert_counts))
 
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, exc: LoginRequired) -> Response:
@@ -113,6 +115,9 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     _add_ops_routes(app, console)
     _add_auth_routes(app, console)
     _add_pages(app, console)
+    from node.web.triage_pages import add_triage_pages
+
+    add_triage_pages(app, console)
     return app
 
 
@@ -376,7 +381,7 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             return _back("/ae", err=str(e))
         metrics.count_web_action("ae_echo")
         if result.ok:
-            return _back("/ae", msg=f"C-ECHO {name}: {result.detail}")
+            return _back("/ae", msg=f"C-ECHO {name}: {result.detail} in {result.round_trip_ms:.0f} ms")
         return _back("/ae", err=f"C-ECHO {name} failed: {result.detail}")
 
     # -- configuration views, models, dead letters, audit log --

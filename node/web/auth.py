@@ -208,20 +208,45 @@ class LoginThrottle:
             self._failures.pop(peer, None)
 
 
+def read_new_password(from_stdin: bool) -> str:
+    """The password to hash: one line of stdin with `from_stdin` or when stdin is no terminal (a pipe,
+    a script, `docker run -i`: no prompt could be answered), else prompted twice without echo.
+
+    Raises ValueError with the message for the user (nothing given, the two entries differ).
+    """
+    if from_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            raise ValueError("no password on stdin (give it as one line: "
+                             "printf '%s\\n' \"$PASSWORD\" | cxrnode web hash-password --stdin)")
+        return line.rstrip("\r\n")
+    try:
+        password = getpass.getpass("Password: ")
+        again = getpass.getpass("Again: ")
+    except EOFError as e:
+        raise ValueError("no password given") from e
+    if password != again:
+        raise ValueError("passwords differ")
+    return password
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.web.auth", description="Console password tools")
+    """`cxrnode web hash-password [--stdin]`: print a hash for web.password_hash or [[web.users]]."""
+    parser = argparse.ArgumentParser(prog="cxrnode web", description="Console password tools")
     sub = parser.add_subparsers(dest="command", required=True)
     hp = sub.add_parser("hash-password", help="print a password hash for web.password_hash or a [[web.users]] entry")
     hp.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
-    hp.add_argument("--stdin", action="store_true", help="read the password from stdin (no prompt)")
+    hp.add_argument("--stdin", action="store_true",
+                    help="read the password as one line from stdin, no prompt (the default when stdin is no terminal)")
     args = parser.parse_args(argv)
-    if args.stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = getpass.getpass("Password: ")
-        if password != getpass.getpass("Again: "):
-            sys.stderr.write("passwords differ\n")
-            return 1
+    try:
+        password = read_new_password(args.stdin)
+    except ValueError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 1
     if len(password) < 8:
         sys.stderr.write("use at least 8 characters\n")
         return 1

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import uvicorn
 
 from node.audit.store import AuditStore
-from node.config import Settings, load_settings
+from node.config import Settings, find_config, load_settings
 from node.health import CheckResult
 from node.logging_setup import setup_logging
 from node.web.actions import ConsoleActions
@@ -88,6 +88,7 @@ def start_console(settings: Settings, store: AuditStore, *,
         log.info("web console disabled (web.enabled = false)")
         return None
     actions = ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+                             tls=settings.dicom.tls,
                              enqueue_analysis=enqueue_analysis, kick_sender=kick_sender)
     return start_in_thread(settings, store, actions=actions, workers_probe=workers_probe)
 
@@ -95,10 +96,11 @@ def start_console(settings: Settings, store: AuditStore, *,
 def main(argv: list[str] | None = None) -> int:
     """Standalone console (`python -m node.web --config FILE`): same pages, no DICOM listener."""
     parser = argparse.ArgumentParser(prog="python -m node.web", description="cxr-node web console only")
-    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--config", help="TOML configuration file (default: $CXRNODE_CONFIG, "
+                                         "else /etc/cxrnode/cxrnode.toml if it exists)")
     parser.add_argument("--port", type=int, help="override web.port")
     args = parser.parse_args(argv)
-    settings = load_settings(args.config)
+    settings = load_settings(find_config(args.config))
     setup_logging(json_logs=settings.web.json_logs)
     store = AuditStore.open(settings.database_url)
     app = create_app(settings, store)

@@ -55,6 +55,11 @@ def load_or_create(path: Path) -> bytes:
     return _read(path)
 
 
+def check_key_file(path: Path) -> None:
+    """Raise AuthConfigError when an existing key file is unusable (what the console would refuse)."""
+    _read(path)
+
+
 def _read(path: Path) -> bytes:
     try:
         mode = path.stat().st_mode

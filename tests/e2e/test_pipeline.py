@@ -27,6 +27,7 @@ from tests.support.orthanc import Orthanc
 from tests.support.paths import dicom_dir, dicom_manifest
 from tests.support.redis import RedisServer
 from tests.support.tiny_models import write_tiny_weights
+from workers.api import BROKER_ENV
 
 FINAL = {"exported", "skipped", "duplicate", "rejected", "failed", "dead"}
 CR_FILE = "01_cr_explicit_le_mono2_12bit_2048x2500.dcm"
@@ -185,7 +186,7 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
 
 def _run_inference_worker(broker_url: str, log: Path) -> subprocess.Popen[bytes]:
     """A separate worker host, as in production: `celery -A workers.tasks worker -Q inference`."""
-    env = {**os.environ, "CXRNODE_BROKER_URL": broker_url}
+    env = {**os.environ, BROKER_ENV: broker_url}
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "inference",
                                  "-c", "1", "--pool", "prefork", "--without-gossip", "--without-mingle",

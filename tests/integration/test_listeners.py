@@ -6,11 +6,14 @@ import os
 import shutil
 import signal
 import threading
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.audit import InstanceFilter
 from tests.support.dcmtk import echoscu, storescu
-from tests.support.net import wait_for
+from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess
 from tests.support.paths import dicom_dir
 from tests.support.synthetic_dicom import small_chest_copies
@@ -31,9 +34,25 @@ def _listener_pids(node: NodeProcess) -> list[int]:
     return pids
 
 
+def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _received(port: int) -> tuple[float, float, float]:
+    """C-STORE successes, accepted associations and received bytes on the node's /metrics."""
+    m = _metrics(port)
+    return (m.get(("cxrnode_cstore_responses_total", (("status", "0x0000"),)), 0.0),
+            m.get(("cxrnode_associations_total", (("reason", "none"), ("result", "accepted"))), 0.0),
+            m.get(("cxrnode_received_bytes_total", ()), 0.0))
+
+
 def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path) -> None:
     files = small_chest_copies(tmp_path / "send", 40)
-    node = NodeProcess(tmp_path, extra_toml="listeners = 2\n")
+    web_port = free_port()
+    node = NodeProcess(tmp_path, extra_toml=f"listeners = 2\n[web]\nenabled = true\nport = {web_port}\n")
     try:
         node.start()
         assert echoscu(node.port).returncode == 0
@@ -53,6 +72,11 @@ def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path)
         assert len(list(node.spool.rglob("*.dcm"))) == 40
         assert len({r.association_id for r in rows}) == 4
 
+        # /metrics (served by the parent) sums what both listener processes counted (issue 17, finding 9).
+        size = sum(f.stat().st_size for f in files)
+        wait_for(lambda: _received(web_port)[:2] == (40, 5), 20, "the listeners' counts on /metrics")
+        assert _received(web_port)[2] >= size * 0.9  # datasets, a little less than the files' size
+
         listeners = _listener_pids(node)
         assert len(listeners) == 2, listeners
         os.kill(listeners[0], signal.SIGKILL)
@@ -60,6 +84,8 @@ def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path)
         more = small_chest_copies(tmp_path / "more", 6)
         assert storescu(node.port, more).statuses == [0] * 6
         assert len(store.list_instances(InstanceFilter())) == 46
+        # The killed listener's counts stay in the sum: counters never go down while the node runs.
+        wait_for(lambda: _received(web_port)[:2] == (46, 6), 20, "the replacement's counts on /metrics")
         assert node.stop() == 0  # SIGTERM: every listener finishes and the node exits cleanly
     finally:
         node.close()

@@ -52,3 +52,38 @@ def test_seg_over_tls(tls_storescp: tuple[Destination, Path, Path]) -> None:
     assert not err.value.retryable
     with pytest.raises(SendError, match="needs TLS"):
         send([seg], destination, calling_ae="CXRNODE")
+
+
+def test_echo_over_tls_from_cli_and_console(tls_storescp: tuple[Destination, Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 17, finding 1: C-ECHO reaches a TLS peer exactly as SEG/SR do, from the CLI and the console."""
+    from node.audit import AuditStore
+    from node.cli import main
+    from node.config import load_settings
+    from node.web.actions import ConsoleActions
+
+    destination, cert, _ = tls_storescp
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "var"}"\n[dicom.tls]\nca_file = "{cert}"\n')
+    settings = load_settings(config)
+    store = AuditStore.open(settings.database_url)
+    cli = ["--config", str(config)]
+    assert main(["ae", "add", "TLSDEST", "--host", "127.0.0.1", "--port", str(destination.port), "--tls",
+                 "--role", "destination", *cli]) == 0
+    assert main(["ae", "echo", "TLSDEST", *cli]) == 0
+    assert f"C-ECHO TLSDEST at 127.0.0.1:{destination.port}: success" in capsys.readouterr().out
+
+    actions = ConsoleActions(store, calling_ae="CXRNODE", tls=settings.dicom.tls)
+    assert actions.echo_ae("TLSDEST", "admin").ok
+    # Without the CA that signed the peer's certificate, the echo fails the way a delivery would.
+    untrusting = ConsoleActions(store, calling_ae="CXRNODE")
+    failed = untrusting.echo_ae("TLSDEST", "admin")
+    assert not failed.ok and failed.detail.startswith("TLS handshake with TLSDEST@127.0.0.1")
+
+    echoes = store.list_events(kinds=["ae.echo"])
+    assert [(e.actor, e.detail["ok"], e.detail["tls"]) for e in echoes] == [
+        (echoes[0].actor, True, True), ("web:admin", True, True), ("web:admin", False, True)]
+    assert echoes[0].actor.startswith("cli")
+    outbound = [a for a in store.list_associations() if a.direction == "outbound"]
+    assert [(a.called_ae, a.result, a.tls) for a in outbound] == [
+        ("TLSDEST", "released", True), ("TLSDEST", "released", True), ("TLSDEST", "failed", True)]

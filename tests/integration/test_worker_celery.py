@@ -27,6 +27,7 @@ from tests.support.tiny_models import write_tiny_weights
 from workers import broker
 from workers.api import (
     ANALYZE_TASK,
+    BROKER_ENV,
     FINISH_TASK,
     INFERENCE_QUEUE,
     NODE_QUEUE,
@@ -69,7 +70,7 @@ class Worker:
     """`celery -A workers.tasks worker -Q inference -c 1 --pool prefork` as the node would spawn it."""
 
     def __init__(self, broker_url: str, weights: Path, cache: Path, log: Path) -> None:
-        self.env = {**os.environ, "CXRNODE_BROKER_URL": broker_url, "CXRNODE_WEIGHTS_DIR": str(weights),
+        self.env = {**os.environ, BROKER_ENV: broker_url, "CXRNODE_WEIGHTS_DIR": str(weights),
                     "CXRNODE_CACHE": str(cache), "CXRNODE_WORKER_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -235,9 +236,33 @@ def test_redis_priorities_order_the_queue(worker: Worker, node: Node, broker_url
 
 
 def test_worker_refuses_to_start_without_weights(tmp_path: Path) -> None:
-    env = {**os.environ, "CXRNODE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'b.db'}",
+    env = {**os.environ, BROKER_ENV: f"sqla+sqlite:///{tmp_path / 'b.db'}",
            "CXRNODE_WEIGHTS_DIR": str(tmp_path / "no-weights")}
     proc = subprocess.run([str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "cannot start the worker: model card" in proc.stdout + proc.stderr
+
+
+def _start_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a worker to its exit (both cases below stop at start)."""
+    return subprocess.run([str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_worker_without_a_broker_says_so_and_stops(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CXRNODE_BROKER", "CXRNODE_RESULT_BACKEND"))}
+    # No broker variable (a misspelt one is no broker): it must not wait on a default local broker.
+    proc = _start_worker({**base, "CXRNODE_BROKER__URLL": "redis://127.0.0.1:1/0"})
+    assert proc.returncode != 0
+    assert "no broker configured: set CXRNODE_BROKER__URL" in proc.stdout + proc.stderr
+    assert "sqla+sqlite" not in proc.stdout + proc.stderr
+
+
+def test_worker_reads_the_old_broker_variable_with_a_warning(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CXRNODE_BROKER", "CXRNODE_RESULT_BACKEND"))}
+    proc = _start_worker({**base, "CXRNODE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'b.db'}",
+                          "CXRNODE_WEIGHTS_DIR": str(tmp_path / "no-weights")})
+    out = proc.stdout + proc.stderr
+    assert "CXRNODE_BROKER_URL is deprecated: rename it CXRNODE_BROKER__URL" in out
+    assert "cannot start the worker: model card" in out  # got past the broker check to the weights

@@ -94,7 +94,8 @@ def console_site(root: Path) -> Iterator[ConsoleSite]:
                              database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH, "users": USERS})
     store = AuditStore.open(settings.database_url)
     handed_off: list[int] = []
-    actions = ConsoleActions(store, calling_ae=settings.dicom.ae_title, enqueue_analysis=handed_off.append)
+    actions = ConsoleActions(store, calling_ae=settings.dicom.ae_title, tls=settings.dicom.tls,
+                             enqueue_analysis=handed_off.append)
     web = start_in_thread(settings, store, actions=actions, port=0)
     try:
         yield ConsoleSite(settings, store, web, statuses, handed_off)

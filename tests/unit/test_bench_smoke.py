@@ -47,3 +47,15 @@ def test_quick_ingest_and_worker_write_json(tmp_path: Path) -> None:
         assert worker["results"][backend]["analyze"]["batch4"]["images_per_s"] > 0
     assert worker["results"]["onnx"]["backends"]["lung"] == "onnx-cpu"
     assert "available" in worker["gpu"]
+
+
+@pytest.mark.timeout(300)
+def test_quick_triage_measures_every_study(tmp_path: Path) -> None:
+    out = tmp_path / "bench-results"
+    status = main(["--only", "triage", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert status == 0, (out / "triage.json").read_text()
+    triage = json.loads((out / "triage.json").read_text())
+    assert triage["acked"] == triage["studies"] == 2
+    assert triage["last_image_to_hl7_ack_s"]["p50"] > 0
+    assert triage["reference_received_to_results_acknowledged_s"]["p50"] > 0
+    assert triage["node_log_tracebacks"] == {}

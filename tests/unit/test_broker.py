@@ -72,3 +72,16 @@ def test_prepare_wins_over_a_stock_transport_resolved_earlier(tmp_path: Path) ->
     get_transport_cls("sqla")  # e.g. a health check connected before the Celery app was made
     broker.prepare(f"sqla+sqlite:///{tmp_path / 'broker.db'}")
     assert get_transport_cls("sqla") is broker.SqliteTransport
+
+
+def test_broker_environment_uses_the_node_spelling_and_warns_on_the_old_one() -> None:
+    from workers.api import broker_environment
+
+    assert broker_environment({"CXRNODE_BROKER__URL": "redis://a/0"}) == ({"CXRNODE_BROKER__URL": "redis://a/0"}, [])
+    values, warnings = broker_environment({"CXRNODE_BROKER_URL": "redis://old/0", "CXRNODE_TASK_TIME_LIMIT": "60"})
+    assert values == {"CXRNODE_BROKER__URL": "redis://old/0", "CXRNODE_BROKER__TASK_TIME_LIMIT": "60"}
+    assert [w.split(" ")[0] for w in warnings] == ["CXRNODE_BROKER_URL", "CXRNODE_TASK_TIME_LIMIT"]
+    values, warnings = broker_environment({"CXRNODE_BROKER__URL": "redis://new/0", "CXRNODE_BROKER_URL": "redis://old/0"})
+    assert values == {"CXRNODE_BROKER__URL": "redis://new/0"} and "ignored" in warnings[0]
+    assert broker_environment({}) == ({}, [])
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,58 @@ def test_defaults() -> None:
     assert [r.name for r in s.rules] == ["chest-frontal", "secondary-capture-chest"]
 
 
+def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
+    key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return key, cert
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_shipped_examples_pass_config_check(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shipped_examples_pass_config_check(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    if "production" in path.name:
+        # Its certificates live in /etc/cxrnode/tls on a real host; point at real ones made here.
+        key, cert = self_signed(tmp_path, "node")
+        for name, value in (("CERT_FILE", cert), ("KEY_FILE", key), ("CA_FILE", cert)):
+            monkeypatch.setenv(f"CXRNODE_DICOM__TLS__{name}", str(value))
+        monkeypatch.setenv("CXRNODE_STORAGE__DATA_DIR", str(tmp_path / "data"))
     assert main(["config", "check", str(path)]) == 0
     assert capsys.readouterr().out.startswith("OK")
+
+
+# -- config check runs every start-time check, the same function serve runs (issue 17, finding 6) ------
+
+
+def test_config_check_reports_what_would_stop_the_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key, cert = self_signed(tmp_path, "node")
+    other_key, _ = self_signed(tmp_path, "other")
+    (tmp_path / "afile").write_text("")
+    path = write(tmp_path, '[storage]\ndata_dir = "afile/var"\n'
+                           f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "missing.key"\n'
+                           '[web]\nproduction = true\n')
+    assert main(["config", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path} cannot start the node:" in err
+    assert f"storage.data_dir: {tmp_path / 'afile'} is not a folder" in err
+    assert f"dicom.tls.key_file: {tmp_path / 'missing.key'} does not exist" in err
+    assert "web: web.production is true but no console user is configured" in err
+    # serve runs the same checks first and stops with the same message (nothing is bound or created).
+    assert main(["serve", "--config", str(path)]) == 1
+    assert capsys.readouterr().err.endswith(err)
+    # A key that is not the certificate's is found too, as the listener would find it.
+    path = write(tmp_path, f'[storage]\ndata_dir = "{tmp_path / "var"}"\n'
+                           f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "{other_key}"\n')
+    assert main(["config", "check", str(path)]) == 1
+    assert "dicom.tls: the certificate, key or CA cannot be loaded" in capsys.readouterr().err
+    assert key.exists()
+
+
+def test_config_check_reports_an_unusable_session_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "short.key").write_text("abc\n")
+    path = write(tmp_path, f'[storage]\ndata_dir = "{tmp_path / "var"}"\n[web]\nsession_key_file = "short.key"\n')
+    assert main(["config", "check", str(path)]) == 1
+    assert f"web.session_key_file {tmp_path / 'short.key'} holds 3 bytes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "named"), [
@@ -79,3 +128,107 @@ def test_sr_without_seg_is_refused_with_the_reason() -> None:
     with pytest.raises(ConfigError, match="results.sr needs results.seg"):
         load_settings(None, results={"seg": False, "sr": True})
     assert not load_settings(None, results={"seg": True, "sr": False}).results.sr
+
+
+# -- where commands find the configuration, and what relative paths mean (issue 17, finding 3) --------
+
+
+def test_find_config_order(tmp_path: Path) -> None:
+    from node.config import find_config
+
+    system = tmp_path / "etc.toml"
+    assert find_config(None, environ={}, system=system) is None  # nothing: built-in defaults
+    system.write_text("")
+    assert find_config(None, environ={}, system=system) == system
+    assert find_config(None, environ={"CXRNODE_CONFIG": "/x/env.toml"}, system=system) == Path("/x/env.toml")
+    assert find_config("/x/arg.toml", environ={"CXRNODE_CONFIG": "/x/env.toml"}, system=system) == Path("/x/arg.toml")
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = write(conf_dir, '[storage]\ndata_dir = "data"\n[database]\nurl = "sqlite:///db/audit.db"\n'
+                           '[broker]\nurl = "sqla+sqlite:///q.db"\n'
+                           '[dicom.tls]\nenabled = true\ncert_file = "tls/n.crt"\nkey_file = "/abs/n.key"\n'
+                           '[web]\nsession_key_file = "k"\n'
+                           '[[triage.destinations]]\nname = "hook"\ntype = "webhook"\nurl = "https://x"\n'
+                           'secret_file = "hook.secret"\n')
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(path)
+    assert s.storage.data_dir == conf_dir / "data"
+    assert s.database_url == f"sqlite:///{conf_dir / 'db' / 'audit.db'}"
+    assert s.broker_url == f"sqla+sqlite:///{conf_dir / 'q.db'}"
+    assert (s.dicom.tls.cert_file, s.dicom.tls.key_file) == (conf_dir / "tls" / "n.crt", Path("/abs/n.key"))
+    assert s.web.session_key_file == conf_dir / "k"
+    assert s.triage.destinations[0].secret_file == conf_dir / "hook.secret"  # type: ignore[union-attr]
+    # The environment keeps its meaning (relative to the working directory), as do absolute URLs.
+    monkeypatch.setenv("CXRNODE_STORAGE__DATA_DIR", "envdir")
+    monkeypatch.setenv("CXRNODE_DATABASE__URL", "sqlite:////abs/a.db")
+    s = load_settings(path)
+    assert (s.storage.data_dir, s.database_url) == (Path("envdir"), "sqlite:////abs/a.db")
+
+
+def test_config_check_finds_the_file_like_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[dicom]\nae_title = "FROMENV"\n')
+    monkeypatch.setenv("CXRNODE_CONFIG", str(path))
+    assert main(["config", "check"]) == 0
+    assert f"OK: {path} (AE title FROMENV" in capsys.readouterr().out
+    monkeypatch.setenv("CXRNODE_CONFIG", str(tmp_path / "missing.toml"))
+    assert main(["config", "check"]) == 1
+    assert "missing.toml does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["ae", "add", "PACS"], ["ae", "list"], ["audit", "studies"],
+                                     ["exports", "list"], ["reanalyze", "1"]])
+def test_admin_commands_refuse_a_fresh_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CXRNODE_CONFIG", raising=False)
+    monkeypatch.setattr("node.config.SYSTEM_CONFIG", tmp_path / "no-such" / "cxrnode.toml")
+    path = write(tmp_path, '[storage]\ndata_dir = "nodevar"\n')
+    assert main([*command, "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"no audit database at sqlite:///{tmp_path / 'nodevar' / 'audit.db'} (configuration {path})" in err
+    assert main(command) == 1
+    assert "looked for --config, $CXRNODE_CONFIG, /etc/cxrnode/cxrnode.toml" in capsys.readouterr().err
+    assert not (tmp_path / "var").exists() and not (tmp_path / "nodevar").exists()  # nothing created
+
+
+def test_admin_commands_use_the_node_database_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from node.audit import AuditStore
+
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = write(conf_dir, '[storage]\ndata_dir = "var"\n')
+    AuditStore.open(load_settings(path).database_url).close()  # what `cxrnode serve` does at start
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("CXRNODE_CONFIG", str(path))
+    assert main(["ae", "add", "PACS", "--host", "pacs", "--port", "104"]) == 0
+    assert main(["ae", "list", "--json"]) == 0
+    assert '"name": "PACS"' in capsys.readouterr().out
+    assert not (elsewhere / "var").exists()
+
+
+def test_cxrnode_worker_refuses_a_configuration_without_broker(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[broker]\nurl = \"\"\n")
+    assert main(["worker", "--config", str(config)]) == 1
+    assert f"no broker configured: broker.url is empty in {config}" in capsys.readouterr().err
+
+
+def test_cxrnode_worker_passes_its_hostname_to_celery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path, '[broker]\nurl = "redis://127.0.0.1:6379/0"\n')
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr("os.execve", lambda path, argv, env: execs.append((path, argv, env)))
+    assert main(["worker", "--config", str(config), "--hostname", "gpu1@%h", "--concurrency", "2"]) == 0
+    (_, argv, env), = execs
+    assert argv[argv.index("--hostname") + 1] == "gpu1@%h" and argv[argv.index("-Q") + 1] == "inference"
+    assert argv[argv.index("-c") + 1] == "2"
+    assert env["CXRNODE_BROKER__URL"] == "redis://127.0.0.1:6379/0"
+    assert main(["worker", "--config", str(config)]) == 0
+    assert "--hostname" not in execs[-1][1]  # Celery's default, celery@<host>

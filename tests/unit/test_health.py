@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine
 
 from node.config import Settings, load_settings
@@ -17,6 +18,7 @@ from node.health import (
     supervised_workers_probe,
 )
 from tests.support.net import free_port
+from tests.support.redis import RedisServer
 
 
 def _settings(tmp_path: Path, min_free_mb: int = 1) -> Settings:
@@ -63,3 +65,24 @@ def test_supervised_workers_probe_reports_dead_children() -> None:
     assert not result.ok and not result.critical and "worker-2" in result.detail
     alive["worker-2"] = 102
     assert probe().ok and "3 restart(s)" in probe().detail
+
+
+@pytest.mark.redis
+def test_queue_depth_on_redis_is_zero_when_empty_not_unknown(redis_server: RedisServer) -> None:
+    """Issue 17, finding 9: the gauge must not vanish when the queue is empty (the alert watches it)."""
+    from kombu import Connection
+
+    from workers.api import celery_settings
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of its own on the session's server
+    assert queue_depth(url, "inference") == 0
+    options = celery_settings(url)["broker_transport_options"]
+    with Connection(url, transport_options=options) as conn:
+        queue = conn.SimpleQueue("inference")
+        queue.put({"job": 1}, priority=9)
+        queue.put({"job": 2}, priority=0)
+        assert queue_depth(url, "inference") == 2  # summed over the priority lists
+        queue.get(timeout=5).ack()
+        queue.get(timeout=5).ack()
+        queue.close()
+    assert queue_depth(url, "inference") == 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node import metrics
@@ -75,7 +79,9 @@ def test_every_metric_in_the_operations_guide_exists() -> None:
     from tests.support.paths import REPO_ROOT
 
     metrics.register_audit_collector(metrics.AuditCollector(
-        lambda: {"queued": 1}, lambda: {"sent": 1}, lambda: 0, lambda: {"instance.received": 1}))
+        lambda: {"queued": 1}, lambda: {"sent": 1}, lambda: 0, lambda: {"instance.received": 1},
+        triage_counts=lambda: {"urgent": 1}, alert_counts=lambda: {"sent": 1}))
+    metrics.count_alert("hl7", "success")
     metrics.observe_stage("total", 1.0)
     metrics.observe_inference("lung", 0.1)
     metrics.count_store_status(0)
@@ -84,3 +90,38 @@ def test_every_metric_in_the_operations_guide_exists() -> None:
     exposed |= {name.rsplit("_", 1)[0] for name in exposed}  # histogram families (_bucket/_count/_sum)
     documented = set(re.findall(r"`(cxrnode_[a-z_]+)", (REPO_ROOT / "docs" / "operations.md").read_text()))
     assert documented and documented <= exposed, documented - exposed
+
+
+def _child_counts(folder: Path, n: int) -> None:
+    metrics.reset_listener_metrics()  # what a listener does after the fork
+    for _ in range(n):
+        metrics.count_association("accepted")
+        metrics.count_store_status(0x0000)
+        metrics.count_received_bytes(100)
+        metrics.observe_stage("persist", 0.01)
+    metrics.write_snapshot(folder)
+
+
+def test_listener_processes_are_summed_by_the_parent(tmp_path: Path) -> None:
+    """Issue 17, finding 9: with dicom.listeners > 1 the receiving counters come from forked processes."""
+    folder = tmp_path / "listeners"
+    metrics.count_store_status(0x0000)  # the parent counts too (e.g. nothing, or its own listener)
+    own_ok = _value("cxrnode_cstore_responses_total", status="0x0000")
+    own_bytes = _value("cxrnode_received_bytes_total")
+    own_persist = _value("cxrnode_stage_seconds_count", stage="persist")
+    own_accepted = _value("cxrnode_associations_total", result="accepted", reason="none")
+    ctx = multiprocessing.get_context("fork")
+    for n in (3, 4):  # two listener processes, the second as a replacement after the first ended
+        proc = ctx.Process(target=_child_counts, args=(folder, n))
+        proc.start()
+        proc.join(30)
+        assert proc.exitcode == 0
+    (folder / "999999.json").write_text("{not json")  # a torn file is skipped, never a failed scrape
+    registry = CollectorRegistry()
+    registry.register(metrics.ListenerAggregate(folder))
+    summed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples}
+    assert summed[("cxrnode_cstore_responses_total", (("status", "0x0000"),))] == own_ok + 7
+    assert summed[("cxrnode_received_bytes_total", ())] == own_bytes + 700
+    assert summed[("cxrnode_stage_seconds_count", (("stage", "persist"),))] == own_persist + 7
+    assert summed[("cxrnode_associations_total", (("reason", "none"), ("result", "accepted")))] == own_accepted + 7

@@ -136,7 +136,7 @@ def test_tiny_weak_run_lowers_the_weak_loss(tmp_path) -> None:
                      **{f"brixia_{z}": "2" if z in "CF" else "0" for z in "ABCDEF"}})
     folder = write_severity_folder(tmp_path / "severity", rows)
     spec = dataclasses.replace(models.SPECS["opacity"], input_size=SIZE)
-    cfg = TrainConfig(spec=spec, structures=("opacity",), data=[], run_dir=tmp_path / "run", epochs=5,
+    cfg = TrainConfig(spec=spec, structures=("opacity",), data=[], run_dir=tmp_path / "run", epochs=8,
                       batch_size=4, lr=3e-3, warmup_steps=1, patience=100, augment=False, threads=1,
                       weak_data=[folder], weak_train_folds=(0, 1), weak_val_folds=(0,))
     train(cfg)

@@ -121,6 +121,19 @@ def test_hash_password_command() -> None:
     assert short.returncode == 1 and "8 characters" in short.stderr
 
 
+
+@pytest.mark.parametrize("stdin_flag", [["--stdin"], []])
+def test_cxrnode_web_hash_password_without_a_terminal(stdin_flag: list[str]) -> None:
+    """The documented command, from a script or `docker run -i` (no terminal): stdin, no traceback."""
+    cmd = [sys.executable, "-m", "node.cli", "web", "hash-password", *stdin_flag]
+    piped = subprocess.run(cmd, input="long enough password\r\n", capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0, piped.stderr
+    assert verify_password("long enough password", piped.stdout.strip())
+    empty = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 1 and empty.stdout == ""
+    assert "no password on stdin" in empty.stderr and "Traceback" not in empty.stderr
+
+
 def test_login_throttle_blocks_an_address_after_repeated_failures() -> None:
     now = [1000.0]
     throttle = LoginThrottle(max_failures=3, window_s=600, clock=lambda: now[0])

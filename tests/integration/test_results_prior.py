@@ -1,0 +1,41 @@
+"""The SR's comparison with the patient's prior: prior severity and change in the opacity group, the prior
+image in the Pertinent Other Evidence Sequence; still valid for dciodvfy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+
+from node.results.common import DeviceInfo
+from node.results.seg import build_seg
+from node.results.sr import PRIOR_SEVERITY, SEVERITY_CHANGE, PriorComparison, build_sr
+from tests.integration.test_results_dciodvfy import dciodvfy_errors
+from tests.support.paths import shared_data
+from tests.support.synthetic_results import synthetic_case
+
+PRIOR = PriorComparison(study_instance_uid="1.2.826.0.1.3680043.8.498.1", study_date="20261120", severity_score=1,
+                        series_instance_uid="1.2.826.0.1.3680043.8.498.2",
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", sop_instance_uid="1.2.826.0.1.3680043.8.498.3")
+
+
+def test_sr_carries_the_comparison_and_stays_valid(tmp_path: Path) -> None:
+    case = synthetic_case(shared_data() / "dicom" / "02_cr_implicit_le_12bit.dcm")
+    seg = build_seg(case.source, case.full, case.result.models, device=DeviceInfo())
+    sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+                  device=DeviceInfo(), prior=PRIOR)
+    out = tmp_path / "sr.dcm"
+    sr.save_as(out)
+    assert dciodvfy_errors(out) == []
+    back = hd.sr.srread(out)
+    [opacity] = [g for g in hd.sr.MeasurementReport.from_sequence([back]).get_volumetric_roi_measurement_groups()
+                 if str(g.tracking_identifier) == "COVID-19 opacity"] or [None]
+    assert opacity is not None
+    assert case.result.severity_score is not None
+    assert float(opacity.get_measurements(name=PRIOR_SEVERITY)[0].value) == 1
+    assert float(opacity.get_measurements(name=SEVERITY_CHANGE)[0].value) == case.result.severity_score - 1
+    ds = pydicom.dcmread(out)
+    [study] = ds.PertinentOtherEvidenceSequence
+    assert study.StudyInstanceUID == PRIOR.study_instance_uid
+    assert study.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == PRIOR.sop_instance_uid
