@@ -45,27 +45,32 @@ def prepare_isolated(settings: Settings, source: Path | str, long_side: int = 10
     if cfg.decode_memory_mb == 0:
         return prepare(source, long_side, max_pixel_bytes=max_pixel_bytes)
     limit = cfg.decode_memory_mb * MIB
-    pool = _pool(limit)
-    try:
-        future = pool.submit(prepare, str(source), long_side, max_pixel_bytes=max_pixel_bytes)
-        return future.result(timeout=cfg.decode_timeout_s)
-    except MemoryError as e:
-        raise PrepareError(f"decoding needs more than prepare.decode_memory_mb {cfg.decode_memory_mb} MB") from e
-    except BrokenProcessPool as e:
-        _discard(limit, pool)
-        raise PrepareError("the decoder process died on this image (crash, or killed for memory)") from e
-    except FutureTimeout as e:
-        _discard(limit, pool, kill=True)
-        raise PrepareError(f"decoding took longer than prepare.decode_timeout_s {cfg.decode_timeout_s:g} s") from e
+    for attempt in (1, 2):  # a pool broken before this image (a child that died idle) is replaced once
+        pool = _pool(limit)
+        try:
+            future = pool.submit(prepare, str(source), long_side, max_pixel_bytes=max_pixel_bytes)
+            return future.result(timeout=cfg.decode_timeout_s)
+        except MemoryError as e:
+            raise PrepareError(f"decoding needs more than prepare.decode_memory_mb {cfg.decode_memory_mb} MB") from e
+        except BrokenProcessPool as e:
+            _discard(limit, pool)
+            if attempt == 2:
+                raise PrepareError("the decoder process died on this image (crash, or killed for memory)") from e
+        except FutureTimeout as e:
+            _discard(limit, pool, kill=True)
+            raise PrepareError(f"decoding took longer than prepare.decode_timeout_s {cfg.decode_timeout_s:g} s") from e
+    raise AssertionError("unreachable")
 
 
 def shutdown() -> None:
-    """Stop every decoder process of this process (tests, clean exits)."""
+    """Stop every decoder process of this process, and wait for them. A process started by
+    multiprocessing (a listener) must call it before it returns: its exit joins its children before it
+    would tell the pool's workers to stop, and waits for ever."""
     with _lock:
         pools = list(_pools.values())
         _pools.clear()
     for pool in pools:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _pool(limit: int) -> ProcessPoolExecutor:

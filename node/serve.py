@@ -24,6 +24,7 @@ from types import FrameType
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import decoding
 from node.alerts.deliver import Alerter
 from node.audit import AuditStore
 from node.config import Settings
@@ -176,6 +177,7 @@ class NodeServices:
             if self.pipeline is not None:
                 self.pipeline.stop()
             self.store.add_event("node.stopped")
+        decoding.shutdown()
         self.store.close()
 
     def _workers_probe(self) -> Callable[[], CheckResult] | None:

@@ -44,3 +44,13 @@ def test_zero_memory_limit_decodes_in_process() -> None:
     settings = load_settings(None, prepare={"decode_memory_mb": 0})
     assert decoding.prepare_isolated(settings, VALID).pixels.shape == (1024, 1024)
     assert not decoding._pools
+
+
+def test_a_decoder_that_died_idle_is_replaced_without_failing_the_next_image() -> None:
+    settings = load_settings(None)
+    assert decoding.prepare_isolated(settings, VALID).pixels.shape == (1024, 1024)
+    (pool,) = decoding._pools.values()
+    for proc in list(pool._processes.values()):  # type: ignore[attr-defined]
+        proc.kill()
+        proc.join(5)
+    assert decoding.prepare_isolated(settings, VALID).pixels.shape == (1024, 1024)
