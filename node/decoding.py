@@ -22,9 +22,12 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.config import Settings
-from node.prepare import Prepared, PrepareError, prepare
+
+if TYPE_CHECKING:
+    from node.prepare import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ def prepare_isolated(settings: Settings, source: Path | str, long_side: int = 10
 
     Raises PrepareError (the image's fault: final) or OSError (the file cannot be read).
     """
+    # Imported here, not at the top: a decoder child imports this module for `_limit_memory`, and must
+    # not load numpy (and its thread pools) before its limits are set.
+    from node.prepare import PrepareError, prepare
+
     cfg = settings.prepare
     max_pixel_bytes = cfg.max_pixel_mb * MIB
     if cfg.decode_memory_mb == 0:
@@ -95,7 +102,8 @@ def _discard(limit: int, pool: ProcessPoolExecutor, *, kill: bool = False) -> No
 
 
 def _limit_memory(limit: int) -> None:
-    """In the child: cap the address space; one thread for the numeric libraries (their pools count too)."""
+    """In the child, before numpy is imported: cap the address space, one thread for the numeric
+    libraries (each thread's buffers count against the cap; on a many-core host they would fill it)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
