@@ -251,13 +251,16 @@ class GuardedSocket(AssociationSocket):
         self.guard.dropped(self.assoc, reason, **detail)
         sock = self.socket
         if sock is not None:
-            abort = A_ABORT_RQ()
-            abort.source, abort.reason_diagnostic = 0x02, 0x06
-            try:
-                sock.settimeout(1.0)
-                sock.sendall(abort.encode())
-            except OSError:
-                pass
+            # An SSL object must not be written by one thread while another reads it: from the watchdog,
+            # a TLS connection is only shut down (the DUL thread may be blocked reading it).
+            if threading.current_thread() is self.assoc.dul or not isinstance(sock, ssl.SSLSocket):
+                abort = A_ABORT_RQ()
+                abort.source, abort.reason_diagnostic = 0x02, 0x06
+                try:
+                    sock.settimeout(1.0)
+                    sock.sendall(abort.encode())
+                except OSError:
+                    pass
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
