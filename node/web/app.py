@@ -216,15 +216,29 @@ def _render(console: Console, request: Request, template: str, session: Session 
 # -- /metrics, /healthz, /readyz (no login: scraped by Prometheus and probed by orchestrators) ---------
 
 
+def _logged_in(request: Request, console: Console) -> bool:
+    try:
+        _session(request, console)
+    except LoginRequired:
+        return False
+    return True
+
+
 def _add_ops_routes(app: FastAPI, console: Console) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    def readyz(request: Request) -> JSONResponse:
+        """Status code and which checks pass for anyone (probes); what each found (versions, URLs, free
+        space) only for a logged-in console user."""
         result = readiness(console.settings, console.store.engine, workers_probe=console.workers_probe)
-        return JSONResponse(result.as_dict(), status_code=200 if result.ready else 503)
+        body = result.as_dict()
+        if not _logged_in(request, console):
+            body["checks"] = {name: {k: v for k, v in check.items() if k not in ("detail", "data")}
+                              for name, check in body["checks"].items()}
+        return JSONResponse(body, status_code=200 if result.ready else 503)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:

@@ -305,6 +305,11 @@ def test_readiness_fails_below_the_disk_watermark(site: ConsoleSite) -> None:
     full = site.settings.model_copy(update={"storage": site.settings.storage.model_copy(
         update={"min_free_mb": 10**9})})
     with TestClient(create_app(full, site.store)) as tc:
+        anonymous = tc.get("/readyz")
+        assert anonymous.status_code == 503 and anonymous.json()["checks"]["spool"] == {
+            **anonymous.json()["checks"]["spool"], "ok": False}
+        assert "detail" not in anonymous.json()["checks"]["spool"]  # what it found: only for a console user
+        tc.post("/login", data={"username": ADMIN, "password": PASSWORD}, follow_redirects=False)
         r = tc.get("/readyz")
     assert r.status_code == 503
     assert r.json()["checks"]["spool"]["ok"] is False and "below" in r.json()["checks"]["spool"]["detail"]
