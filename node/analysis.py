@@ -20,8 +20,9 @@ from celery import Celery
 from node.audit import AuditStore, InstanceFilter, InstanceState
 from node.audit.models import as_utc, utcnow
 from node.config import Settings
+from node.decoding import prepare_isolated
 from node.handoff import Dispatcher, HandoffContext
-from node.prepare import PrepareError, prepare
+from node.prepare import PrepareError
 from workers.api import ANALYZE_TASK, INFERENCE_QUEUE, AnalyzeRequest, task_priority
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,17 @@ class Publisher:
                                      f"({self.republish_after_s:.0f} s each): check the inference workers")
             return False
         try:
-            prepared = prepare(inst.spool_path)
+            prepared = prepare_isolated(settings, inst.spool_path)
         except PrepareError as e:
             store.set_instance_state(instance_id, InstanceState.FAILED, f"cannot prepare pixels: {e}")
             return False
         except OSError as e:
             store.set_instance_state(instance_id, InstanceState.FAILED, f"spool file unreadable: {e}")
+            return False
+        except Exception as e:  # MemoryError, a bug: maybe not the file's fault, so tried again (bounded)
+            log.exception("preparing instance %d failed", instance_id)
+            store.record_prepare_error(job_id, f"{type(e).__name__}: {e}",
+                                       max_attempts=settings.prepare.max_attempts)
             return False
         # Before the publish: the result may come back at once, and node.finish maps its masks with this.
         if (inst.prepared_geometry or {}).get("job_id") != job_id \

@@ -74,7 +74,18 @@ class DicomConfig(_Strict):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
-    max_pdu: int = 262144  # bytes; 0 = unlimited
+    max_pdu: int = 262144  # bytes; 0 = unlimited. A longer PDU from an associated peer: A-ABORT, dropped
+    # Longest PDU read before the association is accepted (an A-ASSOCIATE-RQ is a few kB); longer: dropped.
+    max_request_pdu: int = Field(default=65536, ge=1024)
+    # Half-open connections (node.guard): the whole A-ASSOCIATE-RQ (and a TLS handshake) must arrive
+    # within this many seconds of connecting, however slowly it drips.
+    association_request_timeout_s: float = Field(default=10.0, gt=0)
+    # Connections still waiting for their association, all peers together; a new one beyond this drops
+    # the oldest waiting one (real modalities send their request within milliseconds).
+    max_pending_associations: int = Field(default=8, ge=1)
+    # Connections at once from one address; beyond, its oldest waiting one is dropped, or the new one
+    # refused when all of that address's connections are accepted associations.
+    max_connections_per_peer: int = Field(default=8, ge=1)
     require_called_ae: bool = True  # reject associations whose called AE title is not ours
     allow_unknown_calling_ae: bool = False  # True accepts any peer (testing only)
     listeners: int = 1  # receiving processes sharing the port (SO_REUSEPORT)
@@ -95,7 +106,10 @@ class DicomConfig(_Strict):
 
 class StorageConfig(_Strict):
     data_dir: Path = Path("./var")
-    min_free_mb: int = 1024  # below this free space, C-STORE answers 0xA700 (out of resources)
+    # Below this free space, associations that may store are rejected (transient) and C-STORE answers 0xA700.
+    min_free_mb: int = 1024
+    # A data set larger than this is answered 0xA700 and not kept: bytes past the cap are never written.
+    max_instance_mb: int = Field(default=512, ge=1)
     keep_days: int = 0  # 0 = keep forever
 
     @property
@@ -123,6 +137,22 @@ class BrokerConfig(_Strict):
     embedded_worker: bool = True  # `cxrnode serve` starts and supervises a local CPU worker
     worker_concurrency: int = 1
     task_time_limit: float = 600.0
+
+
+class PrepareConfig(_Strict):
+    """Turning a stored image into model input (node.prepare): bounds that keep one bad image from
+    looping or hurting the node."""
+
+    # An unexpected error while preparing (not a bad attribute, which fails at once) is tried this many
+    # times, one sweep apart, then the instance is `failed` with the reason: never retried for ever.
+    max_attempts: int = Field(default=3, ge=1)
+    # Nothing is decoded when Rows x Columns x Frames x Samples x bytes per sample is larger (MiB); the
+    # largest chest detectors decode to ~35 MiB.
+    max_pixel_mb: int = Field(default=100, ge=1)
+    # Decoding runs in a child process with this address-space limit (MB): a decompression bomb fails its
+    # image, never the node. 0 decodes in the node's own process (no isolation).
+    decode_memory_mb: int = Field(default=2048, ge=0)
+    decode_timeout_s: float = Field(default=120.0, gt=0)  # a decode taking longer fails the image
 
 
 class AEEntry(_Strict):
@@ -404,6 +434,7 @@ class Settings(BaseSettings):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     ae: list[AEEntry] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=default_rules)
     sender: SenderConfig = Field(default_factory=SenderConfig)

@@ -37,13 +37,20 @@ STATUS_MEANINGS: dict[str, tuple[str, str]] = {
     "STATUS_SUCCESS": ("Success", "The data set is on disk (fsynced) and its audit row committed. Also returned "
                                   "for a second copy of an instance already stored (audited as duplicate, not "
                                   "analysed again)."),
-    "STATUS_OUT_OF_RESOURCES": ("Refused: Out of Resources", "Free space on the data volume is below "
-                                "`storage.min_free_mb`; nothing is stored. The sender may retry later."),
+    "STATUS_OUT_OF_RESOURCES": ("Refused: Out of Resources", "Free space on the data volume fell below "
+                                "`storage.min_free_mb` during the association, or the data set is larger than "
+                                "`storage.max_instance_mb` (bytes past that are never written); nothing is "
+                                "stored. The sender may retry later."),
     "STATUS_DATASET_MISMATCH": ("Error: Data Set does not match SOP Class", "SOP Instance/Class UID missing or "
                                 "different from the C-STORE request, Study Instance UID missing, or an "
                                 "impossible image size. The bytes are kept in quarantine with an audit row."),
     "STATUS_CANNOT_UNDERSTAND": ("Error: Cannot understand", "The data set cannot be parsed (corrupt or "
                                  "truncated bytes, not DICOM). The bytes are kept in quarantine with an audit row."),
+    "STATUS_DUPLICATE_SOP_INSTANCE": ("Failure: Duplicate SOP Instance", "The SOP Instance UID is stored "
+                                      "already with another data set (other SOP class, series or study, or "
+                                      "other bytes in the same transfer syntax). The stored instance stays as "
+                                      "it is; the new data set is kept in quarantine and audited as "
+                                      "`instance.conflict`. A copy of the stored one gets 0x0000 (duplicate)."),
     "STATUS_PROCESSING_FAILURE": ("Failure: Processing failure", "An internal error of the node (e.g. the audit "
                                   "database is unreachable). Nothing is acknowledged; the sender may retry."),
 }
@@ -145,7 +152,14 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         ("AE title", f"`{d.ae_title}`", "`dicom.ae_title`"),
         ("Listening port", d.port, "`dicom.port`"),
         ("Maximum concurrent associations", d.max_associations, "`dicom.max_associations`"),
-        ("Maximum PDU size received (bytes, 0 = unlimited)", d.max_pdu, "`dicom.max_pdu`"),
+        ("Maximum PDU size received (bytes, 0 = unlimited); a longer PDU is answered with A-ABORT",
+         d.max_pdu, "`dicom.max_pdu`"),
+        ("Longest PDU accepted before the association is established (the A-ASSOCIATE-RQ)", d.max_request_pdu,
+         "`dicom.max_request_pdu`"),
+        ("Time from connecting to a complete A-ASSOCIATE-RQ (and TLS handshake), s", f"{d.association_request_timeout_s:g}",
+         "`dicom.association_request_timeout_s`"),
+        ("Connections waiting for association / from one address", f"{d.max_pending_associations} / "
+         f"{d.max_connections_per_peer}", "`dicom.max_pending_associations`, `dicom.max_connections_per_peer`"),
         ("ACSE / DIMSE / network timeout (s)", f"{d.acse_timeout:g} / {d.dimse_timeout:g} / {d.network_timeout:g}",
          "`dicom.acse_timeout`, `dicom.dimse_timeout`, `dicom.network_timeout`"),
         ("Implementation Class UID / Version Name", "pynetdicom's (see `pynetdicom.PYNETDICOM_IMPLEMENTATION_UID`)",
@@ -174,6 +188,9 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         for name, text in DIAGNOSTIC_NAMES.items()
     ] + [("2 (rejected-transient)", "1 (service-user)", "1 (no reason given)",
           "the policy check itself failed (e.g. audit database unreachable)"),
+         ("2 (rejected-transient)", "3 (service-provider, presentation)", "1 (temporary congestion)",
+          f"free space on the data volume is below `storage.min_free_mb` ({s.storage.min_free_mb} MB) and "
+          "the association proposes more than Verification"),
          ("2 (rejected-transient)", "3 (service-provider, presentation)", "2 (local limit exceeded)",
           f"more than {d.max_associations} associations at once")])
 
@@ -210,7 +227,8 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         raise RuntimeError(f"describe {', '.join(missing)} in node/conformance.py STATUS_MEANINGS")
     lines += _table(["Status", "Meaning", "When"],
                     [(f"`0x{value:04X}`", *STATUS_MEANINGS[name]) for name, value in statuses])
-    lines += ["C-ECHO always answers `0x0000` on an accepted association.", ""]
+    lines += ["A failure status carries the reason in Error Comment (0000,0902), cut to 64 characters.", "",
+              "C-ECHO always answers `0x0000` on an accepted association.", ""]
 
     from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 

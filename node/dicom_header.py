@@ -2,19 +2,30 @@
 
 Pixel data is never decoded here: its value is deferred (pydicom ``defer_size``), and only its declared
 length and file offset are used, to catch truncated or mis-described images cheaply.
+
+A Deflated Explicit VR Little Endian data set is inflated here in a stream, into a temporary file beside
+it, and at most `max_inflated_bytes` of it: pydicom would inflate all of it in memory first, and 2 MB
+of deflated zeros are gigabytes.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,7 @@ class Header:
     has_pixel_data: bool
     pixel_data_length: int | None  # declared length; None when encapsulated (undefined length)
     pixel_data_offset: int | None  # file offset of the value; None when unknown (deflated)
+    photometric: str = ""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -78,8 +90,15 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_header(path: Path, transfer_syntax_uid: str = "") -> Header:
-    """Parse the header of a DICOM file (pixel value deferred); Refusal(0xC000) when it cannot be parsed."""
+def read_header(path: Path, transfer_syntax_uid: str = "", *, max_inflated_bytes: int | None = None) -> Header:
+    """Parse the header of a DICOM file (pixel value deferred); Refusal(0xC000) when it cannot be parsed.
+
+    With `max_inflated_bytes`, a deflated data set is inflated in a stream and refused (0xA700) when it
+    inflates to more (see the module docstring).
+    """
+    if max_inflated_bytes is not None and _deflated(path, transfer_syntax_uid):
+        with _inflated(path, max_inflated_bytes) as plain:
+            return read_header(plain, transfer_syntax_uid or DeflatedExplicitVRLittleEndian)
     try:
         ds = dcmread(path, defer_size=1024, force=True)
         meta = getattr(ds, "file_meta", None)
@@ -99,12 +118,64 @@ def read_header(path: Path, transfer_syntax_uid: str = "") -> Header:
             has_pixel_data=raw is not None,
             pixel_data_length=_raw_length(raw),
             pixel_data_offset=raw.value_tell if isinstance(raw, RawDataElement) else None,
+            photometric=_text(ds, "PhotometricInterpretation").upper(),
         )
     except Refusal:
         raise
     except Exception as e:  # pydicom raises many types on corrupt input; all mean "cannot understand"
         raise Refusal(STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(e).__name__}: {e}") from e
     return header
+
+
+def _deflated(path: Path, transfer_syntax_uid: str) -> bool:
+    if transfer_syntax_uid:
+        return transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+    except Exception:  # no or broken file meta: not a deflated file pydicom would inflate
+        return False
+
+
+INFLATE_CHUNK = 1 << 20
+
+
+@contextmanager
+def _inflated(path: Path, max_bytes: int) -> Iterator[Path]:
+    """A temporary copy of a deflated file with its data set inflated (file meta: Explicit VR Little
+    Endian), removed afterwards; Refusal when it inflates to more than `max_bytes` or is not deflate."""
+    with open(path, "rb") as f, tempfile.NamedTemporaryFile(dir=path.parent, suffix=".inflating") as out:
+        f.seek(128)
+        if f.read(4) != b"DICM":
+            raise Refusal(STATUS_CANNOT_UNDERSTAND, "deflated data set without file meta information")
+        try:
+            tag_group, tag_element, vr, _length, group_length = struct.unpack("<HH2sHL", f.read(12))
+        except struct.error as e:
+            raise Refusal(STATUS_CANNOT_UNDERSTAND, "file meta information truncated") from e
+        if (tag_group, tag_element, vr) != (2, 0, b"UL"):
+            raise Refusal(STATUS_CANNOT_UNDERSTAND, "file meta information without its group length")
+        meta = read_file_meta_info(path)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(out, meta)  # type: ignore[arg-type]
+        f.seek(132 + 12 + group_length)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while chunk := f.read(INFLATE_CHUNK):
+                while chunk:
+                    data = inflater.decompress(chunk, INFLATE_CHUNK)
+                    total += len(data)
+                    if total > max_bytes:
+                        raise Refusal(STATUS_OUT_OF_RESOURCES, f"deflated data set inflates to more than "
+                                                               f"{max_bytes} bytes (storage.max_instance_mb): "
+                                                               "not read")
+                    out.write(data)
+                    chunk = inflater.unconsumed_tail
+            out.write(inflater.flush(INFLATE_CHUNK))
+        except zlib.error as e:
+            raise Refusal(STATUS_CANNOT_UNDERSTAND, f"deflated data set cannot be inflated: {e}") from e
+        out.flush()
+        yield Path(out.name)
 
 
 def _raw_length(raw: object) -> int | None:
@@ -117,10 +188,14 @@ def _raw_length(raw: object) -> int | None:
 
 
 def expected_native_length(h: Header) -> int | None:
-    """Rows x Columns x Frames x Samples x BitsAllocated / 8 (before even padding); None if not computable."""
+    """Rows x Columns x Frames x Samples x BitsAllocated / 8 (before even padding); None if not computable.
+
+    YBR_FULL_422 keeps one Cb and one Cr per two pixels (PS3.3 C.7.6.3.1.2): two values per pixel, not three.
+    """
     if h.rows is None or h.columns is None or h.bits_allocated is None:
         return None
-    bits = h.rows * h.columns * h.frames * h.samples_per_pixel * h.bits_allocated
+    samples = 2 if h.photometric == "YBR_FULL_422" and h.samples_per_pixel == 3 else h.samples_per_pixel
+    bits = h.rows * h.columns * h.frames * samples * h.bits_allocated
     return (bits + 7) // 8
 
 

@@ -21,7 +21,8 @@ from pydicom.dataset import Dataset
 from node.audit import AuditStore, Instance, InstanceState, NewExport
 from node.audit.models import job_id_for, parse_job_id
 from node.config import Settings
-from node.prepare import Geometry, masks_to_source, prepare
+from node.decoding import prepare_isolated
+from node.prepare import Geometry, masks_to_source
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
 from node.results.seg import build_seg
@@ -124,7 +125,7 @@ def _write_results(settings: Settings, store: AuditStore, inst: Instance, result
     pixels = None
     if geometry is None or overlay_path is not None:
         # A job published before the geometry was kept, or an overlay (drawn on the prepared picture).
-        prepared = prepare(inst.spool_path)
+        prepared = prepare_isolated(settings, inst.spool_path)
         geometry, pixels = prepared.geometry, prepared.pixels
     # The header is all SEG and SR take from the source: its pixels are neither read nor decoded here.
     source = pydicom.dcmread(inst.spool_path, force=True, stop_before_pixels=True)

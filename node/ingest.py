@@ -7,12 +7,14 @@ spool and its row committed before a success status is returned.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from node.audit import AuditStore, DuplicateInstance, InstanceState, ReceivedInstance
+from node.audit import AuditStore, DuplicateInstance, Instance, InstanceState, ReceivedInstance
 from node.audit.store import RouteOutcome
 from node.config import Settings
 from node.dicom_header import STATUS_OUT_OF_RESOURCES, Header, Refusal, check_dataset, read_header
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_PROCESSING_FAILURE = 0x0110  # our fault, not the peer's: it may retry
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4: the UID is stored already, with other content
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class StoreRequest:
     priority: int = 0
     association_id: int | None = None
     peer: str = ""
+    received_bytes: int | None = None  # data set bytes the peer sent, kept or not (node.guard counts them)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ class Ingest:
             return Outcome(STATUS_PROCESSING_FAILURE, "error", reason=repr(e))
 
     def _receive(self, received: Path, req: StoreRequest) -> Outcome:
+        size = max(received.stat().st_size, req.received_bytes or 0)
+        limit_mb = self.settings.storage.max_instance_mb
+        if size > limit_mb * 1024 * 1024:
+            return self._refuse_oversize(received, req, size, limit_mb)
         if not self.spool.has_room(self.settings.storage.min_free_mb):
             reason = (f"free disk {self.spool.free_mb():.0f} MB below storage.min_free_mb "
                       f"{self.settings.storage.min_free_mb}")
@@ -87,9 +95,8 @@ class Ingest:
                                          "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}", "reason": reason})
             return Outcome(STATUS_OUT_OF_RESOURCES, "refused", reason=reason)
 
-        size = received.stat().st_size
         try:
-            header = read_header(received, req.transfer_syntax_uid)
+            header = read_header(received, req.transfer_syntax_uid, max_inflated_bytes=limit_mb * 1024 * 1024)
             check_dataset(header, affected_sop_class=req.affected_sop_class,
                           affected_sop_instance=req.affected_sop_instance, file_size=size)
         except Refusal as r:
@@ -98,6 +105,9 @@ class Ingest:
         info = self._info(header, req, size, spool_path="")
         original = self.store.find_live_instance(header.sop_instance_uid)
         if original is not None:
+            conflict = self._conflict(header, req, received, original)
+            if conflict:
+                return self._reject_conflict(received, req, info, original, conflict)
             row = self.store.record_duplicate(info, original.id)
             log.info("duplicate %s from %s (original instance %d)", header.sop_instance_uid, req.calling_ae,
                      original.id)
@@ -121,6 +131,56 @@ class Ingest:
         elif route.state == InstanceState.QUEUED:
             self.hand_off(instance.id)
         return Outcome(STATUS_SUCCESS, "stored", instance.id)
+
+    def _refuse_oversize(self, received: Path, req: StoreRequest, size: int, limit_mb: int) -> Outcome:
+        """Larger than storage.max_instance_mb: 0xA700, nothing kept (the bytes past the cap were never
+        written), a rejected row that says so."""
+        reason = f"data set of {size} bytes exceeds storage.max_instance_mb {limit_mb}"
+        received.unlink(missing_ok=True)
+        info = ReceivedInstance(sop_instance_uid=req.affected_sop_instance, sop_class_uid=req.affected_sop_class,
+                                transfer_syntax_uid=req.transfer_syntax_uid, calling_ae=req.calling_ae,
+                                association_id=req.association_id, priority=req.priority, size_bytes=size)
+        row = self.store.record_rejected(info, status=STATUS_OUT_OF_RESOURCES, reason=reason, quarantine_path="")
+        log.warning("refused %s from %s (%s) with 0xA700: %s", req.affected_sop_instance, req.calling_ae, req.peer,
+                    reason)
+        return Outcome(STATUS_OUT_OF_RESOURCES, "rejected", row.id, reason)
+
+    def _conflict(self, header: Header, req: StoreRequest, received: Path, original: Instance) -> str:
+        """Why a data set with the SOP Instance UID of a stored instance is another data set ('' when it
+        is a copy): another SOP class, series or study, or, in the same transfer syntax, other bytes.
+
+        A copy sent again in another transfer syntax counts as the same; when the stored file is gone
+        (retention), the UIDs the audit log keeps decide alone."""
+        if header.sop_class_uid != original.sop_class_uid:
+            return f"SOP Class UID {header.sop_class_uid}, stored {original.sop_class_uid}"
+        if original.series_instance_uid and header.series_instance_uid != original.series_instance_uid:
+            return f"Series Instance UID {header.series_instance_uid}, stored {original.series_instance_uid}"
+        stored = Path(original.spool_path)
+        try:
+            stored_header = read_header(stored, original.transfer_syntax_uid,
+                                        max_inflated_bytes=self.settings.storage.max_instance_mb * 1024 * 1024)
+        except (Refusal, OSError):
+            return ""
+        if stored_header.study_instance_uid != header.study_instance_uid:
+            return f"Study Instance UID {header.study_instance_uid}, stored {stored_header.study_instance_uid}"
+        same_syntax = (req.transfer_syntax_uid or header.transfer_syntax_uid) == original.transfer_syntax_uid
+        if same_syntax and _dataset_digest(received) != _dataset_digest(stored):
+            return "same UIDs, other content (SHA-256 of the data set differs)"
+        return ""
+
+    def _reject_conflict(self, received: Path, req: StoreRequest, info: ReceivedInstance, original: Instance,
+                         why: str) -> Outcome:
+        """Never dropped, never stored over the first: quarantined, audited, answered 0x0111."""
+        reason = f"SOP Instance UID already stored as instance {original.id} with another data set: {why}"
+        path = self.spool.quarantine(received, req.affected_sop_instance, {
+            "status": f"0x{STATUS_DUPLICATE_SOP_INSTANCE:04X}", "reason": reason, "calling_ae": req.calling_ae,
+            "peer": req.peer, "stored_instance_id": original.id, "stored_calling_ae": original.calling_ae,
+            "sop_instance_uid": req.affected_sop_instance, "association_id": req.association_id})
+        row = self.store.record_rejected(info, status=STATUS_DUPLICATE_SOP_INSTANCE, reason=reason,
+                                         quarantine_path=str(path), conflict_with=original.id)
+        log.warning("conflict: %s from %s (%s) is not the stored instance %d (from %s): %s",
+                    req.affected_sop_instance, req.calling_ae, req.peer, original.id, original.calling_ae, why)
+        return Outcome(STATUS_DUPLICATE_SOP_INSTANCE, "rejected", row.id, reason)
 
     def _route_outcome(self, header: Header, calling_ae: str) -> RouteOutcome | None:
         """The routing decision as the state to commit with the row (None: routing failed, stays received)."""
@@ -196,7 +256,8 @@ class Ingest:
             if inst.state == InstanceState.RECEIVED:
                 path = Path(inst.spool_path)
                 try:
-                    header = read_header(path, inst.transfer_syntax_uid)
+                    header = read_header(path, inst.transfer_syntax_uid,
+                                         max_inflated_bytes=self.settings.storage.max_instance_mb * 1024 * 1024)
                 except (Refusal, OSError) as e:
                     self.store.set_instance_state(inst.id, InstanceState.FAILED, f"cannot resume: {e}")
                     failed += 1
@@ -210,3 +271,18 @@ class Ingest:
         if rerouted or handed_off or failed:
             log.info("resumed pending instances: %s", report)
         return report
+
+
+def _dataset_digest(path: Path) -> str:
+    """SHA-256 of a received file's data set as sent (after preamble and file meta, which the node writes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(144)
+        start = 0
+        if head[128:132] == b"DICM" and len(head) == 144:
+            (group_length,) = struct.unpack("<L", head[140:144])
+            start = 144 + group_length
+        f.seek(start)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

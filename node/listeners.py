@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import metrics
+from node import decoding, metrics
 from node.analysis import Publisher
 from node.audit import AuditStore
 from node.celery_app import make_celery
@@ -100,6 +100,7 @@ def serve_listener(settings: Settings, index: int, stop: threading.Event) -> Non
     stop.wait()
     listener.stop()
     dispatcher.close()
+    decoding.shutdown()
     snapshots.stop()
     store.close()
     log.info("listener %d stopped", index)

@@ -20,7 +20,7 @@ from node.config import Settings
 from node.exporter import Exporter
 from node.handoff import Dispatcher
 from node.supervisor import ChildSpec, Supervisor
-from node.tasks import SETTINGS_JSON_ENV
+from node.tasks import SETTINGS_FILE_ENV, write_settings_file
 from workers.api import BROKER_ENV, INFERENCE_QUEUE, NODE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def worker_children(settings: Settings) -> list[ChildSpec]:
         "node-worker",
         [*celery, "-A", "node.tasks", "worker", "-Q", NODE_QUEUE, "-c", "1", "--pool", "solo",
          "-n", f"node-{settings.dicom.ae_title.strip()}@%h", *quiet],
-        env={**broker_env, SETTINGS_JSON_ENV: settings.model_dump_json()},
+        env={SETTINGS_FILE_ENV: str(write_settings_file(settings))},  # the broker URL comes with the settings
         log_file=logs / "node-worker.log")]
     if settings.embedded and settings.broker.embedded_worker:
         children.append(ChildSpec(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +38,13 @@ FOR_PROCESSING_SOP_CLASSES = frozenset({
 })
 #: Percentiles used when the data set carries neither VOI LUT nor window.
 ROBUST_PERCENTILES = (0.5, 99.5)
+#: Default cap on Rows x Columns x Frames x Samples x bytes per sample before any decode: the largest chest
+#: detectors are ~4300 x 4300 x 2 bytes (35 MiB), an RGB capture of a 4k screen 48 MiB.
+DEFAULT_MAX_PIXEL_BYTES = 100 * 1024 * 1024
+JPEG_2000_TRANSFER_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
+})
 
 
 class PrepareError(ValueError):
@@ -117,10 +125,34 @@ class Prepared(Geometry):
         return Geometry(**{f.name: getattr(self, f.name) for f in fields(Geometry)})
 
 
-def prepare(source: Dataset | Path | str, long_side: int = 1024) -> Prepared:
-    """Decode, window and resize one single-frame image. Raises PrepareError with the reason."""
+#: What a malformed attribute value raises inside pydicom and numpy (WindowCenter "abc", RescaleSlope as
+#: text, an empty VOI LUT item, an odd-length PixelPaddingValue …): a property of the file, so final.
+#: MemoryError and OSError are not here: they say something about the node, and are retried (bounded).
+DATA_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, AttributeError, IndexError, KeyError,
+                                            ArithmeticError)
+
+
+def prepare(source: Dataset | Path | str, long_side: int = 1024, *,
+            max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> Prepared:
+    """Decode, window and resize one single-frame image. Raises PrepareError with the reason.
+
+    Any error caused by the data set's content is a PrepareError (final: the same file fails the same
+    way every time), so a poison instance never loops through the outbox. Nothing is decoded when the
+    image would be larger than `max_pixel_bytes`, or when a JPEG / JPEG 2000 codestream describes
+    another image than the data set (a few kB can declare 12000 x 12000 pixels: a decompression bomb).
+    """
     ds = _read(source)
-    _check_header(ds)
+    try:
+        _check_header(ds, max_pixel_bytes)
+        _check_codestream(ds)
+        return _prepare(ds, long_side)
+    except PrepareError:
+        raise
+    except DATA_ERRORS as e:
+        raise PrepareError(f"invalid image attributes: {type(e).__name__}: {e}") from e
+
+
+def _prepare(ds: Dataset, long_side: int) -> Prepared:
     notes: list[str] = []
     raw = _decode(ds)
 
@@ -208,7 +240,7 @@ def _guessed_syntax(ds: Dataset) -> UID:
     return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
-def _check_header(ds: Dataset) -> None:
+def _check_header(ds: Dataset, max_pixel_bytes: int) -> None:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise PrepareError("float pixel data is not supported")
@@ -233,6 +265,82 @@ def _check_header(ds: Dataset) -> None:
         raise PrepareError(f"photometric interpretation {photometric} not supported for 1 sample per pixel")
     if samples not in (1, 3):
         raise PrepareError(f"SamplesPerPixel {samples} not supported")
+    decoded = rows * cols * frames * samples * ((allocated + 7) // 8)
+    if decoded > max_pixel_bytes:
+        raise PrepareError(f"image of {rows} x {cols} x {frames} frame(s) x {samples} sample(s) x {allocated} bits "
+                           f"decodes to {decoded / 2**20:.0f} MiB, more than prepare.max_pixel_mb "
+                           f"{max_pixel_bytes / 2**20:.0f}: not decoded")
+
+
+def _check_codestream(ds: Dataset) -> None:
+    """A JPEG / JPEG-LS / JPEG 2000 codestream must describe the image the data set describes: its
+    dimensions are read from the codestream header (SOFn / SIZ) before the decoder sees it."""
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if not UID(ts).is_encapsulated:
+        return
+    is_j2k = ts in JPEG_2000_TRANSFER_SYNTAXES
+    if not (is_j2k or ts.startswith("1.2.840.10008.1.2.4.")):
+        return  # RLE and others: the decoder writes into a Rows x Columns buffer
+    try:
+        fragment = _first_fragment(ds.PixelData)
+        size = _j2k_size(fragment) if is_j2k else _jpeg_size(fragment)
+    except (struct.error, ValueError) as e:
+        raise PrepareError(f"unreadable codestream header: {e}") from e
+    if size is None:
+        raise PrepareError("no image size in the codestream header (no SIZ/SOF marker)")
+    cols, rows, components = size
+    expected = (int(ds.Columns), int(ds.Rows), int(ds.get("SamplesPerPixel", 1)))
+    if (cols, rows if rows else expected[1], components) != expected:
+        raise PrepareError(f"codestream is {cols} x {rows} with {components} component(s), the data set says "
+                           f"{expected[0]} x {expected[1]} with {expected[2]}: not decoded")
+
+
+def _first_fragment(data: bytes, head: int = 65536) -> bytes:
+    """The first `head` bytes of the first fragment of encapsulated Pixel Data (after the offset table)."""
+    pos = 0
+    for _ in range(2):  # the Basic Offset Table item, then the first fragment's item
+        group, element, length = struct.unpack_from("<HHL", data, pos)
+        if (group, element) != (0xFFFE, 0xE000):
+            raise ValueError(f"no item at byte {pos} of the encapsulated Pixel Data")
+        start, pos = pos + 8, pos + 8 + length
+    return bytes(data[start:start + min(length, head)])
+
+
+def _j2k_size(code: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from the SIZ marker of a JPEG 2000 codestream (or a JP2 file)."""
+    at = code.find(b"\xff\x4f\xff\x51")
+    if at < 0:
+        return None
+    _lsiz, _rsiz, xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">HHLLLL", code, at + 4)
+    (csiz,) = struct.unpack_from(">H", code, at + 4 + 36)
+    return xsiz - xosiz, ysiz - yosiz, csiz
+
+
+#: Start-of-frame markers of ISO 10918 (all processes) and JPEG-LS (SOF55).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def _jpeg_size(code: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from the first SOFn segment of a JPEG / JPEG-LS codestream; height 0
+    means it is given later (DNL) and is not checked."""
+    if code[:2] != b"\xff\xd8":
+        raise ValueError("no JPEG start-of-image marker")
+    pos = 2
+    while pos + 4 <= len(code):
+        if code[pos] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {pos}")
+        marker = code[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        (length,) = struct.unpack_from(">H", code, pos + 2)
+        if marker in _SOF_MARKERS:
+            _precision, height, width, components = struct.unpack_from(">BHHB", code, pos + 4)
+            return width, height, components
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
 
 
 def _decode(ds: Dataset) -> np.ndarray:

@@ -4,9 +4,12 @@
   ``source`` or ``both`` (and, if the entry has a host and ``dicom.check_calling_host`` is on, the peer
   must connect from it); the called AE title must be ours. Otherwise A-ASSOCIATE-RJ
   (rejected-permanent, service-user, "calling/called AE title not recognised"). Every request is audited.
+- Disk watermark: below ``storage.min_free_mb`` free, an association proposing storage is rejected
+  (transient, audited) before any byte of a data set arrives; C-ECHO still works.
 - C-STORE: pynetdicom writes the data set as it arrives into ``spool/.incoming`` (no decoding,
-  ``STORE_RECV_CHUNKED_DATASET``); :class:`node.ingest.Ingest` checks the header, makes the file durable,
-  commits its row and only then is the status returned.
+  ``STORE_RECV_CHUNKED_DATASET``), at most ``storage.max_instance_mb`` of it (:mod:`node.guard`);
+  :class:`node.ingest.Ingest` checks the header, makes the file durable, commits its row and only then
+  is the status returned. A failure status carries the reason as Error Comment.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
@@ -32,12 +36,16 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import metrics
 from node.audit import AERole, AuditStore
 from node.config import Settings, TLSConfig
+from node.guard import ConnectionGuard, GuardedRequestHandler, received_bytes
 from node.ingest import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
 
 log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ: rejected-permanent (1), DUL service-user (1), diagnostics (PS3.8 9.3.4)
 REJECT_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
+# rejected-transient (2), service-provider presentation (3), temporary congestion (1): try again later
+REJECT_TRANSIENT, SOURCE_PRESENTATION, TEMPORARY_CONGESTION = 0x02, 0x03, 0x01
+VERIFICATION_UID = "1.2.840.10008.1.1"
 CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
 
 # Rejections pynetdicom makes by itself: (result source, diagnostic) -> what the audit log says.
@@ -135,7 +143,11 @@ class StorageSCP:
         ctx = server_ssl_context(d.tls) if d.tls.enabled else None
         # AE.start_server(block=False) with our server class: it always makes its own class.
         server = self.ae.make_server((d.host, d.port), evt_handlers=self.handlers, ssl_context=ctx,
-                                     server_class=server_class)
+                                     server_class=server_class, request_handler=GuardedRequestHandler)
+        guard = ConnectionGuard(self.settings, self.store)
+        # The TLS handshake moves from pynetdicom's accept loop to each connection's thread (node.guard).
+        guard.ssl_context, server.ssl_context = server.ssl_context, None
+        server.guard = guard  # type: ignore[attr-defined]
         self.ae._servers.append(server)  # as start_server does: the AE tracks it, server.shutdown() removes it
         threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
         self.server = server
@@ -150,6 +162,9 @@ class StorageSCP:
         """Stop accepting associations; the ones in flight go on until they end."""
         if self.server is not None:
             self.server.shutdown()
+            guard = getattr(self.server, "guard", None)
+            if guard is not None:
+                guard.close()
             self.server = None
 
     def active_associations(self) -> int:
@@ -189,6 +204,7 @@ class StorageSCP:
             assoc.kill()
             return
         if rejection is None:
+            self._reject_when_disk_low(assoc, calling, called, peer_host, peer_port)
             return
         diagnostic, reason = rejection
         metrics.count_association("rejected", "called-ae-not-recognised" if diagnostic == CALLED_AE_NOT_RECOGNISED
@@ -199,6 +215,24 @@ class StorageSCP:
                                       tls=self.settings.dicom.tls.enabled)
         assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
         assoc.kill()  # returns once the A-ASSOCIATE-RJ is on the wire
+
+    def _reject_when_disk_low(self, assoc: Association, calling: str, called: str, peer_host: str,
+                              peer_port: int | None) -> None:
+        """Below the watermark, refuse an association that may store before any data set arrives
+        (transient: the peer retries later); verification-only associations still pass."""
+        spool, min_free = self.ingest.spool, self.settings.storage.min_free_mb
+        prim = assoc.requestor.primitive
+        proposed = {str(cx.abstract_syntax) for cx in (prim.presentation_context_definition_list if prim else [])}
+        if spool.has_room(min_free) or proposed <= {VERIFICATION_UID}:
+            return
+        reason = f"free disk {spool.free_mb():.0f} MB below storage.min_free_mb {min_free}"
+        metrics.count_association("rejected", "disk-low")
+        log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
+        self.store.record_association(calling_ae=calling, called_ae=called, peer_host=peer_host,
+                                      peer_port=peer_port, result="rejected", reason=reason,
+                                      tls=self.settings.dicom.tls.enabled)
+        assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, TEMPORARY_CONGESTION)
+        assoc.kill()
 
     def on_established(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -247,7 +281,7 @@ class StorageSCP:
     def on_c_echo(self, event: evt.Event) -> int:
         return 0x0000
 
-    def on_c_store(self, event: evt.Event) -> int:
+    def on_c_store(self, event: evt.Event) -> int | Dataset:
         with self._lock:
             state = self._states.get(id(event.assoc))
         req = cast(C_STORE, event.request)
@@ -258,7 +292,8 @@ class StorageSCP:
             calling_ae=state.calling_ae if state else event.assoc.requestor.ae_title.strip(),
             priority=int(req.Priority or 0),
             association_id=state.association_id if state else None,
-            peer=state.peer if state else "")
+            peer=state.peer if state else "",
+            received_bytes=received_bytes(req))
         try:
             received = Path(event.dataset_path)
         except AttributeError:  # only if chunked receiving were switched off: a bug, not the peer's fault
@@ -279,4 +314,17 @@ class StorageSCP:
                 state.duplicate += 1
             else:
                 state.failed += 1
-        return outcome.status
+        if outcome.kind == "error":  # the node's own fault: its details stay in the node's log
+            return _status_dataset(outcome.status, "internal error of the receiving node")
+        failed = outcome.kind in ("rejected", "refused")
+        return _status_dataset(outcome.status, outcome.reason) if failed else outcome.status
+
+
+def _status_dataset(status: int, reason: str) -> Dataset:
+    """A failure status with the reason as Error Comment (LO: 64 characters, no backslash)."""
+    rsp = Dataset()
+    rsp.Status = status
+    comment = "".join(c if c.isprintable() and c != "\\" else " " for c in reason)[:64].strip()
+    if comment:
+        rsp.ErrorComment = comment
+    return rsp

@@ -16,6 +16,7 @@ and the spool directory, as node replicas do.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from types import FrameType
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import decoding
 from node.alerts.deliver import Alerter
 from node.audit import AuditStore
 from node.config import Settings
@@ -180,6 +182,7 @@ class NodeServices:
             if self.pipeline is not None:
                 self.pipeline.stop()
             self.store.add_event("node.stopped")
+        decoding.shutdown()
         self.store.close()
 
     def _workers_probe(self) -> Callable[[], CheckResult] | None:
@@ -210,9 +213,27 @@ class Node:
         self.services.stop()
 
 
+#: Files the node writes hold PHI or credentials: owner read/write, group read, nothing for others.
+FILE_UMASK = 0o027
+
+
+def restrict_file_modes(settings: Settings) -> None:
+    """Whatever umask the node was started with: new files 0640, folders 0750 (the spool's temporary
+    files are 0600 already), and the databases and folders an earlier start made are tightened too."""
+    os.umask(FILE_UMASK)
+    data = settings.storage.data_dir
+    for folder in (data, data / "spool", data / "quarantine", data / "results", data / "logs"):
+        if folder.is_dir():
+            folder.chmod(folder.stat().st_mode & 0o750)
+    for pattern in ("audit.db*", "broker.db*"):
+        for f in data.glob(pattern):
+            f.chmod(f.stat().st_mode & 0o640)
+
+
 def serve(settings: Settings, source: str = "the configuration") -> int:
     """Run until SIGTERM/SIGINT; returns the exit status. Raises ConfigError, before anything starts,
     for every problem `cxrnode config check` also reports (`node.preflight`)."""
+    restrict_file_modes(settings)
     check_start(settings, source)
     if settings.dicom.listeners > 1:
         # Several receiving processes on one port: one interpreter receives about one core's worth.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -24,14 +25,30 @@ from workers.api import FINISH_TASK, NODE_QUEUE, AnalyzeResult
 
 log = logging.getLogger(__name__)
 
-#: `cxrnode serve` passes its validated settings to the worker it spawns, so both see one configuration.
-SETTINGS_JSON_ENV = "CXRNODE_SETTINGS_JSON"
+#: `cxrnode serve` passes its validated settings to the worker it spawns, so both see one configuration:
+#: in a file only the node's user reads (mode 0600), named here. Never the settings themselves in the
+#: environment: they hold the console's password hashes, alert tokens and database credentials, and a
+#: process's environment is readable in /proc and ends up in crash reports.
+SETTINGS_FILE_ENV = "CXRNODE_SETTINGS_FILE"
+
+
+def write_settings_file(settings: Settings) -> Path:
+    """The settings as JSON in ``<data_dir>/run/node-worker-settings.json``, created 0600, replaced atomically."""
+    folder = settings.storage.data_dir / "run"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / "node-worker-settings.json"
+    tmp = folder / f".{path.name}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(settings.model_dump_json())
+    os.replace(tmp, path)
+    return path
 
 
 @cache
 def _settings() -> Settings:
-    if raw := os.environ.get(SETTINGS_JSON_ENV):
-        return Settings.model_validate_json(raw)
+    if path := os.environ.get(SETTINGS_FILE_ENV):
+        return Settings.model_validate_json(Path(path).read_text())
     return load_settings(find_config())
 
 

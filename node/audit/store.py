@@ -265,16 +265,25 @@ class AuditStore(TriageStoreMixin):
                    detail={"sop_instance_uid": info.sop_instance_uid, "original_id": original_id})
             return row
 
-    def record_rejected(self, info: ReceivedInstance, *, status: int, reason: str, quarantine_path: str) -> Instance:
-        """An instance refused at ingest (failure status sent); its bytes are in quarantine."""
+    def record_rejected(self, info: ReceivedInstance, *, status: int, reason: str, quarantine_path: str,
+                        conflict_with: int | None = None) -> Instance:
+        """An instance refused at ingest (failure status sent); its bytes are in quarantine.
+
+        With `conflict_with`: another data set under the SOP Instance UID of that stored instance
+        (``instance.conflict``; the row points at the stored one, which stays as it is)."""
         with self.session() as s:
             row = _instance_row(info, None, InstanceState.REJECTED)
             row.reason, row.quarantine_path, row.finished_at = reason, quarantine_path, row.received_at
+            if conflict_with is not None:
+                original = _get(s, Instance, conflict_with)
+                row.study_id, row.duplicate_of_id = original.study_id, conflict_with
             s.add(row)
             s.flush()
-            _event(s, "instance.rejected", instance_id=row.id, association_id=info.association_id,
+            _event(s, "instance.conflict" if conflict_with is not None else "instance.rejected", instance_id=row.id,
+                   study_id=row.study_id, association_id=info.association_id,
                    detail={"sop_instance_uid": info.sop_instance_uid, "status": f"0x{status:04X}",
-                           "reason": reason, "quarantine": quarantine_path})
+                           "reason": reason, "quarantine": quarantine_path,
+                           **({"stored_instance_id": conflict_with} if conflict_with is not None else {})})
             return row
 
     def set_instance_state(self, instance_id: int, state: InstanceState | str, reason: str | None = None, *,
@@ -429,6 +438,25 @@ class AuditStore(TriageStoreMixin):
                 return False
             row.prepared_geometry = {**geometry, "job_id": job_id}
             return True
+
+    def record_prepare_error(self, job_id: str, error: str, *, max_attempts: int) -> Instance | None:
+        """One failed attempt to prepare run `job_id` (``analysis.prepare_error``); at the
+        `max_attempts`-th the instance becomes ``failed`` with the error, in the same transaction.
+        None when the run is over (stale: nothing recorded)."""
+        instance_id, _ = parse_job_id(job_id)
+        with self.session() as s:
+            row = _locked_instance(s, instance_id)
+            if row.state != InstanceState.QUEUED or row.job_id != job_id:
+                return None
+            earlier = s.scalars(select(Event).where(Event.instance_id == instance_id)
+                                .where(Event.kind == "analysis.prepare_error"))
+            attempt = 1 + sum(1 for e in earlier if (e.detail or {}).get("job_id") == job_id)
+            _event(s, "analysis.prepare_error", instance_id=instance_id, study_id=row.study_id,
+                   detail={"job_id": job_id, "attempt": attempt, "max_attempts": max_attempts, "error": error})
+            if attempt >= max_attempts:
+                _transition(s, row, InstanceState.FAILED,
+                            f"cannot prepare pixels after {attempt} attempts: {error}", detail={"job_id": job_id})
+            return row
 
     def record_analysis(self, job_id: str, *, exports: Sequence[NewExport], files: dict[str, str],
                         detail: dict[str, Any] | None = None, nothing_to_send: str = "") -> Instance | None:

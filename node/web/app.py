@@ -4,6 +4,11 @@
 templates with plain HTML forms (no JavaScript build step). Every POST needs a logged-in session
 and its CSRF token; every action also needs the admin role (viewers get 403, audited as
 `web.denied`); every change goes to the audit log with `actor="web:<user>"`.
+
+Every response carries the security headers of :data:`SECURITY_HEADERS` (a Content Security Policy
+that allows only the node's own scripts and styles and no framing, nosniff, no referrer); pages and
+images, which show PHI, are also ``Cache-Control: no-store``. Redirects after a form go only to a
+path on this console (``back``/``next`` must be relative).
 """
 
 from __future__ import annotations
@@ -29,7 +34,15 @@ from node.config import Settings, validate_ae_title, validate_port
 from node.health import CheckResult, Readiness, disk_usage, queue_depth, readiness
 from node.web import queries, session_key
 from node.web.actions import ActionError, ConsoleActions
-from node.web.auth import LoginThrottle, Session, SessionSigner, User, authenticate, resolve_users
+from node.web.auth import (
+    LoginThrottle,
+    RevokedSessions,
+    Session,
+    SessionSigner,
+    User,
+    authenticate,
+    resolve_users,
+)
 from node.web.results_view import (
     default_weights_dir,
     legend,
@@ -44,6 +57,27 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 COOKIE = "cxrnode_session"
 INFERENCE_QUEUE = "inference"
+
+
+#: On every response. Inline styles stay allowed (colour swatches); scripts only from /static.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+#: Responses that are not PHI and may be cached (static files, probes, metrics).
+CACHEABLE_PREFIXES = ("/static/", "/healthz", "/readyz", "/metrics")
+
+
+def local_path(target: str, default: str = "/") -> str:
+    """`target` when it is a path on this site ("/studies?x=1"), else `default`: no open redirect
+    (absolute URLs, "//host", "/\\host" and control characters are all refused)."""
+    if not target.startswith("/") or target.startswith(("//", "/\\")) or any(c < " " for c in target):
+        return default
+    return target
 
 
 class LoginRequired(Exception):
@@ -66,6 +100,7 @@ class Console:
     weights_dir: Path
     workers_probe: Callable[[], CheckResult] | None
     throttle: LoginThrottle
+    revoked: RevokedSessions
 
 
 def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
@@ -93,10 +128,19 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
         actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
                                           tls=settings.dicom.tls),
         users=users, signer=signer, templates=templates,
-        weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle())
+        weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle(),
+        revoked=RevokedSessions(session_key.revoked_path(settings)))
 
     app = FastAPI(title="cxr-node", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.console = console
+
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response: Response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if not request.url.path.startswith(CACHEABLE_PREFIXES):
+            response.headers["Cache-Control"] = "no-store"
+        return response
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     metrics.register_audit_collector(metrics.AuditCollector(
         lambda: queries.instance_counts(store), lambda: queries.export_counts(store),
@@ -130,8 +174,9 @@ def _fmt_dt(value: datetime | None) -> str:
 
 def _session(request: Request, console: Console) -> Session:
     session = console.signer.load(request.cookies.get(COOKIE))
-    # A user no longer configured is logged out even though the key (and so the cookie) outlived the restart.
-    if session is None or session.user not in console.users:
+    # A user no longer configured is logged out even though the key (and so the cookie) outlived the restart;
+    # a session ended by logout stays ended whoever replays its cookie.
+    if session is None or session.user not in console.users or console.revoked.is_revoked(session):
         raise LoginRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
     return session
 
@@ -152,8 +197,10 @@ async def _post(request: Request, console: Console, *, admin: bool = True) -> tu
 
 
 def _back(path: str, msg: str = "", err: str = "") -> RedirectResponse:
+    path = local_path(path, "/studies")
     params = {k: v for k, v in (("msg", msg), ("err", err)) if v}
-    return RedirectResponse(path + (f"?{urlencode(params)}" if params else ""), status_code=303)
+    separator = "&" if "?" in path else "?"
+    return RedirectResponse(path + (f"{separator}{urlencode(params)}" if params else ""), status_code=303)
 
 
 def _render(console: Console, request: Request, template: str, session: Session | None, status: int = 200,
@@ -169,15 +216,29 @@ def _render(console: Console, request: Request, template: str, session: Session 
 # -- /metrics, /healthz, /readyz (no login: scraped by Prometheus and probed by orchestrators) ---------
 
 
+def _logged_in(request: Request, console: Console) -> bool:
+    try:
+        _session(request, console)
+    except LoginRequired:
+        return False
+    return True
+
+
 def _add_ops_routes(app: FastAPI, console: Console) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    def readyz(request: Request) -> JSONResponse:
+        """Status code and which checks pass for anyone (probes); what each found (versions, URLs, free
+        space) only for a logged-in console user."""
         result = readiness(console.settings, console.store.engine, workers_probe=console.workers_probe)
-        return JSONResponse(result.as_dict(), status_code=200 if result.ready else 503)
+        body = result.as_dict()
+        if not _logged_in(request, console):
+            body["checks"] = {name: {k: v for k, v in check.items() if k not in ("detail", "data")}
+                              for name, check in body["checks"].items()}
+        return JSONResponse(body, status_code=200 if result.ready else 503)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
@@ -196,21 +257,25 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
     async def login(request: Request) -> Response:
         form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
         user, password = form.get("username", ""), form.get("password", "")
-        next_url = form.get("next", "/")
-        if not next_url.startswith("/") or next_url.startswith("//"):
-            next_url = "/"  # no open redirect
+        next_url = local_path(form.get("next", "/"))
         peer = request.client.host if request.client else ""
-        if (wait := console.throttle.retry_after(peer)) > 0:
+        # Per account only for accounts that exist: made-up names cannot grow the table.
+        by_account = f"account:{user}" if user in console.users else peer
+        if (wait := max(console.throttle.retry_after(peer), console.throttle.retry_after(by_account))) > 0:
+            log.warning("console login for %r from %s refused: throttled", user[:40], peer)
             return _render(console, request, "login.html", None, status=429, next=next_url,
-                           error=f"Too many failed logins from {peer}: try again in {wait / 60:.0f} minute(s).")
+                           error=f"Too many failed logins: try again in {max(wait / 60, 1):.0f} minute(s).")
         account = authenticate(console.users, user, password)
         if account is None:
             console.throttle.failed(peer)
+            if by_account != peer:
+                console.throttle.failed(by_account)
             console.store.add_event("web.login_failed", actor=f"web:{user[:40]}", detail={"peer": peer})
             log.warning("console login failed for %r from %s", user[:40], peer)
             return _render(console, request, "login.html", None, status=401, next=next_url,
                            error="Wrong user name or password.")
         console.throttle.succeeded(peer)
+        console.throttle.succeeded(by_account)
         cookie, _ = console.signer.issue(user)
         console.store.add_event("web.login", actor=f"web:{user}", detail={"peer": peer, "role": account.role})
         response = RedirectResponse(next_url, status_code=303)
@@ -222,6 +287,7 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
     @app.post("/logout")
     async def logout(request: Request) -> Response:
         session, _ = await _post(request, console, admin=False)
+        console.revoked.revoke(session)
         console.store.add_event("web.logout", actor=f"web:{session.user}")
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
@@ -287,10 +353,10 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             return Response(status_code=404)
         seg = next((Path(e.file_path) for e in store.list_exports(instance_id)
                     if e.kind == "seg" and Path(e.file_path).exists()), None)
-        png = safe_overlay(Path(inst.spool_path), seg) if inst.spool_path else None
+        png = safe_overlay(settings, Path(inst.spool_path), seg) if inst.spool_path else None
         if png is None:
             return Response(status_code=404)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+        return Response(png, media_type="image/png")  # PHI: no-store, like the pages
 
     @app.post("/instances/{instance_id}/rerun")
     async def rerun(request: Request, instance_id: int) -> Response:

@@ -12,7 +12,12 @@ With neither:
 
 Sessions are an HMAC-SHA256-signed cookie (user, expiry, CSRF token). The key comes from
 node.web.session_key (a file), so sessions survive a restart; the user's role is looked up on each
-request, so a user removed from the config is logged out at the next restart.
+request, so a user removed from the config is logged out at the next restart. Logging out revokes the
+session on the server (:class:`RevokedSessions`, a file beside the key shared by every console
+process): the cookie, replayed, no longer opens anything.
+
+Failed logins are throttled per address and per account (:class:`LoginThrottle`), so guessing one
+account's password from many addresses is as slow as from one.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 log = logging.getLogger(__name__)
@@ -173,6 +180,62 @@ class SessionSigner:
         except (ValueError, KeyError, TypeError):
             return None
         return session if session.expires > time.time() else None
+
+
+class RevokedSessions:
+    """Sessions ended by logout before their expiry, in a file every console process reads.
+
+    One line per revoked session: SHA-256 of its CSRF token (a random per-session value; the file holds
+    nothing a cookie could be rebuilt from) and its expiry. Lines whose session has expired anyway are
+    dropped when the file is rewritten; readers reload it when it changes.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
+        self._revoked: dict[str, float] = {}
+
+    @staticmethod
+    def _id(session: Session) -> str:
+        return hashlib.sha256(session.csrf.encode()).hexdigest()
+
+    def revoke(self, session: Session) -> None:
+        with self._lock:
+            self._load()
+            now = self._clock()
+            self._revoked = {k: e for k, e in self._revoked.items() if e > now}
+            self._revoked[self._id(session)] = session.expires
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.writelines(f"{k} {e:.0f}\n" for k, e in self._revoked.items())
+            os.replace(tmp, self.path)
+            self._seen = None
+
+    def is_revoked(self, session: Session) -> bool:
+        with self._lock:
+            self._load()
+            return self._id(session) in self._revoked
+
+    def _load(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._revoked, self._seen = {}, None
+            return
+        if self._seen == (st.st_mtime_ns, st.st_size):
+            return
+        revoked: dict[str, float] = {}
+        for line in self.path.read_text().splitlines():
+            key, _, expires = line.partition(" ")
+            try:
+                revoked[key] = float(expires)
+            except ValueError:
+                continue
+        self._revoked, self._seen = revoked, (st.st_mtime_ns, st.st_size)
 
 
 class LoginThrottle:

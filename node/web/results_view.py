@@ -20,7 +20,9 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from node.prepare import PrepareError, prepare
+from node.config import Settings
+from node.decoding import prepare_isolated
+from node.prepare import PrepareError
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,12 @@ def _resize_mask(mask: np.ndarray, crop: tuple[int, int, int, int], shape: tuple
     return np.asarray(im.resize((shape[1], shape[0]), Image.Resampling.NEAREST)) > 0
 
 
-def render_overlay(source_path: Path, seg_path: Path | None, long_side: int = 384,
+def render_overlay(settings: Settings, source_path: Path, seg_path: Path | None, long_side: int = 384,
                    alpha: float = 0.45) -> bytes:
-    """PNG bytes: the prepared source with SEG segments blended in. Raises PrepareError/OSError."""
-    prepared = prepare(source_path, long_side=long_side)
+    """PNG bytes: the prepared source with SEG segments blended in. Raises PrepareError/OSError.
+
+    The source is decoded in the memory-limited decoder process (node.decoding), like for analysis."""
+    prepared = prepare_isolated(settings, source_path, long_side=long_side)
     grey = prepared.pixels.astype(np.float32)
     rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
     if seg_path is not None:
@@ -146,9 +150,9 @@ def severity(measurements: list[Measurement]) -> str | None:
     return None
 
 
-def safe_overlay(source_path: Path, seg_path: Path | None) -> bytes | None:
+def safe_overlay(settings: Settings, source_path: Path, seg_path: Path | None) -> bytes | None:
     try:
-        return render_overlay(source_path, seg_path)
+        return render_overlay(settings, source_path, seg_path)
     except (PrepareError, OSError, ValueError, AttributeError, KeyError) as e:
         log.warning("no thumbnail for %s: %s", source_path.name, e)
         return None

@@ -30,6 +30,12 @@ def key_path(settings: Settings) -> Path:
     return settings.web.session_key_file or settings.storage.data_dir / FILE_NAME
 
 
+def revoked_path(settings: Settings) -> Path:
+    """Where logged-out sessions are listed: beside the key, so consoles sharing the key share it too."""
+    path = key_path(settings)
+    return path.with_name(f"{path.name}.revoked")
+
+
 def load_or_create(path: Path) -> bytes:
     """The session key stored in `path` (created when missing). Raises AuthConfigError if it is unusable."""
     try:

@@ -26,7 +26,7 @@ from node.audit.models import InstanceState
 from node.config import load_settings
 from node.health import queue_depth
 from node.web.server import start_in_thread
-from tests.support.console import EXTRA_OPTS, PASSWORD_HASH, RAW_SENDS, sop_instance_uid
+from tests.support.console import EXTRA_OPTS, PASSWORD_HASH, RAW_SENDS, ConsoleClient, sop_instance_uid
 from tests.support.dcmtk import echoscu, send_as_stored, storescu, storescu_opts
 from tests.support.net import free_port, wait_for
 from tests.support.node import cxrnode_command
@@ -161,7 +161,10 @@ def test_production_config_serves_over_tls_into_postgres_and_redis(deployment: D
         assert settings.web.production and settings.dicom.tls.enabled
         web = start_in_thread(settings, store, port=0)
         try:
-            ready = httpx.get(f"{web.url}/readyz", timeout=30)
+            console = ConsoleClient(web.url)
+            assert console.login().status_code == 303  # the checks' details are for console users only
+            ready = console.http.get("/readyz")
+            console.close()
             body = ready.json()
             assert ready.status_code == 200, body
             assert body["checks"]["database"]["detail"] == "postgresql reachable"

@@ -210,15 +210,16 @@ def test_duplicate_is_acknowledged_recorded_and_not_processed_again(node: NodePr
     assert (second_assoc.instances_stored, second_assoc.instances_duplicate) == (0, 1)
 
 
-def test_low_disk_answers_out_of_resources(node_factory: Callable[..., NodeProcess]) -> None:
+def test_low_disk_rejects_storage_associations_before_any_data_set(node_factory: Callable[..., NodeProcess]) -> None:
     node = node_factory(min_free_mb=10**9).start()  # a petabyte free: never true
     path = dicom_dir() / next(r["file"] for r in MANIFEST if r["file"].startswith("09"))
     result = storescu(node.port, [path])
-    assert result.statuses == [0xA700]
+    assert result.returncode != 0 and result.statuses == []
+    assert "Association Rejected" in result.output and "Transient" in result.output, result.output
     assert not list(node.spool.glob("*/*.dcm")) and node.store().list_instances() == []
-    (event,) = node.store().list_events(kinds=["instance.refused"])
-    assert event.detail["status"] == "0xA700" and "min_free_mb" in event.detail["reason"]
-    assert echoscu(node.port).returncode == 0
+    (assoc,) = node.store().list_associations()
+    assert assoc.result == "rejected" and "min_free_mb" in assoc.reason and assoc.peer_host == "127.0.0.1"
+    assert echoscu(node.port).returncode == 0  # verification needs no disk: monitoring still sees the node
     assert node.stop() == 0
 
 
@@ -235,3 +236,16 @@ def test_sigterm_lets_the_association_in_flight_finish(node: NodeProcess, tmp_pa
     assert len(out[0].responses) == len(files) and set(out[0].statuses) == {0x0000}
     assert len(node.store().list_instances(InstanceFilter(states=[InstanceState.QUEUED]))) == len(files)
     assert echoscu(node.port).returncode != 0, "a stopped node accepts nothing"
+
+
+def test_uncompressed_ybr_full_422_is_accepted(node: NodeProcess, tmp_path: Path) -> None:
+    # 4:2:2 Pixel Data is two thirds of Rows x Columns x 3 (issue 13, finding 9): valid, so stored.
+    from node.prepare import prepare
+    from tests.support.synthetic_dicom import ybr_full_422_copy
+
+    path = ybr_full_422_copy(tmp_path / "ybr422.dcm")
+    result = storescu(node.port, [path])
+    assert result.statuses == [0x0000], result.output[-2000:]
+    (inst,) = node.store().list_instances()
+    assert inst.state in (InstanceState.QUEUED, InstanceState.SKIPPED) and inst.spool_path
+    assert prepare(inst.spool_path).pixels.shape == (1024, 1024)

@@ -108,3 +108,13 @@ def test_duplicates_reanalysed_only_when_configured(tmp_path: Path, store: Audit
     assert states == [InstanceState.QUEUED if reanalyze else InstanceState.EXPORTED,
                       InstanceState.DUPLICATE, InstanceState.DUPLICATE]
     assert len(list(h.ingest.spool.root.glob("*/*.dcm"))) == 1
+
+
+def test_disk_filling_during_an_association_answers_out_of_resources(tmp_path: Path, store: AuditStore) -> None:
+    # The association was accepted above the watermark; the disk filled before this data set came.
+    h = harness(tmp_path, store)
+    h.ingest.settings.storage.min_free_mb = 10**9
+    assert receive(h.ingest, CHEST) == 0xA700
+    assert store.list_instances() == [] and not list(h.ingest.spool.root.glob("*/*.dcm"))
+    (event,) = store.list_events(kinds=["instance.refused"])
+    assert event.detail["status"] == "0xA700" and "min_free_mb" in event.detail["reason"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,4 +48,34 @@ def test_tls_association_with_client_certificate(node_factory: Callable[..., Nod
     assert inst.state == InstanceState.QUEUED
     accepted = [a for a in store.list_associations() if a.id == inst.association_id]
     assert accepted and accepted[0].tls
+    assert node.stop() == 0
+
+
+def test_a_silent_client_does_not_stop_the_tls_listener(node_factory: Callable[..., NodeProcess],
+                                                         tmp_path: Path) -> None:
+    # pynetdicom runs the TLS handshake in its accept loop, without a timeout: one TCP connection that
+    # never says hello stopped every later connection. The handshake now runs on the connection's own
+    # thread, within dicom.association_request_timeout_s (issue 13, finding 2).
+    server_key, server_cert = self_signed(tmp_path, "cxrnode")
+    node = node_factory(extra_toml=(
+        f'association_request_timeout_s = 3\n[dicom.tls]\nenabled = true\ncert_file = "{server_cert}"\n'
+        f'key_file = "{server_key}"\n')).start()
+    client = ssl.create_default_context(cafile=str(server_cert))
+    client.check_hostname = False
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as silent, \
+            client.wrap_socket(socket.create_connection(("127.0.0.1", node.port), timeout=10)) as dripping:
+        started = time.monotonic()
+        dripping.sendall(b"\x01\x00\x00\x00\x00\xc8")  # TLS done, then 6 bytes of an A-ASSOCIATE-RQ
+        ok = storescu(node.port, [dicom_dir() / "09_cr_8bit_alloc8.dcm"], opts=["+tla", "+cf", str(server_cert)],
+                      timeout=30)
+        assert ok.statuses == [0x0000], ok.output[-2000:]
+        assert time.monotonic() - started < 3
+        assert silent.recv(1) == b""  # dropped at the deadline
+        try:
+            assert dripping.recv(1) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass  # closed under the TLS layer: just as dropped
+        assert time.monotonic() - started < 8
+    reasons = sorted(e.detail["reason"] for e in node.store().list_events(kinds=["connection.dropped"]))
+    assert len(reasons) == 2 and "TLS handshake failed" in reasons[0] and "not complete" in reasons[1], reasons
     assert node.stop() == 0

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from node.analysis import Publisher
 from node.audit import AuditStore, InstanceState, ReceivedInstance
@@ -90,3 +91,29 @@ def test_sweeper_leaves_jobs_another_process_published(tmp_path: Path) -> None:
     assert Sweeper(store, dispatcher, publisher, grace_s=0).sweep_once() == 1  # only `mine` is left over
     assert dispatcher._queue.get_nowait() == mine
     assert not publisher.due(job_id_for(theirs, store.get_instance(theirs).queued_at))
+
+
+def test_unexpected_prepare_error_is_retried_a_bounded_number_of_times(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.analysis
+
+    def broken(_path: object) -> None:
+        raise MemoryError("no room to decode")
+
+    monkeypatch.setattr(node.analysis, "prepare_isolated", lambda _settings, path: broken(path))
+    settings = load_settings(None, storage={"data_dir": str(tmp_path)}, prepare={"max_attempts": 3})
+    store = AuditStore.open(settings.database_url)
+    publisher = Publisher(make_celery(settings))
+    instance = _queued(store, tmp_path, "09_cr_8bit_alloc8.dcm")
+    for _ in range(2):
+        assert not publisher.publish(settings, store, instance)
+        assert store.get_instance(instance).state == InstanceState.QUEUED  # maybe the node's fault: again
+    assert not publisher.publish(settings, store, instance)
+    inst = store.get_instance(instance)
+    assert inst.state == InstanceState.FAILED
+    assert inst.reason == "cannot prepare pixels after 3 attempts: MemoryError: no room to decode"
+    errors = store.list_events(instance_id=instance, kinds=["analysis.prepare_error"])
+    assert [e.detail["attempt"] for e in errors] == [1, 2, 3]
+    assert not publisher.publish(settings, store, instance)  # final: nothing more is recorded
+    assert len(store.list_events(instance_id=instance, kinds=["analysis.prepare_error"])) == 3
+    assert not store.list_events(kinds=["analysis.published"])

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
 from node.audit.models import ExportState, Instance, InstanceState
 from node.audit.store import InstanceFilter
@@ -304,6 +305,11 @@ def test_readiness_fails_below_the_disk_watermark(site: ConsoleSite) -> None:
     full = site.settings.model_copy(update={"storage": site.settings.storage.model_copy(
         update={"min_free_mb": 10**9})})
     with TestClient(create_app(full, site.store)) as tc:
+        anonymous = tc.get("/readyz")
+        assert anonymous.status_code == 503 and anonymous.json()["checks"]["spool"] == {
+            **anonymous.json()["checks"]["spool"], "ok": False}
+        assert "detail" not in anonymous.json()["checks"]["spool"]  # what it found: only for a console user
+        tc.post("/login", data={"username": ADMIN, "password": PASSWORD}, follow_redirects=False)
         r = tc.get("/readyz")
     assert r.status_code == 503
     assert r.json()["checks"]["spool"]["ok"] is False and "below" in r.json()["checks"]["spool"]["detail"]
@@ -433,3 +439,55 @@ def test_sessions_survive_a_node_restart_and_are_shared_by_console_processes(tmp
             standalone.terminate()
             standalone.wait(30)
         node.close()
+
+
+def test_logout_revokes_the_session_for_whoever_replays_the_cookie(site: ConsoleSite) -> None:
+    # Issue 13, finding 6: a copied cookie used to work for the session's 8 hours after logout.
+    c = ConsoleClient(site.web.url)
+    try:
+        assert c.login().status_code == 303
+        cookie = c.http.cookies.get("cxrnode_session")
+        assert cookie and c.get("/studies").status_code == 200
+        assert c.post("/logout").status_code == 303
+        replay = httpx.Client(base_url=site.web.url, cookies={"cxrnode_session": cookie}, timeout=30)
+        page = replay.get("/studies")
+        assert page.status_code == 303 and page.headers["location"].startswith("/login")
+        replay.close()
+        # Another console process on the same key file sees the revocation too.
+        other = create_app(site.settings, site.store)
+        with TestClient(other) as tc:
+            assert tc.get("/studies", cookies={"cxrnode_session": cookie},
+                          follow_redirects=False).status_code == 303
+    finally:
+        c.close()
+
+
+def test_pages_carry_security_headers_and_phi_is_not_cached(site: ConsoleSite, client: ConsoleClient) -> None:
+    page = client.get("/studies")
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["cache-control"] == "no-store"
+    assert client.http.get("/static/console.css").headers.get("cache-control") != "no-store"
+    assert client.http.get("/healthz").headers["x-frame-options"] == "DENY"
+
+
+def test_redirects_after_forms_stay_on_the_console(site: ConsoleSite, client: ConsoleClient) -> None:
+    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
+        r = client.post("/instances/999999/rerun", back=target)
+        assert r.status_code == 303 and r.headers["location"].startswith("/studies"), r.headers["location"]
+        anon = httpx.Client(base_url=site.web.url, timeout=30)
+        r = anon.post("/login", data={"username": ADMIN, "password": PASSWORD, "next": target})
+        assert r.headers["location"] == "/"
+        anon.close()
+
+
+def test_failed_logins_are_throttled_per_account_from_any_address(site: ConsoleSite) -> None:
+    app = create_app(site.settings, site.store)
+    with TestClient(app) as tc:
+        for _ in range(5):  # five wrong passwords, each as if from another address
+            tc.post("/login", data={"username": VIEWER, "password": "wrong"}, follow_redirects=False)
+            app.state.console.throttle._failures.pop("testclient", None)  # as if each came from elsewhere
+        r = tc.post("/login", data={"username": VIEWER, "password": VIEWER_PASSWORD}, follow_redirects=False)
+        assert r.status_code == 429 and "Too many failed logins" in r.text
+        ok = tc.post("/login", data={"username": OPS, "password": OPS_PASSWORD}, follow_redirects=False)
+        assert ok.status_code == 303  # other accounts are not locked out

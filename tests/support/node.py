@@ -24,7 +24,8 @@ class NodeProcess:
     """One node: its config file, data dir, port and audit database URL."""
 
     def __init__(self, root: Path, database_url: str = "", *, min_free_mb: int = 1, extra_toml: str = "",
-                 sources: tuple[str, ...] = (SENDER_AE,), analysis: bool = False, port: int | None = None) -> None:
+                 sources: tuple[str, ...] = (SENDER_AE,), analysis: bool = False, storage_toml: str = "",
+                 port: int | None = None) -> None:
         self.root = root
         self.data_dir = root / "var"
         self.port = port or free_port()  # given when a peer must know it first (an archive's move destination)
@@ -35,7 +36,7 @@ class NodeProcess:
         self.config.write_text(
             f'[dicom]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = {self.port}\nshutdown_grace_s = 20\n'
             f'{extra_toml}\n'
-            f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = {min_free_mb}\n'
+            f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = {min_free_mb}\n{storage_toml}\n'
             f'[database]\nurl = "{self.database_url}"\n{ae_entries}'
             # Ingest tests run without the analysis pipeline (no workers): instances stay `queued`.
             + ("" if analysis or "[broker]" in extra_toml else "\n[broker]\nenabled = false\n")

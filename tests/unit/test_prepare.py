@@ -153,3 +153,12 @@ def test_palette_color_is_converted_to_luma() -> None:
     ds.RedPaletteColorLookupTableDescriptor = [16, 0, 16]  # descriptor and data disagree
     with pytest.raises(PrepareError):
         prepare(ds)
+
+
+def test_malformed_attribute_values_are_final_prepare_errors(tmp_path: Path) -> None:
+    from tests.support.poison import poison_files
+
+    for name, path in poison_files(tmp_path).items():
+        with pytest.raises(PrepareError):
+            prepare(path)
+        assert name
