@@ -159,7 +159,7 @@ def test_production_config_loads_and_is_production() -> None:
     assert s.database_url.startswith("postgresql+psycopg://")
     assert s.broker_url.startswith("redis://") and not s.embedded and not s.broker.embedded_worker
     assert s.dicom.tls.enabled and s.dicom.tls.require_client_cert
-    assert [r.name for r in s.rules] == ["chest-frontal", "everything-else"]
+    assert [r.name for r in s.rules] == ["chest-frontal", "secondary-capture-chest", "everything-else"]
 
 
 def test_production_config_with_a_typo_names_the_key(tmp_path: Path) -> None:
