@@ -123,6 +123,17 @@ class BrokerConfig(_Strict):
     embedded_worker: bool = True  # `cxrnode serve` starts and supervises a local CPU worker
     worker_concurrency: int = 1
     task_time_limit: float = 600.0
+    # Redis: a task held by a worker that died as a whole runs again elsewhere after about this long
+    # (live workers renew their lease every lease_s / 4; see workers.api.DEFAULT_LEASE_S). Give every
+    # worker the same value (CXRNODE_BROKER__LEASE_S).
+    lease_s: float = 60.0
+
+    @field_validator("lease_s")
+    @classmethod
+    def _lease(cls, v: float) -> float:
+        if v < 4:
+            raise ValueError("must be >= 4 (leases are renewed every lease_s / 4 seconds)")
+        return v
 
 
 class AEEntry(_Strict):
