@@ -4,8 +4,8 @@ PostgreSQL, Redis, `cxrnode serve --config deploy/config/cxrnode.production.toml
 (its secrets and host-specific values as environment overrides, as `cxrnode.env` would give them),
 two inference workers started the two documented ways (`cxrnode worker --config … --hostname` and
 the systemd unit's `celery -A workers.tasks worker`), and a TLS storescp as the PACS that sends and
-receives the results. Faults: kill -9 of a whole worker mid-stream, then SIGTERM and restart of the
-node mid-stream. Counts in = counts out: every instance analysed and its SEG and SR delivered once.
+receives the results. Faults: kill -9 of a whole worker mid-stream, SIGTERM and restart of the node
+mid-stream, Redis down while images arrive. Counts in = counts out: every instance analysed and its SEG and SR delivered once.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
 
 PRODUCTION = REPO_ROOT / "deploy" / "config" / "cxrnode.production.toml"
 LEASE_S = 8  # broker.lease_s, short so that the test takes seconds (production default: 60)
+REDIS_DOWN_S = 15
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33"
 
 
@@ -88,7 +89,7 @@ class Proc:
 
 @pytest.fixture
 def site(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[dict[str, object]]:
-    redis = RedisServer().start()
+    redis = RedisServer(persistent=True).start()  # appendonly, as docs/operations.md says
     node_key, node_cert = self_signed(tmp_path, "cxrnode")
     pacs_key, pacs_cert = self_signed(tmp_path, "pacs")
     trusted = tmp_path / "trusted.crt"  # the PACS's certificate: it calls us and receives our results
@@ -165,8 +166,18 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
         assert node.stop() == 0, node.text()[-3000:]
         node.start()
         wait_for(lambda: node.text().count("running on") >= 2 or not node.alive(), 90, "cxrnode serve again")
-        second = storescu(port, files[20:], opts=tls)
-        assert second.statuses == [0] * 20, second.output[-2000:]
+        second = storescu(port, files[20:30], opts=tls)
+        assert second.statuses == [0] * 10, second.output[-2000:]
+        # Fault 3: Redis down while instances keep arriving; its append-only file keeps the queues.
+        redis = site["redis"]
+        assert isinstance(redis, RedisServer) and redis.proc is not None
+        redis.proc.terminate()
+        redis.proc.wait(10)
+        third = storescu(port, files[30:], opts=tls)
+        assert third.statuses == [0] * 10, third.output[-2000:]  # persisted and acknowledged regardless
+        time.sleep(REDIS_DOWN_S)
+        redis.dir.mkdir(parents=True, exist_ok=True)
+        redis.start()  # same port
 
         store = AuditStore.open(str(env["CXRNODE_DATABASE__URL"]))
 
@@ -191,7 +202,7 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
         assert "job " in workers[1].text() and workers[1].alive()
         sys.stdout.write(f"\n40 instances in, 80 results out in {done - started:.0f} s; worker killed "
                          f"{killed_at - started:.0f} s in, its job done by the other {recovered_s:.0f} s later "
-                         f"(lease {LEASE_S} s); node restarted once\n")
+                         f"(lease {LEASE_S} s); node restarted once; Redis down {REDIS_DOWN_S} s\n")
     finally:
         if store is not None:
             store.close()
