@@ -12,6 +12,7 @@ the working directory, so `cxrnode ae add` run from a home directory reaches the
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -22,6 +23,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
@@ -519,6 +522,15 @@ def _resolve_relative(data: Any, annotation: Any, base: Path) -> Any:
     return out
 
 
+def _warn_worker_spellings(environ: Mapping[str, str]) -> None:
+    """The workers' old variable names mean nothing to the node: say so rather than run on defaults."""
+    from workers.api import DEPRECATED_ENV
+
+    for old, new in DEPRECATED_ENV.items():
+        if environ.get(old) and not environ.get(new):
+            log.warning("%s is set but the node reads %s (the old worker spelling is ignored here)", old, new)
+
+
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     """Load TOML (if given) + environment; raise ConfigError naming every bad key.
 
@@ -540,6 +552,7 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"cannot read configuration file {p}: {e.strerror or e}") from e
         data = _resolve_relative(data, Settings, p.resolve().parent)
     data.update(overrides)
+    _warn_worker_spellings(os.environ)
     try:
         return Settings(**data)
     except ValidationError as e:

@@ -241,3 +241,11 @@ def test_examples_analyse_what_the_built_in_rules_analyse(path: Path) -> None:
 
     analysed = [(r.name, r.match) for r in load_settings(path).rules if r.action == "analyze"]
     assert analysed == [(r.name, r.match) for r in default_rules()]
+
+
+def test_the_node_warns_about_the_workers_old_broker_variable(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CXRNODE_BROKER_URL", "redis://pacs-broker:6379/0")
+    with caplog.at_level("WARNING", logger="node.config"):
+        assert load_settings().broker.url == ""
+    assert "CXRNODE_BROKER_URL is set but the node reads CXRNODE_BROKER__URL" in caplog.text
