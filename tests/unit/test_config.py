@@ -232,3 +232,20 @@ def test_cxrnode_worker_passes_its_hostname_to_celery(tmp_path: Path, monkeypatc
     assert env["CXRNODE_BROKER__URL"] == "redis://127.0.0.1:6379/0"
     assert main(["worker", "--config", str(config)]) == 0
     assert "--hostname" not in execs[-1][1]  # Celery's default, celery@<host>
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_analyse_what_the_built_in_rules_analyse(path: Path) -> None:
+    """README: the default rules analyse CR/DX chest and chest Secondary Captures; so do both examples."""
+    from node.config import default_rules
+
+    analysed = [(r.name, r.match) for r in load_settings(path).rules if r.action == "analyze"]
+    assert analysed == [(r.name, r.match) for r in default_rules()]
+
+
+def test_the_node_warns_about_the_workers_old_broker_variable(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CXRNODE_BROKER_URL", "redis://pacs-broker:6379/0")
+    with caplog.at_level("WARNING", logger="node.config"):
+        assert load_settings().broker.url == ""
+    assert "CXRNODE_BROKER_URL is set but the node reads CXRNODE_BROKER__URL" in caplog.text
