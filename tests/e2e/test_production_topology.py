@@ -1,11 +1,13 @@
 """The documented production topology on loopback, with faults (issue 17, "Tested production path").
 
-PostgreSQL, Redis, `cxrnode serve --config deploy/config/cxrnode.production.toml` with DICOM TLS
-(its secrets and host-specific values as environment overrides, as `cxrnode.env` would give them),
-two inference workers started the two documented ways (`cxrnode worker --config … --hostname` and
-the systemd unit's `celery -A workers.tasks worker`), and a TLS storescp as the PACS that sends and
+PostgreSQL, Redis (append-only file on), the node started by the shipped systemd unit's command lines
+(`cxrnode config check` then `cxrnode serve` on deploy/config/cxrnode.production.toml, DICOM TLS with
+client certificates; secrets and host-specific values as environment overrides, as `cxrnode.env`
+gives them), two inference workers started the two documented ways (`cxrnode worker --config …
+--hostname` and the shipped worker unit's ExecStart), and a TLS storescp as the PACS that sends and
 receives the results. Faults: kill -9 of a whole worker mid-stream, SIGTERM and restart of the node
-mid-stream, Redis down while images arrive. Counts in = counts out: every instance analysed and its SEG and SR delivered once.
+mid-stream, Redis down while images arrive. Counts in = counts out: every instance analysed and its
+SEG and SR delivered once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -48,6 +51,18 @@ def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     return key, cert
+
+
+def unit_command(unit: str, key: str, instance: str = "") -> list[str]:
+    """A shipped systemd unit's Exec line as this checkout runs it (no drift between units and test):
+    /opt/cxrnode/bin -> this interpreter's bin, /etc/cxrnode/cxrnode.toml -> the shipped production
+    example, %i -> `instance`, %%H (a literal %H for Celery) -> Celery's %h."""
+    text = (REPO_ROOT / "deploy" / "systemd" / unit).read_text()
+    found = re.search(rf"^{key}=(.+)$", text, re.M)
+    assert found is not None, f"{unit} has no {key}"
+    line = (found.group(1).replace("/opt/cxrnode/bin/", f"{Path(sys.executable).parent}/")
+            .replace("/etc/cxrnode/cxrnode.toml", str(PRODUCTION)).replace("%i", instance).replace("%%H", "%h"))
+    return shlex.split(line)
 
 
 class Proc:
@@ -129,15 +144,13 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
     env, port, out, root = site["env"], site["port"], site["out"], site["root"]
     assert isinstance(env, dict) and isinstance(port, int) and isinstance(out, Path) and isinstance(root, Path)
     config = ["--config", str(PRODUCTION)]
-    check = subprocess.run([*cxrnode_command(), "config", "check", *config], env=env, capture_output=True, text=True,
+    check = subprocess.run(unit_command("cxrnode.service", "ExecStartPre"), env=env, capture_output=True, text=True,
                            timeout=120)
-    assert check.returncode == 0, check.stderr  # the systemd unit's ExecStartPre
-    node = Proc("node", [*cxrnode_command(), "serve", *config], env, root / "serve.log").start()
+    assert check.returncode == 0, check.stderr
+    node = Proc("node", unit_command("cxrnode.service", "ExecStart"), env, root / "serve.log").start()
     workers = [
         Proc("gpu0", [*cxrnode_command(), "worker", *config, "--hostname", "gpu0@%h"], env, root / "gpu0.log"),
-        Proc("gpu1", [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "inference",
-                      "--hostname", "gpu1@%h", "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "INFO"],
-             env, root / "gpu1.log"),
+        Proc("gpu1", unit_command("cxrnode-worker@.service", "ExecStart", instance="1"), env, root / "gpu1.log"),
     ]
     store: AuditStore | None = None
     try:
