@@ -405,6 +405,9 @@ class WebConfig(_Strict):
     session_hours: float = 8.0
     production: bool = False
     json_logs: bool = False
+    # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (the client's
+    # address for login throttling and the audit log, https for Secure cookies). Empty: nobody's.
+    trusted_proxies: list[str] = Field(default_factory=list)
 
     _port = field_validator("port")(lambda cls, v: validate_port(v))
 

@@ -64,7 +64,10 @@ def start_in_thread(settings: Settings, store: AuditStore, *, actions: ConsoleAc
     """
     app = create_app(settings, store, actions=actions, workers_probe=workers_probe)
     sock = _bind(settings.web.host, settings.web.port if port is None else port)
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    # Forwarded headers only from configured proxies: uvicorn's default believes any local process.
+    proxies = settings.web.trusted_proxies
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                            proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cxrnode-web", daemon=True)
     thread.start()
