@@ -506,3 +506,21 @@ def test_forwarded_headers_are_believed_only_from_configured_proxies(site: Conso
         assert event.detail["peer"] == ("203.0.113.9" if trusted else "127.0.0.1")
     finally:
         web.stop()
+
+
+def test_console_over_tls_sets_secure_cookies(site: ConsoleSite, tmp_path: Path) -> None:
+    key, cert = tmp_path / "console.key", tmp_path / "console.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    settings = site.settings.model_copy(update={"web": site.settings.web.model_copy(
+        update={"tls_cert_file": cert, "tls_key_file": key, "production": True})})
+    web = start_in_thread(settings, site.store, port=0)
+    try:
+        assert web.url.startswith("https://")
+        r = httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": PASSWORD}, verify=str(cert),
+                       timeout=30)
+        assert r.status_code == 303
+        assert "secure" in r.headers["set-cookie"].lower() and "httponly" in r.headers["set-cookie"].lower()
+    finally:
+        web.stop()
