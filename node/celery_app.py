@@ -27,5 +27,5 @@ def make_celery(settings: Settings) -> Celery:
     url = broker_url_for(settings)
     # The embedded broker needs the same transport on both sides (fast polling, acked rows deleted).
     broker.prepare(url)
-    app.conf.update(celery_settings(url, settings.broker.result_backend))
+    app.conf.update(celery_settings(url, settings.broker.result_backend, settings.broker.lease_s))
     return app

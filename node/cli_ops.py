@@ -55,13 +55,13 @@ def worker_argv(settings: Settings, concurrency: int, pool: str,
                 hostname: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The celery command line and environment of an inference worker; `hostname` is Celery's node
     name (`%h` = host name): two workers on one host need different ones, or Celery sees one node."""
-    from workers.api import BROKER_ENV, INFERENCE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
+    from workers.api import BROKER_ENV, INFERENCE_QUEUE, LEASE_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
 
     argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
             "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO",
             *(["--hostname", hostname] if hostname else [])]
     env = {BROKER_ENV: settings.broker_url, RESULT_BACKEND_ENV: settings.broker.result_backend,
-           TIME_LIMIT_ENV: str(settings.broker.task_time_limit)}
+           TIME_LIMIT_ENV: str(settings.broker.task_time_limit), LEASE_ENV: str(settings.broker.lease_s)}
     return argv, env
 
 

@@ -12,6 +12,7 @@ the working directory, so `cxrnode ae add` run from a home directory reaches the
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -22,6 +23,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
@@ -137,6 +140,17 @@ class BrokerConfig(_Strict):
     embedded_worker: bool = True  # `cxrnode serve` starts and supervises a local CPU worker
     worker_concurrency: int = 1
     task_time_limit: float = 600.0
+    # Redis: a task held by a worker that died as a whole runs again elsewhere after about this long
+    # (live workers renew their lease every lease_s / 4; see workers.api.DEFAULT_LEASE_S). Give every
+    # worker the same value (CXRNODE_BROKER__LEASE_S).
+    lease_s: float = 60.0
+
+    @field_validator("lease_s")
+    @classmethod
+    def _lease(cls, v: float) -> float:
+        if v < 4:
+            raise ValueError("must be >= 4 (leases are renewed every lease_s / 4 seconds)")
+        return v
 
 
 class PrepareConfig(_Strict):
@@ -344,6 +358,9 @@ class TriageConfig(_Strict):
     # Studies whose last instance is older than this are not triaged (after an upgrade or a long outage,
     # alerting on old studies would only add noise to a RIS worklist).
     max_age_h: float = 24.0
+    # An AE title (in the AE table, with host and port) to C-FIND/C-MOVE a patient's prior CR/DX study
+    # from when the node holds none; it must know the node's AE title as a move destination. "" = off.
+    priors_from: str = ""
     # Findings of models whose card says "experimental" may raise a level only when this is true.
     allow_experimental: bool = False
     rules: list[TriageRule] = Field(default_factory=default_triage_rules)
@@ -554,6 +571,15 @@ def _resolve_relative(data: Any, annotation: Any, base: Path) -> Any:
     return out
 
 
+def _warn_worker_spellings(environ: Mapping[str, str]) -> None:
+    """The workers' old variable names mean nothing to the node: say so rather than run on defaults."""
+    from workers.api import DEPRECATED_ENV
+
+    for old, new in DEPRECATED_ENV.items():
+        if environ.get(old) and not environ.get(new):
+            log.warning("%s is set but the node reads %s (the old worker spelling is ignored here)", old, new)
+
+
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
     """Load TOML (if given) + environment; raise ConfigError naming every bad key.
 
@@ -575,6 +601,7 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"cannot read configuration file {p}: {e.strerror or e}") from e
         data = _resolve_relative(data, Settings, p.resolve().parent)
     data.update(overrides)
+    _warn_worker_spellings(os.environ)
     try:
         return Settings(**data)
     except ValidationError as e:

@@ -345,6 +345,11 @@ def _triage_section(s: Settings) -> list[str]:
         (r.name, r.level, ", ".join(f"`{k}` = {v:g}" for k, v in r.when.model_dump().items() if v is not None))
         for r in t.rules])
     lines += [
+        "With `triage.priors_from` (default off) the node is also a Study Root Query/Retrieve SCU "
+        "(C-FIND `1.2.840.10008.5.1.4.1.2.2.1`, C-MOVE `1.2.840.10008.5.1.4.1.2.2.2`): for a study whose patient "
+        "has no earlier study here, it finds the patient's latest earlier CR/DX study at that AE and moves it to "
+        "its own AE title; the moved study is decided without alerts and gives the later study its prior.",
+        "",
         "The SR of an image whose patient (Patient ID and Issuer) has an earlier decided study carries the "
         "prior's severity and the change in its opacity group and lists the prior image in the Pertinent Other "
         "Evidence Sequence.",

@@ -10,7 +10,6 @@ same transaction (:meth:`AuditStore.record_export_attempt`).
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
 from datetime import datetime, timedelta
 
@@ -18,40 +17,17 @@ from node import metrics
 from node.audit import AuditStore, InstanceState
 from node.audit.models import Event, Export, ExportState, Instance, as_utc, utcnow
 from node.config import Settings
+from node.loop import BackgroundLoop
 from node.sender import Destination, FileStatus, SendError, backoff_delay, send, tls_client_context
 
 log = logging.getLogger(__name__)
 
 
-class Exporter:
+class Exporter(BackgroundLoop):
     def __init__(self, settings: Settings, store: AuditStore, *, interval_s: float = 1.0) -> None:
+        super().__init__("exporter", interval_s)
         self.settings = settings
         self.store = store
-        self.interval_s = interval_s
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
-
-    def start(self) -> Exporter:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(30)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("export pass failed; retrying")
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
 
     def run_once(self) -> int:
         """One pass over the due exports; returns how many were sent."""

@@ -21,7 +21,7 @@ from node.exporter import Exporter
 from node.handoff import Dispatcher
 from node.supervisor import ChildSpec, Supervisor
 from node.tasks import SETTINGS_FILE_ENV, write_settings_file
-from workers.api import BROKER_ENV, INFERENCE_QUEUE, NODE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
+from workers.api import BROKER_ENV, INFERENCE_QUEUE, LEASE_ENV, NODE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ def worker_children(settings: Settings) -> list[ChildSpec]:
     logs = settings.storage.data_dir / "logs"
     celery = [sys.executable, "-m", "celery"]
     quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
-    broker_env = {BROKER_ENV: broker_url_for(settings), RESULT_BACKEND_ENV: settings.broker.result_backend}
+    broker_env = {BROKER_ENV: broker_url_for(settings), RESULT_BACKEND_ENV: settings.broker.result_backend,
+                  LEASE_ENV: str(settings.broker.lease_s)}
     children = [ChildSpec(
         "node-worker",
         [*celery, "-A", "node.tasks", "worker", "-Q", NODE_QUEUE, "-c", "1", "--pool", "solo",

@@ -38,6 +38,7 @@ from node.retention import RetentionLoop
 from node.scp import StorageSCP
 from node.spool import Spool
 from node.triage.engine import TriageEngine
+from node.triage.priors import PriorFetcher
 from node.web.server import WebServer, start_console
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class NodeServices:
         self.retention = RetentionLoop(settings, self.store)
         # Study-level triage and its alerts; off with triage.enabled = false (results are still sent).
         self.alerter = Alerter(settings, self.store) if settings.triage.enabled else None
-        self.triage = TriageEngine(settings, self.store, on_alerts=self.alerter.wake) \
+        self.priors = PriorFetcher(settings, self.store) if self.alerter is not None else None
+        self.triage = TriageEngine(settings, self.store, on_alerts=self.alerter.wake, priors=self.priors) \
             if self.alerter is not None else None
         self.web: WebServer | None = None
         self._running = False
@@ -133,8 +135,9 @@ class NodeServices:
         self._running = True
         self.ingest.resume_pending()
         self.retention.start()
-        if self.triage is not None and self.alerter is not None:
+        if self.triage is not None and self.alerter is not None and self.priors is not None:
             self.alerter.start()
+            self.priors.start()
             self.triage.start()
         # Before the DICOM port is bound: a production config without a console password stops here.
         self.web = start_console(self.settings, self.store, enqueue_analysis=self.dispatcher.submit,
@@ -170,8 +173,9 @@ class NodeServices:
         if self.web is not None:
             self.web.stop()
         self.retention.stop()
-        if self.triage is not None and self.alerter is not None:
+        if self.triage is not None and self.alerter is not None and self.priors is not None:
             self.triage.stop()
+            self.priors.stop()
             self.alerter.stop()
         if self._running:
             self.dispatcher.close()

@@ -59,6 +59,8 @@ def _store() -> AuditStore:
 
 
 app = make_celery(_settings())
+# This worker holds `node.finish` messages on Redis like the inference workers hold theirs: renew them.
+broker.keep_leases(_settings().broker_url, _settings().broker.lease_s)
 
 
 @signals.worker_init.connect

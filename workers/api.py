@@ -38,8 +38,29 @@ REDIS_TRANSPORT_OPTIONS: dict[str, Any] = {
     "priority_steps": list(range(10)),
     "sep": ":",
     "queue_order_strategy": "priority",
-    "visibility_timeout": 3600,  # s before a task of a vanished worker host is delivered again
 }
+
+#: Redis: seconds a delivered, unacknowledged task stays invisible unless its worker renews it (its
+#: lease). Every live consumer renews the leases of the messages it holds every LEASE_S / 4
+#: (`workers.broker.LeaseKeeper`), so a task may run for its whole time limit (600 s) without being
+#: delivered twice; when a whole worker dies (kill -9, power cut) its leases lapse and another
+#: consumer's restore sweep (every `restore_interval(lease)` s) puts the task back on the queue:
+#: the result comes about LEASE_S + 10 s + one task later, instead of Redis' default hour. Every
+#: consumer of one Redis database (the node's `node` queue worker and all inference workers) must
+#: use the same lease: the shortest one would take the others' messages back.
+DEFAULT_LEASE_S = 60.0
+
+
+def restore_interval(lease_s: float) -> float:
+    """Seconds between a consumer's sweeps for lapsed leases (kombu's unacked_restore_interval)."""
+    return max(1.0, min(10.0, lease_s / 4))
+
+
+def redis_transport_options(lease_s: float = DEFAULT_LEASE_S) -> dict[str, Any]:
+    """REDIS_TRANSPORT_OPTIONS with the lease: visibility timeout and a restore sweep that scans on
+    every tick (kombu otherwise scans one tick in ten, ~100 s)."""
+    return {**REDIS_TRANSPORT_OPTIONS, "visibility_timeout": lease_s,
+            "unacked_restore_interval": restore_interval(lease_s), "unacked_restore_throttle": 1}
 
 
 def task_priority(cstore_priority: int | None) -> int:
@@ -176,6 +197,7 @@ class AnalyzeResult:
 BROKER_ENV = "CXRNODE_BROKER__URL"
 RESULT_BACKEND_ENV = "CXRNODE_BROKER__RESULT_BACKEND"
 TIME_LIMIT_ENV = "CXRNODE_BROKER__TASK_TIME_LIMIT"
+LEASE_ENV = "CXRNODE_BROKER__LEASE_S"
 #: Spellings of earlier releases, still read with a warning (deployed worker.env files keep working).
 DEPRECATED_ENV: dict[str, str] = {"CXRNODE_BROKER_URL": BROKER_ENV, "CXRNODE_RESULT_BACKEND": RESULT_BACKEND_ENV,
                                   "CXRNODE_TASK_TIME_LIMIT": TIME_LIMIT_ENV}
@@ -183,8 +205,8 @@ DEPRECATED_ENV: dict[str, str] = {"CXRNODE_BROKER_URL": BROKER_ENV, "CXRNODE_RES
 
 def broker_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """The worker's broker settings from `environ` (keys BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV,
-    only those given) and a warning per deprecated spelling found."""
-    values = {name: environ[name] for name in (BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV)
+    LEASE_ENV, only those given) and a warning per deprecated spelling found."""
+    values = {name: environ[name] for name in (BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV, LEASE_ENV)
               if environ.get(name)}
     warnings = []
     for old, new in DEPRECATED_ENV.items():
@@ -199,7 +221,7 @@ def broker_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], list
     return values, warnings
 
 
-def celery_settings(broker_url: str, result_backend: str = "") -> dict[str, Any]:
+def celery_settings(broker_url: str, result_backend: str = "", lease_s: float = DEFAULT_LEASE_S) -> dict[str, Any]:
     """Celery configuration for both sides: JSON only, acks_late, prefetch 1, routes per task.
 
     Messages are acknowledged after the task ran (acks_late) and re-queued if the worker process dies
@@ -226,6 +248,6 @@ def celery_settings(broker_url: str, result_backend: str = "") -> dict[str, Any]
     }
     if broker_url.startswith("redis"):
         # Redis emulates priorities with one list per step; 0 is the highest priority.
-        conf["broker_transport_options"] = {**REDIS_TRANSPORT_OPTIONS, "socket_connect_timeout": 2,
+        conf["broker_transport_options"] = {**redis_transport_options(lease_s), "socket_connect_timeout": 2,
                                             "socket_timeout": 10}
     return conf

@@ -16,6 +16,11 @@ interoperates with it):
 
 SQLite runs in WAL mode with a busy timeout so that the node (publisher) and the worker (consumer)
 do not fail each other with "database is locked".
+
+On Redis, a whole worker that dies is handled by leases instead (`LeaseKeeper`, see
+`workers.api.DEFAULT_LEASE_S`): a short visibility timeout that every live consumer keeps renewing
+for the messages it holds, so only a dead consumer's messages become visible again, within about a
+minute, while a long task of a live one is never delivered twice.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +209,81 @@ def recover_unacked(url: str, queues: list[str]) -> int:
     if count:
         log.warning("recovered %d message(s) left unacknowledged by a dead worker in %s", count, queues)
     return int(count or 0)
+
+
+class LeaseKeeper:
+    """In a Celery worker's main process on Redis: renew the visibility of the messages it holds.
+
+    kombu's Redis transport keeps each delivered, unacknowledged message in a sorted set scored by its
+    delivery time; any consumer's restore sweep puts back those older than the visibility timeout.
+    Every `lease_s / 4` this thread sets the score of this consumer's own deliveries to now (ZADD XX:
+    never re-adds a message acknowledged meanwhile), so they stay invisible while the worker lives.
+    """
+
+    def __init__(self, channel: Any, url: str, lease_s: float) -> None:
+        import redis
+
+        self.channel = channel
+        self.interval_s = lease_s / 4
+        self.key = channel.qos.unacked_index_key
+        self.client = redis.Redis.from_url(url, socket_timeout=max(1.0, self.interval_s),
+                                           socket_connect_timeout=max(1.0, self.interval_s))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-lease", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        log.info("renewing broker leases every %.0f s", self.interval_s)
+        return self
+
+    def held(self) -> list[str]:
+        """Delivery tags this consumer holds (delivered, not yet acknowledged)."""
+        qos = self.channel.qos
+        for _ in range(3):
+            try:
+                return [t for t in list(qos._delivered) if t not in qos._dirty]
+            except RuntimeError:  # changed by the event loop while copied: try again
+                continue
+        return []
+
+    def renew_once(self) -> int:
+        tags = self.held()
+        if tags:
+            now = time.time()
+            self.client.zadd(self.key, {tag: now for tag in tags}, xx=True)
+        return len(tags)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.renew_once()
+            except Exception as e:  # noqa: BLE001 — Redis away: the next round tries again
+                log.warning("could not renew broker leases: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+def keep_leases(url: str, lease_s: float) -> None:
+    """Run a `LeaseKeeper` in this Celery worker once it consumes (Redis brokers only)."""
+    if not url.startswith(("redis://", "rediss://")):
+        return
+    from celery import signals
+
+    keepers: list[LeaseKeeper] = []
+
+    def _start(sender: Any = None, **_: Any) -> None:
+        channel = getattr(getattr(sender, "task_consumer", None), "channel", None)
+        if channel is None or not hasattr(channel, "qos"):
+            log.warning("no task consumer channel: broker leases are not renewed (a long task may run twice)")
+            return
+        keepers.append(LeaseKeeper(channel, url, lease_s).start())
+
+    def _stop(**_: Any) -> None:
+        while keepers:
+            keepers.pop().stop()
+
+    signals.worker_ready.connect(_start, weak=False)
+    signals.worker_shutdown.connect(_stop, weak=False)

@@ -10,6 +10,8 @@ file configures the node and its workers (the node spawns its embedded worker th
 - CXRNODE_BROKER__RESULT_BACKEND: default none. Results travel to the node as a `node.finish`
   message, so a backend only adds storage; set one (e.g. the Redis URL) to also keep task results.
 - CXRNODE_BROKER__TASK_TIME_LIMIT: hard limit per task in seconds (default 600).
+- CXRNODE_BROKER__LEASE_S: Redis only, seconds after which the task of a worker that died as a whole
+  runs again on another worker (default 60; the same on every consumer: `workers.api.DEFAULT_LEASE_S`).
 - The spellings of earlier releases (CXRNODE_BROKER_URL, CXRNODE_RESULT_BACKEND,
   CXRNODE_TASK_TIME_LIMIT) are still read, with a warning each (`workers.api.DEPRECATED_ENV`).
 - Model settings (weights dir, device, threads, models to load): see `workers.runner`.
@@ -34,8 +36,10 @@ from workers import broker
 from workers.api import (
     ANALYZE_TASK,
     BROKER_ENV,
+    DEFAULT_LEASE_S,
     FINISH_TASK,
     INFERENCE_QUEUE,
+    LEASE_ENV,
     MODEL_NAMES,
     NODE_QUEUE,
     RESULT_BACKEND_ENV,
@@ -53,10 +57,11 @@ NO_BROKER = (f"no broker configured: set {BROKER_ENV} to the node's [broker] url
              "`cxrnode worker --config FILE` sets it from the node's configuration)")
 
 
-def worker_settings(broker_url: str, result_backend: str, time_limit: float) -> dict[str, Any]:
+def worker_settings(broker_url: str, result_backend: str, time_limit: float,
+                    lease_s: float = DEFAULT_LEASE_S) -> dict[str, Any]:
     """The shared settings (`workers.api.celery_settings`: JSON, acks_late, prefetch 1, routes,
-    Redis priorities) plus what only the worker side needs."""
-    conf = celery_settings(broker_url, result_backend)
+    Redis priorities and leases) plus what only the worker side needs."""
+    conf = celery_settings(broker_url, result_backend, lease_s)
     conf.update(
         task_time_limit=time_limit,
         task_soft_time_limit=max(1.0, time_limit - 30),
@@ -69,11 +74,8 @@ def worker_settings(broker_url: str, result_backend: str, time_limit: float) -> 
         # default 4 s makes Celery kill and respawn a loading process forever on a busy host.
         worker_proc_alive_timeout=300.0,
     )
-    if broker_url.startswith("redis"):
-        options = dict(conf.get("broker_transport_options", {}))
-        # A task of a worker host that vanished is delivered again after this: longer than any task.
-        options["visibility_timeout"] = int(max(3600, 2 * time_limit))
-        conf["broker_transport_options"] = options
+    # Redis: no visibility timeout longer than the time limit is needed (it used to be an hour, the
+    # delay after which a dead worker's task ran again): live workers renew their leases.
     return conf
 
 
@@ -85,9 +87,11 @@ def make_app(environ: Mapping[str, str] | None = None) -> Celery:
         log.warning("%s", warning)
     broker_url = values.get(BROKER_ENV, "")
     time_limit = float(values.get(TIME_LIMIT_ENV, "600"))
+    lease_s = float(values.get(LEASE_ENV, DEFAULT_LEASE_S))
     broker.prepare(broker_url)
+    broker.keep_leases(broker_url, lease_s)
     celery = Celery("cxrnode")
-    celery.conf.update(worker_settings(broker_url, values.get(RESULT_BACKEND_ENV, ""), time_limit))
+    celery.conf.update(worker_settings(broker_url, values.get(RESULT_BACKEND_ENV, ""), time_limit, lease_s))
     if not broker_url:
         celery.conf.broker_url = None
     return celery

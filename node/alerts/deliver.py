@@ -11,7 +11,6 @@ message with the same control id and receivers can drop a repeat.
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 from node import metrics
@@ -19,6 +18,7 @@ from node.alerts.message import AlertError, TriageAlert
 from node.audit import AuditStore
 from node.audit.models import Alert, utcnow
 from node.config import AlertDestination, HL7Destination, Settings, WebhookDestination
+from node.loop import BackgroundLoop
 from node.sender import backoff_delay, client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -41,42 +41,22 @@ def deliver_one(settings: Settings, dest: AlertDestination, alert: TriageAlert) 
     return fhir.deliver(dest, alert)
 
 
-class Alerter:
+class Alerter(BackgroundLoop):
     """The delivery loop (a thread beside the exporter); ``run_once`` is one pass over the due alerts."""
 
     def __init__(self, settings: Settings, store: AuditStore, *, interval_s: float = 1.0) -> None:
+        super().__init__("alerter", interval_s)
         self.settings = settings
         self.store = store
-        self.interval_s = interval_s
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="alerter", daemon=True)
-
-    def start(self) -> Alerter:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(30)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("alert pass failed; retrying")
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
 
     def run_once(self) -> int:
         """One pass; returns how many alerts were delivered."""
-        return sum(self._attempt(alert) for alert in self.store.due_alerts(limit=100))
+        sent = 0
+        for alert in self.store.due_alerts(limit=100):
+            if self.stopping:  # each try may take a destination's timeout: stop between them
+                break
+            sent += self._attempt(alert)
+        return sent
 
     def _attempt(self, alert: Alert) -> bool:
         dest = self.settings.triage.destination(alert.destination)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, exists, func, or_, select
@@ -30,6 +30,8 @@ from node.audit.models import (
     StudyTriage,
     utcnow,
 )
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: Instance states whose analysis is over for now (a decision may be made on them).
 _IGNORED_STATES = (InstanceState.DUPLICATE, InstanceState.REJECTED)
@@ -157,6 +159,33 @@ class TriageStoreMixin:
                                     "kind": new.kind, "level": level, "findings": list(new.findings)}))
                 queued.append(alert)
             return row, queued
+
+    def reopen_later_studies(self, *, study_id: int, patient_id: str, issuer: str, study_date: str) -> list[int]:
+        """A decision for an earlier study of a patient (a prior that arrived late, or was fetched) makes
+        the patient's later decided studies due again, when it is a nearer prior than the one they used."""
+        if not patient_id or not study_date:
+            return []
+        reopened = []
+        with self.session() as s:
+            rows = s.scalars(select(StudyTriage).where(StudyTriage.patient_id == patient_id[:64])
+                             .where(StudyTriage.issuer_of_patient_id == issuer[:64])
+                             .where(StudyTriage.study_id != study_id).where(StudyTriage.study_date > study_date))
+            for row in rows:
+                prior = (row.summary or {}).get("prior") or {}
+                if prior and str(prior.get("study_date") or "") >= study_date:
+                    continue
+                row.decided_at = EPOCH  # due again: the engine's candidates are decided before last receipt
+                s.add(Event(kind="triage.reopened", study_id=row.study_id,
+                            detail={"reason": "an earlier study of the patient was decided", "prior_study_id": study_id}))
+                reopened.append(row.study_id)
+        return reopened
+
+    def fetched_as_prior(self, study_instance_uid: str, *, within_days: float = 30.0) -> bool:
+        """True when the node itself moved this study in as a prior (``priors.requested`` names it)."""
+        since = utcnow() - timedelta(days=within_days)
+        with self.session() as s:
+            return any((d or {}).get("moved") == study_instance_uid for d in s.scalars(
+                select(Event.detail).where(Event.kind == "priors.requested").where(Event.at >= since)))
 
     def get_triage(self, study_id: int) -> StudyTriage | None:
         with self.session() as s:

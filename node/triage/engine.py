@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from node.audit import AuditStore, Instance, Study
 from node.audit.models import utcnow
 from node.audit.triage_store import NewAlert
 from node.config import Settings
+from node.loop import BackgroundLoop
+from node.triage.priors import PriorFetcher, PriorRequest
 from node.triage.rules import Decision, ImageFindings, decide
 
 log = logging.getLogger(__name__)
@@ -114,34 +115,16 @@ def build_alert(decision: Decision, study: Study, header: PatientHeader, *, revi
         study_date=header.study_date or study.study_date, study_time=header.study_time)
 
 
-class TriageEngine:
+class TriageEngine(BackgroundLoop):
     """Decides stable studies (``run_once``), in a thread (``start``/``stop``) or called directly."""
 
     def __init__(self, settings: Settings, store: AuditStore, *, interval_s: float = 1.0,
-                 on_alerts: Callable[[], None] | None = None) -> None:
+                 on_alerts: Callable[[], None] | None = None, priors: PriorFetcher | None = None) -> None:
+        super().__init__("triage", interval_s)
         self.settings = settings
         self.store = store
-        self.interval_s = interval_s
+        self.priors = priors
         self.on_alerts = on_alerts
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="triage", daemon=True)
-
-    def start(self) -> TriageEngine:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("triage pass failed; retrying")
-            self._stop.wait(self.interval_s)
 
     def run_once(self) -> int:
         """Decide every study that is due; returns how many were decided."""
@@ -149,6 +132,8 @@ class TriageEngine:
         due = self.store.triage_candidates(stable_s=cfg.stable_s, max_age_s=cfg.max_age_h * 3600)
         queued = 0
         for study_id in due:
+            if self.stopping:
+                break
             try:
                 queued += self.decide_study(study_id)
             except Exception:  # one bad study must not stop the others; it is tried again next pass
@@ -171,10 +156,18 @@ class TriageEngine:
                                           study_date=header.study_date)
         prior = Prior(self.store.study_uid(prior_row.study_id), prior_row.study_date, prior_row.severity_score) \
             if prior_row is not None else None
+        # A prior the node moved in from the archive: old news (no alerts, no search for its own prior).
+        fetched = self.priors is not None and self.priors.enabled \
+            and self.store.fetched_as_prior(study.study_instance_uid)
+        if prior is None and self.priors is not None and images and not fetched:
+            self.priors.request(PriorRequest(study.id, study.study_instance_uid, header.patient_id,
+                                             header.study_date))
         decision = decide(images, cfg, prior)
-        routes = [name for name in cfg.routes.get(decision.level, [])]
         findings = tuple(decision.fired) or (decision.level,)
-        alerts = [NewAlert(name, dest.type, findings) for name in routes if (dest := cfg.destination(name))]
+        alerts = [NewAlert(name, dest.type, findings) for name in cfg.routes.get(decision.level, [])
+                  if (dest := cfg.destination(name))]
+        if fetched:
+            alerts = []
         decided_at = utcnow().isoformat()
 
         def payload(revision: int, alert_id: str) -> dict[str, Any]:
@@ -185,6 +178,10 @@ class TriageEngine:
             study.id, inputs=inputs_key(instances), level=decision.level, reasons=decision.reasons,
             summary=_summary(decision), severity_score=decision.severity_score, patient_id=header.patient_id,
             issuer=header.issuer, study_date=header.study_date, alerts=alerts, payload=payload)
+        reopened = self.store.reopen_later_studies(study_id=study.id, patient_id=header.patient_id,
+                                                   issuer=header.issuer, study_date=header.study_date)
+        if reopened:
+            log.info("study %d is a prior of study(ies) %s: deciding them again", study.id, reopened)
         metrics.count_triage(decision.level)
         log.info("study %d: %s (revision %d, %d alert(s) queued): %s", study.id, decision.level, row.revision,
                  len(queued), "; ".join(decision.reasons))

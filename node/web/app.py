@@ -345,7 +345,12 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             results[inst.id] = {"seg": seg, "sr": sr, "measurements": measurements,
                                 "severity": severity(measurements), "legend": legend(seg) if seg else [],
                                 "thumbnail": bool(inst.spool_path) and Path(inst.spool_path).exists()}
-        return _render(console, request, "study.html", session, d=detail, results=results)
+        from node.triage.worklist import alert_rows, patient_trend
+
+        triage = store.get_triage(study_id)
+        return _render(console, request, "study.html", session, d=detail, results=results, triage=triage,
+                       alerts=alert_rows(store, study_id=study_id),
+                       trend=patient_trend(store, triage.patient_id) if triage else [])
 
     @app.get("/instances/{instance_id}/overlay.png")
     def overlay(request: Request, instance_id: int) -> Response:

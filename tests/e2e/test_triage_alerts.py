@@ -27,8 +27,9 @@ from tests.e2e.test_pipeline import send_manifest, wait_final
 from tests.support.dcmtk import storescu
 from tests.support.http_receiver import HTTPReceiver
 from tests.support.mllp import MLLPListener
-from tests.support.net import wait_for
+from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess, cxrnode_command
+from tests.support.orthanc import Orthanc
 from tests.support.paths import dicom_dir, dicom_manifest
 from tests.support.tiny_models import write_tiny_weights
 
@@ -190,3 +191,50 @@ def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener
         assert len(http_for(ehr, acc1)) == 1
     finally:
         node.close()
+
+
+def test_priors_are_fetched_from_the_archive(tmp_path: Path) -> None:
+    """With triage.priors_from, a study whose patient has no prior here gets one by C-FIND/C-MOVE from Orthanc."""
+    (tmp_path / "node").mkdir()
+    hook = HTTPReceiver(tmp_path / "hook", "webhook", secret=SECRET).start()
+    port = free_port()  # the archive must know the node as a move destination before either starts
+    with Orthanc(tmp_path / "orthanc", modalities={"cxrnode": ("CXRNODE", "127.0.0.1", port)}) as archive:
+        node = NodeProcess(tmp_path / "node", analysis=True, port=port,
+                           extra_toml=node_toml_priors(archive.dicom_port, hook))
+        try:
+            prior_uid, prior_files = study_files(tmp_path / "prior", patient="PT-7", study_date="20261001",
+                                                 views=("PA",))
+            assert storescu(archive.dicom_port, prior_files, aec="ORTHANC").returncode == 0
+            node.start()
+            current, files = study_files(tmp_path / "now", patient="PT-7", study_date="20261202", views=("PA",))
+            assert storescu(node.port, files).returncode == 0
+            store = node.store()
+
+            def compared() -> bool:
+                rows = {r.study.study_instance_uid: r.triage for r in store.list_triage()}
+                return current in rows and (rows[current].summary.get("prior") or {}).get(
+                    "study_instance_uid") == prior_uid
+
+            wait_for(compared, 300, "the current study decided against the prior moved in from the archive")
+            [event] = store.list_events(kinds=["priors.requested"])
+            assert event.detail["moved"] == prior_uid and event.detail["move_status"] == "0x0000"
+            prior_study = store.get_study(prior_uid)
+            assert prior_study is not None and prior_study.calling_ae == "ORTHANC"
+            time.sleep(3)
+            current_study = store.get_study(current)
+            assert current_study is not None
+            assert {a.study_id for a in store.list_alerts()} == {current_study.id}, "no alert for the old study"
+        finally:
+            node.close()
+            hook.stop()
+
+
+def node_toml_priors(archive_port: int, hook: HTTPReceiver) -> str:
+    return (
+        '\n[broker]\nurl = ""\nembedded_worker = true\n'
+        '[[rules]]\nname = "chest"\ndestinations = []\n'
+        'match = { modality = ["CR", "DX"], body_part = ["CHEST", ""], view_position = ["PA", "AP", ""] }\n'
+        f'[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {archive_port}\nrole = "both"\n'
+        '[triage]\nstable_s = 2\nallow_experimental = true\npriors_from = "ORTHANC"\n'
+        f'[[triage.destinations]]\nname = "hook"\ntype = "webhook"\nurl = "{hook.url}"\nsecret = "{SECRET}"\n'
+        '[triage.routes]\nurgent = ["hook"]\nroutine = ["hook"]\ncritical = ["hook"]\n')

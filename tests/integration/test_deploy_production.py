@@ -213,3 +213,30 @@ def test_readiness_finds_a_real_worker_on_the_inference_queue(redis_server: Redi
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.postgres
+def test_compose_database_settings_take_any_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17, finding 10: compose's URL carries no password; libpq's PGPASSWORD does, whatever it holds."""
+    import psycopg
+    import yaml
+
+    password = "p@ss/w:rd%#?"
+    server = PostgresServer(host_auth="scram-sha-256").start()
+    try:
+        with psycopg.connect(host=str(server.root), port=server.port, user="postgres", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("CREATE ROLE cxrnode LOGIN PASSWORD {}").format(psycopg.sql.Literal(password)))
+            conn.execute("CREATE DATABASE cxrnode OWNER cxrnode")
+        env = yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text())["x-node-env"]
+        url = env["CXRNODE_DATABASE__URL"].replace("@postgres:5432/", f"@127.0.0.1:{server.port}/")
+        assert env["PGPASSWORD"].startswith("${POSTGRES_PASSWORD")
+        monkeypatch.setenv("PGPASSWORD", password)
+        store = AuditStore.open(url)  # migrates: a real login with the password
+        assert store.list_ae() == []
+        store.close()
+        monkeypatch.setenv("PGPASSWORD", "wrong")
+        with pytest.raises(Exception, match="password authentication failed"):
+            AuditStore.open(url)
+    finally:
+        server.stop()

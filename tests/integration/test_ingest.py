@@ -249,3 +249,24 @@ def test_uncompressed_ybr_full_422_is_accepted(node: NodeProcess, tmp_path: Path
     (inst,) = node.store().list_instances()
     assert inst.state in (InstanceState.QUEUED, InstanceState.SKIPPED) and inst.spool_path
     assert prepare(inst.spool_path).pixels.shape == (1024, 1024)
+
+
+
+def test_a_mixed_folder_goes_in_one_documented_dcmsend_call(node: NodeProcess, tmp_path: Path) -> None:
+    """README's advice for a folder of mixed transfer syntaxes (issue 17, finding 8): dcmsend proposes
+    each file's own SOP class and transfer syntax; storescu -x.. takes one call per syntax."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    names = [row["file"] for row in dicom_manifest() if row["file"][:2] in
+             {"12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22"}]
+    for name in names:
+        shutil.copy(dicom_dir() / name, folder / name)
+    proc = subprocess.run(["dcmsend", "-aet", "STORESCU", "-aec", "CXRNODE", "127.0.0.1", str(node.port),
+                           "+sd", str(folder)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stored = node.store().list_instances(InstanceFilter())
+    assert len(stored) == len(names) == 11
+    assert {r.state for r in stored} == {InstanceState.QUEUED}

@@ -167,3 +167,21 @@ def test_a_study_still_being_analysed_waits(store: AuditStore, settings: Setting
                                                           study_instance_uid=study, spool_path=str(spool)))
     store.set_instance_state(row.id, InstanceState.QUEUED, rule="chest", destinations=[])
     assert TriageEngine(settings, store).run_once() == 0
+
+
+def test_a_prior_that_arrives_later_reopens_the_later_study(store: AuditStore, settings: Settings) -> None:
+    later, earlier = generate_uid(), generate_uid()
+    engine = TriageEngine(settings, store)
+    receive(store, settings, study_uid=later, study_date="20261201", detail=figures(3, 0.1))
+    engine.run_once()
+    assert {r.study.study_instance_uid: r.triage.level for r in store.list_triage()} == {later: "routine"}
+    receive(store, settings, study_uid=earlier, study_date="20261101", detail=figures(0, 0.1))
+    engine.run_once()  # decides the earlier study, which re-opens the later one
+    engine.run_once()
+    rows = {r.study.study_instance_uid: r.triage for r in store.list_triage()}
+    assert rows[later].summary["prior"]["study_instance_uid"] == earlier
+    assert (rows[later].level, rows[later].revision, rows[later].summary["severity_change"]) == ("urgent", 2, 3)
+    assert [a.findings for a in store.list_alerts()] == [["worsening"]]
+    assert len(store.list_events(kinds=["triage.reopened"])) == 1
+    engine.run_once()
+    assert len(store.list_events(kinds=["triage.reopened"])) == 1, "re-opened once, not in a loop"

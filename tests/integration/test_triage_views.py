@@ -90,6 +90,9 @@ def test_console_worklist_filters_and_retry(settings: Settings, store: AuditStor
         metrics = client.get("/metrics").text
         for level in ("critical", "urgent", "routine"):
             assert f'cxrnode_triage_studies{{level="{level}"}} 1.0' in metrics
+        critical = next(r.study.id for r in store.list_triage() if r.study.study_instance_uid == studies["critical"])
+        study_page = client.get(f"/studies/{critical}").text
+        assert 'class="level critical"' in study_page and "AR: unknown patient" in study_page
         dead = store.list_alerts(state=AlertState.DEAD)[0]
         viewer = ConsoleClient(web.url)
         viewer.login(VIEWER, VIEWER_PASSWORD)
@@ -97,6 +100,28 @@ def test_console_worklist_filters_and_retry(settings: Settings, store: AuditStor
         viewer.close()
         assert client.post(f"/alerts/{dead.id}/retry").status_code == 303
         assert store.list_alerts(state=AlertState.DEAD) == []
+    finally:
+        client.close()
+        web.stop()
+
+
+def test_study_page_shows_the_patients_severity_trend(settings: Settings, store: AuditStore) -> None:
+    uids = [generate_uid() for _ in range(3)]
+    engine = TriageEngine(settings, store)
+    for uid, date, severity in zip(uids, ("20261101", "20261115", "20261201"), (1, 2, 5), strict=True):
+        receive(store, settings, study_uid=uid, patient_id="TREND", study_date=date, detail=figures(severity, 0.1))
+        engine.run_once()
+    last = store.get_study(uids[-1])
+    assert last is not None
+    web = start_in_thread(settings, store, port=0)
+    client = ConsoleClient(web.url)
+    try:
+        client.login()
+        page = client.get(f"/studies/{last.id}").text
+        trend = page[page.index('id="trend"'):]
+        assert [trend.index(u) for u in uids] == sorted(trend.index(u) for u in uids)  # oldest first
+        assert "1/6" in trend and "2/6" in trend and "5/6" in trend
+        assert "severity change +3" in page
     finally:
         client.close()
         web.stop()

@@ -24,10 +24,11 @@ class NodeProcess:
     """One node: its config file, data dir, port and audit database URL."""
 
     def __init__(self, root: Path, database_url: str = "", *, min_free_mb: int = 1, extra_toml: str = "",
-                 sources: tuple[str, ...] = (SENDER_AE,), analysis: bool = False, storage_toml: str = "") -> None:
+                 sources: tuple[str, ...] = (SENDER_AE,), analysis: bool = False, storage_toml: str = "",
+                 port: int | None = None) -> None:
         self.root = root
         self.data_dir = root / "var"
-        self.port = free_port()
+        self.port = port or free_port()  # given when a peer must know it first (an archive's move destination)
         self.database_url = database_url or f"sqlite:///{self.data_dir / 'audit.db'}"
         self.config = root / "cxrnode.toml"
         self.log = root / "serve.log"

@@ -30,7 +30,10 @@ def pg_bin() -> Path:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, host_auth: str = "trust") -> None:
+        """`host_auth`: pg_hba method for TCP connections (e.g. scram-sha-256 to test passwords); the
+        Unix socket in the server's folder always trusts, for setting up roles."""
+        self.host_auth = host_auth
         self.bin = pg_bin()
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="cxrnode-pg-"))
@@ -52,8 +55,8 @@ class PostgresServer:
             pw = pwd.getpwnam(self.user)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
             self.root.chmod(0o700)
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                  "-E", "UTF8", "--no-sync")
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
+                  f"--auth-host={self.host_auth}", "-E", "UTF8", "--no-sync")
         opts = f"-p {self.port} -h 127.0.0.1 -k {self.root} -F -c max_connections=100"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w",
                   "-t", "60", "start")

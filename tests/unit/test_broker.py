@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
+import pytest
 from kombu import Connection
 
+from tests.support.redis import RedisServer
 from workers import broker
 
 
@@ -85,3 +88,43 @@ def test_broker_environment_uses_the_node_spelling_and_warns_on_the_old_one() ->
     assert values == {"CXRNODE_BROKER__URL": "redis://new/0"} and "ignored" in warnings[0]
     assert broker_environment({}) == ({}, [])
 
+
+
+@pytest.mark.redis
+def test_leases_keep_a_live_consumers_message_and_free_a_dead_ones(redis_server: RedisServer) -> None:
+    """Issue 17, finding 2: a message held by a live worker stays invisible past the visibility timeout
+    while its lease is renewed; once renewals stop (the whole worker died) another consumer takes it back."""
+    import redis
+    from kombu import Connection
+
+    from workers.api import redis_transport_options
+    from workers.broker import LeaseKeeper
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/6"
+    redis.Redis.from_url(url).flushdb()
+    lease = 4.0
+    options = redis_transport_options(lease)
+    with Connection(url, transport_options=options) as holder_conn, \
+            Connection(url, transport_options=options) as other_conn:
+        holder = holder_conn.SimpleQueue("inference")
+        holder.put({"job": 1})
+        held = holder.get(timeout=5)  # delivered, not acknowledged: the task is running
+        keeper = LeaseKeeper(holder.consumer.channel, url, lease)
+        other = other_conn.SimpleQueue("inference")
+        sweep = other.consumer.channel.qos
+
+        time.sleep(lease + 1)
+        assert keeper.renew_once() == 1  # alive: renewed (every lease / 4 in the worker)
+        sweep.restore_visible(num=10, interval=1)
+        with pytest.raises(other.Empty):
+            other.get(timeout=1)
+
+        time.sleep(lease + 1)  # no renewal: the holder is dead
+        sweep.restore_visible(num=10, interval=1)
+        again = other.get(timeout=5)
+        assert again.payload == {"job": 1}
+        again.ack()
+        assert held.delivery_tag not in holder.consumer.channel.qos._dirty
+        keeper.client.close()
+        holder.close()
+        other.close()

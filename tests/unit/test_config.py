@@ -251,3 +251,20 @@ def test_production_console_needs_tls_or_a_declared_tls_proxy(tmp_path: Path,
     capsys.readouterr()
     assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\n'))]) == 1
     assert "web.tls_cert_file and web.tls_key_file go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_analyse_what_the_built_in_rules_analyse(path: Path) -> None:
+    """README: the default rules analyse CR/DX chest and chest Secondary Captures; so do both examples."""
+    from node.config import default_rules
+
+    analysed = [(r.name, r.match) for r in load_settings(path).rules if r.action == "analyze"]
+    assert analysed == [(r.name, r.match) for r in default_rules()]
+
+
+def test_the_node_warns_about_the_workers_old_broker_variable(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CXRNODE_BROKER_URL", "redis://pacs-broker:6379/0")
+    with caplog.at_level("WARNING", logger="node.config"):
+        assert load_settings().broker.url == ""
+    assert "CXRNODE_BROKER_URL is set but the node reads CXRNODE_BROKER__URL" in caplog.text

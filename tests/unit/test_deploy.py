@@ -6,6 +6,7 @@ file uses (and every `${VAR}` it references must be documented), instead of `doc
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -126,6 +127,9 @@ def test_compose_has_the_whole_stack_with_health_checks_and_volumes() -> None:
     assert env["CXRNODE_BROKER__URL"] == worker_env[BROKER_ENV] == "redis://redis:6379/0"
     assert env["CXRNODE_BROKER__RESULT_BACKEND"] == worker_env[RESULT_BACKEND_ENV]
     assert "@postgres:5432/" in env["CXRNODE_DATABASE__URL"]
+    # Any password works: it is libpq's PGPASSWORD, never pasted into the URL (issue 17, finding 10).
+    assert env["CXRNODE_DATABASE__URL"] == "postgresql+psycopg://cxrnode@postgres:5432/cxrnode"
+    assert "POSTGRES_PASSWORD" in env["PGPASSWORD"]
 
 
 def test_compose_secrets_come_from_the_environment_and_are_documented() -> None:
@@ -140,13 +144,14 @@ def test_compose_secrets_come_from_the_environment_and_are_documented() -> None:
 
 def test_compose_node_environment_is_accepted_by_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     env = dict(_compose()["services"]["node"]["environment"])
-    values = {"POSTGRES_PASSWORD": "pw", "CXRNODE_WEB_PASSWORD_HASH": "pbkdf2_sha256$1000$c2FsdA$aGFzaA"}
+    values = {"POSTGRES_PASSWORD": "p@ss/w:rd", "CXRNODE_WEB_PASSWORD_HASH": "pbkdf2_sha256$1000$c2FsdA$aGFzaA"}
     for key, value in env.items():
         resolved = re.sub(r"\$\{([A-Z_]+)[^}]*\}", lambda m: values[m.group(1)], value)
         monkeypatch.setenv(key, resolved)
     settings = load_settings(PRODUCTION)
     assert settings.broker.url == "redis://redis:6379/0"
-    assert settings.database.url == "postgresql+psycopg://cxrnode:pw@postgres:5432/cxrnode"
+    assert settings.database.url == "postgresql+psycopg://cxrnode@postgres:5432/cxrnode"
+    assert os.environ["PGPASSWORD"] == "p@ss/w:rd"  # for libpq, whatever characters it holds
     assert settings.dicom.tls.enabled is False  # the override merges into [dicom.tls], keeping the rest
     assert settings.dicom.tls.cert_file == Path("/etc/cxrnode/tls/node.crt")
     assert [a.name for a in settings.ae] == ["ORTHANC"]
@@ -159,7 +164,7 @@ def test_production_config_loads_and_is_production() -> None:
     assert s.database_url.startswith("postgresql+psycopg://")
     assert s.broker_url.startswith("redis://") and not s.embedded and not s.broker.embedded_worker
     assert s.dicom.tls.enabled and s.dicom.tls.require_client_cert
-    assert [r.name for r in s.rules] == ["chest-frontal", "everything-else"]
+    assert [r.name for r in s.rules] == ["chest-frontal", "secondary-capture-chest", "everything-else"]
 
 
 def test_production_config_with_a_typo_names_the_key(tmp_path: Path) -> None:
