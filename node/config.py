@@ -422,6 +422,18 @@ class WebConfig(_Strict):
     session_hours: float = 8.0
     production: bool = False
     json_logs: bool = False
+    # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (the client's
+    # address for login throttling and the audit log, https for Secure cookies). Empty: nobody's.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # The console over HTTPS (PEM files), or behind_tls_proxy: a reverse proxy terminates TLS in front of
+    # it. Production refuses to start with neither; with either, session cookies are always Secure.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    behind_tls_proxy: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
     _port = field_validator("port")(lambda cls, v: validate_port(v))
 

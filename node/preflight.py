@@ -64,7 +64,8 @@ def _tls_problems(settings: Settings) -> list[str]:
     return problems
 
 
-def _console_problems(settings: Settings) -> list[str]:
+def console_problems(settings: Settings) -> list[str]:
+    """Why the console (in `serve`, or alone: `python -m node.web`) would refuse to start."""
     web = settings.web
     if not web.enabled:
         return []
@@ -85,7 +86,30 @@ def _console_problems(settings: Settings) -> list[str]:
             problems.append(str(e))
     elif problem := _writable_dir_problem("web.session_key_file", path.parent):
         problems.append(f"{problem} (the session key is created there at the first start)")
+    problems += _console_tls_problems(settings)
     return problems
+
+
+def _console_tls_problems(settings: Settings) -> list[str]:
+    """Production serves the console (passwords, PHI) over TLS only: its own, or a proxy's, said so."""
+    web = settings.web
+    if (web.tls_cert_file is None) != (web.tls_key_file is None):
+        return ["web.tls_cert_file and web.tls_key_file go together"]
+    if web.tls:
+        problems = [p for p in (_file_problem("web.tls_cert_file", web.tls_cert_file),
+                                _file_problem("web.tls_key_file", web.tls_key_file)) if p]
+        if not problems:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    str(web.tls_cert_file), str(web.tls_key_file))
+            except (ssl.SSLError, OSError) as e:
+                problems.append(f"web.tls: the certificate or key cannot be loaded: {e}")
+        return problems
+    if web.production and not web.behind_tls_proxy:
+        return ["web.production serves the console over TLS only: set web.tls_cert_file and web.tls_key_file, "
+                "or web.behind_tls_proxy = true when a reverse proxy terminates TLS in front of it "
+                "(docs/operations.md)"]
+    return []
 
 
 def start_problems(settings: Settings) -> list[str]:
@@ -94,7 +118,7 @@ def start_problems(settings: Settings) -> list[str]:
     if problem := _writable_dir_problem("storage.data_dir", settings.storage.data_dir):
         problems.append(problem)
     problems += _tls_problems(settings)
-    problems += _console_problems(settings)
+    problems += console_problems(settings)
     return problems
 
 

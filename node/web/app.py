@@ -279,9 +279,12 @@ def _add_auth_routes(app: FastAPI, console: Console) -> None:
         cookie, _ = console.signer.issue(user)
         console.store.add_event("web.login", actor=f"web:{user}", detail={"peer": peer, "role": account.role})
         response = RedirectResponse(next_url, status_code=303)
-        # Secure only over HTTPS (e.g. behind a TLS proxy): a Secure cookie on plain HTTP is dropped by browsers.
+        # Secure whenever the console is served over TLS, its own or a proxy's (web.tls_*, behind_tls_proxy,
+        # or https as a trusted proxy says); only a development console on plain HTTP goes without.
+        web_cfg = console.settings.web
+        secure = web_cfg.tls or web_cfg.behind_tls_proxy or request.url.scheme == "https"
         response.set_cookie(COOKIE, cookie, max_age=int(console.signer.max_age), httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https")
+                            samesite="strict", secure=secure)
         return response
 
     @app.post("/logout")

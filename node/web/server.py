@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -27,8 +29,10 @@ log = logging.getLogger(__name__)
 class WebServer:
     """A uvicorn server on its own thread; `stop()` ends it (idempotent)."""
 
-    def __init__(self, server: uvicorn.Server, sock: socket.socket, thread: threading.Thread) -> None:
+    def __init__(self, server: uvicorn.Server, sock: socket.socket, thread: threading.Thread,
+                 scheme: str = "http") -> None:
         self._server, self._sock, self._thread = server, sock, thread
+        self.scheme = scheme
 
     @property
     def port(self) -> int:
@@ -37,7 +41,7 @@ class WebServer:
     @property
     def url(self) -> str:
         host = self._sock.getsockname()[0]
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
+        return f"{self.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
         self._server.should_exit = True
@@ -55,6 +59,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
+    """How every console is served: HTTPS with web.tls_*, forwarded headers only from web.trusted_proxies
+    (uvicorn's default believes any process on the host)."""
+    web = settings.web
+    proxies = web.trusted_proxies
+    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                          proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
+                          ssl_certfile=str(web.tls_cert_file) if web.tls else None,
+                          ssl_keyfile=str(web.tls_key_file) if web.tls else None, **extra)
+
+
 def start_in_thread(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
                     workers_probe: Callable[[], CheckResult] | None = None,
                     port: int | None = None) -> WebServer:
@@ -64,11 +79,10 @@ def start_in_thread(settings: Settings, store: AuditStore, *, actions: ConsoleAc
     """
     app = create_app(settings, store, actions=actions, workers_probe=workers_probe)
     sock = _bind(settings.web.host, settings.web.port if port is None else port)
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(settings, app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cxrnode-web", daemon=True)
     thread.start()
-    web = WebServer(server, sock, thread)
+    web = WebServer(server, sock, thread, scheme="https" if settings.web.tls else "http")
     log.info("web console on %s", web.url)
     return web
 
@@ -102,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings(find_config(args.config))
     setup_logging(json_logs=settings.web.json_logs)
+    from node.preflight import console_problems
+
+    if problems := console_problems(settings):
+        sys.stderr.write("the console cannot start:\n" + "".join(f"  {p}\n" for p in problems))
+        return 1
     store = AuditStore.open(settings.database_url)
     app = create_app(settings, store)
-    uvicorn.run(app, host=settings.web.host, port=args.port or settings.web.port, log_config=None)
+    uvicorn.Server(uvicorn_config(settings, app, host=settings.web.host,
+                                  port=args.port or settings.web.port)).run()
     return 0

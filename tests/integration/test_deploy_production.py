@@ -26,7 +26,7 @@ from node.audit.models import InstanceState
 from node.config import load_settings
 from node.health import queue_depth
 from node.web.server import start_in_thread
-from tests.support.console import EXTRA_OPTS, PASSWORD_HASH, RAW_SENDS, ConsoleClient, sop_instance_uid
+from tests.support.console import ADMIN, EXTRA_OPTS, PASSWORD, PASSWORD_HASH, RAW_SENDS, sop_instance_uid
 from tests.support.dcmtk import echoscu, send_as_stored, storescu, storescu_opts
 from tests.support.net import free_port, wait_for
 from tests.support.node import cxrnode_command
@@ -161,10 +161,14 @@ def test_production_config_serves_over_tls_into_postgres_and_redis(deployment: D
         assert settings.web.production and settings.dicom.tls.enabled
         web = start_in_thread(settings, store, port=0)
         try:
-            console = ConsoleClient(web.url)
-            assert console.login().status_code == 303  # the checks' details are for console users only
-            ready = console.http.get("/readyz")
-            console.close()
+            # The checks' details are for console users only. The production console sits behind a TLS
+            # proxy on this host (web.behind_tls_proxy): its session cookie is Secure, so this plain-HTTP
+            # client sends it by hand, as the proxy would.
+            login = httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": PASSWORD},
+                               headers={"X-Forwarded-Proto": "https"}, timeout=30)
+            assert login.status_code == 303 and "secure" in login.headers["set-cookie"].lower()
+            session = login.headers["set-cookie"].split(";", 1)[0]
+            ready = httpx.get(f"{web.url}/readyz", headers={"Cookie": session}, timeout=30)
             body = ready.json()
             assert ready.status_code == 200, body
             assert body["checks"]["database"]["detail"] == "postgresql reachable"

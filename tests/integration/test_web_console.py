@@ -491,3 +491,36 @@ def test_failed_logins_are_throttled_per_account_from_any_address(site: ConsoleS
         assert r.status_code == 429 and "Too many failed logins" in r.text
         ok = tc.post("/login", data={"username": OPS, "password": OPS_PASSWORD}, follow_redirects=False)
         assert ok.status_code == 303  # other accounts are not locked out
+
+
+@pytest.mark.parametrize("trusted", [[], ["127.0.0.1"]])
+def test_forwarded_headers_are_believed_only_from_configured_proxies(site: ConsoleSite, trusted: list[str]) -> None:
+    settings = site.settings.model_copy(update={"web": site.settings.web.model_copy(
+        update={"trusted_proxies": trusted})})
+    web = start_in_thread(settings, site.store, port=0)
+    try:
+        before = len(site.store.list_events(kinds=["web.login_failed"]))
+        httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": "wrong"},
+                   headers={"X-Forwarded-For": "203.0.113.9"}, timeout=30)
+        event = site.store.list_events(kinds=["web.login_failed"])[before]
+        assert event.detail["peer"] == ("203.0.113.9" if trusted else "127.0.0.1")
+    finally:
+        web.stop()
+
+
+def test_console_over_tls_sets_secure_cookies(site: ConsoleSite, tmp_path: Path) -> None:
+    key, cert = tmp_path / "console.key", tmp_path / "console.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    settings = site.settings.model_copy(update={"web": site.settings.web.model_copy(
+        update={"tls_cert_file": cert, "tls_key_file": key, "production": True})})
+    web = start_in_thread(settings, site.store, port=0)
+    try:
+        assert web.url.startswith("https://")
+        r = httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": PASSWORD}, verify=str(cert),
+                       timeout=30)
+        assert r.status_code == 303
+        assert "secure" in r.headers["set-cookie"].lower() and "httponly" in r.headers["set-cookie"].lower()
+    finally:
+        web.stop()

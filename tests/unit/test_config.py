@@ -234,6 +234,25 @@ def test_cxrnode_worker_passes_its_hostname_to_celery(tmp_path: Path, monkeypatc
     assert "--hostname" not in execs[-1][1]  # Celery's default, celery@<host>
 
 
+def test_production_console_needs_tls_or_a_declared_tls_proxy(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 13, finding 6: production served the console (passwords, PHI) over plain HTTP.
+    from node.web.auth import hash_password
+
+    key, cert = self_signed(tmp_path, "console")
+    users = f'password_hash = "{hash_password("secret-password", iterations=1000)}"\n'
+    base = f'[storage]\ndata_dir = "{tmp_path / "var"}"\n[web]\nproduction = true\n{users}'
+    assert main(["config", "check", str(write(tmp_path, base))]) == 1
+    assert "web.production serves the console over TLS only" in capsys.readouterr().err
+    assert main(["config", "check", str(write(tmp_path, base + "behind_tls_proxy = true\n"))]) == 0
+    capsys.readouterr()
+    assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\n'
+                                                              f'tls_key_file = "{key}"\n'))]) == 0
+    capsys.readouterr()
+    assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\n'))]) == 1
+    assert "web.tls_cert_file and web.tls_key_file go together" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_analyse_what_the_built_in_rules_analyse(path: Path) -> None:
     """README: the default rules analyse CR/DX chest and chest Secondary Captures; so do both examples."""
