@@ -53,7 +53,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
 
 def cxrnode_command() -> list[str]:
     script = Path(sys.executable).parent / "cxrnode"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "node.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "node.cli.main"]
 
 
 def training_running() -> list[str]:

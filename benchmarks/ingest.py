@@ -198,19 +198,19 @@ class NodeServer(Server):
 def node_command(listeners: int) -> list[str]:
     """`cxrnode serve`, or the listener pool's own entry point while serve does not use it yet."""
     if listeners > 1 and not serve_has_listener_pool():
-        return [sys.executable, "-m", "node.listeners"]
+        return [sys.executable, "-m", "node.runtime.listeners"]
     return [*cxrnode_command(), "serve"]
 
 
 def serve_has_listener_pool() -> bool:
-    import node.serve
+    import node.runtime.start
 
-    return "listeners" in Path(node.serve.__file__).read_text().split("def serve", 1)[-1]
+    return "listeners" in Path(node.runtime.start.__file__).read_text().split("def serve", 1)[-1]
 
 
 def listener_pool_available() -> bool:
     try:
-        import node.listeners  # noqa: F401
+        import node.runtime.listeners  # noqa: F401
     except ImportError:
         return False
     return True
@@ -332,7 +332,7 @@ def summarise(results: list[Transfer], files: Sequence[Path], before: dict[str, 
         "best_ratio": best,
         "goal_met": {k: v >= GOAL_RATIO for k, v in best.items()},
         "node_peak_rss_mb_4_associations": node_rss,
-        "listener_pool": "node.listeners" if pool else "not available",
+        "listener_pool": "node.runtime.listeners" if pool else "not available",
         "profile_node_1_association": profiled,
         "dominant": {**DOMINANT, "measured": measured_dominant(profiled)},
         "fairness": ("both servers run in the same run under the same conditions, interleaved, best and median "
@@ -371,10 +371,10 @@ DOMINANT = {
         "row in its routed state). See profile_node_1_association for this run's split. DCMTK does not "
         "fsync at all. More listener processes cannot help one association."),
     "four_associations": (
-        "one interpreter is CPU-bound (GIL) on PDU decoding; node.listeners runs N processes on one "
+        "one interpreter is CPU-bound (GIL) on PDU decoding; node.runtime.listeners runs N processes on one "
         "SO_REUSEPORT port so the associations spread over cores (2 cores here, shared with background jobs)."),
     "what_was_done": (
-        "node/listeners.py: N pre-forked listener processes on SO_REUSEPORT sockets, same ingest/SCP code; "
+        "node/runtime/listeners.py: N pre-forked listener processes on SO_REUSEPORT sockets, same ingest/SCP code; "
         "the data set is already written as received (STORE_RECV_CHUNKED_DATASET) and only the header is "
         "parsed (pixels deferred); the instance and its routing decision are recorded in ONE transaction "
         "(one synchronous commit per file instead of two)."),

@@ -107,7 +107,7 @@ def summarise(raw: Path) -> dict[str, Any]:
 
 
 #: Processes of the embedded node, recognised by their command line.
-PIPELINE_PROCESSES = (("workers.tasks", "inference worker"), ("node.tasks", "node worker (node.finish: SEG/SR)"),
+PIPELINE_PROCESSES = (("workers.tasks", "inference worker"), ("node.analysis.tasks", "node worker (node.finish: SEG/SR)"),
                       ("serve", "cxrnode serve (SCP, publisher, sweeper, exporter)"))
 #: Frames from these modules name a sample (the deepest one wins); others fall back to the leaf frame.
 OWN_MODULES = re.compile(r"\((prepare|finish|seg|sr|exporter|sender|analysis|inference|runner|severity|api|"

@@ -5,7 +5,7 @@ Two levels, for each CPU backend (ONNX Runtime, torch eager) and batch 1 and 4:
 - analyze: the whole worker step for prepared 1024-pixel images (preprocessing, the three networks,
   resizing probabilities back to the image grid, severity, packed masks), ms per image and images/s,
   with the per-model step times from `AnalyzeResult.timings_ms`.
-The input is a real CR of the shared test set prepared by `node.prepare` (what the node sends), or
+The input is a real CR of the shared test set prepared by `node.analysis.prepare` (what the node sends), or
 with `--image PATH` a plain picture (PNG) prepared the same way (grey levels scaled to 0-1, resized
 to a 1024-pixel long side), for machines without the shared DICOM set or pydicom.
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 IMAGE = "01_cr_explicit_le_mono2_12bit_2048x2500.dcm"
 SEED_GPU_IMAGES_PER_S = (7.9, 12.5)  # the seed workflow on an RTX 2080 Ti (issue 4)
-LONG_SIDE = 1024  # node.prepare's default grid
+LONG_SIDE = 1024  # node.analysis.prepare's default grid
 GPU_FORWARD_BATCHES = (1, 8, 32)
 GPU_ANALYZE_BATCHES = (1, 8)
 GPU_CALLERS = 8  # threads of a `--pool threads -c 8` GPU worker
@@ -68,7 +68,7 @@ def gpu_info() -> dict[str, Any]:
 
 def image_from_file(path: Path, long_side: int = LONG_SIDE) -> np.ndarray:
     """A plain picture as the node would send it: grey levels scaled to 0-1 and resized (Lanczos) to a
-    `long_side` long side, then uint8 (node.prepare's resize of a DICOM without padding)."""
+    `long_side` long side, then uint8 (node.analysis.prepare's resize of a DICOM without padding)."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -85,12 +85,12 @@ def image_from_file(path: Path, long_side: int = LONG_SIDE) -> np.ndarray:
 def bench_image(path: Path | None) -> tuple[np.ndarray, str]:
     """(prepared uint8 pixels, description): the shared DICOM by default, else the given picture."""
     if path is None:
-        from node.prepare import prepare  # pydicom: only for the default DICOM input
+        from node.analysis.prepare import prepare  # pydicom: only for the default DICOM input
 
         image = prepare(DICOM_DIR / IMAGE).pixels
-        return image, f"{IMAGE} prepared by node.prepare to {image.shape[1]}x{image.shape[0]} uint8"
+        return image, f"{IMAGE} prepared by node.analysis.prepare to {image.shape[1]}x{image.shape[0]} uint8"
     image = image_from_file(path)
-    return image, f"{path.name} resized like node.prepare to {image.shape[1]}x{image.shape[0]} uint8"
+    return image, f"{path.name} resized like node.analysis.prepare to {image.shape[1]}x{image.shape[0]} uint8"
 
 
 def bench_backend(backend: str, weights_dir: Path, cache: Path, image: np.ndarray, repeats: int,

@@ -3,13 +3,13 @@
 `python -m node.conformance` writes docs/conformance.md; `--check` regenerates it in memory and
 fails (exit 1, with a diff) when the file differs, so the document cannot drift from the code:
 
-- SCP presentation contexts come from the application entity `node.scp.StorageSCP` builds;
-- the association policy from `node.scp` (A-ASSOCIATE-RJ diagnostics) and the config defaults;
-- C-STORE statuses from the `STATUS_*` constants of `node.ingest` and `node.dicom_header` (a new
+- SCP presentation contexts come from the application entity `node.ingest.scp.StorageSCP` builds;
+- the association policy from `node.ingest.scp` (A-ASSOCIATE-RJ diagnostics) and the config defaults;
+- C-STORE statuses from the `STATUS_*` constants of `node.ingest.accept` and `node.ingest.header` (a new
   constant without a description here makes generation fail);
 - which transfer syntaxes the analysis can decode from pydicom's installed decoders;
 - SEG segments from `node.results.seg.SEGMENTS`, SR codes from `node.results.codes`/`node.results.sr`;
-- TLS from `node.scp.server_ssl_context` and the config schema.
+- TLS from `node.ingest.scp.server_ssl_context` and the config schema.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from pydicom.uid import UID
 
 import node
-from node.config import Settings
+from node.runtime.config import Settings
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 
@@ -74,7 +74,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
 
 def scp_contexts(settings: Settings) -> list[tuple[str, list[str]]]:
     """(abstract syntax, transfer syntaxes) the listener accepts, read from the AE the SCP builds."""
-    from node.scp import StorageSCP
+    from node.ingest.scp import StorageSCP
 
     # `_make_ae` needs only the settings: build it without a store or spool (nothing is opened).
     scp = StorageSCP.__new__(StorageSCP)
@@ -84,7 +84,7 @@ def scp_contexts(settings: Settings) -> list[tuple[str, list[str]]]:
 
 
 def decodable(transfer_syntax: str) -> bool:
-    """Whether node.prepare can decode pixel data in this transfer syntax with the installed plugins."""
+    """Whether node.analysis.prepare can decode pixel data in this transfer syntax with the installed plugins."""
     from pydicom.pixels.decoders.base import get_decoder
 
     try:
@@ -94,7 +94,8 @@ def decodable(transfer_syntax: str) -> bool:
 
 
 def status_constants() -> list[tuple[str, int]]:
-    from node import dicom_header, ingest
+    from node.ingest import accept as ingest
+    from node.ingest import header as dicom_header
 
     found: dict[str, int] = {}
     for module in (ingest, dicom_header):
@@ -129,7 +130,7 @@ def _codes(module: ModuleType) -> list[Any]:
 def render(settings: Settings | None = None) -> str:  # noqa: C901 — one document, section by section
     s = settings or Settings()
     d = s.dicom
-    from node import scp as scp_module
+    from node.ingest import scp as scp_module
     from node.results import codes as codes_module
     from node.results import seg as seg_module
     from node.results import sr as sr_module
@@ -233,7 +234,7 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
     from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
     seg_uid, sr_uid, sc_uid = str(SegmentationStorage), str(ComprehensiveSRStorage), str(SecondaryCaptureImageStorage)
-    from node import sender as sender_module
+    from node.export import sender as sender_module
 
     uncompressed = ", ".join(_uid_name(str(ts)) for ts in sender_module.UNCOMPRESSED)
     lines += [

@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
+# Model and mask names (the order the worker runs them and the SEG lists them) are part of this contract.
+from workers.catalogue import MASK_NAMES as MASK_NAMES
+from workers.catalogue import MODEL_NAMES
+
 ANALYZE_TASK = "workers.analyze"
 FINISH_TASK = "node.finish"
 INFERENCE_QUEUE = "inference"
 NODE_QUEUE = "node"
 
-#: Models a rule may ask for, in the order the worker runs them.
-MODEL_NAMES: tuple[str, ...] = ("lung", "opacity", "pneumothorax")
-#: Mask names in an AnalyzeResult (and SEG segment order on the node side).
-MASK_NAMES: tuple[str, ...] = ("right_lung", "left_lung", "opacity", "pneumothorax")
 
 SCHEMA_VERSION = 1
 
@@ -101,7 +101,7 @@ class AnalyzeRequest:
     """Sent by the node on queue `inference`. `job_id` is opaque (no UIDs, no names)."""
 
     job_id: str
-    pixels_png: str  # base64 PNG, uint8, already windowed/inverted by node.prepare
+    pixels_png: str  # base64 PNG, uint8, already windowed/inverted by node.analysis.prepare
     rows: int
     cols: int
     models: tuple[str, ...] = MODEL_NAMES

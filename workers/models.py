@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from workers.catalogue import SHIPPED_WEIGHTS_DIR
+
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = SHIPPED_WEIGHTS_DIR  # the catalogue says where weights live
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ import numpy as np
 
 from workers import models
 from workers.api import MODEL_NAMES, ModelInfo
+from workers.catalogue import weights_dir
 
 log = logging.getLogger(__name__)
 
-ENV_WEIGHTS_DIR = "CXRNODE_WEIGHTS_DIR"  # where <name>.safetensors + <name>.json live
 ENV_CACHE_DIR = "CXRNODE_CACHE"  # ONNX exports go to $CXRNODE_CACHE/onnx
 ENV_DEVICE = "CXRNODE_WORKER_DEVICE"  # auto | cpu | cuda
 ENV_BACKEND = "CXRNODE_WORKER_BACKEND"  # auto | onnx | torch (CPU only; CUDA always runs torch)
@@ -58,8 +58,7 @@ OPSET = 17
 
 
 def default_weights_dir() -> Path:
-    env = os.environ.get(ENV_WEIGHTS_DIR)
-    return Path(env) if env else models.WEIGHTS_DIR
+    return weights_dir()
 
 
 def default_cache_dir() -> Path:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from node import metrics
 from node.alerts.message import AlertError, TriageAlert
 from node.audit import AuditStore
 from node.audit.models import Alert, utcnow
-from node.config import AlertDestination, HL7Destination, Settings, WebhookDestination
-from node.loop import BackgroundLoop
-from node.sender import backoff_delay, client_ssl_context
+from node.export.sender import backoff_delay, client_ssl_context
+from node.runtime import metrics
+from node.runtime.config import AlertDestination, HL7Destination, Settings, WebhookDestination
+from node.runtime.loop import BackgroundLoop
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from fhir.resources.R4B.patient import Patient
 
 from node.alerts.message import AlertError, TriageAlert
 from node.alerts.webhook import post
-from node.config import FHIRDestination
+from node.runtime.config import FHIRDestination
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from hl7apy.core import Group, Message, Segment
 from hl7apy.exceptions import HL7apyException
 
 from node.alerts.message import AlertError, TriageAlert
-from node.config import HL7Destination
+from node.runtime.config import HL7Destination
 
 log = logging.getLogger(__name__)
 

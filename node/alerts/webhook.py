@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from node.alerts.message import AlertError, TriageAlert
-from node.config import WebhookDestination
+from node.runtime.config import WebhookDestination
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ def migrate(engine: Engine) -> None:
     log.debug("audit schema at head (%s)", engine.url.get_backend_name())
 
 
+class DatabaseUnreachable(Exception):
+    """The database server or file cannot be reached; the message names it (password hidden)."""
+
+
 def database_exists(url: str) -> bool:
     """Whether `url` holds an audit schema a node has made (alembic's version table), creating nothing.
 
@@ -76,5 +81,19 @@ def database_exists(url: str) -> bool:
     try:
         with engine.connect() as conn:
             return bool(inspect(conn).has_table("alembic_version"))
+    except SQLAlchemyError as e:
+        raise DatabaseUnreachable(f"cannot open the audit database {redact_url(url)}: {e}") from e
     finally:
         engine.dispose()
+
+
+def ping(engine: Engine) -> str:
+    """One round trip to the database (readiness); raises whatever the driver raises."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return f"{engine.dialect.name} reachable"
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit for messages and logs: the password hidden."""
+    return make_url(url).render_as_string(hide_password=True)

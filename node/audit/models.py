@@ -163,7 +163,7 @@ class Instance(Base):
     models: Mapped[list[str]] = mapped_column(default=list)
     destinations: Mapped[list[str]] = mapped_column(default=list)
     spool_path: Mapped[str] = mapped_column(Text, default="")
-    # Where the model grid of the published run lies on the source (node.prepare.Geometry.to_json() plus
+    # Where the model grid of the published run lies on the source (node.analysis.prepare.Geometry.to_json() plus
     # its "job_id"), so that node.finish need not decode the source again; NULL before a publish.
     prepared_geometry: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     quarantine_path: Mapped[str] = mapped_column(Text, default="")

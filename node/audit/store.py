@@ -560,6 +560,48 @@ class AuditStore(TriageStoreMixin):
         with self.session() as s:
             return list(s.scalars(q))
 
+    def requeue_exports(self, *, actor: str, export_ids: Sequence[int] | None = None,
+                        instance_id: int | None = None, states: Sequence[ExportState] = (ExportState.DEAD,),
+                        kind: str = "export.requeued") -> list[int]:
+        """Exports in `states` (by id and/or instance) pending again, due now, with a fresh attempt budget
+        (their attempt history is kept); one `kind` event per export, in the same transaction."""
+        if export_ids is None and instance_id is None:
+            raise ValueError("requeue_exports needs export ids or an instance id")
+        q = select(Export).where(Export.state.in_([str(st) for st in states])).order_by(Export.id)
+        if export_ids is not None:
+            q = q.where(Export.id.in_(list(export_ids)))
+        if instance_id is not None:
+            q = q.where(Export.instance_id == instance_id)
+        done: list[int] = []
+        with self.session() as s:
+            for row in s.scalars(q.with_for_update()):
+                previous = row.state
+                row.state, row.attempts, row.next_attempt_at = ExportState.PENDING, 0, utcnow()
+                _event(s, kind, actor=actor, instance_id=row.instance_id,
+                       detail={"export_id": row.id, "from": previous, "destination": row.destination_ae,
+                               "kind": row.kind})
+                done.append(row.id)
+        return done
+
+    def purge_files(self, *, states: Sequence[InstanceState], finished_before: datetime, limit: int,
+                    remove: Callable[[Instance], list[str]], detail: dict[str, Any]) -> int:
+        """Instances in `states` finished before the cutoff that still have files: `remove(row)` deletes
+        them (returns what it removed) while the rows are locked, then their paths are cleared, each
+        with an `instance.purged` event, in the same transaction. Returns how many."""
+        q = (select(Instance).where(Instance.state.in_([str(x) for x in states]))
+             .where(Instance.finished_at < finished_before)
+             .where(or_(Instance.spool_path != "", Instance.quarantine_path != ""))
+             .order_by(Instance.id).limit(limit).with_for_update())
+        n = 0
+        with self.session() as s:
+            for row in s.scalars(q).all():
+                removed = remove(row)
+                row.spool_path, row.quarantine_path = "", ""
+                _event(s, "instance.purged", actor="retention", instance_id=row.id, study_id=row.study_id,
+                       detail={**detail, "removed": removed})
+                n += 1
+        return n
+
     def list_export_attempts(self, export_id: int) -> list[ExportAttempt]:
         with self.session() as s:
             return list(s.scalars(select(ExportAttempt).where(ExportAttempt.export_id == export_id)

@@ -17,18 +17,14 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from workers.api import MASK_NAMES, ModelInfo
+from workers.catalogue import MASK_BY_NAME
 
 from .common import DeviceInfo, ResultError, experimental_models, not_for_diagnostic_suffix
 
 log = logging.getLogger(__name__)
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "right_lung": (0, 200, 0),
-    "left_lung": (0, 140, 255),
-    "opacity": (255, 160, 0),
-    "pneumothorax": (255, 0, 0),
-}
-LABELS = {"right_lung": "R lung", "left_lung": "L lung", "opacity": "opacity", "pneumothorax": "pneumothorax"}
+COLOURS: dict[str, tuple[int, int, int]] = {name: spec.rgb for name, spec in MASK_BY_NAME.items()}
+LABELS: dict[str, str] = {name: spec.short_label for name, spec in MASK_BY_NAME.items()}
 
 
 def build_overlay(source: Dataset, pixels: np.ndarray, masks: Mapping[str, np.ndarray], models: Sequence[ModelInfo], *,

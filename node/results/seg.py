@@ -17,6 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from workers.api import MASK_NAMES, ModelInfo
+from workers.catalogue import MASK_BY_NAME
 
 from . import codes
 from .common import (
@@ -41,14 +42,14 @@ class SegmentSpec:
 
 
 SEGMENTS: dict[str, SegmentSpec] = {
-    "right_lung": SegmentSpec("Right lung", "lung", codes.ANATOMICAL_STRUCTURE, codes.LUNG, codes.RIGHT,
-                              (60.0, -40.0, 40.0)),
-    "left_lung": SegmentSpec("Left lung", "lung", codes.ANATOMICAL_STRUCTURE, codes.LUNG, codes.LEFT,
-                             (60.0, -20.0, -50.0)),
-    "opacity": SegmentSpec("COVID-19 opacity", "opacity", codes.MORPHOLOGICALLY_ALTERED, codes.OPACITY, None,
-                           (70.0, 40.0, 70.0)),
-    "pneumothorax": SegmentSpec("Pneumothorax", "pneumothorax", codes.MORPHOLOGICALLY_ALTERED,
-                                codes.PNEUMOTHORAX, None, (55.0, 75.0, 40.0)),
+    name: SegmentSpec(MASK_BY_NAME[name].label, MASK_BY_NAME[name].model, category, property_type, laterality,
+                      MASK_BY_NAME[name].cielab)
+    for name, category, property_type, laterality in (
+        ("right_lung", codes.ANATOMICAL_STRUCTURE, codes.LUNG, codes.RIGHT),
+        ("left_lung", codes.ANATOMICAL_STRUCTURE, codes.LUNG, codes.LEFT),
+        ("opacity", codes.MORPHOLOGICALLY_ALTERED, codes.OPACITY, None),
+        ("pneumothorax", codes.MORPHOLOGICALLY_ALTERED, codes.PNEUMOTHORAX, None),
+    )
 }
 assert tuple(SEGMENTS) == MASK_NAMES, "SEG segment order follows workers.api.MASK_NAMES"
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import pydicom
 
-from node import metrics
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, AlertModel, Prior, TriageAlert
 from node.audit import AuditStore, Instance, Study
 from node.audit.models import utcnow
 from node.audit.triage_store import NewAlert
-from node.config import Settings
-from node.loop import BackgroundLoop
+from node.runtime import metrics
+from node.runtime.config import Settings
+from node.runtime.loop import BackgroundLoop
 from node.triage.priors import PriorFetcher, PriorRequest
 from node.triage.rules import Decision, ImageFindings, decide
 

@@ -26,8 +26,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node.audit import AuditStore
-from node.config import Settings
-from node.sender import tls_client_context
+from node.export.sender import tls_client_context
+from node.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from node.alerts.message import TRIAGE_LEVELS, AlertModel, Prior, TriageLevel
-from node.config import TriageConfig, TriageRule
+from node.runtime.config import TriageConfig, TriageRule
 
 #: Models each rule condition depends on (a finding is experimental when one of them is).
 CONDITION_MODELS: dict[str, tuple[str, ...]] = {

@@ -27,13 +27,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydicom.uid import UID
 
-from node import metrics
+from node.admin.service import AdminError, AdminService
+from node.audit import queries
 from node.audit.models import AERole, InstanceState
 from node.audit.store import AuditStore, StoreError
-from node.config import Settings, validate_ae_title, validate_port
-from node.health import CheckResult, Readiness, disk_usage, queue_depth, readiness
-from node.web import queries, session_key
-from node.web.actions import ActionError, ConsoleActions
+from node.runtime import metrics
+from node.runtime.config import Settings
+from node.runtime.health import CheckResult, Readiness, disk_usage, queue_depth, readiness
+from node.web import session_key
 from node.web.auth import (
     LoginThrottle,
     RevokedSessions,
@@ -44,19 +45,18 @@ from node.web.auth import (
     resolve_users,
 )
 from node.web.results_view import (
-    default_weights_dir,
     legend,
-    read_model_cards,
     safe_overlay,
     severity,
     sr_measurements,
 )
+from workers import catalogue
+from workers.api import INFERENCE_QUEUE
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 COOKIE = "cxrnode_session"
-INFERENCE_QUEUE = "inference"
 
 
 #: On every response. Inline styles stay allowed (colour swatches); scripts only from /static.
@@ -93,7 +93,7 @@ class AdminRequired(Exception):
 class Console:
     settings: Settings
     store: AuditStore
-    actions: ConsoleActions
+    admin: AdminService
     users: dict[str, User]
     signer: SessionSigner
     templates: Jinja2Templates
@@ -103,7 +103,7 @@ class Console:
     revoked: RevokedSessions
 
 
-def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
+def create_app(settings: Settings, store: AuditStore, *, admin: AdminService | None = None,
                workers_probe: Callable[[], CheckResult] | None = None,
                weights_dir: Path | None = None) -> FastAPI:
     """The web app. Raises node.web.auth.AuthConfigError when production mode has no console user, a
@@ -125,10 +125,9 @@ def create_app(settings: Settings, store: AuditStore, *, actions: ConsoleActions
     templates.env.globals["INSTANCE_STATES"] = [str(s) for s in InstanceState]
     console = Console(
         settings=settings, store=store,
-        actions=actions or ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
-                                          tls=settings.dicom.tls),
+        admin=admin or AdminService.for_settings(settings, store),
         users=users, signer=signer, templates=templates,
-        weights_dir=weights_dir or default_weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle(),
+        weights_dir=weights_dir or catalogue.weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle(),
         revoked=RevokedSessions(session_key.revoked_path(settings)))
 
     app = FastAPI(title="cxr-node", docs_url=None, redoc_url=None, openapi_url=None)
@@ -371,8 +370,8 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
         session, form = await _post(request, console)
         back = form.get("back", "/studies")
         try:
-            msg = console.actions.rerun(instance_id, session.user)
-        except ActionError as e:
+            msg = console.admin.rerun(instance_id, actor=f"web:{session.user}")
+        except AdminError as e:
             return _back(back, err=str(e))
         metrics.count_web_action("rerun")
         return _back(back, msg=msg)
@@ -382,8 +381,8 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
         session, form = await _post(request, console)
         back = form.get("back", "/studies")
         try:
-            msg = console.actions.resend(instance_id, session.user)
-        except ActionError as e:
+            msg = console.admin.resend(instance_id, actor=f"web:{session.user}")
+        except AdminError as e:
             return _back(back, err=str(e))
         metrics.count_web_action("resend")
         return _back(back, msg=msg)
@@ -399,39 +398,30 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
                        roles=[str(r) for r in AERole], echoes=echo_events)
 
     def _ae_fields(form: dict[str, str]) -> dict[str, Any]:
-        """Validated host/port/role/tls/description from a form; ValueError names the bad field."""
-        host = form.get("host", "").strip() or None
+        """host/port/role/tls/description as typed values; node.admin validates them like the config file."""
         port_text = form.get("port", "").strip()
-        try:
-            port = validate_port(int(port_text)) if port_text else None
-        except ValueError as e:
-            raise ValueError(f"port: {e}" if port_text.isdigit() else f"port: {port_text!r} is not a number") from e
-        role = form.get("role", "both")
-        if role not in {str(r) for r in AERole}:
-            raise ValueError(f"role: {role!r} is not one of source, destination, both")
-        if role in ("destination", "both") and role != "both" and (host is None or port is None):
-            raise ValueError("a destination needs host and port")
-        return {"host": host, "port": port, "role": role, "tls": form.get("tls") == "on",
+        if port_text and not port_text.isdigit():
+            raise AdminError(f"port: {port_text!r} is not a number")
+        return {"host": form.get("host", "").strip() or None, "port": int(port_text) if port_text else None,
+                "role": form.get("role", "both"), "tls": form.get("tls") == "on",
                 "description": form.get("description", "").strip()}
 
     @app.post("/ae")
     async def ae_add(request: Request) -> Response:
         session, form = await _post(request, console)
         try:
-            name = validate_ae_title(form.get("name", ""))
-            fields = _ae_fields(form)
-            store.add_ae(name, actor=f"web:{session.user}", **fields)
-        except (ValueError, StoreError) as e:
+            added = console.admin.add_ae(form.get("name", ""), actor=f"web:{session.user}", **_ae_fields(form))
+        except AdminError as e:
             return _back("/ae", err=str(e))
         metrics.count_web_action("ae_add")
-        return _back("/ae", msg=f"AE title {name} added")
+        return _back("/ae", msg=f"AE title {added.name} added")
 
     @app.post("/ae/{name}")
     async def ae_update(request: Request, name: str) -> Response:
         session, form = await _post(request, console)
         try:
-            store.update_ae(name, actor=f"web:{session.user}", **_ae_fields(form))
-        except (ValueError, StoreError) as e:
+            console.admin.update_ae(name, actor=f"web:{session.user}", **_ae_fields(form))
+        except AdminError as e:
             return _back(f"/ae?edit={quote(name)}", err=str(e))
         metrics.count_web_action("ae_update")
         return _back("/ae", msg=f"AE title {name} updated")
@@ -440,8 +430,8 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
     async def ae_remove(request: Request, name: str) -> Response:
         session, _ = await _post(request, console)
         try:
-            store.remove_ae(name, actor=f"web:{session.user}")
-        except StoreError as e:
+            console.admin.remove_ae(name, actor=f"web:{session.user}")
+        except AdminError as e:
             return _back("/ae", err=str(e))
         metrics.count_web_action("ae_remove")
         return _back("/ae", msg=f"AE title {name} removed")
@@ -450,8 +440,8 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
     async def ae_echo(request: Request, name: str) -> Response:
         session, _ = await _post(request, console)
         try:
-            result = console.actions.echo_ae(name, session.user)
-        except ActionError as e:
+            result = console.admin.echo_ae(name, actor=f"web:{session.user}")
+        except AdminError as e:
             return _back("/ae", err=str(e))
         metrics.count_web_action("ae_echo")
         if result.ok:
@@ -468,7 +458,7 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
     @app.get("/models", response_class=HTMLResponse)
     def models(request: Request) -> HTMLResponse:
         session = _session(request, console)
-        return _render(console, request, "models.html", session, cards=read_model_cards(console.weights_dir),
+        return _render(console, request, "models.html", session, cards=catalogue.model_cards(console.weights_dir),
                        enabled=settings.models, weights_dir=console.weights_dir)
 
     @app.get("/dead", response_class=HTMLResponse)
@@ -480,8 +470,8 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
     async def export_retry(request: Request, export_id: int) -> Response:
         session, _ = await _post(request, console)
         try:
-            msg = console.actions.retry_export(export_id, session.user)
-        except ActionError as e:
+            msg = console.admin.retry_exports([export_id], actor=f"web:{session.user}")
+        except AdminError as e:
             return _back("/dead", err=str(e))
         metrics.count_web_action("export_retry")
         return _back("/dead", msg=msg)
@@ -489,7 +479,10 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
     @app.post("/exports/retry-dead")
     async def export_retry_all(request: Request) -> Response:
         session, _ = await _post(request, console)
-        msg = console.actions.retry_all_dead(session.user)
+        try:
+            msg = console.admin.retry_all_dead(actor=f"web:{session.user}")
+        except AdminError as e:
+            return _back("/dead", err=str(e))
         metrics.count_web_action("export_retry")
         return _back("/dead", msg=msg)
 

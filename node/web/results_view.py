@@ -1,6 +1,6 @@
 """What the console shows of an instance's results: overlay thumbnails and the SR measurements.
 
-The thumbnail is the source image as the models saw it (`node.prepare`, so the same windowing and
+The thumbnail is the source image as the models saw it (`node.analysis.prepare`, so the same windowing and
 MONOCHROME1 handling) with each SEG segment blended in its own colour. Measurements are every
 numeric item of the SR (TID 1500), the severity score among them. Model cards are read as JSON
 files: the node never imports the model code.
@@ -9,7 +9,6 @@ files: the node never imports the model code.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +19,18 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from node.config import Settings
-from node.decoding import prepare_isolated
-from node.prepare import PrepareError
+from node.analysis.decoding import prepare_isolated
+from node.analysis.prepare import PrepareError
+from node.results import codes
+from node.runtime.config import Settings
+from workers.catalogue import MASKS
 
 log = logging.getLogger(__name__)
 
 # Segment label (lower case) -> RGB; unknown labels cycle through the spare colours.
-SEGMENT_COLOURS = {
-    "right lung": (46, 134, 222), "left lung": (16, 172, 132), "covid-19 opacity": (255, 159, 67),
-    "opacity": (255, 159, 67), "pneumothorax": (238, 82, 83),
-}
+SEGMENT_COLOURS = {m.label.lower(): m.rgb for m in MASKS}
 _SPARE = [(165, 94, 234), (254, 202, 87), (72, 219, 251), (255, 107, 129)]
-SEVERITY_CODE = "246112005"
+SEVERITY_CODE = codes.SEVERITY.value
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def render_overlay(settings: Settings, source_path: Path, seg_path: Path | None,
                    alpha: float = 0.45) -> bytes:
     """PNG bytes: the prepared source with SEG segments blended in. Raises PrepareError/OSError.
 
-    The source is decoded in the memory-limited decoder process (node.decoding), like for analysis."""
+    The source is decoded in the memory-limited decoder process (node.analysis.decoding), like for analysis."""
     prepared = prepare_isolated(settings, source_path, long_side=long_side)
     grey = prepared.pixels.astype(np.float32)
     rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
@@ -156,32 +154,3 @@ def safe_overlay(settings: Settings, source_path: Path, seg_path: Path | None) -
     except (PrepareError, OSError, ValueError, AttributeError, KeyError) as e:
         log.warning("no thumbnail for %s: %s", source_path.name, e)
         return None
-
-
-def read_model_cards(weights_dir: Path) -> list[dict[str, Any]]:
-    """The JSON model cards shipped beside the weights (name order); unreadable ones are reported."""
-    cards = []
-    for path in sorted(weights_dir.glob("*.json")):
-        try:
-            card = json.loads(path.read_text())
-            if not isinstance(card, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            card = {"name": path.stem, "error": f"unreadable card: {e}"}
-        card.setdefault("name", path.stem)
-        weights = path.with_suffix(".safetensors")
-        card["_file"] = path.name
-        card["_weights_present"] = weights.exists()
-        card["_weights_mb"] = round(weights.stat().st_size / 1e6, 1) if weights.exists() else None
-        cards.append(card)
-    return cards
-
-
-def default_weights_dir() -> Path:
-    """workers/weights of the installed package, found without importing workers' model code."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("workers")
-    if spec is None or not spec.submodule_search_locations:
-        return Path("workers/weights")
-    return Path(next(iter(spec.submodule_search_locations))) / "weights"

@@ -16,11 +16,11 @@ from typing import Any
 
 import uvicorn
 
+from node.admin.service import AdminService
 from node.audit.store import AuditStore
-from node.config import Settings, find_config, load_settings
-from node.health import CheckResult
-from node.logging_setup import setup_logging
-from node.web.actions import ConsoleActions
+from node.runtime.config import Settings, find_config, load_settings
+from node.runtime.health import CheckResult
+from node.runtime.logging_setup import setup_logging
 from node.web.app import create_app
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,14 @@ def uvicorn_config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config
                           ssl_keyfile=str(web.tls_key_file) if web.tls else None, **extra)
 
 
-def start_in_thread(settings: Settings, store: AuditStore, *, actions: ConsoleActions | None = None,
+def start_in_thread(settings: Settings, store: AuditStore, *, admin: AdminService | None = None,
                     workers_probe: Callable[[], CheckResult] | None = None,
                     port: int | None = None) -> WebServer:
     """Console + /metrics + /healthz + /readyz on web.host:web.port (port=0 picks a free one).
 
     Raises AuthConfigError (production without password hash) or OSError (port taken) at once.
     """
-    app = create_app(settings, store, actions=actions, workers_probe=workers_probe)
+    app = create_app(settings, store, admin=admin, workers_probe=workers_probe)
     sock = _bind(settings.web.host, settings.web.port if port is None else port)
     server = uvicorn.Server(uvicorn_config(settings, app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cxrnode-web", daemon=True)
@@ -101,10 +101,8 @@ def start_console(settings: Settings, store: AuditStore, *,
     if not settings.web.enabled:
         log.info("web console disabled (web.enabled = false)")
         return None
-    actions = ConsoleActions(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
-                             tls=settings.dicom.tls,
-                             enqueue_analysis=enqueue_analysis, kick_sender=kick_sender)
-    return start_in_thread(settings, store, actions=actions, workers_probe=workers_probe)
+    admin = AdminService.for_settings(settings, store, enqueue_analysis=enqueue_analysis, kick_sender=kick_sender)
+    return start_in_thread(settings, store, admin=admin, workers_probe=workers_probe)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings(find_config(args.config))
     setup_logging(json_logs=settings.web.json_logs)
-    from node.preflight import console_problems
+    from node.runtime.preflight import console_problems
 
     if problems := console_problems(settings):
         sys.stderr.write("the console cannot start:\n" + "".join(f"  {p}\n" for p in problems))

@@ -16,8 +16,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from node.config import Settings
-from node.spool import fsync_dir
+from node.ingest.spool import fsync_dir
+from node.runtime.config import Settings
 from node.web.auth import AuthConfigError
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 
-from node import metrics
 from node.alerts.message import TRIAGE_LEVELS
+from node.runtime import metrics
 from node.web.app import Console, _back, _post, _render, _session
 
 

@@ -308,7 +308,7 @@ def test_dead_letter_retry_and_reanalysis_from_the_command_line(tmp_path: Path) 
     node = NodeProcess(tmp_path, extra_toml=toml, analysis=True)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(node.config)],
+        return subprocess.run([sys.executable, "-m", "node.cli.main", *args, "--config", str(node.config)],
                               capture_output=True, text=True, timeout=60)
 
     try:

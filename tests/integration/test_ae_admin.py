@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.audit import AuditStore
-from node.cli import main
+from node.cli.main import main
 from tests.support.dcmtk import StoreSCP, echoscu
 from tests.support.net import free_port
 from tests.support.node import NodeProcess

@@ -22,7 +22,7 @@ from node.alerts.fhir import (
     deliver,
 )
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, AlertError, TriageAlert
-from node.config import FHIRDestination
+from node.runtime.config import FHIRDestination
 from tests.support.http_receiver import HTTPReceiver, sample_alert
 
 TOKEN = "s3cr3t-bearer"

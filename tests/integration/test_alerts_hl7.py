@@ -16,8 +16,8 @@ from hl7apy.parser import parse_message
 
 from node.alerts.hl7 import build_oru, deliver, parse_ack, unescape
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, AlertError, AlertModel, Prior, TriageAlert
-from node.config import HL7Destination
-from node.sender import client_ssl_context
+from node.export.sender import client_ssl_context
+from node.runtime.config import HL7Destination
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port
 from tests.support.paths import REPO_ROOT

@@ -22,7 +22,7 @@ from node.alerts.webhook import (
     signed_headers,
     verify,
 )
-from node.config import WebhookDestination
+from node.runtime.config import WebhookDestination
 from tests.support.http_receiver import HTTPReceiver, sample_alert
 
 SECRET = "whsec_0123456789abcdef"

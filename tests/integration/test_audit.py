@@ -22,7 +22,7 @@ from node.audit import (
     StoreError,
 )
 from node.audit.db import migrate
-from node.cli import main
+from node.cli.main import main
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -133,7 +133,7 @@ def test_exports_and_attempts(store: AuditStore) -> None:
 
 
 def test_ae_titles_and_seeding(store: AuditStore) -> None:
-    from node.config import AEEntry
+    from node.runtime.config import AEEntry
 
     entries = [AEEntry(name="PACS", host="10.0.0.1", port=104), AEEntry(name="CR1", role="source")]
     assert store.seed_ae(entries) == 2

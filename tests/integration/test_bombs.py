@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from node.admin.service import AdminService
 from node.audit import InstanceState
-from node.config import load_settings
-from node.web.actions import ConsoleActions
+from node.runtime.config import load_settings
 from node.web.server import start_in_thread
 from tests.support.console import PASSWORD_HASH, ConsoleClient
 from tests.support.dcmtk import send_as_stored
@@ -74,7 +74,7 @@ def test_decompression_bombs_fail_their_image_and_never_the_node(tmp_path: Path)
     # The console does not decode the bomb for its thumbnail either.
     settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
                              database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH})
-    web = start_in_thread(settings, store, actions=ConsoleActions(store, calling_ae="CXRNODE"), port=0)
+    web = start_in_thread(settings, store, admin=AdminService(store, calling_ae="CXRNODE"), port=0)
     client = ConsoleClient(web.url)
     try:
         client.login()

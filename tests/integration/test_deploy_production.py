@@ -23,8 +23,8 @@ import pytest
 
 from node.audit import AuditStore
 from node.audit.models import InstanceState
-from node.config import load_settings
-from node.health import queue_depth
+from node.runtime.config import load_settings
+from node.runtime.health import queue_depth
 from node.web.server import start_in_thread
 from tests.support.console import ADMIN, EXTRA_OPTS, PASSWORD, PASSWORD_HASH, RAW_SENDS, sop_instance_uid
 from tests.support.dcmtk import echoscu, send_as_stored, storescu, storescu_opts
@@ -189,7 +189,7 @@ def test_readiness_finds_a_real_worker_on_the_inference_queue(redis_server: Redi
     """A Celery worker consuming `inference` (a minimal app: no models) is found; one on another queue is not."""
     import sys
 
-    from node.health import check_workers
+    from node.runtime.health import check_workers
 
     broker = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of its own: no other test's messages
     env = {**os.environ, "CXRNODE_PROBE_BROKER": broker}

@@ -59,7 +59,7 @@ def test_files_are_owner_and_group_only_under_a_lax_umask(tmp_path: Path) -> Non
         # The supervised node-queue worker: no settings (password hash) in its environment, a 0600 file.
         assert node.proc is not None
         (worker,) = [pid for pid in children(node.proc.pid)
-                     if b"node.tasks" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                     if b"node.analysis.tasks" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
         assert not [v for v in environ if secret.encode() in v]
         (setting,) = [v.decode() for v in environ if v.startswith(b"CXRNODE_SETTINGS_FILE=")]

@@ -20,13 +20,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from node.analysis import Publisher
+from node.analysis.celery_app import make_celery
+from node.analysis.finish import finish_analysis
+from node.analysis.outbox import Publisher
+from node.analysis.prepare import Geometry, masks_to_source, prepare
 from node.audit import AuditStore, ExportState, Instance, InstanceState, ReceivedInstance
-from node.celery_app import make_celery
-from node.config import Settings, load_settings
-from node.finish import finish_analysis
-from node.prepare import Geometry, masks_to_source, prepare
 from node.results.seg import segment_numbers
+from node.runtime.config import Settings, load_settings
 from tests.support.paths import dicom_dir
 from tests.support.synthetic_results import synthetic_masks, synthetic_result
 from workers.api import AnalyzeResult

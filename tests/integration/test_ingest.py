@@ -240,7 +240,7 @@ def test_sigterm_lets_the_association_in_flight_finish(node: NodeProcess, tmp_pa
 
 def test_uncompressed_ybr_full_422_is_accepted(node: NodeProcess, tmp_path: Path) -> None:
     # 4:2:2 Pixel Data is two thirds of Rows x Columns x 3 (issue 13, finding 9): valid, so stored.
-    from node.prepare import prepare
+    from node.analysis.prepare import prepare
     from tests.support.synthetic_dicom import ybr_full_422_copy
 
     path = ybr_full_422_copy(tmp_path / "ybr422.dcm")

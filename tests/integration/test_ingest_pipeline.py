@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from node.analysis.handoff import Dispatcher, HandoffContext
 from node.audit import AuditStore, InstanceFilter, InstanceState, ReceivedInstance
-from node.config import load_settings
-from node.dicom_header import read_header
-from node.handoff import Dispatcher, HandoffContext
-from node.ingest import Ingest, StoreRequest
-from node.spool import Spool
+from node.ingest.accept import Ingest, StoreRequest
+from node.ingest.header import read_header
+from node.ingest.spool import Spool
+from node.runtime.config import load_settings
 from tests.support.paths import dicom_dir
 
 CHEST = dicom_dir() / "09_cr_8bit_alloc8.dcm"

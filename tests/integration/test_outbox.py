@@ -9,10 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.analysis import Publisher
+from node.analysis.celery_app import make_celery
+from node.analysis.outbox import Publisher
 from node.audit import AuditStore, InstanceState, ReceivedInstance
-from node.celery_app import make_celery
-from node.config import Settings, load_settings
+from node.runtime.config import Settings, load_settings
 from tests.support.paths import dicom_dir
 
 
@@ -73,9 +73,9 @@ def test_not_republished_while_waiting_and_undecodable_pixels_fail_once(tmp_path
 
 
 def test_sweeper_leaves_jobs_another_process_published(tmp_path: Path) -> None:
-    from node.analysis import Sweeper
-    from node.finish import job_id_for
-    from node.handoff import Dispatcher, HandoffContext
+    from node.analysis.finish import job_id_for
+    from node.analysis.handoff import Dispatcher, HandoffContext
+    from node.analysis.outbox import Sweeper
 
     settings = load_settings(None, storage={"data_dir": str(tmp_path)})
     store = AuditStore.open(settings.database_url)
@@ -95,12 +95,12 @@ def test_sweeper_leaves_jobs_another_process_published(tmp_path: Path) -> None:
 
 def test_unexpected_prepare_error_is_retried_a_bounded_number_of_times(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import node.analysis
+    import node.analysis.outbox
 
     def broken(_path: object) -> None:
         raise MemoryError("no room to decode")
 
-    monkeypatch.setattr(node.analysis, "prepare_isolated", lambda _settings, path: broken(path))
+    monkeypatch.setattr(node.analysis.outbox, "prepare_isolated", lambda _settings, path: broken(path))
     settings = load_settings(None, storage={"data_dir": str(tmp_path)}, prepare={"max_attempts": 3})
     store = AuditStore.open(settings.database_url)
     publisher = Publisher(make_celery(settings))

@@ -1,4 +1,4 @@
-"""node.sender against real peers: Orthanc (read back over REST) and DCMTK storescp, plus the faults
+"""node.export.sender against real peers: Orthanc (read back over REST) and DCMTK storescp, plus the faults
 an export meets: destination down then up, wrong called AE, a SOP class/transfer syntax refused."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.config import SenderConfig
+from node.export.sender import Attempt, Destination, SendError, backoff_delay, deliver_with_retries, send
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
 from node.results.seg import build_seg
 from node.results.sr import build_sr
-from node.sender import Attempt, Destination, SendError, backoff_delay, deliver_with_retries, send
+from node.runtime.config import SenderConfig
 from tests.support.dcmtk import StoreSCP
 from tests.support.net import free_port, port_open, wait_for
 from tests.support.orthanc import Orthanc

@@ -1,4 +1,4 @@
-"""node.sender against a pynetdicom Storage SCP that misbehaves on purpose: refuses with a status,
+"""node.export.sender against a pynetdicom Storage SCP that misbehaves on purpose: refuses with a status,
 or aborts the association in the middle of a batch. Only what failed is sent again."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import SenderConfig
+from node.export.sender import Attempt, Destination, deliver_with_retries, send
 from node.results.common import DeviceInfo
 from node.results.seg import build_seg
 from node.results.sr import build_sr
-from node.sender import Attempt, Destination, deliver_with_retries, send
+from node.runtime.config import SenderConfig
 from tests.support.net import free_port, wait_for
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import synthetic_case

@@ -1,4 +1,4 @@
-"""node.sender over TLS to a DCMTK storescp with a throw-away certificate (openssl CLI)."""
+"""node.export.sender over TLS to a DCMTK storescp with a throw-away certificate (openssl CLI)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from node.export.sender import Destination, SendError, client_ssl_context, send
 from node.results.common import DeviceInfo
 from node.results.seg import build_seg
-from node.sender import Destination, SendError, client_ssl_context, send
 from tests.support.net import free_port, port_open, wait_for
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import synthetic_case
@@ -57,10 +57,10 @@ def test_seg_over_tls(tls_storescp: tuple[Destination, Path, Path]) -> None:
 def test_echo_over_tls_from_cli_and_console(tls_storescp: tuple[Destination, Path, Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 17, finding 1: C-ECHO reaches a TLS peer exactly as SEG/SR do, from the CLI and the console."""
+    from node.admin.service import AdminService
     from node.audit import AuditStore
-    from node.cli import main
-    from node.config import load_settings
-    from node.web.actions import ConsoleActions
+    from node.cli.main import main
+    from node.runtime.config import load_settings
 
     destination, cert, _ = tls_storescp
     config = tmp_path / "node.toml"
@@ -73,11 +73,11 @@ def test_echo_over_tls_from_cli_and_console(tls_storescp: tuple[Destination, Pat
     assert main(["ae", "echo", "TLSDEST", *cli]) == 0
     assert f"C-ECHO TLSDEST at 127.0.0.1:{destination.port}: success" in capsys.readouterr().out
 
-    actions = ConsoleActions(store, calling_ae="CXRNODE", tls=settings.dicom.tls)
-    assert actions.echo_ae("TLSDEST", "admin").ok
+    actions = AdminService(store, calling_ae="CXRNODE", tls=settings.dicom.tls)
+    assert actions.echo_ae("TLSDEST", actor="web:admin").ok
     # Without the CA that signed the peer's certificate, the echo fails the way a delivery would.
-    untrusting = ConsoleActions(store, calling_ae="CXRNODE")
-    failed = untrusting.echo_ae("TLSDEST", "admin")
+    untrusting = AdminService(store, calling_ae="CXRNODE")
+    failed = untrusting.echo_ae("TLSDEST", actor="web:admin")
     assert not failed.ok and failed.detail.startswith("TLS handshake with TLSDEST@127.0.0.1")
 
     echoes = store.list_events(kinds=["ae.echo"])

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, TriageAlert
 from node.audit import AuditStore, InstanceState, ReceivedInstance
 from node.audit.models import AlertState
-from node.config import Settings, load_settings
+from node.runtime.config import Settings, load_settings
 from node.triage.engine import TriageEngine
 
 CR = "1.2.840.10008.5.1.4.1.1.1"

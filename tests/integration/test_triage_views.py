@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from node.audit import AuditStore
 from node.audit.models import AlertState
-from node.config import Settings, load_settings
+from node.runtime.config import Settings, load_settings
 from node.triage.engine import TriageEngine
 from node.web.server import start_in_thread
 from tests.integration.test_triage import HOOK, RIS, figures, receive

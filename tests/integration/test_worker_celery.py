@@ -137,7 +137,7 @@ class Node:
     """The node's two ends of the queue: publish analyze tasks, consume finish messages."""
 
     def __init__(self, url: str) -> None:
-        broker.prepare(url)  # as node.celery_app does: the same embedded transport on both sides
+        broker.prepare(url)  # as node.analysis.celery_app does: the same embedded transport on both sides
         self.app = Celery("test-node")
         self.app.conf.update(celery_settings(url))
         self.conn = Connection(url, transport_options=self.app.conf.broker_transport_options or {})

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pydicom
 
+from node.admin.service import AdminService
 from node.audit import AuditStore
-from node.config import Settings, load_settings
-from node.web.actions import ConsoleActions
+from node.runtime.config import Settings, load_settings
 from node.web.auth import hash_password
 from node.web.server import WebServer, start_in_thread
 from tests.support.dcmtk import send_as_stored, storescu, storescu_opts
@@ -94,9 +94,9 @@ def console_site(root: Path) -> Iterator[ConsoleSite]:
                              database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH, "users": USERS})
     store = AuditStore.open(settings.database_url)
     handed_off: list[int] = []
-    actions = ConsoleActions(store, calling_ae=settings.dicom.ae_title, tls=settings.dicom.tls,
-                             enqueue_analysis=handed_off.append)
-    web = start_in_thread(settings, store, actions=actions, port=0)
+    admin = AdminService(store, calling_ae=settings.dicom.ae_title, tls=settings.dicom.tls,
+                         enqueue_analysis=handed_off.append)
+    web = start_in_thread(settings, store, admin=admin, port=0)
     try:
         yield ConsoleSite(settings, store, web, statuses, handed_off)
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from node.config import HL7Destination
+from node.runtime.config import HL7Destination
 from tests.support.net import port_open, wait_for
 from tests.support.paths import REPO_ROOT
 

@@ -17,7 +17,7 @@ SENDER_AE = "STORESCU"
 
 def cxrnode_command() -> list[str]:
     script = Path(sys.executable).parent / "cxrnode"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "node.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "node.cli.main"]
 
 
 class NodeProcess:

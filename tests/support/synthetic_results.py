@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.prepare import Prepared, masks_to_source, prepare
+from node.analysis.prepare import Prepared, masks_to_source, prepare
 from workers.api import AnalyzeResult, ModelInfo, pack_mask
 
 MODELS = [

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node.cli import main
-from node.config import ConfigError, load_settings, validate_ae_title, validate_port
+from node.cli.main import main
+from node.runtime.config import ConfigError, load_settings, validate_ae_title, validate_port
 from tests.support.paths import REPO_ROOT
 
 EXAMPLES = sorted((REPO_ROOT / "deploy" / "config").glob("*.toml"))
@@ -123,7 +123,7 @@ def test_ae_title_and_port_validators() -> None:
 def test_sr_without_seg_is_refused_with_the_reason() -> None:
     import pytest
 
-    from node.config import ConfigError, load_settings
+    from node.runtime.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError, match="results.sr needs results.seg"):
         load_settings(None, results={"seg": False, "sr": True})
@@ -134,7 +134,7 @@ def test_sr_without_seg_is_refused_with_the_reason() -> None:
 
 
 def test_find_config_order(tmp_path: Path) -> None:
-    from node.config import find_config
+    from node.runtime.config import find_config
 
     system = tmp_path / "etc.toml"
     assert find_config(None, environ={}, system=system) is None  # nothing: built-in defaults
@@ -185,7 +185,7 @@ def test_admin_commands_refuse_a_fresh_database(tmp_path: Path, monkeypatch: pyt
                                                 capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CXRNODE_CONFIG", raising=False)
-    monkeypatch.setattr("node.config.SYSTEM_CONFIG", tmp_path / "no-such" / "cxrnode.toml")
+    monkeypatch.setattr("node.runtime.config.SYSTEM_CONFIG", tmp_path / "no-such" / "cxrnode.toml")
     path = write(tmp_path, '[storage]\ndata_dir = "nodevar"\n')
     assert main([*command, "--config", str(path)]) == 1
     err = capsys.readouterr().err
@@ -256,7 +256,7 @@ def test_production_console_needs_tls_or_a_declared_tls_proxy(tmp_path: Path,
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_analyse_what_the_built_in_rules_analyse(path: Path) -> None:
     """README: the default rules analyse CR/DX chest and chest Secondary Captures; so do both examples."""
-    from node.config import default_rules
+    from node.runtime.config import default_rules
 
     analysed = [(r.name, r.match) for r in load_settings(path).rules if r.action == "analyze"]
     assert analysed == [(r.name, r.match) for r in default_rules()]
@@ -265,6 +265,6 @@ def test_examples_analyse_what_the_built_in_rules_analyse(path: Path) -> None:
 def test_the_node_warns_about_the_workers_old_broker_variable(monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("CXRNODE_BROKER_URL", "redis://pacs-broker:6379/0")
-    with caplog.at_level("WARNING", logger="node.config"):
+    with caplog.at_level("WARNING", logger="node.runtime.config"):
         assert load_settings().broker.url == ""
     assert "CXRNODE_BROKER_URL is set but the node reads CXRNODE_BROKER__URL" in caplog.text

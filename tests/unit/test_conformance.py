@@ -9,7 +9,7 @@ from pathlib import Path
 from pynetdicom import AllStoragePresentationContexts
 
 from node import conformance
-from node.config import Settings, load_settings
+from node.runtime.config import Settings, load_settings
 from tests.support.paths import REPO_ROOT
 
 

@@ -1,4 +1,4 @@
-"""node.decoding: a decode that needs too much memory or time fails its image, not the calling process."""
+"""node.analysis.decoding: a decode that needs too much memory or time fails its image, not the calling process."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from node import decoding
-from node.config import load_settings
-from node.prepare import PrepareError
+from node.analysis import decoding
+from node.analysis.prepare import PrepareError
+from node.runtime.config import load_settings
 from tests.support.paths import dicom_dir
 from tests.support.poison import j2k_bomb
 

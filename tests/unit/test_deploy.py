@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from node.config import ConfigError, load_settings
+from node.runtime.config import ConfigError, load_settings
 from tests.support.paths import REPO_ROOT
 from workers.api import BROKER_ENV, RESULT_BACKEND_ENV
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine
 
-from node.config import Settings, load_settings
-from node.health import (
+from node.runtime.config import Settings, load_settings
+from node.runtime.health import (
     check_broker,
     check_database,
     check_spool,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node.logging_setup import REDACTED, redact, setup_logging
+from node.runtime.logging_setup import REDACTED, redact, setup_logging
 
 PHI = ["Doe^Jane", "Müller^Hans^Peter", "PAT-00123", "19700101", "1970-01-01"]
 

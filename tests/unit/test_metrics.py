@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node import metrics
+from node.runtime import metrics
 
 
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

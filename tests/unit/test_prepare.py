@@ -1,4 +1,4 @@
-"""node.prepare on every file of shared/data/dicom: analysable pixels look like their JSRT source,
+"""node.analysis.prepare on every file of shared/data/dicom: analysable pixels look like their JSRT source,
 broken ones raise PrepareError (never another exception), and masks map back to the source grid."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from node.prepare import Prepared, PrepareError, masks_to_source, prepare
+from node.analysis.prepare import Prepared, PrepareError, masks_to_source, prepare
 from tests.support.paths import shared_data
 
 DICOM = shared_data() / "dicom"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from node.audit import AuditStore, InstanceState, ReceivedInstance
 from node.audit.models import utcnow
-from node.config import load_settings
-from node.retention import purge
+from node.runtime.config import load_settings
+from node.runtime.retention import purge
 
 
 def _instance(store: AuditStore, tmp: Path, uid: str, state: InstanceState) -> tuple[int, Path]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from node.config import ModelsConfig, Rule, RuleMatch, default_rules
-from node.dicom_header import Header, Refusal, check_dataset, read_header
-from node.routing import decide
+from node.ingest.header import Header, Refusal, check_dataset, read_header
+from node.ingest.routing import decide
+from node.runtime.config import ModelsConfig, Rule, RuleMatch, default_rules
 from tests.support.paths import dicom_dir, dicom_manifest
 
 MANIFEST = dicom_manifest()

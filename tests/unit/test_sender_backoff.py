@@ -1,11 +1,11 @@
-"""node.sender.backoff_delay: exponential from the configured start, capped."""
+"""node.export.sender.backoff_delay: exponential from the configured start, capped."""
 
 from __future__ import annotations
 
 import pytest
 
-from node.config import SenderConfig
-from node.sender import FileStatus, backoff_delay
+from node.export.sender import FileStatus, backoff_delay
+from node.runtime.config import SenderConfig
 
 
 def test_backoff_is_exponential_and_capped() -> None:

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from node.spool import Spool, safe_name
+from node.ingest.spool import Spool, safe_name
 
 
 def test_commit_quarantine_and_sweep(tmp_path: Path) -> None:

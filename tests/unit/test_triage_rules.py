@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from node.alerts.message import AlertModel, Prior
-from node.config import ConfigError, TriageConfig, load_settings
+from node.runtime.config import ConfigError, TriageConfig, load_settings
 from node.triage.rules import NO_ANALYSABLE_IMAGE, ImageFindings, decide
 
 VALIDATED = (AlertModel("lung", "3", "validated"), AlertModel("opacity", "3", "validated"),

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from node.config import ConfigError, load_settings
+from node.runtime.config import ConfigError, load_settings
 from node.web.auth import (
     AuthConfigError,
     LoginThrottle,
@@ -125,7 +125,7 @@ def test_hash_password_command() -> None:
 @pytest.mark.parametrize("stdin_flag", [["--stdin"], []])
 def test_cxrnode_web_hash_password_without_a_terminal(stdin_flag: list[str]) -> None:
     """The documented command, from a script or `docker run -i` (no terminal): stdin, no traceback."""
-    cmd = [sys.executable, "-m", "node.cli", "web", "hash-password", *stdin_flag]
+    cmd = [sys.executable, "-m", "node.cli.main", "web", "hash-password", *stdin_flag]
     piped = subprocess.run(cmd, input="long enough password\r\n", capture_output=True, text=True, timeout=60)
     assert piped.returncode == 0, piped.stderr
     assert verify_password("long enough password", piped.stdout.strip())

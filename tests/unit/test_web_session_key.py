@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import load_settings
+from node.runtime.config import load_settings
 from node.web.auth import AuthConfigError
 from node.web.session_key import key_path, load_or_create
 

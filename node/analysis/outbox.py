@@ -17,19 +17,19 @@ from datetime import timedelta
 
 from celery import Celery
 
+from node.analysis.decoding import prepare_isolated
+from node.analysis.handoff import Dispatcher, HandoffContext
+from node.analysis.prepare import PrepareError
 from node.audit import AuditStore, InstanceFilter, InstanceState
 from node.audit.models import as_utc, utcnow
-from node.config import Settings
-from node.decoding import prepare_isolated
-from node.handoff import Dispatcher, HandoffContext
-from node.prepare import PrepareError
+from node.runtime.config import Settings
 from workers.api import ANALYZE_TASK, INFERENCE_QUEUE, AnalyzeRequest, task_priority
 
 log = logging.getLogger(__name__)
 
 
 class Publisher:
-    """The hand-off function for `node.handoff.Dispatcher`: prepare, then publish one instance."""
+    """The hand-off function for `node.analysis.handoff.Dispatcher`: prepare, then publish one instance."""
 
     def __init__(self, app: Celery, *, republish_after_s: float = 1800.0, max_publishes: int = 3) -> None:
         self.app = app

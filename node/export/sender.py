@@ -28,7 +28,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
-from node.config import SenderConfig, TLSConfig, TriageConfig
+from node.runtime.config import SenderConfig, TLSConfig, TriageConfig
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0,
          ssl_context: ssl.SSLContext | None = None) -> EchoResult:
     """One C-ECHO, set up exactly like a delivery (`send`): same TLS, same diagnosis of failures.
 
-    The CLI and the console both echo through this (via `node.ae_admin.echo_ae`), so an echo that
+    The CLI and the console both echo through this (via `node.admin.ae.echo_ae`), so an echo that
     succeeds means the results can get through the same way. Never raises for network problems.
     """
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]

@@ -6,40 +6,38 @@ import argparse
 from typing import Any
 
 from node.alerts.message import TRIAGE_LEVELS
+from node.cli.common import actor, err, open_store, out, print_rows
 
 
 def cmd_triage_list(args: argparse.Namespace) -> int:
-    from node.cli import _print_rows, _store
     from node.triage.worklist import worklist_rows
 
-    rows = worklist_rows(_store(args), levels=args.level or (), calling_ae=args.ae, limit=args.limit)
-    _print_rows(rows, args.format, None if args.format != "table" else
+    rows = worklist_rows(open_store(args), levels=args.level or (), calling_ae=args.ae, limit=args.limit)
+    print_rows(rows, args.format, None if args.format != "table" else
                 ["study_id", "level", "decided_at", "calling_ae", "accession", "severity", "change", "pneumothorax",
                  "triggered_by"])
     return 0
 
 
 def cmd_alerts_list(args: argparse.Namespace) -> int:
-    from node.cli import _print_rows, _store
     from node.triage.worklist import alert_rows
 
-    rows = alert_rows(_store(args), state=args.state, study_id=args.study, limit=args.limit)
-    _print_rows(rows, args.format, None if args.format != "table" else
+    rows = alert_rows(open_store(args), state=args.state, study_id=args.study, limit=args.limit)
+    print_rows(rows, args.format, None if args.format != "table" else
                 ["id", "study_id", "destination", "kind", "level", "state", "attempts", "next_attempt_at",
                  "last_error"])
     return 0
 
 
 def cmd_alerts_retry(args: argparse.Namespace) -> int:
-    from node.cli import _actor, _err, _out, _store
 
-    store = _store(args)
+    store = open_store(args)
     ids = store.alert_ids(state="dead") if args.all_dead else list(args.ids)
     if not ids:
-        _err("no dead alerts" if args.all_dead else "give alert ids or --all-dead")
+        err("no dead alerts" if args.all_dead else "give alert ids or --all-dead")
         return 1
-    n = store.retry_alerts(ids, actor=_actor())
-    _out(f"{n} alert(s) due again (a running node sends them within seconds)")
+    n = store.retry_alerts(ids, actor=actor())
+    out(f"{n} alert(s) due again (a running node sends them within seconds)")
     return 0 if n else 1
 
 

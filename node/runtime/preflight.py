@@ -17,7 +17,7 @@ import os
 import ssl
 from pathlib import Path
 
-from node.config import ConfigError, Settings
+from node.runtime.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _tls_problems(settings: Settings) -> list[str]:
                             _file_problem("dicom.tls.ca_file", tls.ca_file)) if p]
     if problems:
         return problems
-    from node.scp import server_ssl_context
+    from node.ingest.scp import server_ssl_context
 
     try:
         server_ssl_context(tls)  # what the listener loads: a key that does not match its certificate, ...

@@ -1,4 +1,4 @@
-"""AE title administration: add, list, remove, and C-ECHO a known AE (used by the CLI and the web console).
+"""AE title administration: add, update, remove, and C-ECHO a known AE (through node.admin.service).
 
 Every change goes through :class:`node.audit.AuditStore`, which appends an event naming the actor.
 """
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from node.audit import AETitle, AuditStore, StoreError
-from node.config import AEEntry, TLSConfig
-from node.sender import Destination, echo, tls_client_context
+from node.export.sender import Destination, echo, tls_client_context
+from node.runtime.config import AEEntry, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ def add_ae(store: AuditStore, name: str, *, host: str | None = None, port: int |
     try:
         return store.add_ae(entry.name, host=entry.host, port=entry.port, role=entry.role, tls=entry.tls,
                             description=entry.description, actor=actor)
+    except StoreError as e:
+        raise AdminError(str(e)) from e
+
+
+def update_ae(store: AuditStore, name: str, *, host: str | None = None, port: int | None = None,
+              role: str = "both", tls: bool = False, description: str = "", actor: str = "cli") -> AETitle:
+    """Replace host/port/role/tls/description of a known AE title, validated like a new entry."""
+    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description)
+    try:
+        return store.update_ae(entry.name, host=entry.host, port=entry.port, role=entry.role, tls=entry.tls,
+                               description=entry.description, actor=actor)
     except StoreError as e:
         raise AdminError(str(e)) from e
 

@@ -4,65 +4,48 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
-from node.config import Settings, load_settings
+from node.cli.common import actor, admin_service, config_path, err, open_store, out, print_rows
+from node.runtime.config import load_settings
 
 
 def cmd_exports_list(args: argparse.Namespace) -> int:
-    from node.cli import _print_rows, _store
 
-    store = _store(args)
+    store = open_store(args)
     rows = [{"id": e.id, "instance": e.instance_id, "destination": e.destination_ae, "kind": e.kind,
              "state": e.state, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
              "last_error": e.last_error, "sop_instance_uid": e.sop_instance_uid, "file": e.file_path}
             for e in store.list_exports(args.instance, state=args.state)]
-    _print_rows(rows, args.format, None if args.format != "table" else
+    print_rows(rows, args.format, None if args.format != "table" else
                 ["id", "instance", "destination", "kind", "state", "attempts", "next_attempt_at", "last_error"])
     return 0
 
 
 def cmd_exports_retry(args: argparse.Namespace) -> int:
-    from node.cli import _actor, _err, _out, _store
-    from node.exporter import retry_exports
+    from node.admin.service import AdminError
 
-    store = _store(args)
-    ids = [e.id for e in store.list_exports(state="dead")] if args.all_dead else list(args.ids)
-    if not ids:
-        _err("no dead exports" if args.all_dead else "give export ids or --all-dead")
+    if not args.ids and not args.all_dead:
+        err("give export ids or --all-dead")
         return 1
-    n = retry_exports(store, ids, actor=_actor())
-    _out(f"{n} export(s) due again (a running node sends them within seconds)")
-    return 0 if n else 1
-
-
-def cmd_reanalyze(args: argparse.Namespace) -> int:
-    from node.audit import InstanceState, StoreError
-    from node.cli import _actor, _err, _out, _store
-
-    store = _store(args)
+    admin = admin_service(args)
     try:
-        store.set_instance_state(args.instance, InstanceState.QUEUED, "re-analysis requested", actor=_actor())
-    except StoreError as e:
-        _err(str(e))
+        out(admin.retry_all_dead(actor=actor()) if args.all_dead else admin.retry_exports(list(args.ids), actor=actor()))
+    except AdminError as e:
+        err(str(e))
         return 1
-    _out(f"instance {args.instance} queued again (a running node publishes it within seconds)")
     return 0
 
 
-def worker_argv(settings: Settings, concurrency: int, pool: str,
-                hostname: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """The celery command line and environment of an inference worker; `hostname` is Celery's node
-    name (`%h` = host name): two workers on one host need different ones, or Celery sees one node."""
-    from workers.api import BROKER_ENV, INFERENCE_QUEUE, LEASE_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
+def cmd_reanalyze(args: argparse.Namespace) -> int:
+    from node.admin.service import AdminError
 
-    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
-            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO",
-            *(["--hostname", hostname] if hostname else [])]
-    env = {BROKER_ENV: settings.broker_url, RESULT_BACKEND_ENV: settings.broker.result_backend,
-           TIME_LIMIT_ENV: str(settings.broker.task_time_limit), LEASE_ENV: str(settings.broker.lease_s)}
-    return argv, env
+    try:
+        out(admin_service(args).rerun(args.instance, actor=actor()))
+    except AdminError as e:
+        err(str(e))
+        return 1
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -71,25 +54,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     Refuses a configuration without `broker.url`: the embedded broker's worker is started by
     `cxrnode serve` itself, and a separate worker on a local SQLite file would never get work.
     """
-    from node.cli import _config_path, _err
 
-    path = _config_path(args)
+    path = config_path(args)
     settings = load_settings(path)
     if settings.embedded:
-        _err(f"no broker configured: broker.url is empty in {path or 'the built-in defaults (no file found)'} "
+        err(f"no broker configured: broker.url is empty in {path or 'the built-in defaults (no file found)'} "
              "and CXRNODE_BROKER__URL is not set; a separate worker needs the node's broker "
              "(e.g. redis://host:6379/0). The embedded broker's worker is started by `cxrnode serve`.")
         return 1
-    argv, env = worker_argv(settings, args.concurrency, args.pool, args.hostname)
+    from node.analysis.pipeline import inference_worker_command
+
+    argv, env = inference_worker_command(settings, concurrency=args.concurrency, pool=args.pool,
+                                         hostname=args.hostname or "")
     os.execve(argv[0], argv, {**os.environ, **env})
     return 0  # not reached
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from node.cli import _config_path
     from node.web.server import main as web_main
 
-    path = _config_path(args)
+    path = config_path(args)
     return web_main([*(["--config", str(path)] if path else []),
                      *(["--port", str(args.port)] if args.port else [])])
 

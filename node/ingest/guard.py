@@ -49,7 +49,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.audit import AuditStore
-from node.config import Settings
+from node.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 

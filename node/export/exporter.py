@@ -13,12 +13,12 @@ import logging
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from node import metrics
 from node.audit import AuditStore, InstanceState
-from node.audit.models import Event, Export, ExportState, Instance, as_utc, utcnow
-from node.config import Settings
-from node.loop import BackgroundLoop
-from node.sender import Destination, FileStatus, SendError, backoff_delay, send, tls_client_context
+from node.audit.models import Export, Instance, as_utc, utcnow
+from node.export.sender import Destination, FileStatus, SendError, backoff_delay, send, tls_client_context
+from node.runtime import metrics
+from node.runtime.config import Settings
+from node.runtime.loop import BackgroundLoop
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +101,3 @@ def _error(status: FileStatus) -> str:
     if status.ok:
         return ""
     return status.error or (f"status 0x{status.status:04X}" if status.status is not None else "no response")
-
-
-def retry_exports(store: AuditStore, export_ids: list[int], *, actor: str) -> int:
-    """Make dead exports due again now, with a fresh attempt budget (history is kept). Returns how many."""
-    n = 0
-    with store.session() as s:
-        for export_id in export_ids:
-            row = s.get(Export, export_id, with_for_update=True)
-            if row is None or row.state != ExportState.DEAD:
-                continue
-            row.state, row.attempts, row.next_attempt_at = ExportState.PENDING, 0, utcnow()
-            s.add(Event(kind="export.requeued", actor=actor, instance_id=row.instance_id,
-                        detail={"export_id": row.id, "destination": row.destination_ae, "kind": row.kind}))
-            n += 1
-    return n

@@ -18,15 +18,15 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from node.analysis.decoding import prepare_isolated
+from node.analysis.prepare import Geometry, masks_to_source
 from node.audit import AuditStore, Instance, InstanceState, NewExport
 from node.audit.models import job_id_for, parse_job_id
-from node.config import Settings
-from node.decoding import prepare_isolated
-from node.prepare import Geometry, masks_to_source
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
 from node.results.seg import build_seg
 from node.results.sr import PriorComparison, build_sr
+from node.runtime.config import Settings
 from workers.api import MASK_NAMES, AnalyzeResult
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def prior_comparison(store: AuditStore, inst: Instance, source: Dataset) -> Prio
 
 
 def published_geometry(inst: Instance, job_id: str) -> Geometry | None:
-    """The geometry `node.analysis` kept when it published run `job_id`, if it did."""
+    """The geometry `node.analysis.outbox` kept when it published run `job_id`, if it did."""
     stored = inst.prepared_geometry
     if not stored or stored.get("job_id") != job_id:
         return None

@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from workers.catalogue import MODEL_NAMES
+
 log = logging.getLogger(__name__)
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
@@ -80,7 +82,7 @@ class DicomConfig(_Strict):
     max_pdu: int = 262144  # bytes; 0 = unlimited. A longer PDU from an associated peer: A-ABORT, dropped
     # Longest PDU read before the association is accepted (an A-ASSOCIATE-RQ is a few kB); longer: dropped.
     max_request_pdu: int = Field(default=65536, ge=1024)
-    # Half-open connections (node.guard): the whole A-ASSOCIATE-RQ (and a TLS handshake) must arrive
+    # Half-open connections (node.ingest.guard): the whole A-ASSOCIATE-RQ (and a TLS handshake) must arrive
     # within this many seconds of connecting, however slowly it drips.
     association_request_timeout_s: float = Field(default=10.0, gt=0)
     # Connections still waiting for their association, all peers together; a new one beyond this drops
@@ -154,7 +156,7 @@ class BrokerConfig(_Strict):
 
 
 class PrepareConfig(_Strict):
-    """Turning a stored image into model input (node.prepare): bounds that keep one bad image from
+    """Turning a stored image into model input (node.analysis.prepare): bounds that keep one bad image from
     looping or hurting the node."""
 
     # An unexpected error while preparing (not a bad attribute, which fails at once) is tried this many
@@ -193,8 +195,10 @@ class AEEntry(_Strict):
         return self
 
 
+# A Literal for pydantic's messages; the catalogue is the one list (checked on import).
 ModelName = Literal["lung", "opacity", "pneumothorax"]
-ALL_MODELS: tuple[ModelName, ...] = ("lung", "opacity", "pneumothorax")
+ALL_MODELS: tuple[ModelName, ...] = get_args(ModelName)
+assert ALL_MODELS == MODEL_NAMES, "node.runtime.config.ModelName follows workers.catalogue.MODEL_NAMES"
 
 
 class RuleMatch(_Strict):

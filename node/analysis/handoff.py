@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.audit import AuditStore
-from node.config import Settings
+from node.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class HandoffContext:
 def hand_off(ctx: HandoffContext, instance_id: int) -> None:
     """Send one queued instance to analysis.
 
-    The pluggable hook: the Celery wiring (node.tasks) replaces this body with sending the task.
+    The pluggable hook: the Celery wiring (node.analysis.tasks) replaces this body with sending the task.
     Until then it only records that the instance is waiting for analysis.
     """
     log.info("instance %d queued for analysis (no analysis queue wired yet)", instance_id)

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from node.analysis.handoff import Dispatcher, HandoffContext, hand_off
 from node.audit import AuditStore, DuplicateInstance, Instance, InstanceState, ReceivedInstance
 from node.audit.store import RouteOutcome
-from node.config import Settings
-from node.dicom_header import STATUS_OUT_OF_RESOURCES, Header, Refusal, check_dataset, read_header
-from node.handoff import Dispatcher, HandoffContext, hand_off
-from node.routing import RouteDecision, decide
-from node.spool import Spool
+from node.ingest.header import STATUS_OUT_OF_RESOURCES, Header, Refusal, check_dataset, read_header
+from node.ingest.routing import RouteDecision, decide
+from node.ingest.spool import Spool
+from node.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class StoreRequest:
     priority: int = 0
     association_id: int | None = None
     peer: str = ""
-    received_bytes: int | None = None  # data set bytes the peer sent, kept or not (node.guard counts them)
+    received_bytes: int | None = None  # data set bytes the peer sent, kept or not (node.ingest.guard counts them)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ A node is two parts:
 - :class:`Listener`, the receiving part: ingest and the Storage SCP on the DICOM port.
 
 With ``dicom.listeners = 1`` (:class:`Node`) both run in one process and the listener shares the
-services' store and dispatcher. With more, :mod:`node.listeners` runs the services in the parent and
+services' store and dispatcher. With more, :mod:`node.runtime.listeners` runs the services in the parent and
 forks one :class:`Listener` per process on a SO_REUSEPORT socket. They share only the audit database
 and the spool directory, as node replicas do.
 """
@@ -25,18 +25,17 @@ from types import FrameType
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import decoding
 from node.alerts.deliver import Alerter
+from node.analysis import decoding
+from node.analysis.handoff import Dispatcher, HandoffContext
+from node.analysis.pipeline import Pipeline
 from node.audit import AuditStore
-from node.config import Settings
-from node.handoff import Dispatcher, HandoffContext
-from node.health import CheckResult, supervised_workers_probe
-from node.ingest import Ingest
-from node.pipeline import Pipeline
-from node.preflight import check_start
-from node.retention import RetentionLoop
-from node.scp import StorageSCP
-from node.spool import Spool
+from node.ingest.accept import Ingest
+from node.ingest.scp import StorageSCP
+from node.ingest.spool import Spool
+from node.runtime.config import Settings
+from node.runtime.health import CheckResult, supervised_workers_probe
+from node.runtime.retention import RetentionLoop
 from node.triage.engine import TriageEngine
 from node.triage.priors import PriorFetcher
 from node.web.server import WebServer, start_console
@@ -230,16 +229,8 @@ def restrict_file_modes(settings: Settings) -> None:
             f.chmod(f.stat().st_mode & 0o640)
 
 
-def serve(settings: Settings, source: str = "the configuration") -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status. Raises ConfigError, before anything starts,
-    for every problem `cxrnode config check` also reports (`node.preflight`)."""
-    restrict_file_modes(settings)
-    check_start(settings, source)
-    if settings.dicom.listeners > 1:
-        # Several receiving processes on one port: one interpreter receives about one core's worth.
-        from node.listeners import run_listeners
-
-        return run_listeners(settings, settings.dicom.listeners)
+def run_single(settings: Settings) -> int:
+    """One process receives and runs the services, until SIGTERM/SIGINT; returns the exit status."""
     stop = stop_on_signals()
     node = Node(settings)
     try:

@@ -7,8 +7,8 @@
 - Disk watermark: below ``storage.min_free_mb`` free, an association proposing storage is rejected
   (transient, audited) before any byte of a data set arrives; C-ECHO still works.
 - C-STORE: pynetdicom writes the data set as it arrives into ``spool/.incoming`` (no decoding,
-  ``STORE_RECV_CHUNKED_DATASET``), at most ``storage.max_instance_mb`` of it (:mod:`node.guard`);
-  :class:`node.ingest.Ingest` checks the header, makes the file durable, commits its row and only then
+  ``STORE_RECV_CHUNKED_DATASET``), at most ``storage.max_instance_mb`` of it (:mod:`node.ingest.guard`);
+  :class:`node.ingest.accept.Ingest` checks the header, makes the file durable, commits its row and only then
   is the status returned. A failure status carries the reason as Error Comment.
 """
 
@@ -33,11 +33,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import metrics
 from node.audit import AERole, AuditStore
-from node.config import Settings, TLSConfig
-from node.guard import ConnectionGuard, GuardedRequestHandler, received_bytes
-from node.ingest import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
+from node.ingest.accept import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
+from node.ingest.guard import ConnectionGuard, GuardedRequestHandler, received_bytes
+from node.runtime import metrics
+from node.runtime.config import Settings, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class StorageSCP:
               thread_name: str = "AcceptorServer") -> ThreadedAssociationServer:
         """Listen on ``dicom.host``:``dicom.port`` in a background thread; returns the server.
 
-        `server_class` lets a listener process bind a socket of its own kind (``node.listeners`` uses a
+        `server_class` lets a listener process bind a socket of its own kind (``node.runtime.listeners`` uses a
         SO_REUSEPORT one); the handlers, TLS and chunked receiving are the same whatever the class.
         """
         d = self.settings.dicom
@@ -145,7 +145,7 @@ class StorageSCP:
         server = self.ae.make_server((d.host, d.port), evt_handlers=self.handlers, ssl_context=ctx,
                                      server_class=server_class, request_handler=GuardedRequestHandler)
         guard = ConnectionGuard(self.settings, self.store)
-        # The TLS handshake moves from pynetdicom's accept loop to each connection's thread (node.guard).
+        # The TLS handshake moves from pynetdicom's accept loop to each connection's thread (node.ingest.guard).
         guard.ssl_context, server.ssl_context = server.ssl_context, None
         server.guard = guard  # type: ignore[attr-defined]
         self.ae._servers.append(server)  # as start_server does: the AE tracks it, server.shutdown() removes it

@@ -10,11 +10,11 @@ They share only what node replicas share anyway: the audit database (SQLite in W
 
 The parent process reserves the port (bound but not listening, so it is never handed a
 connection), forks the listeners before it starts any thread, restarts a listener that dies, and
-runs what must run once: :class:`node.serve.NodeServices`, as a single-process node does (resume,
-analysis pipeline, retention, web console). Each listener is a :class:`node.serve.Listener` on a
+runs what must run once: :class:`node.runtime.serve.NodeServices`, as a single-process node does (resume,
+analysis pipeline, retention, web console). Each listener is a :class:`node.runtime.serve.Listener` on a
 SO_REUSEPORT socket; listeners hand received instances to the broker themselves when it is enabled.
 
-Use :func:`run_listeners` from ``cxrnode serve``, or run ``python -m node.listeners --config FILE``.
+Use :func:`run_listeners` from ``cxrnode serve``, or run ``python -m node.runtime.listeners --config FILE``.
 """
 
 from __future__ import annotations
@@ -32,17 +32,18 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import decoding, metrics
-from node.analysis import Publisher
+from node.analysis import decoding
+from node.analysis.celery_app import make_celery
+from node.analysis.handoff import Dispatcher, HandoffContext
+from node.analysis.outbox import Publisher
 from node.audit import AuditStore
-from node.celery_app import make_celery
-from node.config import Settings, load_settings
-from node.handoff import Dispatcher, HandoffContext
-from node.ingest import Ingest
-from node.logging_setup import setup_logging
-from node.serve import Listener, NodeServices, bootstrap, stop_on_signals
-from node.spool import Spool
-from node.supervisor import die_with_parent
+from node.ingest.accept import Ingest
+from node.ingest.spool import Spool
+from node.runtime import metrics
+from node.runtime.config import Settings, load_settings
+from node.runtime.logging_setup import setup_logging
+from node.runtime.serve import Listener, NodeServices, bootstrap, stop_on_signals
+from node.runtime.supervisor import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def metrics_folder(settings: Settings) -> Path:
-    """Where listener processes leave their metrics for the parent's /metrics (`node.metrics`)."""
+    """Where listener processes leave their metrics for the parent's /metrics (`node.runtime.metrics`)."""
     return settings.storage.data_dir / "metrics" / "listeners"
 
 
@@ -205,7 +206,7 @@ def run_listeners(settings: Settings, n: int, target: ListenerTarget = serve_lis
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.listeners",
+    parser = argparse.ArgumentParser(prog="python -m node.runtime.listeners",
                                      description="Run the node with several listener processes on one port.")
     parser.add_argument("--config", required=True, help="node configuration file (TOML)")
     parser.add_argument("-n", "--listeners", type=int, default=None,

@@ -11,7 +11,7 @@ import logging
 
 from celery import Celery
 
-from node.config import Settings
+from node.runtime.config import Settings
 from workers import broker
 from workers.api import celery_settings
 

@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.engine import Engine
-
-from node.config import Settings
+from node.audit.db import Engine, ping
+from node.runtime.config import Settings
+from workers.api import INFERENCE_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,7 @@ def _timed(name: str, critical: bool, fn: Callable[[], tuple[bool, str, dict[str
 
 def check_database(engine: Engine) -> CheckResult:
     def probe() -> tuple[bool, str, dict[str, Any]]:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True, f"{engine.dialect.name} reachable", {}
+        return True, ping(engine), {}
     return _timed("database", True, probe)
 
 
@@ -142,7 +139,7 @@ def check_spool(settings: Settings) -> CheckResult:
 _ping_apps: dict[str, Any] = {}
 
 
-def check_workers(url: str, timeout: float = 1.0, queue: str = "inference") -> CheckResult:
+def check_workers(url: str, timeout: float = 1.0, queue: str = INFERENCE_QUEUE) -> CheckResult:
     """Celery workers consuming `queue` (the node's own `node`-queue consumer does not count).
 
     Transports without broadcast (the embedded kombu SQLAlchemy one) cannot be asked: not ok, and

@@ -13,11 +13,9 @@ import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select
-
 from node.audit import AuditStore, InstanceState
-from node.audit.models import Event, Instance, utcnow
-from node.config import Settings
+from node.audit.models import Instance, utcnow
+from node.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +27,17 @@ def purge(settings: Settings, store: AuditStore, now: datetime | None = None, li
     if settings.storage.keep_days <= 0:
         return 0
     cutoff = (now or utcnow()) - timedelta(days=settings.storage.keep_days)
-    purged = 0
-    with store.session() as s:
-        rows = s.scalars(select(Instance).where(Instance.state.in_([str(x) for x in PURGEABLE]))
-                         .where(Instance.finished_at < cutoff)
-                         .where(or_(Instance.spool_path != "", Instance.quarantine_path != ""))
-                         .order_by(Instance.id).limit(limit).with_for_update()).all()
-        for row in rows:
-            removed = [p for p in (row.spool_path, row.quarantine_path) if p and _remove(Path(p))]
-            results = settings.storage.results_dir / str(row.id)
-            if results.exists():
-                shutil.rmtree(results, ignore_errors=True)
-                removed.append(str(results))
-            row.spool_path, row.quarantine_path = "", ""
-            s.add(Event(kind="instance.purged", actor="retention", instance_id=row.id, study_id=row.study_id,
-                        detail={"keep_days": settings.storage.keep_days, "removed": removed}))
-            purged += 1
+
+    def remove(row: Instance) -> list[str]:
+        removed = [p for p in (row.spool_path, row.quarantine_path) if p and _remove(Path(p))]
+        results = settings.storage.results_dir / str(row.id)
+        if results.exists():
+            shutil.rmtree(results, ignore_errors=True)
+            removed.append(str(results))
+        return removed
+
+    purged = store.purge_files(states=PURGEABLE, finished_before=cutoff, limit=limit, remove=remove,
+                               detail={"keep_days": settings.storage.keep_days})
     if purged:
         log.info("retention: removed the files of %d instance(s) finished before %s", purged, cutoff.date())
     return purged

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydicom.uid import UID
 
-from node.config import ModelsConfig, Rule
-from node.dicom_header import Header
+from node.ingest.header import Header
+from node.runtime.config import ModelsConfig, Rule
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Prepare (decode) images in a separate process with a memory limit, so one image can fail, never the node.
 
 Decoders are C code fed with what a peer sent: a few kB of JPEG 2000 can ask for gigabytes, a malformed
-codestream can crash the decoder. :func:`node.prepare.prepare` refuses what the header already shows
+codestream can crash the decoder. :func:`node.analysis.prepare.prepare` refuses what the header already shows
 (the decoded size, a codestream that describes another image); the decode itself runs here, in a child
 process whose address space is capped (``RLIMIT_AS`` = ``prepare.decode_memory_mb``) and whose time is
 bounded (``prepare.decode_timeout_s``). Running out of memory, crashing or taking too long fails that one
-image with a :class:`~node.prepare.PrepareError` (final), and the next image gets a fresh process.
+image with a :class:`~node.analysis.prepare.PrepareError` (final), and the next image gets a fresh process.
 
 One small pool per process, started at first use with ``spawn`` (no lock or thread of the node is
 inherited); ``prepare.decode_memory_mb = 0`` decodes in the calling process instead.
@@ -24,10 +24,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from node.config import Settings
+from node.runtime.config import Settings
 
 if TYPE_CHECKING:
-    from node.prepare import Prepared
+    from node.analysis.prepare import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ _pools: dict[int, ProcessPoolExecutor] = {}  # address-space limit in bytes -> p
 
 
 def prepare_isolated(settings: Settings, source: Path | str, long_side: int = 1024) -> Prepared:
-    """:func:`node.prepare.prepare` in a memory-limited child process (see the module docstring).
+    """:func:`node.analysis.prepare.prepare` in a memory-limited child process (see the module docstring).
 
     Raises PrepareError (the image's fault: final) or OSError (the file cannot be read).
     """
     # Imported here, not at the top: a decoder child imports this module for `_limit_memory`, and must
     # not load numpy (and its thread pools) before its limits are set.
-    from node.prepare import PrepareError, prepare
+    from node.analysis.prepare import PrepareError, prepare
 
     cfg = settings.prepare
     max_pixel_bytes = cfg.max_pixel_mb * MIB

@@ -13,48 +13,63 @@ import logging
 import os
 import sys
 
-from node.analysis import Publisher, Sweeper
+from node.analysis.celery_app import broker_url_for, make_celery
+from node.analysis.handoff import Dispatcher
+from node.analysis.outbox import Publisher, Sweeper
+from node.analysis.tasks import SETTINGS_FILE_ENV, write_settings_file
 from node.audit import AuditStore
-from node.celery_app import broker_url_for, make_celery
-from node.config import Settings
-from node.exporter import Exporter
-from node.handoff import Dispatcher
-from node.supervisor import ChildSpec, Supervisor
-from node.tasks import SETTINGS_FILE_ENV, write_settings_file
-from workers.api import BROKER_ENV, INFERENCE_QUEUE, LEASE_ENV, NODE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
+from node.export.exporter import Exporter
+from node.runtime.config import Settings
+from node.runtime.supervisor import ChildSpec, Supervisor
+from workers.api import (
+    BROKER_ENV,
+    INFERENCE_QUEUE,
+    LEASE_ENV,
+    MODEL_NAMES,
+    NODE_QUEUE,
+    RESULT_BACKEND_ENV,
+    TIME_LIMIT_ENV,
+)
 
 log = logging.getLogger(__name__)
 
 
 def enabled_models(settings: Settings) -> list[str]:
-    m = settings.models
-    return [name for name, on in (("lung", m.lung), ("opacity", m.opacity), ("pneumothorax", m.pneumothorax)) if on]
+    return [name for name in MODEL_NAMES if getattr(settings.models, name)]
+
+
+def inference_worker_command(settings: Settings, *, concurrency: int, pool: str = "prefork",
+                             hostname: str = "", quiet: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of an inference worker on the node's broker: the one definition
+    for `cxrnode worker` (a GPU host) and the embedded worker `cxrnode serve` supervises.
+    `hostname` is Celery's node name (`%h` = host name): two workers on one host need different ones."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
+            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO",
+            *(["--hostname", hostname] if hostname else []),
+            *(["--without-gossip", "--without-mingle", "--without-heartbeat"] if quiet else [])]
+    env = {BROKER_ENV: broker_url_for(settings), RESULT_BACKEND_ENV: settings.broker.result_backend,
+           TIME_LIMIT_ENV: str(settings.broker.task_time_limit), LEASE_ENV: str(settings.broker.lease_s),
+           "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings))}
+    return argv, env
 
 
 def worker_children(settings: Settings) -> list[ChildSpec]:
     """The node-queue worker (always) and, in embedded mode, one local inference worker."""
     logs = settings.storage.data_dir / "logs"
-    celery = [sys.executable, "-m", "celery"]
     quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
-    broker_env = {BROKER_ENV: broker_url_for(settings), RESULT_BACKEND_ENV: settings.broker.result_backend,
-                  LEASE_ENV: str(settings.broker.lease_s)}
     children = [ChildSpec(
         "node-worker",
-        [*celery, "-A", "node.tasks", "worker", "-Q", NODE_QUEUE, "-c", "1", "--pool", "solo",
-         "-n", f"node-{settings.dicom.ae_title.strip()}@%h", *quiet],
+        [sys.executable, "-m", "celery", "-A", "node.analysis.tasks", "worker", "-Q", NODE_QUEUE, "-c", "1",
+         "--pool", "solo", "-n", f"node-{settings.dicom.ae_title.strip()}@%h", *quiet],
         env={SETTINGS_FILE_ENV: str(write_settings_file(settings))},  # the broker URL comes with the settings
         log_file=logs / "node-worker.log")]
     if settings.embedded and settings.broker.embedded_worker:
-        children.append(ChildSpec(
-            "inference-worker",
-            [*celery, "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
-             "-c", str(settings.broker.worker_concurrency), "--pool", "prefork", "-n", "inference@%h", *quiet],
-            # One intra-op thread: the node shares the cores, and oversubscribed OpenMP/ORT pools ran
-            # 2x (ONNX) to 10x (torch) slower here (bench-results/worker.json).
-            env={**broker_env, TIME_LIMIT_ENV: str(settings.broker.task_time_limit),
-                 "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings)),
-                 "CXRNODE_WORKER_THREADS": os.environ.get("CXRNODE_WORKER_THREADS", "1")},
-            log_file=logs / "inference-worker.log"))
+        argv, env = inference_worker_command(settings, concurrency=settings.broker.worker_concurrency,
+                                             hostname="inference@%h", quiet=True)
+        # One intra-op thread: the node shares the cores, and oversubscribed OpenMP/ORT pools ran
+        # 2x (ONNX) to 10x (torch) slower here (bench-results/worker.json).
+        env["CXRNODE_WORKER_THREADS"] = os.environ.get("CXRNODE_WORKER_THREADS", "1")
+        children.append(ChildSpec("inference-worker", argv, env=env, log_file=logs / "inference-worker.log"))
     return children
 
 

@@ -1,4 +1,4 @@
-"""Tasks on the `node` queue, run by `celery -A node.tasks worker -Q node` (started by `cxrnode serve`).
+"""Tasks on the `node` queue, run by `celery -A node.analysis.tasks worker -Q node` (started by `cxrnode serve`).
 
 `node.finish` takes a worker's AnalyzeResult, builds SEG + SR into the results folder and registers the
 exports; the exporter in `cxrnode serve` delivers them. The task is idempotent: a result for an instance
@@ -16,10 +16,10 @@ from typing import Any
 
 from celery import signals
 
+from node.analysis.celery_app import make_celery
+from node.analysis.finish import finish_analysis
 from node.audit import AuditStore
-from node.celery_app import make_celery
-from node.config import Settings, find_config, load_settings
-from node.finish import finish_analysis
+from node.runtime.config import Settings, find_config, load_settings
 from workers import broker
 from workers.api import FINISH_TASK, NODE_QUEUE, AnalyzeResult
 
