@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("running benchmark %s%s", name, " (quick)" if args.quick else "")
         try:
             data = RUNNERS[name](args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — one failed benchmark is reported, the others still run
             log.error("benchmark %s failed: %s", name, exc)
             data = {"benchmark": name, "error": repr(exc), "traceback": traceback.format_exc()[-4000:]}
             status = 1

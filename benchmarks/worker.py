@@ -159,7 +159,7 @@ def _concurrent_callers(runner: Any, request: Any, callers: int, per_caller: int
             barrier.wait(60)
             for _ in range(per_caller):
                 analyze_batch([request], runner)
-        except BaseException as exc:  # re-raised below, not lost in the thread
+        except BaseException as exc:  # noqa: BLE001 — re-raised below, not lost in the thread
             errors.append(exc)
 
     threads = [threading.Thread(target=work, name=f"caller-{i}") for i in range(callers)]

@@ -69,7 +69,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
     header = list(header)
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return out + [""]
+    return [*out, ""]
 
 
 def scp_contexts(settings: Settings) -> list[tuple[str, list[str]]]:
@@ -127,7 +127,7 @@ def _codes(module: ModuleType) -> list[Any]:
     return found
 
 
-def render(settings: Settings | None = None) -> str:  # noqa: C901 — one document, section by section
+def render(settings: Settings | None = None) -> str:
     s = settings or Settings()
     d = s.dicom
     from node.ingest import scp as scp_module

@@ -29,7 +29,9 @@ def _masked(mask: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    eroded = np.asarray(ndimage.binary_erosion(mask, border_value=0), dtype=bool)
+    surface: np.ndarray = mask & ~eroded
+    return surface
 
 
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: float = 1.0) -> float:
@@ -85,7 +87,7 @@ def severity_agreement(truth: Sequence[float], pred: Sequence[int], n: int = 7) 
     p = np.asarray(pred, int)
     rounded = np.floor(t + 0.5).astype(int)
     return {
-        "n": int(len(t)),
+        "n": len(t),
         "mae": float(np.mean(np.abs(p - t))) if len(t) else math.nan,
         "exact": float(np.mean(p == rounded)) if len(t) else math.nan,
         "within_1": float(np.mean(np.abs(p - t) <= 1.0)) if len(t) else math.nan,

@@ -60,7 +60,8 @@ class Segmenter:
 
     def prob(self, image: np.ndarray) -> np.ndarray:
         """Probability map of the first channel, on the image's grid."""
-        return predict(self.model, self.spec, image)[0][0]
+        prob: np.ndarray = predict(self.model, self.spec, image)[0][0]
+        return prob
 
     def mask(self, image: np.ndarray) -> np.ndarray:
         return self.prob(image) > self.threshold

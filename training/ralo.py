@@ -75,7 +75,7 @@ def extent_interval(scores: Sequence[float]) -> tuple[float, float]:
     upper edge of the highest's); (nan, nan) without a score."""
     if not scores:
         return math.nan, math.nan
-    lo_bin, hi_bin = int(round(min(scores))), int(round(max(scores)))
+    lo_bin, hi_bin = round(min(scores)), round(max(scores))
     if not (0 <= lo_bin <= 4 and 0 <= hi_bin <= 4):
         raise ValueError(f"geographic extent scores {list(scores)} outside 0-4")
     return EXTENT_BINS[lo_bin][0], EXTENT_BINS[hi_bin][1]
@@ -160,7 +160,7 @@ def summarise_extents(rows: Sequence[dict[str, Any]], all_rows: Sequence[dict[st
     both_ref = pairs["right"][1] + pairs["left"][1]
     out["mae"] = {"right": _mae(*pairs["right"]), "left": _mae(*pairs["left"]), "both": _mae(both_pred, both_ref)}
     out["quadratic_kappa_vs_rounded_mean"] = round(cohen_kappa(
-        [int(math.floor(r + 0.5)) for r in both_ref], [int(p) for p in both_pred], 5, weights="quadratic"), 4) \
+        [math.floor(r + 0.5) for r in both_ref], [int(p) for p in both_pred], 5, weights="quadratic"), 4) \
         if both_ref else None
     out["mean_signed_error"] = round(float(np.mean(np.subtract(both_pred, both_ref))), 4) if both_ref else None
     out["per_fold"] = {}
@@ -178,7 +178,7 @@ def summarise_extents(rows: Sequence[dict[str, Any]], all_rows: Sequence[dict[st
         for r in rows:
             others = [float(np.mean(v)) for o in all_rows if int(o["fold"]) != r["fold"]
                       for v in rater_extents(o).values() if v]
-            const = int(math.floor(float(np.mean(others)) + 0.5)) if others else 0
+            const = math.floor(float(np.mean(others)) + 0.5) if others else 0
             errors += [abs(const - r[f"{s}_reference"]) for s in SIDES if r[f"{s}_reference"] is not None]
         out["baseline_constant_mae"] = round(float(np.mean(errors)), 4) if errors else None
     return out

@@ -256,7 +256,7 @@ def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
         w.writerows(history)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C901 — one loop, read top to bottom
     """Train (or resume) into `cfg.run_dir`; returns the final state summary."""
     torch.set_num_threads(cfg.threads)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)

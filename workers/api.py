@@ -17,7 +17,7 @@ import numpy as np
 
 # Model and mask names (the order the worker runs them and the SEG lists them) are part of this contract.
 from workers.catalogue import MASK_NAMES as MASK_NAMES
-from workers.catalogue import MODEL_NAMES
+from workers.catalogue import MODEL_NAMES as MODEL_NAMES
 
 ANALYZE_TASK = "workers.analyze"
 FINISH_TASK = "node.finish"

@@ -30,12 +30,14 @@ import os
 import threading
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import kombu.transport as kombu_transport
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.transport.virtual import Message
+from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from sqlalchemy import bindparam, create_engine, event, text
 
@@ -101,9 +103,9 @@ class Channel(kombu_sqla.Channel):
                    .filter(self.message_cls.visible != False)  # noqa: E712 (SQL expression)
                    .order_by(self.message_cls.sent_at).order_by(self.message_cls.id).limit(1).first())
             if msg is None:
-                raise kombu_sqla.Empty()
+                raise Empty()
             msg.visible = False
-            payload = loads(kombu_sqla.bytes_to_str(msg.payload))
+            payload = loads(bytes_to_str(msg.payload))
             tag = payload.get("properties", {}).get("delivery_tag")
             if tag is not None:
                 self._rows[tag] = msg.id

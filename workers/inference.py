@@ -66,8 +66,8 @@ def lung_box(lungs: np.ndarray, margin: float = CROP_MARGIN) -> tuple[int, int, 
     if rows.size == 0:
         return None
     h, w = lungs.shape
-    dr = int(round((rows[-1] - rows[0] + 1) * margin))
-    dc = int(round((cols[-1] - cols[0] + 1) * margin))
+    dr = round((rows[-1] - rows[0] + 1) * margin)
+    dc = round((cols[-1] - cols[0] + 1) * margin)
     return (max(0, rows[0] - dr), min(h, rows[-1] + 1 + dr), max(0, cols[0] - dc), min(w, cols[-1] + 1 + dc))
 
 

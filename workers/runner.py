@@ -9,31 +9,41 @@
   (logged), so the worker degrades in speed, not in function.
 
 The runner returns probabilities (sigmoid already applied); thresholds and clinical logic live in
-`workers.inference`.
+`workers.inference`. The backends and the ONNX export are in `workers.backends`, GPU micro-batching in
+`workers.batching`; this module picks and loads them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from workers import models
 from workers.api import MODEL_NAMES, ModelInfo
+from workers.backends import (
+    ONNX_TOLERANCE,
+    Backend,
+    OnnxBackend,
+    OnThread,
+    OwnerThread,
+    Prediction,
+    TorchBackend,
+    check_input,
+    export_onnx,
+    max_abs_diff,
+    onnx_path,
+)
+from workers.batching import MicroBatcher
 from workers.catalogue import weights_dir
 
 log = logging.getLogger(__name__)
@@ -44,17 +54,6 @@ ENV_BACKEND = "CXRNODE_WORKER_BACKEND"  # auto | onnx | torch (CPU only; CUDA al
 ENV_THREADS = "CXRNODE_WORKER_THREADS"  # intra-op threads on CPU
 ENV_MODELS = "CXRNODE_WORKER_MODELS"  # comma list of models to load; default all
 
-#: Max |ONNX - torch| of the output probabilities accepted when an export is checked.
-ONNX_TOLERANCE = 1e-3
-#: Max |CUDA fp16 autocast - CPU fp32| of the output probabilities (tests/unit/test_runner_cuda.py).
-#: fp16 keeps ~3 significant digits: on the shipped models the logits (|x| up to ~16) move by up to
-#: ~0.03, and as sigmoid's slope is at most 1/4 the probabilities by up to ~0.006 (measured with the
-#: whole network in fp16 on CPU, which is coarser than autocast). 0.02 leaves a 3x margin; thresholded
-#: masks then differ only in pixels whose probability is within 0.02 of the threshold.
-CUDA_FP16_TOLERANCE = 0.02
-#: Bumped when the export recipe changes, so old cached graphs are not reused.
-EXPORT_RECIPE = "v1"
-OPSET = 17
 
 
 def default_weights_dir() -> Path:
@@ -80,210 +79,12 @@ def models_from_env() -> tuple[str, ...]:
 
 
 @dataclass
-class Prediction:
-    """Probabilities for a batch: mask (N, C, S, S) and presence (N,) when the model has an aux head."""
-
-    mask: np.ndarray
-    presence: np.ndarray | None = None
-
-
-class _Backend(Protocol):
-    name: str
-
-    def __call__(self, x: np.ndarray) -> Prediction: ...
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.asarray(1.0 / (1.0 + np.exp(-x.astype(np.float32))), dtype=np.float32)
-
-
-class TorchBackend:
-    """torch eager; on CUDA under fp16 autocast (weights stay fp32, matmuls/convs run fp16)."""
-
-    def __init__(self, module: Any, device: str) -> None:
-        import torch
-
-        self.name = f"torch-{device}"
-        self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
-
-    def __call__(self, x: np.ndarray) -> Prediction:
-        import torch
-
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
-                                                     enabled=self.device.type == "cuda"):
-            out = self.module(torch.from_numpy(x).to(self.device))
-        mask, presence = out if isinstance(out, tuple) else (out, None)
-        return Prediction(
-            mask=torch.sigmoid(mask.float()).cpu().numpy(),
-            presence=None if presence is None else torch.sigmoid(presence.float()).reshape(-1).cpu().numpy(),
-        )
-
-
-class OwnerThread:
-    """Runs every call it is given on one thread of its own, for whichever thread asks.
-
-    All passes of the CUDA runner go through one. PyTorch keeps cuDNN's benchmarked kernel choices
-    (`cudnn.benchmark`) per thread (pytorch/pytorch#191744), so passes made straight from a pool of
-    task threads search again for each input shape in every thread; on an H200, 8 concurrent callers
-    got 1.2 images/s where one caller got 15.6, and warming every shape at load (in one thread) did not
-    help (measured before this class; not yet measured with it). One owner thread searches once.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-    def run(self, fn: Callable[[np.ndarray], Prediction], x: np.ndarray) -> Prediction:
-        return self._pool.submit(fn, x).result()  # re-raises the call's exception here
-
-
-class OnThread:
-    """A backend whose calls run on `owner`'s thread."""
-
-    def __init__(self, backend: _Backend, owner: OwnerThread) -> None:
-        self.backend = backend
-        self.owner = owner
-        self.name = backend.name
-
-    def __call__(self, x: np.ndarray) -> Prediction:
-        return self.owner.run(self.backend, x)
-
-
-class OnnxBackend:
-    def __init__(self, path: Path, threads: int | None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.name = "onnx-cpu"
-        self.path = path
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, x: np.ndarray) -> Prediction:
-        out = self.session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})
-        mask = _sigmoid(out[0])
-        presence = _sigmoid(out[1]).reshape(-1) if len(out) > 1 else None
-        return Prediction(mask=mask, presence=presence)
-
-
-def onnx_path(cache_dir: Path, sha256: str, spec: models.ModelSpec) -> Path:
-    """Cache file of an export: keyed by the weights' sha256 AND what shapes the graph (the spec,
-    e.g. input size, and the export recipe), so no stale or differently shaped graph is ever reused."""
-    shape_key = json.dumps([asdict(spec), EXPORT_RECIPE, OPSET], sort_keys=True)
-    return cache_dir / f"{sha256}.{hashlib.sha256(shape_key.encode()).hexdigest()[:12]}.onnx"
-
-
-def export_onnx(module: Any, spec: models.ModelSpec, target: Path) -> None:
-    """Export `module` to `target` atomically (several worker processes may race to the same file)."""
-    import torch
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    outputs = ["mask", "presence"] if spec.aux_classification else ["mask"]
-    dummy = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".onnx.tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter is chatty about tracing
-            # dynamo=False: the TorchScript-based exporter needs no onnxscript and handles smp models.
-            torch.onnx.export(module, (dummy,), tmp, dynamo=False, input_names=["image"], output_names=outputs,
-                              dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]}, opset_version=OPSET)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def max_abs_diff(a: Prediction, b: Prediction) -> float:
-    diff = float(np.abs(a.mask - b.mask).max())
-    if a.presence is not None and b.presence is not None:
-        diff = max(diff, float(np.abs(a.presence - b.presence).max()))
-    return diff
-
-
-def check_input(spec: models.ModelSpec, batch: int = 2) -> np.ndarray:
-    """A fixed, image-like probe input (a smooth gradient plus seeded noise) for equality checks."""
-    rng = np.random.default_rng(0)
-    s = spec.input_size
-    ramp = np.linspace(-2, 2, s, dtype=np.float32)
-    base = ramp[None, :] + ramp[:, None] * 0.5
-    noise = rng.normal(0, 0.5, size=(batch, spec.in_channels, s, s)).astype(np.float32)
-    return base[None, None] + noise
-
-
-@dataclass
-class _Pending:
-    x: np.ndarray
-    result: Prediction | None = None
-    error: BaseException | None = None
-    done: bool = False
-
-
-class MicroBatcher:
-    """Runs concurrent `predict` calls of one model together, up to `max_batch` images per pass.
-
-    For GPU workers with a thread pool (`--pool threads -c 8`): each task thread submits its images;
-    whichever thread gets the model next runs everything queued by then in one forward pass and hands
-    each caller its rows. No timer: while one pass runs, the next callers queue up, so batches grow
-    with load and a lone request never waits.
-    """
-
-    def __init__(self, run: Callable[[np.ndarray], Prediction], max_batch: int) -> None:
-        self.run = run
-        self.max_batch = max_batch
-        self._queue: deque[_Pending] = deque()
-        self._queue_lock = threading.Lock()
-        self._run_lock = threading.Lock()
-
-    def __call__(self, x: np.ndarray) -> Prediction:
-        mine = _Pending(x)
-        with self._queue_lock:
-            self._queue.append(mine)
-        while not mine.done:
-            with self._run_lock:
-                if mine.done:  # another thread ran it while we waited
-                    break
-                self._run_queued()
-        if mine.error is not None:
-            raise mine.error
-        assert mine.result is not None
-        return mine.result
-
-    def _run_queued(self) -> None:
-        taken: list[_Pending] = []
-        with self._queue_lock:
-            n = 0
-            while self._queue and (not taken or n + len(self._queue[0].x) <= self.max_batch):
-                item = self._queue.popleft()
-                taken.append(item)
-                n += len(item.x)
-        try:
-            pred = self.run(np.concatenate([t.x for t in taken]))
-            start = 0
-            for t in taken:
-                stop = start + len(t.x)
-                t.result = Prediction(mask=pred.mask[start:stop],
-                                      presence=None if pred.presence is None else pred.presence[start:stop])
-                start = stop
-        except BaseException as exc:  # every caller of this pass sees the failure
-            for t in taken:
-                t.error = exc
-        finally:
-            for t in taken:
-                t.done = True
-
-
-@dataclass
 class LoadedModel:
     name: str
     spec: models.ModelSpec
     card: dict[str, Any]
     info: ModelInfo
-    backend: _Backend
+    backend: Backend
     batcher: MicroBatcher | None = None
     calls: int = 0
     images: int = 0
@@ -374,7 +175,7 @@ class ModelRunner:
         info = ModelInfo(name=name, version=str(card.get("version") or card.get("training_date") or card["sha256"][:12]),
                          sha256=card["sha256"], status=str(card.get("status", "experimental")),
                          architecture=f"{spec.arch}/{spec.encoder}@{spec.input_size}")
-        backend: _Backend
+        backend: Backend
         if self._cuda_thread is not None:
             backend = OnThread(TorchBackend(module, "cuda"), self._cuda_thread)
             # cuDNN picks kernels per input shape (cudnn.benchmark) on its first pass, about half a
@@ -390,13 +191,13 @@ class ModelRunner:
                  info.sha256[:12], backend.name, (time.perf_counter() - t0) * 1000)
         return LoadedModel(name=name, spec=spec, card=card, info=info, backend=backend)
 
-    def _onnx_or_torch(self, module: Any, spec: models.ModelSpec, sha256: str) -> _Backend:
+    def _onnx_or_torch(self, module: Any, spec: models.ModelSpec, sha256: str) -> Backend:
         torch_backend = TorchBackend(module, "cpu")
         path = onnx_path(self.cache_dir, sha256, spec)
         if path.exists():
             try:
                 return OnnxBackend(path, self.threads)
-            except Exception as exc:  # a truncated or foreign file: export afresh
+            except Exception as exc:  # noqa: BLE001 — a truncated or foreign file: export afresh
                 log.warning("cached ONNX graph %s unusable (%s); exporting again", path, exc)
         try:
             export_onnx(module, spec, path)
@@ -409,7 +210,7 @@ class ModelRunner:
                 raise RuntimeError(f"ONNX export differs from torch by {diff:.2e} > {ONNX_TOLERANCE}")
             log.info("exported %s to %s (max |onnx - torch| = %.1e)", spec.name, path, diff)
             return onnx_backend
-        except Exception as exc:  # any exporter/runtime failure: keep serving with torch
+        except Exception as exc:  # noqa: BLE001 — any exporter/runtime failure: keep serving with torch
             log.warning("ONNX unavailable for %s (%s); running torch eager on CPU", spec.name, exc)
             return torch_backend
 

@@ -81,7 +81,7 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
         destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
         exports = [NewExport(dest, kind, str(path), _sop_instance_uid(path))
                    for dest in dict.fromkeys(destinations) for kind, path in files.wanted(settings)]
-    except Exception as e:  # noqa: BLE001 - any failure here is final for this run, and must be audited
+    except Exception as e:
         log.exception("building results for instance %d failed", instance_id)
         return _failed(store, result.job_id, f"building results failed: {e}")
     nothing_to_send = ("nothing to send: no destinations for this rule" if not destinations

@@ -1,6 +1,7 @@
 """The hand-off from ingest to analysis: one function, called for every instance in state ``queued``.
 
-``hand_off`` must be idempotent: it runs again for every ``queued`` instance when the node restarts,
+The function is the analysis outbox's Publisher (node.analysis.outbox) when a broker is enabled, and
+:func:`leave_queued` when `broker.enabled = false` (ingest only). It must be idempotent: it runs again for every ``queued`` instance when the node restarts,
 so the analysis side must tolerate the same instance twice (Celery: acks_late, task keyed by instance).
 It runs on the dispatcher thread, after the C-STORE response went out, so a slow broker never
 delays the peer.
@@ -28,13 +29,9 @@ class HandoffContext:
     store: AuditStore
 
 
-def hand_off(ctx: HandoffContext, instance_id: int) -> None:
-    """Send one queued instance to analysis.
-
-    The pluggable hook: the Celery wiring (node.analysis.tasks) replaces this body with sending the task.
-    Until then it only records that the instance is waiting for analysis.
-    """
-    log.info("instance %d queued for analysis (no analysis queue wired yet)", instance_id)
+def leave_queued(ctx: HandoffContext, instance_id: int) -> None:
+    """`broker.enabled = false`: the instance stays `queued` until a node with a broker resumes it."""
+    log.info("instance %d stays queued (broker.enabled = false)", instance_id)
 
 
 HandoffFn = Callable[[HandoffContext, int], None]
@@ -43,15 +40,11 @@ HandoffFn = Callable[[HandoffContext, int], None]
 class Dispatcher:
     """Runs hand-offs on one background thread, in arrival order; failures leave the instance queued."""
 
-    def __init__(self, ctx: HandoffContext, fn: HandoffFn | None = None) -> None:
+    def __init__(self, ctx: HandoffContext, fn: HandoffFn) -> None:
         self.ctx = ctx
         self._fn = fn
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="handoff", daemon=True)
-
-    def set_handoff(self, fn: HandoffFn) -> None:
-        """Install the real hand-off (the analysis pipeline's publisher) before `start`."""
-        self._fn = fn
 
     def start(self) -> Dispatcher:
         self._thread.start()
@@ -66,10 +59,9 @@ class Dispatcher:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        fn = self._fn or hand_off
         while (instance_id := self._queue.get()) is not None:
             try:
-                fn(self.ctx, instance_id)
+                self._fn(self.ctx, instance_id)
             except Exception:
                 # The instance stays `queued`; the next start hands it off again.
                 log.exception("hand-off of instance %d failed; it stays queued", instance_id)

@@ -83,9 +83,8 @@ class Pipeline:
         self.supervisor = Supervisor(worker_children(settings)) if start_workers else None
         self.sweeper: Sweeper | None = None
 
-    def attach(self, dispatcher: Dispatcher) -> None:
-        """Make the ingest dispatcher publish to the broker, and sweep what it could not publish."""
-        dispatcher.set_handoff(self.publisher)
+    def sweep_for(self, dispatcher: Dispatcher) -> None:
+        """Sweep what the ingest dispatcher (which publishes with `self.publisher`) could not publish."""
         self.sweeper = Sweeper(self.store, dispatcher, self.publisher)
 
     def start(self) -> None:

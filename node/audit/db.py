@@ -8,7 +8,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine as Engine  # re-exported for type hints outside node.audit
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -74,9 +75,9 @@ def database_exists(url: str) -> bool:
     must not give them a new, empty database that they then report from or write into.
     """
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).is_file():
-            return False
+    if parsed.get_backend_name() == "sqlite" and (
+            not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).is_file()):
+        return False
     engine = create_engine(url, future=True)
     try:
         with engine.connect() as conn:

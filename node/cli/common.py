@@ -32,7 +32,7 @@ def err(text: str) -> None:
 def actor() -> str:
     try:
         return f"cli:{getpass.getuser()}"
-    except Exception:
+    except (KeyError, OSError):  # no login name (a container without /etc/passwd entry)
         return "cli"
 
 

@@ -11,6 +11,7 @@ Exit status: 0 success, 1 failure (bad configuration, failed echo, unknown study
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -223,10 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     json_logs = False
     if args.command == "serve" and (path := config_path(args)) is not None:
-        try:
+        with contextlib.suppress(ConfigError):  # reported by the command itself
             json_logs = load_settings(path).web.json_logs
-        except ConfigError:
-            pass  # reported by the command itself
     # PHI-redacting handler; pynetdicom's per-PDU chatter only with --verbose.
     setup_logging("DEBUG" if args.verbose else "INFO", json_logs=json_logs)
     if not args.verbose:

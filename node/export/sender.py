@@ -324,7 +324,7 @@ def _load(item: Item) -> _Loaded | FileStatus:
     try:
         ds = item if isinstance(item, Dataset) else pydicom.dcmread(Path(item))
         sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
-    except Exception as e:  # unreadable file or no UIDs: a disk or programming error, not the peer's
+    except Exception as e:  # noqa: BLE001 — unreadable file or no UIDs: a disk or programming error, not the peer's
         return FileStatus("", "", None, f"{UNREADABLE}: {path or 'data set'}: {type(e).__name__}: {e}", path)
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta \

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from node.analysis.handoff import Dispatcher, HandoffContext, hand_off
+from node.analysis.handoff import Dispatcher, HandoffContext, leave_queued
 from node.audit import AuditStore, DuplicateInstance, Instance, InstanceState, ReceivedInstance
 from node.audit.store import RouteOutcome
 from node.ingest.header import STATUS_OUT_OF_RESOURCES, Header, Refusal, check_dataset, read_header
@@ -247,7 +247,7 @@ class Ingest:
         if self.dispatcher is not None:
             self.dispatcher.submit(instance_id)
         else:
-            hand_off(HandoffContext(self.settings, self.store), instance_id)
+            leave_queued(HandoffContext(self.settings, self.store), instance_id)  # no dispatcher: ingest only
 
     def resume_pending(self) -> ResumeReport:
         """At start: route again what was received but not routed, hand off again what was queued."""

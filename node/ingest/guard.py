@@ -34,6 +34,7 @@ One :class:`GuardedRequestHandler` per connection is what the SCP's server class
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -261,10 +262,8 @@ class GuardedSocket(AssociationSocket):
                     sock.sendall(abort.encode())
                 except OSError:
                     pass
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if not self.assoc.is_established:
             # The association thread waits acse_timeout for an A-ASSOCIATE-RQ: nothing is an answer now.
             self.assoc.dul.to_user_queue.put(None)
@@ -351,7 +350,7 @@ class GuardedRequestHandler(RequestHandler):
             super().handle()
             return
         if self.refused:
-            self.server.shutdown_request(self.request)  # type: ignore[attr-defined]
+            self.server.shutdown_request(self.request)
             return
         assoc = self._create_association()
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})

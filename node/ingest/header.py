@@ -77,7 +77,7 @@ class Header:
 def _text(ds: Dataset, keyword: str) -> str:
     try:
         value = ds.get(keyword, "")
-    except Exception:  # a malformed value must not stop routing-level reading
+    except Exception:  # noqa: BLE001 — a malformed value must not stop routing-level reading
         return ""
     return "" if value is None else str(value).strip()
 
@@ -132,7 +132,7 @@ def _deflated(path: Path, transfer_syntax_uid: str) -> bool:
         return transfer_syntax_uid == DeflatedExplicitVRLittleEndian
     try:
         return str(read_file_meta_info(path).get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
-    except Exception:  # no or broken file meta: not a deflated file pydicom would inflate
+    except Exception:  # noqa: BLE001 — no or broken file meta: not a deflated file pydicom would inflate
         return False
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import socket
@@ -299,10 +300,8 @@ class StorageSCP:
         except AttributeError:  # only if chunked receiving were switched off: a bug, not the peer's fault
             log.exception("C-STORE data set was not written to a file")
             return STATUS_PROCESSING_FAILURE
-        try:
+        with contextlib.suppress(OSError):  # ingest reports a missing file
             metrics.count_received_bytes(received.stat().st_size)  # before ingest moves the file
-        except OSError:
-            pass  # ingest reports the missing file
         started = time.perf_counter()
         outcome = self.ingest.receive(received, request)
         metrics.observe_stage("persist", time.perf_counter() - started)

@@ -83,7 +83,8 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
         shrunk[:, 1:] &= inner[:, :-1]
         shrunk[:, :-1] &= inner[:, 1:]
         inner = shrunk
-    return mask & ~inner
+    outline: np.ndarray = mask & ~inner
+    return outline
 
 
 def _legend(rgb: np.ndarray, names: list[str], title: str) -> np.ndarray:

@@ -88,7 +88,7 @@ def _transport_options(url: str, timeout: float) -> dict[str, Any]:
 
 def check_broker(url: str, timeout: float = 2.0) -> CheckResult:
     def probe() -> tuple[bool, str, dict[str, Any]]:
-        from kombu import Connection
+        from kombu.connection import Connection
 
         with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
@@ -98,7 +98,7 @@ def check_broker(url: str, timeout: float = 2.0) -> CheckResult:
 
 def queue_depth(url: str, queue: str, timeout: float = 2.0) -> int | None:
     """Messages waiting in `queue` on the broker (all priority lists), or None when it cannot be asked."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     try:
         with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:

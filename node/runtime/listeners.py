@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.analysis import decoding
 from node.analysis.celery_app import make_celery
-from node.analysis.handoff import Dispatcher, HandoffContext
+from node.analysis.handoff import Dispatcher, HandoffContext, leave_queued
 from node.analysis.outbox import Publisher
 from node.audit import AuditStore
 from node.ingest.accept import Ingest
@@ -87,10 +87,9 @@ def metrics_folder(settings: Settings) -> Path:
 def serve_listener(settings: Settings, index: int, stop: threading.Event) -> None:
     """The default listener: ingest + SCP on the shared port until `stop`, then a graceful end."""
     store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
-    dispatcher = Dispatcher(HandoffContext(settings, store))
-    if settings.broker.enabled:
-        # Publishing prepares pixels and talks to the broker: each listener does it for what it received.
-        dispatcher.set_handoff(Publisher(make_celery(settings)))
+    # Publishing prepares pixels and talks to the broker: each listener does it for what it received.
+    dispatcher = Dispatcher(HandoffContext(settings, store),
+                            Publisher(make_celery(settings)) if settings.broker.enabled else leave_queued)
     ingest = Ingest(settings, store, Spool(settings.storage.data_dir), dispatcher)
     listener = Listener(settings, ingest, server_class=ReusePortAssociationServer, name=f"listener{index}")
     metrics.reset_listener_metrics()

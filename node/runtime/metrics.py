@@ -204,7 +204,7 @@ class AuditCollector(Collector):
                 for kind, n in sorted(self._event_counts().items()):
                     events.add_metric([kind], n)
                 yield events
-        except Exception:  # noqa: BLE001 — a scrape reports what it can
+        except Exception:
             log.warning("audit metrics unavailable for this scrape", exc_info=True)
         depth = self._queue_depth() if self._queue_depth is not None else _last_queue_depth
         if depth is not None:

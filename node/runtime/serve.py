@@ -27,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.alerts.deliver import Alerter
 from node.analysis import decoding
-from node.analysis.handoff import Dispatcher, HandoffContext
+from node.analysis.handoff import Dispatcher, HandoffContext, leave_queued
 from node.analysis.pipeline import Pipeline
 from node.audit import AuditStore
 from node.ingest.accept import Ingest
@@ -113,11 +113,12 @@ class NodeServices:
         self.settings = settings
         self.store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
         self.spool = Spool(settings.storage.data_dir)
-        self.dispatcher = Dispatcher(HandoffContext(settings, self.store))
-        self.ingest = Ingest(settings, self.store, self.spool, self.dispatcher)
         self.pipeline = Pipeline(settings, self.store) if settings.broker.enabled else None
+        self.dispatcher = Dispatcher(HandoffContext(settings, self.store),
+                                     self.pipeline.publisher if self.pipeline is not None else leave_queued)
+        self.ingest = Ingest(settings, self.store, self.spool, self.dispatcher)
         if self.pipeline is not None:
-            self.pipeline.attach(self.dispatcher)
+            self.pipeline.sweep_for(self.dispatcher)
         self.retention = RetentionLoop(settings, self.store)
         # Study-level triage and its alerts; off with triage.enabled = false (results are still sent).
         self.alerter = Alerter(settings, self.store) if settings.triage.enabled else None

@@ -30,7 +30,7 @@ def add_triage_pages(app: FastAPI, console: Console) -> None:
         alerts = alert_rows(store, limit=500)
         by_study: dict[int, list[dict[str, object]]] = {}
         for a in alerts:
-            by_study.setdefault(int(a["study_id"]), []).append(a)  # type: ignore[call-overload]
+            by_study.setdefault(int(a["study_id"]), []).append(a)
         if alert_state:
             rows = [r for r in rows if any(a["state"] == alert_state for a in by_study.get(r["study_id"], []))]
         return _render(console, request, "worklist.html", session, rows=rows, alerts=by_study,

@@ -169,7 +169,7 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
 
             # The SR carries the worker's numbers, as the audit log recorded them.
             inst = store.list_instances(InstanceFilter(sop_instance_uid=str(source.SOPInstanceUID)))[0]
-            analyzed = [e for e in store.list_events(instance_id=inst.id) if e.kind == "instance.analyzed"][0]
+            analyzed = next(e for e in store.list_events(instance_id=inst.id) if e.kind == "instance.analyzed")
             assert analyzed.detail["severity_score"] == 6
             numbers = sr_numbers(sr)
             severity = [v for k, v in numbers.items() if "everity" in k]

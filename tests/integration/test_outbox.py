@@ -80,7 +80,7 @@ def test_sweeper_leaves_jobs_another_process_published(tmp_path: Path) -> None:
     settings = load_settings(None, storage={"data_dir": str(tmp_path)})
     store = AuditStore.open(settings.database_url)
     publisher = Publisher(make_celery(settings))
-    dispatcher = Dispatcher(HandoffContext(settings, store))  # not started: submissions just queue up
+    dispatcher = Dispatcher(HandoffContext(settings, store), publisher)  # not started: submissions just queue up
     mine = _queued(store, tmp_path, "02_cr_implicit_le_12bit.dcm")
     theirs = _queued(store, tmp_path, "09_cr_8bit_alloc8.dcm")
     # A listener process published `theirs` and wrote it in the audit log.

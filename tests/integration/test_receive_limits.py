@@ -7,6 +7,7 @@ goes on storing the next (small) data set.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -33,10 +34,8 @@ def test_oversized_data_set_is_refused_while_it_arrives_and_not_kept(tmp_path: P
         incoming = node.spool / ".incoming"
         while not done.is_set():
             for p in incoming.glob("*"):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     largest[0] = max(largest[0], p.stat().st_size)
-                except FileNotFoundError:
-                    pass
 
     watcher = threading.Thread(target=watch_incoming, daemon=True)
     watcher.start()

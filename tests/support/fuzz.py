@@ -26,7 +26,7 @@ SEEDS = ("02_cr_implicit_le_12bit.dcm", "07_cr_10bit_stored_16alloc.dcm", "12_cr
 
 def seed_datasets(work: Path) -> list[Dataset]:
     paths = [dicom_dir() / name for name in SEEDS] + small_chest_copies(work / "small", 4)
-    paths += list(poison_files(work / "poison").values()) + [j2k_bomb(work / "bomb")]
+    paths += [*list(poison_files(work / "poison").values()), j2k_bomb(work / "bomb")]
     return [pydicom.dcmread(p) for p in paths]
 
 

@@ -53,7 +53,7 @@ class MLLPListener:
             cmd += ["--tls-cert", str(self.tls_cert)]
             if self.tls_key is not None:
                 cmd += ["--tls-key", str(self.tls_key)]
-        log = open(self.dir / "server.log", "ab")  # the child keeps its own descriptor
+        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 — closed below; the child keeps its own descriptor
         try:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})

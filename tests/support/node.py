@@ -55,7 +55,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 60) -> NodeProcess:
         offset = self.log.stat().st_size if self.log.exists() else 0
-        logf = open(self.log, "ab")
+        logf = open(self.log, "ab")  # noqa: SIM115 — handed to the child, closed after the spawn
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([*cxrnode_command(), "serve", "--config", str(self.config)],
                                      stdout=logf, stderr=subprocess.STDOUT, env=env)

@@ -105,7 +105,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("CXRNODE_DICOM__PORT", "11114")
     assert load_settings(path).dicom.port == 11114
     monkeypatch.setenv("CXRNODE_DICOM__PORT", "not-a-port")
-    with pytest.raises(ConfigError, match="dicom.port"):
+    with pytest.raises(ConfigError, match=r"dicom.port"):
         load_settings(path)
 
 
@@ -125,7 +125,7 @@ def test_sr_without_seg_is_refused_with_the_reason() -> None:
 
     from node.runtime.config import ConfigError, load_settings
 
-    with pytest.raises(ConfigError, match="results.sr needs results.seg"):
+    with pytest.raises(ConfigError, match=r"results.sr needs results.seg"):
         load_settings(None, results={"seg": False, "sr": True})
     assert not load_settings(None, results={"seg": True, "sr": False}).results.sr
 

@@ -60,11 +60,11 @@ def test_bad_files_are_refused_with_the_manifest_status(row: dict[str, str]) -> 
 
 def test_command_mismatch_is_refused() -> None:
     h = header("09")
-    with pytest.raises(Refusal, match="SOP Class UID .* differs") as r:
+    with pytest.raises(Refusal, match=r"SOP Class UID .* differs") as r:
         check_dataset(h, affected_sop_class="1.2.840.10008.5.1.4.1.1.7", affected_sop_instance=h.sop_instance_uid,
                       file_size=10**9)
     assert r.value.status == 0xA900
-    with pytest.raises(Refusal, match="SOP Instance UID .* differs"):
+    with pytest.raises(Refusal, match=r"SOP Instance UID .* differs"):
         check_dataset(h, affected_sop_class=h.sop_class_uid, affected_sop_instance="1.2.3", file_size=10**9)
 
 

@@ -12,10 +12,8 @@ import pytest
 from tests.support.net import wait_for
 from tests.support.tiny_models import TINY_SIZE, write_tiny_weights
 from workers import models
-from workers.runner import (
+from workers.backends import (
     ONNX_TOLERANCE,
-    MicroBatcher,
-    ModelRunner,
     OnThread,
     OwnerThread,
     Prediction,
@@ -23,6 +21,8 @@ from workers.runner import (
     max_abs_diff,
     onnx_path,
 )
+from workers.batching import MicroBatcher
+from workers.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_onnx_equals_torch_within_tolerance(onnx_runner: ModelRunner, torch_runn
     assert a.mask.shape == (3, 1, TINY_SIZE, TINY_SIZE)
     assert (a.presence is not None) == (name == "pneumothorax") == (b.presence is not None)
     assert max_abs_diff(a, b) < ONNX_TOLERANCE
-    assert 0.0 <= a.mask.min() and a.mask.max() <= 1.0  # probabilities, not logits
+    assert a.mask.min() >= 0.0 and a.mask.max() <= 1.0  # probabilities, not logits
 
 
 def test_onnx_cache_is_keyed_by_weights_sha(weights: Path, cache: Path, onnx_runner: ModelRunner,

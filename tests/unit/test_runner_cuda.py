@@ -27,15 +27,9 @@ from tests.support.synthetic_lungs import lung_folder
 from tests.support.tiny_models import TINY_SIZE, write_tiny_weights
 from workers import models
 from workers.api import MODEL_NAMES, AnalyzeRequest, AnalyzeResult, unpack_mask
+from workers.backends import CUDA_FP16_TOLERANCE, Prediction, check_input, max_abs_diff
 from workers.inference import analyze_batch
-from workers.runner import (
-    CUDA_FP16_TOLERANCE,
-    ModelRunner,
-    Prediction,
-    check_input,
-    default_weights_dir,
-    max_abs_diff,
-)
+from workers.runner import ModelRunner, default_weights_dir
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device"))]
@@ -148,7 +142,7 @@ def test_concurrent_callers_share_one_forward_pass(device: str, tiny_weights: Pa
         try:
             barrier.wait(30)
             results[i] = runner.predict(name, x[i:i + 1])
-        except BaseException as exc:  # surfaced by the assertion below, not lost in the thread
+        except BaseException as exc:  # noqa: BLE001 — surfaced by the assertion below, not lost in the thread
             errors.append(exc)
 
     threads = [threading.Thread(target=call, args=(i,), name=f"caller-{i}") for i in range(callers)]
@@ -271,7 +265,7 @@ def test_cuda_runner_tunes_every_batch_size_a_pass_can_have_at_load(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """cuDNN tunes each new input shape on its first pass: the runner pays that at load for every size
     the micro-batcher can form, so that no job does."""
-    from workers.runner import TorchBackend
+    from workers.backends import TorchBackend
 
     sizes: list[int] = []
     threads: set[int] = set()

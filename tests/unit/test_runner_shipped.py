@@ -14,7 +14,8 @@ from PIL import Image
 from tests.support.paths import shared_data
 from workers import models
 from workers.api import MODEL_NAMES
-from workers.runner import ONNX_TOLERANCE, ModelRunner, default_weights_dir, max_abs_diff
+from workers.backends import ONNX_TOLERANCE, max_abs_diff
+from workers.runner import ModelRunner, default_weights_dir
 
 # workers/weights, or $CXRNODE_WEIGHTS_DIR (to check a candidate set before it is shipped).
 SHIPPED = [n for n in MODEL_NAMES if models.card_path(n, default_weights_dir()).exists()]

@@ -118,7 +118,7 @@ def test_empty_lung_has_empty_zones() -> None:
 
 
 def test_score_counts_zones_above_threshold() -> None:
-    mask, image_left, image_right = two_lungs()
+    mask, _image_left, _image_right = two_lungs()
     right, left = split_lungs(mask)
     opacity = np.zeros((H, W), bool)
     opacity[70:100, 10:40] = True  # the whole right lower zone

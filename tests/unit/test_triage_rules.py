@@ -71,7 +71,7 @@ def test_all_conditions_of_a_rule_must_hold() -> None:
 
 
 def test_bad_rules_stop_start_up_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match="triage.rules.0.level"):
+    with pytest.raises(ConfigError, match=r"triage.rules.0.level"):
         load_settings(triage={"rules": [{"name": "x", "level": "panic", "when": {"severity_gte": 1}}]})
     with pytest.raises(ConfigError, match="unknown key"):
         load_settings(triage={"rules": [{"name": "x", "level": "urgent", "when": {"severity_above": 1}}]})
@@ -79,7 +79,7 @@ def test_bad_rules_stop_start_up_naming_the_key() -> None:
         load_settings(triage={"rules": [{"name": "x", "level": "urgent", "when": {}}]})
     with pytest.raises(ConfigError, match="unknown destination"):
         load_settings(triage={"routes": {"critical": ["nowhere"]}})
-    with pytest.raises(ConfigError, match="triage.routes"):
+    with pytest.raises(ConfigError, match=r"triage.routes"):
         load_settings(triage={"routes": {"stat": []}})
 
 

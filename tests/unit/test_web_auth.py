@@ -40,7 +40,7 @@ def test_published_pbkdf2_vector() -> None:
 
 
 def test_production_without_any_user_refuses_with_a_clear_message() -> None:
-    with pytest.raises(AuthConfigError, match="no default password in production.*password_hash.*web.users"):
+    with pytest.raises(AuthConfigError, match=r"no default password in production.*password_hash.*web.users"):
         resolve_users([], admin_user="admin", password_hash="", production=True)
 
 
