@@ -536,7 +536,9 @@ class AuditStore(TriageStoreMixin):
             _event(s, f"export.{'sent' if succeeded else 'dead' if give_up else 'retry'}",
                    instance_id=row.instance_id,
                    detail={"export_id": export_id, "attempt": row.attempts, "destination": row.destination_ae,
-                           "status": None if status is None else f"0x{status:04X}", "error": error})
+                           "status": None if status is None else f"0x{status:04X}", "error": error,
+                           **({"retry_at": next_attempt_at.isoformat()} if row.state == ExportState.PENDING
+                              and next_attempt_at is not None else {})})
             settled = _settle(s, row.instance_id) if succeeded or give_up else None
         if settled is not None and on_settled is not None:
             on_settled(settled)

@@ -1,13 +1,12 @@
-"""C-STORE SCU: deliver result objects to one destination, with retries and exponential backoff.
+"""C-STORE SCU and C-ECHO: deliver result objects to one destination on one association.
 
 `send` opens ONE association per destination and batch and proposes, for every SOP class in the
 batch, the transfer syntax each object is stored in (plus the other uncompressed syntaxes, which
 pynetdicom can re-encode to). A destination that cannot be reached, rejects or aborts the
-association raises `SendError` with the reason; a refused object comes back as a failed
-`FileStatus` and the others still go. `deliver_with_retries` repeats failed objects with
-`backoff_delay` between attempts and reports each attempt to a callback, so the caller (the export
-table in the audit DB) records it: no database imports here.
-"""
+association raises `SendError` with the reason and whether a retry may help; a refused object comes
+back as a failed `FileStatus` (with `retryable`) and the others still go. Retries, backoff
+(`backoff_delay`) and the dead letter belong to the caller, node.export.exporter, which keeps them
+in the exports table: no database imports here."""
 
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,86 +208,6 @@ def backoff_delay(attempt: int, cfg: SenderConfig | TriageConfig) -> float:
     if attempt < 1:
         raise ValueError("attempts are numbered from 1")
     return float(min(cfg.backoff_max_s, cfg.backoff_initial_s * cfg.backoff_factor ** (attempt - 1)))
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One delivery attempt, as the export table records it."""
-
-    number: int
-    destination: Destination
-    started_at: datetime
-    duration_s: float
-    statuses: list[FileStatus]
-    error: str | None  # association-level error (SendError), None when the association worked
-    next_delay_s: float | None  # None: no further attempt (delivered, dead, or attempts exhausted)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and all(s.ok for s in self.statuses)
-
-
-@dataclass
-class Delivery:
-    delivered: bool
-    attempts: list[Attempt] = field(default_factory=list)
-    statuses: list[FileStatus | None] = field(default_factory=list)  # latest status per item, in item order
-
-    @property
-    def dead(self) -> bool:
-        return not self.delivered
-
-    @property
-    def last_error(self) -> str | None:
-        if self.delivered or not self.attempts:
-            return None
-        last = self.attempts[-1]
-        failed = [f"{s.sop_instance_uid}: {s.error or _status_text(s.status)}" for s in last.statuses if not s.ok]
-        return last.error or "; ".join(failed) or None
-
-
-def deliver_with_retries(items: Sequence[Item], destination: Destination, cfg: SenderConfig, *, calling_ae: str,
-                         on_attempt: Callable[[Attempt], None] | None = None,
-                         sleep: Callable[[float], None] = time.sleep,
-                         ssl_context: ssl.SSLContext | None = None, first_attempt: int = 1) -> Delivery:
-    """Attempt delivery up to `cfg.max_attempts` times, re-sending only what failed and can be retried.
-
-    Blocking (it sleeps between attempts); a scheduler that defers retries instead calls `send` and
-    `backoff_delay` itself. `first_attempt` continues numbering after attempts made earlier.
-    """
-    loaded = [_load(item) for item in items]
-    delivery = Delivery(delivered=False, statuses=[None] * len(loaded))
-    pending = list(range(len(loaded)))  # indexes into `loaded` still to deliver
-    for number in range(first_attempt, cfg.max_attempts + 1):
-        started, t0 = datetime.now(UTC), time.monotonic()
-        error: str | None = None
-        statuses: list[FileStatus] = []
-        retryable = True
-        try:
-            statuses = _send([loaded[i] for i in pending], destination, calling_ae, cfg.timeout_s, ssl_context)
-        except SendError as e:
-            error, retryable = e.reason, e.retryable
-        for index, status in zip(pending, statuses, strict=False):
-            delivery.statuses[index] = status
-        if error is None:
-            retry = [i for i, status in zip(pending, statuses, strict=True) if status.retryable]
-        else:
-            retry = pending if retryable else []
-        finished = not retry or number >= cfg.max_attempts
-        delay = None if finished else backoff_delay(number - first_attempt + 1, cfg)
-        attempt = Attempt(number, destination, started, time.monotonic() - t0, statuses, error, delay)
-        delivery.attempts.append(attempt)
-        log.log(logging.INFO if attempt.ok else logging.WARNING, "delivery attempt %d to %s: %s", number,
-                destination.ae_title, "ok" if attempt.ok else (error or "some objects failed"))
-        if on_attempt is not None:
-            on_attempt(attempt)
-        delivery.delivered = error is None and all(s is not None and s.ok for s in delivery.statuses)
-        if delivery.delivered or finished:
-            return delivery
-        pending = retry
-        assert delay is not None
-        sleep(delay)
-    return delivery
 
 
 def client_ssl_context(ca_file: Path | None = None, cert_file: Path | None = None,

@@ -10,13 +10,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.export.sender import Attempt, Destination, SendError, backoff_delay, deliver_with_retries, send
+from node.export.sender import Destination, SendError, backoff_delay, send
 from node.results.common import DeviceInfo
 from node.results.overlay import build_overlay
 from node.results.seg import build_seg
 from node.results.sr import build_sr
 from node.runtime.config import SenderConfig
 from tests.support.dcmtk import StoreSCP
+from tests.support.exports import ExportHarness
 from tests.support.net import free_port, port_open, wait_for
 from tests.support.orthanc import Orthanc
 from tests.support.paths import shared_data
@@ -103,20 +104,22 @@ def test_refused_transfer_syntax_fails_that_object_only(results: list[Path], tmp
 
 def test_wrong_called_ae_is_rejected_clearly(results: list[Path], tmp_path: Path) -> None:
     with Orthanc(tmp_path / "orthanc") as pacs:
+        destination = Destination("NOTORTHANC", "127.0.0.1", pacs.dicom_port)
         with pytest.raises(SendError) as err:
-            send(results, Destination("NOTORTHANC", "127.0.0.1", pacs.dicom_port), calling_ae=CALLING)
+            send(results, destination, calling_ae=CALLING)
         assert "rejected" in err.value.reason and "Called AE title not recognised" in err.value.reason
         assert not err.value.retryable
-        attempts: list[Attempt] = []
-        delivery = deliver_with_retries(results, Destination("NOTORTHANC", "127.0.0.1", pacs.dicom_port),
-                                        SenderConfig(max_attempts=4), calling_ae=CALLING, on_attempt=attempts.append,
-                                        sleep=lambda s: pytest.fail("a permanent rejection is not retried"))
-        assert delivery.dead and len(attempts) == 1 and attempts[0].next_delay_s is None
-        assert delivery.last_error is not None and "Called AE title not recognised" in delivery.last_error
+        harness = ExportHarness(tmp_path / "node", destination, max_attempts=4)
+        ids = harness.register(results)
+        assert harness.run(4) == 1, "a permanent rejection is not retried"
+        exports = harness.exports(ids)
+        assert [(e.state, e.attempts) for e in exports] == [("dead", 1)] * 3
+        assert "Called AE title not recognised" in exports[0].last_error
         assert pacs.instances() == []
 
 
 def test_destination_down_then_up_is_delivered_on_retry(results: list[Path], tmp_path: Path) -> None:
+    """The exporter's retry: attempt 1 finds nobody, the retry after backoff_delay(1) delivers all three."""
     scp = StoreSCP(tmp_path / "out")
     destination = Destination(scp.ae_title, "127.0.0.1", scp.port)
     with pytest.raises(SendError, match="cannot connect") as err:
@@ -124,37 +127,28 @@ def test_destination_down_then_up_is_delivered_on_retry(results: list[Path], tmp
     assert err.value.retryable
 
     cfg = SenderConfig(max_attempts=3, backoff_initial_s=2.0, backoff_factor=3.0, backoff_max_s=60)
-    attempts: list[Attempt] = []
-    slept: list[float] = []
-
-    def sleep_then_start(seconds: float) -> None:  # the destination comes back while we wait
-        slept.append(seconds)
-        scp.__enter__()
-
+    harness = ExportHarness(tmp_path / "node", destination, **cfg.model_dump())
+    ids = harness.register(results)
     try:
-        delivery = deliver_with_retries(results, destination, cfg, calling_ae=CALLING, on_attempt=attempts.append,
-                                        sleep=sleep_then_start)
+        passes = harness.run(3, between=lambda _n: scp.__enter__())
+        assert passes == 2, [(e.state, e.attempts, e.last_error) for e in harness.exports(ids)]  # back for the retry
     finally:
         scp.__exit__()
-    assert delivery.delivered and not delivery.dead and delivery.last_error is None
-    assert [a.number for a in attempts] == [1, 2]
-    assert attempts[0].error is not None and "cannot connect" in attempts[0].error and not attempts[0].ok
-    assert attempts[0].next_delay_s == slept[0] == backoff_delay(1, cfg) == 2.0
-    assert attempts[1].ok and attempts[1].next_delay_s is None
+    assert [(e.state, e.attempts, e.last_error) for e in harness.exports(ids)] == [("sent", 2, "")] * 3
+    first, second = harness.attempts(ids[0])
+    assert first.status is None and "cannot connect" in first.error and second.status == 0x0000
+    assert harness.delays(ids[0]) == [backoff_delay(1, cfg)] == [2.0]
     assert sorted(p.name[:2] for p in (tmp_path / "out").iterdir()) == ["SC", "SG", "SR"]
 
 
-def test_attempts_exhausted_is_dead(results: list[Path]) -> None:
-    port = free_port()
+def test_attempts_exhausted_is_dead(results: list[Path], tmp_path: Path) -> None:
     cfg = SenderConfig(max_attempts=3, backoff_initial_s=1.0, backoff_factor=2.0, backoff_max_s=1.5)
-    attempts: list[Attempt] = []
-    slept: list[float] = []
-    delivery = deliver_with_retries(results[:1], Destination("DOWN", "127.0.0.1", port), cfg, calling_ae=CALLING,
-                                    on_attempt=attempts.append, sleep=slept.append)
-    assert delivery.dead and len(attempts) == 3
-    assert slept == [1.0, 1.5]
-    assert [a.next_delay_s for a in attempts] == [1.0, 1.5, None]
-    assert delivery.last_error is not None and "cannot connect" in delivery.last_error
+    harness = ExportHarness(tmp_path / "node", Destination("DOWN", "127.0.0.1", free_port()), **cfg.model_dump())
+    (export_id,) = harness.register(results[:1])
+    assert harness.run(5) == 3
+    (export,) = harness.exports([export_id])
+    assert (export.state, export.attempts) == ("dead", 3) and "cannot connect" in export.last_error
+    assert harness.delays(export_id) == [1.0, 1.5]  # the last attempt schedules nothing
 
 
 def test_unreadable_files_fail_alone_and_are_not_retried(results: list[Path], tmp_path: Path) -> None:
@@ -166,11 +160,9 @@ def test_unreadable_files_fail_alone_and_are_not_retried(results: list[Path], tm
         assert [s.ok for s in statuses] == [False, True, False]
         assert all(s.error and s.error.startswith("cannot read object") and not s.retryable
                    for s in (statuses[0], statuses[2]))
-        attempts: list[Attempt] = []
-        delivery = deliver_with_retries([results[1], bad[1]], destination, SenderConfig(max_attempts=3),
-                                        calling_ae=CALLING, on_attempt=attempts.append,
-                                        sleep=lambda s: pytest.fail("nothing retryable"))
-        assert delivery.dead and len(attempts) == 1
-        assert [s.ok for s in delivery.statuses if s is not None] == [True, False]
+        harness = ExportHarness(tmp_path / "node", destination, max_attempts=3)
+        ids = harness.register([results[1], bad[1]])
+        assert harness.run(3) == 1, "nothing retryable"
+        assert [e.state for e in harness.exports(ids)] == ["sent", "dead"]
         assert send([], destination, calling_ae=CALLING) == []
         assert send(bad, destination, calling_ae=CALLING)[0].status is None  # no association needed

@@ -13,11 +13,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.export.sender import Attempt, Destination, deliver_with_retries, send
+from node.export.sender import Destination, send
 from node.results.common import DeviceInfo
 from node.results.seg import build_seg
 from node.results.sr import build_sr
-from node.runtime.config import SenderConfig
+from tests.support.exports import ExportHarness
 from tests.support.net import free_port, wait_for
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import synthetic_case
@@ -83,7 +83,7 @@ def scp_factory() -> Iterator[type[ScriptedSCP]]:
         scp.server.shutdown()
 
 
-def test_abort_mid_batch_then_only_the_rest_is_resent(results: list[pydicom.Dataset],
+def test_abort_mid_batch_then_only_the_rest_is_resent(results: list[pydicom.Dataset], tmp_path: Path,
                                                       scp_factory: type[ScriptedSCP]) -> None:
     scp = scp_factory([0x0000, "abort"])
     first, second, third = send(results, scp.destination, calling_ae="CXRNODE", timeout_s=10)
@@ -92,29 +92,38 @@ def test_abort_mid_batch_then_only_the_rest_is_resent(results: list[pydicom.Data
     assert third.error is not None and "abort" in third.error
 
     scp2 = scp_factory([0x0000, "abort"])
-    attempts: list[Attempt] = []
-    delivery = deliver_with_retries(results, scp2.destination, SenderConfig(max_attempts=3, backoff_initial_s=0.01),
-                                    calling_ae="CXRNODE", on_attempt=attempts.append, sleep=lambda s: None)
-    assert delivery.delivered
-    assert [len(a.statuses) for a in attempts] == [3, 2], "the second attempt re-sends only the two that failed"
+    harness = ExportHarness(tmp_path / "node", scp2.destination, max_attempts=3, backoff_initial_s=0.01)
+    ids = harness.register(_files(results, tmp_path))
+    assert harness.run(3) == 2
+    assert [(e.state, e.attempts) for e in harness.exports(ids)] == [("sent", 1), ("sent", 2), ("sent", 2)], \
+        "the second attempt re-sends only the two that failed"
     assert sorted(scp2.received) == sorted(str(ds.SOPInstanceUID) for ds in results)
 
 
-def test_out_of_resources_is_retried_and_a_refusal_is_final(results: list[pydicom.Dataset],
+def test_out_of_resources_is_retried_and_a_refusal_is_final(results: list[pydicom.Dataset], tmp_path: Path,
                                                             scp_factory: type[ScriptedSCP]) -> None:
     scp = scp_factory([0xA700])
-    attempts: list[Attempt] = []
-    delivery = deliver_with_retries(results[:1], scp.destination, SenderConfig(max_attempts=3, backoff_initial_s=0.01),
-                                    calling_ae="CXRNODE", on_attempt=attempts.append, sleep=lambda s: None)
-    assert delivery.delivered and [a.statuses[0].status for a in attempts] == [0xA700, 0x0000]
+    harness = ExportHarness(tmp_path / "retried", scp.destination, max_attempts=3, backoff_initial_s=0.01)
+    (export_id,) = harness.register(_files(results[:1], tmp_path))
+    assert harness.run(3) == 2
+    assert [a.status for a in harness.attempts(export_id)] == [0xA700, 0x0000]
 
     refusing = scp_factory([0xA900])
-    attempts = []
-    delivery = deliver_with_retries(results[:1], refusing.destination, SenderConfig(max_attempts=3),
-                                    calling_ae="CXRNODE", on_attempt=attempts.append,
-                                    sleep=lambda s: pytest.fail("0xA900 is not retried"))
-    assert delivery.dead and len(attempts) == 1
-    assert delivery.last_error is not None and "0xA900" in delivery.last_error
+    harness = ExportHarness(tmp_path / "refused", refusing.destination, max_attempts=3)
+    (export_id,) = harness.register(_files(results[:1], tmp_path))
+    assert harness.run(3) == 1, "0xA900 is not retried"
+    (export,) = harness.exports([export_id])
+    assert export.state == "dead" and "0xA900" in export.last_error
+
+
+def _files(datasets: list[pydicom.Dataset], folder: Path) -> list[Path]:
+    """The result objects as the node keeps them: one file each."""
+    paths = []
+    for ds in datasets:
+        path = folder / f"{ds.Modality.lower()}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def test_warning_status_counts_as_stored(results: list[pydicom.Dataset], scp_factory: type[ScriptedSCP]) -> None:
