@@ -399,7 +399,8 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
                        roles=[str(r) for r in AERole], echoes=echo_events)
 
     def _ae_fields(form: dict[str, str]) -> dict[str, Any]:
-        """Validated host/port/role/tls/description from a form; ValueError names the bad field."""
+        """Validated host/port/role/tls/storage_commitment/description from a form; ValueError names the
+        bad field."""
         host = form.get("host", "").strip() or None
         port_text = form.get("port", "").strip()
         try:
@@ -411,8 +412,11 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             raise ValueError(f"role: {role!r} is not one of source, destination, both")
         if role in ("destination", "both") and role != "both" and (host is None or port is None):
             raise ValueError("a destination needs host and port")
+        commit = form.get("storage_commitment") == "on"
+        if commit and (host is None or port is None or role == "source"):
+            raise ValueError("storage commitment: only for a destination with host and port")
         return {"host": host, "port": port, "role": role, "tls": form.get("tls") == "on",
-                "description": form.get("description", "").strip()}
+                "storage_commitment": commit, "description": form.get("description", "").strip()}
 
     @app.post("/ae")
     async def ae_add(request: Request) -> Response:
