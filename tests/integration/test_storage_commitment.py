@@ -114,6 +114,44 @@ def test_results_are_committed_on_either_association(node: tuple[Settings, Audit
     assert all(e.committed_at is not None and e.attempts == 1 for e in store.list_exports(instance_id))
 
 
+def test_cli_sets_the_switch_and_lists_committed_apart_from_sent(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "var"}"\n[sender]\ncommitment_wait_s = 5\n')
+    settings = load_settings(config)
+    store = AuditStore.open(settings.database_url)
+    peer = CommitmentPeer()
+    cli = ["--config", str(config)]
+    try:
+        assert main(["ae", "add", "COMMITPACS", "--host", "127.0.0.1", "--port", str(peer.port), "--role",
+                     "destination", "--storage-commitment", *cli]) == 0
+        assert "added AE COMMITPACS (destination, 127.0.0.1:" in capsys.readouterr().out
+        assert main(["ae", "add", "PLAINPACS", "--host", "127.0.0.1", "--port", str(peer.port), "--role",
+                     "destination", *cli]) == 0
+        assert main(["ae", "add", "SOURCEONLY", "--role", "source", "--storage-commitment", *cli]) == 2
+        assert "storage_commitment" in capsys.readouterr().err
+        committed, _ = _analyzed_with_exports(store, tmp_path, "COMMITPACS")
+        plain, _ = _analyzed_with_exports(store, tmp_path, "PLAINPACS")
+        Exporter(settings, store).run_once()
+    finally:
+        peer.close()
+    capsys.readouterr()
+    assert main(["exports", "list", "--json", *cli]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    states = {(r["instance"], r["state"], r["committed_at"] is not None) for r in rows}
+    assert states == {(committed, "committed", True), (plain, "sent", False)}
+    assert main(["exports", "list", "--state", "committed", "--json", *cli]) == 0
+    assert {r["instance"] for r in json.loads(capsys.readouterr().out)} == {committed}
+    assert main(["ae", "list", "--json", *cli]) == 0
+    flags = {a["name"]: a["storage_commitment"] for a in json.loads(capsys.readouterr().out)}
+    assert flags == {"COMMITPACS": True, "PLAINPACS": False}
+    store.close()
+
+
 def test_failed_commitment_is_sent_again_then_dead(node: tuple[Settings, AuditStore, Listener],
                                                    tmp_path: Path) -> None:
     settings, store, _ = node
@@ -312,6 +350,33 @@ def test_node_reports_on_a_new_association_when_the_requester_asks(tmp_path: Pat
     [answered] = store.list_events(kinds=["commitment.answered"])
     assert answered.detail["committed"] == 1
     store.close()
+
+
+def test_orthanc_asks_the_node_to_commit(node: tuple[Settings, AuditStore, Listener], tmp_path: Path) -> None:
+    """Orthanc as the requester (its REST API drives its SCU): it sends an instance to the node, then
+    asks to commit it and one the node never got; the node reports on a new association."""
+    _, store, listener = node
+    with Orthanc(tmp_path / "orthanc", modalities={"node": (NODE_AE, "127.0.0.1", listener.port)}) as pacs:
+        store.add_ae("ORTHANC", host="127.0.0.1", port=pacs.dicom_port, role="both")
+        source = dicom_dir() / RESULT_FILES[0]
+        uploaded = pacs.post_json("/instances", source.read_bytes())
+        assert pacs.post_json("/modalities/node/store", {"Resources": [uploaded["ID"]], "Synchronous": True})[
+            "FailedInstancesCount"] == 0
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        never_sent = ["1.2.840.10008.5.1.4.1.1.1", generate_uid()]
+        job = pacs.post_json("/modalities/node/storage-commitment", {
+            "DicomInstances": [[str(ds.SOPClassUID), str(ds.SOPInstanceUID)], never_sent], "Timeout": 20})
+
+        def answered() -> bool:
+            return bool(pacs.get_json(job["Path"])["Status"] != "Pending")
+
+        wait_for(answered, 30, "Orthanc to get the node's report")
+        result = pacs.get_json(job["Path"])
+    assert result["Status"] == "Failure"  # Orthanc's word for "not every instance committed"
+    assert [i["SOPInstanceUID"] for i in result["Success"]] == [str(ds.SOPInstanceUID)]
+    assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in result["Failures"]] == [(never_sent[1], 0x0112)]
+    [answer] = store.list_events(kinds=["commitment.answered"])
+    assert (answer.detail["requester"], answer.detail["committed"], answer.detail["failed"]) == ("ORTHANC", 1, 1)
 
 
 def test_malformed_commitment_request_gets_a_reason(node: tuple[Settings, AuditStore, Listener]) -> None:
