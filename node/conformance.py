@@ -180,7 +180,8 @@ def render(settings: Settings | None = None) -> str:  # noqa: C901 — one docum
         "- When the AE entry has a host and `dicom.check_calling_host` is true, the peer must connect from one of "
         "that host's addresses.",
         "- A known AE title of any role (e.g. a `destination`) may open an association that proposes only "
-        "Storage Commitment Push Model and Verification: a PACS reports its commitments that way.",
+        "Storage Commitment Push Model and Verification: a PACS reports its commitments that way (called AE "
+        "title: the node's, or `sender.calling_ae` when that is set).",
         "",
         "Rejections are A-ASSOCIATE-RJ with:",
         "",

@@ -190,13 +190,15 @@ class StorageSCP:
         """(diagnostic, reason) when the association must be rejected, else None. `proposed`: the abstract
         syntaxes of the request (a known destination may open one for commitment reports only)."""
         d = self.settings.dicom
-        if d.require_called_ae and called_ae.strip() != d.ae_title:
+        reports_only = bool(proposed) and proposed <= REPORT_ONLY_CONTEXTS and str(commitment.STORAGE_COMMITMENT) \
+            in proposed
+        # A PACS reports a commitment to the AE title that asked: sender.calling_ae when that is set.
+        called_ok = ({d.ae_title, self.settings.sender.calling_ae} - {""}) if reports_only else {d.ae_title}
+        if d.require_called_ae and called_ae.strip() not in called_ok:
             return CALLED_AE_NOT_RECOGNISED, f"called AE title not recognised: {called_ae.strip()!r}"
         if d.allow_unknown_calling_ae:
             return None
         entry = self.store.get_ae(calling_ae.strip())
-        reports_only = bool(proposed) and proposed <= REPORT_ONLY_CONTEXTS and str(commitment.STORAGE_COMMITMENT) \
-            in proposed
         if entry is None or (entry.role not in (AERole.SOURCE, AERole.BOTH) and not reports_only):
             return CALLING_AE_NOT_RECOGNISED, f"calling AE title not recognised: {calling_ae.strip()!r}"
         if d.check_calling_host and entry.host and peer_host not in _addresses(entry.host):

@@ -533,6 +533,7 @@ class AuditStore(TriageStoreMixin):
             row.last_error = "" if succeeded else error
             if succeeded:
                 row.state, row.sent_at, row.next_attempt_at = ExportState.SENT, now, None
+                row.commitment_id, row.committed_at = None, None  # no commitment asked for this send
             elif give_up:
                 row.state, row.next_attempt_at = ExportState.DEAD, None
             else:

@@ -55,8 +55,9 @@ class ConsoleActions:
         return f"instance {instance_id} queued for analysis"
 
     def resend(self, instance_id: int, user: str) -> str:
-        """Deliver every result of an instance again (sent or dead exports back to pending)."""
-        ids = self._reset_exports(user, instance_id=instance_id, states=(ExportState.SENT, ExportState.DEAD),
+        """Deliver every result of an instance again (sent, committed or dead exports back to pending)."""
+        ids = self._reset_exports(user, instance_id=instance_id,
+                                  states=(ExportState.SENT, ExportState.COMMITTED, ExportState.DEAD),
                                   kind="export.resend")
         if not ids:
             raise ActionError(f"instance {instance_id} has no results to send (re-run it first)")

@@ -9,8 +9,10 @@ pynetdicom sender asks the node to commit what it sent; the node answers from it
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -18,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom import AE, _config, build_context, build_role, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import commitment
@@ -47,17 +49,30 @@ def _settings(tmp: Path, database_url: str = "", **sender: object) -> Settings:
                          broker={"enabled": False}, web={"enabled": False})
 
 
+@contextmanager
+def _listening(settings: Settings, store: AuditStore) -> Iterator[Listener]:
+    """The node's SCP in this process; pynetdicom's and tempfile's process-wide settings that it changes
+    are put back afterwards, so the in-process peers of later tests receive normally."""
+    spool = Spool(settings.storage.data_dir)
+    spool.prepare()
+    listener = Listener(settings, Ingest(settings, store, spool))
+    listener.start()
+    try:
+        yield listener
+    finally:
+        listener.stop(1)
+        _config.STORE_RECV_CHUNKED_DATASET = False
+        tempfile.tempdir = None
+
+
 @pytest.fixture
 def node(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, AuditStore, Listener]]:
     """An in-process node: audit store (SQLite and PostgreSQL) and the SCP (reports on a new association
     come here)."""
     settings = _settings(tmp_path, database_url)
     store = AuditStore.open(settings.database_url)
-    Spool(settings.storage.data_dir).prepare()
-    listener = Listener(settings, Ingest(settings, store, Spool(settings.storage.data_dir)))
-    listener.start()
-    yield settings, store, listener
-    listener.stop(1)
+    with _listening(settings, store) as listener:
+        yield settings, store, listener
     store.close()
 
 
@@ -112,6 +127,23 @@ def test_results_are_committed_on_either_association(node: tuple[Settings, Audit
     [event] = store.list_events(kinds=["commitment.committed"])
     assert event.detail["via"] == ("same association" if mode == "same" else "new association")
     assert all(e.committed_at is not None and e.attempts == 1 for e in store.list_exports(instance_id))
+
+
+def test_report_to_the_calling_ae_of_the_exporter_is_accepted(tmp_path: Path) -> None:
+    """With sender.calling_ae set, the PACS reports to that AE title on the node's port."""
+    settings = _settings(tmp_path, calling_ae="CXROUT")
+    store = AuditStore.open(settings.database_url)
+    with _listening(settings, store) as listener:
+        peer = CommitmentPeer(mode="new", node=(NODE_AE, "127.0.0.1", listener.port))
+        try:
+            _peer_ae(store, peer.port)
+            instance_id, _ = _analyzed_with_exports(store, tmp_path, "COMMITPACS")
+            Exporter(settings, store).run_once()
+            wait_for(lambda: _states(store, instance_id) == ["committed", "committed"], 20, "the commitment")
+        finally:
+            peer.close()
+    assert peer.requests[0].calling_ae == "CXROUT" and peer.reports[0][1] == 0x0000
+    store.close()
 
 
 def test_cli_sets_the_switch_and_lists_committed_apart_from_sent(tmp_path: Path,
@@ -297,28 +329,23 @@ def _store_and_request(port: int, files: list[Path], extra: list[tuple[str, str]
     return tx, int(rsp.Status), reports
 
 
-def _sender_node(tmp_path: Path, scp_port: int | None = None) -> tuple[Settings, AuditStore, Listener]:
+def _sender_node(tmp_path: Path, scp_port: int | None = None) -> tuple[Settings, AuditStore]:
     settings = _settings(tmp_path)
     store = AuditStore.open(settings.database_url)
-    Spool(settings.storage.data_dir).prepare()
     store.add_ae("MODALITY", host="127.0.0.1", port=scp_port, role="source")
-    listener = Listener(settings, Ingest(settings, store, Spool(settings.storage.data_dir)))
-    listener.start()
-    return settings, store, listener
+    return settings, store
 
 
 def test_node_commits_what_it_stored_on_the_same_association(tmp_path: Path) -> None:
-    _, store, listener = _sender_node(tmp_path)
+    settings, store = _sender_node(tmp_path)
     files = [tmp_path / n for n in RESULT_FILES]
     for name, dst in zip(RESULT_FILES, files, strict=True):
         shutil.copy(dicom_dir() / name, dst)
     never_sent = ("1.2.840.10008.5.1.4.1.1.1", generate_uid())
     stored = pydicom.dcmread(files[0], stop_before_pixels=True)
     wrong_class = ("1.2.840.10008.5.1.4.1.1.7", str(stored.SOPInstanceUID))
-    try:
+    with _listening(settings, store) as listener:
         tx, status, reports = _store_and_request(listener.port, files, [never_sent, wrong_class], wait_report=True)
-    finally:
-        listener.stop(1)
     assert status == 0x0000
     [report] = reports
     assert report.TransactionUID == tx
@@ -336,13 +363,11 @@ def test_node_commits_what_it_stored_on_the_same_association(tmp_path: Path) -> 
 
 def test_node_reports_on_a_new_association_when_the_requester_asks(tmp_path: Path) -> None:
     scp_port = free_port()
-    _, store, listener = _sender_node(tmp_path, scp_port)
+    settings, store = _sender_node(tmp_path, scp_port)
     files = [tmp_path / RESULT_FILES[0]]
     shutil.copy(dicom_dir() / RESULT_FILES[0], files[0])
-    try:
+    with _listening(settings, store) as listener:
         tx, status, reports = _store_and_request(listener.port, files, [], wait_report=False, scp_port=scp_port)
-    finally:
-        listener.stop(1)
     assert status == 0x0000
     [report] = reports
     assert report.TransactionUID == tx and "FailedSOPSequence" not in report

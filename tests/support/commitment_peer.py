@@ -113,10 +113,12 @@ class CommitmentPeer:
                 rsp = Dataset()
         else:
             assert self.node is not None
-            node_ae, host, port = self.node
+            _, host, port = self.node
             ae = AE(ae_title=self.ae_title)
             ae.add_requested_context(STORAGE_COMMITMENT)
-            reverse = ae.associate(host, port, ae_title=node_ae, ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)])
+            # As a PACS does: report to the AE title that asked, at the address configured for it.
+            reverse = ae.associate(host, port, ae_title=request.calling_ae,
+                                   ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)])
             rsp = Dataset()
             if reverse.is_established:
                 rsp, _ = reverse.send_n_event_report(ds, event_type, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
