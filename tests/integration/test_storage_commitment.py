@@ -423,15 +423,19 @@ def test_malformed_commitment_request_gets_a_reason(node: tuple[Settings, AuditS
 # --- acceptance: the node dies between send and report ------------------------------------------------
 
 
-def test_node_killed_before_the_report_sends_and_commits_once_after_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "listeners"), [("same", 1), ("new", 2)])
+def test_node_killed_before_the_report_sends_and_commits_once_after_restart(tmp_path: Path, mode: str,
+                                                                            listeners: int) -> None:
     """The peer stores the results and takes the N-ACTION but withholds its first report; the node is
     killed (SIGKILL) while it waits. After the restart the persisted transaction expires, the results
-    go again, and this time they are committed: each result sent twice, committed once."""
-    peer = CommitmentPeer(withhold=1)
+    go again, and this time they are committed: each result sent twice, committed once. The second
+    report comes on the same association, or on a new one to one of two listener processes."""
     (tmp_path / "node").mkdir()
     node = NodeProcess(tmp_path / "node", extra_toml=(
+        f"listeners = {listeners}\n"
         "[broker]\nembedded_worker = false\n"
         "[sender]\ncommitment_timeout_s = 3\ncommitment_wait_s = 60\nbackoff_initial_s = 0.5\n"))
+    peer = CommitmentPeer(withhold=1, mode=mode, node=(NODE_AE, "127.0.0.1", node.port))  # type: ignore[arg-type]
     try:
         node.start()
         store = node.store()
@@ -457,3 +461,5 @@ def test_node_killed_before_the_report_sends_and_commits_once_after_restart(tmp_
     committed = store.list_events(kinds=["export.committed"], instance_id=instance_id)
     assert sorted(e.detail["export_id"] for e in committed) == sorted(e.id for e in store.list_exports(instance_id))
     assert store.get_instance(instance_id).state == InstanceState.EXPORTED
+    [report] = store.list_events(kinds=["commitment.committed"])
+    assert report.detail["via"] == f"{mode} association"
