@@ -22,6 +22,7 @@ each batch it stored, to take responsibility for those instances:
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -228,7 +229,7 @@ class ActionResult:
 def request_commitment(destination: Destination, transaction_uid: str, references: Sequence[Reference], *,
                        calling_ae: str, cfg: SenderConfig, on_report: Callable[[evt.Event], Any],
                        answered: Callable[[], bool], on_requested: Callable[[int], None] | None = None,
-                       ssl_context: Any = None) -> ActionResult:
+                       ssl_context: ssl.SSLContext | None = None) -> ActionResult:
     """Send the N-ACTION (`on_requested` is told its success status) and keep the association open up to
     ``cfg.commitment_wait_s`` for a report on it (handled by `on_report`); stops waiting when
     `answered()` says a report came another way."""

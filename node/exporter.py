@@ -15,6 +15,7 @@ the same backoff and dead letter as a failed send.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import defaultdict
 from datetime import datetime, timedelta
 
@@ -88,7 +89,7 @@ class Exporter(BackgroundLoop):
         return sent
 
     def _request_commitment(self, ae_title: str, destination: Destination, stored: list[tuple[Export, FileStatus]],
-                            started: datetime, ssl_context: object) -> None:
+                            started: datetime, ssl_context: ssl.SSLContext | None) -> None:
         """Record the stored exports as ``committing`` under a new transaction, then send the N-ACTION."""
         cfg = self.settings.sender
         transaction_uid = generate_uid()
