@@ -254,8 +254,11 @@ def request_commitment(destination: Destination, transaction_uid: str, reference
     except SendError as e:
         return ActionResult(False, None, e.reason)
     try:
-        rsp, _ = assoc.send_n_action(request_dataset(transaction_uid, references), ACTION_REQUEST_COMMITMENT,
-                                     STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
+        try:
+            rsp, _ = assoc.send_n_action(request_dataset(transaction_uid, references), ACTION_REQUEST_COMMITMENT,
+                                         STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
+        except (RuntimeError, ValueError) as e:  # the association ended, or no usable context
+            return ActionResult(False, None, f"N-ACTION not sent: {e}")
         status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
         if status is None:
             return ActionResult(False, None, watch.reason() or "no N-ACTION response (DIMSE timeout or abort)")

@@ -31,6 +31,7 @@ from node.ingest import Ingest
 from node.serve import Listener
 from node.spool import Spool
 from tests.support.commitment_peer import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, CommitmentPeer
+from tests.support.dcmtk import StoreSCP
 from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess
 from tests.support.orthanc import Orthanc
@@ -208,6 +209,27 @@ def test_failed_commitment_is_sent_again_then_dead(node: tuple[Settings, AuditSt
     inst = store.get_instance(instance_id)
     assert inst.state == InstanceState.DEAD and "no such object instance" in inst.reason
     assert [c.state for c in store.list_commitments()] == ["failed", "failed", "failed"]
+
+
+def test_destination_without_commitment_support_is_dead_with_the_reason(tmp_path: Path) -> None:
+    """storescp stores but has no Storage Commitment: the switch is wrong for it, and the dead letter says so."""
+    settings = _settings(tmp_path, max_attempts=2)
+    store = AuditStore.open(settings.database_url)
+    with StoreSCP(tmp_path / "received") as scp:
+        store.add_ae("DESTSCP", host="127.0.0.1", port=scp.port, role="destination", storage_commitment=True)
+        instance_id, _ = _analyzed_with_exports(store, tmp_path, "DESTSCP")
+        exporter = Exporter(settings, store)
+        exporter.run_once()
+        exporter.run_once()
+        received = list((tmp_path / "received").iterdir())
+    exports = store.list_exports(instance_id)
+    assert [(e.state, e.attempts) for e in exports] == [("dead", 2), ("dead", 2)]
+    assert exports[0].last_error == ("storage commitment: N-ACTION failed: DESTSCP does not accept Storage "
+                                     "Commitment Push Model")
+    # Stored each time (storescp names files by SOP Instance UID): only the commitment is missing.
+    assert len(received) == 2 and len(store.list_events(kinds=["export.sent"], instance_id=instance_id)) == 4
+    assert store.get_instance(instance_id).state == InstanceState.DEAD
+    store.close()
 
 
 def test_no_report_expires_and_the_results_go_again(tmp_path: Path) -> None:
