@@ -363,6 +363,10 @@ class CommitmentSCP:
                 deadline = time.monotonic() + 5.0
                 while assoc.is_established and assoc._is_paused and time.monotonic() < deadline:
                     time.sleep(0.002)
+            else:  # the response never went out (association aborted): forget it, report elsewhere
+                with self._lock:
+                    if self._pending.get(id(assoc)) is pending:
+                        del self._pending[id(assoc)]
             if _same_association(assoc):
                 via = "same association"
                 status, error = _send_report(assoc, report)
