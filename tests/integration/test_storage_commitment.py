@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, build_context, build_role, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node import commitment
+from node import commitment, metrics
 from node.audit import AuditStore, ExportState, InstanceState, ReceivedInstance
 from node.config import Settings, load_settings
 from node.exporter import Exporter
@@ -100,6 +101,16 @@ def _peer_ae(store: AuditStore, peer_port: int, name: str = "COMMITPACS") -> Non
     store.add_ae(name, host="127.0.0.1", port=peer_port, role="destination", storage_commitment=True)
 
 
+def _metric(role: str, outcome: str) -> float:
+    """cxrnode_storage_commitments_total{role, outcome} as /metrics exposes it (this process)."""
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "cxrnode_storage_commitments_total" and sample.labels == {"role": role,
+                                                                                        "outcome": outcome}:
+                return float(sample.value)
+    return 0.0
+
+
 def _states(store: AuditStore, instance_id: int) -> list[str]:
     return [e.state for e in store.list_exports(instance_id)]
 
@@ -111,6 +122,7 @@ def _states(store: AuditStore, instance_id: int) -> list[str]:
 def test_results_are_committed_on_either_association(node: tuple[Settings, AuditStore, Listener], tmp_path: Path,
                                                      mode: str) -> None:
     settings, store, listener = node
+    committed_before = _metric("scu", "committed")
     peer = CommitmentPeer(mode=mode, node=(NODE_AE, "127.0.0.1", listener.port))  # type: ignore[arg-type]
     try:
         _peer_ae(store, peer.port)
@@ -128,6 +140,7 @@ def test_results_are_committed_on_either_association(node: tuple[Settings, Audit
     [event] = store.list_events(kinds=["commitment.committed"])
     assert event.detail["via"] == ("same association" if mode == "same" else "new association")
     assert all(e.committed_at is not None and e.attempts == 1 for e in store.list_exports(instance_id))
+    assert _metric("scu", "committed") == committed_before + 1  # /metrics counts it
 
 
 def test_report_to_the_calling_ae_of_the_exporter_is_accepted(tmp_path: Path) -> None:
@@ -233,7 +246,7 @@ def test_destination_without_commitment_support_is_dead_with_the_reason(tmp_path
 
 
 def test_no_report_expires_and_the_results_go_again(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, commitment_timeout_s=0.5, commitment_wait_s=2.0)
+    settings = _settings(tmp_path, commitment_timeout_s=0.5, commitment_wait_s=4.0)
     store = AuditStore.open(settings.database_url)
     peer = CommitmentPeer(withhold=1)
     try:
