@@ -67,6 +67,10 @@ INVALID_ARGUMENT_VALUE = 0x0115
 CLASS_INSTANCE_CONFLICT = 0x0119
 NO_SUCH_ACTION_TYPE = 0x0123
 
+#: A report the requester's association cannot carry goes on a new one, tried again after these pauses.
+REPORT_RETRY_DELAYS_S = (1.0, 5.0)
+NOT_REACHABLE = "requester has no address"
+
 #: Failure Reason (0008,1197) values a report may carry (PS3.3 C.14.1.1), in words for the audit log.
 FAILURE_REASONS = {
     PROCESSING_FAILURE: "processing failure",
@@ -372,7 +376,11 @@ class CommitmentSCP:
                 status, error = _send_report(assoc, report)
             if status != SUCCESS:
                 via = "new association"
-                status, error = self._report_on_new_association(pending.requester, report)
+                for delay in (*REPORT_RETRY_DELAYS_S, None):  # a requester's SCP may be busy for a moment
+                    status, error = self._report_on_new_association(pending.requester, report)
+                    if status == SUCCESS or delay is None or error.startswith(NOT_REACHABLE):
+                        break
+                    time.sleep(delay)
         except Exception as e:  # never let a report thread die silently
             log.exception("storage commitment report %s failed", report.transaction_uid)
             error = f"{type(e).__name__}: {e}"
@@ -388,7 +396,7 @@ class CommitmentSCP:
         """Open an association to the requester's AE (as SCP of the SOP class) and send the report."""
         entry = self.store.get_ae(requester)
         if entry is None or entry.host is None or entry.port is None:
-            return None, f"requester {requester!r} is not a known AE with host and port: the report cannot be sent"
+            return None, f"{NOT_REACHABLE}: {requester!r} is not a known AE with host and port"
         destination = Destination(entry.name, entry.host, entry.port, entry.tls)
         ssl_context = tls_client_context(self.settings.dicom.tls) if entry.tls else None
         if entry.tls and ssl_context is None:

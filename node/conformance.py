@@ -378,7 +378,8 @@ def _commitment_section(s: Settings, syntaxes: list[str]) -> list[str]:
         "while it is open, unless the requester took the SCP role for this SOP class on it (Role Selection); "
         "then, or when the association has ended, on a new association from the node to the requester's AE "
         "title, which must be in the AE table with host and port (TLS when the entry says so), proposing the "
-        "SCP role. N-ACTION statuses: `0x0000`; "
+        f"SCP role; tried {len(c.REPORT_RETRY_DELAYS_S) + 1} times, "
+        f"{' and '.join(f'{d:g}' for d in c.REPORT_RETRY_DELAYS_S)} s apart. N-ACTION statuses: `0x0000`; "
         f"`0x{c.INVALID_ARGUMENT_VALUE:04X}` (no Transaction UID or Referenced SOP Sequence, reason in Error "
         f"Comment); `0x{c.NO_SUCH_ACTION_TYPE:04X}` (another Action Type); `0x{c.PROCESSING_FAILURE:04X}` "
         "(internal error). Requests, reports and their delivery are audited (`commitment.*` events).",

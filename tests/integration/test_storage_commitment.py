@@ -9,11 +9,13 @@ pynetdicom sender asks the node to commit what it sent; the node answers from it
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import pydicom
 import pytest
@@ -315,23 +317,37 @@ def test_destination_only_ae_cannot_store(node: tuple[Settings, AuditStore, List
 
 
 def _store_and_request(port: int, files: list[Path], extra: list[tuple[str, str]], *, wait_report: bool,
-                       scp_port: int | None = None) -> tuple[str, int, list[Dataset]]:
+                       scp_port: int | None = None, scp_late: bool = False,
+                       report_timeout: float = 20) -> tuple[str, int, list[Dataset]]:
     """A pynetdicom sender: C-STORE `files`, ask to commit them and `extra`; returns (transaction UID,
-    N-ACTION status, reports received on this association or on its own SCP at `scp_port`)."""
+    N-ACTION status, reports received on this association or on its own SCP at `scp_port`). `scp_late`:
+    the first connection to that port is closed at once, and only then does its SCP start."""
     reports: list[Dataset] = []
     got = threading.Event()
+    servers: list[Any] = []
 
     def on_report(event: evt.Event) -> tuple[int, None]:
         reports.append(event.event_information)  # type: ignore[attr-defined]
         got.set()
         return 0x0000, None
 
-    server = None
-    if scp_port is not None:
+    def start_scp() -> None:
         scp = AE(ae_title="MODALITY")
         scp.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
-        server = scp.start_server(("127.0.0.1", scp_port), block=False,
-                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+        servers.append(scp.start_server(("127.0.0.1", cast(int, scp_port)), block=False,
+                                        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]))
+
+    def refuse_once_then_start(listening: socket.socket) -> None:
+        conn, _ = listening.accept()
+        conn.close()
+        listening.close()
+        start_scp()
+
+    if scp_port is not None and scp_late:
+        listening = socket.create_server(("127.0.0.1", scp_port))
+        threading.Thread(target=refuse_once_then_start, args=(listening,), daemon=True).start()
+    elif scp_port is not None:
+        start_scp()
     ae = AE(ae_title="MODALITY")
     datasets = [pydicom.dcmread(f) for f in files]
     for ds in datasets:
@@ -355,11 +371,11 @@ def _store_and_request(port: int, files: list[Path], extra: list[tuple[str, str]
     request.ReferencedSOPSequence = DicomSequence(items)
     rsp, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
     if wait_report:
-        got.wait(20)
+        got.wait(report_timeout)
     assoc.release()
     if not wait_report:
-        got.wait(20)
-    if server is not None:
+        got.wait(report_timeout)
+    for server in servers:
         server.shutdown()
     return tx, int(rsp.Status), reports
 
@@ -437,6 +453,39 @@ def test_orthanc_asks_the_node_to_commit(node: tuple[Settings, AuditStore, Liste
     assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in result["Failures"]] == [(never_sent[1], 0x0112)]
     [answer] = store.list_events(kinds=["commitment.answered"])
     assert (answer.detail["requester"], answer.detail["committed"], answer.detail["failed"]) == ("ORTHANC", 1, 1)
+
+
+def test_report_is_tried_again_when_the_requester_is_busy(tmp_path: Path) -> None:
+    """The requester's SCP drops the node's first association; the report goes on the next try."""
+    scp_port = free_port()
+    settings, store = _sender_node(tmp_path, scp_port)
+    files = [tmp_path / RESULT_FILES[0]]
+    shutil.copy(dicom_dir() / RESULT_FILES[0], files[0])
+    with _listening(settings, store) as listener:
+        tx, status, reports = _store_and_request(listener.port, files, [], wait_report=False, scp_port=scp_port,
+                                                 scp_late=True)
+    assert status == 0x0000 and [r.TransactionUID for r in reports] == [tx]
+    wait_for(lambda: bool(store.list_events(kinds=["commitment.answered"])), 10, "the answer's audit row")
+    outbound = [a for a in store.list_associations() if a.direction == "outbound"]
+    assert [a.result for a in outbound] == ["failed", "released"]  # newest last
+    store.close()
+
+
+def test_report_to_a_requester_without_address_is_audited(tmp_path: Path) -> None:
+    """A requester that asks for a new association but has no host/port in the AE table: audited, no hang."""
+    settings, store = _sender_node(tmp_path)  # MODALITY: a source without host and port
+    files = [tmp_path / RESULT_FILES[0]]
+    shutil.copy(dicom_dir() / RESULT_FILES[0], files[0])
+    unused = free_port()
+    with _listening(settings, store) as listener:
+        # It proposes the SCP role (asks for a new association) but the node has nowhere to send it.
+        _, status, reports = _store_and_request(listener.port, files, [], wait_report=False, scp_port=unused,
+                                                report_timeout=1)
+        wait_for(lambda: bool(store.list_events(kinds=["commitment.report_failed"])), 10, "the failure's audit row")
+    assert status == 0x0000 and reports == []
+    [failed] = store.list_events(kinds=["commitment.report_failed"])
+    assert failed.detail["error"] == "requester has no address: 'MODALITY' is not a known AE with host and port"
+    store.close()
 
 
 def test_malformed_commitment_request_gets_a_reason(node: tuple[Settings, AuditStore, Listener]) -> None:
