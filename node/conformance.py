@@ -165,7 +165,8 @@ def render(settings: Settings | None = None) -> str:
          "`dicom.acse_timeout`, `dicom.dimse_timeout`, `dicom.network_timeout`"),
         ("Implementation Class UID / Version Name", "pynetdicom's (see `pynetdicom.PYNETDICOM_IMPLEMENTATION_UID`)",
          "—"),
-        ("SCP/SCU Role Selection, extended negotiation, asynchronous operations", "not supported", "—"),
+        ("SCP/SCU Role Selection", "accepted for Storage Commitment Push Model only (section 4.1)", "—"),
+        ("Extended negotiation, asynchronous operations", "not supported", "—"),
     ])
     lines += [
         "## 2. Association acceptance policy",
@@ -179,6 +180,9 @@ def render(settings: Settings | None = None) -> str:
         "managed with `cxrnode ae …` or the web console and seeded from `[[ae]]` in the configuration).",
         "- When the AE entry has a host and `dicom.check_calling_host` is true, the peer must connect from one of "
         "that host's addresses.",
+        "- A known AE title of any role (e.g. a `destination`) may open an association that proposes only "
+        "Storage Commitment Push Model and Verification: a PACS reports its commitments that way (called AE "
+        "title: the node's, or `sender.calling_ae` when that is set).",
         "",
         "Rejections are A-ASSOCIATE-RJ with:",
         "",
@@ -195,13 +199,18 @@ def render(settings: Settings | None = None) -> str:
          ("2 (rejected-transient)", "3 (service-provider, presentation)", "2 (local limit exceeded)",
           f"more than {d.max_associations} associations at once")])
 
-    contexts = scp_contexts(s)
+    from node.export.commitment import STORAGE_COMMITMENT
+
+    all_contexts = scp_contexts(s)
+    contexts = [(a, tss) for a, tss in all_contexts if a != STORAGE_COMMITMENT]
+    commit_syntaxes = next(tss for a, tss in all_contexts if a == STORAGE_COMMITMENT)
     syntaxes = sorted({ts for _, tss in contexts for ts in tss}, key=lambda u: [int(p) for p in u.split(".")])
     same = all(set(tss) == set(syntaxes) for _, tss in contexts)
     lines += [
         "## 3. SCP: Verification and Storage",
         "",
-        f"The node accepts {len(contexts)} abstract syntaxes as SCP. Data sets are stored exactly as "
+        f"The node accepts {len(contexts)} storage and verification abstract syntaxes as SCP (and Storage "
+        "Commitment, section 4.1). Data sets are stored exactly as "
         "received (no transcoding); a proposed presentation context with an abstract syntax not listed "
         "here is rejected (abstract syntax not supported), and a C-STORE for it cannot be sent.",
         "",
@@ -266,6 +275,7 @@ def render(settings: Settings | None = None) -> str:
         "it stays on disk in the dead-letter queue until retried from the console or `cxrnode exports retry`. "
         "Every attempt is audited with the status or error.",
         "",
+        *_commitment_section(s, commit_syntaxes),
         "## 5. Result objects",
         "",
         "Both objects copy the Patient and Study modules of the source image, start a new series, reference the "
@@ -324,6 +334,59 @@ def render(settings: Settings | None = None) -> str:
     ]
     lines += _triage_section(s)
     return "\n".join(lines)
+
+
+def _commitment_section(s: Settings, syntaxes: list[str]) -> list[str]:
+    from node.export import commitment as c
+
+    sd = s.sender
+    lines = [
+        "### 4.1 Storage Commitment Push Model",
+        "",
+    ]
+    lines += _table(["SOP class", "UID", "Roles", "Transfer syntaxes"], [
+        (_uid_name(str(c.STORAGE_COMMITMENT)), f"`{c.STORAGE_COMMITMENT}`", "SCU and SCP",
+         ", ".join(f"`{t}`" for t in syntaxes))])
+    lines += [
+        "**As SCU.** For a destination whose AE entry has `storage_commitment` on (`cxrnode ae add … "
+        "--storage-commitment`, the console's AE page, or `storage_commitment = true` in `[[ae]]`), the objects "
+        "it stored on one association are asked to be committed right after, with one N-ACTION (Action Type "
+        f"{c.ACTION_REQUEST_COMMITMENT}, SOP Instance `{c.STORAGE_COMMITMENT_INSTANCE}`) and a new Transaction UID. "
+        "The transaction and its instances are written to the audit log before the N-ACTION is sent. The "
+        f"node keeps that association open up to {sd.commitment_wait_s:g} s (`sender.commitment_wait_s`) for "
+        "an N-EVENT-REPORT on it, and accepts the report on a new association to its own port as well (the "
+        "peer proposes the SCP role by SCP/SCU Role Selection; the node accepts either role). Event Type 1 "
+        "commits every instance; Event Type 2 lists failures (Failed SOP Sequence with Failure Reason). The "
+        "export is then *committed*; a failed instance, or all of them when no report came within "
+        f"{sd.commitment_timeout_s:g} s (`sender.commitment_timeout_s`, also after a restart of the node), "
+        "is sent again with the same attempts and delays as a failed C-STORE, then dead. A report for an "
+        "unknown or closed Transaction UID is answered `0x0000` and only audited.",
+        "",
+        "**As SCP.** A sender may ask the node to commit instances it sent (N-ACTION, Action Type 1). The node "
+        "answers the N-ACTION at once and then reports, from its audit log and spool:",
+        "",
+    ]
+    lines += _table(["Result", "When"], [
+        ("Committed (Referenced SOP Sequence)", "the instance is recorded as stored (not rejected), of the "
+                                                 "same SOP class, and its file is in the spool"),
+        (f"Failure Reason `0x{c.NO_SUCH_OBJECT_INSTANCE:04X}` (no such object instance)",
+         "never received, refused at ingest, or removed by retention"),
+        (f"Failure Reason `0x{c.CLASS_INSTANCE_CONFLICT:04X}` (class/instance conflict)",
+         "stored, but with another SOP class"),
+    ])
+    lines += [
+        "The N-EVENT-REPORT (Event Type 1 when all are committed, else 2) goes on the requester's association "
+        "while it is open, unless the requester took the SCP role for this SOP class on it (Role Selection); "
+        "then, or when the association has ended, on a new association from the node to the requester's AE "
+        "title, which must be in the AE table with host and port (TLS when the entry says so), proposing the "
+        f"SCP role; tried {len(c.REPORT_RETRY_DELAYS_S) + 1} times, "
+        f"{' and '.join(f'{d:g}' for d in c.REPORT_RETRY_DELAYS_S)} s apart. N-ACTION statuses: `0x0000`; "
+        f"`0x{c.INVALID_ARGUMENT_VALUE:04X}` (no Transaction UID or Referenced SOP Sequence, reason in Error "
+        f"Comment); `0x{c.NO_SUCH_ACTION_TYPE:04X}` (another Action Type); `0x{c.PROCESSING_FAILURE:04X}` "
+        "(internal error). Requests, reports and their delivery are audited (`commitment.*` events).",
+        "",
+    ]
+    return lines
 
 
 def _triage_section(s: Settings) -> list[str]:

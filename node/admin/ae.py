@@ -22,33 +22,40 @@ class AdminError(ValueError):
 
 
 def validate_entry(name: str, *, host: str | None, port: int | None, role: str, tls: bool,
-                   description: str) -> AEEntry:
+                   description: str, storage_commitment: bool = False) -> AEEntry:
     """Validate an AE entry with the same rules as the configuration file."""
     try:
         return AEEntry(name=name, host=host, port=port, role=role,  # type: ignore[arg-type]
-                       tls=tls, description=description)
+                       tls=tls, storage_commitment=storage_commitment, description=description)
     except ValidationError as e:
         raise AdminError("; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}"
                                    for err in e.errors())) from e
 
 
 def add_ae(store: AuditStore, name: str, *, host: str | None = None, port: int | None = None,
-           role: str = "both", tls: bool = False, description: str = "", actor: str = "cli") -> AETitle:
-    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description)
+           role: str = "both", tls: bool = False, description: str = "", storage_commitment: bool = False,
+           actor: str = "cli") -> AETitle:
+    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description,
+                           storage_commitment=storage_commitment)
     try:
         return store.add_ae(entry.name, host=entry.host, port=entry.port, role=entry.role, tls=entry.tls,
-                            description=entry.description, actor=actor)
+                            storage_commitment=entry.storage_commitment, description=entry.description,
+                            actor=actor)
     except StoreError as e:
         raise AdminError(str(e)) from e
 
 
 def update_ae(store: AuditStore, name: str, *, host: str | None = None, port: int | None = None,
-              role: str = "both", tls: bool = False, description: str = "", actor: str = "cli") -> AETitle:
-    """Replace host/port/role/tls/description of a known AE title, validated like a new entry."""
-    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description)
+              role: str = "both", tls: bool = False, description: str = "", storage_commitment: bool = False,
+              actor: str = "cli") -> AETitle:
+    """Replace host/port/role/tls/storage_commitment/description of a known AE title, validated like a
+    new entry."""
+    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description,
+                           storage_commitment=storage_commitment)
     try:
         return store.update_ae(entry.name, host=entry.host, port=entry.port, role=entry.role, tls=entry.tls,
-                               description=entry.description, actor=actor)
+                               storage_commitment=entry.storage_commitment, description=entry.description,
+                               actor=actor)
     except StoreError as e:
         raise AdminError(str(e)) from e
 

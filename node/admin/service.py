@@ -49,14 +49,16 @@ class AdminService:
     # -- AE titles ---------------------------------------------------------------------------------
 
     def add_ae(self, name: str, *, actor: str, host: str | None = None, port: int | None = None,
-               role: str = "both", tls: bool = False, description: str = "") -> AETitle:
+               role: str = "both", tls: bool = False, description: str = "",
+               storage_commitment: bool = False) -> AETitle:
         return add_ae(self.store, name, host=host, port=port, role=role, tls=tls, description=description,
-                      actor=actor)
+                      storage_commitment=storage_commitment, actor=actor)
 
     def update_ae(self, name: str, *, actor: str, host: str | None = None, port: int | None = None,
-                  role: str = "both", tls: bool = False, description: str = "") -> AETitle:
+                  role: str = "both", tls: bool = False, description: str = "",
+                  storage_commitment: bool = False) -> AETitle:
         return update_ae(self.store, name, host=host, port=port, role=role, tls=tls, description=description,
-                         actor=actor)
+                         storage_commitment=storage_commitment, actor=actor)
 
     def remove_ae(self, name: str, *, actor: str) -> None:
         remove_ae(self.store, name, actor=actor)
@@ -83,9 +85,10 @@ class AdminService:
         return f"instance {instance_id} queued for analysis"
 
     def resend(self, instance_id: int, *, actor: str) -> str:
-        """Deliver every result of an instance again (sent or dead exports back to pending)."""
+        """Deliver every result of an instance again (sent, committed or dead exports back to pending)."""
         ids = self.store.requeue_exports(actor=actor, instance_id=instance_id,
-                                         states=(ExportState.SENT, ExportState.DEAD), kind="export.resend")
+                                         states=(ExportState.SENT, ExportState.COMMITTED, ExportState.DEAD),
+                                         kind="export.resend")
         if not ids:
             raise AdminError(f"instance {instance_id} has no results to send (re-run it first)")
         return self._kicked(f"{len(ids)} result object(s) of instance {instance_id} will be sent again")

@@ -80,8 +80,21 @@ STATE_TIMESTAMP = {
 
 class ExportState(enum.StrEnum):
     PENDING = "pending"
-    SENT = "sent"
+    SENT = "sent"  # stored by the destination (final unless it takes storage commitment)
+    COMMITTING = "committing"  # stored, storage commitment asked, no N-EVENT-REPORT yet
+    COMMITTED = "committed"  # the destination accepted responsibility for it (final)
     DEAD = "dead"
+
+
+#: Exports that are delivered for good: their instance may become ``exported``.
+DELIVERED_EXPORT_STATES = frozenset({ExportState.SENT, ExportState.COMMITTED})
+
+
+class CommitmentState(enum.StrEnum):
+    PENDING = "pending"  # N-ACTION sent (or about to be), waiting for the N-EVENT-REPORT
+    COMMITTED = "committed"  # every instance committed
+    FAILED = "failed"  # the report named failures, or the N-ACTION was refused / could not be sent
+    EXPIRED = "expired"  # no report within sender.commitment_timeout_s
 
 
 class AERole(enum.StrEnum):
@@ -210,6 +223,7 @@ class AETitle(Base):
     port: Mapped[int | None]
     role: Mapped[str] = mapped_column(String(16), default=AERole.BOTH)
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    storage_commitment: Mapped[bool] = mapped_column(Boolean, default=False)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -240,6 +254,9 @@ class Export(Base):
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
+    # The storage commitment transaction of the latest send (destinations that take commitment).
+    commitment_id: Mapped[int | None] = mapped_column(ForeignKey("storage_commitments.id"), index=True)
+    committed_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="exports")
@@ -260,6 +277,28 @@ class ExportAttempt(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
     export: Mapped[Export] = relationship(back_populates="attempt_log")
+
+
+class StorageCommitment(Base):
+    """One Storage Commitment Push Model transaction the node asked of a destination (node.export.commitment).
+
+    Written in the same transaction that marks its exports ``committing``, before the N-ACTION goes
+    out, so a node killed before the N-EVENT-REPORT finds it after a restart: a report that still
+    comes settles it, else it expires at ``deadline_at`` and its exports are sent again.
+    """
+
+    __tablename__ = "storage_commitments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    destination_ae: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16), default=CommitmentState.PENDING, index=True)
+    # [{"export_id", "sop_class_uid", "sop_instance_uid"}]: what the N-ACTION asked to commit.
+    sop_references: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline_at: Mapped[datetime] = mapped_column(index=True)
+    answered_at: Mapped[datetime | None]
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class TriageState(enum.StrEnum):

@@ -55,6 +55,8 @@ class Today:
     duplicate: int = 0
     rejected: int = 0
     dead_exports: int = 0
+    committed_exports: int = 0  # results a destination took responsibility for (storage commitment)
+    committing_exports: int = 0  # now: stored by a destination, its commitment report still awaited
 
 
 def today(store: AuditStore, since: datetime | None = None) -> Today:
@@ -68,7 +70,9 @@ def today(store: AuditStore, since: datetime | None = None) -> Today:
         received=rows.get("instance.received", 0), analyzed=rows.get("instance.analyzed", 0),
         exported=rows.get("instance.exported", 0), failed=rows.get("instance.failed", 0),
         skipped=rows.get("instance.skipped", 0), duplicate=rows.get("instance.duplicate", 0),
-        rejected=rows.get("instance.rejected", 0), dead_exports=rows.get("export.dead", 0))
+        rejected=rows.get("instance.rejected", 0), dead_exports=rows.get("export.dead", 0),
+        committed_exports=rows.get("export.committed", 0),
+        committing_exports=export_counts(store).get(ExportState.COMMITTING, 0))
 
 
 @dataclass

@@ -21,18 +21,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit.db import make_engine, migrate
 from node.audit.models import (
+    DELIVERED_EXPORT_STATES,
     FINAL_STATES,
     PENDING_STATES,
     STATE_TIMESTAMP,
     AERole,
     AETitle,
     Association,
+    CommitmentState,
     Event,
     Export,
     ExportAttempt,
     ExportState,
     Instance,
     InstanceState,
+    StorageCommitment,
     Study,
     parse_job_id,
     utcnow,
@@ -372,12 +375,12 @@ class AuditStore(TriageStoreMixin):
 
     def add_ae(self, name: str, *, host: str | None = None, port: int | None = None,
                role: AERole | str = AERole.BOTH, tls: bool = False, description: str = "",
-               actor: str = "cli") -> AETitle:
+               storage_commitment: bool = False, actor: str = "cli") -> AETitle:
         """Add an AE title (already validated by the caller); StoreError if the name exists."""
         try:
             with self.session() as s:
                 row = AETitle(name=name, host=host, port=port, role=str(AERole(role)), tls=tls,
-                              description=description)
+                              storage_commitment=storage_commitment, description=description)
                 s.add(row)
                 s.flush()
                 _event(s, "ae.added", actor=actor, detail=_ae_detail(row))
@@ -386,8 +389,9 @@ class AuditStore(TriageStoreMixin):
             raise StoreError(f"AE title {name!r} already exists") from e
 
     def update_ae(self, name: str, *, actor: str = "cli", **changes: Any) -> AETitle:
-        """Change host/port/role/tls/description of an AE title; the event records old and new values."""
-        allowed = {"host", "port", "role", "tls", "description"}
+        """Change host/port/role/tls/storage_commitment/description of an AE title; the event records old
+        and new values."""
+        allowed = {"host", "port", "role", "tls", "storage_commitment", "description"}
         if unknown := set(changes) - allowed:
             raise StoreError(f"cannot change {sorted(unknown)} of an AE title")
         with self.session() as s:
@@ -420,7 +424,7 @@ class AuditStore(TriageStoreMixin):
             if self.get_ae(e.name) is None:
                 try:
                     self.add_ae(e.name, host=e.host, port=e.port, role=e.role, tls=e.tls,
-                                description=e.description, actor=actor)
+                                storage_commitment=e.storage_commitment, description=e.description, actor=actor)
                     added += 1
                 except StoreError:
                     pass  # another process seeded it first
@@ -529,6 +533,7 @@ class AuditStore(TriageStoreMixin):
             row.last_error = "" if succeeded else error
             if succeeded:
                 row.state, row.sent_at, row.next_attempt_at = ExportState.SENT, now, None
+                row.commitment_id, row.committed_at = None, None  # no commitment asked for this send
             elif give_up:
                 row.state, row.next_attempt_at = ExportState.DEAD, None
             else:
@@ -609,6 +614,110 @@ class AuditStore(TriageStoreMixin):
             return list(s.scalars(select(ExportAttempt).where(ExportAttempt.export_id == export_id)
                                   .order_by(ExportAttempt.id)))
 
+    # -- storage commitment (node.export.commitment) ------------------------------------------------------------
+
+    def record_sent_for_commitment(self, sent: Sequence[tuple[int, int]], *, transaction_uid: str,
+                                   destination_ae: str, references: Sequence[dict[str, Any]],
+                                   deadline_at: datetime, started_at: datetime | None = None) -> StorageCommitment:
+        """Exports a destination that takes storage commitment has stored ((export id, C-STORE status)):
+        each gets its attempt row and becomes ``committing`` under one new commitment transaction
+        (``pending`` until `deadline_at`), all in ONE transaction, written before the N-ACTION goes out."""
+        with self.session() as s:
+            now = utcnow()
+            row = StorageCommitment(transaction_uid=transaction_uid, destination_ae=destination_ae,
+                                    state=CommitmentState.PENDING, sop_references=list(references),
+                                    requested_at=now, deadline_at=deadline_at, reason="")
+            s.add(row)
+            s.flush()
+            for export_id, status in sent:
+                export = s.get(Export, export_id, with_for_update=True)
+                if export is None:
+                    raise StoreError(f"no export with id {export_id}")
+                s.add(ExportAttempt(export_id=export_id, started_at=started_at or now, finished_at=now,
+                                    status=status, error=""))
+                export.attempts += 1
+                export.state, export.sent_at, export.next_attempt_at = ExportState.COMMITTING, now, None
+                export.last_error, export.commitment_id, export.committed_at = "", row.id, None
+                _event(s, "export.sent", instance_id=export.instance_id,
+                       detail={"export_id": export_id, "attempt": export.attempts, "destination": destination_ae,
+                               "status": f"0x{status:04X}", "error": "", "commitment": transaction_uid})
+            _event(s, "commitment.opened", detail={"transaction_uid": transaction_uid, "destination": destination_ae,
+                                                   "instances": len(references),
+                                                   "deadline_at": deadline_at.isoformat(timespec="seconds")})
+            return row
+
+    def record_commitment_requested(self, transaction_uid: str, *, status: int) -> None:
+        """The destination answered the N-ACTION with a success status: the report is awaited."""
+        with self.session() as s:
+            row = _commitment(s, transaction_uid)
+            _event(s, "commitment.requested", detail={"transaction_uid": transaction_uid,
+                                                      "destination": row.destination_ae,
+                                                      "status": f"0x{status:04X}"})
+
+    def record_commitment_report(self, transaction_uid: str, *, committed: Sequence[str],
+                                 failed: dict[str, str], via: str, retry_at: RetryAt,
+                                 on_settled: Callable[[Instance], None] | None = None) -> StorageCommitment | None:
+        """An N-EVENT-REPORT for a commitment the node asked for. Committed instances' exports become
+        ``committed``; failed ones, and any the report does not mention, are sent again (`retry_at`
+        gives when, None: dead). A report for an unknown or already closed transaction is only audited;
+        returns None then."""
+        with self.session() as s:
+            row = s.scalar(select(StorageCommitment).where(StorageCommitment.transaction_uid == transaction_uid)
+                           .with_for_update())
+            detail = {"transaction_uid": transaction_uid, "via": via, "committed": len(committed),
+                      "failed": len(failed)}
+            if row is None or row.state != CommitmentState.PENDING:
+                kind = "commitment.unknown_report" if row is None else "commitment.late_report"
+                _event(s, kind, detail={**detail, **({"state": row.state} if row is not None else {})})
+                return None
+            missing = "not named in the N-EVENT-REPORT"
+            outcome = _close_commitment(s, row, set(committed), failed, missing, retry_at)
+            row.state = CommitmentState.COMMITTED if not outcome.failed else CommitmentState.FAILED
+            row.reason = "" if not outcome.failed else "; ".join(sorted({r for r in outcome.failed.values()}))[:500]
+            _event(s, f"commitment.{row.state}", detail={**detail, "destination": row.destination_ae,
+                                                         **({"reasons": row.reason} if row.reason else {})})
+        for inst in outcome.settled:
+            if on_settled is not None:
+                on_settled(inst)
+        return row
+
+    def fail_commitment(self, transaction_uid: str, reason: str, *, retry_at: RetryAt,
+                        expired: bool = False) -> StorageCommitment | None:
+        """The N-ACTION failed, or no report came by the deadline (`expired`): every export of the
+        transaction is sent again (or dead). None when the transaction is not pending any more."""
+        with self.session() as s:
+            row = s.scalar(select(StorageCommitment).where(StorageCommitment.transaction_uid == transaction_uid)
+                           .with_for_update())
+            if row is None or row.state != CommitmentState.PENDING:
+                return None
+            _close_commitment(s, row, set(), {}, reason, retry_at)
+            row.state = CommitmentState.EXPIRED if expired else CommitmentState.FAILED
+            row.reason = reason
+            _event(s, f"commitment.{row.state}", detail={"transaction_uid": transaction_uid,
+                                                         "destination": row.destination_ae, "reason": reason})
+            return row
+
+    def overdue_commitments(self, now: datetime | None = None) -> list[StorageCommitment]:
+        """Pending commitments whose report deadline has passed (also those of a node that was down)."""
+        q = (select(StorageCommitment).where(StorageCommitment.state == CommitmentState.PENDING)
+             .where(StorageCommitment.deadline_at <= (now or utcnow())).order_by(StorageCommitment.id))
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def list_commitments(self, *, destination_ae: str | None = None, state: str | None = None,
+                         limit: int | None = None) -> list[StorageCommitment]:
+        q = select(StorageCommitment).order_by(StorageCommitment.id.desc())
+        if destination_ae is not None:
+            q = q.where(StorageCommitment.destination_ae == destination_ae)
+        if state is not None:
+            q = q.where(StorageCommitment.state == state)
+        with self.session() as s:
+            return list(s.scalars(q.limit(limit) if limit else q))
+
+    def get_commitment(self, transaction_uid: str) -> StorageCommitment | None:
+        with self.session() as s:
+            return s.scalar(select(StorageCommitment).where(StorageCommitment.transaction_uid == transaction_uid))
+
 
 # -- helpers (inside a session) -------------------------------------------------------------------------
 
@@ -678,9 +787,9 @@ def _settle(s: Session, instance_id: int) -> Instance | None:
         q = q.where(Export.created_at >= row.queued_at)
     exports = list(s.scalars(q))
     states = {e.state for e in exports}
-    if not exports or ExportState.PENDING in states:
+    if not exports or ExportState.PENDING in states or ExportState.COMMITTING in states:
         return None
-    if states == {ExportState.SENT}:
+    if states <= DELIVERED_EXPORT_STATES:
         _transition(s, row, InstanceState.EXPORTED)
         return row
     if row.state != InstanceState.DEAD:
@@ -688,6 +797,58 @@ def _settle(s: Session, instance_id: int) -> Instance | None:
         _transition(s, row, InstanceState.DEAD, f"{len(dead)} export(s) undeliverable: {dead[-1].last_error}")
         return row
     return None
+
+
+#: When an export whose send was not committed goes out again, given its attempts so far (None: dead).
+RetryAt = Callable[[int], datetime | None]
+
+
+@dataclass
+class _CommitmentOutcome:
+    failed: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
+    settled: list[Instance] = field(default_factory=list)
+
+
+def _commitment(s: Session, transaction_uid: str) -> StorageCommitment:
+    row = s.scalar(select(StorageCommitment).where(StorageCommitment.transaction_uid == transaction_uid))
+    if row is None:
+        raise StoreError(f"no storage commitment {transaction_uid}")
+    return row
+
+
+def _close_commitment(s: Session, row: StorageCommitment, committed: set[str], failed: dict[str, str],
+                      default_reason: str, retry_at: RetryAt) -> _CommitmentOutcome:
+    """Settle the ``committing`` exports of `row`: committed, or sent again / dead with the reason."""
+    outcome = _CommitmentOutcome()
+    now = utcnow()
+    uid_of = {int(r["export_id"]): str(r["sop_instance_uid"]) for r in row.sop_references}
+    exports = s.scalars(select(Export).where(Export.commitment_id == row.id)
+                        .where(Export.state == ExportState.COMMITTING).with_for_update())
+    instances: set[int] = set()
+    for export in exports:
+        uid = uid_of.get(export.id, export.sop_instance_uid)
+        detail: dict[str, Any] = {"export_id": export.id, "destination": export.destination_ae,
+                                  "commitment": row.transaction_uid}
+        if uid in committed:
+            export.state, export.committed_at = ExportState.COMMITTED, now
+            _event(s, "export.committed", instance_id=export.instance_id, detail=detail)
+        else:
+            reason = failed.get(uid, default_reason)
+            outcome.failed[uid] = reason
+            when = retry_at(export.attempts)
+            export.last_error = f"storage commitment: {reason}"
+            if when is None:
+                export.state, export.next_attempt_at = ExportState.DEAD, None
+            else:
+                export.state, export.next_attempt_at = ExportState.PENDING, when
+            _event(s, "export.dead" if when is None else "export.retry", instance_id=export.instance_id,
+                   detail={**detail, "attempt": export.attempts, "error": export.last_error})
+        instances.add(export.instance_id)
+    for instance_id in sorted(instances):
+        settled = _settle(s, instance_id)
+        if settled is not None:
+            outcome.settled.append(settled)
+    return outcome
 
 
 def _get(s: Session, model: type[_T], key: int) -> _T:
@@ -753,4 +914,4 @@ def _instance_row(info: ReceivedInstance, study: Study | None, state: InstanceSt
 
 def _ae_detail(row: AETitle) -> dict[str, Any]:
     return {"name": row.name, "host": row.host, "port": row.port, "role": row.role, "tls": row.tls,
-            "description": row.description}
+            "storage_commitment": row.storage_commitment, "description": row.description}

@@ -104,20 +104,23 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
 
     try:
         row = admin_service(args).add_ae(args.name, host=args.host, port=args.port, role=args.role, tls=args.tls,
-                                  description=args.description, actor=actor())
+                                         description=args.description, storage_commitment=args.storage_commitment,
+                                         actor=actor())
     except AdminError as e:
         err(f"error: {e}")
         return 2
-    out(f"added AE {row.name} ({row.role}, {row.host or '-'}:{row.port or '-'}{', TLS' if row.tls else ''})")
+    out(f"added AE {row.name} ({row.role}, {row.host or '-'}:{row.port or '-'}{', TLS' if row.tls else ''}"
+        f"{', storage commitment' if row.storage_commitment else ''})")
     return 0
 
 
 def cmd_ae_list(args: argparse.Namespace) -> int:
     rows = [{"name": a.name, "host": a.host, "port": a.port, "role": a.role, "tls": a.tls,
-             "description": a.description, "updated_at": a.updated_at.isoformat(timespec="seconds")}
+             "storage_commitment": a.storage_commitment, "description": a.description,
+             "updated_at": a.updated_at.isoformat(timespec="seconds")}
             for a in open_store(args).list_ae()]
     print_rows(rows, "json" if args.json else "table",
-                None if args.json else ["name", "host", "port", "role", "tls", "description"])
+               None if args.json else ["name", "host", "port", "role", "tls", "storage_commitment", "description"])
     return 0
 
 
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--role", choices=["source", "destination", "both"], default="both")
     p.add_argument("--tls", action="store_true", help="use DICOM TLS when contacting it")
+    p.add_argument("--storage-commitment", action="store_true",
+                   help="after results are stored there, ask it to commit them (Storage Commitment Push Model)")
     p.add_argument("--description", default="")
     p.set_defaults(func=cmd_ae_add)
     p = ae.add_parser("list", parents=[common], help="list known AE titles")

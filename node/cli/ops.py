@@ -11,14 +11,16 @@ from node.runtime.config import load_settings
 
 
 def cmd_exports_list(args: argparse.Namespace) -> int:
-
     store = open_store(args)
+    # state: pending | sent (stored, no commitment asked) | committing | committed | dead
     rows = [{"id": e.id, "instance": e.instance_id, "destination": e.destination_ae, "kind": e.kind,
              "state": e.state, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
+             "sent_at": e.sent_at, "committed_at": e.committed_at,
              "last_error": e.last_error, "sop_instance_uid": e.sop_instance_uid, "file": e.file_path}
             for e in store.list_exports(args.instance, state=args.state)]
     print_rows(rows, args.format, None if args.format != "table" else
-                ["id", "instance", "destination", "kind", "state", "attempts", "next_attempt_at", "last_error"])
+               ["id", "instance", "destination", "kind", "state", "attempts", "next_attempt_at", "committed_at",
+                "last_error"])
     return 0
 
 
@@ -88,7 +90,8 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     exports = sub.add_parser("exports", help="result deliveries (SEG/SR/overlay) and the dead letter") \
         .add_subparsers(dest="exports_command", required=True)
     p = exports.add_parser("list", parents=[common, fmt], help="list exports")
-    p.add_argument("--state", choices=["pending", "sent", "dead"])
+    p.add_argument("--state", choices=["pending", "sent", "committing", "committed", "dead"],
+                   help="sent: stored, no commitment asked; committing: stored, commitment asked, no report yet")
     p.add_argument("--instance", type=int, help="instance id")
     p.set_defaults(func=cmd_exports_list)
     p = exports.add_parser("retry", parents=[common], help="send dead exports again")

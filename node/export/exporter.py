@@ -5,16 +5,25 @@ The exports table is the queue: a row is `pending` with a due time until it is s
 exports by destination and sends each group on one association; every attempt is audited, and the
 attempt that leaves no export of a run pending settles its instance (``exported`` or ``dead``) in the
 same transaction (:meth:`AuditStore.record_export_attempt`).
+
+A destination with ``storage_commitment`` on is then asked to commit what it stored
+(:mod:`node.export.commitment`): those exports wait as ``committing`` until the N-EVENT-REPORT makes them
+``committed``; a failure, or no report by ``sender.commitment_timeout_s``, makes them due again with
+the same backoff and dead letter as a failed send.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import defaultdict
 from datetime import datetime, timedelta
 
+from pydicom.uid import generate_uid
+
 from node.audit import AuditStore, InstanceState
 from node.audit.models import Export, Instance, as_utc, utcnow
+from node.export import commitment
 from node.export.sender import Destination, FileStatus, SendError, backoff_delay, send, tls_client_context
 from node.runtime import metrics
 from node.runtime.config import Settings
@@ -31,6 +40,7 @@ class Exporter(BackgroundLoop):
 
     def run_once(self) -> int:
         """One pass over the due exports; returns how many were sent."""
+        commitment.expire_overdue(self.store, self.settings.sender)
         groups: dict[str, list[Export]] = defaultdict(list)
         for export in self.store.due_exports(limit=200):
             groups[export.destination_ae].append(export)
@@ -66,11 +76,50 @@ class Exporter(BackgroundLoop):
                 self._record(export, None, f"{type(e).__name__}: {e}", retryable=True, started=started)
             return 0
         sent = 0
+        stored: list[tuple[Export, FileStatus]] = []
         for export, status in zip(exports, statuses, strict=True):
-            self._record(export, status.status, _error(status), retryable=status.retryable, ok=status.ok,
-                         started=started)
+            if status.ok and ae.storage_commitment:
+                stored.append((export, status))
+            else:
+                self._record(export, status.status, _error(status), retryable=status.retryable, ok=status.ok,
+                             started=started)
             sent += status.ok
+        if stored:
+            self._request_commitment(ae.name, Destination(ae.name, ae.host, ae.port, ae.tls), stored, started,
+                                     ssl_context)
         return sent
+
+    def _request_commitment(self, ae_title: str, destination: Destination, stored: list[tuple[Export, FileStatus]],
+                            started: datetime, ssl_context: ssl.SSLContext | None) -> None:
+        """Record the stored exports as ``committing`` under a new transaction, then send the N-ACTION."""
+        cfg = self.settings.sender
+        transaction_uid = generate_uid()
+        refs = [commitment.Reference(st.sop_class_uid, st.sop_instance_uid) for _, st in stored]
+        self.store.record_sent_for_commitment(
+            [(e.id, int(st.status or 0)) for e, st in stored], transaction_uid=transaction_uid,
+            destination_ae=ae_title, started_at=started,
+            references=[{"export_id": e.id, "sop_class_uid": st.sop_class_uid, "sop_instance_uid": st.sop_instance_uid}
+                        for e, st in stored],
+            deadline_at=utcnow() + timedelta(seconds=cfg.commitment_timeout_s))
+        for _ in stored:
+            metrics.count_export("success")
+
+        def answered() -> bool:
+            row = self.store.get_commitment(transaction_uid)
+            return row is None or row.state != "pending"
+
+        result = commitment.request_commitment(
+            destination, transaction_uid, refs, calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, cfg=cfg,
+            ssl_context=ssl_context, answered=answered,
+            on_requested=lambda status: self.store.record_commitment_requested(transaction_uid, status=status),
+            on_report=lambda event: commitment.handle_report_event(self.store, cfg, event, via="same association",
+                                                                   on_settled=self._observe_latencies))
+        if result.ok:
+            return
+        log.warning("storage commitment request to %s failed: %s", ae_title, result.error)
+        metrics.count_commitment("scu", "failed")
+        self.store.fail_commitment(transaction_uid, f"N-ACTION failed: {result.error}",
+                                   retry_at=commitment.retry_at(cfg))
 
     def _record(self, export: Export, status: int | None, error: str, *, retryable: bool, ok: bool = False,
                 started: datetime | None = None) -> None:

@@ -125,7 +125,8 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
 
 
 def _open(destination: Destination, calling_ae: str, timeout_s: float, ssl_context: ssl.SSLContext | None,
-          contexts: list[Any], watch: _AssociationWatch, purpose: str) -> Association:
+          contexts: list[Any], watch: _AssociationWatch, purpose: str,
+          extra_handlers: Sequence[Any] = ()) -> Association:
     """Request an association to `destination` (TLS when it says so, verified like every outgoing one)."""
     if destination.tls and ssl_context is None:
         raise SendError(f"destination {destination.ae_title} needs TLS but no TLS context is configured",
@@ -139,7 +140,7 @@ def _open(destination: Destination, calling_ae: str, timeout_s: float, ssl_conte
     log.info("association to %s@%s:%d%s for %s", destination.ae_title, destination.host, destination.port,
              " (TLS)" if tls_args else "", purpose)
     return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
-                        evt_handlers=watch.handlers())
+                        evt_handlers=[*watch.handlers(), *extra_handlers])
 
 
 def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, timeout_s: float,

@@ -10,6 +10,10 @@
   ``STORE_RECV_CHUNKED_DATASET``), at most ``storage.max_instance_mb`` of it (:mod:`node.ingest.guard`);
   :class:`node.ingest.accept.Ingest` checks the header, makes the file durable, commits its row and only then
   is the status returned. A failure status carries the reason as Error Comment.
+- Storage Commitment Push Model (:mod:`node.export.commitment`), both ways on this port: a sender's N-ACTION
+  is answered from the audit log, and destinations send the N-EVENT-REPORTs for the node's own requests
+  here (proposing the SCP role). A known AE of any role may open an association that proposes nothing
+  but Storage Commitment and Verification: a destination-only PACS must be able to report.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AERole, AuditStore
+from node.export import commitment
 from node.ingest.accept import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
 from node.ingest.guard import ConnectionGuard, GuardedRequestHandler, received_bytes
 from node.runtime import metrics
@@ -47,6 +52,8 @@ REJECT_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
 # rejected-transient (2), service-provider presentation (3), temporary congestion (1): try again later
 REJECT_TRANSIENT, SOURCE_PRESENTATION, TEMPORARY_CONGESTION = 0x02, 0x03, 0x01
 VERIFICATION_UID = "1.2.840.10008.1.1"
+#: What a known AE of any role (a destination reporting a commitment) may propose.
+REPORT_ONLY_CONTEXTS = frozenset({VERIFICATION_UID, str(commitment.STORAGE_COMMITMENT)})
 CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
 
 # Rejections pynetdicom makes by itself: (result source, diagnostic) -> what the audit log says.
@@ -97,6 +104,7 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.ingest = ingest
+        self.commitment = commitment.CommitmentSCP(settings, store)
         self._states: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
         self.ae = self._make_ae()
@@ -116,6 +124,9 @@ class StorageSCP:
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # Either role: senders ask the node to commit (node as SCP), destinations report on a new
+        # association for what the node asked (they propose the SCP role, the node acts as SCU).
+        ae.add_supported_context(commitment.STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         return ae
 
     @property
@@ -128,6 +139,9 @@ class StorageSCP:
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_C_ECHO, self.on_c_echo),
             (evt.EVT_C_STORE, self.on_c_store),
+            (evt.EVT_N_ACTION, self.on_n_action),
+            (evt.EVT_N_EVENT_REPORT, self.on_n_event_report),
+            (evt.EVT_DIMSE_SENT, self.commitment.on_dimse_sent),
         ]
 
     def start(self, server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer, *,
@@ -173,15 +187,21 @@ class StorageSCP:
 
     # -- association policy and bookkeeping -----------------------------------------------------------
 
-    def policy_rejection(self, calling_ae: str, called_ae: str, peer_host: str) -> tuple[int, str] | None:
-        """(diagnostic, reason) when the association must be rejected, else None."""
+    def policy_rejection(self, calling_ae: str, called_ae: str, peer_host: str,
+                         proposed: frozenset[str] = frozenset()) -> tuple[int, str] | None:
+        """(diagnostic, reason) when the association must be rejected, else None. `proposed`: the abstract
+        syntaxes of the request (a known destination may open one for commitment reports only)."""
         d = self.settings.dicom
-        if d.require_called_ae and called_ae.strip() != d.ae_title:
+        reports_only = bool(proposed) and proposed <= REPORT_ONLY_CONTEXTS and str(commitment.STORAGE_COMMITMENT) \
+            in proposed
+        # A PACS reports a commitment to the AE title that asked: sender.calling_ae when that is set.
+        called_ok = ({d.ae_title, self.settings.sender.calling_ae} - {""}) if reports_only else {d.ae_title}
+        if d.require_called_ae and called_ae.strip() not in called_ok:
             return CALLED_AE_NOT_RECOGNISED, f"called AE title not recognised: {called_ae.strip()!r}"
         if d.allow_unknown_calling_ae:
             return None
         entry = self.store.get_ae(calling_ae.strip())
-        if entry is None or entry.role not in (AERole.SOURCE, AERole.BOTH):
+        if entry is None or (entry.role not in (AERole.SOURCE, AERole.BOTH) and not reports_only):
             return CALLING_AE_NOT_RECOGNISED, f"calling AE title not recognised: {calling_ae.strip()!r}"
         if d.check_calling_host and entry.host and peer_host not in _addresses(entry.host):
             return (CALLING_AE_NOT_RECOGNISED,
@@ -197,8 +217,10 @@ class StorageSCP:
         called = (prim.called_ae_title if prim is not None else "") or ""
         calling, called = calling.strip(), called.strip()
         peer_host, peer_port = rq.address, rq.port
+        proposed = frozenset(str(cx.abstract_syntax) for cx in (prim.presentation_context_definition_list
+                                                                if prim is not None else []))
         try:
-            rejection = self.policy_rejection(calling, called, peer_host)
+            rejection = self.policy_rejection(calling, called, peer_host, proposed)
         except Exception:
             log.exception("association policy check failed; rejecting transiently")
             assoc.acse.send_reject(0x02, 0x01, 0x01)
@@ -224,7 +246,7 @@ class StorageSCP:
         spool, min_free = self.ingest.spool, self.settings.storage.min_free_mb
         prim = assoc.requestor.primitive
         proposed = {str(cx.abstract_syntax) for cx in (prim.presentation_context_definition_list if prim else [])}
-        if spool.has_room(min_free) or proposed <= {VERIFICATION_UID}:
+        if spool.has_room(min_free) or proposed <= REPORT_ONLY_CONTEXTS:
             return
         reason = f"free disk {spool.free_mb():.0f} MB below storage.min_free_mb {min_free}"
         metrics.count_association("rejected", "disk-low")
@@ -317,6 +339,17 @@ class StorageSCP:
             return _status_dataset(outcome.status, "internal error of the receiving node")
         failed = outcome.kind in ("rejected", "refused")
         return _status_dataset(outcome.status, outcome.reason) if failed else outcome.status
+
+
+    def on_n_action(self, event: evt.Event) -> tuple[int | Dataset, None]:
+        """A sender asks the node to commit instances it sent (node.export.commitment answers)."""
+        with self._lock:
+            state = self._states.get(id(event.assoc))
+        return self.commitment.on_n_action(event, state.association_id if state else None)
+
+    def on_n_event_report(self, event: evt.Event) -> tuple[int | Dataset, None]:
+        """A destination reports on a commitment the node asked for, on a new association."""
+        return commitment.handle_report_event(self.store, self.settings.sender, event, via="new association")
 
 
 def _status_dataset(status: int, reason: str) -> Dataset:

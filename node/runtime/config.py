@@ -179,6 +179,8 @@ class AEEntry(_Strict):
     port: int | None = None
     role: Literal["source", "destination", "both"] = "both"
     tls: bool = False
+    # After results are sent to it, ask it to commit them (Storage Commitment Push Model, node.export.commitment).
+    storage_commitment: bool = False
     description: str = ""
 
     _ae = field_validator("name")(lambda cls, v: validate_ae_title(v))
@@ -192,6 +194,8 @@ class AEEntry(_Strict):
     def _destination_needs_address(self) -> AEEntry:
         if self.role in ("destination", "both") and self.role != "both" and (self.host is None or self.port is None):
             raise ValueError(f"destination AE {self.name!r} needs host and port")
+        if self.storage_commitment and (self.role == "source" or self.host is None or self.port is None):
+            raise ValueError(f"storage_commitment of AE {self.name!r}: only for a destination with host and port")
         return self
 
 
@@ -239,6 +243,12 @@ class SenderConfig(_Strict):
     backoff_max_s: float = 600.0
     timeout_s: float = 30.0
     calling_ae: str = ""  # empty = dicom.ae_title
+    # Storage commitment (destinations with storage_commitment = true): no N-EVENT-REPORT within this
+    # many seconds of the N-ACTION counts as a failed send (retried with the backoff above, then dead).
+    commitment_timeout_s: float = Field(default=300.0, gt=0)
+    # How long the association of the N-ACTION stays open for a report on it (many peers answer on a
+    # new association to the node's SCP instead; the wait ends early when such a report has come).
+    commitment_wait_s: float = Field(default=5.0, ge=0)
 
 
 class ModelsConfig(_Strict):

@@ -86,7 +86,8 @@ MEANING: dict[str, str] = {
                                 "its image, never the node (0 = decode in the node's process)",
     "prepare.decode_timeout_s": "a decode taking longer fails its image",
     "[[ae]]": "AE titles seeded into the database at start (then managed with `cxrnode ae` and the console); "
-              "`role` source/destination/both",
+              "`role` source/destination/both; `storage_commitment` asks a destination to commit what it stored "
+              "(see [Storage commitment](#storage-commitment))",
     "[[rules]]": "routing rules, first match wins; `match` lists accepted values (`\"\"` = absent), `action` "
                  "`analyze`/`ignore`, `destinations` are AE names or `reply-to-sender`",
     "sender.max_attempts": "deliveries of a result object before it goes to the dead letter",
@@ -95,6 +96,11 @@ MEANING: dict[str, str] = {
     "sender.backoff_max_s": "longest retry delay",
     "sender.timeout_s": "association and DIMSE timeout of a delivery",
     "sender.calling_ae": "calling AE title of deliveries and echoes; empty = `dicom.ae_title`",
+    "sender.commitment_timeout_s": "storage commitment: no N-EVENT-REPORT this long after the N-ACTION counts as "
+                                   "a failed send (sent again with the backoff above, then dead); also holds "
+                                   "across a restart",
+    "sender.commitment_wait_s": "how long the N-ACTION's association stays open for a report on it (a report on "
+                                "a new association to the node ends the wait early)",
     "models.lung": "run the lung model",
     "models.opacity": "run the COVID-19 opacity model (severity needs lung and opacity)",
     "models.pneumothorax": "run the pneumothorax model (experimental: can be switched off)",

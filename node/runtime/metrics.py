@@ -69,6 +69,10 @@ STORE_STATUS = Counter(
 EXPORTS = Counter(
     "cxrnode_export_attempts_total", "C-STORE SCU export attempts, by result (success/retry/dead)",
     ["result"], registry=REGISTRY)
+COMMITMENTS = Counter(
+    "cxrnode_storage_commitments_total",
+    "Storage commitment: as SCU (committed/failed/expired/unknown report) and SCP (answered/report_failed/"
+    "bad_request)", ["role", "outcome"], registry=REGISTRY)
 STAGE_SECONDS = Histogram(
     "cxrnode_stage_seconds", "Latency per pipeline stage", ["stage"], buckets=_SECONDS_BUCKETS,
     registry=REGISTRY)
@@ -107,6 +111,11 @@ def count_store_status(status: int) -> None:
 
 def count_received_bytes(n: int) -> None:
     RECEIVED_BYTES.inc(n)
+
+
+def count_commitment(role: str, outcome: str) -> None:
+    """role 'scu' (the node asked a destination) or 'scp' (a sender asked the node)."""
+    COMMITMENTS.labels(role=role, outcome=outcome).inc()
 
 
 def count_export(result: str) -> None:
@@ -225,7 +234,8 @@ def register_audit_collector(collector: AuditCollector) -> None:
 
 
 #: What listener processes count: associations, C-STORE statuses, bytes, instances, stage latencies.
-LISTENER_METRICS: tuple[Any, ...] = (ASSOCIATIONS, INSTANCES, STORE_STATUS, RECEIVED_BYTES, STAGE_SECONDS)
+LISTENER_METRICS: tuple[Any, ...] = (ASSOCIATIONS, INSTANCES, STORE_STATUS, RECEIVED_BYTES, STAGE_SECONDS,
+                                     COMMITMENTS)
 SNAPSHOT_INTERVAL_S = 2.0
 
 
@@ -245,7 +255,7 @@ def write_snapshot(folder: Path, metrics: Iterable[Any] = LISTENER_METRICS) -> P
 def reset_listener_metrics() -> None:
     """Zero `LISTENER_METRICS` in a freshly forked listener: it inherited the parent's values, which the
     parent reports itself."""
-    for metric in (ASSOCIATIONS, INSTANCES, STORE_STATUS, STAGE_SECONDS):
+    for metric in (ASSOCIATIONS, INSTANCES, STORE_STATUS, STAGE_SECONDS, COMMITMENTS):
         metric.clear()
     RECEIVED_BYTES.reset()
 

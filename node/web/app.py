@@ -398,12 +398,13 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
                        roles=[str(r) for r in AERole], echoes=echo_events)
 
     def _ae_fields(form: dict[str, str]) -> dict[str, Any]:
-        """host/port/role/tls/description as typed values; node.admin validates them like the config file."""
+        """host/port/role/tls/storage_commitment/description as typed values; node.admin validates them like the config file."""
         port_text = form.get("port", "").strip()
         if port_text and not port_text.isdigit():
             raise AdminError(f"port: {port_text!r} is not a number")
         return {"host": form.get("host", "").strip() or None, "port": int(port_text) if port_text else None,
                 "role": form.get("role", "both"), "tls": form.get("tls") == "on",
+                "storage_commitment": form.get("storage_commitment") == "on",
                 "description": form.get("description", "").strip()}
 
     @app.post("/ae")

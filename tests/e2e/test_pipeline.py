@@ -22,7 +22,7 @@ import pytest
 from node.audit import InstanceFilter
 from tests.support.dcmtk import StoreSCP, send_as_stored, storescu, storescu_opts
 from tests.support.net import wait_for
-from tests.support.node import SENDER_AE, NodeProcess
+from tests.support.node import NODE_AE, SENDER_AE, NodeProcess
 from tests.support.orthanc import Orthanc
 from tests.support.paths import dicom_dir, dicom_manifest
 from tests.support.redis import RedisServer
@@ -180,6 +180,32 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
                          "export.sent", "instance.exported"):
                 assert kind in kinds, kinds
             assert kinds.count("export.sent") == 4  # SEG + SR to Orthanc and back to the sender
+        finally:
+            node.close()
+
+
+def test_orthanc_commits_the_results_of_an_analysed_image(tmp_path: Path) -> None:
+    """storescu -> node -> worker -> SEG + SR to Orthanc with storage commitment: Orthanc stores them and
+    reports on a new association to the node; the results are `committed`, the instance `exported`."""
+    node = NodeProcess(tmp_path, extra_toml=node_toml(["ORTHANC"]), analysis=True)
+    with Orthanc(tmp_path / "orthanc", modalities={"node": (NODE_AE, "127.0.0.1", node.port)}) as pacs:
+        with node.config.open("a") as config:
+            config.write(f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+                         'role = "destination"\nstorage_commitment = true\n')
+        try:
+            node.start()
+            assert storescu(node.port, [dicom_dir() / CR_FILE]).status == 0x0000
+            assert list(wait_final(node, 1).values()) == ["exported"]
+            store = node.store()
+            [inst] = store.list_instances(InstanceFilter())
+            exports = store.list_exports(inst.id)
+            assert [(e.kind, e.state) for e in exports] == [("seg", "committed"), ("sr", "committed")]
+            [commitment] = store.list_commitments()
+            assert commitment.state == "committed" and commitment.destination_ae == "ORTHANC"
+            stored = {pacs.get_json(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in pacs.instances()}
+            assert stored == {e.sop_instance_uid for e in exports}
+            [report] = store.list_events(kinds=["commitment.committed"])
+            assert report.detail["via"] == "new association" and report.detail["committed"] == 2
         finally:
             node.close()
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from node.audit.models import ExportState, Instance, InstanceState
-from node.audit.store import InstanceFilter
+from node.audit.store import InstanceFilter, ReceivedInstance
 from node.results.common import DeviceInfo
 from node.results.seg import build_seg
 from node.results.sr import build_sr
@@ -232,6 +232,39 @@ def test_ae_titles_add_edit_remove_are_audited_with_the_user(site: ConsoleSite, 
     assert "removed" in client.post("/ae/MODALITY1/remove").headers["location"]
     assert site.store.get_ae("MODALITY1") is None
     assert site.store.list_events(kinds=["ae.removed"])[-1].actor == ACTOR
+
+
+def test_storage_commitment_switch_and_committed_results(site: ConsoleSite, client: ConsoleClient) -> None:
+    r = client.post("/ae", name="COMMITPACS", role="destination", host="127.0.0.1", port="11112",
+                    storage_commitment="on")
+    assert r.headers["location"] == "/ae?msg=AE+title+COMMITPACS+added"
+    row = re.search(r'<tr id="ae-COMMITPACS">(.*?)</tr>', client.get("/ae").text, re.S)
+    assert row and "<td>yes</td><td></td>" in row.group(1)  # commitment on, no description
+    [added] = [e for e in site.store.list_events(kinds=["ae.added"]) if e.detail["name"] == "COMMITPACS"]
+    assert added.detail["storage_commitment"] is True and added.actor == "web:admin"
+    r = client.post("/ae", name="SRCONLY", role="source", host="10.0.0.1", port="", storage_commitment="on")
+    assert r.headers["location"].startswith("/ae?err=storage+commitment")
+    assert site.store.get_ae("SRCONLY") is None
+
+    # One result committed, one stored with its commitment report still awaited.
+    inst = site.store.record_instance_received(ReceivedInstance(
+        sop_instance_uid="2.25.4242", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", study_instance_uid="2.25.4243"))
+    site.store.set_instance_state(inst.id, InstanceState.QUEUED)
+    site.store.set_instance_state(inst.id, InstanceState.ANALYZED)
+    exports = [site.store.create_export(inst.id, destination_ae="COMMITPACS", kind=kind, file_path=f"/r/{kind}.dcm",
+                                        sop_instance_uid=f"2.25.{n}") for n, kind in ((1, "seg"), (2, "sr"))]
+    for n, e in enumerate(exports, 1):
+        site.store.record_sent_for_commitment(
+            [(e.id, 0)], transaction_uid=f"2.25.99{n}", destination_ae="COMMITPACS",
+            references=[{"export_id": e.id, "sop_class_uid": "1.2", "sop_instance_uid": e.sop_instance_uid}],
+            deadline_at=datetime.now(UTC) + timedelta(hours=1))
+    site.store.record_commitment_report("2.25.991", committed=["2.25.1"], failed={}, via="new association",
+                                        retry_at=lambda _: None)
+    page = client.get(f"/studies/{inst.study_id}").text
+    assert re.search(r'<span class="state committed"[^>]*>committed</span>', page)
+    assert re.search(r'<span class="state committing"[^>]*>committing</span>', page)
+    dashboard = client.get("/").text
+    assert re.search(r'id="n-committed">1<', dashboard) and re.search(r'id="n-committing">1<', dashboard)
 
 
 def test_c_echo_from_the_console(site: ConsoleSite, client: ConsoleClient, tmp_path: Path) -> None:

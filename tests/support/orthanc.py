@@ -108,6 +108,13 @@ class Orthanc:
     def get_json(self, path: str) -> Any:
         return json.loads(self.get(path))
 
+    def post_json(self, path: str, body: bytes | Any) -> Any:
+        """POST raw bytes (e.g. a DICOM file to /instances) or a JSON body; the JSON answer."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as rsp:
+            return json.loads(rsp.read())
+
     def instances(self) -> list[str]:
         return list(self.get_json("/instances"))
 

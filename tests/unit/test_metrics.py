@@ -86,6 +86,7 @@ def test_every_metric_in_the_operations_guide_exists() -> None:
     metrics.observe_inference("lung", 0.1)
     metrics.count_store_status(0)
     metrics.count_export("success")
+    metrics.count_commitment("scu", "committed")
     exposed = {s.name for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
     exposed |= {name.rsplit("_", 1)[0] for name in exposed}  # histogram families (_bucket/_count/_sum)
     documented = set(re.findall(r"`(cxrnode_[a-z_]+)", (REPO_ROOT / "docs" / "operations.md").read_text()))
