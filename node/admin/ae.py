@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,8 +29,14 @@ def validate_entry(name: str, *, host: str | None, port: int | None, role: str, 
         return AEEntry(name=name, host=host, port=port, role=role,  # type: ignore[arg-type]
                        tls=tls, storage_commitment=storage_commitment, description=description)
     except ValidationError as e:
-        raise AdminError("; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}"
-                                   for err in e.errors())) from e
+        raise AdminError("; ".join(_message(err) for err in e.errors())) from e
+
+
+def _message(err: Any) -> str:
+    """`field: why` for a field's error, just `why` for the entry's own rules (pydantic's prefix dropped)."""
+    why = str(err["msg"]).removeprefix("Value error, ")
+    field = ".".join(str(p) for p in err["loc"])
+    return f"{field}: {why}" if field else why
 
 
 def add_ae(store: AuditStore, name: str, *, host: str | None = None, port: int | None = None,

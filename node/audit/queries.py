@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, or_, select
 
 from node.audit.models import Event, Export, ExportState, Instance, InstanceState, Study
-from node.audit.store import AuditStore
+from node.audit.store import AuditStore, study_state_counts
 
 
 def start_of_today() -> datetime:
@@ -121,14 +121,7 @@ def search_studies(store: AuditStore, q: StudySearch) -> list[StudyRow]:
         stmt = stmt.where(Study.id.in_(select(Instance.study_id).where(Instance.state == q.state)))
     with store.session() as s:
         studies = list(s.scalars(stmt))
-        counts: dict[int, dict[str, int]] = {}
-        if studies:
-            rows = s.execute(select(Instance.study_id, Instance.state, func.count())
-                             .where(Instance.study_id.in_([st.id for st in studies]))
-                             .group_by(Instance.study_id, Instance.state))
-            for study_id, state, n in rows:
-                if study_id is not None:
-                    counts.setdefault(study_id, {})[state] = n
+        counts = study_state_counts(s, [st.id for st in studies])
     return [StudyRow(st, counts.get(st.id, {})) for st in studies]
 
 

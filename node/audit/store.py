@@ -349,14 +349,7 @@ class AuditStore(TriageStoreMixin):
             q = q.limit(limit)
         with self.session() as s:
             studies = list(s.scalars(q))
-            counts: dict[int, dict[str, int]] = {}
-            if studies:
-                rows = s.execute(select(Instance.study_id, Instance.state, func.count())
-                                 .where(Instance.study_id.in_([st.id for st in studies]))
-                                 .group_by(Instance.study_id, Instance.state))
-                for study_id, st, n in rows:
-                    if study_id is not None:
-                        counts.setdefault(study_id, {})[st] = n
+            counts = study_state_counts(s, [st.id for st in studies])
             return [StudySummary(st, counts.get(st.id, {})) for st in studies]
 
     def get_study(self, study_instance_uid: str) -> Study | None:
@@ -720,6 +713,19 @@ class AuditStore(TriageStoreMixin):
 
 
 # -- helpers (inside a session) -------------------------------------------------------------------------
+
+
+def study_state_counts(s: Session, study_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """Instances per state of each study: {study id: {state: count}} (studies without any left out)."""
+    counts: dict[int, dict[str, int]] = {}
+    if study_ids:
+        rows = s.execute(select(Instance.study_id, Instance.state, func.count())
+                         .where(Instance.study_id.in_(list(study_ids)))
+                         .group_by(Instance.study_id, Instance.state))
+        for study_id, state, n in rows:
+            if study_id is not None:
+                counts.setdefault(study_id, {})[state] = n
+    return counts
 
 
 def _event(s: Session, kind: str, *, actor: str = "node", instance_id: int | None = None,

@@ -243,7 +243,7 @@ def test_storage_commitment_switch_and_committed_results(site: ConsoleSite, clie
     [added] = [e for e in site.store.list_events(kinds=["ae.added"]) if e.detail["name"] == "COMMITPACS"]
     assert added.detail["storage_commitment"] is True and added.actor == "web:admin"
     r = client.post("/ae", name="SRCONLY", role="source", host="10.0.0.1", port="", storage_commitment="on")
-    assert r.headers["location"].startswith("/ae?err=storage+commitment")
+    assert r.headers["location"].startswith("/ae?err=storage_commitment+of+AE")
     assert site.store.get_ae("SRCONLY") is None
 
     # One result committed, one stored with its commitment report still awaited.
