@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,8 @@ NODE_QUEUE = "node"
 
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 #: Celery task priority (Redis: lower = sooner) from the C-STORE Priority (0000,0700) of the source.
 #: DICOM values: 0x0000 MEDIUM, 0x0001 HIGH, 0x0002 LOW.
@@ -173,6 +177,19 @@ class AnalyzeResult:
     # Set when the job could not be analysed (unreadable message, model failure); the other fields
     # are then empty and the node marks the instance failed with this reason instead of retrying.
     error: str | None = None
+    # When the worker started the analysis (ISO 8601 with offset): the results' Content Date/Time.
+    # Optional within schema 1: results of older workers lack it (the node then uses its queueing time).
+    started_at: str | None = None
+
+    def started(self) -> datetime | None:
+        """`started_at` as an aware datetime, or None when absent or unreadable."""
+        if not self.started_at:
+            return None
+        try:
+            moment = datetime.fromisoformat(self.started_at)
+        except ValueError:
+            return None
+        return moment if moment.tzinfo is not None else None
 
     def mask(self, name: str) -> np.ndarray | None:
         data = self.masks.get(name)
@@ -185,9 +202,19 @@ class AnalyzeResult:
     def from_message(cls, msg: dict[str, Any]) -> AnalyzeResult:
         if msg.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"unsupported message schema {msg.get('schema')!r}")
-        data = dict(msg)
-        data["models"] = [ModelInfo(**m) for m in msg.get("models", [])]
+        # Fields a newer worker added within the same schema are ignored, so such a worker can run
+        # before its node is upgraded (additions to schema 1 are optional fields only).
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(msg) - known)
+        if extra:
+            log.debug("ignoring unknown result fields %s", extra)
+        data = {k: v for k, v in msg.items() if k in known}
+        data["models"] = [ModelInfo(**{k: v for k, v in m.items() if k in _MODEL_FIELDS})
+                          for m in msg.get("models", [])]
         return cls(**data)
+
+
+_MODEL_FIELDS = frozenset(f.name for f in fields(ModelInfo))
 
 
 # -- Celery settings shared by the node's app and the workers' app (one definition, two processes) -----
