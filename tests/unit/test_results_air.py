@@ -1,6 +1,6 @@
 """The worker contract's additions for IHE AI Results and the identities derived from it: the analysis start
-travels as an optional field (older workers' results still read), unknown fields of newer workers are
-ignored, and the device UIDs are stable."""
+travels as an optional field that a worker sends only to a node that asked for it (so old and new nodes and
+workers mix in either order), unknown fields are ignored, and the device UIDs are stable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydicom.uid import UID
 
 from node.analysis.finish import analysis_started
 from node.results.common import DeviceInfo, model_device_uid
-from workers.api import AnalyzeResult, ModelInfo
+from workers.api import OPTIONAL_RESULT_FIELDS, AnalyzeRequest, AnalyzeResult, ModelInfo
 
 MODEL = ModelInfo("lung", "1.2.0", "a" * 64, "validated", "DeepLabV3+ efficientnet-b1")
 
@@ -21,6 +21,21 @@ def test_started_at_round_trips() -> None:
     back = AnalyzeResult.from_message(result.to_message())
     assert back == result
     assert back.started() == datetime(2026, 12, 1, 8, 30, 15, 250000, tzinfo=UTC)
+
+
+def test_optional_fields_go_only_to_a_node_that_asks() -> None:
+    import numpy as np
+
+    request = AnalyzeRequest.build("7.0", np.zeros((4, 4), dtype=np.uint8))
+    assert request.result_fields == OPTIONAL_RESULT_FIELDS == ("started_at",)
+    # What a worker reads from this node's request, and from an older node's (no result_fields key).
+    assert AnalyzeRequest.from_message(request.to_message()).result_fields == ("started_at",)
+    older = request.to_message()
+    del older["result_fields"]
+    assert AnalyzeRequest.from_message(older).result_fields == ()
+    result = AnalyzeResult(job_id="7.0", rows=4, cols=4, started_at="2026-12-01T08:30:15+00:00")
+    assert "started_at" not in result.to_message(())  # an older node would refuse the unknown key
+    assert result.to_message(("started_at",))["started_at"] == result.started_at
 
 
 def test_result_of_an_older_worker_still_reads() -> None:
