@@ -34,6 +34,7 @@ from workers.api import AnalyzeResult, ModelInfo
 
 from . import codes
 from .common import (
+    NOT_FOR_DIAGNOSTIC_USE,
     DeviceInfo,
     ResultError,
     experimental_models,
@@ -50,7 +51,7 @@ OPACITY_PERCENTAGE = hd.sr.CodedConcept("260858005", "SCT", "Extent")
 PROBABILITY = hd.sr.CodedConcept(dcm_codes.DCM.Probability.value, "DCM", dcm_codes.DCM.Probability.meaning)
 COMMENT = hd.sr.CodedConcept(dcm_codes.DCM.Comment.value, "DCM", dcm_codes.DCM.Comment.meaning)
 #: The Comment of every group an experimental model made.
-EXPERIMENTAL_COMMENT = "NOT FOR DIAGNOSTIC USE: made by an experimental model"
+EXPERIMENTAL_COMMENT = f"{NOT_FOR_DIAGNOSTIC_USE}: made by an experimental model"
 #: Time point of the prior study's group (TID 1502).
 PRIOR_TIME_POINT = "prior study"
 

@@ -1,6 +1,7 @@
 """Run the DICOM validators the result objects must pass: dicom3tools' dciodvfy and PixelMed's validators.
 
-Both are the Debian packages (`dicom3tools`, `libpixelmed-java`, see the Makefile's DEBS). Each check
+Both are the Debian packages (`dicom3tools`, `libpixelmed-java`; PixelMedValidate.java runs with Java's
+single-file source launcher, hence `default-jdk-headless`: see the Makefile's DEBS). Each check
 returns what the validator reported minus a short, explicit list of KNOWN validator defects: places where
 the installed validator contradicts DICOM PS3.3 / PS3.16 or where two validators demand opposite things.
 Each entry says why and is narrow (message text plus the condition in the object that makes it a defect),
