@@ -122,6 +122,8 @@ def pixelmed(paths: Sequence[Path]) -> list[Report]:
     reports = []
     for path in paths:
         lines = sections.get(str(path))
+        if lines is not None and "IOD (SOP Class) unrecognized" in lines:
+            raise ValueError(f"PixelMed has no IOD definition to check {path} against")
         if lines is None or "IOD validation complete" not in lines:
             raise RuntimeError(f"PixelMed did not validate {path} (exit {run.returncode}):\n"
                                f"{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
