@@ -424,7 +424,8 @@ def _triage_section(s: Settings) -> list[str]:
         "its own AE title; the moved study is decided without alerts and gives the later study its prior.",
         "",
         "The SR of an image whose patient (Patient ID and Issuer) has an earlier decided study carries the "
-        "prior's severity and the change in its opacity group and lists the prior image in the Pertinent Other "
+        "prior's severity in a measurement group of its own at the prior's time point (TID 1501/1502; the change "
+        "is the difference of the two Severity values) and lists the prior image in the Pertinent Other "
         "Evidence Sequence.",
         "",
         f"**HL7 v{hl7.VERSION} ORU^R01 over MLLP** (waits for the ACK: AA/CA delivered, AE/CE retried, AR/CR "
