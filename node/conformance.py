@@ -21,6 +21,7 @@ import re
 import ssl
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -280,13 +281,19 @@ def render(settings: Settings | None = None) -> str:
         "",
         "Both objects copy the Patient and Study modules of the source image, start a new series, reference the "
         "source instance, and identify the algorithm (name, version, model card hash). When a model is marked "
-        "experimental, the series description says \"NOT FOR DIAGNOSTIC USE\" and the SR says so as a "
-        "qualitative evaluation.",
+        "experimental, the series description says \"NOT FOR DIAGNOSTIC USE\" and the SR says so in a Comment "
+        "of each group that model made.",
         "",
-        "### 5.1 Segmentation (BINARY)",
+    ]
+    lines += _air_section()
+    lines += [
+        "### 5.2 Segmentation (BINARY)",
         "",
         "One frame per segment on the source image's own pixel grid (Rows × Columns of the source); "
-        "Segment Algorithm Type AUTOMATIC; empty segments are kept (an all-zero frame).",
+        "Segment Algorithm Type AUTOMATIC with Segment Algorithm Name = the model's name and a Segmentation "
+        "Algorithm Identification (family Artificial Intelligence, name, version, parameters: architecture, "
+        "model card sha256, status); Tracking ID = the mask name and a Tracking UID per segment; "
+        "empty segments are kept (an all-zero frame).",
         "",
     ]
 
@@ -297,17 +304,19 @@ def render(settings: Settings | None = None) -> str:
                     [(i, spec.label, key, code(spec.category), code(spec.property_type), code(spec.laterality),
                       spec.model) for i, (key, spec) in enumerate(seg_module.SEGMENTS.items(), start=1)])
     lines += [
-        "### 5.2 Comprehensive SR: TID 1500 Measurement Report",
+        "### 5.3 Comprehensive SR: TID 1500 Measurement Report",
         "",
     ]
     doc = inspect.getdoc(sr_module) or ""
-    lines += [line for line in doc.splitlines() if line.startswith("- ")] + [""]
+    lines += [line for line in doc.splitlines() if line.startswith(("- ", "  "))] + [""]
     lines += ["Coded concepts used (SEG and SR):", ""]
     concepts = {(c.scheme_designator, c.value): c for c in _codes(codes_module) + _codes(sr_module)}
     lines += _table(["Scheme", "Code", "Meaning"],
                     [(c.scheme_designator, f"`{c.value}`", c.meaning) for _, c in sorted(concepts.items())])
-    lines += [f"`{sr_module.LOCAL_SCHEME}` is a private coding scheme (PS3.16 8.2) declared in the SR's Coding "
-              "Scheme Identification Sequence.", ""]
+    lines += ["No private coding scheme is used. The SR's Coding Scheme Identification Sequence declares the schemes "
+              "it uses:", ""]
+    lines += _table(["Designator", "UID", "Name"],
+                    [(d, f"`{uid}`", name) for d, (uid, name) in sr_module.CODING_SCHEMES.items()])
 
     tls = s.dicom.tls
     ctx_src = inspect.getsource(scp_module.server_ssl_context)
@@ -415,7 +424,8 @@ def _triage_section(s: Settings) -> list[str]:
         "its own AE title; the moved study is decided without alerts and gives the later study its prior.",
         "",
         "The SR of an image whose patient (Patient ID and Issuer) has an earlier decided study carries the "
-        "prior's severity and the change in its opacity group and lists the prior image in the Pertinent Other "
+        "prior's severity in a measurement group of its own at the prior's time point (TID 1501/1502; the change "
+        "is the difference of the two Severity values) and lists the prior image in the Pertinent Other "
         "Evidence Sequence.",
         "",
         f"**HL7 v{hl7.VERSION} ORU^R01 over MLLP** (waits for the ACK: AA/CA delivered, AE/CE retried, AR/CR "
@@ -433,6 +443,48 @@ def _triage_section(s: Settings) -> list[str]:
         f"Each alert is tried up to {t.max_attempts} times (`triage.max_attempts`, backoff `triage.backoff_*`), "
         "then it is *dead* until `cxrnode alerts retry` or the console's worklist retries it; every attempt is "
         "audited.",
+        "",
+    ]
+    return lines
+
+
+def _air_section() -> list[str]:
+    """Section 5.1: the IHE AI Results (AIR) content common to SEG and SR, read from node.results.common."""
+    from node.results import codes as codes_module
+    from node.results.common import DeviceInfo, contributing_equipment
+    from workers.api import ModelInfo
+
+    model = ModelInfo("lung", "1.2.0", "0" * 64, "validated", "DeepLabV3+")
+    sample = contributing_equipment([model], DeviceInfo(), started=datetime(2026, 1, 1, tzinfo=UTC))[0]
+    purpose = codes_module.PROCESSING_ALGORITHM
+    meaning = {
+        "PurposeOfReferenceCodeSequence": f"({purpose.value}, {purpose.scheme_designator}, \"{purpose.meaning}\")",
+        "Manufacturer": "`results.manufacturer`",
+        "ManufacturerModelName": "the model's name (`lung`, `opacity`, `pneumothorax`)",
+        "SoftwareVersions": "the model card's version",
+        "DeviceUID": "2.25 UID derived from the sha256 of the model's weights (its card's `sha256`): the same "
+                     "weights always give the same UID, new weights a new one",
+        "ContributionDescription": "model name, version, architecture, status and the weights' sha256",
+        "ContributionDateTime": "when the analysis started (UTC)",
+    }
+    lines = [
+        "### 5.1 IHE AI Results (AIR) content",
+        "",
+        "- Contributing Equipment Sequence (0018,A001): one item per model whose results the object carries:",
+        "",
+    ]
+    lines += _table(["Attribute", "Value"], [(e.name, meaning.get(e.keyword, "—")) for e in sample])
+    lines += [
+        "- Content Date/Time: when the analysis started (the worker's clock; for results of workers that do not "
+        "send it, when the node queued the analysis).",
+        "- Each finding has one Tracking UID: the SEG segment's Tracking UID is the Tracking Identifier UID of the "
+        "SR measurement group of the same finding.",
+        "- SR observer context: the node as device (Device Observer UID, stable for manufacturer, model and AE "
+        "title), every measurement group with the TID 4019 Algorithm Identification of its model.",
+        "- Validation: every SEG and SR the tests produce passes dciodvfy without errors or warnings and PixelMed's "
+        "DicomInstanceValidator/DicomSRValidator without errors, apart from the validator defects listed in "
+        "tests/support/validators.py (e.g. Device UID in Contributing Equipment, required by AIR, is not yet in "
+        "those validators' tables).",
         "",
     ]
     return lines

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,13 @@ NODE_QUEUE = "node"
 
 
 SCHEMA_VERSION = 1
+
+#: AnalyzeResult fields added within schema 1. A node lists those it can read in its request
+#: (`AnalyzeRequest.result_fields`) and the worker sends no others: an older node (whose requests list
+#: none) never receives a field it would refuse, and an older worker simply does not send them.
+OPTIONAL_RESULT_FIELDS: tuple[str, ...] = ("started_at",)
+
+log = logging.getLogger(__name__)
 
 #: Celery task priority (Redis: lower = sooner) from the C-STORE Priority (0000,0700) of the source.
 #: DICOM values: 0x0000 MEDIUM, 0x0001 HIGH, 0x0002 LOW.
@@ -108,6 +117,8 @@ class AnalyzeRequest:
     schema: int = SCHEMA_VERSION
     # Site override of the severity zone threshold (config models.severity_zone_threshold); None = card's.
     zone_threshold: float | None = None
+    # Optional AnalyzeResult fields this node reads (OPTIONAL_RESULT_FIELDS); absent in older nodes' requests.
+    result_fields: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, job_id: str, pixels: np.ndarray, models: tuple[str, ...] = MODEL_NAMES,
@@ -116,7 +127,8 @@ class AnalyzeRequest:
         if unknown:
             raise ValueError(f"unknown models {sorted(unknown)}; known: {MODEL_NAMES}")
         return cls(job_id=job_id, pixels_png=encode_png(pixels), rows=int(pixels.shape[0]),
-                   cols=int(pixels.shape[1]), models=tuple(models), zone_threshold=zone_threshold)
+                   cols=int(pixels.shape[1]), models=tuple(models), zone_threshold=zone_threshold,
+                   result_fields=OPTIONAL_RESULT_FIELDS)
 
     def pixels(self) -> np.ndarray:
         arr = decode_png(self.pixels_png)
@@ -127,6 +139,7 @@ class AnalyzeRequest:
     def to_message(self) -> dict[str, Any]:
         d = asdict(self)
         d["models"] = list(self.models)
+        d["result_fields"] = list(self.result_fields)
         return d
 
     @classmethod
@@ -135,7 +148,8 @@ class AnalyzeRequest:
             raise ValueError(f"unsupported message schema {msg.get('schema')!r}")
         return cls(job_id=str(msg["job_id"]), pixels_png=str(msg["pixels_png"]), rows=int(msg["rows"]),
                    cols=int(msg["cols"]), models=tuple(msg.get("models", MODEL_NAMES)),
-                   zone_threshold=None if msg.get("zone_threshold") is None else float(msg["zone_threshold"]))
+                   zone_threshold=None if msg.get("zone_threshold") is None else float(msg["zone_threshold"]),
+                   result_fields=tuple(str(f) for f in msg.get("result_fields") or ()))
 
 
 @dataclass(frozen=True)
@@ -173,21 +187,47 @@ class AnalyzeResult:
     # Set when the job could not be analysed (unreadable message, model failure); the other fields
     # are then empty and the node marks the instance failed with this reason instead of retrying.
     error: str | None = None
+    # When the worker started the analysis (ISO 8601 with offset): the results' Content Date/Time.
+    # Optional within schema 1 (OPTIONAL_RESULT_FIELDS): older workers do not send it, and the node then
+    # uses its queueing time.
+    started_at: str | None = None
+
+    def started(self) -> datetime | None:
+        """`started_at` as an aware datetime, or None when absent or unreadable."""
+        if not self.started_at:
+            return None
+        try:
+            moment = datetime.fromisoformat(self.started_at)
+        except ValueError:
+            return None
+        return moment if moment.tzinfo is not None else None
 
     def mask(self, name: str) -> np.ndarray | None:
         data = self.masks.get(name)
         return None if data is None else unpack_mask(data, self.rows, self.cols)
 
-    def to_message(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_message(self, result_fields: Iterable[str] = OPTIONAL_RESULT_FIELDS) -> dict[str, Any]:
+        """The message, without the optional fields its node does not read (see OPTIONAL_RESULT_FIELDS)."""
+        readable = set(result_fields)
+        return {k: v for k, v in asdict(self).items() if k not in OPTIONAL_RESULT_FIELDS or k in readable}
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> AnalyzeResult:
         if msg.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"unsupported message schema {msg.get('schema')!r}")
-        data = dict(msg)
-        data["models"] = [ModelInfo(**m) for m in msg.get("models", [])]
+        # Unknown fields are ignored (a worker sends optional ones only when asked, see
+        # OPTIONAL_RESULT_FIELDS; this keeps the node lenient towards any other addition too).
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(msg) - known)
+        if extra:
+            log.debug("ignoring unknown result fields %s", extra)
+        data = {k: v for k, v in msg.items() if k in known}
+        data["models"] = [ModelInfo(**{k: v for k, v in m.items() if k in _MODEL_FIELDS})
+                          for m in msg.get("models", [])]
         return cls(**data)
+
+
+_MODEL_FIELDS = frozenset(f.name for f in fields(ModelInfo))
 
 
 # -- Celery settings shared by the node's app and the workers' app (one definition, two processes) -----

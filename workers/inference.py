@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 from PIL import Image
@@ -93,11 +94,12 @@ def analyze(request: AnalyzeRequest, runner: ModelRunner) -> AnalyzeResult:
 def analyze_batch(requests: Sequence[AnalyzeRequest], runner: ModelRunner) -> list[AnalyzeResult]:
     """Run a batch: each model sees all images of the batch together (micro-batched on a GPU)."""
     t_start = time.perf_counter()
+    started_at = datetime.now(UTC).isoformat()  # the results' Content Date/Time
     cases = []
     for req in requests:
         image = req.pixels()
         cases.append(_Case(request=req, image=image, result=AnalyzeResult(job_id=req.job_id, rows=req.rows,
-                                                                             cols=req.cols)))
+                                                                             cols=req.cols, started_at=started_at)))
     plans = [_models_to_run(c.request, runner, c.result.warnings) for c in cases]
     for name, step in (("lung", _run_lung), ("opacity", _run_opacity), ("pneumothorax", _run_pneumothorax)):
         members = [c for c, plan in zip(cases, plans, strict=True) if name in plan]

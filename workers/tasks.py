@@ -209,7 +209,7 @@ def analyze(self: Any, message: dict[str, Any]) -> dict[str, Any]:
     log.info("job %s: analysing (%dx%d, models %s)", request.job_id, request.rows, request.cols,
              ",".join(request.models))
     try:
-        result = run_analysis(request, get_runner()).to_message()
+        result = run_analysis(request, get_runner()).to_message(request.result_fields)
     except Exception as exc:  # a model failed on this image: report, do not loop
         log.exception("job %s: analysis failed", request.job_id)
         result = _error_result(request.job_id, f"analysis failed: {type(exc).__name__}: {exc}")

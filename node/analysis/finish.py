@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -134,9 +135,10 @@ def _write_results(settings: Settings, store: AuditStore, inst: Instance, result
     small = {name: m for name in MASK_NAMES if (m := result.mask(name)) is not None}
     masks = {name: masks_to_source(m, geometry) for name, m in small.items()}
     device = device_info(settings)
-    seg = build_seg(source, masks, result.models, device=device)
+    started = analysis_started(result)
+    seg = build_seg(source, masks, result.models, device=device, started=started)
     sr = build_sr(source, seg, result, pixel_spacing_mm=geometry.prepared_pixel_spacing_mm, device=device,
-                  notes=geometry.notes, prior=prior_comparison(store, inst, source))
+                  notes=geometry.notes, prior=prior_comparison(store, inst, source), started=started)
     _atomic_save(seg, seg_path)
     _atomic_save(sr, sr_path)
     if overlay_path is not None and pixels is not None:
@@ -145,6 +147,15 @@ def _write_results(settings: Settings, store: AuditStore, inst: Instance, result
         _atomic_save(overlay, overlay_path)
     log.info("results for %s written to %s", result.job_id, folder)
     return ResultFiles(seg_path, sr_path, overlay_path)
+
+
+def analysis_started(result: AnalyzeResult) -> datetime | None:
+    """When the analysis started: the worker's clock, else (an older worker) when the node queued the run."""
+    started = result.started()
+    if started is not None:
+        return started
+    _, stamp = parse_job_id(result.job_id)
+    return datetime.fromtimestamp(stamp / 1000, UTC) if stamp else None
 
 
 def prior_comparison(store: AuditStore, inst: Instance, source: Dataset) -> PriorComparison | None:

@@ -9,6 +9,8 @@ Choices:
   Category SCT 49755003 "Morphologically Altered Structure".
 - Pneumothorax: SCT 36118008, category "Morphologically Altered Structure".
 - Severity: SCT 246112005 "Severity"; AI algorithm family DCM 123110 "Artificial Intelligence".
+- IHE AI Results (AIR): the Contributing Equipment item of each model has the Purpose of Reference
+  (Newcode1, 99IHE, "Processing Algorithm") that AIR assigns (a code of IHE's own scheme, known to validators).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
 PLEURA = CodedConcept("3120008", "SCT", "Pleura")  # finding site of a pneumothorax (air in the pleural space)
 SEVERITY = CodedConcept("246112005", "SCT", "Severity")
 ARTIFICIAL_INTELLIGENCE = CodedConcept("123110", "DCM", "Artificial Intelligence")
+PROCESSING_ALGORITHM = CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
 CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 PRESENT = CodedConcept("121053", "DCM", "Present")
 ABSENT = CodedConcept("121054", "DCM", "Absent")
 FINDING = CodedConcept("121071", "DCM", "Finding")
 AREA = CodedConcept("42798000", "SCT", "Area")
 LATERALITY = CodedConcept("272741003", "SCT", "Laterality")
-ZONE_PERCENTAGE = CodedConcept("128833", "DCM", "Zone Percentage")
 UPPER_ZONE = CodedConcept("281392002", "SCT", "Upper zone of lung")
 MIDDLE_ZONE = CodedConcept("281393007", "SCT", "Middle zone of lung")
 LOWER_ZONE = CodedConcept("281394001", "SCT", "Lower zone of lung")

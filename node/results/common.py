@@ -1,12 +1,21 @@
-"""What SEG, SR and the overlay share: who made them, which algorithm, and the experimental-model wording."""
+"""What SEG, SR and the overlay share: who made them, which algorithm, and the experimental-model wording.
+
+IHE AI Results (AIR) asks every AI result object to name each algorithm that contributed to it in the
+Contributing Equipment Sequence, with a Device UID that identifies the trained model itself: here it is
+derived from the sha256 of the model's weights (its card's `sha256`), so it changes exactly when the
+weights do and is the same on every node, worker and restart. Content Date/Time say when the analysis
+started (the worker's clock; the node's queueing time for results of older workers).
+"""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import highdicom as hd
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
 
 from workers.api import ModelInfo
 
@@ -32,7 +41,7 @@ class DeviceInfo:
     @property
     def uid(self) -> str:
         """Stable Device Observer UID, derived from the identity (same device, same UID)."""
-        return str(generate_uid(prefix=None, entropy_srcs=[self.manufacturer, self.model_name, self.serial_number]))
+        return stable_uid("device", self.manufacturer, self.model_name, self.serial_number)
 
 
 def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
@@ -53,3 +62,69 @@ def experimental_models(models: Sequence[ModelInfo]) -> list[str]:
 
 def not_for_diagnostic_suffix(experimental: Sequence[str]) -> str:
     return f" - {NOT_FOR_DIAGNOSTIC_USE}" if experimental else ""
+
+
+def model_device_uid(model: ModelInfo) -> str:
+    """Device UID of a trained model: a 2.25 UID derived from its weights' sha256 (same weights, same UID)."""
+    return stable_uid("model", model.name, model.sha256)
+
+
+#: Namespace of the name-based UUIDs below (a fixed random UUID: these UIDs belong to cxr-node alone).
+_UID_NAMESPACE = uuid.UUID("6c3e1f0a-5b8e-4d0f-9a51-2f4c8f1d7e21")
+
+
+def stable_uid(*parts: str) -> str:
+    """A 2.25 UID (PS3.5 B.2) of a name-based UUID: the same parts always give the same UID.
+
+    (pydicom's generate_uid ignores entropy_srcs when prefix is None and returns a random UUID.)
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
+
+
+def set_contributing_equipment(ds: Dataset, models: Sequence[ModelInfo], device: DeviceInfo,
+                               started: datetime | None = None) -> None:
+    """The Contributing Equipment Sequence (0018,A001) of a result object: one item per model (IHE AIR)."""
+    ds.ContributingEquipmentSequence = contributing_equipment(models, device, started)
+
+
+def contributing_equipment(models: Sequence[ModelInfo], device: DeviceInfo,
+                           started: datetime | None = None) -> list[Dataset]:
+    """One Contributing Equipment item per model, as IHE AIR describes them.
+
+    Built by hand: highdicom's ContributingEquipment accepts only the DCM purposes of CID 7005 and has
+    no Device UID, and AIR asks for both (99IHE "Processing Algorithm", the model's Device UID).
+    """
+    items = []
+    for model in models:
+        item = Dataset()
+        purpose = Dataset()
+        purpose.CodeValue = codes.PROCESSING_ALGORITHM.value
+        purpose.CodingSchemeDesignator = codes.PROCESSING_ALGORITHM.scheme_designator
+        purpose.CodeMeaning = codes.PROCESSING_ALGORITHM.meaning
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        item.Manufacturer = device.manufacturer
+        item.ManufacturerModelName = model.name[:64]
+        item.SoftwareVersions = model.version[:64]
+        item.DeviceUID = model_device_uid(model)
+        item.ContributionDescription = (f"{model.name} model {model.version} ({model.architecture}, "
+                                        f"{model.status}), weights sha256 {model.sha256}")[:1024]
+        if started is not None:
+            item.ContributionDateTime = dicom_datetime(started)
+        items.append(item)
+    return items
+
+
+def dicom_datetime(moment: datetime) -> str:
+    """DT value in UTC with its offset (a naive datetime is taken as UTC)."""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.strftime("%Y%m%d%H%M%S.%f+0000")
+
+
+def set_content_datetime(ds: Dataset, started: datetime | None) -> None:
+    """Content Date/Time = when the analysis started, in this host's local time like highdicom's default
+    (no Timezone Offset From UTC: it would also re-label the source's Study Date/Time that the object copies)."""
+    if started is None:
+        return
+    moment = (started.replace(tzinfo=UTC) if started.tzinfo is None else started).astimezone()
+    ds.ContentDate = moment.strftime("%Y%m%d")
+    ds.ContentTime = moment.strftime("%H%M%S.%f")

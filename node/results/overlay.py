@@ -67,8 +67,14 @@ def build_overlay(source: Dataset, pixels: np.ndarray, masks: Mapping[str, np.nd
     sc.DerivationDescription = "AI segmentation outlines burned into the model input picture"
     sc.SeriesDescription = ("AI overlay" + not_for_diagnostic_suffix(experimental))[:64]
     sc.SourceImageSequence = DicomSequence([_reference(source)])
-    # General Series Laterality is Type 2C; dciodvfy wants it for chest SCs: copy it, or empty = unknown.
-    sc.Laterality = source.get("Laterality", "")
+    # General Series Laterality is Type 2C: required (empty = unknown) unless the body part is known to be
+    # unpaired, and then it must be absent (dciodvfy checks both). So the body part travels with it.
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
+    if source.get("Laterality"):
+        sc.Laterality = source.Laterality
+    elif "BodyPartExamined" not in sc:
+        sc.Laterality = ""
     log.info("overlay built: %dx%d, %d outlines", pixels.shape[0], pixels.shape[1], len(masks))
     return sc
 

@@ -2,7 +2,11 @@
 
 One segment per mask in `workers.api.MASK_NAMES` order (right lung, left lung, opacity, pneumothorax),
 numbered from 1 as the SEG IOD requires. Each segment's TrackingID is the mask name, so the SR can
-find its segment number without a side channel. highdicom checks the object on construction.
+find its segment number without a side channel, and its Tracking UID is the one the SR's measurement
+group of the same finding carries (IHE AIR: one finding, one tracking UID across objects). Each
+segment is AUTOMATIC with the TID 4019-style Segment Algorithm Identification of its model; each
+model is also a Contributing Equipment item (node.results.common). highdicom checks the object on
+construction.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import highdicom as hd
 import numpy as np
@@ -26,6 +31,8 @@ from .common import (
     algorithm_identification,
     experimental_models,
     not_for_diagnostic_suffix,
+    set_content_datetime,
+    set_contributing_equipment,
 )
 
 log = logging.getLogger(__name__)
@@ -56,11 +63,13 @@ assert tuple(SEGMENTS) == MASK_NAMES, "SEG segment order follows workers.api.MAS
 
 def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence[ModelInfo], *,
               device: DeviceInfo, series_number: int = 9001, instance_number: int = 1,
-              series_instance_uid: str | None = None, sop_instance_uid: str | None = None) -> hd.seg.Segmentation:
+              series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
+              started: datetime | None = None) -> hd.seg.Segmentation:
     """Build a BINARY SEG of `masks` (bool, source rows x columns) referencing `source`.
 
     Segments appear in MASK_NAMES order for the masks given; an all-empty mask keeps its segment
-    description (no frame is stored for it: highdicom omits empty frames).
+    description (no frame is stored for it: highdicom omits empty frames). `started` (when the
+    analysis started) becomes the Content Date/Time; None keeps highdicom's creation time.
     """
     rows, cols = int(source.Rows), int(source.Columns)
     unknown = set(masks) - set(SEGMENTS)
@@ -103,6 +112,8 @@ def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence
         omit_empty_frames=True,
     )
     seg.SeriesDescription = ("AI segmentation" + suffix)[:64]
+    set_contributing_equipment(seg, list(used.values()), device, started)
+    set_content_datetime(seg, started)
     # Projection radiographs have no Frame of Reference; the image plane is described by the
     # source's Patient Orientation, which the SEG must repeat (dciodvfy reports it missing otherwise).
     if "PatientOrientation" in source:
@@ -139,6 +150,12 @@ def _geometry_source(source: Dataset) -> Dataset:
 def segment_numbers(seg: Dataset) -> dict[str, int]:
     """Mask name -> segment number, read from the SEG's TrackingID values."""
     return {str(item.TrackingID): int(item.SegmentNumber) for item in seg.SegmentSequence if "TrackingID" in item}
+
+
+def tracking_uids(seg: Dataset) -> dict[str, str]:
+    """Mask name -> the segment's Tracking UID (the SR tracks the same finding with the same UID)."""
+    return {str(item.TrackingID): str(item.TrackingUID) for item in seg.SegmentSequence
+            if "TrackingID" in item and "TrackingUID" in item}
 
 
 def _segment(number: int, name: str, spec: SegmentSpec, model: ModelInfo) -> hd.seg.SegmentDescription:

@@ -2,14 +2,21 @@
 
 Groups use TID 1411 (VolumetricROIMeasurementsAndQualitativeEvaluations) with a ReferencedSegment:
 on these projection images that validated with 0 dciodvfy errors, the planar TID 1410 with
-ReferencedSegmentationFrame did not (DESIGN.md toolchain facts).
+ReferencedSegmentationFrame did not (DESIGN.md toolchain facts). Each group carries the TID 4019
+Algorithm Identification of its model, and the Tracking Identifier/UID of its finding: the same UID as
+the SEG segment of that finding. The observer is the node (device observer context, TID 1004).
 
-- right_lung / left_lung: lung area;
-- opacity: severity score 0-6, opacity % per lung, the six zone percentages, which zones counted;
-- pneumothorax: present/absent, side, area, probability.
+- right_lung / left_lung: lung Area (SCT 42798000);
+- opacity: Severity (SCT 246112005) 0-6, opacity Extent (SCT 260858005, %) per lung and per zone,
+  and per zone Opacity (DCM 112001) Present/Absent = whether that zone counted towards the score;
+- pneumothorax: Pneumothorax Present/Absent, Laterality, Area, Probability (DCM 122157);
+- groups of experimental models: a Comment (DCM 121106) "NOT FOR DIAGNOSTIC USE: made by an
+  experimental model";
+- with a prior study: a TID 1501 group with the prior's Severity at its own time point (TID 1502).
 
-Areas are in cm² when the source has ImagerPixelSpacing/PixelSpacing, otherwise in pixels of the
-source grid, and the group says so. The numbers are the worker's (AnalyzeResult), not recomputed.
+Areas are in cm² when the source has ImagerPixelSpacing/PixelSpacing, otherwise in {pixels} of the
+source grid (the unit says which). Only standard codes are used (DCM, SCT, UCUM, UMLS), declared with their
+UIDs in the Coding Scheme Identification Sequence. The numbers are the worker's (AnalyzeResult).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -25,30 +33,31 @@ from pydicom.sr.codedict import codes as dcm_codes
 from workers.api import AnalyzeResult, ModelInfo
 
 from . import codes
-from .common import DeviceInfo, ResultError, experimental_models, not_for_diagnostic_suffix
-from .seg import SEGMENTS, segment_numbers
+from .common import (
+    NOT_FOR_DIAGNOSTIC_USE,
+    DeviceInfo,
+    ResultError,
+    experimental_models,
+    not_for_diagnostic_suffix,
+    set_content_datetime,
+    set_contributing_equipment,
+)
+from .seg import SEGMENTS, segment_numbers, tracking_uids
 
 log = logging.getLogger(__name__)
 
-#: Local concepts for what no standard code names (a "99" coding scheme is private by definition, PS3.16 8.2).
-LOCAL_SCHEME = "99CXRNODE"
-OPACITY_PERCENTAGE = hd.sr.CodedConcept("CXR001", LOCAL_SCHEME, "Opacity percentage of region")
-AREA_BASIS = hd.sr.CodedConcept("CXR003", LOCAL_SCHEME, "Area measurement basis")
-AREA_IN_PIXELS = hd.sr.CodedConcept("CXR004", LOCAL_SCHEME, "Pixels: source has no pixel spacing")
-AREA_IN_CM2 = hd.sr.CodedConcept("CXR005", LOCAL_SCHEME, "Calibrated: source pixel spacing")
-DIAGNOSTIC_USE = hd.sr.CodedConcept("CXR006", LOCAL_SCHEME, "Diagnostic use")
-NOT_FOR_DIAGNOSTIC_USE = hd.sr.CodedConcept("CXR007", LOCAL_SCHEME, "Not for diagnostic use (experimental model)")
-PRIOR_SEVERITY = hd.sr.CodedConcept("CXR021", LOCAL_SCHEME, "Severity score of the prior study")
-SEVERITY_CHANGE = hd.sr.CodedConcept("CXR022", LOCAL_SCHEME, "Severity score change from the prior study")
+#: How much of a region the opacity covers, in percent of the region's area (per lung, per zone).
+OPACITY_PERCENTAGE = hd.sr.CodedConcept("260858005", "SCT", "Extent")
 PROBABILITY = hd.sr.CodedConcept(dcm_codes.DCM.Probability.value, "DCM", dcm_codes.DCM.Probability.meaning)
+COMMENT = hd.sr.CodedConcept(dcm_codes.DCM.Comment.value, "DCM", dcm_codes.DCM.Comment.meaning)
+#: The Comment of every group an experimental model made.
+EXPERIMENTAL_COMMENT = f"{NOT_FOR_DIAGNOSTIC_USE}: made by an experimental model"
+#: Time point of the prior study's group (TID 1502).
+PRIOR_TIME_POINT = "prior study"
 
 #: zone_fractions order in AnalyzeResult: right upper, middle, lower, left upper, middle, lower.
 ZONES: tuple[tuple[hd.sr.CodedConcept, hd.sr.CodedConcept], ...] = tuple(
     (side, zone) for side in (codes.RIGHT, codes.LEFT) for zone in (codes.UPPER_ZONE, codes.MIDDLE_ZONE, codes.LOWER_ZONE))
-#: One concept per zone (a code value has one meaning), in ZONES order.
-ZONE_COUNTED: tuple[hd.sr.CodedConcept, ...] = tuple(
-    hd.sr.CodedConcept(f"CXR1{i}", LOCAL_SCHEME, f"{side.meaning} {zone.meaning.lower()} counted in severity score")
-    for i, (side, zone) in enumerate(ZONES, start=1))
 SIDES = {"right": codes.RIGHT, "left": codes.LEFT, "both": codes.RIGHT_AND_LEFT}
 
 
@@ -67,7 +76,7 @@ class PriorComparison:
 def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spacing_mm: tuple[float, float] | None,
              device: DeviceInfo, notes: Sequence[str] = (), series_number: int = 9002, instance_number: int = 1,
              series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
-             prior: PriorComparison | None = None) -> hd.sr.ComprehensiveSR:
+             prior: PriorComparison | None = None, started: datetime | None = None) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 report for one analysed image.
 
     `pixel_spacing_mm` is the (row, column) spacing of the RESULT grid (result.rows x result.cols),
@@ -75,14 +84,17 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
     the preparation notes (e.g. 'secondary capture', 'lossy source'), recorded with the algorithm.
     With a `prior`, the opacity group also carries the prior's severity and the change, and the prior
     image is listed in the Pertinent Other Evidence Sequence (its study UID and date travel with it).
+    `started` (when the analysis started) becomes the Content Date/Time, as in the SEG.
     """
     if seg.StudyInstanceUID != source.StudyInstanceUID:
         raise ResultError("the SEG does not belong to the source's study")
     numbers = segment_numbers(seg)
+    tracking = tracking_uids(seg)
     models = {m.name: m for m in result.models}
     used: dict[str, ModelInfo] = {}  # models whose numbers are in the report
     area = _AreaUnit(pixel_spacing_mm)
-    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                 | hd.sr.MeasurementsAndQualitativeEvaluations] = []
 
     def group(name: str, finding: hd.sr.CodedConcept, sites: Sequence[hd.sr.FindingSite],
               measurements: Sequence[hd.sr.Measurement],
@@ -91,8 +103,9 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
         if name not in numbers or model is None:
             raise ResultError(f"the SEG has no segment {name!r} or the result no model {SEGMENTS[name].model!r}")
         used[model.name] = model
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=SEGMENTS[name].label),
+        made = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking.get(name) or hd.UID(),
+                                                         identifier=SEGMENTS[name].label),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=numbers[name],
                 source_images=[hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID)]),
@@ -100,8 +113,13 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
             finding_sites=list(sites),
             algorithm_id=_algorithm(model, notes),
             measurements=list(measurements),
-            qualitative_evaluations=[*evaluations, area.basis(), *_use(model)],
-        ))
+            qualitative_evaluations=list(evaluations),
+        )
+        if model.status != "validated":
+            # Groups made by an experimental model say so in the content, not only in the series description.
+            made[0].ContentSequence.append(hd.sr.TextContentItem(COMMENT, EXPERIMENTAL_COMMENT,
+                                                                 hd.sr.RelationshipTypeValues.CONTAINS))
+        groups.append(made)
 
     if result.lung_area_px is not None:
         for side in ("right", "left"):
@@ -109,7 +127,9 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
                   [area.measurement(result.lung_area_px[side])])
     if result.severity_score is not None:
         group("opacity", codes.OPACITY, [hd.sr.FindingSite(codes.LUNG, laterality=codes.RIGHT_AND_LEFT)],
-              _severity_measurements(result) + _comparison(result, prior), _zone_evaluations(result))
+              _severity_measurements(result), _zone_evaluations(result))
+        if prior is not None:
+            groups.append(_prior_group(prior))
     if result.pneumothorax_present is not None:
         group("pneumothorax", codes.PNEUMOTHORAX, [hd.sr.FindingSite(codes.PLEURA, laterality=SIDES.get(
             result.pneumothorax_side or "", codes.RIGHT_AND_LEFT))], *_pneumothorax(result, area))
@@ -136,7 +156,9 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
         is_verified=False,  # nobody has read it: VerificationFlag UNVERIFIED
     )
     sr.SeriesDescription = ("AI chest X-ray measurements" + suffix)[:64]
-    sr.CodingSchemeIdentificationSequence = [_local_scheme()]
+    sr.CodingSchemeIdentificationSequence = coding_schemes(sr)
+    set_contributing_equipment(sr, list(used.values()), device, started)
+    set_content_datetime(sr, started)
     if prior is not None and prior.sop_instance_uid and result.severity_score is not None:
         sr.PertinentOtherEvidenceSequence = [_evidence(prior)]
     log.info("SR built: %d measurement groups%s", len(groups), suffix)
@@ -153,9 +175,6 @@ class _AreaUnit:
         if self.cm2_per_pixel is None:
             return hd.sr.Measurement(name=codes.AREA, value=float(pixels), unit=codes.UNIT_PIXELS)
         return hd.sr.Measurement(name=codes.AREA, value=round(pixels * self.cm2_per_pixel, 2), unit=codes.UNIT_CM2)
-
-    def basis(self) -> hd.sr.QualitativeEvaluation:
-        return hd.sr.QualitativeEvaluation(AREA_BASIS, AREA_IN_PIXELS if self.cm2_per_pixel is None else AREA_IN_CM2)
 
 
 def _severity_measurements(result: AnalyzeResult) -> list[hd.sr.Measurement]:
@@ -175,12 +194,18 @@ def _severity_measurements(result: AnalyzeResult) -> list[hd.sr.Measurement]:
     return items
 
 
-def _comparison(result: AnalyzeResult, prior: PriorComparison | None) -> list[hd.sr.Measurement]:
-    if prior is None or result.severity_score is None:
-        return []
-    return [hd.sr.Measurement(name=PRIOR_SEVERITY, value=int(prior.severity_score), unit=codes.UNIT_SCORE),
-            hd.sr.Measurement(name=SEVERITY_CHANGE, value=int(result.severity_score) - int(prior.severity_score),
-                              unit=codes.UNIT_SCORE)]
+def _prior_group(prior: PriorComparison) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of the prior study's severity, at its own time point (TID 1502): the change is the
+    difference of the two Severity values; the prior image is in the Pertinent Other Evidence Sequence."""
+    when = f"{prior.study_date[:4]}-{prior.study_date[4:6]}-{prior.study_date[6:8]}" if len(prior.study_date) >= 8 \
+        else "date unknown"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Severity of the prior study ({when})"),
+        time_point_context=hd.sr.TimePointContext(time_point=f"{PRIOR_TIME_POINT} {when}"),
+        finding_type=codes.OPACITY,
+        finding_sites=[hd.sr.FindingSite(codes.LUNG, laterality=codes.RIGHT_AND_LEFT)],
+        measurements=[hd.sr.Measurement(name=codes.SEVERITY, value=int(prior.severity_score), unit=codes.UNIT_SCORE)],
+    )
 
 
 def _evidence(prior: PriorComparison) -> Dataset:
@@ -198,9 +223,14 @@ def _evidence(prior: PriorComparison) -> Dataset:
 
 
 def _zone_evaluations(result: AnalyzeResult) -> list[hd.sr.QualitativeEvaluation]:
-    """Which zones counted towards the score: one Present/Absent per zone, in ZONES order."""
-    return [hd.sr.QualitativeEvaluation(name, codes.PRESENT if counted else codes.ABSENT)
-            for name, counted in zip(ZONE_COUNTED, result.zone_affected or [], strict=False)]
+    """Which zones counted towards the score: Opacity Present/Absent with the zone as its finding site,
+    in ZONES order (a zone counts when its opacity extent passed the threshold in the algorithm parameters)."""
+    evaluations = []
+    for (side, zone), counted in zip(ZONES, result.zone_affected or [], strict=False):
+        evaluation = hd.sr.QualitativeEvaluation(codes.OPACITY, codes.PRESENT if counted else codes.ABSENT)
+        evaluation[0].ContentSequence = hd.sr.ContentSequence([hd.sr.FindingSite(zone, laterality=side)])
+        evaluations.append(evaluation)
+    return evaluations
 
 
 def _pneumothorax(result: AnalyzeResult, area: _AreaUnit
@@ -232,20 +262,31 @@ def _algorithm(model: ModelInfo, notes: Sequence[str]) -> hd.sr.AlgorithmIdentif
                                          family=codes.ARTIFICIAL_INTELLIGENCE, manufacturer="cxr-node")
 
 
-def _use(model: ModelInfo) -> list[hd.sr.QualitativeEvaluation]:
-    """Groups made by an experimental model say so in the content, not only in the series description."""
-    if model.status == "validated":
-        return []
-    return [hd.sr.QualitativeEvaluation(DIAGNOSTIC_USE, NOT_FOR_DIAGNOSTIC_USE)]
+#: Coding Scheme Identification (SOP Common) of the schemes the SR uses: designator -> (UID, name).
+CODING_SCHEMES: dict[str, tuple[str, str]] = {
+    "DCM": ("1.2.840.10008.2.16.4", "DICOM Controlled Terminology"),
+    "SCT": ("2.16.840.1.113883.6.96", "SNOMED CT"),
+    "UCUM": ("2.16.840.1.113883.6.8", "Unified Code for Units of Measure"),
+    "UMLS": ("2.16.840.1.113883.6.86", "Unified Medical Language System"),  # TID 1502 Time Point
+}
 
 
-def _local_scheme() -> Dataset:
-    """Declares the private coding scheme (SOP Common, Coding Scheme Identification Sequence)."""
-    item = Dataset()
-    item.CodingSchemeDesignator = LOCAL_SCHEME
-    item.CodingSchemeName = "cxr-node local concepts"
-    item.CodingSchemeResponsibleOrganization = "cxr-node"
-    return item
+def coding_schemes(ds: Dataset) -> list[Dataset]:
+    """Coding Scheme Identification Sequence items for every scheme the object uses that has a known UID.
+
+    Only standard schemes are used (no private "99" scheme: dciodvfy knows a fixed list of designators
+    and warns on every other, declared or not); 99IHE, IHE's own, is known to validators by name.
+    """
+    used = {str(e.value) for e in ds.iterall() if e.keyword == "CodingSchemeDesignator"}
+    items = []
+    for designator in sorted(used & set(CODING_SCHEMES)):
+        uid, name = CODING_SCHEMES[designator]
+        item = Dataset()
+        item.CodingSchemeDesignator = designator
+        item.CodingSchemeUID = uid
+        item.CodingSchemeName = name
+        items.append(item)
+    return items
 
 
 def _observation_context(device: DeviceInfo) -> hd.sr.ObservationContext:

@@ -132,7 +132,9 @@ def sr_measurements(sr_path: Path) -> list[Measurement]:
                 label = f"{name.CodeMeaning} ({', '.join(mods)})" if mods else str(name.CodeMeaning)
                 found.append(Measurement(group, label, _number(str(mv.NumericValue)), str(unit), str(name.CodeValue)))
             elif kind == "CODE" and rel == "CONTAINS" and name is not None and name.CodeValue != "121071":
-                found.append(Measurement(group, str(name.CodeMeaning), str(item.ConceptCodeSequence[0].CodeMeaning),
+                mods = _modifiers(item)  # e.g. the zone of an Opacity Present/Absent
+                label = f"{name.CodeMeaning} ({', '.join(mods)})" if mods else str(name.CodeMeaning)
+                found.append(Measurement(group, label, str(item.ConceptCodeSequence[0].CodeMeaning),
                                          "", str(name.CodeValue)))
             if "ContentSequence" in item and kind == "CONTAINER":
                 walk(item.ContentSequence, group)

@@ -36,6 +36,7 @@ from tests.support.pg import PostgresServer
 from tests.support.redis import RedisServer
 from tests.support.synthetic_dicom import small_chest_copies
 from tests.support.tiny_models import write_tiny_weights
+from tests.support.validators import dciodvfy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
 
@@ -211,6 +212,9 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
                           for d in received if str(d.SOPClassUID) == SEG)
         sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
         assert set(sources) == sent and set(sources.values()) == {1}
+        for path in sorted(out.iterdir()):  # every result as the PACS got it: dciodvfy finds nothing
+            report = dciodvfy(path)
+            assert (report.errors, report.warnings) == ([], []), report
         assert all(a.tls for a in store.list_associations() if a.direction == "outbound")
         assert "job " in workers[1].text() and workers[1].alive()
         sys.stdout.write(f"\n40 instances in, 80 results out in {done - started:.0f} s; worker killed "

@@ -32,6 +32,7 @@ from tests.support.node import NodeProcess, cxrnode_command
 from tests.support.orthanc import Orthanc
 from tests.support.paths import dicom_dir, dicom_manifest
 from tests.support.tiny_models import write_tiny_weights
+from tests.support.validators import dciodvfy, pixelmed
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -171,9 +172,14 @@ def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener
         assert json.dumps(body2).count(first) >= 1, "the webhook names the prior study"
         sr = next(node.data_dir.glob("results/*/*/sr.dcm"), None)
         assert sr is not None
-        srs = [pydicom.dcmread(p) for p in node.data_dir.glob("results/*/*/sr.dcm")]
-        [sr2] = [d for d in srs if d.StudyInstanceUID == second]
+        srs = {p: pydicom.dcmread(p) for p in node.data_dir.glob("results/*/*/sr.dcm")}
+        [(sr2_path, sr2)] = [(p, d) for p, d in srs.items() if d.StudyInstanceUID == second]
         assert sr2.PertinentOtherEvidenceSequence[0].StudyInstanceUID == first
+        # The SR with its prior comparison, as the node made it: dciodvfy and PixelMed find nothing.
+        report = dciodvfy(sr2_path)
+        assert (report.errors, report.warnings) == ([], []), report
+        [checked] = pixelmed([sr2_path])
+        assert checked.errors == [], checked
 
         # Retry from the CLI once the RIS accepts again: delivered once, same control id.
         ris.set_ack("AA")

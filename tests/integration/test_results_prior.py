@@ -1,5 +1,5 @@
-"""The SR's comparison with the patient's prior: prior severity and change in the opacity group, the prior
-image in the Pertinent Other Evidence Sequence; still valid for dciodvfy."""
+"""The SR's comparison with the patient's prior: the prior's severity in its own group at its own time point
+(TID 1501/1502), the prior image in the Pertinent Other Evidence Sequence; still valid for dciodvfy."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 
+from node.results import codes
 from node.results.common import DeviceInfo
 from node.results.seg import build_seg
-from node.results.sr import PRIOR_SEVERITY, SEVERITY_CHANGE, PriorComparison, build_sr
-from tests.integration.test_results_dciodvfy import dciodvfy_errors
+from node.results.sr import PRIOR_TIME_POINT, PriorComparison, build_sr
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import synthetic_case
+from tests.support.validators import dciodvfy
 
 PRIOR = PriorComparison(study_instance_uid="1.2.826.0.1.3680043.8.498.1", study_date="20261120", severity_score=1,
                         series_instance_uid="1.2.826.0.1.3680043.8.498.2",
@@ -27,14 +28,21 @@ def test_sr_carries_the_comparison_and_stays_valid(tmp_path: Path) -> None:
                   device=DeviceInfo(), prior=PRIOR)
     out = tmp_path / "sr.dcm"
     sr.save_as(out)
-    assert dciodvfy_errors(out) == []
+    report = dciodvfy(out)
+    assert (report.errors, report.warnings) == ([], []), report
     back = hd.sr.srread(out)
-    [opacity] = [g for g in hd.sr.MeasurementReport.from_sequence([back]).get_volumetric_roi_measurement_groups()
+    measurement_report = hd.sr.MeasurementReport.from_sequence([back])
+    [opacity] = [g for g in measurement_report.get_volumetric_roi_measurement_groups()
                  if str(g.tracking_identifier) == "COVID-19 opacity"] or [None]
     assert opacity is not None
     assert case.result.severity_score is not None
-    assert float(opacity.get_measurements(name=PRIOR_SEVERITY)[0].value) == 1
-    assert float(opacity.get_measurements(name=SEVERITY_CHANGE)[0].value) == case.result.severity_score - 1
+    assert float(opacity.get_measurements(name=codes.SEVERITY)[0].value) == case.result.severity_score
+    [prior] = measurement_report.get_image_measurement_groups()
+    assert str(prior.tracking_identifier) == "Severity of the prior study (2026-11-20)"
+    assert float(prior.get_measurements(name=codes.SEVERITY)[0].value) == 1
+    time_point = [str(e.value) for e in prior[0].iterall() if e.keyword == "TextValue"
+                  and str(e.value).startswith(PRIOR_TIME_POINT)]
+    assert time_point == [f"{PRIOR_TIME_POINT} 2026-11-20"]
     ds = pydicom.dcmread(out)
     [study] = ds.PertinentOtherEvidenceSequence
     assert study.StudyInstanceUID == PRIOR.study_instance_uid

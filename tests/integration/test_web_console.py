@@ -159,6 +159,8 @@ def test_study_page_shows_timeline_severity_measurements_and_overlay(site: Conso
     page = client.get(f"/studies/{inst.study_id}").text
     assert re.search(rf'id="severity-{analysed}">2<', page)  # the SR's severity score
     assert "Right lung" in page and "Pneumothorax" in page  # legend from the SEG's segments
+    # SR items with their finding site: opacity extent and whether the zone counted, per zone.
+    assert "Extent (Lower zone of lung, Right)" in page and "Opacity (Lower zone of lung, Right)" in page
     assert "instance.received" in page and "export.dead" in page  # timeline from the audit log
     assert "connection refused" in page
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,8 @@ def test_full_lungs_full_opacity_score_six(all_on: ModelRunner) -> None:
     assert [m.name for m in res.models] == ["lung", "opacity", "pneumothorax"]
     assert {"lung", "opacity", "pneumothorax", "total"} <= set(res.timings_ms)
     assert res.warnings == []
+    started = res.started()  # the results' Content Date/Time
+    assert started is not None and abs((datetime.now(UTC) - started).total_seconds()) < 600
     # The message survives JSON-shaped transport unchanged.
     assert AnalyzeResult.from_message(res.to_message()) == res
 
