@@ -116,7 +116,8 @@ def _store(args: argparse.Namespace) -> Any:
     from node.audit.db import database_exists
 
     path = _config_path(args)
-    url = load_settings(path).database_url
+    settings = load_settings(path)
+    url = settings.database_url
     source = f"configuration {path}" if path else f"no configuration file (looked for {CONFIG_SEARCH})"
     try:
         exists = database_exists(url)
@@ -126,7 +127,7 @@ def _store(args: argparse.Namespace) -> Any:
         raise ConfigError(f"no audit database at {_redacted(url)} ({source}); an administrative command does "
                           "not create one: start `cxrnode serve` with this configuration first, or pass "
                           "--config with the node's file")
-    return AuditStore.open(url)
+    return AuditStore.open(url, node=settings.node_name)
 
 
 def _redacted(url: str) -> str:
@@ -141,7 +142,7 @@ def cmd_audit_studies(args: argparse.Namespace) -> int:
     rows = [study_row(s) for s in _store(args).list_studies(since=args.since, calling_ae=args.ae, state=args.state,
                                                              limit=args.limit)]
     cols = None if args.format != "table" else ["study_instance_uid", "first_received", "calling_ae",
-                                                 "accession_number", "instances", "states"]
+                                                 "accession_number", "instances", "states", "nodes"]
     _print_rows(rows, args.format, cols)
     return 0
 
@@ -155,8 +156,8 @@ def cmd_audit_study(args: argparse.Namespace) -> int:
         _err(f"no study {args.uid}")
         return 1
     rows = [instance_row(i) for i in store.list_instances(InstanceFilter(study_instance_uid=args.uid))]
-    cols = None if args.format != "table" else ["id", "sop_instance_uid", "modality", "state", "rule", "reason",
-                                                 "received_at"]
+    cols = None if args.format != "table" else ["id", "sop_instance_uid", "modality", "node", "state", "rule",
+                                                 "reason", "received_at"]
     _print_rows(rows, args.format, cols)
     return 0
 
@@ -169,7 +170,7 @@ def cmd_audit_events(args: argparse.Namespace) -> int:
     if args.state:
         rows = [r for r in rows if r["kind"] == f"instance.{args.state}"]
     _print_rows(rows, args.format, None if args.format != "table" else
-                ["id", "at", "kind", "actor", "association_id", "instance_id", "detail"])
+                ["id", "at", "kind", "actor", "node", "association_id", "instance_id", "detail"])
     return 0
 
 

@@ -15,11 +15,12 @@ def cmd_exports_list(args: argparse.Namespace) -> int:
 
     store = _store(args)
     rows = [{"id": e.id, "instance": e.instance_id, "destination": e.destination_ae, "kind": e.kind,
-             "state": e.state, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
+             "state": e.state, "node": e.node, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
              "last_error": e.last_error, "sop_instance_uid": e.sop_instance_uid, "file": e.file_path}
             for e in store.list_exports(args.instance, state=args.state)]
     _print_rows(rows, args.format, None if args.format != "table" else
-                ["id", "instance", "destination", "kind", "state", "attempts", "next_attempt_at", "last_error"])
+                ["id", "instance", "destination", "kind", "state", "node", "attempts", "next_attempt_at",
+                 "last_error"])
     return 0
 
 
@@ -33,7 +34,7 @@ def cmd_exports_retry(args: argparse.Namespace) -> int:
         _err("no dead exports" if args.all_dead else "give export ids or --all-dead")
         return 1
     n = retry_exports(store, ids, actor=_actor())
-    _out(f"{n} export(s) due again (a running node sends them within seconds)")
+    _out(f"{n} export(s) due again (the node holding their files sends them within seconds)")
     return 0 if n else 1
 
 
@@ -47,7 +48,7 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
     except StoreError as e:
         _err(str(e))
         return 1
-    _out(f"instance {args.instance} queued again (a running node publishes it within seconds)")
+    _out(f"instance {args.instance} queued again (the node that received it publishes it within seconds)")
     return 0
 
 

@@ -21,7 +21,15 @@ from node.exporter import Exporter
 from node.handoff import Dispatcher
 from node.supervisor import ChildSpec, Supervisor
 from node.tasks import SETTINGS_FILE_ENV, write_settings_file
-from workers.api import BROKER_ENV, INFERENCE_QUEUE, LEASE_ENV, NODE_QUEUE, RESULT_BACKEND_ENV, TIME_LIMIT_ENV
+from workers.api import (
+    BROKER_ENV,
+    INFERENCE_QUEUE,
+    LEASE_ENV,
+    NODE_QUEUE,
+    RESULT_BACKEND_ENV,
+    TIME_LIMIT_ENV,
+    node_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,9 @@ def worker_children(settings: Settings) -> list[ChildSpec]:
                   LEASE_ENV: str(settings.broker.lease_s)}
     children = [ChildSpec(
         "node-worker",
-        [*celery, "-A", "node.tasks", "worker", "-Q", NODE_QUEUE, "-c", "1", "--pool", "solo",
-         "-n", f"node-{settings.dicom.ae_title.strip()}@%h", *quiet],
+        # This node's own result queue, and the shared one that results of older workers reach.
+        [*celery, "-A", "node.tasks", "worker", "-Q", f"{node_queue(settings.node_name)},{NODE_QUEUE}",
+         "-c", "1", "--pool", "solo", "-n", f"node-{settings.node_name}@%h", *quiet],
         env={SETTINGS_FILE_ENV: str(write_settings_file(settings))},  # the broker URL comes with the settings
         log_file=logs / "node-worker.log")]
     if settings.embedded and settings.broker.embedded_worker:

@@ -33,6 +33,7 @@ def purge(settings: Settings, store: AuditStore, now: datetime | None = None, li
     with store.session() as s:
         rows = s.scalars(select(Instance).where(Instance.state.in_([str(x) for x in PURGEABLE]))
                          .where(Instance.finished_at < cutoff)
+                         .where(Instance.node == store.node)  # another node's files are on its disk
                          .where(or_(Instance.spool_path != "", Instance.quarantine_path != ""))
                          .order_by(Instance.id).limit(limit).with_for_update()).all()
         for row in rows:

@@ -75,6 +75,7 @@ def today(store: AuditStore, since: datetime | None = None) -> Today:
 class StudyRow:
     study: Study
     states: dict[str, int] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)  # the nodes that received its instances
 
     @property
     def instance_count(self) -> int:
@@ -118,14 +119,18 @@ def search_studies(store: AuditStore, q: StudySearch) -> list[StudyRow]:
     with store.session() as s:
         studies = list(s.scalars(stmt))
         counts: dict[int, dict[str, int]] = {}
+        nodes: dict[int, set[str]] = {}
         if studies:
-            rows = s.execute(select(Instance.study_id, Instance.state, func.count())
+            rows = s.execute(select(Instance.study_id, Instance.state, Instance.node, func.count())
                              .where(Instance.study_id.in_([st.id for st in studies]))
-                             .group_by(Instance.study_id, Instance.state))
-            for study_id, state, n in rows:
+                             .group_by(Instance.study_id, Instance.state, Instance.node))
+            for study_id, state, node, n in rows:
                 if study_id is not None:
-                    counts.setdefault(study_id, {})[state] = n
-    return [StudyRow(st, counts.get(st.id, {})) for st in studies]
+                    per_state = counts.setdefault(study_id, {})
+                    per_state[state] = per_state.get(state, 0) + n
+                    if node and state not in (InstanceState.DUPLICATE, InstanceState.REJECTED):
+                        nodes.setdefault(study_id, set()).add(node)
+    return [StudyRow(st, counts.get(st.id, {}), sorted(nodes.get(st.id, ()))) for st in studies]
 
 
 @dataclass

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -31,15 +29,14 @@ from node.audit import AuditStore, InstanceFilter
 from tests.support.dcmtk import storescu
 from tests.support.net import free_port, port_open, wait_for
 from tests.support.node import cxrnode_command
-from tests.support.paths import REPO_ROOT
 from tests.support.pg import PostgresServer
+from tests.support.procs import PRODUCTION, Proc, unit_command
 from tests.support.redis import RedisServer
 from tests.support.synthetic_dicom import small_chest_copies
 from tests.support.tiny_models import write_tiny_weights
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
 
-PRODUCTION = REPO_ROOT / "deploy" / "config" / "cxrnode.production.toml"
 LEASE_S = 8  # broker.lease_s, short so that the test takes seconds (production default: 60)
 REDIS_DOWN_S = 15
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33"
@@ -51,55 +48,6 @@ def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     return key, cert
-
-
-def unit_command(unit: str, key: str, instance: str = "") -> list[str]:
-    """A shipped systemd unit's Exec line as this checkout runs it (no drift between units and test):
-    /opt/cxrnode/bin -> this interpreter's bin, /etc/cxrnode/cxrnode.toml -> the shipped production
-    example, %i -> `instance`, %%H (a literal %H for Celery) -> Celery's %h."""
-    text = (REPO_ROOT / "deploy" / "systemd" / unit).read_text()
-    found = re.search(rf"^{key}=(.+)$", text, re.M)
-    assert found is not None, f"{unit} has no {key}"
-    line = (found.group(1).replace("/opt/cxrnode/bin/", f"{Path(sys.executable).parent}/")
-            .replace("/etc/cxrnode/cxrnode.toml", str(PRODUCTION)).replace("%i", instance).replace("%%H", "%h"))
-    return shlex.split(line)
-
-
-class Proc:
-    """A background process in its own session (so kill -9 reaches its pool too), logging to a file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 60) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
 
 
 @pytest.fixture
