@@ -238,6 +238,7 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
 
         # node-a back (systemd's Restart=): it completes what it acknowledged before it died.
         victim.start()
+        restarted_at = time.monotonic()
         wait_for(lambda: victim.text().count("running on") >= 2 or not victim.alive(), 120, "node-a again")
         assert victim.alive(), victim.text()[-3000:]
 
@@ -248,6 +249,7 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
             return len(live) == N and all(i.state == InstanceState.EXPORTED for i in live)
 
         wait_for(all_exported, 300, "every acknowledged instance exported")
+        completed_s = time.monotonic() - restarted_at
         wait_for(lambda: len(list(out.iterdir())) >= 2 * N, 60, "the PACS to have every result")
         wait_for(lambda: len(hook.requests()) >= N // 10, 120, "an alert for every study")
         time.sleep(LEASE_S + 6)  # a duplicate result or alert would arrive now
@@ -287,7 +289,7 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
         sys.stdout.write(f"\n{N} instances in over {modality.associations} associations "
                          f"({modality.failed_associations} cut by the kill and resent); node-a killed, "
                          f"{len(on_a)} of its instances ({len(a_waiting)} still waiting while it was down) completed "
-                         f"after its restart; {2 * N} results out, once each; {len(bodies)} alerts, once each; "
+                         f"{completed_s:.0f} s after its restart; {2 * N} results out, once each; {len(bodies)} alerts, once each; "
                          f"sending after the kill took {sent_while_down:.0f} s\n")
     finally:
         if store is not None:
