@@ -111,3 +111,29 @@ def test_node_name_setting_and_the_reply_queue(tmp_path: Path) -> None:
     old = {k: v for k, v in request.to_message().items() if k != "reply_queue"}
     assert AnalyzeRequest.from_message(old).reply_queue == NODE_QUEUE  # a message from an older node
     assert reply_queue_of({"reply_queue": "inference"}) == NODE_QUEUE  # never another queue than a node's
+
+
+def test_the_console_shows_which_node_did_what(stores: tuple[AuditStore, AuditStore], tmp_path: Path) -> None:
+    from node.web.server import start_in_thread
+    from tests.support.console import ADMIN, PASSWORD_HASH, ConsoleClient
+
+    a, b = stores
+    inst = receive(a, "4.1", study="4.9")
+    receive(b, "4.2", study="4.9")
+    analyse(a, inst)
+    settings = load_settings(None, node={"name": "node-b"}, storage={"data_dir": tmp_path / "var"},
+                             web={"host": "127.0.0.1", "admin_user": ADMIN, "password_hash": PASSWORD_HASH})
+    web = start_in_thread(settings, b, port=0)
+    client = ConsoleClient(web.url)
+    try:
+        assert client.login().status_code == 303
+        studies = client.get("/studies").text
+        assert '<td class="node">node-a, node-b</td>' in studies
+        assert '<span class="node" title="this console\'s node">node-b</span>' in studies
+        study = client.get(f"/studies/{inst.study_id}").text
+        assert study.count('<td class="node">node-a</td>') >= 3  # triage owner, the instance, its export
+        events = client.get("/events").text
+        assert '<td class="node">node-b</td>' in events and '<td class="node">node-a</td>' in events
+    finally:
+        client.close()
+        web.stop()
