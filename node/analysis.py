@@ -97,7 +97,8 @@ class Publisher:
             self._published[job_id] = time.monotonic()
             self._sends[job_id] = self._sends.get(job_id, 0) + 1
         store.add_event("analysis.published", instance_id=instance_id,
-                        detail={"job_id": job_id, "reply_queue": request.reply_queue, "publish_ms": round((time.monotonic() - started) * 1000, 1),
+                        detail={"job_id": job_id, "reply_queue": request.reply_queue,
+                                "publish_ms": round((time.monotonic() - started) * 1000, 1),
                                 "pixels": list(prepared.pixels.shape), "notes": list(prepared.notes)})
         return True
 

@@ -33,5 +33,6 @@ def instance_row(i: Instance) -> dict[str, Any]:
 
 
 def event_row(e: Event) -> dict[str, Any]:
-    return {"id": e.id, "at": _iso(e.at), "kind": e.kind, "actor": e.actor, "node": e.node, "association_id": e.association_id,
+    return {"id": e.id, "at": _iso(e.at), "kind": e.kind, "actor": e.actor, "node": e.node,
+            "association_id": e.association_id,
             "study_id": e.study_id, "instance_id": e.instance_id, "detail": e.detail}

@@ -350,7 +350,8 @@ class AuditStore(TriageStoreMixin):
         with self.session() as s:
             rows = s.execute(select(Instance.id, Instance.spool_path, Instance.quarantine_path)
                              .where(Instance.node == "")).all()
-            mine = [i for i, spool, quarantine in rows if (spool and holds(spool)) or (quarantine and holds(quarantine))]
+            mine = [i for i, spool, quarantine in rows
+                    if (spool and holds(spool)) or (quarantine and holds(quarantine))]
             for start in range(0, len(mine), 500):
                 chunk = mine[start:start + 500]
                 s.execute(update(Instance).where(Instance.id.in_(chunk)).values(node=self.node))

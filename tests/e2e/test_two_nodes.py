@@ -289,7 +289,8 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
         sys.stdout.write(f"\n{N} instances in over {modality.associations} associations "
                          f"({modality.failed_associations} cut by the kill and resent); node-a killed, "
                          f"{len(on_a)} of its instances ({len(a_waiting)} still waiting while it was down) completed "
-                         f"{completed_s:.0f} s after its restart; {2 * N} results out, once each; {len(bodies)} alerts, once each; "
+                         f"{completed_s:.0f} s after its restart; {2 * N} results out, once each; "
+                         f"{len(bodies)} alerts, once each; "
                          f"sending after the kill took {sent_while_down:.0f} s\n")
     finally:
         if store is not None:
