@@ -94,6 +94,10 @@ class DicomConfig(_Strict):
     allow_unknown_calling_ae: bool = False  # True accepts any peer (testing only)
     listeners: int = 1  # receiving processes sharing the port (SO_REUSEPORT)
     check_calling_host: bool = True  # a source AE entry with a host may only connect from that host
+    # Load balancers (their addresses) that start each connection with a PROXY protocol v2 header
+    # (HAProxy `send-proxy-v2`): the sender's address from the header is the peer's, for the host
+    # check, the per-peer limits and the audit log. Connections from other addresses carry none.
+    proxy_protocol_from: list[str] = Field(default_factory=list)
     shutdown_grace_s: float = 60.0  # on SIGTERM, how long in-flight associations may take to finish
     tls: TLSConfig = Field(default_factory=TLSConfig)
 

@@ -81,6 +81,7 @@ def site(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[dict[str, 
         "CXRNODE_BROKER__RESULT_BACKEND": redis.url.rsplit("/", 1)[0] + "/1",
         "CXRNODE_BROKER__LEASE_S": str(LEASE_S),
         "CXRNODE_DICOM__HOST": "127.0.0.1", "CXRNODE_DICOM__TLS__ENABLED": "false", "CXRNODE_DICOM__LISTENERS": "1",
+        "CXRNODE_DICOM__PROXY_PROTOCOL_FROM": '["127.0.0.1"]',  # the balancer sends PROXY v2 headers
         "CXRNODE_STORAGE__MIN_FREE_MB": "1", "CXRNODE_WEB__HOST": "127.0.0.1",
         "CXRNODE_AE": json.dumps([{"name": "STORESCU", "host": "127.0.0.1", "port": pacs_port, "role": "both"}]),
         "CXRNODE_TRIAGE__STABLE_S": "4",
@@ -117,6 +118,7 @@ class Modality:
         self.acked: set[Path] = set()
         self.associations = self.failed_associations = 0
         self._failed: list[Association] = []
+        self.local_ports: list[int] = []  # source ports of the associations opened here
 
     def open(self) -> Association:
         """An association through the balancer, kept open (pynetdicom, as a modality holds one)."""
@@ -126,6 +128,8 @@ class Modality:
         assoc = ae.associate("127.0.0.1", self.port, ae_title="CXRNODE")
         assert assoc.is_established
         self.associations += 1
+        assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+        self.local_ports.append(assoc.dul.socket.socket.getsockname()[1])
         return assoc
 
     def store(self, assoc: Association, files: list[Path]) -> None:
@@ -216,6 +220,9 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
         for batch in batches[6:]:
             modality.send(batch)
         assert modality.acked == set(files)
+        # The nodes saw the modality's own source port (PROXY v2 from the balancer), not the balancer's.
+        inbound = {a.peer_port for a in store.list_associations() if a.direction == "inbound"}
+        assert set(modality.local_ports) <= inbound, (modality.local_ports, sorted(inbound))
         sent_while_down = time.monotonic() - killed_at
 
         # While node-a is down, node-b completes its own instances and leaves node-a's alone.

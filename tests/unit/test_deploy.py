@@ -262,4 +262,5 @@ def test_shipped_haproxy_config_is_valid_and_balances_two_nodes_on_the_dicom_por
     assert re.search(r"^\s*mode tcp$", text, re.M) and re.search(r"^\s*bind :11112$", text, re.M)
     servers = re.findall(r"^\s*server (\S+) \S+:11112$", text, re.M)
     assert servers == ["node-a", "node-b"]
-    assert re.search(r"^\s*default-server check .*on-marked-down shutdown-sessions", text, re.M)
+    assert re.search(r"^\s*default-server check .*on-marked-down shutdown-sessions send-proxy-v2 check-send-proxy",
+                     text, re.M)
