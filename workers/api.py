@@ -27,6 +27,13 @@ INFERENCE_QUEUE = "inference"
 NODE_QUEUE = "node"
 
 
+
+def node_queue(node_name: str) -> str:
+    """The queue of one node's `node.finish` worker. Results go back to the node that asked (it holds
+    the source image and builds SEG and SR from it), so each node has its own: with two nodes on one
+    broker a shared queue would hand a result to a node that cannot read the image."""
+    return f"{NODE_QUEUE}.{node_name}" if node_name else NODE_QUEUE
+
 SCHEMA_VERSION = 1
 
 #: AnalyzeResult fields added within schema 1. A node lists those it can read in its request
@@ -105,6 +112,12 @@ def unpack_mask(data: str, rows: int, cols: int) -> np.ndarray:
     return bits.reshape(rows, cols).astype(bool)
 
 
+def reply_queue_of(msg: Any) -> str:
+    """The queue a request asks its result to go to (the shared `node` queue when it names none or garbage)."""
+    queue = msg.get("reply_queue") if isinstance(msg, dict) else None
+    return queue if isinstance(queue, str) and queue.startswith(NODE_QUEUE) and len(queue) <= 80 else NODE_QUEUE
+
+
 @dataclass(frozen=True)
 class AnalyzeRequest:
     """Sent by the node on queue `inference`. `job_id` is opaque (no UIDs, no names)."""
@@ -119,16 +132,18 @@ class AnalyzeRequest:
     zone_threshold: float | None = None
     # Optional AnalyzeResult fields this node reads (OPTIONAL_RESULT_FIELDS); absent in older nodes' requests.
     result_fields: tuple[str, ...] = ()
+    # Where the worker sends the result (`node_queue` of the asking node); older nodes leave it out.
+    reply_queue: str = NODE_QUEUE
 
     @classmethod
     def build(cls, job_id: str, pixels: np.ndarray, models: tuple[str, ...] = MODEL_NAMES,
-              zone_threshold: float | None = None) -> AnalyzeRequest:
+              zone_threshold: float | None = None, reply_queue: str = NODE_QUEUE) -> AnalyzeRequest:
         unknown = set(models) - set(MODEL_NAMES)
         if unknown:
             raise ValueError(f"unknown models {sorted(unknown)}; known: {MODEL_NAMES}")
         return cls(job_id=job_id, pixels_png=encode_png(pixels), rows=int(pixels.shape[0]),
                    cols=int(pixels.shape[1]), models=tuple(models), zone_threshold=zone_threshold,
-                   result_fields=OPTIONAL_RESULT_FIELDS)
+                   result_fields=OPTIONAL_RESULT_FIELDS, reply_queue=reply_queue)
 
     def pixels(self) -> np.ndarray:
         arr = decode_png(self.pixels_png)
@@ -149,7 +164,8 @@ class AnalyzeRequest:
         return cls(job_id=str(msg["job_id"]), pixels_png=str(msg["pixels_png"]), rows=int(msg["rows"]),
                    cols=int(msg["cols"]), models=tuple(msg.get("models", MODEL_NAMES)),
                    zone_threshold=None if msg.get("zone_threshold") is None else float(msg["zone_threshold"]),
-                   result_fields=tuple(str(f) for f in msg.get("result_fields") or ()))
+                   result_fields=tuple(str(f) for f in msg.get("result_fields") or ()),
+                   reply_queue=reply_queue_of(msg))
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,13 @@ from workers.api import (
     INFERENCE_QUEUE,
     LEASE_ENV,
     MODEL_NAMES,
-    NODE_QUEUE,
     RESULT_BACKEND_ENV,
     TIME_LIMIT_ENV,
     AnalyzeRequest,
     AnalyzeResult,
     broker_environment,
     celery_settings,
+    reply_queue_of,
 )
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def analyze(self: Any, message: dict[str, Any]) -> dict[str, Any]:
         reason = f"bad analyze message: {type(exc).__name__}: {exc}"
         log.error("job %s: %s", job_id, reason)
         if job_id is not None:
-            self.app.send_task(FINISH_TASK, args=[_error_result(str(job_id), reason)], queue=NODE_QUEUE)
+            self.app.send_task(FINISH_TASK, args=[_error_result(str(job_id), reason)], queue=reply_queue_of(message))
         raise Reject(reason, requeue=False) from exc
 
     log.info("job %s: analysing (%dx%d, models %s)", request.job_id, request.rows, request.cols,
@@ -214,7 +214,7 @@ def analyze(self: Any, message: dict[str, Any]) -> dict[str, Any]:
         log.exception("job %s: analysis failed", request.job_id)
         result = _error_result(request.job_id, f"analysis failed: {type(exc).__name__}: {exc}")
     try:
-        self.app.send_task(FINISH_TASK, args=[result], queue=NODE_QUEUE)
+        self.app.send_task(FINISH_TASK, args=[result], queue=request.reply_queue)
     except Exception as exc:  # broker unreachable: run again later rather than lose the result
         log.error("job %s: could not send the result (%s); requeued", request.job_id, exc)
         raise Reject(f"result not delivered: {exc}", requeue=True) from exc

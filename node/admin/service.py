@@ -76,7 +76,7 @@ class AdminService:
         except StoreError as e:
             raise AdminError(str(e)) from e
         if self.enqueue_analysis is None:
-            return f"instance {instance_id} queued; the running node's outbox hands it to the workers within seconds"
+            return f"instance {instance_id} queued again (the node that received it publishes it within seconds)"
         try:
             self.enqueue_analysis(instance_id)
         except Exception as e:  # noqa: BLE001 — the row says queued; the outbox retries the hand-off
@@ -109,7 +109,7 @@ class AdminService:
     def _kicked(self, message: str) -> str:
         """Wake the exporter of this process, if any; else the running node's next pass sends."""
         if self.kick_sender is None:
-            return message + " (the running node sends them within seconds)"
+            return message + " (the node holding their files sends them within seconds)"
         try:
             self.kick_sender()
         except Exception as e:  # noqa: BLE001 — pending exports are picked up by the exporter's next pass

@@ -52,7 +52,7 @@ class Alerter(BackgroundLoop):
     def run_once(self) -> int:
         """One pass; returns how many alerts were delivered."""
         sent = 0
-        for alert in self.store.due_alerts(limit=100):
+        for alert in self.store.due_alerts(limit=100, own=True):  # one node per study: never sent twice
             if self.stopping:  # each try may take a destination's timeout: stop between them
                 break
             sent += self._attempt(alert)

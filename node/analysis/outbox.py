@@ -23,7 +23,7 @@ from node.analysis.prepare import PrepareError
 from node.audit import AuditStore, InstanceFilter, InstanceState
 from node.audit.models import as_utc, utcnow
 from node.runtime.config import Settings
-from workers.api import ANALYZE_TASK, INFERENCE_QUEUE, AnalyzeRequest, task_priority
+from workers.api import ANALYZE_TASK, INFERENCE_QUEUE, AnalyzeRequest, node_queue, task_priority
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class Publisher:
         inst = store.get_instance(instance_id)
         if inst.state != InstanceState.QUEUED:
             return False
+        if inst.node != store.node:
+            # Another node received it: only that node can read its image (its sweeper publishes it).
+            log.info("instance %d belongs to node %s: left to it", instance_id, inst.node or "(unnamed)")
+            return False
         job_id = inst.job_id
         if not self.due(job_id):
             return False
@@ -84,7 +88,8 @@ class Publisher:
                 and not store.record_job_geometry(job_id, prepared.geometry.to_json()):
             return False  # the run ended (re-queued, failed) while the pixels were prepared
         request = AnalyzeRequest.build(job_id, prepared.pixels, tuple(inst.models),
-                                       zone_threshold=settings.models.severity_zone_threshold)
+                                       zone_threshold=settings.models.severity_zone_threshold,
+                                       reply_queue=node_queue(store.node))
         started = time.monotonic()
         self.app.send_task(ANALYZE_TASK, args=[request.to_message()], queue=INFERENCE_QUEUE,
                            priority=task_priority(inst.priority))
@@ -92,7 +97,8 @@ class Publisher:
             self._published[job_id] = time.monotonic()
             self._sends[job_id] = self._sends.get(job_id, 0) + 1
         store.add_event("analysis.published", instance_id=instance_id,
-                        detail={"job_id": job_id, "publish_ms": round((time.monotonic() - started) * 1000, 1),
+                        detail={"job_id": job_id, "reply_queue": request.reply_queue,
+                                "publish_ms": round((time.monotonic() - started) * 1000, 1),
                                 "pixels": list(prepared.pixels.shape), "notes": list(prepared.notes)})
         return True
 
@@ -119,12 +125,14 @@ class Sweeper:
     def sweep_once(self) -> int:
         """Submit queued instances nobody published: left behind by a broker outage or a lost message.
 
-        Another process may own a fresh instance (a listener publishes what it received), so only
+        Only this node's instances (another node's images are not here). Another process of this node
+        may own a fresh instance (a listener publishes what it received), so only
         instances queued more than `grace_s` ago are considered, and a job whose publish another
         process recorded in the audit log is not published again.
         """
         now = utcnow()
-        stale = [i for i in self.store.list_instances(InstanceFilter(states=[InstanceState.QUEUED], limit=500))
+        own = InstanceFilter(states=[InstanceState.QUEUED], node=self.store.node, limit=500)
+        stale = [i for i in self.store.list_instances(own)
                  if i.queued_at is None or as_utc(i.queued_at) < now - timedelta(seconds=self.grace_s)]
         if not stale:
             return 0

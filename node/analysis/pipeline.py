@@ -29,6 +29,7 @@ from workers.api import (
     NODE_QUEUE,
     RESULT_BACKEND_ENV,
     TIME_LIMIT_ENV,
+    node_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,10 @@ def worker_children(settings: Settings) -> list[ChildSpec]:
     quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
     children = [ChildSpec(
         "node-worker",
-        [sys.executable, "-m", "celery", "-A", "node.analysis.tasks", "worker", "-Q", NODE_QUEUE, "-c", "1",
-         "--pool", "solo", "-n", f"node-{settings.dicom.ae_title.strip()}@%h", *quiet],
+        # This node's own result queue, and the shared one that results of older workers reach.
+        [sys.executable, "-m", "celery", "-A", "node.analysis.tasks", "worker",
+         "-Q", f"{node_queue(settings.node_name)},{NODE_QUEUE}", "-c", "1", "--pool", "solo",
+         "-n", f"node-{settings.node_name}@%h", *quiet],
         env={SETTINGS_FILE_ENV: str(write_settings_file(settings))},  # the broker URL comes with the settings
         log_file=logs / "node-worker.log")]
     if settings.embedded and settings.broker.embedded_worker:

@@ -18,10 +18,11 @@ from celery import signals
 
 from node.analysis.celery_app import make_celery
 from node.analysis.finish import finish_analysis
-from node.audit import AuditStore
+from node.audit import AuditStore, StoreError
+from node.audit.models import parse_job_id
 from node.runtime.config import Settings, find_config, load_settings
 from workers import broker
-from workers.api import FINISH_TASK, NODE_QUEUE, AnalyzeResult
+from workers.api import FINISH_TASK, AnalyzeResult, node_queue
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _settings() -> Settings:
 @cache
 def _store() -> AuditStore:
     # Loaded once per worker process; migrations are the serving node's job.
-    return AuditStore.open(_settings().database_url, run_migrations=False)
+    return AuditStore.open(_settings().database_url, run_migrations=False, node=_settings().node_name)
 
 
 app = make_celery(_settings())
@@ -65,8 +66,9 @@ broker.keep_leases(_settings().broker_url, _settings().broker.lease_s)
 
 @signals.worker_init.connect
 def _recover_stranded(**_: Any) -> None:
-    # Only this worker consumes the node queue: rows a killed predecessor held are safe to requeue.
-    broker.recover_unacked(str(app.conf.broker_url), [NODE_QUEUE])
+    # Only this worker consumes this node's queue: rows a killed predecessor held are safe to requeue
+    # (the shared `node` queue is left alone: another node's worker may hold its messages).
+    broker.recover_unacked(str(app.conf.broker_url), [node_queue(_settings().node_name)])
 
 
 @app.task(name=FINISH_TASK, acks_late=True, ignore_result=True)
@@ -77,4 +79,18 @@ def finish(message: dict[str, Any]) -> None:
         # A malformed message will never become valid: log and drop it instead of looping.
         log.error("dropping malformed node.finish message: %s", e)
         return
+    owner = _owner(result.job_id)
+    if owner and owner != _store().node:
+        # Another node received the image (a result from the shared queue): only it can build SEG and SR.
+        log.info("job %s belongs to node %s: forwarded to its queue", result.job_id, owner or "(unnamed)")
+        app.send_task(FINISH_TASK, args=[message], queue=node_queue(owner))
+        return
     finish_analysis(_settings(), _store(), result)
+
+
+def _owner(job_id: str) -> str | None:
+    """The node holding the job's instance; None when the instance is unknown (finish records that)."""
+    try:
+        return _store().get_instance(parse_job_id(job_id)[0]).node
+    except (StoreError, ValueError):
+        return None

@@ -55,10 +55,20 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+#: PostgreSQL advisory lock key held while migrating ("cxrn" in ASCII).
+MIGRATION_LOCK = 0x6378726E
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent; run at every start)."""
+    """Bring the schema to the newest revision (idempotent; run at every start).
+
+    Two nodes sharing one PostgreSQL database may start at the same time: the migration runs under a
+    transaction-scoped advisory lock, so the second waits for the first and then finds the schema at
+    head (without it both create the version table and one start fails)."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     log.debug("audit schema at head (%s)", engine.url.get_backend_name())

@@ -141,6 +141,8 @@ class Study(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The node that received its first image: it decides the study's triage and sends its alerts.
+    node: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
 
@@ -155,6 +157,7 @@ class Instance(Base):
               sqlite_where=text("state NOT IN ('duplicate', 'rejected')"),
               postgresql_where=text("state NOT IN ('duplicate', 'rejected')")),
         Index("ix_instances_state", "state"),
+        Index("ix_instances_node_state", "node", "state"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -187,6 +190,9 @@ class Instance(Base):
     exported_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]  # when any final state was reached
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The node that received it and holds its spool file: only that node publishes, finishes, exports
+    # and purges it (another node cannot read the file).
+    node: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     study: Mapped[Study | None] = relationship(back_populates="instances")
     exports: Mapped[list[Export]] = relationship(back_populates="instance", order_by="Export.id")
@@ -210,6 +216,7 @@ class Event(Base):
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
     instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    node: Mapped[str] = mapped_column(String(64), default="", server_default="")  # the node that wrote it
 
 
 class AETitle(Base):
@@ -241,6 +248,7 @@ class Export(Base):
     """One result object (SEG, SR, overlay) to deliver to one destination AE."""
 
     __tablename__ = "exports"
+    __table_args__ = (Index("ix_exports_node_state", "node", "state"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
@@ -258,6 +266,7 @@ class Export(Base):
     commitment_id: Mapped[int | None] = mapped_column(ForeignKey("storage_commitments.id"), index=True)
     committed_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    node: Mapped[str] = mapped_column(String(64), default="", server_default="")  # holds the file, sends it
 
     instance: Mapped[Instance] = relationship(back_populates="exports")
     attempt_log: Mapped[list[ExportAttempt]] = relationship(back_populates="export", order_by="ExportAttempt.id")

@@ -79,6 +79,7 @@ def today(store: AuditStore, since: datetime | None = None) -> Today:
 class StudyRow:
     study: Study
     states: dict[str, int] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)  # the nodes that received its instances
 
     @property
     def instance_count(self) -> int:
@@ -121,8 +122,8 @@ def search_studies(store: AuditStore, q: StudySearch) -> list[StudyRow]:
         stmt = stmt.where(Study.id.in_(select(Instance.study_id).where(Instance.state == q.state)))
     with store.session() as s:
         studies = list(s.scalars(stmt))
-        counts = study_state_counts(s, [st.id for st in studies])
-    return [StudyRow(st, counts.get(st.id, {})) for st in studies]
+        counts, nodes = study_state_counts(s, [st.id for st in studies])
+    return [StudyRow(st, counts.get(st.id, {}), nodes.get(st.id, [])) for st in studies]
 
 
 @dataclass

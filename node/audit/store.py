@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Select, func, or_, select
+from sqlalchemy import Engine, Select, event, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -109,6 +109,7 @@ class InstanceFilter:
     until: datetime | None = None
     study_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    node: str | None = None  # only the instances this node received
     limit: int | None = None
 
 
@@ -118,6 +119,7 @@ class StudySummary:
 
     study: Study
     states: dict[str, int] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)  # the nodes that received its instances
 
     @property
     def instance_count(self) -> int:
@@ -125,18 +127,25 @@ class StudySummary:
 
 
 class AuditStore(TriageStoreMixin):
-    """Typed access to the audit log. Create with :meth:`open` (migrates) or from an engine."""
+    """Typed access to the audit log. Create with :meth:`open` (migrates) or from an engine.
 
-    def __init__(self, engine: Engine) -> None:
+    `node` is this process's node name (config ``node.name``): every study, instance, export and event
+    it writes carries it (:func:`_stamp_node`), and the per-node queries (``own``) use it. Several
+    nodes share one database; each acts only on its own rows (docs/operations.md, "Two nodes").
+    """
+
+    def __init__(self, engine: Engine, *, node: str = "") -> None:
         self.engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.node = node
+        self._sessions = sessionmaker(engine, expire_on_commit=False, info={"node": node})
+        event.listen(self._sessions, "before_flush", _stamp_node)
 
     @classmethod
-    def open(cls, url: str, *, echo: bool = False, run_migrations: bool = True) -> AuditStore:
+    def open(cls, url: str, *, echo: bool = False, run_migrations: bool = True, node: str = "") -> AuditStore:
         engine = make_engine(url, echo=echo)
         if run_migrations:
             migrate(engine)
-        return cls(engine)
+        return cls(engine, node=node)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -323,6 +332,8 @@ class AuditStore(TriageStoreMixin):
             q = q.where(Instance.received_at < f.until)
         if f.sop_instance_uid is not None:
             q = q.where(Instance.sop_instance_uid == f.sop_instance_uid)
+        if f.node is not None:
+            q = q.where(Instance.node == f.node)
         if f.study_instance_uid is not None:
             q = q.join(Study).where(Study.study_instance_uid == f.study_instance_uid)
         if f.limit is not None:
@@ -330,9 +341,30 @@ class AuditStore(TriageStoreMixin):
         with self.session() as s:
             return list(s.scalars(q))
 
-    def pending_instances(self) -> list[Instance]:
-        """Instances not in a final state (what a restart must resume), oldest first."""
-        return self.list_instances(InstanceFilter(states=sorted(PENDING_STATES)))
+    def pending_instances(self, *, own: bool = False) -> list[Instance]:
+        """Instances not in a final state (what a restart must resume), oldest first; with `own`, only
+        this node's (another node's spool files are not here)."""
+        return self.list_instances(InstanceFilter(states=sorted(PENDING_STATES), node=self.node if own else None))
+
+    def adopt_local_rows(self, holds: Callable[[str], bool]) -> int:
+        """Give this node the rows written before node identity existed (``node = ''``) whose files it
+        holds (`holds(path)`: the spool or quarantine file is on this node's disk), and their exports.
+        Rows already named stay with their node: ownership never moves while that node may be alive."""
+        with self.session() as s:
+            rows = s.execute(select(Instance.id, Instance.spool_path, Instance.quarantine_path)
+                             .where(Instance.node == "")).all()
+            mine = [i for i, spool, quarantine in rows
+                    if (spool and holds(spool)) or (quarantine and holds(quarantine))]
+            for start in range(0, len(mine), 500):
+                chunk = mine[start:start + 500]
+                s.execute(update(Instance).where(Instance.id.in_(chunk)).values(node=self.node))
+                s.execute(update(Export).where(Export.instance_id.in_(chunk)).where(Export.node == "")
+                          .values(node=self.node))
+            s.execute(update(Study).where(Study.node == "").where(
+                Study.id.in_(select(Instance.study_id).where(Instance.node == self.node))).values(node=self.node))
+            if mine:
+                _event(s, "node.adopted", detail={"instances": len(mine)})
+            return len(mine)
 
     # -- studies --------------------------------------------------------------------------------------
 
@@ -349,8 +381,8 @@ class AuditStore(TriageStoreMixin):
             q = q.limit(limit)
         with self.session() as s:
             studies = list(s.scalars(q))
-            counts = study_state_counts(s, [st.id for st in studies])
-            return [StudySummary(st, counts.get(st.id, {})) for st in studies]
+            counts, nodes = study_state_counts(s, [st.id for st in studies])
+            return [StudySummary(st, counts.get(st.id, {}), nodes.get(st.id, [])) for st in studies]
 
     def get_study(self, study_instance_uid: str) -> Study | None:
         with self.session() as s:
@@ -542,12 +574,15 @@ class AuditStore(TriageStoreMixin):
             on_settled(settled)
         return row
 
-    def due_exports(self, now: datetime | None = None, limit: int = 100) -> list[Export]:
-        """Pending exports whose next attempt time has come."""
+    def due_exports(self, now: datetime | None = None, limit: int = 100, *, own: bool = False) -> list[Export]:
+        """Pending exports whose next attempt time has come; with `own`, only those whose files this
+        node holds (each export is sent by its node alone: never twice, whichever node is up)."""
         when = now or utcnow()
         q = (select(Export).where(Export.state == ExportState.PENDING)
              .where(or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= when))
              .order_by(Export.next_attempt_at, Export.id).limit(limit))
+        if own:
+            q = q.where(Export.node == self.node)
         with self.session() as s:
             return list(s.scalars(q))
 
@@ -585,11 +620,12 @@ class AuditStore(TriageStoreMixin):
 
     def purge_files(self, *, states: Sequence[InstanceState], finished_before: datetime, limit: int,
                     remove: Callable[[Instance], list[str]], detail: dict[str, Any]) -> int:
-        """Instances in `states` finished before the cutoff that still have files: `remove(row)` deletes
+        """This node's instances in `states` finished before the cutoff that still have files: `remove(row)` deletes
         them (returns what it removed) while the rows are locked, then their paths are cleared, each
         with an `instance.purged` event, in the same transaction. Returns how many."""
         q = (select(Instance).where(Instance.state.in_([str(x) for x in states]))
              .where(Instance.finished_at < finished_before)
+             .where(Instance.node == self.node)  # another node's files are on its disk
              .where(or_(Instance.spool_path != "", Instance.quarantine_path != ""))
              .order_by(Instance.id).limit(limit).with_for_update())
         n = 0
@@ -715,17 +751,33 @@ class AuditStore(TriageStoreMixin):
 # -- helpers (inside a session) -------------------------------------------------------------------------
 
 
-def study_state_counts(s: Session, study_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-    """Instances per state of each study: {study id: {state: count}} (studies without any left out)."""
+def study_state_counts(s: Session, study_ids: Sequence[int]) -> tuple[dict[int, dict[str, int]],
+                                                                     dict[int, list[str]]]:
+    """Instances per state of each study ({study id: {state: count}}) and the nodes that received its
+    kept instances ({study id: sorted names}); studies without instances are left out."""
     counts: dict[int, dict[str, int]] = {}
+    nodes: dict[int, set[str]] = {}
     if study_ids:
-        rows = s.execute(select(Instance.study_id, Instance.state, func.count())
+        rows = s.execute(select(Instance.study_id, Instance.state, Instance.node, func.count())
                          .where(Instance.study_id.in_(list(study_ids)))
-                         .group_by(Instance.study_id, Instance.state))
-        for study_id, state, n in rows:
+                         .group_by(Instance.study_id, Instance.state, Instance.node))
+        for study_id, state, node, n in rows:
             if study_id is not None:
-                counts.setdefault(study_id, {})[state] = n
-    return counts
+                per_state = counts.setdefault(study_id, {})
+                per_state[state] = per_state.get(state, 0) + n
+                if node and state not in (InstanceState.DUPLICATE, InstanceState.REJECTED):
+                    nodes.setdefault(study_id, set()).add(node)
+    return counts, {study_id: sorted(names) for study_id, names in nodes.items()}
+
+
+def _stamp_node(s: Session, _context: Any, _instances: Any) -> None:
+    """before_flush: new rows that record a node get this session's node name, whoever built them."""
+    node = s.info.get("node", "")
+    if not node:
+        return
+    for obj in s.new:
+        if isinstance(obj, Study | Instance | Export | Event) and not obj.node:
+            obj.node = node
 
 
 def _event(s: Session, kind: str, *, actor: str = "node", instance_id: int | None = None,
@@ -773,8 +825,11 @@ def _transition(s: Session, row: Instance, new: InstanceState, reason: str | Non
 
 
 def _add_export(s: Session, instance_id: int, export: NewExport) -> Export:
+    owner = s.get(Instance, instance_id)
+    # Sent by the node that holds the instance (and so the result files built from its spool file).
     row = Export(instance_id=instance_id, destination_ae=export.destination_ae, kind=export.kind,
-                 file_path=export.file_path, sop_instance_uid=export.sop_instance_uid, next_attempt_at=utcnow())
+                 file_path=export.file_path, sop_instance_uid=export.sop_instance_uid, next_attempt_at=utcnow(),
+                 node=owner.node if owner is not None and owner.node else s.info.get("node", ""))
     s.add(row)
     s.flush()
     _event(s, "export.created", instance_id=instance_id,

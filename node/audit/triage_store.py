@@ -59,13 +59,16 @@ PayloadFactory = Callable[[int, str], dict[str, Any]]  # (revision, alert_id) ->
 
 class TriageStoreMixin:
     session: Callable[[], AbstractContextManager[Session]]
+    node: str
 
     # -- decisions ---------------------------------------------------------------------------------------
 
     def triage_candidates(self, *, stable_s: float, max_age_s: float, now: datetime | None = None,
-                          limit: int = 50) -> list[int]:
+                          limit: int = 50, own: bool = False) -> list[int]:
         """Ids of studies to decide now: stable for `stable_s`, nothing left to analyse, and either never
-        decided or changed since (a late instance, an instance analysed after the decision)."""
+        decided or changed since (a late instance, an instance analysed after the decision). With `own`,
+        only studies this node owns (it received their first image): one node decides each study and
+        sends its alerts, so two nodes sharing the database never alert twice."""
         now = now or utcnow()
         pending = exists().where(Instance.study_id == Study.id, Instance.state.in_(list(PENDING_STATES - {
             InstanceState.ANALYZED})))
@@ -76,6 +79,8 @@ class TriageStoreMixin:
              .where(~pending)
              .where(or_(StudyTriage.id.is_(None), StudyTriage.decided_at < Study.last_received_at, newer))
              .order_by(Study.last_received_at).limit(limit))
+        if own:
+            q = q.where(Study.node == self.node)
         with self.session() as s:
             return list(s.scalars(q))
 
@@ -224,12 +229,16 @@ class TriageStoreMixin:
 
     # -- alerts ------------------------------------------------------------------------------------------
 
-    def due_alerts(self, now: datetime | None = None, limit: int = 100) -> list[Alert]:
+    def due_alerts(self, now: datetime | None = None, limit: int = 100, *, own: bool = False) -> list[Alert]:
+        """Pending alerts whose time has come; with `own`, only those of studies this node owns."""
         now = now or utcnow()
+        q = (select(Alert).where(Alert.state == AlertState.PENDING)
+             .where(or_(Alert.next_attempt_at.is_(None), Alert.next_attempt_at <= now))
+             .order_by(Alert.id).limit(limit))
+        if own:
+            q = q.where(Alert.study_id.in_(select(Study.id).where(Study.node == self.node)))
         with self.session() as s:
-            return list(s.scalars(select(Alert).where(Alert.state == AlertState.PENDING)
-                                  .where(or_(Alert.next_attempt_at.is_(None), Alert.next_attempt_at <= now))
-                                  .order_by(Alert.id).limit(limit)))
+            return list(s.scalars(q))
 
     def record_alert_attempt(self, alert_pk: int, *, ok: bool, error: str = "", receipt: str = "",
                              next_attempt_at: datetime | None = None, give_up: bool = False) -> Alert:

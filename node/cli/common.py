@@ -79,7 +79,8 @@ def open_store(args: argparse.Namespace) -> AuditStore:
     from node.audit.db import DatabaseUnreachable, database_exists, redact_url
 
     path = config_path(args)
-    url = load_settings(path).database_url
+    settings = load_settings(path)
+    url = settings.database_url
     source = f"configuration {path}" if path else f"no configuration file (looked for {CONFIG_SEARCH})"
     try:
         exists = database_exists(url)
@@ -89,7 +90,7 @@ def open_store(args: argparse.Namespace) -> AuditStore:
         raise ConfigError(f"no audit database at {redact_url(url)} ({source}); an administrative command does "
                           "not create one: start `cxrnode serve` with this configuration first, or pass "
                           "--config with the node's file")
-    return AuditStore.open(url)
+    return AuditStore.open(url, node=settings.node_name)
 
 
 def admin_service(args: argparse.Namespace) -> AdminService:

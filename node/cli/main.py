@@ -67,7 +67,7 @@ def cmd_audit_studies(args: argparse.Namespace) -> int:
     rows = [study_row(s) for s in open_store(args).list_studies(since=args.since, calling_ae=args.ae, state=args.state,
                                                              limit=args.limit)]
     cols = None if args.format != "table" else ["study_instance_uid", "first_received", "calling_ae",
-                                                 "accession_number", "instances", "states"]
+                                                 "accession_number", "instances", "states", "nodes"]
     print_rows(rows, args.format, cols)
     return 0
 
@@ -81,8 +81,8 @@ def cmd_audit_study(args: argparse.Namespace) -> int:
         err(f"no study {args.uid}")
         return 1
     rows = [instance_row(i) for i in store.list_instances(InstanceFilter(study_instance_uid=args.uid))]
-    cols = None if args.format != "table" else ["id", "sop_instance_uid", "modality", "state", "rule", "reason",
-                                                 "received_at"]
+    cols = None if args.format != "table" else ["id", "sop_instance_uid", "modality", "node", "state", "rule",
+                                                 "reason", "received_at"]
     print_rows(rows, args.format, cols)
     return 0
 
@@ -95,7 +95,7 @@ def cmd_audit_events(args: argparse.Namespace) -> int:
     if args.state:
         rows = [r for r in rows if r["kind"] == f"instance.{args.state}"]
     print_rows(rows, args.format, None if args.format != "table" else
-                ["id", "at", "kind", "actor", "association_id", "instance_id", "detail"])
+               ["id", "at", "kind", "actor", "node", "association_id", "instance_id", "detail"])
     return 0
 
 

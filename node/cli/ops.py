@@ -14,13 +14,13 @@ def cmd_exports_list(args: argparse.Namespace) -> int:
     store = open_store(args)
     # state: pending | sent (stored, no commitment asked) | committing | committed | dead
     rows = [{"id": e.id, "instance": e.instance_id, "destination": e.destination_ae, "kind": e.kind,
-             "state": e.state, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
+             "state": e.state, "node": e.node, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
              "sent_at": e.sent_at, "committed_at": e.committed_at,
              "last_error": e.last_error, "sop_instance_uid": e.sop_instance_uid, "file": e.file_path}
             for e in store.list_exports(args.instance, state=args.state)]
     print_rows(rows, args.format, None if args.format != "table" else
-               ["id", "instance", "destination", "kind", "state", "attempts", "next_attempt_at", "committed_at",
-                "last_error"])
+               ["id", "instance", "destination", "kind", "state", "node", "attempts", "next_attempt_at",
+                "committed_at", "last_error"])
     return 0
 
 

@@ -42,7 +42,7 @@ class Exporter(BackgroundLoop):
         """One pass over the due exports; returns how many were sent."""
         commitment.expire_overdue(self.store, self.settings.sender)
         groups: dict[str, list[Export]] = defaultdict(list)
-        for export in self.store.due_exports(limit=200):
+        for export in self.store.due_exports(limit=200, own=True):  # this node holds their files
             groups[export.destination_ae].append(export)
         sent = 0
         for ae_title, exports in groups.items():

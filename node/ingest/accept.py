@@ -252,7 +252,7 @@ class Ingest:
     def resume_pending(self) -> ResumeReport:
         """At start: route again what was received but not routed, hand off again what was queued."""
         rerouted = handed_off = failed = 0
-        for inst in self.store.pending_instances():
+        for inst in self.store.pending_instances(own=True):  # another node's images are not on this disk
             if inst.state == InstanceState.RECEIVED:
                 path = Path(inst.spool_path)
                 try:

@@ -21,7 +21,10 @@ peer sends, so the listener's connections are made here, with bounds pynetdicom 
   fast ones); only when a peer address holds its whole share in accepted associations is the new
   connection refused (see :meth:`ConnectionGuard.admit`);
 - with TLS, the handshake runs on the connection's thread under the same deadline, not in the accept
-  loop where pynetdicom does it (one silent TLS client would stop every other connection).
+  loop where pynetdicom does it (one silent TLS client would stop every other connection);
+- behind a load balancer that sends the PROXY protocol v2 header (``dicom.proxy_protocol_from``), the
+  sender's address comes from the header, read under the same deadline before TLS, so the bounds
+  above, the calling-host check and the audit log see the modality, not the balancer.
 
 Each drop is logged and audited as ``connection.dropped`` with the peer address; per peer address at
 most :data:`AUDIT_BURST` such rows a minute are written (then one row says how many were left out), so
@@ -38,6 +41,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -54,6 +58,9 @@ from node.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 
+#: The 12 bytes a PROXY protocol v2 header starts with (haproxy.org/download/2.6/doc/proxy-protocol.txt).
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_MAX_BODY = 1024  # addresses (36 bytes at most) and a few TLVs
 AUDIT_BURST = 10  # connection.dropped rows per peer address and minute
 AUDIT_WINDOW_S = 60.0
 MIB = 1024 * 1024
@@ -70,6 +77,7 @@ class ConnectionGuard:
         self.request_timeout_s = d.association_request_timeout_s
         self.max_pending = d.max_pending_associations
         self.max_per_peer = d.max_connections_per_peer
+        self.proxies = frozenset(d.proxy_protocol_from)
         self.ssl_context: ssl.SSLContext | None = None  # set by the SCP: the handshake happens in `handshake`
         self._lock = threading.Lock()
         self._audit_windows: dict[str, tuple[float, int, int]] = {}  # peer -> (window start, written, left out)
@@ -119,6 +127,14 @@ class ConnectionGuard:
         tls.do_handshake()
         tls.settimeout(None)
         return tls
+
+    def proxied_address(self, raw: socket.socket) -> tuple[str, int] | None:
+        """The sender's address from the balancer's PROXY v2 header (:func:`read_proxy_v2`)."""
+        return read_proxy_v2(raw, self.request_timeout_s)
+
+    def refused_proxy(self, host: str, port: int, error: BaseException) -> None:
+        """A connection from a balancer without a valid PROXY header: logged and audited as dropped."""
+        self._audit(host, port, "", f"PROXY protocol: {type(error).__name__}: {error}", associated=False)
 
     def close(self) -> None:
         self._stop.set()
@@ -190,6 +206,47 @@ class _Connection:
     def pending(self) -> bool:
         """Its A-ASSOCIATE-RQ has not been received whole yet."""
         return self.assoc.requestor.primitive is None
+
+
+def read_proxy_v2(raw: socket.socket, timeout_s: float) -> tuple[str, int] | None:
+    """The sender's (address, port) from the PROXY v2 header a balancer starts `raw` with, read within
+    `timeout_s` (the association request deadline); None for the balancer's own connections (a health
+    check's LOCAL command, or a connection closed before any byte). ValueError for a malformed header,
+    OSError when the connection ends or stalls inside the header."""
+    raw.settimeout(timeout_s)
+    try:
+        head = _recv_exact(raw, 16, eof_ok=True)
+        if head is None:
+            return None
+        if head[:12] != PROXY_V2_SIGNATURE or head[12] >> 4 != 2:
+            raise ValueError("the connection does not start with a PROXY protocol v2 header")
+        (length,) = struct.unpack("!H", head[14:16])
+        if length > PROXY_V2_MAX_BODY:
+            raise ValueError(f"PROXY v2 header of {length} bytes, more than {PROXY_V2_MAX_BODY}")
+        body = _recv_exact(raw, length) or b""
+    finally:
+        raw.settimeout(None)
+    command, family = head[12] & 0x0F, head[13] >> 4
+    if command == 0:  # LOCAL: the balancer's own connection (health check)
+        return None
+    if family == 1 and len(body) >= 12:
+        return socket.inet_ntop(socket.AF_INET, body[0:4]), struct.unpack("!H", body[8:10])[0]
+    if family == 2 and len(body) >= 36:
+        return socket.inet_ntop(socket.AF_INET6, body[0:16]), struct.unpack("!H", body[32:34])[0]
+    raise ValueError(f"PROXY v2 header with an address family the node does not take ({family})")
+
+
+def _recv_exact(raw: socket.socket, n: int, *, eof_ok: bool = False) -> bytes | None:
+    """Exactly `n` bytes; None when the peer closes before the first one and `eof_ok`; else OSError."""
+    data = b""
+    while len(data) < n:
+        chunk = raw.recv(n - len(data))
+        if not chunk:
+            if eof_ok and not data:
+                return None
+            raise ConnectionError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
 
 
 def _peer(assoc: Any) -> tuple[str, int | None]:
@@ -335,6 +392,18 @@ class GuardedRequestHandler(RequestHandler):
         super().setup()
         guard: ConnectionGuard | None = getattr(self.server, "guard", None)
         self.refused = False
+        if guard is not None and self.client_address[0] in guard.proxies:
+            host, port = self.client_address[0], int(self.client_address[1])
+            try:
+                sender = guard.proxied_address(cast(socket.socket, self.request))
+            except (OSError, ValueError) as e:
+                guard.refused_proxy(str(host), port, e)
+                self.refused = True
+                return
+            if sender is None:  # the balancer's health check: nothing to serve, nothing to audit
+                self.refused = True
+                return
+            self.client_address = sender
         if guard is not None and guard.ssl_context is not None:
             host, port = self.client_address[0], int(self.client_address[1])
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import tomllib
 import types
 from collections.abc import Mapping
@@ -95,6 +96,10 @@ class DicomConfig(_Strict):
     allow_unknown_calling_ae: bool = False  # True accepts any peer (testing only)
     listeners: int = 1  # receiving processes sharing the port (SO_REUSEPORT)
     check_calling_host: bool = True  # a source AE entry with a host may only connect from that host
+    # Load balancers (their addresses) that start each connection with a PROXY protocol v2 header
+    # (HAProxy `send-proxy-v2`): the sender's address from the header is the peer's, for the host
+    # check, the per-peer limits and the audit log. Connections from other addresses carry none.
+    proxy_protocol_from: list[str] = Field(default_factory=list)
     shutdown_grace_s: float = 60.0  # on SIGTERM, how long in-flight associations may take to finish
     tls: TLSConfig = Field(default_factory=TLSConfig)
 
@@ -467,9 +472,39 @@ class WebConfig(_Strict):
         return self
 
 
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def default_node_name() -> str:
+    """The host name, as far as it is a valid node name (the first label of an odd one)."""
+    host = socket.gethostname()
+    return host if NODE_NAME_RE.match(host) else (re.sub(r"[^A-Za-z0-9._-]", "-", host).strip("-._")[:64] or "node")
+
+
+class NodeConfig(_Strict):
+    """Who this node is among the nodes sharing one audit database (docs/operations.md, "Two nodes").
+
+    Each node owns the rows of the images it received (their files are on its disk): it alone analyses,
+    exports and purges them, and decides and alerts the studies whose first image it received. The name
+    must stay the same across restarts (a renamed node leaves its pending work to nobody): set it where
+    the host name changes (containers) and give every node a different one.
+    """
+
+    name: str = ""  # empty = the host name
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if v and not NODE_NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a node name: letters, digits, '.', '_', '-', at most 64, "
+                             "starting with a letter or digit")
+        return v
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CXRNODE_", env_nested_delimiter="__", extra="forbid")
 
+    node: NodeConfig = Field(default_factory=NodeConfig)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -489,6 +524,11 @@ class Settings(BaseSettings):
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment wins over the file (passed as init kwargs).
         return (env_settings, init_settings)
+
+    @property
+    def node_name(self) -> str:
+        """This node's name in the audit log and its result queue (``node.name``, else the host name)."""
+        return self.node.name or default_node_name()
 
     @property
     def database_url(self) -> str:

@@ -50,6 +50,12 @@ MEANING: dict[str, str] = {
     "dicom.allow_unknown_calling_ae": "accept any calling AE (testing only)",
     "dicom.listeners": "receiving processes sharing the port (SO_REUSEPORT)",
     "dicom.check_calling_host": "a source AE with a host may connect only from that host",
+    "dicom.proxy_protocol_from": "addresses of load balancers that start each connection with a PROXY protocol "
+                                 "v2 header (HAProxy `send-proxy-v2`, as in "
+                                 "[deploy/haproxy/haproxy.cfg](deploy/haproxy/haproxy.cfg)): the sender's address "
+                                 "from the header is the peer's for the host check, the per-peer limits and the "
+                                 "audit log; a connection from such an address without a valid header is dropped "
+                                 "and audited",
     "dicom.shutdown_grace_s": "on SIGTERM, time in-flight associations get to finish",
     "dicom.tls.enabled": "DICOM TLS on the listener (and for destinations and echo with `tls = true`)",
     "dicom.tls.cert_file": "the node's certificate (PEM)",
@@ -129,6 +135,9 @@ MEANING: dict[str, str] = {
     "web.tls_key_file": "its private key",
     "web.behind_tls_proxy": "the console sits behind a TLS-terminating reverse proxy (then session cookies are "
                             "always Secure)",
+    "node.name": "this node's name in the audit log and its result queue (`node.<name>`); empty = the host "
+                 "name. Two nodes sharing one database need different names, and a node must keep its name across "
+                 "restarts (set it where the host name changes, e.g. containers)",
     "triage.enabled": "study-level triage",
     "triage.stable_s": "a study is decided when no image arrived for this long",
     "triage.max_age_h": "studies older than this are not triaged",

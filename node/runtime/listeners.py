@@ -86,7 +86,8 @@ def metrics_folder(settings: Settings) -> Path:
 
 def serve_listener(settings: Settings, index: int, stop: threading.Event) -> None:
     """The default listener: ingest + SCP on the shared port until `stop`, then a graceful end."""
-    store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
+    store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False,
+                            node=settings.node_name)
     # Publishing prepares pixels and talks to the broker: each listener does it for what it received.
     dispatcher = Dispatcher(HandoffContext(settings, store),
                             Publisher(make_celery(settings)) if settings.broker.enabled else leave_queued)

@@ -10,7 +10,9 @@ A node is two parts:
 With ``dicom.listeners = 1`` (:class:`Node`) both run in one process and the listener shares the
 services' store and dispatcher. With more, :mod:`node.runtime.listeners` runs the services in the parent and
 forks one :class:`Listener` per process on a SO_REUSEPORT socket. They share only the audit database
-and the spool directory, as node replicas do.
+and the spool directory, as the processes of one node do. Two nodes (two hosts, or two data
+directories) may share one database too: each acts on its own rows only (``node.name``, see
+docs/operations.md, "Two nodes").
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ SWEEP_INTERVAL_S = 60.0
 def bootstrap(settings: Settings) -> None:
     """Once per start, before any listener or thread: migrate the audit schema, make the spool folders,
     add the configuration's AE titles. Leaves no database connection open (listeners fork after it)."""
-    store = AuditStore.open(settings.database_url, echo=settings.database.echo)
+    store = AuditStore.open(settings.database_url, echo=settings.database.echo, node=settings.node_name)
     try:
         Spool(settings.storage.data_dir).prepare()
+        # Rows from before node identity whose files are on this disk are this node's to finish.
+        if adopted := store.adopt_local_rows(os.path.exists):
+            log.info("node %s: took over %d instance(s) recorded before node names, whose files are here",
+                     settings.node_name, adopted)
         added = store.seed_ae(settings.ae, actor="config")
         if added:
             log.info("added %d AE title(s) from the configuration", added)
@@ -111,7 +117,8 @@ class NodeServices:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False)
+        self.store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False,
+                                     node=settings.node_name)
         self.spool = Spool(settings.storage.data_dir)
         self.pipeline = Pipeline(settings, self.store) if settings.broker.enabled else None
         self.dispatcher = Dispatcher(HandoffContext(settings, self.store),
@@ -146,8 +153,9 @@ class NodeServices:
 
     def announce(self, port: int, listeners: int) -> None:
         self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title, "port": port,
-                                                     "listeners": listeners})
-        log.info("node %s running on %s:%d (%d listener process%s)", self.settings.dicom.ae_title,
+                                                     "listeners": listeners, "node": self.settings.node_name})
+        log.info("node %s (%s) running on %s:%d (%d listener process%s)", self.settings.node_name,
+                 self.settings.dicom.ae_title,
                  self.settings.dicom.host, port, listeners, "" if listeners == 1 else "es")
 
     def run_until(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:

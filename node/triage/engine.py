@@ -5,7 +5,9 @@ still waiting for analysis; it is decided again when a late instance arrives or 
 analysed again (the decision row keeps which instances it saw). Each decision and the alerts it
 queues are one transaction (:meth:`AuditStore.record_triage`); delivering them is
 :mod:`node.alerts.deliver`'s job. Runs once per node, beside the exporter; several nodes sharing one
-database may run it too: decisions are idempotent and alerts are deduplicated under the study lock.
+database each decide only the studies they own (``studies.node``: the node that received the first
+image, which holds its header), so a study is decided, and alerted, by one node; decisions are
+idempotent and alerts deduplicated under the study lock besides.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class TriageEngine(BackgroundLoop):
     def run_once(self) -> int:
         """Decide every study that is due; returns how many were decided."""
         cfg = self.settings.triage
-        due = self.store.triage_candidates(stable_s=cfg.stable_s, max_age_s=cfg.max_age_h * 3600)
+        due = self.store.triage_candidates(stable_s=cfg.stable_s, max_age_s=cfg.max_age_h * 3600, own=True)
         queued = 0
         for study_id in due:
             if self.stopping:
@@ -148,7 +150,9 @@ class TriageEngine(BackgroundLoop):
         study, instances, details = self.store.triage_inputs(study_id)
         analysed = [i for i in instances if i.analyzed_at is not None and i.id in details]
         images = [image_findings(i, details[i.id]) for i in analysed]
-        source = analysed[0] if analysed else (instances[0] if instances else None)
+        # The header comes from an image on this node's disk (the study's owner received its first one).
+        local = [i for i in analysed + instances if i.node == self.store.node and i.spool_path]
+        source = local[0] if local else analysed[0] if analysed else (instances[0] if instances else None)
         header = PatientHeader.read(source.spool_path, study) if source and source.spool_path \
             else PatientHeader(patient_id=study.patient_id, accession=study.accession_number,
                                study_date=study.study_date)

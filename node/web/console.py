@@ -145,7 +145,8 @@ def render(request: Request, template: str, session: Session | None, status: int
     context.update(request=request, user=user.name if user else None, csrf=session.csrf if session else "",
                    role=user.role if user else None, can_act=bool(user and user.is_admin),
                    msg=request.query_params.get("msg", ""), err=request.query_params.get("err", ""),
-                   ae_title=console.settings.dicom.ae_title, production=console.settings.web.production)
+                   ae_title=console.settings.dicom.ae_title, node_name=console.settings.node_name,
+                   production=console.settings.web.production)
     return console.templates.TemplateResponse(request, template, context, status_code=status)
 
 

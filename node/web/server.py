@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems := console_problems(settings):
         sys.stderr.write("the console cannot start:\n" + "".join(f"  {p}\n" for p in problems))
         return 1
-    store = AuditStore.open(settings.database_url)
+    store = AuditStore.open(settings.database_url, node=settings.node_name)
     app = create_app(settings, store)
     uvicorn.Server(uvicorn_config(settings, app, host=settings.web.host,
                                   port=args.port or settings.web.port)).run()

@@ -1,11 +1,15 @@
 """The documented production topology on loopback, with faults (issue 17, "Tested production path").
 
-PostgreSQL, Redis (append-only file on), the node started by the shipped systemd unit's command lines
-(`cxrnode config check` then `cxrnode serve` on deploy/config/cxrnode.production.toml, DICOM TLS with
-client certificates; secrets and host-specific values as environment overrides, as `cxrnode.env`
-gives them), two inference workers started the two documented ways (`cxrnode worker --config …
---hostname` and the shipped worker unit's ExecStart), and a TLS storescp as the PACS that sends and
-receives the results. Faults: kill -9 of a whole worker mid-stream, SIGTERM and restart of the node
+The production quick start of docs/operations.md, run as written (no drift between the docs and this
+test): its console password hash line, its env block (writing cxrnode.env and worker.env; the
+documented loopback PostgreSQL and Redis addresses replaced by the test servers') and its run block
+line by line: `systemctl enable --now` starts each unit's shipped command lines (`cxrnode config
+check`, `cxrnode serve` on deploy/config/cxrnode.production.toml with DICOM TLS and client
+certificates; two `cxrnode-worker@N` workers) with the env files as systemd reads them, and the admin
+commands run as written (`config check`, a TLS C-ECHO to the PACS, `audit studies`). A line the test
+does not know fails it. What the edited cxrnode.toml would hold on a real host (addresses, TLS files,
+the PACS entry) is given as environment overrides. A TLS storescp is the PACS that sends and receives
+the results. Faults: kill -9 of a whole worker mid-stream, SIGTERM and restart of the node
 mid-stream, Redis down while images arrive. Counts in = counts out: every instance analysed and its
 SEG and SR delivered once.
 """
@@ -15,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -30,9 +32,8 @@ import pytest
 from node.audit import AuditStore, InstanceFilter
 from tests.support.dcmtk import storescu
 from tests.support.net import free_port, port_open, wait_for
-from tests.support.node import cxrnode_command
-from tests.support.paths import REPO_ROOT
 from tests.support.pg import PostgresServer
+from tests.support.procs import Proc, QuickStart, docs_block, install_line, unit_command
 from tests.support.redis import RedisServer
 from tests.support.synthetic_dicom import small_chest_copies
 from tests.support.tiny_models import write_tiny_weights
@@ -40,7 +41,6 @@ from tests.support.validators import dciodvfy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
 
-PRODUCTION = REPO_ROOT / "deploy" / "config" / "cxrnode.production.toml"
 LEASE_S = 8  # broker.lease_s, short so that the test takes seconds (production default: 60)
 REDIS_DOWN_S = 15
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33"
@@ -54,55 +54,6 @@ def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def unit_command(unit: str, key: str, instance: str = "") -> list[str]:
-    """A shipped systemd unit's Exec line as this checkout runs it (no drift between units and test):
-    /opt/cxrnode/bin -> this interpreter's bin, /etc/cxrnode/cxrnode.toml -> the shipped production
-    example, %i -> `instance`, %%H (a literal %H for Celery) -> Celery's %h."""
-    text = (REPO_ROOT / "deploy" / "systemd" / unit).read_text()
-    found = re.search(rf"^{key}=(.+)$", text, re.M)
-    assert found is not None, f"{unit} has no {key}"
-    line = (found.group(1).replace("/opt/cxrnode/bin/", f"{Path(sys.executable).parent}/")
-            .replace("/etc/cxrnode/cxrnode.toml", str(PRODUCTION)).replace("%i", instance).replace("%%H", "%h"))
-    return shlex.split(line)
-
-
-class Proc:
-    """A background process in its own session (so kill -9 reaches its pool too), logging to a file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 60) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
 @pytest.fixture
 def site(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[dict[str, object]]:
     redis = RedisServer(persistent=True).start()  # appendonly, as docs/operations.md says
@@ -113,52 +64,77 @@ def site(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[dict[str, 
     out = tmp_path / "received"
     out.mkdir()
     pacs_port = free_port()
-    pacs = Proc("pacs", ["storescp", "-aet", "STORESCU", "+tls", str(pacs_key), str(pacs_cert), "-ic", "-od", str(out),
+    pacs = Proc("pacs", ["storescp", "-aet", "PACS", "+tls", str(pacs_key), str(pacs_cert), "-ic", "-od", str(out),
                          str(pacs_port)], dict(os.environ), tmp_path / "pacs.log").start()
     wait_for(lambda: port_open(pacs_port), 15, "the TLS storescp")
     weights = write_tiny_weights(tmp_path / "weights", size=448,
                                  head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)})
     port = free_port()
+    # The quick start's env block, run as written: the documented loopback PostgreSQL and Redis
+    # addresses become the test servers' (PostgreSQL trusts loopback here: PGPASSWORD is not used).
+    quick = QuickStart(tmp_path / "etc")
+    hashed = quick.sh(install_line("HASH=") + '\nprintf "%s" "$HASH"', {**os.environ, "PW": "console secret"})
+    assert hashed.returncode == 0 and hashed.stdout.startswith("pbkdf2_sha256$"), hashed.stderr
+    database_url = postgres_server.create_database()
+    quick.write_env_files({**os.environ, "HASH": hashed.stdout, "DBPW": "not used (trust)"}, {
+        "postgresql+psycopg://cxrnode@127.0.0.1:5432/cxrnode": database_url,
+        "redis://127.0.0.1:6379/": redis.url.rsplit("/", 1)[0] + "/"})
     env = {
         **os.environ, "PYTHONUNBUFFERED": "1",
-        # What /etc/cxrnode/cxrnode.env and worker.env hold on a real site (one file for node and workers).
-        "CXRNODE_DATABASE__URL": postgres_server.create_database(),
-        "CXRNODE_BROKER__URL": redis.url,
-        "CXRNODE_BROKER__RESULT_BACKEND": redis.url.rsplit("/", 1)[0] + "/1",
+        # What the edited /etc/cxrnode/cxrnode.toml holds on a real site: this host's addresses, files, peers.
         "CXRNODE_BROKER__LEASE_S": str(LEASE_S),
         "CXRNODE_DICOM__HOST": "127.0.0.1", "CXRNODE_DICOM__PORT": str(port),
         "CXRNODE_DICOM__TLS__CERT_FILE": str(node_cert), "CXRNODE_DICOM__TLS__KEY_FILE": str(node_key),
         "CXRNODE_DICOM__TLS__CA_FILE": str(trusted),
         "CXRNODE_STORAGE__DATA_DIR": str(tmp_path / "var"), "CXRNODE_STORAGE__MIN_FREE_MB": "1",
         "CXRNODE_WEB__HOST": "127.0.0.1", "CXRNODE_WEB__PORT": str(free_port()),
-        "CXRNODE_AE": json.dumps([{"name": "STORESCU", "host": "127.0.0.1", "port": pacs_port, "role": "both",
+        "CXRNODE_AE": json.dumps([{"name": "PACS", "host": "127.0.0.1", "port": pacs_port, "role": "both",
                                    "tls": True}]),
         "CXRNODE_WEIGHTS_DIR": str(weights), "CXRNODE_CACHE": str(tmp_path / "cache"), "CXRNODE_WORKER_THREADS": "1",
     }
-    yield {"env": env, "port": port, "out": out, "root": tmp_path, "pacs_cert": pacs_cert, "pacs_key": pacs_key,
+    yield {"env": env, "quick": quick, "database_url": database_url, "port": port, "out": out, "root": tmp_path, "pacs_cert": pacs_cert, "pacs_key": pacs_key,
            "node_cert": node_cert, "pacs": pacs, "redis": redis}
     pacs.stop()
     redis.stop()
 
 
-def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: dict[str, object]) -> None:
+def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: dict[str, object]) -> None:  # noqa: C901 — one scripted scenario
     env, port, out, root = site["env"], site["port"], site["out"], site["root"]
     assert isinstance(env, dict) and isinstance(port, int) and isinstance(out, Path) and isinstance(root, Path)
-    config = ["--config", str(PRODUCTION)]
-    check = subprocess.run(unit_command("cxrnode.service", "ExecStartPre"), env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert check.returncode == 0, check.stderr
-    node = Proc("node", unit_command("cxrnode.service", "ExecStart"), env, root / "serve.log").start()
-    workers = [
-        Proc("gpu0", [*cxrnode_command(), "worker", *config, "--hostname", "gpu0@%h"], env, root / "gpu0.log"),
-        Proc("gpu1", unit_command("cxrnode-worker@.service", "ExecStart", instance="1"), env, root / "gpu1.log"),
-    ]
+    quick = site["quick"]
+    assert isinstance(quick, QuickStart)
+    node_env, worker_env = {**env, **quick.env_file("cxrnode.env")}, {**env, **quick.env_file("worker.env")}
+    assert node_env["CXRNODE_WEB__PASSWORD_HASH"].startswith("pbkdf2_sha256$")  # the `$`s survived sh and systemd
+    node: Proc | None = None
+    workers: list[Proc] = []
     store: AuditStore | None = None
     try:
-        wait_for(lambda: "running on" in node.text() or not node.alive(), 90, "cxrnode serve")
-        assert node.alive(), node.text()[-3000:]
-        for w in workers:
-            w.start()
+        # The quick start's run block, line by line: units started as systemd would, admin commands as written.
+        for line in docs_block("run").splitlines():
+            if not line.strip() or line == "systemctl daemon-reload":
+                continue
+            if started := re.fullmatch(r"systemctl enable --now (.+)", line):
+                for unit in started.group(1).split():
+                    if unit == "cxrnode.service":
+                        check = subprocess.run(unit_command(unit, "ExecStartPre"), env=node_env, capture_output=True,
+                                               text=True, timeout=120)
+                        assert check.returncode == 0, check.stderr
+                        node = serving = Proc("node", unit_command(unit, "ExecStart"), node_env,
+                                              root / "serve.log").start()
+                        wait_for(lambda p=serving: "running on" in p.text() or not p.alive(), 90, "cxrnode serve")
+                        assert serving.alive(), serving.text()[-3000:]
+                    else:
+                        worker = re.fullmatch(r"cxrnode-worker@(\d+)\.service", unit)
+                        assert worker is not None, f"the quick start starts a unit the test does not know: {unit}"
+                        workers.append(Proc(f"gpu{worker.group(1)}", unit_command(
+                            "cxrnode-worker@.service", "ExecStart", instance=worker.group(1)), worker_env,
+                            root / f"gpu{worker.group(1)}.log").start())
+            elif admin := re.fullmatch(r"sudo -u cxrnode sh -c '(.+)'", line):
+                done = quick.sh(admin.group(1), env)  # the env file is read by the command itself
+                assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+            else:
+                raise AssertionError(f"docs/operations.md quick start: a line this test does not run: {line}")
+        assert node is not None and len(workers) == 2, "the quick start no longer starts the node and two workers"
         for w in workers:
             wait_for(lambda w=w: "loaded model pneumothorax" in w.text() or not w.alive(), 180, f"{w.name} ready")
             assert w.alive(), w.text()[-3000:]
@@ -166,7 +142,7 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
         files = small_chest_copies(root / "send", 40)
         tls = ["+tls", str(site["pacs_key"]), str(site["pacs_cert"]), "+cf", str(site["node_cert"])]
         started = time.monotonic()
-        first = storescu(port, files[:20], opts=tls)
+        first = storescu(port, files[:20], aet="PACS", opts=tls)
         assert first.statuses == [0] * 20, first.output[-2000:]
         # Fault 1: a whole worker (main process and pool) killed while it analyses.
         wait_for(lambda: "analysing" in workers[0].text(), 120, "gpu0 to take a job")
@@ -180,20 +156,20 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
         assert node.stop() == 0, node.text()[-3000:]
         node.start()
         wait_for(lambda: node.text().count("running on") >= 2 or not node.alive(), 90, "cxrnode serve again")
-        second = storescu(port, files[20:30], opts=tls)
+        second = storescu(port, files[20:30], aet="PACS", opts=tls)
         assert second.statuses == [0] * 10, second.output[-2000:]
         # Fault 3: Redis down while instances keep arriving; its append-only file keeps the queues.
         redis = site["redis"]
         assert isinstance(redis, RedisServer) and redis.proc is not None
         redis.proc.terminate()
         redis.proc.wait(10)
-        third = storescu(port, files[30:], opts=tls)
+        third = storescu(port, files[30:], aet="PACS", opts=tls)
         assert third.statuses == [0] * 10, third.output[-2000:]  # persisted and acknowledged regardless
         time.sleep(REDIS_DOWN_S)
         redis.dir.mkdir(parents=True, exist_ok=True)
         redis.start()  # same port
 
-        store = AuditStore.open(str(env["CXRNODE_DATABASE__URL"]))
+        store = AuditStore.open(str(site["database_url"]))
 
         def all_exported() -> bool:
             assert node.alive(), node.text()[-3000:]
@@ -225,4 +201,5 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
             store.close()
         for w in workers:
             w.stop()
-        node.stop()
+        if node is not None:
+            node.stop()

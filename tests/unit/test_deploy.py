@@ -249,3 +249,18 @@ def test_worker_unit_points_at_the_production_broker() -> None:
     unit = (DEPLOY / "systemd" / "cxrnode-worker@.service").read_text()
     broker = re.search(rf"^Environment={BROKER_ENV}=(\S+)$", unit, re.M)
     assert broker is not None and broker.group(1) == load_settings(PRODUCTION).broker.url
+
+
+def test_shipped_haproxy_config_is_valid_and_balances_two_nodes_on_the_dicom_port() -> None:
+    """deploy/haproxy/haproxy.cfg as shipped: HAProxy accepts it, TCP mode, two checked servers on 11112."""
+    if shutil.which("haproxy") is None:
+        pytest.fail("haproxy not installed: `make sysdeps` (it is in the Makefile's DEBS)")
+    cfg = REPO_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    text = cfg.read_text()
+    assert re.search(r"^\s*mode tcp$", text, re.M) and re.search(r"^\s*bind :11112$", text, re.M)
+    servers = re.findall(r"^\s*server (\S+) \S+:11112$", text, re.M)
+    assert servers == ["node-a", "node-b"]
+    assert re.search(r"^\s*default-server check .*on-marked-down shutdown-sessions send-proxy-v2 check-send-proxy",
+                     text, re.M)
