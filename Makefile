@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSSTAMP := /var/tmp/cxrnode-sysdeps.stamp
-DEBS := dcmtk dicom3tools orthanc redis-server postgresql chromium chromium-driver
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb redis-server postgresql chromium chromium-driver
 
 .PHONY: run test lint bench sysdeps venv clean train
 

@@ -22,22 +22,28 @@ class AdminError(ValueError):
 
 
 def validate_entry(name: str, *, host: str | None, port: int | None, role: str, tls: bool,
-                   description: str) -> AEEntry:
+                   description: str, url: str | None = None, auth: str = "none", username: str = "",
+                   secret: str = "") -> AEEntry:
     """Validate an AE entry with the same rules as the configuration file."""
     try:
         return AEEntry(name=name, host=host, port=port, role=role,  # type: ignore[arg-type]
-                       tls=tls, description=description)
+                       tls=tls, description=description, url=url, auth=auth,  # type: ignore[arg-type]
+                       username=username, secret=secret)
     except ValidationError as e:
         raise AdminError("; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}"
                                    for err in e.errors())) from e
 
 
 def add_ae(store: AuditStore, name: str, *, host: str | None = None, port: int | None = None,
-           role: str = "both", tls: bool = False, description: str = "", actor: str = "cli") -> AETitle:
-    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description)
+           role: str = "both", tls: bool = False, description: str = "", url: str | None = None,
+           auth: str = "none", username: str = "", secret: str = "", actor: str = "cli") -> AETitle:
+    """Add a DICOM AE, or with `url` a STOW-RS destination (auth none/bearer/basic)."""
+    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description, url=url,
+                           auth=auth, username=username, secret=secret)
     try:
         return store.add_ae(entry.name, host=entry.host, port=entry.port, role=entry.role, tls=entry.tls,
-                            description=entry.description, actor=actor)
+                            description=entry.description, url=entry.url, auth=entry.auth,
+                            username=entry.username, secret=entry.secret, actor=actor)
     except StoreError as e:
         raise AdminError(str(e)) from e
 

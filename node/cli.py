@@ -174,24 +174,41 @@ def cmd_audit_events(args: argparse.Namespace) -> int:
 
 
 def cmd_ae_add(args: argparse.Namespace) -> int:
+    import os
+
     from node.ae_admin import AdminError, add_ae
 
+    secret = ""
+    if args.secret_env:
+        secret = os.environ.get(args.secret_env, "")
+        if not secret:
+            _err(f"error: environment variable {args.secret_env} is empty or not set")
+            return 2
+    elif args.secret_file:
+        try:
+            secret = args.secret_file.read_text().strip()
+        except OSError as e:
+            _err(f"error: cannot read {args.secret_file}: {e.strerror or e}")
+            return 2
     try:
         row = add_ae(_store(args), args.name, host=args.host, port=args.port, role=args.role, tls=args.tls,
-                     description=args.description, actor=_actor())
+                     description=args.description, url=args.url, auth=args.auth, username=args.username,
+                     secret=secret, actor=_actor())
     except AdminError as e:
         _err(f"error: {e}")
         return 2
-    _out(f"added AE {row.name} ({row.role}, {row.host or '-'}:{row.port or '-'}{', TLS' if row.tls else ''})")
+    where = f"STOW-RS {row.url}, auth {row.auth}" if row.url else f"{row.host or '-'}:{row.port or '-'}"
+    _out(f"added AE {row.name} ({row.role}, {where}{', TLS' if row.tls else ''})")
     return 0
 
 
 def cmd_ae_list(args: argparse.Namespace) -> int:
-    rows = [{"name": a.name, "host": a.host, "port": a.port, "role": a.role, "tls": a.tls,
-             "description": a.description, "updated_at": a.updated_at.isoformat(timespec="seconds")}
+    rows = [{"name": a.name, "host": a.host, "port": a.port, "role": a.role, "tls": a.tls, "url": a.url or "",
+             "auth": a.auth if a.url else "", "description": a.description,
+             "updated_at": a.updated_at.isoformat(timespec="seconds")}
             for a in _store(args).list_ae()]
     _print_rows(rows, "json" if args.json else "table",
-                None if args.json else ["name", "host", "port", "role", "tls", "description"])
+                None if args.json else ["name", "host", "port", "role", "tls", "url", "auth", "description"])
     return 0
 
 
@@ -274,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["source", "destination", "both"], default="both")
     p.add_argument("--tls", action="store_true", help="use DICOM TLS when contacting it")
     p.add_argument("--description", default="")
+    p.add_argument("--url", help="a STOW-RS destination: the DICOMweb base URL (results are POSTed to URL/studies)")
+    p.add_argument("--auth", choices=["none", "bearer", "basic"], default="none", help="STOW-RS authentication")
+    p.add_argument("--username", default="", help="user name for --auth basic")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--secret-env", metavar="VAR",
+                        help="read the bearer token / basic password from this environment variable")
+    secret.add_argument("--secret-file", type=Path, metavar="FILE",
+                        help="read the bearer token / basic password from this file")
     p.set_defaults(func=cmd_ae_add)
     p = ae.add_parser("list", parents=[common], help="list known AE titles")
     p.add_argument("--json", action="store_true")
@@ -286,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_ae_echo)
 
-    from node import cli_ops, cli_triage
+    from node import cli_dicomweb, cli_ops, cli_triage
 
+    cli_dicomweb.register(sub, common, fmt)
     cli_ops.register(sub, common, fmt)
     cli_triage.register(sub, common, fmt)
     return parser

@@ -178,8 +178,22 @@ class AEEntry(_Strict):
     role: Literal["source", "destination", "both"] = "both"
     tls: bool = False
     description: str = ""
+    # A STOW-RS destination: results are POSTed to this DICOMweb base URL + /studies (instead of host/port).
+    url: str | None = None
+    auth: Literal["none", "bearer", "basic"] = "none"
+    username: str = ""  # basic
+    secret: str = ""  # the bearer token or basic password (the audit DB keeps it; never logged)
 
     _ae = field_validator("name")(lambda cls, v: validate_ae_title(v))
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"url {v!r} must be an http:// or https:// URL")
+        return v.rstrip("/")
 
     @field_validator("port")
     @classmethod
@@ -188,8 +202,14 @@ class AEEntry(_Strict):
 
     @model_validator(mode="after")
     def _destination_needs_address(self) -> AEEntry:
-        if self.role in ("destination", "both") and self.role != "both" and (self.host is None or self.port is None):
-            raise ValueError(f"destination AE {self.name!r} needs host and port")
+        if self.role == "destination" and self.url is None and (self.host is None or self.port is None):
+            raise ValueError(f"destination AE {self.name!r} needs host and port (or a STOW-RS url)")
+        if self.auth != "none" and self.url is None:
+            raise ValueError(f"auth {self.auth!r} is for STOW-RS destinations (url)")
+        if self.auth != "none" and not self.secret:
+            raise ValueError(f"auth {self.auth!r} needs a secret")
+        if self.auth == "basic" and not self.username:
+            raise ValueError("auth 'basic' needs a username")
         return self
 
 
@@ -453,6 +473,26 @@ class WebConfig(_Strict):
         return self
 
 
+class DicomwebConfig(_Strict):
+    """STOW-RS ingest (`POST /dicomweb/studies`) on its own HTTP(S) port, one token per source."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8043
+    # A request body larger than this is refused with 413 while it streams (nothing of it is kept);
+    # each instance in it is also held to storage.max_instance_mb like a C-STORE.
+    max_request_mb: int = Field(default=2048, ge=1)
+    # HTTPS with these PEM files (as web.tls_*); without them plain HTTP (behind a TLS proxy, or loopback).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    _port = field_validator("port")(lambda cls, v: validate_port(v))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CXRNODE_", env_nested_delimiter="__", extra="forbid")
 
@@ -467,6 +507,7 @@ class Settings(BaseSettings):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
     triage: TriageConfig = Field(default_factory=TriageConfig)
 
     @classmethod

@@ -2,7 +2,8 @@
 
 The exports table is the queue: a row is `pending` with a due time until it is sent, or `dead` after
 `sender.max_attempts`. Result files stay on disk until acknowledged. Each pass groups the due
-exports by destination and sends each group on one association; every attempt is audited, and the
+exports by destination and sends each group on one association (a STOW-RS destination: in one
+request, :mod:`node.dicomweb.client`); every attempt is audited, and the
 attempt that leaves no export of a run pending settles its instance (``exported`` or ``dead``) in the
 same transaction (:meth:`AuditStore.record_export_attempt`).
 """
@@ -10,6 +11,7 @@ same transaction (:meth:`AuditStore.record_export_attempt`).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import defaultdict
 from datetime import datetime, timedelta
 
@@ -17,8 +19,17 @@ from node import metrics
 from node.audit import AuditStore, InstanceState
 from node.audit.models import Event, Export, ExportState, Instance, as_utc, utcnow
 from node.config import Settings
+from node.dicomweb.client import StowDestination, send_stow
 from node.loop import BackgroundLoop
-from node.sender import Destination, FileStatus, SendError, backoff_delay, send, tls_client_context
+from node.sender import (
+    Destination,
+    FileStatus,
+    SendError,
+    backoff_delay,
+    client_ssl_context,
+    send,
+    tls_client_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +52,7 @@ class Exporter(BackgroundLoop):
 
     def _deliver(self, ae_title: str, exports: list[Export]) -> int:
         ae = self.store.get_ae(ae_title)
-        if ae is None or not ae.may_receive or ae.host is None or ae.port is None:
+        if ae is None or not ae.may_receive or (not ae.stow and (ae.host is None or ae.port is None)):
             why = (f"destination {ae_title!r} is not a known AE title" if ae is None
                    else f"AE {ae_title!r} has no host/port or is not a destination (role {ae.role})")
             for export in exports:
@@ -49,12 +60,19 @@ class Exporter(BackgroundLoop):
             return 0
         started = utcnow()
         cfg = self.settings.sender
-        ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
         try:
-            statuses = send([e.file_path for e in exports],
-                            Destination(ae.name, ae.host, ae.port, ae.tls),
-                            calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, timeout_s=cfg.timeout_s,
-                            ssl_context=ssl_context)
+            if ae.stow:
+                assert ae.url is not None
+                statuses = send_stow([e.file_path for e in exports],
+                                     StowDestination(ae.name, ae.url, ae.auth, ae.username, ae.secret),
+                                     timeout_s=cfg.timeout_s, verify=self._https_verify())
+            else:
+                assert ae.host is not None and ae.port is not None
+                ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
+                statuses = send([e.file_path for e in exports],
+                                Destination(ae.name, ae.host, ae.port, ae.tls),
+                                calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, timeout_s=cfg.timeout_s,
+                                ssl_context=ssl_context)
         except SendError as e:
             log.warning("export to %s failed: %s", ae_title, e.reason)
             for export in exports:
@@ -71,6 +89,11 @@ class Exporter(BackgroundLoop):
                          started=started)
             sent += status.ok
         return sent
+
+    def _https_verify(self) -> ssl.SSLContext | bool:
+        """HTTPS destinations are verified against dicom.tls.ca_file when set, else the system's CAs."""
+        tls = self.settings.dicom.tls
+        return client_ssl_context(tls.ca_file, tls.cert_file, tls.key_file) if tls.ca_file else True
 
     def _record(self, export: Export, status: int | None, error: str, *, retryable: bool, ok: bool = False,
                 started: datetime | None = None) -> None:
