@@ -28,9 +28,11 @@ from fastapi.templating import Jinja2Templates
 from pydicom.uid import UID
 
 from node import metrics
+from node.ae_admin import validate_entry
 from node.audit.models import AERole, InstanceState
 from node.audit.store import AuditStore, StoreError
 from node.config import Settings, validate_ae_title, validate_port
+from node.dicomweb import tokens
 from node.health import CheckResult, Readiness, disk_usage, queue_depth, readiness
 from node.web import queries, session_key
 from node.web.actions import ActionError, ConsoleActions
@@ -390,16 +392,21 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
 
     # -- AE titles --
 
-    @app.get("/ae", response_class=HTMLResponse)
-    def ae_list(request: Request) -> HTMLResponse:
-        session = _session(request, console)
+    def _ae_page(request: Request, session: Session, new_token: str = "", token_source: str = "") -> HTMLResponse:
         edit = store.get_ae(request.query_params.get("edit", "")) if request.query_params.get("edit") else None
         echo_events = {e.detail.get("name"): e for e in reversed(queries.recent_events(store, 200, "ae.echo"))}
         return _render(console, request, "ae.html", session, aes=store.list_ae(), edit=edit,
-                       roles=[str(r) for r in AERole], echoes=echo_events)
+                       roles=[str(r) for r in AERole], echoes=echo_events, tokens=store.list_stow_tokens(),
+                       stow_enabled=console.settings.dicomweb.enabled, new_token=new_token,
+                       token_source=token_source)
 
-    def _ae_fields(form: dict[str, str]) -> dict[str, Any]:
-        """Validated host/port/role/tls/description from a form; ValueError names the bad field."""
+    @app.get("/ae", response_class=HTMLResponse)
+    def ae_list(request: Request) -> HTMLResponse:
+        return _ae_page(request, _session(request, console))
+
+    def _ae_fields(form: dict[str, str], name: str, existing: Any = None) -> dict[str, Any]:
+        """Validated fields from a form (DICOM host/port or a STOW-RS url with its auth); ValueError names the
+        bad field. An empty secret on an edit keeps the stored one."""
         host = form.get("host", "").strip() or None
         port_text = form.get("port", "").strip()
         try:
@@ -409,17 +416,23 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
         role = form.get("role", "both")
         if role not in {str(r) for r in AERole}:
             raise ValueError(f"role: {role!r} is not one of source, destination, both")
-        if role in ("destination", "both") and role != "both" and (host is None or port is None):
-            raise ValueError("a destination needs host and port")
-        return {"host": host, "port": port, "role": role, "tls": form.get("tls") == "on",
-                "description": form.get("description", "").strip()}
+        url = form.get("url", "").strip() or None
+        secret = form.get("secret", "") or (existing.secret if existing is not None and existing.url else "")
+        entry = validate_entry(name, host=host, port=port, role=role, tls=form.get("tls") == "on",
+                               description=form.get("description", "").strip(), url=url,
+                               auth=form.get("auth", "none") if url else "none",
+                               username=form.get("username", "").strip() if url else "",
+                               secret=secret if url else "")
+        return {"host": entry.host, "port": entry.port, "role": entry.role, "tls": entry.tls,
+                "description": entry.description, "url": entry.url, "auth": entry.auth,
+                "username": entry.username, "secret": entry.secret}
 
     @app.post("/ae")
     async def ae_add(request: Request) -> Response:
         session, form = await _post(request, console)
         try:
             name = validate_ae_title(form.get("name", ""))
-            fields = _ae_fields(form)
+            fields = _ae_fields(form, name)
             store.add_ae(name, actor=f"web:{session.user}", **fields)
         except (ValueError, StoreError) as e:
             return _back("/ae", err=str(e))
@@ -430,7 +443,7 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
     async def ae_update(request: Request, name: str) -> Response:
         session, form = await _post(request, console)
         try:
-            store.update_ae(name, actor=f"web:{session.user}", **_ae_fields(form))
+            store.update_ae(name, actor=f"web:{session.user}", **_ae_fields(form, name, store.get_ae(name)))
         except (ValueError, StoreError) as e:
             return _back(f"/ae?edit={quote(name)}", err=str(e))
         metrics.count_web_action("ae_update")
@@ -445,6 +458,30 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             return _back("/ae", err=str(e))
         metrics.count_web_action("ae_remove")
         return _back("/ae", msg=f"AE title {name} removed")
+
+    # -- STOW-RS tokens (on the AE page: a token's source stands for a calling AE title) --
+
+    @app.post("/stow-tokens", response_class=HTMLResponse)
+    async def token_add(request: Request) -> Response:
+        session, form = await _post(request, console)
+        try:
+            new = tokens.add_token(store, form.get("source", ""), description=form.get("description", "").strip(),
+                                   actor=f"web:{session.user}")
+        except tokens.TokenError as e:
+            return _back("/ae", err=str(e))
+        metrics.count_web_action("stow_token_add")
+        # Rendered, not redirected: the token must not travel in a URL (history, proxy logs). Shown once.
+        return _ae_page(request, session, new_token=new.token, token_source=new.row.source)
+
+    @app.post("/stow-tokens/{token_id}/revoke")
+    async def token_revoke(request: Request, token_id: int) -> Response:
+        session, _ = await _post(request, console)
+        try:
+            row = tokens.revoke_token(store, token_id, actor=f"web:{session.user}")
+        except tokens.TokenError as e:
+            return _back("/ae", err=str(e))
+        metrics.count_web_action("stow_token_revoke")
+        return _back("/ae", msg=f"token {row.id} of {row.source} revoked")
 
     @app.post("/ae/{name}/echo")
     async def ae_echo(request: Request, name: str) -> Response:

@@ -9,6 +9,8 @@ audited. Bad requests get their HTTP status, a reason and a rejected audit row, 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import httpx
 import pydicom
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.session_utils import add_certs_to_session, create_session
 from pydicom.dataset import Dataset
 
 from node.audit import Association, InstanceFilter, InstanceState
@@ -203,3 +207,38 @@ def test_a_part_that_is_not_dicom_fails_alone(stow: tuple[NodeProcess, int, str]
     assert [int(i.FailureReason) for i in ds.FailedSOPSequence] == [0xC000]
     (rejected,) = node.store().list_instances(InstanceFilter(states=[InstanceState.REJECTED]))
     assert "not application/dicom" in rejected.reason and Path(rejected.quarantine_path).read_bytes() == b"hello"
+
+
+def test_client_gone_mid_body_leaves_nothing(stow: tuple[NodeProcess, int, str], tmp_path: Path) -> None:
+    node, port, token = stow
+    (a,) = small_chest_copies(tmp_path / "in", 1)
+    body = _body(a.read_bytes())
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                     + body[: len(body) // 2])
+    wait_for(lambda: any("disconnected" in r.reason for r in stow_associations(node)), 15, "the audit row")
+    assert node.store().list_instances() == []
+    wait_for(lambda: not list((node.spool / ".incoming").iterdir()), 10, "no partial files")
+    assert _post(port, _body(a.read_bytes()), token=token).status_code == 200  # and the node goes on
+
+
+def test_stow_over_tls(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    key, cert = tmp_path / "stow.key", tmp_path / "stow.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=node",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    node, port = start_stow_node(node_factory, extra_toml=f'\n[dicomweb]\ntls_cert_file = "{cert}"\n'
+                                                           f'tls_key_file = "{key}"\n')
+    token = add_token(node)
+    (a,) = small_chest_copies(tmp_path / "in", 1)
+    session = add_certs_to_session(create_session(), ca_bundle=str(cert))
+    session.trust_env = False  # else $REQUESTS_CA_BUNDLE of this machine replaces the CA given here
+    dw = DICOMwebClient(url=f"https://127.0.0.1:{port}/dicomweb", session=session,
+                        headers={"Authorization": f"Bearer {token}"})
+    answer = dw.store_instances([pydicom.dcmread(a)])
+    assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [sop_instance_uid(a)]
+    assert stow_associations(node)[-1].tls
+    with pytest.raises(httpx.ConnectError):  # plain HTTP clients and untrusted certificates get nothing
+        httpx.post(f"https://127.0.0.1:{port}/dicomweb/studies", content=b"")
+    assert node.stop() == 0

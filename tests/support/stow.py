@@ -17,16 +17,17 @@ from tests.support.node import NodeProcess, cxrnode_command
 SOURCE = "STOWSRC"
 
 
-def stow_toml(port: int, *, max_request_mb: int | None = None) -> str:
+def stow_toml(port: int, *, max_request_mb: int | None = None, extra: str = "") -> str:
     return (f"\n[dicomweb]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\n"
-            + (f"max_request_mb = {max_request_mb}\n" if max_request_mb else ""))
+            + (f"max_request_mb = {max_request_mb}\n" if max_request_mb else "") + extra)
 
 
 def start_stow_node(node_factory: Callable[..., NodeProcess], *, max_request_mb: int | None = None,
                     **kwargs: object) -> tuple[NodeProcess, int]:
     port = free_port()
-    extra = str(kwargs.pop("extra_toml", ""))
-    node = node_factory(extra_toml=extra + stow_toml(port, max_request_mb=max_request_mb), **kwargs).start()
+    # Keys of [dicomweb] itself may come in extra_toml (after its own header, which is dropped here).
+    extra = str(kwargs.pop("extra_toml", "")).replace("\n[dicomweb]\n", "\n")
+    node = node_factory(extra_toml=stow_toml(port, max_request_mb=max_request_mb, extra=extra), **kwargs).start()
     return node, port
 
 
