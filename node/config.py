@@ -478,7 +478,7 @@ class DicomwebConfig(_Strict):
 
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: int = 8043
+    port: int = 8081
     # A request body larger than this is refused with 413 while it streams (nothing of it is kept);
     # each instance in it is also held to storage.max_instance_mb like a C-STORE.
     max_request_mb: int = Field(default=2048, ge=1)
