@@ -6,9 +6,10 @@ names). What happens, in order:
 1. No, unknown or revoked token: 401 (``WWW-Authenticate: Bearer``), a rejected association row.
 2. Content-Type not ``multipart/related; type="application/dicom"``: 415; no boundary: 400.
 3. A declared Content-Length above ``dicomweb.max_request_mb``: 413 before any byte is read.
-4. The body streams into one spool file per part (:mod:`node.dicomweb.multipart`): a body that passes the
+4. Free disk below ``storage.min_free_mb``: 503 with Retry-After, before any byte of the body is kept.
+5. The body streams into one spool file per part (:mod:`node.dicomweb.multipart`): a body that passes the
    limit (413) or is not valid multipart (400) leaves nothing behind; each of these is a rejected row.
-5. Only once the whole body is in does ingest see the parts, one by one, through
+6. Only once the whole body is in does ingest see the parts, one by one, through
    :meth:`node.ingest.Ingest.receive`: the same checks, quarantine, persist-before-answer, routing and
    audit as C-STORE. Its status becomes the part's FailureReason in the response (200/202/409).
 
@@ -85,6 +86,8 @@ HTTP_STATUSES: dict[int, str] = {
     413: "the body is larger than `dicomweb.max_request_mb` (from Content-Length, or found while streaming)",
     415: 'Content-Type is not multipart/related; type="application/dicom"',
     500: "an internal error of the node (its log has the details; the client gets none)",
+    503: "free disk below `storage.min_free_mb`, checked before the body is read (`Retry-After: 60`), as "
+         "C-STORE associations are then rejected (transient)",
 }
 
 
@@ -139,6 +142,10 @@ class StowService:
         if declared is not None and declared > limit:
             return self._refuse(req, body, source, 413, f"Content-Length {declared} exceeds "
                                                         f"dicomweb.max_request_mb ({limit} bytes)")
+        spool, min_free = self.ingest.spool, self.settings.storage.min_free_mb
+        if not spool.has_room(min_free):
+            return self._refuse(req, body, source, 503, f"free disk {spool.free_mb():.0f} MB below "
+                                                        f"storage.min_free_mb {min_free}", {"Retry-After": "60"})
         spooler = PartSpooler(boundary, self.ingest.spool.incoming,
                               max_part_bytes=self.settings.storage.max_instance_mb * MIB, max_body_bytes=limit)
         try:

@@ -242,3 +242,15 @@ def test_stow_over_tls(node_factory: Callable[..., NodeProcess], tmp_path: Path)
     with pytest.raises(httpx.ConnectError):  # plain HTTP clients and untrusted certificates get nothing
         httpx.post(f"https://127.0.0.1:{port}/dicomweb/studies", content=b"")
     assert node.stop() == 0
+
+
+def test_disk_low_is_503_before_the_body_is_read(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    node, port = start_stow_node(node_factory, min_free_mb=10**9)
+    token = add_token(node)
+    (a,) = small_chest_copies(tmp_path / "in", 1)
+    rsp = _post(port, _body(a.read_bytes()), token=token)
+    assert rsp.status_code == 503 and rsp.headers["retry-after"] == "60" and "storage.min_free_mb" in rsp.text
+    (row,) = stow_associations(node)
+    assert row.result == "rejected" and row.reason.startswith("HTTP 503: free disk")
+    assert node.store().list_instances() == [] and not list((node.spool / ".incoming").iterdir())
+    assert node.stop() == 0
