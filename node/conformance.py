@@ -351,7 +351,14 @@ def _dicomweb_section(s: Settings) -> list[str]:
         "(0008,1199), a failure in FailedSOPSequence (0008,1198) with that status as FailureReason (0008,1197). "
         "An instance of another study than the one in the path fails with `0xA900`. The response is "
         "`application/dicom+json`, or the Native DICOM Model (`application/dicom+xml`) when the Accept header "
-        "asks for it first. No RetrieveURL is given: the node serves no WADO-RS.",
+        "asks for it first. No RetrieveURL is given: the node does not serve the images it received.",
+        "",
+        "**Results by QIDO-RS / WADO-RS** (same port and tokens): `GET /dicomweb/studies/{study}/instances` lists "
+        "the result objects the node made for a study (SEG, SR, overlay: Study/Series/SOP Instance UID, SOP "
+        "Class UID, Modality, RetrieveURL; 204 when there is none) and "
+        "`GET /dicomweb/studies/{study}/series/{series}/instances/{sop}` returns one as multipart/related "
+        "application/dicom (404 for anything else). Each is an audit event (`dicomweb.search`, "
+        "`dicomweb.retrieve`).",
         "",
     ]
     lines += _table(["HTTP status", "When"], [(f"`{code}`", text) for code, text in HTTP_STATUSES.items()])

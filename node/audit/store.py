@@ -602,6 +602,17 @@ class AuditStore(TriageStoreMixin):
         with self.session() as s:
             return list(s.scalars(q))
 
+    def result_objects(self, study_instance_uid: str) -> list[Export]:
+        """One export row per result object (SEG, SR, overlay) the node made for a study, oldest first."""
+        q = (select(Export).join(Instance, Export.instance_id == Instance.id).join(Study, Instance.study_id == Study.id)
+             .where(Study.study_instance_uid == study_instance_uid).where(Export.sop_instance_uid != "")
+             .order_by(Export.id))
+        with self.session() as s:
+            seen: dict[str, Export] = {}
+            for row in s.scalars(q):
+                seen.setdefault(row.sop_instance_uid, row)
+            return list(seen.values())
+
     def list_export_attempts(self, export_id: int) -> list[ExportAttempt]:
         with self.session() as s:
             return list(s.scalars(select(ExportAttempt).where(ExportAttempt.export_id == export_id)

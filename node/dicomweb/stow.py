@@ -45,7 +45,7 @@ from pydicom.uid import (
 from node import metrics
 from node.config import Settings
 from node.dicom_header import STATUS_CANNOT_UNDERSTAND
-from node.dicomweb import tokens
+from node.dicomweb import results, tokens
 from node.dicomweb.multipart import (
     BodyTooLarge,
     MalformedBody,
@@ -72,17 +72,21 @@ MIB = 1024 * 1024
 DRAIN_LIMIT = 64 * MIB  # after an early refusal, read at most this much more of the body before closing
 DRAIN_TIMEOUT_S = 10.0
 _STUDIES = re.compile(r"^/dicomweb/studies(?:/([0-9.]{1,64}))?/?$")
+_UID = r"([0-9.]{1,64})"
+_QIDO = re.compile(rf"^/dicomweb/studies/{_UID}/instances/?$")
+_WADO = re.compile(rf"^/dicomweb/studies/{_UID}/series/{_UID}/instances/{_UID}/?$")
 
 
 #: Every HTTP status STOW-RS answers and when (docs/conformance.md is generated from this).
 HTTP_STATUSES: dict[int, str] = {
     200: "every instance stored (or already stored: a duplicate counts as stored)",
+    204: "QIDO-RS: the node has no result object for this study",
     202: "some instances stored, some failed: see FailedSOPSequence",
     409: "no instance stored: every one failed (FailedSOPSequence says why)",
     400: "the body is not valid multipart/related (no boundary, broken framing, ended early, no part)",
     401: "no bearer token, or one that is unknown or revoked (`WWW-Authenticate: Bearer`)",
     404: "a path other than /dicomweb/studies[/{StudyInstanceUID}]",
-    405: "a method other than POST",
+    405: "a method other than POST (GET only for the result objects: QIDO-RS, WADO-RS)",
     413: "the body is larger than `dicomweb.max_request_mb` (from Content-Length, or found while streaming)",
     415: 'Content-Type is not multipart/related; type="application/dicom"',
     500: "an internal error of the node (its log has the details; the client gets none)",
@@ -121,6 +125,8 @@ class StowService:
         self.store = ingest.store
 
     def handle(self, req: HttpRequest, body: Iterator[bytes]) -> HttpResponse:
+        if req.method == "GET" and (_QIDO.match(req.path) or _WADO.match(req.path)):
+            return self._results(req)
         m = _STUDIES.match(req.path)
         if m is None:
             return HttpResponse(404, b"not found: STOW-RS is POST /dicomweb/studies[/{StudyInstanceUID}]\n")
@@ -162,6 +168,29 @@ class StowService:
             spooler.discard()
             raise
         return self._ingest(req, source, parts, m.group(1) or "")
+
+    # -- QIDO-RS / WADO-RS of the node's own results (node.dicomweb.results) ---------------------------
+
+    def _results(self, req: HttpRequest) -> HttpResponse:
+        source = tokens.source_for(self.store, req.headers.get("authorization", ""))
+        if source is None:
+            return self._refuse(req, iter(()), "", 401, "no, unknown or revoked bearer token",
+                                {"WWW-Authenticate": 'Bearer realm="cxr-node DICOMweb"'})
+        base = f"{'https' if self.settings.dicomweb.tls else 'http'}://{req.headers.get('host', '')}/dicomweb"
+        if m := _QIDO.match(req.path):
+            found = results.search(self.store, m.group(1), base)
+            self.store.add_event("dicomweb.search", actor=f"dicomweb:{source}",
+                                 detail={"study_instance_uid": m.group(1), "found": len(found), "peer": req.peer_host})
+            return HttpResponse(200 if found else 204, results.to_json(found) if found else b"", JSON_TYPE)
+        m = _WADO.match(req.path)
+        assert m is not None
+        path = results.find(self.store, m.group(1), m.group(2), m.group(3))
+        self.store.add_event("dicomweb.retrieve", actor=f"dicomweb:{source}",
+                             detail={"sop_instance_uid": m.group(3), "found": path is not None, "peer": req.peer_host})
+        if path is None:
+            return HttpResponse(404, b"no such result object of this node\n")
+        data, content_type = results.multipart(path)
+        return HttpResponse(200, data, content_type)
 
     # -- the body is in: each part through ingest ---------------------------------------------------
 

@@ -1,5 +1,6 @@
 """End to end over DICOMweb: STOW-RS in (dicomweb-client) -> `cxrnode serve` -> Celery worker -> SEG + SR
-out by STOW-RS to Orthanc's DICOMweb plugin (basic auth), read back from Orthanc by QIDO-RS and WADO-RS.
+out by STOW-RS to Orthanc's DICOMweb plugin (basic auth), read back from Orthanc by QIDO-RS and from the
+node's own QIDO-RS / WADO-RS.
 
 The results go back by `reply-to-sender`: the token's source names an AE entry with a STOW-RS URL, so a
 DICOMweb-only peer gets its results the way a DICOM peer does.
@@ -48,7 +49,8 @@ def test_stow_in_results_out_by_stow_to_orthanc(tmp_path: Path, orthanc: Orthanc
                        sources=(), analysis=True)
     try:
         node.start()
-        answer = post_files(client(port, add_token(node)), [dicom_dir() / f for f in FILES])
+        token = add_token(node)
+        answer = post_files(client(port, token), [dicom_dir() / f for f in FILES])
         assert len(answer.ReferencedSOPSequence) == 2
         states = wait_final(node, 2)
         source = pydicom.dcmread(dicom_dir() / FILES[0], stop_before_pixels=True)
@@ -67,5 +69,15 @@ def test_stow_in_results_out_by_stow_to_orthanc(tmp_path: Path, orthanc: Orthanc
         assert {i["00080018"]["Value"][0] for i in found} == {e.sop_instance_uid for e in exports}
         for e in exports:
             assert Path(e.file_path).read_bytes() in {orthanc.instance_file(i) for i in orthanc.instances()}
+
+        # The node's own results for a viewer: QIDO-RS and WADO-RS with the same token, audited.
+        dw = client(port, token)
+        mine = dw.search_for_instances(study_instance_uid=str(source.StudyInstanceUID))
+        assert {i["00080018"]["Value"][0] for i in mine} == {e.sop_instance_uid for e in exports}
+        seg = next(i for i in mine if i["00080060"]["Value"][0] == "SEG")
+        got = dw.retrieve_instance(str(source.StudyInstanceUID), seg["0020000E"]["Value"][0],
+                                   seg["00080018"]["Value"][0])
+        assert got.Modality == "SEG" and got.SOPInstanceUID == seg["00080018"]["Value"][0]
+        assert [e.detail["found"] for e in store.list_events(kinds=["dicomweb.retrieve"])] == [True]
     finally:
         node.close()

@@ -254,3 +254,19 @@ def test_disk_low_is_503_before_the_body_is_read(node_factory: Callable[..., Nod
     assert row.result == "rejected" and row.reason.startswith("HTTP 503: free disk")
     assert node.store().list_instances() == [] and not list((node.spool / ".incoming").iterdir())
     assert node.stop() == 0
+
+
+def test_results_search_and_retrieve_need_a_token_and_know_only_results(stow: tuple[NodeProcess, int, str],
+                                                                        tmp_path: Path) -> None:
+    node, port, token = stow
+    (a,) = small_chest_copies(tmp_path / "in", 1)
+    assert _post(port, _body(a.read_bytes()), token=token).status_code == 200
+    ds = pydicom.dcmread(a, stop_before_pixels=True)
+    base = f"http://127.0.0.1:{port}/dicomweb/studies/{ds.StudyInstanceUID}"
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{base}/instances").status_code == 401
+    assert httpx.get(f"{base}/instances", headers=auth).status_code == 204  # a source image is no result
+    wado = f"{base}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    assert httpx.get(wado, headers=auth).status_code == 404
+    assert httpx.get(f"http://127.0.0.1:{port}/dicomweb/studies", headers=auth).status_code == 405
+    assert [e.detail["found"] for e in node.store().list_events(kinds=["dicomweb.retrieve"])] == [False]
