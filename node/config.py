@@ -482,6 +482,10 @@ class DicomwebConfig(_Strict):
     # A request body larger than this is refused with 413 while it streams (nothing of it is kept);
     # each instance in it is also held to storage.max_instance_mb like a C-STORE.
     max_request_mb: int = Field(default=2048, ge=1)
+    # More parts in one request: 413 (each part costs a file and an audit row, even an empty one).
+    max_parts: int = Field(default=1000, ge=1)
+    # A client that sends no byte of its body for this long is dropped (slow clients would hold threads).
+    idle_timeout_s: float = Field(default=60.0, gt=0)
     # HTTPS with these PEM files (as web.tls_*); without them plain HTTP (behind a TLS proxy, or loopback).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -98,8 +98,10 @@ class PartSpooler:
     On any error the caller calls `discard()`: every file it made is removed (nothing half-stored).
     """
 
-    def __init__(self, boundary: bytes, incoming: Path, *, max_part_bytes: int, max_body_bytes: int) -> None:
+    def __init__(self, boundary: bytes, incoming: Path, *, max_part_bytes: int, max_body_bytes: int,
+                 max_parts: int = 1000) -> None:
         self.incoming = incoming
+        self.max_parts = max_parts
         self.max_part_bytes = max_part_bytes
         self.max_body_bytes = max_body_bytes
         self.parts: list[Part] = []
@@ -160,6 +162,9 @@ class PartSpooler:
         self._value.clear()
 
     def _headers_done(self) -> None:
+        if len(self.parts) >= self.max_parts:
+            raise BodyTooLarge(f"more than {self.max_parts} parts in one request (dicomweb.max_parts): not read "
+                               "further, nothing of it kept")
         f: IO[bytes] = tempfile.NamedTemporaryFile(dir=self.incoming, prefix="stow-", suffix=".part",  # noqa: SIM115
                                                    delete=False)
         part = Part(Path(f.name), self._headers.get("content-type", ""), CappedFile(f, self.max_part_bytes),

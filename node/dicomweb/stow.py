@@ -84,10 +84,12 @@ HTTP_STATUSES: dict[int, str] = {
     202: "some instances stored, some failed: see FailedSOPSequence",
     409: "no instance stored: every one failed (FailedSOPSequence says why)",
     400: "the body is not valid multipart/related (no boundary, broken framing, ended early, no part)",
+    408: "the client sent no byte of its body for `dicomweb.idle_timeout_s`: answered and disconnected",
     401: "no bearer token, or one that is unknown or revoked (`WWW-Authenticate: Bearer`)",
     404: "a path other than /dicomweb/studies[/{StudyInstanceUID}]",
     405: "a method other than POST (GET only for the result objects: QIDO-RS, WADO-RS)",
-    413: "the body is larger than `dicomweb.max_request_mb` (from Content-Length, or found while streaming)",
+    413: "the body is larger than `dicomweb.max_request_mb` (from Content-Length, or found while streaming), or has "
+         "more than `dicomweb.max_parts` parts",
     415: 'Content-Type is not multipart/related; type="application/dicom"',
     500: "an internal error of the node (its log has the details; the client gets none)",
     503: "free disk below `storage.min_free_mb`, checked before the body is read (`Retry-After: 60`), as "
@@ -97,6 +99,10 @@ HTTP_STATUSES: dict[int, str] = {
 
 class ClientGone(Exception):
     """The client disconnected before its body ended."""
+
+
+class ClientIdle(ClientGone):
+    """The client sent nothing of its body for dicomweb.idle_timeout_s: answered 408 and disconnected."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ class StowService:
             return self._refuse(req, body, source, 503, f"free disk {spool.free_mb():.0f} MB below "
                                                         f"storage.min_free_mb {min_free}", {"Retry-After": "60"})
         spooler = PartSpooler(boundary, self.ingest.spool.incoming,
-                              max_part_bytes=self.settings.storage.max_instance_mb * MIB, max_body_bytes=limit)
+                              max_part_bytes=self.settings.storage.max_instance_mb * MIB, max_body_bytes=limit,
+                              max_parts=self.settings.dicomweb.max_parts)
         try:
             for chunk in body:
                 spooler.write(chunk)
@@ -316,9 +323,20 @@ class StowApp:
         client = scope.get("client") or ("", None)
         req = HttpRequest(scope["method"], scope["path"], headers, str(client[0]), client[1])
 
+        idle = self.service.settings.dicomweb.idle_timeout_s
+
+        async def next_message() -> Any:
+            with anyio.move_on_after(idle) as scope:
+                return await receive()
+            if scope.cancelled_caught:
+                return {"type": "cxrnode.idle"}
+            return None
+
         def body() -> Iterator[bytes]:
             while True:
-                msg = anyio.from_thread.run(receive)
+                msg = anyio.from_thread.run(next_message)
+                if msg["type"] == "cxrnode.idle":
+                    raise ClientIdle(f"no byte of the body for {idle:g} s (dicomweb.idle_timeout_s): dropped")
                 if msg["type"] == "http.disconnect":
                     raise ClientGone("client disconnected before the end of the body")
                 if chunk := msg.get("body", b""):
@@ -343,6 +361,9 @@ class StowApp:
             self.service.store.record_association(
                 calling_ae="", called_ae=self.service.settings.dicom.ae_title, peer_host=req.peer_host,
                 peer_port=req.peer_port, result="rejected", reason=str(e), protocol="stow-rs")
+            log.warning("STOW-RS request from %s ended: %s", req.peer_host, e)
+            if isinstance(e, ClientIdle):
+                return HttpResponse(408, f"{e}\n".encode(), headers={"Connection": "close"})
             raise
         except Exception:  # the node's own fault: logged here, never a traceback to the client
             log.exception("STOW-RS request from %s failed inside the node", req.peer_host)

@@ -270,3 +270,28 @@ def test_results_search_and_retrieve_need_a_token_and_know_only_results(stow: tu
     assert httpx.get(wado, headers=auth).status_code == 404
     assert httpx.get(f"http://127.0.0.1:{port}/dicomweb/studies", headers=auth).status_code == 405
     assert [e.detail["found"] for e in node.store().list_events(kinds=["dicomweb.retrieve"])] == [False]
+
+
+def test_too_many_parts_and_an_idle_client(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    node, port = start_stow_node(node_factory, extra_toml="\n[dicomweb]\nmax_parts = 3\nidle_timeout_s = 1.5\n")
+    token = add_token(node)
+    (a,) = small_chest_copies(tmp_path / "in", 1)
+    rsp = _post(port, _body(*[a.read_bytes()] * 4), token=token)
+    assert rsp.status_code == 413 and "more than 3 parts" in rsp.text
+    assert node.store().list_instances() == []
+
+    body = _body(a.read_bytes())
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # sends half its body, then nothing
+        sock.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                     + body[: len(body) // 2])
+        sock.settimeout(15)
+        answer = b""
+        while chunk := sock.recv(4096):  # until the node closes the connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"dicomweb.idle_timeout_s" in answer
+    reasons = [r.reason for r in stow_associations(node)]
+    assert any("more than 3 parts" in r for r in reasons) and any("idle_timeout_s" in r for r in reasons)
+    assert node.store().list_instances() == []
+    wait_for(lambda: not list((node.spool / ".incoming").iterdir()), 10, "no partial files")
+    assert node.stop() == 0

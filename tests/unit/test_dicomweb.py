@@ -69,6 +69,14 @@ def test_bad_bodies_leave_nothing(tmp_path: Path) -> None:
         assert list(tmp_path.iterdir()) == [], body[:20]
 
 
+def test_too_many_parts(tmp_path: Path) -> None:
+    sp = PartSpooler(b"B", tmp_path, max_part_bytes=100, max_body_bytes=10000, max_parts=2)
+    with pytest.raises(BodyTooLarge, match="more than 2 parts"):
+        sp.write(b"--B\r\n\r\na\r\n--B\r\n\r\nb\r\n--B\r\n\r\nc\r\n--B--\r\n")
+    sp.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_response_status_json_and_xml() -> None:
     ok = InstanceResult("1.2.840.10008.5.1.4.1.1.1", "1.2.3.4")
     bad = InstanceResult("1.2.840.10008.5.1.4.1.1.1", "1.2.3.5", 0xA900, "why")
