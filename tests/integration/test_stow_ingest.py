@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -294,4 +295,44 @@ def test_too_many_parts_and_an_idle_client(node_factory: Callable[..., NodeProce
     assert any("more than 3 parts" in r for r in reasons) and any("idle_timeout_s" in r for r in reasons)
     assert node.store().list_instances() == []
     wait_for(lambda: not list((node.spool / ".incoming").iterdir()), 10, "no partial files")
+    assert node.stop() == 0
+
+
+def test_kill_9_during_stow_loses_no_answered_instance(node_factory: Callable[..., NodeProcess],
+                                                       tmp_path: Path) -> None:
+    """Persist before answer: requests of 5 files go in one after another while the node is killed -9;
+    every instance a 200 answered is there after the restart, once, and a resend is a duplicate."""
+    node, port = start_stow_node(node_factory)
+    token = add_token(node)
+    files = small_chest_copies(tmp_path / "send", 60)
+    answered: list[str] = []
+
+    def send() -> None:
+        for i in range(0, len(files), 5):
+            try:
+                rsp = _post(port, _body(*(f.read_bytes() for f in files[i:i + 5])), token=token)
+            except httpx.HTTPError:
+                return
+            if rsp.status_code != 200:
+                return
+            answered.extend(str(x.ReferencedSOPInstanceUID) for x in Dataset.from_json(rsp.json()).ReferencedSOPSequence)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_for(lambda: len(list(node.spool.glob("*/*.dcm"))) >= 15, 60, "15 instances in the spool")
+    node.kill9()
+    sender.join(60)
+    assert 0 < len(answered) < len(files), "the kill must land in the middle of the send"
+
+    node.start()
+    store = node.store()
+    for uid in answered:
+        (row,) = store.list_instances(InstanceFilter(sop_instance_uid=uid))
+        assert Path(row.spool_path).is_file() and pydicom.dcmread(row.spool_path).SOPInstanceUID == uid
+    assert all(Path(r.spool_path).is_file() for r in store.list_instances()), "a committed row without its file"
+    wait_for(lambda: not list((node.spool / ".incoming").iterdir()), 30, "the restart to clear partial files")
+    again = _post(port, _body(files[0].read_bytes()), token=token)
+    assert again.status_code == 200
+    states = [r.state for r in store.list_instances(InstanceFilter(sop_instance_uid=sop_instance_uid(files[0])))]
+    assert states[-1] == InstanceState.DUPLICATE and len(states) == 2
     assert node.stop() == 0
