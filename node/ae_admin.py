@@ -64,6 +64,7 @@ class EchoResult:
     status: int | None
     round_trip_ms: float
     detail: str
+    protocol: str = "C-ECHO"  # "QIDO-RS" for a STOW-RS destination (node.dicomweb.client.probe)
 
 
 def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, timeout: float = 10.0,
@@ -76,6 +77,8 @@ def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, ti
     entry = store.get_ae(name.strip())
     if entry is None:
         raise AdminError(f"no AE title {name!r}")
+    if entry.url:
+        return _probe_stow(store, entry, tls=tls, timeout=timeout, actor=actor)
     if entry.host is None or entry.port is None:
         raise AdminError(f"AE title {entry.name!r} has no host and port to contact")
     try:
@@ -92,4 +95,22 @@ def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, ti
                     detail={"name": entry.name, "ok": result.ok, "detail": r.detail, "tls": entry.tls,
                             "round_trip_ms": round(result.round_trip_ms, 1)})
     log.info("C-ECHO %s@%s:%d%s: %s", entry.name, entry.host, entry.port, " (TLS)" if entry.tls else "", r.detail)
+    return result
+
+
+def _probe_stow(store: AuditStore, entry: AETitle, *, tls: TLSConfig, timeout: float, actor: str) -> EchoResult:
+    """A STOW-RS destination has no C-ECHO: one QIDO-RS search with its credentials stands in for it."""
+    from node.dicomweb.client import StowDestination, https_verify, probe
+
+    assert entry.url is not None
+    try:
+        verify = https_verify(tls)
+    except (OSError, ValueError) as e:
+        raise AdminError(f"{entry.name!r} is HTTPS, but the node's CA file cannot be loaded: {e}") from e
+    r = probe(StowDestination(entry.name, entry.url, entry.auth, entry.username, entry.secret), timeout_s=timeout,
+              verify=verify)
+    result = EchoResult(entry.name, entry.url, 0, r.ok, r.status, r.seconds * 1000, r.detail, "QIDO-RS")
+    store.add_event("ae.echo", actor=actor, detail={"name": entry.name, "ok": r.ok, "detail": r.detail,
+                                                    "url": entry.url, "round_trip_ms": round(result.round_trip_ms, 1)})
+    log.info("QIDO-RS probe of %s at %s: %s", entry.name, entry.url, r.detail)
     return result

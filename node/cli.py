@@ -234,7 +234,8 @@ def cmd_ae_echo(args: argparse.Namespace) -> int:
     except AdminError as e:
         _err(f"error: {e}")
         return 1
-    _out(f"C-ECHO {r.ae_title} at {r.host}:{r.port}: {r.detail} ({r.round_trip_ms:.1f} ms)")
+    where = r.host if r.protocol != "C-ECHO" else f"{r.host}:{r.port}"
+    _out(f"{r.protocol} {r.ae_title} at {where}: {r.detail} ({r.round_trip_ms:.1f} ms)")
     return 0 if r.ok else 1
 
 

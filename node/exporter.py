@@ -11,7 +11,6 @@ same transaction (:meth:`AuditStore.record_export_attempt`).
 from __future__ import annotations
 
 import logging
-import ssl
 from collections import defaultdict
 from datetime import datetime, timedelta
 
@@ -19,14 +18,13 @@ from node import metrics
 from node.audit import AuditStore, InstanceState
 from node.audit.models import Event, Export, ExportState, Instance, as_utc, utcnow
 from node.config import Settings
-from node.dicomweb.client import StowDestination, send_stow
+from node.dicomweb.client import StowDestination, https_verify, send_stow
 from node.loop import BackgroundLoop
 from node.sender import (
     Destination,
     FileStatus,
     SendError,
     backoff_delay,
-    client_ssl_context,
     send,
     tls_client_context,
 )
@@ -65,7 +63,7 @@ class Exporter(BackgroundLoop):
                 assert ae.url is not None
                 statuses = send_stow([e.file_path for e in exports],
                                      StowDestination(ae.name, ae.url, ae.auth, ae.username, ae.secret),
-                                     timeout_s=cfg.timeout_s, verify=self._https_verify())
+                                     timeout_s=cfg.timeout_s, verify=https_verify(self.settings.dicom.tls))
             else:
                 assert ae.host is not None and ae.port is not None
                 ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
@@ -89,11 +87,6 @@ class Exporter(BackgroundLoop):
                          started=started)
             sent += status.ok
         return sent
-
-    def _https_verify(self) -> ssl.SSLContext | bool:
-        """HTTPS destinations are verified against dicom.tls.ca_file when set, else the system's CAs."""
-        tls = self.settings.dicom.tls
-        return client_ssl_context(tls.ca_file, tls.cert_file, tls.key_file) if tls.ca_file else True
 
     def _record(self, export: Export, status: int | None, error: str, *, retryable: bool, ok: bool = False,
                 started: datetime | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import httpx
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.sender import UNREADABLE, FileStatus, SendError
+from node.config import TLSConfig
+from node.sender import UNREADABLE, FileStatus, SendError, client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,42 @@ def send_stow(files: Sequence[str | Path], destination: StowDestination, *, time
             else f"not in the STOW-RS response (HTTP {rsp.status_code})")
         out.append(FileStatus(item.sop_instance_uid, item.sop_class_uid, status, error, item.path))
     return out
+
+
+def https_verify(tls: TLSConfig) -> ssl.SSLContext | bool:
+    """HTTPS destinations are verified against dicom.tls.ca_file when set, else the system's CAs."""
+    return client_ssl_context(tls.ca_file, tls.cert_file, tls.key_file) if tls.ca_file else True
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    status: int | None  # HTTP status, None when no answer came
+    detail: str
+    seconds: float
+
+
+def probe(destination: StowDestination, *, timeout_s: float = 10.0,
+          verify: ssl.SSLContext | bool = True) -> ProbeResult:
+    """The STOW-RS counterpart of a C-ECHO: one QIDO-RS search (`GET <url>/studies?limit=1`) with the
+    destination's credentials, so a wrong URL, host or password shows before results are due."""
+    url = destination.url.rstrip("/") + "/studies"
+    headers = {"Accept": "application/dicom+json"}
+    auth: httpx.Auth | None = None
+    if destination.auth == "bearer":
+        headers["Authorization"] = f"Bearer {destination.secret}"
+    elif destination.auth == "basic":
+        auth = httpx.BasicAuth(destination.username, destination.secret)
+    start = time.perf_counter()
+    try:
+        with httpx.Client(timeout=timeout_s, verify=verify, auth=auth) as client:
+            rsp = client.get(url, params={"limit": "1"}, headers=headers)
+    except httpx.HTTPError as e:
+        return ProbeResult(False, None, f"{url}: {type(e).__name__}: {e}", time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if rsp.status_code in (200, 204):
+        return ProbeResult(True, rsp.status_code, "success", seconds)
+    return ProbeResult(False, rsp.status_code, f"{url} answered HTTP {rsp.status_code}", seconds)
 
 
 def _read(path: Path) -> _Item | FileStatus:

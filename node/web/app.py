@@ -492,8 +492,8 @@ def _add_pages(app: FastAPI, console: Console) -> None:  # noqa: C901 — one ro
             return _back("/ae", err=str(e))
         metrics.count_web_action("ae_echo")
         if result.ok:
-            return _back("/ae", msg=f"C-ECHO {name}: {result.detail} in {result.round_trip_ms:.0f} ms")
-        return _back("/ae", err=f"C-ECHO {name} failed: {result.detail}")
+            return _back("/ae", msg=f"{result.protocol} {name}: {result.detail} in {result.round_trip_ms:.0f} ms")
+        return _back("/ae", err=f"{result.protocol} {name} failed: {result.detail}")
 
     # -- configuration views, models, dead letters, audit log --
 

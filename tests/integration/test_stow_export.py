@@ -87,3 +87,23 @@ def test_client_maps_per_instance_answers(orthanc: Orthanc, tmp_path: Path) -> N
     with pytest.raises(SendError) as err:
         send_stow([good], StowDestination("X", orthanc.url + "/no-such-root", "basic", "cxr", "s3cret"))
     assert not err.value.retryable and "HTTP 404" in err.value.reason
+
+
+def test_echo_of_a_stow_destination_is_a_qido_search(orthanc: Orthanc, tmp_path: Path) -> None:
+    """`cxrnode ae echo` / the console's test button: a QIDO-RS search with the destination's credentials."""
+    from node.ae_admin import echo_ae
+    from node.config import TLSConfig
+
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'audit.db'}")
+    store.add_ae("GOOD", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr", secret="s3cret")
+    store.add_ae("BADPASS", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr",
+                 secret="nope")
+    store.add_ae("DOWN", role="destination", url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    results = {n: echo_ae(store, n, calling_ae="CXRNODE", tls=TLSConfig()) for n in ("GOOD", "BADPASS", "DOWN")}
+    assert results["GOOD"].ok and results["GOOD"].protocol == "QIDO-RS" and results["GOOD"].detail == "success"
+    assert not results["BADPASS"].ok and results["BADPASS"].status == 401 and "HTTP 401" in results["BADPASS"].detail
+    assert not results["DOWN"].ok and results["DOWN"].status is None and "ConnectError" in results["DOWN"].detail
+    echoes = store.list_events(kinds=["ae.echo"])
+    assert [(e.detail["name"], e.detail["ok"]) for e in echoes] == [("GOOD", True), ("BADPASS", False),
+                                                                    ("DOWN", False)]
+    assert all("s3cret" not in str(e.detail) and "nope" not in str(e.detail) for e in echoes)
