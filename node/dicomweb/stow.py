@@ -206,7 +206,7 @@ class StowService:
             calling_ae=source, called_ae=self.settings.dicom.ae_title, peer_host=req.peer_host,
             peer_port=req.peer_port, result="accepted", tls=self.settings.dicomweb.tls, protocol="stow-rs")
         peer = f"{req.peer_host}:{req.peer_port}"
-        results: list[InstanceResult] = []
+        answers: list[InstanceResult] = []
         counts = {"stored": 0, "duplicate": 0, "failed": 0}
         try:
             for n, part in enumerate(parts, 1):
@@ -224,15 +224,15 @@ class StowService:
                 metrics.observe_stage("persist", time.perf_counter() - started)
                 metrics.count_store_status(outcome.status)
                 counts[outcome.kind if outcome.kind in ("stored", "duplicate") else "failed"] += 1
-                results.append(self._result(outcome))
+                answers.append(self._result(outcome))
         finally:
             for part in parts:  # only what ingest did not take (an exception above)
                 part.path.unlink(missing_ok=True)
             self.store.end_association(association_id, "released", **counts)
-        status = http_status(results)
+        status = http_status(answers)
         log.info("STOW-RS from %s@%s: %d part(s), %d stored, %d duplicate, %d failed -> %d", source, peer,
                  len(parts), counts["stored"], counts["duplicate"], counts["failed"], status)
-        ds = response_dataset(results)
+        ds = response_dataset(answers)
         if accepts_xml(req.headers.get("accept", "")):
             return HttpResponse(status, to_xml(ds), XML_TYPE)
         return HttpResponse(status, to_json(ds), JSON_TYPE)
