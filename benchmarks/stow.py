@@ -125,8 +125,8 @@ def run(out_dir: Path, cache: Path, *, n_files: int = 100, side: int = 2048, rep
 
 
 DOMINANT = (
-    "STOW-RS: the body is parsed in Python (python-multipart) on a worker thread and written to one spool file "
-    "per part; only when the request is complete are the parts ingested one by one (header read, fsync, one "
-    "SQLite commit each). C-STORE overlaps receiving the next file with nothing either (storescu waits for each "
-    "response) but parses PDUs in pynetdicom. Both run in one interpreter (one core's worth): with four "
-    "streams C-STORE can use node.listeners processes, STOW-RS runs in the node's services process.")
+    "STOW-RS: the body is parsed in Python (python-multipart, ~900 MB/s alone) on a worker thread, handed over "
+    "from the event loop a MiB at a time, and written to one spool file per part; only when the request is "
+    "complete are the parts ingested one by one (header read, fsync, one SQLite commit each, ~40 ms per 8 MB "
+    "file), so receiving and persisting do not overlap within a request. C-STORE does not overlap them either "
+    "(storescu waits for each response) and parses PDUs in pynetdicom. Both run in one interpreter here.")
