@@ -25,10 +25,10 @@ from pydicom.dataset import Dataset
 
 from node.audit import Association, InstanceFilter, InstanceState
 from tests.integration.test_ingest import SKIP_REASONS, dataset_bytes, sop_instance_uid, status_allowed
-from tests.support.net import wait_for
+from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess
 from tests.support.paths import dicom_dir, dicom_manifest
-from tests.support.stow import SOURCE, add_token, client, post_files, start_stow_node
+from tests.support.stow import SOURCE, add_token, client, post_files, start_stow_node, stow_toml
 from tests.support.synthetic_dicom import small_chest_copies
 
 pytestmark = pytest.mark.timeout(300)
@@ -335,4 +335,16 @@ def test_kill_9_during_stow_loses_no_answered_instance(node_factory: Callable[..
     assert again.status_code == 200
     states = [r.state for r in store.list_instances(InstanceFilter(sop_instance_uid=sop_instance_uid(files[0])))]
     assert states[-1] == InstanceState.DUPLICATE and len(states) == 2
+    assert node.stop() == 0
+
+
+def test_stow_with_several_listener_processes(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    """With dicom.listeners > 1 STOW-RS runs once, in the services process, beside the forked listeners."""
+    port = free_port()
+    node = node_factory(extra_toml="listeners = 2\n" + stow_toml(port)).start()
+    token = add_token(node)
+    files = small_chest_copies(tmp_path / "in", 4)
+    answer = post_files(client(port, token), files)
+    assert len(answer.ReferencedSOPSequence) == 4
+    assert {i.state for i in node.store().list_instances()} == {InstanceState.QUEUED}
     assert node.stop() == 0
