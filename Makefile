@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSSTAMP := /var/tmp/cxrnode-sysdeps.stamp
-DEBS := dcmtk dicom3tools libpixelmed-java default-jdk-headless orthanc redis-server postgresql chromium chromium-driver haproxy
+DEBS := dcmtk dicom3tools libpixelmed-java default-jdk-headless orthanc orthanc-dicomweb redis-server postgresql chromium chromium-driver haproxy
 
 .PHONY: run test lint bench sysdeps venv clean train
 

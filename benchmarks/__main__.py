@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ingest, pipeline, triage, worker
+from benchmarks import ingest, pipeline, stow, triage, worker
 from benchmarks.common import write_json
 
 log = logging.getLogger("benchmarks")
 
-NAMES = ("ingest", "pipeline", "worker", "triage")
+NAMES = ("ingest", "pipeline", "worker", "triage", "stow")
 DEFAULT_CACHE = Path(os.environ.get("CXRNODE_BENCH_CACHE", "/tmp/cxrnode-bench-cache"))
 
 
@@ -50,8 +50,14 @@ def _triage(args: argparse.Namespace) -> dict[str, Any]:
     return triage.run(args.out, args.cache, weights=args.weights)
 
 
+def _stow(args: argparse.Namespace) -> dict[str, Any]:
+    if args.quick:
+        return stow.run(args.out, args.cache, n_files=8, side=256, repeats=1, batch=4)
+    return stow.run(args.out, args.cache)
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "ingest": _ingest, "pipeline": _pipeline, "worker": _worker, "triage": _triage}
+    "ingest": _ingest, "pipeline": _pipeline, "worker": _worker, "triage": _triage, "stow": _stow}
 
 
 def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +70,8 @@ def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
         for phase in ("paced", "burst"):
             p = data.get(phase) or {}
             out[phase] = {k: p.get(k) for k in ("images", "complete", "latency_s", "images_per_minute")}
+    elif name == "stow":
+        out = {k: data.get(k) for k in ("files", "file_bytes", "summary", "ratio_stow_to_cstore")}
     elif name == "triage":
         out = {k: data.get(k) for k in ("weights", "stable_s", "acked", "last_image_to_hl7_ack_s",
                                         "reference_received_to_results_acknowledged_s", "ratio_ack_to_reference_p50")}

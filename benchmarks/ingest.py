@@ -145,8 +145,10 @@ class DcmtkServer(Server):
 
 
 class NodeServer(Server):
-    def __init__(self, root: Path, listeners: int, command: list[str] | None = None, label: str = "") -> None:
+    def __init__(self, root: Path, listeners: int, command: list[str] | None = None, label: str = "",
+                 extra_toml: str = "") -> None:
         super().__init__(root)
+        self.extra_toml = extra_toml  # more sections (e.g. [dicomweb] for the STOW-RS benchmark)
         self.listeners = listeners
         self.command = command or node_command(listeners)  # e.g. a patched node for an experiment
         self.name = f"cxrnode serve (listeners={listeners}{label})"
@@ -162,7 +164,7 @@ class NodeServer(Server):
             f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = 1\n'
             '[broker]\nenabled = false\n'
             '[web]\nenabled = false\n'
-            f'[[ae]]\nname = "{SENDER_AE}"\nhost = "{LOOPBACK}"\nrole = "source"\n')
+            f'[[ae]]\nname = "{SENDER_AE}"\nhost = "{LOOPBACK}"\nrole = "source"\n' + self.extra_toml)
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen([*self.command, "--config", str(self.config)],
                                          stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,

@@ -52,6 +52,9 @@ STATUS_MEANINGS: dict[str, tuple[str, str]] = {
                                       "other bytes in the same transfer syntax). The stored instance stays as "
                                       "it is; the new data set is kept in quarantine and audited as "
                                       "`instance.conflict`. A copy of the stored one gets 0x0000 (duplicate)."),
+    "STATUS_SOP_CLASS_NOT_SUPPORTED": ("Refused: SOP Class not supported", "STOW-RS only (C-STORE settles it in "
+                                       "negotiation: no presentation context): the part is not of a storage SOP "
+                                       "class listed in 3.2. The bytes are kept in quarantine with an audit row."),
     "STATUS_PROCESSING_FAILURE": ("Failure: Processing failure", "An internal error of the node (e.g. the audit "
                                   "database is unreachable). Nothing is acknowledged; the sender may retry."),
 }
@@ -342,6 +345,7 @@ def render(settings: Settings | None = None) -> str:
         "",
     ]
     lines += _triage_section(s)
+    lines += _dicomweb_section(s)
     return "\n".join(lines)
 
 
@@ -393,6 +397,52 @@ def _commitment_section(s: Settings, syntaxes: list[str]) -> list[str]:
         f"`0x{c.INVALID_ARGUMENT_VALUE:04X}` (no Transaction UID or Referenced SOP Sequence, reason in Error "
         f"Comment); `0x{c.NO_SUCH_ACTION_TYPE:04X}` (another Action Type); `0x{c.PROCESSING_FAILURE:04X}` "
         "(internal error). Requests, reports and their delivery are audited (`commitment.*` events).",
+        "",
+    ]
+    return lines
+
+
+def _dicomweb_section(s: Settings) -> list[str]:
+    """Section 9: STOW-RS in and out (node.dicomweb)."""
+    from node.dicomweb.stow import HTTP_STATUSES
+
+    d = s.dicomweb
+    lines = [
+        "## 9. DICOMweb: STOW-RS",
+        "",
+        f"**Ingest** (`dicomweb.enabled`, default {str(d.enabled).lower()}; port `dicomweb.port`, default "
+        f"{d.port}; HTTPS with `dicomweb.tls_cert_file`/`tls_key_file`): `POST /dicomweb/studies` and "
+        "`POST /dicomweb/studies/{StudyInstanceUID}` take `multipart/related; type=\"application/dicom\"`, one "
+        "PS3.10 file per part (a bare data set without file meta gets the file meta the node writes for every "
+        "C-STORE). Each request needs `Authorization: Bearer <token>`; a token (`cxrnode stow-token add SOURCE`) "
+        "names a source that stands for the calling AE title in routing rules, `reply-to-sender` and the audit "
+        "log, where each request is an association row with protocol `stow-rs`.",
+        "",
+        "The body is read as it streams, one spool file per part, and only once it is complete does each part "
+        "go through the same ingest as a C-STORE data set (checks, quarantine, persist before answer, routing). "
+        "Each part's outcome is the C-STORE status of section 3.3: success puts it in ReferencedSOPSequence "
+        "(0008,1199), a failure in FailedSOPSequence (0008,1198) with that status as FailureReason (0008,1197). "
+        "An instance of another study than the one in the path fails with `0xA900`. The response is "
+        "`application/dicom+json`, or the Native DICOM Model (`application/dicom+xml`) when the Accept header "
+        "asks for it first. No RetrieveURL is given: the node does not serve the images it received.",
+        "",
+        "**Results by QIDO-RS / WADO-RS** (same port and tokens): `GET /dicomweb/studies/{study}/instances` lists "
+        "the result objects the node made for a study (SEG, SR, overlay: Study/Series/SOP Instance UID, SOP "
+        "Class UID, Modality, RetrieveURL; 204 when there is none) and "
+        "`GET /dicomweb/studies/{study}/series/{series}/instances/{sop}` returns one as multipart/related "
+        "application/dicom (404 for anything else). Each is an audit event (`dicomweb.search`, "
+        "`dicomweb.retrieve`).",
+        "",
+    ]
+    lines += _table(["HTTP status", "When"], [(f"`{code}`", text) for code, text in HTTP_STATUSES.items()])
+    lines += [
+        "Every refused request (4xx) is audited as a rejected association with the reason; nothing of its body "
+        "is kept. Each part is held to `storage.max_instance_mb` like a C-STORE data set.",
+        "",
+        "**Export**: an AE table entry with a `url` is a STOW-RS destination: the results for it are POSTed in "
+        "one request to `<url>/studies` (auth `none`, `bearer` or `basic`), with the same retries, backoff and "
+        "dead letter as C-STORE (section 4): no connection, timeouts and HTTP 408/425/429/5xx are tried again, "
+        "other HTTP errors are final; a FailureReason of `0xA7xx` is tried again, other failures are final.",
         "",
     ]
     return lines

@@ -22,12 +22,18 @@ class AdminError(ValueError):
     """An administrative request that cannot be carried out; the message says why."""
 
 
-def validate_entry(name: str, *, host: str | None, port: int | None, role: str, tls: bool,
-                   description: str, storage_commitment: bool = False) -> AEEntry:
+#: What an AE entry may carry besides its name (the configuration's [[ae]] keys): a DICOM peer has
+#: host/port/tls (and storage_commitment as a destination), a STOW-RS destination url/auth/username/secret.
+AE_FIELDS = ("host", "port", "role", "tls", "storage_commitment", "description", "url", "auth", "username",
+             "secret")
+
+
+def validate_entry(name: str, **fields: Any) -> AEEntry:
     """Validate an AE entry with the same rules as the configuration file."""
+    if unknown := set(fields) - set(AE_FIELDS):
+        raise AdminError(f"unknown AE field(s): {', '.join(sorted(unknown))}")
     try:
-        return AEEntry(name=name, host=host, port=port, role=role,  # type: ignore[arg-type]
-                       tls=tls, storage_commitment=storage_commitment, description=description)
+        return AEEntry(name=name, **fields)
     except ValidationError as e:
         raise AdminError("; ".join(_message(err) for err in e.errors())) from e
 
@@ -39,30 +45,24 @@ def _message(err: Any) -> str:
     return f"{field}: {why}" if field else why
 
 
-def add_ae(store: AuditStore, name: str, *, host: str | None = None, port: int | None = None,
-           role: str = "both", tls: bool = False, description: str = "", storage_commitment: bool = False,
-           actor: str = "cli") -> AETitle:
-    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description,
-                           storage_commitment=storage_commitment)
+def _values(entry: AEEntry) -> dict[str, Any]:
+    return {f: getattr(entry, f) for f in AE_FIELDS}
+
+
+def add_ae(store: AuditStore, name: str, *, actor: str = "cli", **fields: Any) -> AETitle:
+    """Add a DICOM AE, or with `url` a STOW-RS destination (auth none/bearer/basic)."""
+    entry = validate_entry(name, **fields)
     try:
-        return store.add_ae(entry.name, host=entry.host, port=entry.port, role=entry.role, tls=entry.tls,
-                            storage_commitment=entry.storage_commitment, description=entry.description,
-                            actor=actor)
+        return store.add_ae(entry.name, actor=actor, **_values(entry))
     except StoreError as e:
         raise AdminError(str(e)) from e
 
 
-def update_ae(store: AuditStore, name: str, *, host: str | None = None, port: int | None = None,
-              role: str = "both", tls: bool = False, description: str = "", storage_commitment: bool = False,
-              actor: str = "cli") -> AETitle:
-    """Replace host/port/role/tls/storage_commitment/description of a known AE title, validated like a
-    new entry."""
-    entry = validate_entry(name, host=host, port=port, role=role, tls=tls, description=description,
-                           storage_commitment=storage_commitment)
+def update_ae(store: AuditStore, name: str, *, actor: str = "cli", **fields: Any) -> AETitle:
+    """Replace the fields of a known AE title, validated like a new entry."""
+    entry = validate_entry(name, **fields)
     try:
-        return store.update_ae(entry.name, host=entry.host, port=entry.port, role=entry.role, tls=entry.tls,
-                               storage_commitment=entry.storage_commitment, description=entry.description,
-                               actor=actor)
+        return store.update_ae(entry.name, actor=actor, **_values(entry))
     except StoreError as e:
         raise AdminError(str(e)) from e
 
@@ -83,6 +83,7 @@ class EchoResult:
     status: int | None
     round_trip_ms: float
     detail: str
+    protocol: str = "C-ECHO"  # "QIDO-RS" for a STOW-RS destination (node.dicomweb.client.probe)
 
 
 def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, timeout: float = 10.0,
@@ -95,6 +96,8 @@ def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, ti
     entry = store.get_ae(name.strip())
     if entry is None:
         raise AdminError(f"no AE title {name!r}")
+    if entry.url:
+        return _probe_stow(store, entry, tls=tls, timeout=timeout, actor=actor)
     if entry.host is None or entry.port is None:
         raise AdminError(f"AE title {entry.name!r} has no host and port to contact")
     try:
@@ -111,4 +114,22 @@ def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, ti
                     detail={"name": entry.name, "ok": result.ok, "detail": r.detail, "tls": entry.tls,
                             "round_trip_ms": round(result.round_trip_ms, 1)})
     log.info("C-ECHO %s@%s:%d%s: %s", entry.name, entry.host, entry.port, " (TLS)" if entry.tls else "", r.detail)
+    return result
+
+
+def _probe_stow(store: AuditStore, entry: AETitle, *, tls: TLSConfig, timeout: float, actor: str) -> EchoResult:
+    """A STOW-RS destination has no C-ECHO: one QIDO-RS search with its credentials stands in for it."""
+    from node.dicomweb.client import StowDestination, https_verify, probe
+
+    assert entry.url is not None
+    try:
+        verify = https_verify(tls)
+    except (OSError, ValueError) as e:
+        raise AdminError(f"{entry.name!r} is HTTPS, but the node's CA file cannot be loaded: {e}") from e
+    r = probe(StowDestination(entry.name, entry.url, entry.auth, entry.username, entry.secret), timeout_s=timeout,
+              verify=verify)
+    result = EchoResult(entry.name, entry.url, 0, r.ok, r.status, r.seconds * 1000, r.detail, "QIDO-RS")
+    store.add_event("ae.echo", actor=actor, detail={"name": entry.name, "ok": r.ok, "detail": r.detail,
+                                                    "url": entry.url, "round_trip_ms": round(result.round_trip_ms, 1)})
+    log.info("QIDO-RS probe of %s at %s: %s", entry.name, entry.url, r.detail)
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from node.admin.ae import AdminError, EchoResult, add_ae, echo_ae, remove_ae, update_ae
 from node.audit import AETitle, AuditStore, StoreError
@@ -48,17 +49,12 @@ class AdminService:
 
     # -- AE titles ---------------------------------------------------------------------------------
 
-    def add_ae(self, name: str, *, actor: str, host: str | None = None, port: int | None = None,
-               role: str = "both", tls: bool = False, description: str = "",
-               storage_commitment: bool = False) -> AETitle:
-        return add_ae(self.store, name, host=host, port=port, role=role, tls=tls, description=description,
-                      storage_commitment=storage_commitment, actor=actor)
+    def add_ae(self, name: str, *, actor: str, **fields: Any) -> AETitle:
+        """A DICOM AE, or with `url` a STOW-RS destination; `fields` are the [[ae]] keys (AE_FIELDS)."""
+        return add_ae(self.store, name, actor=actor, **fields)
 
-    def update_ae(self, name: str, *, actor: str, host: str | None = None, port: int | None = None,
-                  role: str = "both", tls: bool = False, description: str = "",
-                  storage_commitment: bool = False) -> AETitle:
-        return update_ae(self.store, name, host=host, port=port, role=role, tls=tls, description=description,
-                         storage_commitment=storage_commitment, actor=actor)
+    def update_ae(self, name: str, *, actor: str, **fields: Any) -> AETitle:
+        return update_ae(self.store, name, actor=actor, **fields)
 
     def remove_ae(self, name: str, *, actor: str) -> None:
         remove_ae(self.store, name, actor=actor)

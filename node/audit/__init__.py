@@ -15,6 +15,7 @@ from node.audit.models import (
     ExportState,
     Instance,
     InstanceState,
+    StowToken,
     Study,
 )
 from node.audit.store import (
@@ -30,5 +31,5 @@ from node.audit.store import (
 __all__ = [
     "FINAL_STATES", "PENDING_STATES", "AERole", "AETitle", "Association", "AuditStore", "DuplicateInstance",
     "Event", "Export", "ExportAttempt", "ExportState", "Instance", "InstanceFilter", "InstanceState",
-    "NewExport", "ReceivedInstance", "StoreError", "Study", "StudySummary",
+    "NewExport", "ReceivedInstance", "StoreError", "StowToken", "Study", "StudySummary",
 ]

@@ -114,6 +114,8 @@ class Association(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     direction: Mapped[str] = mapped_column(String(8), default="inbound")  # inbound | outbound
+    # dicom: a DICOM association; stow-rs: one STOW-RS request (calling_ae: the token's source)
+    protocol: Mapped[str] = mapped_column(String(8), default="dicom")
     calling_ae: Mapped[str] = mapped_column(String(16))
     called_ae: Mapped[str] = mapped_column(String(16))
     peer_host: Mapped[str] = mapped_column(String(64), default="")
@@ -232,6 +234,11 @@ class AETitle(Base):
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
     storage_commitment: Mapped[bool] = mapped_column(Boolean, default=False)
     description: Mapped[str] = mapped_column(Text, default="")
+    # A STOW-RS destination: results are POSTed to `url` (…/studies) instead of C-STOREd to host:port.
+    url: Mapped[str | None] = mapped_column(Text)
+    auth: Mapped[str] = mapped_column(String(8), default="none")  # none | bearer | basic
+    username: Mapped[str] = mapped_column(String(255), default="")  # basic
+    secret: Mapped[str] = mapped_column(Text, default="")  # bearer token or basic password; never shown
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -240,8 +247,28 @@ class AETitle(Base):
         return self.role in (AERole.SOURCE, AERole.BOTH)
 
     @property
+    def stow(self) -> bool:
+        """Reached by STOW-RS (it has a URL) rather than by a DICOM association."""
+        return bool(self.url)
+
+    @property
     def may_receive(self) -> bool:
-        return self.role in (AERole.DESTINATION, AERole.BOTH) and self.host is not None and self.port is not None
+        reachable = self.stow or (self.host is not None and self.port is not None)
+        return self.role in (AERole.DESTINATION, AERole.BOTH) and reachable
+
+
+class StowToken(Base):
+    """A bearer token a DICOMweb client presents to STOW-RS; `source` stands for its calling AE title
+    (routing rules, reply-to-sender, the audit log). Only the token's SHA-256 is stored."""
+
+    __tablename__ = "stow_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
 
 
 class Export(Base):

@@ -36,6 +36,7 @@ from node.audit.models import (
     Instance,
     InstanceState,
     StorageCommitment,
+    StowToken,
     Study,
     parse_job_id,
     utcnow,
@@ -189,19 +190,21 @@ class AuditStore(TriageStoreMixin):
 
     def record_association(self, *, calling_ae: str, called_ae: str, peer_host: str = "",
                            peer_port: int | None = None, result: str, reason: str = "",
-                           tls: bool = False, direction: str = "inbound") -> int:
-        """Record an association request and its outcome (accepted/rejected); returns its id."""
+                           tls: bool = False, direction: str = "inbound", protocol: str = "dicom") -> int:
+        """Record an association request (or a STOW-RS request: `protocol` "stow-rs") and its outcome
+        (accepted/rejected); returns its id."""
         with self.session() as s:
             row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
                               peer_port=peer_port, result=result, reason=reason, tls=tls,
-                              direction=direction)
+                              direction=direction, protocol=protocol)
             if result == "rejected":
                 row.ended_at = row.started_at = utcnow()
             s.add(row)
             s.flush()
             _event(s, f"association.{result}", association_id=row.id,
                    detail={"calling_ae": calling_ae, "called_ae": called_ae, "peer": f"{peer_host}:{peer_port}",
-                           "reason": reason, "direction": direction})
+                           "reason": reason, "direction": direction,
+                           **({"protocol": protocol} if protocol != "dicom" else {})})
             return row.id
 
     def end_association(self, association_id: int, result: str, *, stored: int = 0, duplicate: int = 0,
@@ -400,12 +403,16 @@ class AuditStore(TriageStoreMixin):
 
     def add_ae(self, name: str, *, host: str | None = None, port: int | None = None,
                role: AERole | str = AERole.BOTH, tls: bool = False, description: str = "",
-               storage_commitment: bool = False, actor: str = "cli") -> AETitle:
-        """Add an AE title (already validated by the caller); StoreError if the name exists."""
+               storage_commitment: bool = False, url: str | None = None, auth: str = "none", username: str = "",
+               secret: str = "", actor: str = "cli") -> AETitle:
+        """Add an AE title (already validated by the caller); StoreError if the name exists.
+
+        With `url` it is a STOW-RS destination (`auth` none/bearer/basic with `username`/`secret`)."""
         try:
             with self.session() as s:
                 row = AETitle(name=name, host=host, port=port, role=str(AERole(role)), tls=tls,
-                              storage_commitment=storage_commitment, description=description)
+                              storage_commitment=storage_commitment, description=description, url=url or None,
+                              auth=auth, username=username, secret=secret)
                 s.add(row)
                 s.flush()
                 _event(s, "ae.added", actor=actor, detail=_ae_detail(row))
@@ -414,9 +421,10 @@ class AuditStore(TriageStoreMixin):
             raise StoreError(f"AE title {name!r} already exists") from e
 
     def update_ae(self, name: str, *, actor: str = "cli", **changes: Any) -> AETitle:
-        """Change host/port/role/tls/storage_commitment/description of an AE title; the event records old
-        and new values."""
-        allowed = {"host", "port", "role", "tls", "storage_commitment", "description"}
+        """Change host/port/role/tls/storage_commitment/description (or a STOW-RS destination's
+        url/auth/username/secret) of an AE title; the event records old and new values."""
+        allowed = {"host", "port", "role", "tls", "storage_commitment", "description", "url", "auth", "username",
+                   "secret"}
         if unknown := set(changes) - allowed:
             raise StoreError(f"cannot change {sorted(unknown)} of an AE title")
         with self.session() as s:
@@ -449,11 +457,46 @@ class AuditStore(TriageStoreMixin):
             if self.get_ae(e.name) is None:
                 try:
                     self.add_ae(e.name, host=e.host, port=e.port, role=e.role, tls=e.tls,
-                                storage_commitment=e.storage_commitment, description=e.description, actor=actor)
+                                storage_commitment=e.storage_commitment, description=e.description, url=e.url,
+                                auth=e.auth, username=e.username, secret=e.secret, actor=actor)
                     added += 1
                 except StoreError:
                     pass  # another process seeded it first
         return added
+
+    # -- STOW-RS tokens (node.dicomweb.tokens makes and checks them) --------------------------------------
+
+    def add_stow_token(self, source: str, token_sha256: str, *, description: str = "",
+                       actor: str = "cli") -> StowToken:
+        with self.session() as s:
+            row = StowToken(source=source, token_sha256=token_sha256, description=description)
+            s.add(row)
+            s.flush()
+            _event(s, "stow_token.added", actor=actor,
+                   detail={"id": row.id, "source": source, "description": description})
+            return row
+
+    def find_stow_token(self, token_sha256: str) -> StowToken | None:
+        """The live (not revoked) token with this hash, if any."""
+        with self.session() as s:
+            return s.scalar(select(StowToken).where(StowToken.token_sha256 == token_sha256)
+                            .where(StowToken.revoked_at.is_(None)))
+
+    def list_stow_tokens(self, *, include_revoked: bool = False) -> list[StowToken]:
+        q = select(StowToken).order_by(StowToken.source, StowToken.id)
+        if not include_revoked:
+            q = q.where(StowToken.revoked_at.is_(None))
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def revoke_stow_token(self, token_id: int, *, actor: str = "cli") -> StowToken:
+        with self.session() as s:
+            row = s.get(StowToken, token_id, with_for_update=True)
+            if row is None or row.revoked_at is not None:
+                raise StoreError(f"no live STOW-RS token with id {token_id}")
+            row.revoked_at = utcnow()
+            _event(s, "stow_token.revoked", actor=actor, detail={"id": row.id, "source": row.source})
+            return row
 
     # -- analysis runs (job id = instance id + queued_at: see node.audit.models.job_id_for) --------------
 
@@ -637,6 +680,16 @@ class AuditStore(TriageStoreMixin):
                        detail={**detail, "removed": removed})
                 n += 1
         return n
+    def result_objects(self, study_instance_uid: str) -> list[Export]:
+        """One export row per result object (SEG, SR, overlay) the node made for a study, oldest first."""
+        q = (select(Export).join(Instance, Export.instance_id == Instance.id).join(Study, Instance.study_id == Study.id)
+             .where(Study.study_instance_uid == study_instance_uid).where(Export.sop_instance_uid != "")
+             .order_by(Export.id))
+        with self.session() as s:
+            seen: dict[str, Export] = {}
+            for row in s.scalars(q):
+                seen.setdefault(row.sop_instance_uid, row)
+            return list(seen.values())
 
     def list_export_attempts(self, export_id: int) -> list[ExportAttempt]:
         with self.session() as s:
@@ -974,5 +1027,9 @@ def _instance_row(info: ReceivedInstance, study: Study | None, state: InstanceSt
 
 
 def _ae_detail(row: AETitle) -> dict[str, Any]:
-    return {"name": row.name, "host": row.host, "port": row.port, "role": row.role, "tls": row.tls,
-            "storage_commitment": row.storage_commitment, "description": row.description}
+    detail: dict[str, Any] = {"name": row.name, "host": row.host, "port": row.port, "role": row.role,
+                              "tls": row.tls, "storage_commitment": row.storage_commitment,
+                              "description": row.description}
+    if row.url:  # a STOW-RS destination; its secret never goes to the log
+        detail.update(url=row.url, auth=row.auth, username=row.username, secret_set=bool(row.secret))
+    return detail

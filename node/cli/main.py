@@ -100,27 +100,44 @@ def cmd_audit_events(args: argparse.Namespace) -> int:
 
 
 def cmd_ae_add(args: argparse.Namespace) -> int:
+    import os
+
     from node.admin.service import AdminError
 
+    secret = ""
+    if args.secret_env:
+        secret = os.environ.get(args.secret_env, "")
+        if not secret:
+            err(f"error: environment variable {args.secret_env} is empty or not set")
+            return 2
+    elif args.secret_file:
+        try:
+            secret = args.secret_file.read_text().strip()
+        except OSError as e:
+            err(f"error: cannot read {args.secret_file}: {e.strerror or e}")
+            return 2
     try:
         row = admin_service(args).add_ae(args.name, host=args.host, port=args.port, role=args.role, tls=args.tls,
                                          description=args.description, storage_commitment=args.storage_commitment,
+                                         url=args.url, auth=args.auth, username=args.username, secret=secret,
                                          actor=actor())
     except AdminError as e:
         err(f"error: {e}")
         return 2
-    out(f"added AE {row.name} ({row.role}, {row.host or '-'}:{row.port or '-'}{', TLS' if row.tls else ''}"
+    where = f"STOW-RS {row.url}, auth {row.auth}" if row.url else f"{row.host or '-'}:{row.port or '-'}"
+    out(f"added AE {row.name} ({row.role}, {where}{', TLS' if row.tls else ''}"
         f"{', storage commitment' if row.storage_commitment else ''})")
     return 0
 
 
 def cmd_ae_list(args: argparse.Namespace) -> int:
     rows = [{"name": a.name, "host": a.host, "port": a.port, "role": a.role, "tls": a.tls,
-             "storage_commitment": a.storage_commitment, "description": a.description,
-             "updated_at": a.updated_at.isoformat(timespec="seconds")}
+             "storage_commitment": a.storage_commitment, "url": a.url or "", "auth": a.auth if a.url else "",
+             "description": a.description, "updated_at": a.updated_at.isoformat(timespec="seconds")}
             for a in open_store(args).list_ae()]
     print_rows(rows, "json" if args.json else "table",
-               None if args.json else ["name", "host", "port", "role", "tls", "storage_commitment", "description"])
+               None if args.json else ["name", "host", "port", "role", "tls", "storage_commitment", "url", "auth",
+                                       "description"])
     return 0
 
 
@@ -144,7 +161,8 @@ def cmd_ae_echo(args: argparse.Namespace) -> int:
     except AdminError as e:
         err(f"error: {e}")
         return 1
-    out(f"C-ECHO {r.ae_title} at {r.host}:{r.port}: {r.detail} ({r.round_trip_ms:.1f} ms)")
+    where = r.host if r.protocol != "C-ECHO" else f"{r.host}:{r.port}"
+    out(f"{r.protocol} {r.ae_title} at {where}: {r.detail} ({r.round_trip_ms:.1f} ms)")
     return 0 if r.ok else 1
 
 
@@ -203,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-commitment", action="store_true",
                    help="after results are stored there, ask it to commit them (Storage Commitment Push Model)")
     p.add_argument("--description", default="")
+    p.add_argument("--url", help="a STOW-RS destination: the DICOMweb base URL (results are POSTed to URL/studies)")
+    p.add_argument("--auth", choices=["none", "bearer", "basic"], default="none", help="STOW-RS authentication")
+    p.add_argument("--username", default="", help="user name for --auth basic")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--secret-env", metavar="VAR",
+                        help="read the bearer token / basic password from this environment variable")
+    secret.add_argument("--secret-file", type=Path, metavar="FILE",
+                        help="read the bearer token / basic password from this file")
     p.set_defaults(func=cmd_ae_add)
     p = ae.add_parser("list", parents=[common], help="list known AE titles")
     p.add_argument("--json", action="store_true")
@@ -215,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_ae_echo)
 
+    from node.cli import dicomweb as cli_dicomweb
     from node.cli import ops as cli_ops
     from node.cli import triage as cli_triage
 
+    cli_dicomweb.register(sub, common, fmt)
     cli_ops.register(sub, common, fmt)
     cli_triage.register(sub, common, fmt)
     return parser

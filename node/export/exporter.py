@@ -2,7 +2,8 @@
 
 The exports table is the queue: a row is `pending` with a due time until it is sent, or `dead` after
 `sender.max_attempts`. Result files stay on disk until acknowledged. Each pass groups the due
-exports by destination and sends each group on one association; every attempt is audited, and the
+exports by destination and sends each group on one association (a STOW-RS destination: in one
+request, :mod:`node.dicomweb.client`); every attempt is audited, and the
 attempt that leaves no export of a run pending settles its instance (``exported`` or ``dead``) in the
 same transaction (:meth:`AuditStore.record_export_attempt`).
 
@@ -23,6 +24,7 @@ from pydicom.uid import generate_uid
 
 from node.audit import AuditStore, InstanceState
 from node.audit.models import Export, Instance, as_utc, utcnow
+from node.dicomweb.client import StowDestination, https_verify, send_stow
 from node.export import commitment
 from node.export.sender import Destination, FileStatus, SendError, backoff_delay, send, tls_client_context
 from node.runtime import metrics
@@ -51,7 +53,7 @@ class Exporter(BackgroundLoop):
 
     def _deliver(self, ae_title: str, exports: list[Export]) -> int:
         ae = self.store.get_ae(ae_title)
-        if ae is None or not ae.may_receive or ae.host is None or ae.port is None:
+        if ae is None or not ae.may_receive or (not ae.stow and (ae.host is None or ae.port is None)):
             why = (f"destination {ae_title!r} is not a known AE title" if ae is None
                    else f"AE {ae_title!r} has no host/port or is not a destination (role {ae.role})")
             for export in exports:
@@ -59,12 +61,20 @@ class Exporter(BackgroundLoop):
             return 0
         started = utcnow()
         cfg = self.settings.sender
-        ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
+        ssl_context: ssl.SSLContext | None = None
         try:
-            statuses = send([e.file_path for e in exports],
-                            Destination(ae.name, ae.host, ae.port, ae.tls),
-                            calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, timeout_s=cfg.timeout_s,
-                            ssl_context=ssl_context)
+            if ae.stow:
+                assert ae.url is not None
+                statuses = send_stow([e.file_path for e in exports],
+                                     StowDestination(ae.name, ae.url, ae.auth, ae.username, ae.secret),
+                                     timeout_s=cfg.timeout_s, verify=https_verify(self.settings.dicom.tls))
+            else:
+                assert ae.host is not None and ae.port is not None
+                ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
+                statuses = send([e.file_path for e in exports],
+                                Destination(ae.name, ae.host, ae.port, ae.tls),
+                                calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, timeout_s=cfg.timeout_s,
+                                ssl_context=ssl_context)
         except SendError as e:
             log.warning("export to %s failed: %s", ae_title, e.reason)
             for export in exports:
@@ -77,14 +87,16 @@ class Exporter(BackgroundLoop):
             return 0
         sent = 0
         stored: list[tuple[Export, FileStatus]] = []
+        # Storage commitment is DICOM's (the configuration allows it only for AEs with host and port).
+        commit = ae.storage_commitment and ae.host is not None and ae.port is not None
         for export, status in zip(exports, statuses, strict=True):
-            if status.ok and ae.storage_commitment:
+            if status.ok and commit:
                 stored.append((export, status))
             else:
                 self._record(export, status.status, _error(status), retryable=status.retryable, ok=status.ok,
                              started=started)
             sent += status.ok
-        if stored:
+        if stored and ae.host is not None and ae.port is not None:
             self._request_commitment(ae.name, Destination(ae.name, ae.host, ae.port, ae.tls), stored, started,
                                      ssl_context)
         return sent

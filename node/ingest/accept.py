@@ -1,7 +1,8 @@
 """The ingest pipeline behind C-STORE: check, persist, record, route, hand off.
 
 Independent of pynetdicom: the SCP hands over the received file and the command fields, and answers
-the status returned here. Order matters (persist before ack): the file is fsynced and renamed into the
+the status returned here. STOW-RS (:mod:`node.dicomweb.stow`) hands over each part the same way, with
+no command: the data set's own UIDs stand for the command's, and the answer is its FailureReason. Order matters (persist before ack): the file is fsynced and renamed into the
 spool and its row committed before a success status is returned.
 """
 
@@ -10,14 +11,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from node.analysis.handoff import Dispatcher, HandoffContext, leave_queued
 from node.audit import AuditStore, DuplicateInstance, Instance, InstanceState, ReceivedInstance
 from node.audit.store import RouteOutcome
-from node.ingest.header import STATUS_OUT_OF_RESOURCES, Header, Refusal, check_dataset, read_header
+from node.ingest.header import (
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
+    Header,
+    Refusal,
+    check_dataset,
+    read_header,
+    storage_sop_classes,
+)
 from node.ingest.routing import RouteDecision, decide
 from node.ingest.spool import Spool
 from node.runtime.config import Settings
@@ -41,6 +51,7 @@ class StoreRequest:
     association_id: int | None = None
     peer: str = ""
     received_bytes: int | None = None  # data set bytes the peer sent, kept or not (node.ingest.guard counts them)
+    study_instance_uid: str = ""  # STOW-RS to /studies/{uid}: the study every instance must belong to
 
 
 @dataclass(frozen=True)
@@ -97,8 +108,18 @@ class Ingest:
 
         try:
             header = read_header(received, req.transfer_syntax_uid, max_inflated_bytes=limit_mb * 1024 * 1024)
+            if not req.affected_sop_class and not req.affected_sop_instance:  # STOW-RS: no command
+                req = replace(req, affected_sop_class=header.sop_class_uid,
+                              affected_sop_instance=header.sop_instance_uid)
+                if header.sop_class_uid and header.sop_class_uid not in storage_sop_classes():
+                    # What C-STORE settles in negotiation (no presentation context) is checked here.
+                    raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP Class {header.sop_class_uid} "
+                                                                  "is not a storage SOP class the node accepts")
             check_dataset(header, affected_sop_class=req.affected_sop_class,
                           affected_sop_instance=req.affected_sop_instance, file_size=size)
+            if req.study_instance_uid and header.study_instance_uid != req.study_instance_uid:
+                raise Refusal(STATUS_DATASET_MISMATCH, f"Study Instance UID {header.study_instance_uid} is not the "
+                                                       f"study {req.study_instance_uid} of the request")
         except Refusal as r:
             return self._reject(received, req, r, size)
 
@@ -192,6 +213,15 @@ class Ingest:
         if d.action == "skip":
             return RouteOutcome(InstanceState.SKIPPED, rule=d.rule, reason=d.reason)
         return RouteOutcome(InstanceState.QUEUED, rule=d.rule, models=d.models, destinations=d.destinations)
+
+    def refuse(self, received: Path, req: StoreRequest, status: int, reason: str) -> Outcome:
+        """Refuse input before it is read as DICOM (a STOW-RS part that is not application/dicom): quarantined
+        and recorded like any rejected data set."""
+        try:
+            size = received.stat().st_size
+        except OSError:
+            size = 0
+        return self._reject(received, req, Refusal(status, reason), size)
 
     def _reject(self, received: Path, req: StoreRequest, r: Refusal, size: int) -> Outcome:
         path = self.spool.quarantine(received, req.affected_sop_instance, {

@@ -10,6 +10,7 @@ of deflated zeros are gigabytes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import tempfile
@@ -36,6 +37,15 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+@functools.cache
+def storage_sop_classes() -> frozenset[str]:
+    """The SOP classes the Storage SCP accepts (what C-STORE negotiates; STOW-RS checks each part)."""
+    from pynetdicom import AllStoragePresentationContexts
+
+    return frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 
 class Refusal(Exception):

@@ -187,8 +187,22 @@ class AEEntry(_Strict):
     # After results are sent to it, ask it to commit them (Storage Commitment Push Model, node.export.commitment).
     storage_commitment: bool = False
     description: str = ""
+    # A STOW-RS destination: results are POSTed to this DICOMweb base URL + /studies (instead of host/port).
+    url: str | None = None
+    auth: Literal["none", "bearer", "basic"] = "none"
+    username: str = ""  # basic
+    secret: str = ""  # the bearer token or basic password (the audit DB keeps it; never logged)
 
     _ae = field_validator("name")(lambda cls, v: validate_ae_title(v))
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"url {v!r} must be an http:// or https:// URL")
+        return v.rstrip("/")
 
     @field_validator("port")
     @classmethod
@@ -197,10 +211,16 @@ class AEEntry(_Strict):
 
     @model_validator(mode="after")
     def _destination_needs_address(self) -> AEEntry:
-        if self.role in ("destination", "both") and self.role != "both" and (self.host is None or self.port is None):
-            raise ValueError(f"destination AE {self.name!r} needs host and port")
+        if self.role == "destination" and self.url is None and (self.host is None or self.port is None):
+            raise ValueError(f"destination AE {self.name!r} needs host and port (or a STOW-RS url)")
         if self.storage_commitment and (self.role == "source" or self.host is None or self.port is None):
             raise ValueError(f"storage_commitment of AE {self.name!r}: only for a destination with host and port")
+        if self.auth != "none" and self.url is None:
+            raise ValueError(f"auth {self.auth!r} is for STOW-RS destinations (url)")
+        if self.auth != "none" and not self.secret:
+            raise ValueError(f"auth {self.auth!r} needs a secret")
+        if self.auth == "basic" and not self.username:
+            raise ValueError("auth 'basic' needs a username")
         return self
 
 
@@ -501,6 +521,30 @@ class NodeConfig(_Strict):
         return v
 
 
+class DicomwebConfig(_Strict):
+    """STOW-RS ingest (`POST /dicomweb/studies`) on its own HTTP(S) port, one token per source."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8081
+    # A request body larger than this is refused with 413 while it streams (nothing of it is kept);
+    # each instance in it is also held to storage.max_instance_mb like a C-STORE.
+    max_request_mb: int = Field(default=2048, ge=1)
+    # More parts in one request: 413 (each part costs a file and an audit row, even an empty one).
+    max_parts: int = Field(default=1000, ge=1)
+    # A client that sends no byte of its body for this long is dropped (slow clients would hold threads).
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    # HTTPS with these PEM files (as web.tls_*); without them plain HTTP (behind a TLS proxy, or loopback).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    _port = field_validator("port")(lambda cls, v: validate_port(v))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CXRNODE_", env_nested_delimiter="__", extra="forbid")
 
@@ -516,6 +560,7 @@ class Settings(BaseSettings):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
     triage: TriageConfig = Field(default_factory=TriageConfig)
 
     @classmethod

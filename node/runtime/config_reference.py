@@ -93,7 +93,9 @@ MEANING: dict[str, str] = {
     "prepare.decode_timeout_s": "a decode taking longer fails its image",
     "[[ae]]": "AE titles seeded into the database at start (then managed with `cxrnode ae` and the console); "
               "`role` source/destination/both; `storage_commitment` asks a destination to commit what it stored "
-              "(see [Storage commitment](#storage-commitment))",
+              "(see [Storage commitment](#storage-commitment)); a STOW-RS destination has `url` (DICOMweb base, "
+              "results go to `<url>/studies`) instead of host/port, `auth` (`none`/`bearer`/`basic`), `username`, "
+              "`secret` (see [DICOMweb](#dicomweb-stow-rs))",
     "[[rules]]": "routing rules, first match wins; `match` lists accepted values (`\"\"` = absent), `action` "
                  "`analyze`/`ignore`, `destinations` are AE names or `reply-to-sender`",
     "sender.max_attempts": "deliveries of a result object before it goes to the dead letter",
@@ -138,6 +140,16 @@ MEANING: dict[str, str] = {
     "node.name": "this node's name in the audit log and its result queue (`node.<name>`); empty = the host "
                  "name. Two nodes sharing one database need different names, and a node must keep its name across "
                  "restarts (set it where the host name changes, e.g. containers)",
+    "dicomweb.enabled": "STOW-RS ingest (`POST /dicomweb/studies`) on its own port, inside `cxrnode serve`",
+    "dicomweb.host": "STOW-RS address",
+    "dicomweb.port": "STOW-RS port",
+    "dicomweb.max_request_mb": "a larger request body is refused with 413 while it streams (nothing kept); each "
+                               "instance in it is also held to `storage.max_instance_mb`",
+    "dicomweb.max_parts": "more parts in one request: 413 (audited, nothing kept)",
+    "dicomweb.idle_timeout_s": "a client silent this long mid-body: 408 and disconnected (audited, nothing kept)",
+    "dicomweb.tls_cert_file": "STOW-RS over HTTPS: certificate (`web.production` refuses plain HTTP on an address "
+                              "other than loopback)",
+    "dicomweb.tls_key_file": "its private key",
     "triage.enabled": "study-level triage",
     "triage.stable_s": "a study is decided when no image arrived for this long",
     "triage.max_age_h": "studies older than this are not triaged",

@@ -119,7 +119,32 @@ def start_problems(settings: Settings) -> list[str]:
         problems.append(problem)
     problems += _tls_problems(settings)
     problems += console_problems(settings)
+    problems += _dicomweb_problems(settings)
     return problems
+
+
+def _dicomweb_problems(settings: Settings) -> list[str]:
+    """STOW-RS takes bearer tokens and PHI: its TLS files must load, and production does not serve it in
+    clear text beyond this host (behind a TLS proxy, bind it to 127.0.0.1)."""
+    d = settings.dicomweb
+    if not d.enabled:
+        return []
+    if (d.tls_cert_file is None) != (d.tls_key_file is None):
+        return ["dicomweb.tls_cert_file and dicomweb.tls_key_file go together"]
+    if d.tls:
+        problems = [p for p in (_file_problem("dicomweb.tls_cert_file", d.tls_cert_file),
+                                _file_problem("dicomweb.tls_key_file", d.tls_key_file)) if p]
+        if not problems:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    str(d.tls_cert_file), str(d.tls_key_file))
+            except (ssl.SSLError, OSError) as e:
+                problems.append(f"dicomweb.tls: the certificate or key cannot be loaded: {e}")
+        return problems
+    if settings.web.production and d.host not in ("127.0.0.1", "::1", "localhost"):
+        return [f"web.production serves STOW-RS on {d.host} over TLS only: set dicomweb.tls_cert_file and "
+                "dicomweb.tls_key_file, or bind dicomweb.host to 127.0.0.1 behind a TLS proxy"]
+    return []
 
 
 def check_start(settings: Settings, source: str) -> None:

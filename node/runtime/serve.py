@@ -4,7 +4,7 @@ A node is two parts:
 
 - :class:`NodeServices`, what runs once per node: the hand-off dispatcher and the analysis pipeline
   (publisher, sweeper, exporter, supervised workers), resuming unfinished instances, retention, the
-  web console and the spool sweeps;
+  web console, STOW-RS ingest (its own HTTP port, through the services' ingest) and the spool sweeps;
 - :class:`Listener`, the receiving part: ingest and the Storage SCP on the DICOM port.
 
 With ``dicom.listeners = 1`` (:class:`Node`) both run in one process and the listener shares the
@@ -32,6 +32,7 @@ from node.analysis import decoding
 from node.analysis.handoff import Dispatcher, HandoffContext, leave_queued
 from node.analysis.pipeline import Pipeline
 from node.audit import AuditStore
+from node.dicomweb.stow import StowServer, start_stow
 from node.ingest.accept import Ingest
 from node.ingest.scp import StorageSCP
 from node.ingest.spool import Spool
@@ -133,6 +134,7 @@ class NodeServices:
         self.triage = TriageEngine(settings, self.store, on_alerts=self.alerter.wake, priors=self.priors) \
             if self.alerter is not None else None
         self.web: WebServer | None = None
+        self.stow: StowServer | None = None
         self._running = False
 
     def start(self) -> None:
@@ -150,6 +152,8 @@ class NodeServices:
         self.web = start_console(self.settings, self.store, enqueue_analysis=self.dispatcher.submit,
                                  kick_sender=self.pipeline.exporter.wake if self.pipeline else None,
                                  workers_probe=self._workers_probe())
+        if self.settings.dicomweb.enabled:
+            self.stow = start_stow(self.settings, self.ingest)
 
     def announce(self, port: int, listeners: int) -> None:
         self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title, "port": port,
@@ -178,6 +182,8 @@ class NodeServices:
 
     def stop(self) -> None:
         """Stop the console and retention, flush the hand-offs, stop the pipeline (call after the listeners)."""
+        if self.stow is not None:
+            self.stow.stop()
         if self.web is not None:
             self.web.stop()
         self.retention.stop()

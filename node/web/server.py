@@ -49,7 +49,7 @@ class WebServer:
         self._sock.close()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -78,7 +78,7 @@ def start_in_thread(settings: Settings, store: AuditStore, *, admin: AdminServic
     Raises AuthConfigError (production without password hash) or OSError (port taken) at once.
     """
     app = create_app(settings, store, admin=admin, workers_probe=workers_probe)
-    sock = _bind(settings.web.host, settings.web.port if port is None else port)
+    sock = bind_socket(settings.web.host, settings.web.port if port is None else port)
     server = uvicorn.Server(uvicorn_config(settings, app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cxrnode-web", daemon=True)
     thread.start()

@@ -118,3 +118,39 @@ def test_policy_follows_the_ae_table_while_the_node_runs(node_factory: Callable[
     reasons = [a.reason for a in node.store().list_associations() if a.result == "rejected"]
     assert "calling AE title 'FARAWAY' not allowed from 127.0.0.1 (expected 192.0.2.10)" in reasons
     assert node.stop() == 0
+
+
+def test_stow_destination_and_tokens_from_the_command_line(config: Path, database_url: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PACS_TOKEN", "tok-123")
+    assert cli(config, "add", "WEBPACS", "--role", "destination", "--url", "https://pacs.example/dicom-web/",
+               "--auth", "bearer", "--secret-env", "PACS_TOKEN") == 0
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("pw-456\n")
+    assert cli(config, "add", "WEBPACS2", "--role", "destination", "--url", "http://127.0.0.1:9/dw", "--auth",
+               "basic", "--username", "cxr", "--secret-file", str(secret_file)) == 0
+    assert cli(config, "add", "NOSECRET", "--role", "destination", "--url", "https://x", "--auth", "bearer") == 2
+    assert "needs a secret" in capsys.readouterr().err
+    store = AuditStore.open(database_url)
+    a, b = store.get_ae("WEBPACS"), store.get_ae("WEBPACS2")
+    assert a is not None and (a.url, a.auth, a.secret) == ("https://pacs.example/dicom-web", "bearer", "tok-123")
+    assert b is not None and (b.username, b.secret) == ("cxr", "pw-456")
+    assert cli(config, "list") == 0
+    listing = capsys.readouterr().out
+    assert "https://pacs.example/dicom-web" in listing and "tok-123" not in listing and "pw-456" not in listing
+    assert all("tok-123" not in str(e.detail) for e in store.list_events())
+
+    assert main(["stow-token", "add", "RIS1", "--description", "RIS", "--config", str(config)]) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert token.startswith("cxrstow_") and "shown once" in out.err
+    assert main(["stow-token", "list", "--config", str(config), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["source"] == "RIS1" and token not in json.dumps(row)
+    assert main(["stow-token", "revoke", str(row["id"]), "--config", str(config)]) == 0
+    assert main(["stow-token", "revoke", str(row["id"]), "--config", str(config)]) == 1
+    assert main(["stow-token", "add", "BAD\\SRC", "--config", str(config)]) == 2
+    assert store.list_stow_tokens() == []
+    assert [e.kind for e in store.list_events(kinds=["stow_token.added", "stow_token.revoked"])] == [
+        "stow_token.added", "stow_token.revoked"]

@@ -559,3 +559,33 @@ def test_console_over_tls_sets_secure_cookies(site: ConsoleSite, tmp_path: Path)
         assert "secure" in r.headers["set-cookie"].lower() and "httponly" in r.headers["set-cookie"].lower()
     finally:
         web.stop()
+
+
+def test_stow_destinations_and_tokens_from_the_console(site: ConsoleSite, client: ConsoleClient) -> None:
+    r = client.post("/ae", name="WEBPACS", role="destination", url="https://pacs.example/dicom-web", auth="basic",
+                    username="cxr", secret="pw1")
+    assert r.headers["location"] == "/ae?msg=AE+title+WEBPACS+added"
+    ae = site.store.get_ae("WEBPACS")
+    assert ae is not None and (ae.url, ae.auth, ae.username, ae.secret) == \
+        ("https://pacs.example/dicom-web", "basic", "cxr", "pw1")
+    # An edit with the secret left empty keeps it; the page and the audit log never show it.
+    client.post("/ae/WEBPACS", role="destination", url="https://pacs.example/dicom-web", auth="basic",
+                username="cxr2", secret="")
+    ae = site.store.get_ae("WEBPACS")
+    assert ae is not None and (ae.username, ae.secret) == ("cxr2", "pw1")
+    page = client.get("/ae").text
+    assert "STOW-RS https://pacs.example/dicom-web" in page and "pw1" not in page
+    assert all("pw1" not in str(e.detail) for e in site.store.list_events(kinds=["ae.added", "ae.updated"]))
+    r = client.post("/ae", name="HALFWEB", role="destination", url="https://x", auth="basic", secret="p")
+    assert r.headers["location"].startswith("/ae?err=") and "username" in r.headers["location"]
+
+    page = client.post("/stow-tokens", source="RIS1", description="the RIS").text
+    token = re.search(r'id="new-token">.*<code>(cxrstow_[^<]+)</code>', page)
+    assert token is not None
+    (row,) = [t for t in site.store.list_stow_tokens() if t.source == "RIS1"]
+    assert token.group(1) not in str(row.token_sha256) and row.description == "the RIS"
+    assert token.group(1) not in client.get("/ae").text  # shown once
+    assert site.store.list_events(kinds=["stow_token.added"])[-1].actor == ACTOR
+    assert "revoked" in client.post(f"/stow-tokens/{row.id}/revoke").headers["location"]
+    assert all(t.source != "RIS1" for t in site.store.list_stow_tokens())
+    assert client.post("/stow-tokens", source="BAD\\SRC").headers["location"].startswith("/ae?err=")

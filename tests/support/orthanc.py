@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 from tests.support.net import free_port, wait_for
 
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian orthanc-dicomweb
 
 
 def orthanc_binary() -> str:
@@ -28,10 +30,13 @@ class Orthanc:
 
     `modalities` maps a name to (AE title, host, port) for Orthanc's own C-STORE/C-ECHO targets.
     Orthanc checks the called AE title, so a wrong one is rejected like a strict PACS would.
+    `dicomweb=True` loads the DICOMweb plugin (`dicomweb_url`); `users` ({name: password}) turns on
+    HTTP basic authentication for the REST API and DICOMweb alike (the helpers here log in as the first).
     """
 
     def __init__(self, folder: Path, ae_title: str = "ORTHANC",
-                 modalities: dict[str, tuple[str, str, int]] | None = None) -> None:
+                 modalities: dict[str, tuple[str, str, int]] | None = None, *, dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.dicom_port = free_port()
@@ -39,12 +44,18 @@ class Orthanc:
         while self.http_port == self.dicom_port:
             self.http_port = free_port()
         self.modalities = modalities or {}
+        self.dicomweb = dicomweb
+        self.users = users or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = folder / "orthanc.log"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def config(self) -> dict[str, Any]:
         return {
@@ -55,13 +66,16 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,  # loopback only
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
             "DicomCheckModalityHost": False,
             "DicomModalities": {name: list(entry) for name, entry in self.modalities.items()},
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/", "EnableWado": True,
+                         "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
             "SaveJobs": False,
             "StableAge": 1,
             "HttpTimeout": 30,
@@ -102,7 +116,11 @@ class Orthanc:
 
     # --- REST -----------------------------------------------------------------------------------
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=30) as rsp:
+        request = urllib.request.Request(self.url + path)
+        if self.users:
+            name, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode())
+        with urllib.request.urlopen(request, timeout=30) as rsp:
             return bytes(rsp.read())
 
     def get_json(self, path: str) -> Any:

@@ -59,3 +59,18 @@ def test_quick_triage_measures_every_study(tmp_path: Path) -> None:
     assert triage["last_image_to_hl7_ack_s"]["p50"] > 0
     assert triage["reference_received_to_results_acknowledged_s"]["p50"] > 0
     assert triage["node_log_tracebacks"] == {}
+
+
+@pytest.mark.timeout(300)
+def test_quick_stow_compares_both_front_doors(tmp_path: Path) -> None:
+    out = tmp_path / "bench-results"
+    status = main(["--only", "stow", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert status == 0, (out / "stow.json").read_text()
+    stow = json.loads((out / "stow.json").read_text())
+    assert {(r["server"], r["associations"]) for r in stow["runs"]} == {
+        ("c-store", 1), ("c-store", 4), ("stow-rs", 1), ("stow-rs", 4)}
+    for run in stow["runs"]:
+        assert run["stored"] == run["files"] == 8 and run["mb_per_s"] > 0
+    assert stow["ratio_stow_to_cstore"]["1_stream"]["best"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "ratio_stow_to_cstore" in summary["benchmarks"]["stow"]

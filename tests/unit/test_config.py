@@ -268,3 +268,23 @@ def test_the_node_warns_about_the_workers_old_broker_variable(monkeypatch: pytes
     with caplog.at_level("WARNING", logger="node.runtime.config"):
         assert load_settings().broker.url == ""
     assert "CXRNODE_BROKER_URL is set but the node reads CXRNODE_BROKER__URL" in caplog.text
+
+
+def test_stow_rs_tls_settings_are_checked_before_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.web.auth import hash_password
+
+    key, cert = self_signed(tmp_path, "stow")
+    web = (f'[web]\nproduction = true\nbehind_tls_proxy = true\n'
+           f'password_hash = "{hash_password("secret-password", iterations=1000)}"\n')
+    base = f'[storage]\ndata_dir = "{tmp_path / "var"}"\n{web}[dicomweb]\nenabled = true\n'
+    assert main(["config", "check", str(write(tmp_path, base + 'host = "0.0.0.0"\n'))]) == 1
+    assert "serves STOW-RS on 0.0.0.0 over TLS only" in capsys.readouterr().err
+    assert main(["config", "check", str(write(tmp_path, base + 'host = "127.0.0.1"\n'))]) == 0
+    capsys.readouterr()
+    tls = f'host = "0.0.0.0"\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+    assert main(["config", "check", str(write(tmp_path, base + tls))]) == 0
+    capsys.readouterr()
+    assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\n'))]) == 1
+    assert "dicomweb.tls_cert_file and dicomweb.tls_key_file go together" in capsys.readouterr().err
+    assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{key}"\ntls_key_file = "{key}"\n'))]) == 1
+    assert "dicomweb.tls: the certificate or key cannot be loaded" in capsys.readouterr().err

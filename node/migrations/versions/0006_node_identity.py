@@ -1,7 +1,7 @@
 """node identity: which node received, analysed and sends each row (two nodes, one database)
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-03 04:00:00
 
 Two `cxrnode serve` nodes may share one audit database (behind a TCP load balancer), each with its own
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0006'
-down_revision = '0003'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
