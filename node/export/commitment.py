@@ -38,8 +38,8 @@ from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
 
 from node.audit import AuditStore, Instance
+from node.audit.export_store import RetryAt
 from node.audit.models import utcnow
-from node.audit.store import RetryAt
 from node.export.sender import (
     Destination,
     SendError,
