@@ -57,14 +57,20 @@ def _stow(args: argparse.Namespace) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "ingest": _ingest, "pipeline": _pipeline, "worker": _worker, "triage": _triage, "stow": _stow}
+    "ingest": _ingest,
+    "pipeline": _pipeline,
+    "worker": _worker,
+    "triage": _triage,
+    "stow": _stow,
+}
 
 
 def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of each benchmark that go into summary.json."""
     if name == "ingest":
-        out = {k: data.get(k) for k in ("best_ratio", "goal_met", "ratio_node_to_dcmtk",
-                                        "node_peak_rss_mb_4_associations")}
+        out = {
+            k: data.get(k) for k in ("best_ratio", "goal_met", "ratio_node_to_dcmtk", "node_peak_rss_mb_4_associations")
+        }
     elif name == "pipeline":
         out = {"weights": data.get("weights"), "worker_threads": data.get("worker_threads")}
         for phase in ("paced", "burst"):
@@ -73,13 +79,25 @@ def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
     elif name == "stow":
         out = {k: data.get(k) for k in ("files", "file_bytes", "summary", "ratio_stow_to_cstore")}
     elif name == "triage":
-        out = {k: data.get(k) for k in ("weights", "stable_s", "acked", "last_image_to_hl7_ack_s",
-                                        "reference_received_to_results_acknowledged_s", "ratio_ack_to_reference_p50")}
+        out = {
+            k: data.get(k)
+            for k in (
+                "weights",
+                "stable_s",
+                "acked",
+                "last_image_to_hl7_ack_s",
+                "reference_received_to_results_acknowledged_s",
+                "ratio_ack_to_reference_p50",
+            )
+        }
     else:
         out = {k: data.get(k) for k in ("weights", "per_model_ms", "cpu_images_per_s", "gpu")}
     cond = data.get("conditions_before") or {}
-    out["conditions"] = {"loadavg": cond.get("loadavg"), "training_running": cond.get("training_running"),
-                         "time_utc": cond.get("time_utc")}
+    out["conditions"] = {
+        "loadavg": cond.get("loadavg"),
+        "training_running": cond.get("training_running"),
+        "time_utc": cond.get("time_utc"),
+    }
     dominant = data.get("dominant")
     out["dominant"] = dominant.get("measured") or dominant.get("text") if isinstance(dominant, dict) else dominant
     return out
@@ -97,22 +115,36 @@ def previous_summary(out: Path, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON results")
     parser.add_argument("--only", action="append", choices=NAMES, help="run only this benchmark (repeatable)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, checks the machinery only")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help=f"where generated data is kept between runs (default {DEFAULT_CACHE})")
-    parser.add_argument("--weights", choices=("auto", "shipped", "random", "tiny"), default="auto",
-                        help="model weights for pipeline/worker: shipped (workers/weights), random "
-                             "(full-size architectures, untrained: same speed), tiny; auto = shipped if present")
-    parser.add_argument("--worker-threads", type=int, default=None,
-                        help="pipeline: intra-op threads of the embedded inference worker (CXRNODE_WORKER_THREADS)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"where generated data is kept between runs (default {DEFAULT_CACHE})",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "shipped", "random", "tiny"),
+        default="auto",
+        help="model weights for pipeline/worker: shipped (workers/weights), random "
+        "(full-size architectures, untrained: same speed), tiny; auto = shipped if present",
+    )
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=None,
+        help="pipeline: intra-op threads of the embedded inference worker (CXRNODE_WORKER_THREADS)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     selected = args.only or list(NAMES)
     summary = previous_summary(args.out, args.quick)
     status = 0
@@ -129,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["runtime_s"] = round(time.monotonic() - t0, 1)
         path = write_json(args.out, name, data)
         log.info("wrote %s (%.0f s)", path, data["runtime_s"])
-        summary["benchmarks"][name] = ({"error": data["error"]} if "error" in data else headline(name, data)) | \
-            {"runtime_s": data["runtime_s"]}
+        summary["benchmarks"][name] = ({"error": data["error"]} if "error" in data else headline(name, data)) | {
+            "runtime_s": data["runtime_s"]
+        }
     write_json(args.out, "summary", summary)
     return status
 

@@ -73,6 +73,7 @@ def training_running() -> list[str]:
 
 def cpu_busy_processes(sample_s: float = 1.0, min_share: float = 0.2) -> list[dict[str, Any]]:
     """Processes using at least `min_share` of one core over a short sample (what competes for the CPU)."""
+
     def ticks() -> dict[int, tuple[int, str]]:
         out = {}
         for proc in Path("/proc").iterdir():

@@ -75,9 +75,15 @@ def send(port: int, files: Sequence[Path], associations: int, aec: str = NODE_AE
     """Send `files` split over `associations` concurrent `storescu` processes; wall seconds until all end."""
     chunks = [list(files[i::associations]) for i in range(associations)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aet", SENDER_AE, "-aec", aec, LOOPBACK, str(port), *map(str, chunk)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=nodelay_env())
-             for chunk in chunks]
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", SENDER_AE, "-aec", aec, LOOPBACK, str(port), *map(str, chunk)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=nodelay_env(),
+        )
+        for chunk in chunks
+    ]
     failed = []
     for p in procs:
         try:
@@ -131,8 +137,9 @@ class DcmtkServer(Server):
     def start(self) -> None:
         self.out.mkdir(parents=True)
         cmd = ["storescp", "-aet", NODE_AE, "-od", str(self.out), *(["--fork"] if self.fork else []), str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=nodelay_env(),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=nodelay_env(), start_new_session=True
+        )
         wait_for(lambda: port_open(self.port), 15, "storescp to listen")
 
     def stored(self) -> int:
@@ -145,8 +152,9 @@ class DcmtkServer(Server):
 
 
 class NodeServer(Server):
-    def __init__(self, root: Path, listeners: int, command: list[str] | None = None, label: str = "",
-                 extra_toml: str = "") -> None:
+    def __init__(
+        self, root: Path, listeners: int, command: list[str] | None = None, label: str = "", extra_toml: str = ""
+    ) -> None:
         super().__init__(root)
         self.extra_toml = extra_toml  # more sections (e.g. [dicomweb] for the STOW-RS benchmark)
         self.listeners = listeners
@@ -160,15 +168,20 @@ class NodeServer(Server):
         self.root.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
             f'[dicom]\nae_title = "{NODE_AE}"\nhost = "{LOOPBACK}"\nport = {self.port}\n'
-            f'listeners = {self.listeners}\nmax_associations = 16\nshutdown_grace_s = 20\n'
+            f"listeners = {self.listeners}\nmax_associations = 16\nshutdown_grace_s = 20\n"
             f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = 1\n'
-            '[broker]\nenabled = false\n'
-            '[web]\nenabled = false\n'
-            f'[[ae]]\nname = "{SENDER_AE}"\nhost = "{LOOPBACK}"\nrole = "source"\n' + self.extra_toml)
+            "[broker]\nenabled = false\n"
+            "[web]\nenabled = false\n"
+            f'[[ae]]\nname = "{SENDER_AE}"\nhost = "{LOOPBACK}"\nrole = "source"\n' + self.extra_toml
+        )
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([*self.command, "--config", str(self.config)],
-                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                [*self.command, "--config", str(self.config)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -232,15 +245,29 @@ def run_scenario(server: Server, files: Sequence[Path], associations: int, sampl
         else:
             seconds, peak, pss, procs = send(server.port, files, associations), None, None, None
         wait_for(lambda: server.stored() >= len(files), 20, f"{server.name} to hold every file")
-        result = Transfer(server.name, associations, len(files), total, seconds, server.stored(),
-                          peak_rss_mb=peak, peak_pss_mb=pss, peak_rss_processes=procs)
+        result = Transfer(
+            server.name,
+            associations,
+            len(files),
+            total,
+            seconds,
+            server.stored(),
+            peak_rss_mb=peak,
+            peak_pss_mb=pss,
+            peak_rss_processes=procs,
+        )
         if isinstance(server, NodeServer):
             rows = server.rows()
             log.info("node audit rows: %s", rows)
             if sum(rows.values()) != len(files):
                 raise RuntimeError(f"node recorded {rows}, expected {len(files)} rows")
-        log.info("%s, %d association(s): %.1f files/s, %.0f MB/s", server.name, associations, result.files_per_s,
-                 result.mb_per_s)
+        log.info(
+            "%s, %d association(s): %.1f files/s, %.0f MB/s",
+            server.name,
+            associations,
+            result.files_per_s,
+            result.mb_per_s,
+        )
         return result
     finally:
         server.stop()
@@ -266,8 +293,16 @@ def profile_node(work: Path, files: Sequence[Path]) -> dict[str, Any]:
         server.stop()
 
 
-def run(out_dir: Path, cache: Path, *, n_files: int = 200, side: int = 2048, repeats: int = 2,
-        listener_counts: Sequence[int] = (1, 2, 4), profile: bool = True) -> dict[str, Any]:
+def run(
+    out_dir: Path,
+    cache: Path,
+    *,
+    n_files: int = 200,
+    side: int = 2048,
+    repeats: int = 2,
+    listener_counts: Sequence[int] = (1, 2, 4),
+    profile: bool = True,
+) -> dict[str, Any]:
     files = chest_crs(cache, n_files, side=side)
     before = conditions()
     work = Path(tempfile.mkdtemp(prefix="cxrnode-bench-ingest-"))
@@ -279,11 +314,23 @@ def run(out_dir: Path, cache: Path, *, n_files: int = 200, side: int = 2048, rep
         # Repeats interleave the servers, so a burst of background load hits both alike.
         for rep in range(repeats):
             for associations in (1, 4):
-                results.append(run_scenario(DcmtkServer(work / f"dcmtk{associations}-{rep}", fork=associations > 1),
-                                            files, associations, sample_rss=associations > 1))
+                results.append(
+                    run_scenario(
+                        DcmtkServer(work / f"dcmtk{associations}-{rep}", fork=associations > 1),
+                        files,
+                        associations,
+                        sample_rss=associations > 1,
+                    )
+                )
                 for n in counts:
-                    results.append(run_scenario(NodeServer(work / f"node{n}-{associations}-{rep}", n), files,
-                                                associations, sample_rss=associations > 1))
+                    results.append(
+                        run_scenario(
+                            NodeServer(work / f"node{n}-{associations}-{rep}", n),
+                            files,
+                            associations,
+                            sample_rss=associations > 1,
+                        )
+                    )
         if profile:
             profiled = profile_node(work, files)
     finally:
@@ -295,8 +342,14 @@ def _key(associations: int) -> str:
     return "1_association" if associations == 1 else f"{associations}_associations"
 
 
-def summarise(results: list[Transfer], files: Sequence[Path], before: dict[str, Any], after: dict[str, Any],
-              pool: bool, profiled: dict[str, Any]) -> dict[str, Any]:
+def summarise(
+    results: list[Transfer],
+    files: Sequence[Path],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    pool: bool,
+    profiled: dict[str, Any],
+) -> dict[str, Any]:
     """Best and median of the repeats per (server, associations); ratios node/DCMTK on both."""
     groups: dict[tuple[str, int], list[Transfer]] = {}
     for r in results:
@@ -307,9 +360,12 @@ def summarise(results: list[Transfer], files: Sequence[Path], before: dict[str, 
         rss = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
         pss = [r.peak_pss_mb for r in runs if r.peak_pss_mb is not None]
         table.setdefault(server, {})[_key(associations)] = {
-            "best_mb_per_s": speeds[-1], "median_mb_per_s": round(float(statistics.median(speeds)), 1),
-            "best_files_per_s": max(r.files_per_s for r in runs), "runs": len(runs),
-            **({"peak_rss_mb": max(rss), "peak_pss_mb": max(pss)} if rss and pss else {})}
+            "best_mb_per_s": speeds[-1],
+            "median_mb_per_s": round(float(statistics.median(speeds)), 1),
+            "best_files_per_s": max(r.files_per_s for r in runs),
+            "runs": len(runs),
+            **({"peak_rss_mb": max(rss), "peak_pss_mb": max(pss)} if rss and pss else {}),
+        }
     ratios: dict[str, dict[str, dict[str, float]]] = {}
     for server, by_assoc in table.items():
         if not server.startswith("cxrnode"):
@@ -318,11 +374,17 @@ def summarise(results: list[Transfer], files: Sequence[Path], before: dict[str, 
             ref = next(v[key] for s, v in table.items() if s.startswith("dcmtk") and key in v)
             ratios.setdefault(server, {})[key] = {
                 "best": round(row["best_mb_per_s"] / ref["best_mb_per_s"], 3),
-                "median": round(row["median_mb_per_s"] / ref["median_mb_per_s"], 3)}
-    best = {key: max((v[key]["best"] for v in ratios.values() if key in v), default=0.0)
-            for key in ("1_association", "4_associations")}
-    node_rss = {s: {"rss_sum": v["4_associations"].get("peak_rss_mb"), "pss_sum": v["4_associations"].get("peak_pss_mb")}
-                for s, v in table.items() if s.startswith("cxrnode") and "4_associations" in v}
+                "median": round(row["median_mb_per_s"] / ref["median_mb_per_s"], 3),
+            }
+    best = {
+        key: max((v[key]["best"] for v in ratios.values() if key in v), default=0.0)
+        for key in ("1_association", "4_associations")
+    }
+    node_rss = {
+        s: {"rss_sum": v["4_associations"].get("peak_rss_mb"), "pss_sum": v["4_associations"].get("peak_pss_mb")}
+        for s, v in table.items()
+        if s.startswith("cxrnode") and "4_associations" in v
+    }
     return {
         "benchmark": "ingest",
         "files": len(files),
@@ -337,11 +399,13 @@ def summarise(results: list[Transfer], files: Sequence[Path], before: dict[str, 
         "listener_pool": "node.runtime.listeners" if pool else "not available",
         "profile_node_1_association": profiled,
         "dominant": {**DOMINANT, "measured": measured_dominant(profiled)},
-        "fairness": ("both servers run in the same run under the same conditions, interleaved, best and median "
-                     "of the repeats (see conditions_before/after: load average, background training); storescp "
-                     "with TCP_NODELAY=1 and default options (no fsync, max PDU 16 kB); the node fsyncs every file "
-                     "and commits its audit rows before answering (persist before ack); senders are storescu "
-                     "(TCP_NODELAY=1) for both; every server started fresh per scenario, start-up not timed"),
+        "fairness": (
+            "both servers run in the same run under the same conditions, interleaved, best and median "
+            "of the repeats (see conditions_before/after: load average, background training); storescp "
+            "with TCP_NODELAY=1 and default options (no fsync, max PDU 16 kB); the node fsyncs every file "
+            "and commits its audit rows before answering (persist before ack); senders are storescu "
+            "(TCP_NODELAY=1) for both; every server started fresh per scenario, start-up not timed"
+        ),
         "runs": [asdict(r) for r in results],
         "conditions_before": before,
         "conditions_after": after,
@@ -359,10 +423,12 @@ def measured_dominant(profiled: dict[str, Any]) -> str:
         return sum(v for k, v in share.items() if k.startswith(prefix))
 
     commits = part("ingest: audit: record") + part("ingest: audit: set state")
-    return (f"{ms:.0f} ms per file on one association: node ingest {profiled['ingest_share']:.0%} "
-            f"(SQLite commits {commits:.0%}, spool fsync+rename {part('ingest: spool'):.0%}, header read, "
-            f"duplicate check and the rest {profiled['ingest_share'] - commits - part('ingest: spool'):.0%}); "
-            f"receiving {part('receive'):.0%} (pynetdicom's reactor waiting for and decoding PDUs)")
+    return (
+        f"{ms:.0f} ms per file on one association: node ingest {profiled['ingest_share']:.0%} "
+        f"(SQLite commits {commits:.0%}, spool fsync+rename {part('ingest: spool'):.0%}, header read, "
+        f"duplicate check and the rest {profiled['ingest_share'] - commits - part('ingest: spool'):.0%}); "
+        f"receiving {part('receive'):.0%} (pynetdicom's reactor waiting for and decoding PDUs)"
+    )
 
 
 DOMINANT = {
@@ -371,13 +437,16 @@ DOMINANT = {
         "decoding in Python plus its polling reactor threads) and the node's persist-before-ack (fsync of the "
         "8 MB file and its directories, then one SQLite commit with synchronous=FULL holding the instance "
         "row in its routed state). See profile_node_1_association for this run's split. DCMTK does not "
-        "fsync at all. More listener processes cannot help one association."),
+        "fsync at all. More listener processes cannot help one association."
+    ),
     "four_associations": (
         "one interpreter is CPU-bound (GIL) on PDU decoding; node.runtime.listeners runs N processes on one "
-        "SO_REUSEPORT port so the associations spread over cores (2 cores here, shared with background jobs)."),
+        "SO_REUSEPORT port so the associations spread over cores (2 cores here, shared with background jobs)."
+    ),
     "what_was_done": (
         "node/runtime/listeners.py: N pre-forked listener processes on SO_REUSEPORT sockets, same ingest/SCP code; "
         "the data set is already written as received (STORE_RECV_CHUNKED_DATASET) and only the header is "
         "parsed (pixels deferred); the instance and its routing decision are recorded in ONE transaction "
-        "(one synchronous commit per file instead of two)."),
+        "(one synchronous commit per file instead of two)."
+    ),
 }

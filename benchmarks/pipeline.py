@@ -46,8 +46,9 @@ FINAL = {"exported", "dead", "failed", "skipped"}
 class EmbeddedNode:
     """`cxrnode serve` with the analysis pipeline, results to a DCMTK storescp."""
 
-    def __init__(self, root: Path, weights_dir: Path, onnx_cache: Path, worker_threads: int | None = None,
-                 extra_toml: str = "") -> None:
+    def __init__(
+        self, root: Path, weights_dir: Path, onnx_cache: Path, worker_threads: int | None = None, extra_toml: str = ""
+    ) -> None:
         self.root = root
         self.extra_toml = extra_toml  # more sections (e.g. [triage]) for other benchmarks
         self.data_dir = root / "var"
@@ -64,27 +65,40 @@ class EmbeddedNode:
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.dest_dir.mkdir()
-        self.dest = subprocess.Popen(["storescp", "-aet", DEST_AE, "-od", str(self.dest_dir), str(self.dest_port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, "TCP_NODELAY": "1"})
+        self.dest = subprocess.Popen(
+            ["storescp", "-aet", DEST_AE, "-od", str(self.dest_dir), str(self.dest_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
         wait_for(lambda: port_open(self.dest_port), 15, "storescp destination")
         self.config.write_text(
             f'[dicom]\nae_title = "{NODE_AE}"\nhost = "{LOOPBACK}"\nport = {self.port}\nshutdown_grace_s = 10\n'
             f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = 1\n'
-            '[broker]\nenabled = true\nembedded_worker = true\nworker_concurrency = 1\n'
-            '[web]\nenabled = false\n'
-            '[sender]\nbackoff_initial_s = 1.0\nmax_attempts = 3\n'
+            "[broker]\nenabled = true\nembedded_worker = true\nworker_concurrency = 1\n"
+            "[web]\nenabled = false\n"
+            "[sender]\nbackoff_initial_s = 1.0\nmax_attempts = 3\n"
             f'[[ae]]\nname = "{SENDER_AE}"\nhost = "{LOOPBACK}"\nrole = "source"\n'
             f'[[ae]]\nname = "{DEST_AE}"\nhost = "{LOOPBACK}"\nport = {self.dest_port}\nrole = "destination"\n'
             '[[rules]]\nname = "bench-chest"\naction = "analyze"\n'
-            f'destinations = ["{DEST_AE}"]\n[rules.match]\nmodality = ["CR", "DX"]\n' + self.extra_toml)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CXRNODE_WEIGHTS_DIR": str(self.weights_dir),
-               "CXRNODE_CACHE": str(self.onnx_cache)}
+            f'destinations = ["{DEST_AE}"]\n[rules.match]\nmodality = ["CR", "DX"]\n' + self.extra_toml
+        )
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "CXRNODE_WEIGHTS_DIR": str(self.weights_dir),
+            "CXRNODE_CACHE": str(self.onnx_cache),
+        }
         if self.worker_threads:  # the supervised inference worker inherits the node's environment
             env["CXRNODE_WORKER_THREADS"] = str(self.worker_threads)
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([*cxrnode_command(), "serve", "--config", str(self.config)], stdout=logf,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*cxrnode_command(), "serve", "--config", str(self.config)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -112,7 +126,7 @@ class EmbeddedNode:
             lines = path.read_text(errors="replace").splitlines() if path.exists() else []
             for i, line in enumerate(lines):
                 if line.startswith("Traceback"):
-                    last = next((x for x in lines[i + 1:] if x and not x.startswith((" ", "\t"))), "?")
+                    last = next((x for x in lines[i + 1 :] if x and not x.startswith((" ", "\t"))), "?")
                     key = f"{path.name}: {last[:200]}"
                     errors[key] = errors.get(key, 0) + 1
         return errors
@@ -137,8 +151,12 @@ class EmbeddedNode:
 
 
 def storescu(port: int, files: Sequence[Path]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["storescu", "-aet", SENDER_AE, "-aec", NODE_AE, LOOPBACK, str(port), *map(str, files)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
+    return subprocess.Popen(
+        ["storescu", "-aet", SENDER_AE, "-aec", NODE_AE, LOOPBACK, str(port), *map(str, files)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
 
 
 def send_paced(port: int, files: Sequence[Path], interval_s: float) -> None:
@@ -166,8 +184,9 @@ def _seconds(a: datetime | None, b: datetime | None) -> float | None:
     return None if a is None or b is None else (b - a).total_seconds()
 
 
-def phase(node: EmbeddedNode, name: str, files: Sequence[Path], paced_interval_s: float | None,
-          timeout_s: float) -> dict[str, Any]:
+def phase(
+    node: EmbeddedNode, name: str, files: Sequence[Path], paced_interval_s: float | None, timeout_s: float
+) -> dict[str, Any]:
     uids = {_uid(f) for f in files}
     assert node.proc is not None
     t0 = time.monotonic()
@@ -209,13 +228,17 @@ def phase(node: EmbeddedNode, name: str, files: Sequence[Path], paced_interval_s
         "sent_in_s": round(sent_s, 1),
         "states": states,
         "complete": len(done) == len(files),
-        "latency_s": {"p50": _r(percentile(latency, 50)), "p95": _r(percentile(latency, 95)),
-                      "max": _r(max(latency, default=None))},
+        "latency_s": {
+            "p50": _r(percentile(latency, 50)),
+            "p95": _r(percentile(latency, 95)),
+            "max": _r(max(latency, default=None)),
+        },
         "stage_median_s": {k: _r(percentile([x for x in v if x is not None], 50)) for k, v in stages.items()},
         "images_per_minute": round(len(done) / span * 60, 2) if span else None,
         "first_received_to_last_exported_s": _r(span),
-        "worker_ms_per_model": {k: {"p50": _r(percentile(v, 50)), "p95": _r(percentile(v, 95))}
-                                for k, v in timings.items()},
+        "worker_ms_per_model": {
+            k: {"p50": _r(percentile(v, 50)), "p95": _r(percentile(v, 95))} for k, v in timings.items()
+        },
         "peak_rss_mb_node_and_workers": round(rss.peak / 1e6, 1),
     }
 
@@ -224,8 +247,16 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
-def run(out_dir: Path, cache: Path, *, n_images: int = 50, weights: str = "auto", paced_interval_s: float = 1.0,
-        phase_timeout_s: float = 240.0, worker_threads: int | None = None) -> dict[str, Any]:
+def run(
+    out_dir: Path,
+    cache: Path,
+    *,
+    n_images: int = 50,
+    weights: str = "auto",
+    paced_interval_s: float = 1.0,
+    phase_timeout_s: float = 240.0,
+    worker_threads: int | None = None,
+) -> dict[str, Any]:
     label, weights_dir = resolve(weights, cache)
     before = conditions()
     work = Path(tempfile.mkdtemp(prefix="cxrnode-bench-pipeline-"))
@@ -286,11 +317,13 @@ def dominant(paced: dict[str, Any], burst: dict[str, Any], profiled: dict[str, A
         "worker_total_ms_p50": burst["worker_ms_per_model"].get("total", {}).get("p50"),
         "worker_ms_per_model_p50": worker,
         "cpu_share_by_process": {k: v["share"] for k, v in profiled.get("cpu_share", {}).items()},
-        "text": ("A burst queues in the broker (published_to_analyzed grows with the queue position), so its "
-                 "latency is queue position x per-image service time of the whole chain. On 2 shared cores the "
-                 "chain is CPU-bound across three processes: the inference worker (networks, Celery/kombu "
-                 "polling), the node worker (node.finish: SEG and SR with highdicom, masks back to the source "
-                 "grid, the source prepared a second time) and serve (publisher prepare, exporter). See "
-                 "profile_burst_cpu for this run's split; paced at 1/s the latency stays near one service "
-                 "time while the chain keeps up."),
+        "text": (
+            "A burst queues in the broker (published_to_analyzed grows with the queue position), so its "
+            "latency is queue position x per-image service time of the whole chain. On 2 shared cores the "
+            "chain is CPU-bound across three processes: the inference worker (networks, Celery/kombu "
+            "polling), the node worker (node.finish: SEG and SR with highdicom, masks back to the source "
+            "grid, the source prepared a second time) and serve (publisher prepare, exporter). See "
+            "profile_burst_cpu for this run's split; paced at 1/s the latency stays near one service "
+            "time while the chain keeps up."
+        ),
     }

@@ -48,9 +48,26 @@ def sample(pid: int, out: Path, work: Callable[[], Any], rate: int = 200, idle: 
     exe = py_spy()
     if exe is None:
         raise FileNotFoundError("py-spy is not installed")
-    spy = subprocess.Popen([exe, "record", "--pid", str(pid), "--subprocesses", *(["--idle"] if idle else []),
-                            "-f", "raw", "-r", str(rate), "-d", "300", "-o", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            *(["--idle"] if idle else []),
+            "-f",
+            "raw",
+            "-r",
+            str(rate),
+            "-d",
+            "300",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1.0)  # py-spy attaches
         result = work()
@@ -107,11 +124,16 @@ def summarise(raw: Path) -> dict[str, Any]:
 
 
 #: Processes of the embedded node, recognised by their command line.
-PIPELINE_PROCESSES = (("workers.tasks", "inference worker"), ("node.analysis.tasks", "node worker (node.finish: SEG/SR)"),
-                      ("serve", "cxrnode serve (SCP, publisher, sweeper, exporter)"))
+PIPELINE_PROCESSES = (
+    ("workers.tasks", "inference worker"),
+    ("node.analysis.tasks", "node worker (node.finish: SEG/SR)"),
+    ("serve", "cxrnode serve (SCP, publisher, sweeper, exporter)"),
+)
 #: Frames from these modules name a sample (the deepest one wins); others fall back to the leaf frame.
-OWN_MODULES = re.compile(r"\((prepare|finish|seg|sr|exporter|sender|analysis|inference|runner|severity|api|"
-                         r"store|ingest|spool)\.py\)")
+OWN_MODULES = re.compile(
+    r"\((prepare|finish|seg|sr|exporter|sender|analysis|inference|runner|severity|api|"
+    r"store|ingest|spool)\.py\)"
+)
 
 
 def summarise_processes(raw: Path, top: int = 6) -> dict[str, Any]:
@@ -135,7 +157,13 @@ def summarise_processes(raw: Path, top: int = 6) -> dict[str, Any]:
         frames.setdefault(name, Counter())[key] += n
     if not total:
         return {"samples": 0}
-    return {"samples": total, "cpu_share": {
-        name: {"share": round(n / total, 3),
-               "top": {k: round(v / total, 3) for k, v in frames[name].most_common(top)}}
-        for name, n in per_proc.most_common()}}
+    return {
+        "samples": total,
+        "cpu_share": {
+            name: {
+                "share": round(n / total, 3),
+                "top": {k: round(v / total, 3) for k, v in frames[name].most_common(top)},
+            }
+            for name, n in per_proc.most_common()
+        },
+    }

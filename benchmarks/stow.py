@@ -34,15 +34,21 @@ SOURCE = "BENCHSTOW"
 class StowNode(NodeServer):
     def __init__(self, root: Path) -> None:
         self.http_port = free_port()
-        super().__init__(root, 1, extra_toml=f"[dicomweb]\nenabled = true\nhost = \"{LOOPBACK}\"\n"
-                                              f"port = {self.http_port}\n")
+        super().__init__(
+            root, 1, extra_toml=f'[dicomweb]\nenabled = true\nhost = "{LOOPBACK}"\nport = {self.http_port}\n'
+        )
         self.name = "cxrnode serve"
         self.token = ""
 
     def start(self) -> None:
         super().start()
-        out = subprocess.run([*cxrnode_command(), "stow-token", "add", SOURCE, "--config", str(self.config)],
-                             capture_output=True, text=True, timeout=60, check=True)
+        out = subprocess.run(
+            [*cxrnode_command(), "stow-token", "add", SOURCE, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         self.token = out.stdout.strip()
 
 
@@ -55,7 +61,7 @@ def send_stow_batches(node: StowNode, files: Sequence[Path], clients: int, batch
 
     def one(share: list[Path]) -> None:
         for i in range(0, len(share), batch):
-            statuses = send_stow(share[i:i + batch], dest, timeout_s=300)
+            statuses = send_stow(share[i : i + batch], dest, timeout_s=300)
             if not all(s.ok for s in statuses):
                 raise RuntimeError(f"STOW-RS failed: {[s.error for s in statuses if not s.ok][:3]}")
 
@@ -70,8 +76,9 @@ def scenario(root: Path, files: Sequence[Path], protocol: str, streams: int, bat
     node.start()
     try:
         total = sum(p.stat().st_size for p in files)
-        seconds = (send(node.port, files, streams) if protocol == "c-store"
-                   else send_stow_batches(node, files, streams, batch))
+        seconds = (
+            send(node.port, files, streams) if protocol == "c-store" else send_stow_batches(node, files, streams, batch)
+        )
         wait_for(lambda: node.stored() >= len(files), 20, "the node to hold every file")
         rows = node.rows()
         if sum(rows.values()) != len(files):
@@ -83,8 +90,9 @@ def scenario(root: Path, files: Sequence[Path], protocol: str, streams: int, bat
         node.stop()
 
 
-def run(out_dir: Path, cache: Path, *, n_files: int = 100, side: int = 2048, repeats: int = 2,
-        batch: int = 10) -> dict[str, Any]:
+def run(
+    out_dir: Path, cache: Path, *, n_files: int = 100, side: int = 2048, repeats: int = 2, batch: int = 10
+) -> dict[str, Any]:
     files = chest_crs(cache, n_files, side=side)
     before = conditions()
     work = Path(tempfile.mkdtemp(prefix="cxrnode-bench-stow-"))
@@ -100,12 +108,20 @@ def run(out_dir: Path, cache: Path, *, n_files: int = 100, side: int = 2048, rep
     for r in results:
         key = "1_stream" if r.associations == 1 else f"{r.associations}_streams"
         table.setdefault(r.server, {}).setdefault(key, []).append(r.mb_per_s)
-    summary = {proto: {k: {"best_mb_per_s": max(v), "median_mb_per_s": round(float(statistics.median(v)), 1),
-                           "runs": len(v)} for k, v in by.items()} for proto, by in table.items()}
-    ratio = {k: {"best": round(summary["stow-rs"][k]["best_mb_per_s"] / summary["c-store"][k]["best_mb_per_s"], 3),
-                 "median": round(summary["stow-rs"][k]["median_mb_per_s"]
-                                 / summary["c-store"][k]["median_mb_per_s"], 3)}
-             for k in summary["c-store"]}
+    summary = {
+        proto: {
+            k: {"best_mb_per_s": max(v), "median_mb_per_s": round(float(statistics.median(v)), 1), "runs": len(v)}
+            for k, v in by.items()
+        }
+        for proto, by in table.items()
+    }
+    ratio = {
+        k: {
+            "best": round(summary["stow-rs"][k]["best_mb_per_s"] / summary["c-store"][k]["best_mb_per_s"], 3),
+            "median": round(summary["stow-rs"][k]["median_mb_per_s"] / summary["c-store"][k]["median_mb_per_s"], 3),
+        }
+        for k in summary["c-store"]
+    }
     return {
         "benchmark": "stow",
         "files": len(files),
@@ -113,10 +129,12 @@ def run(out_dir: Path, cache: Path, *, n_files: int = 100, side: int = 2048, rep
         "stow_batch_files": batch,
         "summary": summary,
         "ratio_stow_to_cstore": ratio,
-        "fairness": ("same node configuration (ingest only, dicom.listeners 1, fsync + audit commit before every "
-                     "answer), started fresh per scenario, interleaved; C-STORE by storescu (TCP_NODELAY=1), "
-                     "one association per stream; STOW-RS by httpx (node.dicomweb.client), one connection per "
-                     "request of `stow_batch_files` files, the body streamed from disk"),
+        "fairness": (
+            "same node configuration (ingest only, dicom.listeners 1, fsync + audit commit before every "
+            "answer), started fresh per scenario, interleaved; C-STORE by storescu (TCP_NODELAY=1), "
+            "one association per stream; STOW-RS by httpx (node.dicomweb.client), one connection per "
+            "request of `stow_batch_files` files, the body streamed from disk"
+        ),
         "dominant": DOMINANT,
         "runs": [asdict(r) for r in results],
         "conditions_before": before,
@@ -129,4 +147,5 @@ DOMINANT = (
     "from the event loop a MiB at a time, and written to one spool file per part; only when the request is "
     "complete are the parts ingested one by one (header read, fsync, one SQLite commit each, ~40 ms per 8 MB "
     "file), so receiving and persisting do not overlap within a request. C-STORE does not overlap them either "
-    "(storescu waits for each response) and parses PDUs in pynetdicom. Both run in one interpreter here.")
+    "(storescu waits for each response) and parses PDUs in pynetdicom. Both run in one interpreter here."
+)

@@ -28,8 +28,15 @@ SIDE = 2048
 RECIPE = 1  # bump when the generated files change
 
 
-def copies_with_new_uids(ds: Dataset, out: Path, n: int, *, per_study: int = 1, name: str = "copy{:03d}.dcm",
-                         modify: Callable[[Dataset, int], None] | None = None) -> list[Path]:
+def copies_with_new_uids(
+    ds: Dataset,
+    out: Path,
+    n: int,
+    *,
+    per_study: int = 1,
+    name: str = "copy{:03d}.dcm",
+    modify: Callable[[Dataset, int], None] | None = None,
+) -> list[Path]:
     """`n` files in `out` written from `ds`: new Study and Series Instance UIDs every `per_study` files,
     a new SOP Instance UID each; `modify(ds, i)` changes anything else (pixels, numbers) before file i."""
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +66,7 @@ def chest_crs(cache: Path, n: int, side: int = SIDE, per_study: int = 2, seed: i
     base = ds.pixel_array.astype(np.int32)
     r0 = max(0, (base.shape[0] - side) // 2)
     c0 = max(0, (base.shape[1] - side) // 2)
-    base = base[r0:r0 + side, c0:c0 + side]
+    base = base[r0 : r0 + side, c0 : c0 + side]
     if base.shape != (side, side):  # smaller template (only in --quick runs with a small side)
         base = np.resize(base, (side, side))
     rng = np.random.default_rng(seed)

@@ -68,8 +68,10 @@ class _AckHandler(socketserver.BaseRequestHandler):
                 msh = next((s for s in segments if s[0] == "MSH"), [])
                 obr = next((s for s in segments if s[0] == "OBR"), [])
                 control = msh[9] if len(msh) > 9 else ""
-                ack = f"MSH|^~\\&|RIS||CXRNODE||{datetime.now():%Y%m%d%H%M%S}||ACK^R01^ACK|A{control}|P|2.5.1\r" \
-                      f"MSA|AA|{control}\r"
+                ack = (
+                    f"MSH|^~\\&|RIS||CXRNODE||{datetime.now():%Y%m%d%H%M%S}||ACK^R01^ACK|A{control}|P|2.5.1\r"
+                    f"MSA|AA|{control}\r"
+                )
                 self.request.sendall(START + ack.encode() + END)
                 accession = obr[2].split("^")[0] if len(obr) > 2 else ""
                 with self.server.lock:
@@ -95,17 +97,28 @@ def _studies(out: Path, n: int, per_study: int) -> list[tuple[str, list[Path]]]:
     return studies
 
 
-def run(out_dir: Path, cache: Path, *, n_studies: int = 10, per_study: int = 2, interval_s: float = 6.0,
-        stable_s: float = 15.0, weights: str = "auto", timeout_s: float = 600.0) -> dict[str, Any]:
+def run(
+    out_dir: Path,
+    cache: Path,
+    *,
+    n_studies: int = 10,
+    per_study: int = 2,
+    interval_s: float = 6.0,
+    stable_s: float = 15.0,
+    weights: str = "auto",
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
     label, weights_dir = resolve(weights, cache)
     before = conditions()
     work = Path(tempfile.mkdtemp(prefix="cxrnode-bench-triage-"))
     ris_port = free_port()
     ris = _AckServer(ris_port)
     threading.Thread(target=ris.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    triage = (f'[triage]\nstable_s = {stable_s}\nallow_experimental = true\n'
-              f'[[triage.destinations]]\nname = "ris"\ntype = "hl7"\nhost = "{LOOPBACK}"\nport = {ris_port}\n'
-              '[triage.routes]\ncritical = ["ris"]\nurgent = ["ris"]\nroutine = ["ris"]\n')
+    triage = (
+        f"[triage]\nstable_s = {stable_s}\nallow_experimental = true\n"
+        f'[[triage.destinations]]\nname = "ris"\ntype = "hl7"\nhost = "{LOOPBACK}"\nport = {ris_port}\n'
+        '[triage.routes]\ncritical = ["ris"]\nurgent = ["ris"]\nroutine = ["ris"]\n'
+    )
     node = EmbeddedNode(work / "node", weights_dir, cache, extra_toml=triage)
     sent_at: dict[str, float] = {}
     try:
@@ -120,25 +133,35 @@ def run(out_dir: Path, cache: Path, *, n_studies: int = 10, per_study: int = 2, 
             sent_at[accession] = time.time()
             time.sleep(max(0.0, interval_s - (time.monotonic() - t0)) if i + 1 < len(studies) else 0)
         _wait(lambda: all(a in ris.acked for a in sent_at), timeout_s)
-        instances = node.instances({str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-                                    for _, files in studies for f in files})
+        instances = node.instances(
+            {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for _, files in studies for f in files}
+        )
     finally:
         node.stop()
         errors = node.log_errors()
         ris.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     to_ack = [ris.acked[a] - t for a, t in sent_at.items() if a in ris.acked]
-    exported = [(r.exported_at - r.received_at).total_seconds() for r in instances
-                if r.state in FINAL and r.exported_at is not None]
+    exported = [
+        (r.exported_at - r.received_at).total_seconds()
+        for r in instances
+        if r.state in FINAL and r.exported_at is not None
+    ]
     p50, ref50 = percentile(to_ack, 50), percentile(exported, 50)
     return {
         "benchmark": "triage",
         "weights": label,
         "mode": "embedded (SQLite audit, kombu sqla+sqlite broker, 1 supervised CPU inference worker)",
-        "studies": n_studies, "images_per_study": per_study, "interval_s": interval_s, "stable_s": stable_s,
+        "studies": n_studies,
+        "images_per_study": per_study,
+        "interval_s": interval_s,
+        "stable_s": stable_s,
         "acked": len(to_ack),
-        "last_image_to_hl7_ack_s": {"p50": _r(p50), "p95": _r(percentile(to_ack, 95)),
-                                    "max": _r(max(to_ack, default=None))},
+        "last_image_to_hl7_ack_s": {
+            "p50": _r(p50),
+            "p95": _r(percentile(to_ack, 95)),
+            "max": _r(max(to_ack, default=None)),
+        },
         "reference_received_to_results_acknowledged_s": {"p50": _r(ref50), "p95": _r(percentile(exported, 95))},
         "ratio_ack_to_reference_p50": _r(p50 / ref50) if p50 and ref50 else None,
         "ack_minus_stable_window_p50_s": _r(p50 - stable_s) if p50 is not None else None,
@@ -149,8 +172,13 @@ def run(out_dir: Path, cache: Path, *, n_studies: int = 10, per_study: int = 2, 
 
 
 def _send(port: int, files: list[Path]) -> None:
-    subprocess.run(["storescu", "-aet", SENDER_AE, "-aec", NODE_AE, LOOPBACK, str(port), *map(str, files)],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=True)
+    subprocess.run(
+        ["storescu", "-aet", SENDER_AE, "-aec", NODE_AE, LOOPBACK, str(port), *map(str, files)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+        check=True,
+    )
 
 
 def _wait(done: Any, timeout_s: float) -> None:
@@ -163,4 +191,3 @@ def _wait(done: Any, timeout_s: float) -> None:
 
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
-

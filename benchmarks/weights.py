@@ -25,8 +25,9 @@ TINY_SIZE = 64
 
 
 def shipped_present(weights_dir: Path = models.WEIGHTS_DIR) -> bool:
-    return all(models.card_path(n, weights_dir).exists() and models.weights_path(n, weights_dir).exists()
-               for n in MODEL_NAMES)
+    return all(
+        models.card_path(n, weights_dir).exists() and models.weights_path(n, weights_dir).exists() for n in MODEL_NAMES
+    )
 
 
 def shipped_spec(name: str) -> models.ModelSpec:
@@ -47,8 +48,7 @@ def resolve(mode: str, cache: Path) -> tuple[str, Path]:
     if mode not in ("random", "tiny"):
         raise ValueError(f"unknown weights mode {mode!r}")
     size = TINY_SIZE if mode == "tiny" else None
-    specs = {n: dataclasses.replace(shipped_spec(n), input_size=size) if size else shipped_spec(n)
-             for n in MODEL_NAMES}
+    specs = {n: dataclasses.replace(shipped_spec(n), input_size=size) if size else shipped_spec(n) for n in MODEL_NAMES}
     key = json.dumps({n: dataclasses.asdict(s) for n, s in specs.items()}, sort_keys=True)
     folder = cache / f"weights-{mode}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if not shipped_present(folder):
@@ -62,7 +62,10 @@ def _write(folder: Path, specs: dict[str, models.ModelSpec], mode: str) -> None:
     torch.manual_seed(0)
     for spec in specs.values():
         module = models.build(spec).eval()
-        card: dict[str, Any] = {"version": f"benchmark-{mode}", "status": "experimental",
-                                "training_data": "none: random initialisation for benchmarks"}
+        card: dict[str, Any] = {
+            "version": f"benchmark-{mode}",
+            "status": "experimental",
+            "training_data": "none: random initialisation for benchmarks",
+        }
         models.save(module, spec, card, folder)
     log.info("wrote %s stand-in weights to %s", mode, folder)

@@ -93,8 +93,15 @@ def bench_image(path: Path | None) -> tuple[np.ndarray, str]:
     return image, f"{path.name} resized like node.analysis.prepare to {image.shape[1]}x{image.shape[0]} uint8"
 
 
-def bench_backend(backend: str, weights_dir: Path, cache: Path, image: np.ndarray, repeats: int,
-                  batches: tuple[int, ...], threads: int | None = None) -> dict[str, Any]:
+def bench_backend(
+    backend: str,
+    weights_dir: Path,
+    cache: Path,
+    image: np.ndarray,
+    repeats: int,
+    batches: tuple[int, ...],
+    threads: int | None = None,
+) -> dict[str, Any]:
     import torch
 
     from workers.api import AnalyzeRequest
@@ -103,9 +110,13 @@ def bench_backend(backend: str, weights_dir: Path, cache: Path, image: np.ndarra
     t0 = time.perf_counter()
     runner = ModelRunner(weights_dir, device="cpu", backend=backend, cache_dir=cache / "onnx", threads=threads)
     load_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"load_s": round(load_s, 2), "torch_threads": torch.get_num_threads(),
-                           "backends": {n: runner.backend_name(n) for n in runner.models}, "forward": {},
-                           "analyze": {}}
+    out: dict[str, Any] = {
+        "load_s": round(load_s, 2),
+        "torch_threads": torch.get_num_threads(),
+        "backends": {n: runner.backend_name(n) for n in runner.models},
+        "forward": {},
+        "analyze": {},
+    }
     for name, model in runner.models.items():
         out["forward"][name] = forward_figures(model, image, batches, repeats, digits=1)
     request = AnalyzeRequest.build("bench", image)
@@ -123,8 +134,10 @@ def forward_figures(model: Any, image: np.ndarray, batches: Sequence[int], repea
     for b in batches:
         xb = np.repeat(x1, b, axis=0)
         times = _timed(lambda xb=xb, fn=model.backend: fn(xb), repeats)
-        per_batch[f"batch{b}"] = {"ms_per_image": round(statistics.median(times) / b, digits),
-                                  "ms_per_call_p95": round(float(np.percentile(times, 95)), digits)}
+        per_batch[f"batch{b}"] = {
+            "ms_per_image": round(statistics.median(times) / b, digits),
+            "ms_per_call_p95": round(float(np.percentile(times, 95)), digits),
+        }
     return {"input": model.spec.input_size, "arch": f"{model.spec.arch}/{model.spec.encoder}", **per_batch}
 
 
@@ -141,8 +154,11 @@ def analyze_figures(runner: Any, request: Any, batch: int, repeats: int) -> dict
                 steps.setdefault(k, []).append(v)
 
     ms = statistics.median(_timed(one, repeats)) / batch
-    return {"ms_per_image": round(ms, 1), "images_per_s": round(1000 / ms, 2),
-            "step_ms_per_image": {k: round(statistics.median(v), 1) for k, v in steps.items()}}
+    return {
+        "ms_per_image": round(ms, 1),
+        "images_per_s": round(1000 / ms, 2),
+        "step_ms_per_image": {k: round(statistics.median(v), 1) for k, v in steps.items()},
+    }
 
 
 def _concurrent_callers(runner: Any, request: Any, callers: int, per_caller: int) -> dict[str, Any]:
@@ -174,15 +190,27 @@ def _concurrent_callers(runner: Any, request: Any, callers: int, per_caller: int
         raise errors[0]
     after = runner.timings()
     images = callers * per_caller
-    return {"callers": callers, "images": images, "wall_s": round(wall, 2), "images_per_s": round(images / wall, 2),
-            "images_per_forward_pass": {n: round((after[n].images - before[n].images)
-                                                 / max(1, after[n].calls - before[n].calls), 2) for n in after}}
+    return {
+        "callers": callers,
+        "images": images,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(images / wall, 2),
+        "images_per_forward_pass": {
+            n: round((after[n].images - before[n].images) / max(1, after[n].calls - before[n].calls), 2) for n in after
+        },
+    }
 
 
-def bench_gpu(weights_dir: Path, cache: Path, image: np.ndarray, repeats: int,
-              forward_batches: tuple[int, ...] = GPU_FORWARD_BATCHES,
-              analyze_batches: tuple[int, ...] = GPU_ANALYZE_BATCHES, callers: int = GPU_CALLERS,
-              device: str = "cuda") -> dict[str, Any]:
+def bench_gpu(
+    weights_dir: Path,
+    cache: Path,
+    image: np.ndarray,
+    repeats: int,
+    forward_batches: tuple[int, ...] = GPU_FORWARD_BATCHES,
+    analyze_batches: tuple[int, ...] = GPU_ANALYZE_BATCHES,
+    callers: int = GPU_CALLERS,
+    device: str = "cuda",
+) -> dict[str, Any]:
     """The CUDA runner as a GPU worker runs it (default `gpu_batch_size`). Times include the copy to the
     GPU and the probabilities' copy back, which also waits for the GPU to finish. (`device="cpu"`
     runs the same steps with CPU torch: only to check this code on a machine without a GPU.)"""
@@ -197,21 +225,29 @@ def bench_gpu(weights_dir: Path, cache: Path, image: np.ndarray, repeats: int,
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    runner = ModelRunner(weights_dir, device=device, backend="torch", cache_dir=cache / "onnx",
-                         micro_batch=None if cuda else callers)
+    runner = ModelRunner(
+        weights_dir, device=device, backend="torch", cache_dir=cache / "onnx", micro_batch=None if cuda else callers
+    )
     out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "load_s": round(time.perf_counter() - t0, 2), "gpu_batch_size": runner.batch_size,
-        "backends": {n: runner.backend_name(n) for n in runner.models}, "forward": {}, "analyze": {}}
+        "load_s": round(time.perf_counter() - t0, 2),
+        "gpu_batch_size": runner.batch_size,
+        "backends": {n: runner.backend_name(n) for n in runner.models},
+        "forward": {},
+        "analyze": {},
+    }
     for name, model in runner.models.items():
         out["forward"][name] = forward_figures(model, image, forward_batches, repeats, digits=2)
     request = AnalyzeRequest.build("bench", image)
     for b in analyze_batches:
         out["analyze"][f"batch{b}"] = analyze_figures(runner, request, b, max(2, repeats // 2))
     out["concurrent"] = _concurrent_callers(runner, request, callers, per_caller=max(2, repeats // 2))
-    out["peak_memory_mb"] = {"allocated": round(torch.cuda.max_memory_allocated() / 1e6, 1) if cuda else None,
-                             "reserved": round(torch.cuda.max_memory_reserved() / 1e6, 1) if cuda else None}
+    out["peak_memory_mb"] = {
+        "allocated": round(torch.cuda.max_memory_allocated() / 1e6, 1) if cuda else None,
+        "reserved": round(torch.cuda.max_memory_reserved() / 1e6, 1) if cuda else None,
+    }
     return out
 
 
@@ -220,11 +256,18 @@ def gpu_headline(results: dict[str, Any]) -> dict[str, Any]:
     rates = {f"analyze_{k}": v["images_per_s"] for k, v in results["analyze"].items()}
     rates[f"concurrent_{results['concurrent']['callers']}_callers"] = results["concurrent"]["images_per_s"]
     best = max(rates, key=lambda k: rates[k])
-    return {"available": True, "name": results["device"], "images_per_s": rates, "best": best,
-            "ratio_to_seed": {f"{seed}_images_per_s": round(rates[best] / seed, 2) for seed in SEED_GPU_IMAGES_PER_S},
-            "peak_memory_mb": results["peak_memory_mb"]["allocated"],
-            "text": (f"best {rates[best]:.1f} images/s ({best}) on {results['device']} against the seed's "
-                     f"{SEED_GPU_IMAGES_PER_S[0]}-{SEED_GPU_IMAGES_PER_S[1]} images/s on an RTX 2080 Ti")}
+    return {
+        "available": True,
+        "name": results["device"],
+        "images_per_s": rates,
+        "best": best,
+        "ratio_to_seed": {f"{seed}_images_per_s": round(rates[best] / seed, 2) for seed in SEED_GPU_IMAGES_PER_S},
+        "peak_memory_mb": results["peak_memory_mb"]["allocated"],
+        "text": (
+            f"best {rates[best]:.1f} images/s ({best}) on {results['device']} against the seed's "
+            f"{SEED_GPU_IMAGES_PER_S[0]}-{SEED_GPU_IMAGES_PER_S[1]} images/s on an RTX 2080 Ti"
+        ),
+    }
 
 
 def _in_fresh_process(fn: Any, *args: Any) -> dict[str, Any]:
@@ -233,8 +276,9 @@ def _in_fresh_process(fn: Any, *args: Any) -> dict[str, Any]:
     return result
 
 
-def run_gpu(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 10,
-            image_path: Path | None = None) -> dict[str, Any]:
+def run_gpu(
+    out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 10, image_path: Path | None = None
+) -> dict[str, Any]:
     """The GPU section alone (`--gpu-only`); without CUDA it says so and measures nothing."""
     info = gpu_info()
     data: dict[str, Any] = {"benchmark": "worker-gpu", "gpu": info, "seed_gpu_images_per_s": SEED_GPU_IMAGES_PER_S}
@@ -245,14 +289,28 @@ def run_gpu(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int =
     image, described = bench_image(image_path)
     before = conditions()
     results = _in_fresh_process(bench_gpu, weights_dir, cache, image, repeats)
-    return data | {"weights": label, "weights_dir": str(weights_dir), "image": described, "repeats": repeats,
-                   "gpu": gpu_headline(results), "gpu_results": results, "conditions_before": before,
-                   "conditions_after": conditions()}
+    return data | {
+        "weights": label,
+        "weights_dir": str(weights_dir),
+        "image": described,
+        "repeats": repeats,
+        "gpu": gpu_headline(results),
+        "gpu_results": results,
+        "conditions_before": before,
+        "conditions_after": conditions(),
+    }
 
 
-def run(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 6, batches: tuple[int, ...] = (1, 4),
-        backends: tuple[str, ...] = ("onnx", "onnx-1thread", "torch", "torch-1thread"),
-        image_path: Path | None = None) -> dict[str, Any]:
+def run(
+    out_dir: Path,
+    cache: Path,
+    *,
+    weights: str = "auto",
+    repeats: int = 6,
+    batches: tuple[int, ...] = (1, 4),
+    backends: tuple[str, ...] = ("onnx", "onnx-1thread", "torch", "torch-1thread"),
+    image_path: Path | None = None,
+) -> dict[str, Any]:
     label, weights_dir = resolve(weights, cache)
     image, described = bench_image(image_path)
     before = conditions()
@@ -266,14 +324,30 @@ def run(out_dir: Path, cache: Path, *, weights: str = "auto", repeats: int = 6, 
     for variant in backends:
         backend, _, suffix = variant.partition("-")
         threads = 1 if suffix == "1thread" else None
-        results[variant] = _in_fresh_process(bench_backend, backend, weights_dir, cache, image,
-                                             repeats if backend == "onnx" else max(2, repeats // 2), batches,
-                                             threads)
-    per_model = {backend: {name: {f"batch{b}": r["forward"][name][f"batch{b}"]["ms_per_image"] for b in batches}
-                           for name in r["forward"]} for backend, r in results.items()}
+        results[variant] = _in_fresh_process(
+            bench_backend,
+            backend,
+            weights_dir,
+            cache,
+            image,
+            repeats if backend == "onnx" else max(2, repeats // 2),
+            batches,
+            threads,
+        )
+    per_model = {
+        backend: {
+            name: {f"batch{b}": r["forward"][name][f"batch{b}"]["ms_per_image"] for b in batches}
+            for name in r["forward"]
+        }
+        for backend, r in results.items()
+    }
     best = min(results, key=lambda k: results[k]["analyze"]["batch1"]["ms_per_image"])
-    variants = {"onnx": "ONNX Runtime, library default threads (2)", "torch": "torch eager, default threads (2)",
-                "onnx-1thread": "ONNX Runtime, 1 intra-op thread", "torch-1thread": "torch eager, 1 intra-op thread"}
+    variants = {
+        "onnx": "ONNX Runtime, library default threads (2)",
+        "torch": "torch eager, default threads (2)",
+        "onnx-1thread": "ONNX Runtime, 1 intra-op thread",
+        "torch-1thread": "torch eager, 1 intra-op thread",
+    }
     analyze1 = results[best]["analyze"]["batch1"]
     forward_sum = sum(results[best]["forward"][n]["batch1"]["ms_per_image"] for n in results[best]["forward"])
     gpu: dict[str, Any] = gpu_info()
@@ -306,39 +380,64 @@ def dominant(results: dict[str, Any], best: str, forward_sum: float) -> dict[str
     analyze = results[best]["analyze"]
     b1 = analyze["batch1"]["ms_per_image"]
     slowest = max(results[best]["forward"], key=lambda n: results[best]["forward"][n]["batch1"]["ms_per_image"])
-    text = (f"{best} at batch 1: the three networks take {forward_sum:.0f} of {b1:.0f} ms per image "
-            f"({forward_sum / b1:.0%}); the slowest is {slowest}. The rest is preprocessing and mapping "
-            "probabilities back to the 1024-pixel grid (resize, threshold, severity, packing).")
+    text = (
+        f"{best} at batch 1: the three networks take {forward_sum:.0f} of {b1:.0f} ms per image "
+        f"({forward_sum / b1:.0%}); the slowest is {slowest}. The rest is preprocessing and mapping "
+        "probabilities back to the 1024-pixel grid (resize, threshold, severity, packing)."
+    )
     if "batch4" in analyze:
         b4 = analyze["batch4"]["ms_per_image"]
-        text += (f" analyze_batch of 4: {b4:.0f} ms per image ({'faster' if b4 < b1 else 'not faster'} than "
-                 "batch 1; the CPU runner still runs the networks one image at a time).")
+        text += (
+            f" analyze_batch of 4: {b4:.0f} ms per image ({'faster' if b4 < b1 else 'not faster'} than "
+            "batch 1; the CPU runner still runs the networks one image at a time)."
+        )
     speedup = {}
     for variant in ("onnx-1thread", "torch", "torch-1thread"):
         if variant in results and "onnx" in results:
-            speedup[variant] = {n: round(results[variant]["forward"][n]["batch1"]["ms_per_image"]
-                                         / results["onnx"]["forward"][n]["batch1"]["ms_per_image"], 2)
-                                for n in results["onnx"]["forward"]}
-            text += (f" {variant} / onnx time per network: "
-                     + ", ".join(f"{n} {v}x" for n, v in speedup[variant].items()) + ".")
-    return {"networks_share_of_analyze": round(forward_sum / b1, 2), "slowest_model": slowest,
-            "torch_over_onnx_time": speedup, "text": text}
+            speedup[variant] = {
+                n: round(
+                    results[variant]["forward"][n]["batch1"]["ms_per_image"]
+                    / results["onnx"]["forward"][n]["batch1"]["ms_per_image"],
+                    2,
+                )
+                for n in results["onnx"]["forward"]
+            }
+            text += (
+                f" {variant} / onnx time per network: "
+                + ", ".join(f"{n} {v}x" for n, v in speedup[variant].items())
+                + "."
+            )
+    return {
+        "networks_share_of_analyze": round(forward_sum / b1, 2),
+        "slowest_model": slowest,
+        "torch_over_onnx_time": speedup,
+        "text": text,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m benchmarks.worker [--gpu-only] [--image PATH]`: this benchmark alone, importing neither
     the node (unless the default DICOM input is used) nor the other benchmarks."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON result")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where stand-in weights are kept")
-    parser.add_argument("--weights", choices=("auto", "shipped", "random", "tiny"), default="auto",
-                        help="shipped (workers/weights), random (full-size, untrained: same speed), tiny; "
-                             "auto = shipped if all three are present")
-    parser.add_argument("--image", type=Path, default=None,
-                        help=f"a plain picture (PNG) as input instead of the shared DICOM {IMAGE}")
-    parser.add_argument("--gpu-only", action="store_true",
-                        help="only the CUDA section (writes worker-gpu.json); says so and exits 0 without CUDA")
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "shipped", "random", "tiny"),
+        default="auto",
+        help="shipped (workers/weights), random (full-size, untrained: same speed), tiny; "
+        "auto = shipped if all three are present",
+    )
+    parser.add_argument(
+        "--image", type=Path, default=None, help=f"a plain picture (PNG) as input instead of the shared DICOM {IMAGE}"
+    )
+    parser.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="only the CUDA section (writes worker-gpu.json); says so and exits 0 without CUDA",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

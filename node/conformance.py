@@ -35,28 +35,49 @@ DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 
 # Why each C-STORE status is returned; keyed by constant name so a new constant cannot go undocumented.
 STATUS_MEANINGS: dict[str, tuple[str, str]] = {
-    "STATUS_SUCCESS": ("Success", "The data set is on disk (fsynced) and its audit row committed. Also returned "
-                                  "for a second copy of an instance already stored (audited as duplicate, not "
-                                  "analysed again)."),
-    "STATUS_OUT_OF_RESOURCES": ("Refused: Out of Resources", "Free space on the data volume fell below "
-                                "`storage.min_free_mb` during the association, or the data set is larger than "
-                                "`storage.max_instance_mb` (bytes past that are never written); nothing is "
-                                "stored. The sender may retry later."),
-    "STATUS_DATASET_MISMATCH": ("Error: Data Set does not match SOP Class", "SOP Instance/Class UID missing or "
-                                "different from the C-STORE request, Study Instance UID missing, or an "
-                                "impossible image size. The bytes are kept in quarantine with an audit row."),
-    "STATUS_CANNOT_UNDERSTAND": ("Error: Cannot understand", "The data set cannot be parsed (corrupt or "
-                                 "truncated bytes, not DICOM). The bytes are kept in quarantine with an audit row."),
-    "STATUS_DUPLICATE_SOP_INSTANCE": ("Failure: Duplicate SOP Instance", "The SOP Instance UID is stored "
-                                      "already with another data set (other SOP class, series or study, or "
-                                      "other bytes in the same transfer syntax). The stored instance stays as "
-                                      "it is; the new data set is kept in quarantine and audited as "
-                                      "`instance.conflict`. A copy of the stored one gets 0x0000 (duplicate)."),
-    "STATUS_SOP_CLASS_NOT_SUPPORTED": ("Refused: SOP Class not supported", "STOW-RS only (C-STORE settles it in "
-                                       "negotiation: no presentation context): the part is not of a storage SOP "
-                                       "class listed in 3.2. The bytes are kept in quarantine with an audit row."),
-    "STATUS_PROCESSING_FAILURE": ("Failure: Processing failure", "An internal error of the node (e.g. the audit "
-                                  "database is unreachable). Nothing is acknowledged; the sender may retry."),
+    "STATUS_SUCCESS": (
+        "Success",
+        "The data set is on disk (fsynced) and its audit row committed. Also returned "
+        "for a second copy of an instance already stored (audited as duplicate, not "
+        "analysed again).",
+    ),
+    "STATUS_OUT_OF_RESOURCES": (
+        "Refused: Out of Resources",
+        "Free space on the data volume fell below "
+        "`storage.min_free_mb` during the association, or the data set is larger than "
+        "`storage.max_instance_mb` (bytes past that are never written); nothing is "
+        "stored. The sender may retry later.",
+    ),
+    "STATUS_DATASET_MISMATCH": (
+        "Error: Data Set does not match SOP Class",
+        "SOP Instance/Class UID missing or "
+        "different from the C-STORE request, Study Instance UID missing, or an "
+        "impossible image size. The bytes are kept in quarantine with an audit row.",
+    ),
+    "STATUS_CANNOT_UNDERSTAND": (
+        "Error: Cannot understand",
+        "The data set cannot be parsed (corrupt or "
+        "truncated bytes, not DICOM). The bytes are kept in quarantine with an audit row.",
+    ),
+    "STATUS_DUPLICATE_SOP_INSTANCE": (
+        "Failure: Duplicate SOP Instance",
+        "The SOP Instance UID is stored "
+        "already with another data set (other SOP class, series or study, or "
+        "other bytes in the same transfer syntax). The stored instance stays as "
+        "it is; the new data set is kept in quarantine and audited as "
+        "`instance.conflict`. A copy of the stored one gets 0x0000 (duplicate).",
+    ),
+    "STATUS_SOP_CLASS_NOT_SUPPORTED": (
+        "Refused: SOP Class not supported",
+        "STOW-RS only (C-STORE settles it in "
+        "negotiation: no presentation context): the part is not of a storage SOP "
+        "class listed in 3.2. The bytes are kept in quarantine with an audit row.",
+    ),
+    "STATUS_PROCESSING_FAILURE": (
+        "Failure: Processing failure",
+        "An internal error of the node (e.g. the audit "
+        "database is unreachable). Nothing is acknowledged; the sender may retry.",
+    ),
 }
 
 DIAGNOSTIC_NAMES = {
@@ -153,25 +174,46 @@ def render(settings: Settings | None = None) -> str:
         "## 1. Application entities and network",
         "",
     ]
-    lines += _table(["Property", "Default", "Configuration"], [
-        ("AE title", f"`{d.ae_title}`", "`dicom.ae_title`"),
-        ("Listening port", d.port, "`dicom.port`"),
-        ("Maximum concurrent associations", d.max_associations, "`dicom.max_associations`"),
-        ("Maximum PDU size received (bytes, 0 = unlimited); a longer PDU is answered with A-ABORT",
-         d.max_pdu, "`dicom.max_pdu`"),
-        ("Longest PDU accepted before the association is established (the A-ASSOCIATE-RQ)", d.max_request_pdu,
-         "`dicom.max_request_pdu`"),
-        ("Time from connecting to a complete A-ASSOCIATE-RQ (and TLS handshake), s", f"{d.association_request_timeout_s:g}",
-         "`dicom.association_request_timeout_s`"),
-        ("Connections waiting for association / from one address", f"{d.max_pending_associations} / "
-         f"{d.max_connections_per_peer}", "`dicom.max_pending_associations`, `dicom.max_connections_per_peer`"),
-        ("ACSE / DIMSE / network timeout (s)", f"{d.acse_timeout:g} / {d.dimse_timeout:g} / {d.network_timeout:g}",
-         "`dicom.acse_timeout`, `dicom.dimse_timeout`, `dicom.network_timeout`"),
-        ("Implementation Class UID / Version Name", "pynetdicom's (see `pynetdicom.PYNETDICOM_IMPLEMENTATION_UID`)",
-         "—"),
-        ("SCP/SCU Role Selection", "accepted for Storage Commitment Push Model only (section 4.1)", "—"),
-        ("Extended negotiation, asynchronous operations", "not supported", "—"),
-    ])
+    lines += _table(
+        ["Property", "Default", "Configuration"],
+        [
+            ("AE title", f"`{d.ae_title}`", "`dicom.ae_title`"),
+            ("Listening port", d.port, "`dicom.port`"),
+            ("Maximum concurrent associations", d.max_associations, "`dicom.max_associations`"),
+            (
+                "Maximum PDU size received (bytes, 0 = unlimited); a longer PDU is answered with A-ABORT",
+                d.max_pdu,
+                "`dicom.max_pdu`",
+            ),
+            (
+                "Longest PDU accepted before the association is established (the A-ASSOCIATE-RQ)",
+                d.max_request_pdu,
+                "`dicom.max_request_pdu`",
+            ),
+            (
+                "Time from connecting to a complete A-ASSOCIATE-RQ (and TLS handshake), s",
+                f"{d.association_request_timeout_s:g}",
+                "`dicom.association_request_timeout_s`",
+            ),
+            (
+                "Connections waiting for association / from one address",
+                f"{d.max_pending_associations} / {d.max_connections_per_peer}",
+                "`dicom.max_pending_associations`, `dicom.max_connections_per_peer`",
+            ),
+            (
+                "ACSE / DIMSE / network timeout (s)",
+                f"{d.acse_timeout:g} / {d.dimse_timeout:g} / {d.network_timeout:g}",
+                "`dicom.acse_timeout`, `dicom.dimse_timeout`, `dicom.network_timeout`",
+            ),
+            (
+                "Implementation Class UID / Version Name",
+                "pynetdicom's (see `pynetdicom.PYNETDICOM_IMPLEMENTATION_UID`)",
+                "—",
+            ),
+            ("SCP/SCU Role Selection", "accepted for Storage Commitment Push Model only (section 4.1)", "—"),
+            ("Extended negotiation, asynchronous operations", "not supported", "—"),
+        ],
+    )
     lines += [
         "## 2. Association acceptance policy",
         "",
@@ -191,17 +233,39 @@ def render(settings: Settings | None = None) -> str:
         "Rejections are A-ASSOCIATE-RJ with:",
         "",
     ]
-    lines += _table(["Result", "Source", "Reason/Diag.", "When"], [
-        (f"{scp_module.REJECT_PERMANENT} (rejected-permanent)", f"{scp_module.SOURCE_SERVICE_USER} (service-user)",
-         f"{getattr(scp_module, name)} ({text})", f"the {text.split(' not')[0]} fails the policy above")
-        for name, text in DIAGNOSTIC_NAMES.items()
-    ] + [("2 (rejected-transient)", "1 (service-user)", "1 (no reason given)",
-          "the policy check itself failed (e.g. audit database unreachable)"),
-         ("2 (rejected-transient)", "3 (service-provider, presentation)", "1 (temporary congestion)",
-          f"free space on the data volume is below `storage.min_free_mb` ({s.storage.min_free_mb} MB) and "
-          "the association proposes more than Verification"),
-         ("2 (rejected-transient)", "3 (service-provider, presentation)", "2 (local limit exceeded)",
-          f"more than {d.max_associations} associations at once")])
+    lines += _table(
+        ["Result", "Source", "Reason/Diag.", "When"],
+        [
+            (
+                f"{scp_module.REJECT_PERMANENT} (rejected-permanent)",
+                f"{scp_module.SOURCE_SERVICE_USER} (service-user)",
+                f"{getattr(scp_module, name)} ({text})",
+                f"the {text.split(' not')[0]} fails the policy above",
+            )
+            for name, text in DIAGNOSTIC_NAMES.items()
+        ]
+        + [
+            (
+                "2 (rejected-transient)",
+                "1 (service-user)",
+                "1 (no reason given)",
+                "the policy check itself failed (e.g. audit database unreachable)",
+            ),
+            (
+                "2 (rejected-transient)",
+                "3 (service-provider, presentation)",
+                "1 (temporary congestion)",
+                f"free space on the data volume is below `storage.min_free_mb` ({s.storage.min_free_mb} MB) and "
+                "the association proposes more than Verification",
+            ),
+            (
+                "2 (rejected-transient)",
+                "3 (service-provider, presentation)",
+                "2 (local limit exceeded)",
+                f"more than {d.max_associations} associations at once",
+            ),
+        ],
+    )
 
     from node.export.commitment import STORAGE_COMMITMENT
 
@@ -228,21 +292,29 @@ def render(settings: Settings | None = None) -> str:
         "reason, and not retried.",
         "",
     ]
-    lines += _table(["Transfer syntax", "UID", "Analysed"],
-                    [(_uid_name(ts), f"`{ts}`", "yes" if decodable(ts) else "no (stored only)") for ts in syntaxes])
+    lines += _table(
+        ["Transfer syntax", "UID", "Analysed"],
+        [(_uid_name(ts), f"`{ts}`", "yes" if decodable(ts) else "no (stored only)") for ts in syntaxes],
+    )
     lines += ["### 3.2 SOP classes", ""]
-    lines += _table(["SOP class", "UID"] + ([] if same else ["Transfer syntaxes"]),
-                    [(_uid_name(a), f"`{a}`") + (() if same else (", ".join(f"`{t}`" for t in tss),))
-                     for a, tss in contexts])
+    lines += _table(
+        ["SOP class", "UID"] + ([] if same else ["Transfer syntaxes"]),
+        [(_uid_name(a), f"`{a}`") + (() if same else (", ".join(f"`{t}`" for t in tss),)) for a, tss in contexts],
+    )
     lines += ["### 3.3 C-STORE response statuses", ""]
     statuses = status_constants()
     missing = [name for name, _ in statuses if name not in STATUS_MEANINGS]
     if missing:
         raise RuntimeError(f"describe {', '.join(missing)} in node/conformance.py STATUS_MEANINGS")
-    lines += _table(["Status", "Meaning", "When"],
-                    [(f"`0x{value:04X}`", *STATUS_MEANINGS[name]) for name, value in statuses])
-    lines += ["A failure status carries the reason in Error Comment (0000,0902), cut to 64 characters.", "",
-              "C-ECHO always answers `0x0000` on an accepted association.", ""]
+    lines += _table(
+        ["Status", "Meaning", "When"], [(f"`0x{value:04X}`", *STATUS_MEANINGS[name]) for name, value in statuses]
+    )
+    lines += [
+        "A failure status carries the reason in Error Comment (0000,0902), cut to 64 characters.",
+        "",
+        "C-ECHO always answers `0x0000` on an accepted association.",
+        "",
+    ]
 
     from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
@@ -260,13 +332,19 @@ def render(settings: Settings | None = None) -> str:
         f"({uncompressed}). Destinations marked `tls` are sent to over TLS.",
         "",
     ]
-    lines += _table(["SOP class", "UID", "Sent when"], [
-        (_uid_name(seg_uid), f"`{seg_uid}`", f"`results.seg = {str(s.results.seg).lower()}`"),
-        (_uid_name(sr_uid), f"`{sr_uid}`", f"`results.sr = {str(s.results.sr).lower()}`"),
-        (_uid_name(sc_uid), f"`{sc_uid}`", f"`results.overlay = {str(s.results.overlay).lower()}` (overlay for "
-                                          "viewers without SEG support)"),
-        ("Verification", "`1.2.840.10008.1.1`", "`cxrnode ae echo NAME` and the console's C-ECHO button"),
-    ])
+    lines += _table(
+        ["SOP class", "UID", "Sent when"],
+        [
+            (_uid_name(seg_uid), f"`{seg_uid}`", f"`results.seg = {str(s.results.seg).lower()}`"),
+            (_uid_name(sr_uid), f"`{sr_uid}`", f"`results.sr = {str(s.results.sr).lower()}`"),
+            (
+                _uid_name(sc_uid),
+                f"`{sc_uid}`",
+                f"`results.overlay = {str(s.results.overlay).lower()}` (overlay for viewers without SEG support)",
+            ),
+            ("Verification", "`1.2.840.10008.1.1`", "`cxrnode ae echo NAME` and the console's C-ECHO button"),
+        ],
+    )
     sd = s.sender
     delays = [sender_module.backoff_delay(n, sd) for n in range(1, sd.max_attempts)]
     retryable = ", ".join(f"`0x{p:02X}xx`" for p in sender_module.RETRYABLE_STATUS_PREFIXES)
@@ -284,7 +362,7 @@ def render(settings: Settings | None = None) -> str:
         "",
         "Both objects copy the Patient and Study modules of the source image, start a new series, reference the "
         "source instance, and identify the algorithm (name, version, model card hash). When a model is marked "
-        "experimental, the series description says \"NOT FOR DIAGNOSTIC USE\" and the SR says so in a Comment "
+        'experimental, the series description says "NOT FOR DIAGNOSTIC USE" and the SR says so in a Comment '
         "of each group that model made.",
         "",
     ]
@@ -303,9 +381,13 @@ def render(settings: Settings | None = None) -> str:
     def code(c: Any) -> str:
         return f"{c.meaning} ({c.scheme_designator} {c.value})" if c is not None else "—"
 
-    lines += _table(["#", "Segment label", "Tracking ID", "Category", "Property type", "Laterality", "Model"],
-                    [(i, spec.label, key, code(spec.category), code(spec.property_type), code(spec.laterality),
-                      spec.model) for i, (key, spec) in enumerate(seg_module.SEGMENTS.items(), start=1)])
+    lines += _table(
+        ["#", "Segment label", "Tracking ID", "Category", "Property type", "Laterality", "Model"],
+        [
+            (i, spec.label, key, code(spec.category), code(spec.property_type), code(spec.laterality), spec.model)
+            for i, (key, spec) in enumerate(seg_module.SEGMENTS.items(), start=1)
+        ],
+    )
     lines += [
         "### 5.3 Comprehensive SR: TID 1500 Measurement Report",
         "",
@@ -314,12 +396,18 @@ def render(settings: Settings | None = None) -> str:
     lines += [line for line in doc.splitlines() if line.startswith(("- ", "  "))] + [""]
     lines += ["Coded concepts used (SEG and SR):", ""]
     concepts = {(c.scheme_designator, c.value): c for c in _codes(codes_module) + _codes(sr_module)}
-    lines += _table(["Scheme", "Code", "Meaning"],
-                    [(c.scheme_designator, f"`{c.value}`", c.meaning) for _, c in sorted(concepts.items())])
-    lines += ["No private coding scheme is used. The SR's Coding Scheme Identification Sequence declares the schemes "
-              "it uses:", ""]
-    lines += _table(["Designator", "UID", "Name"],
-                    [(d, f"`{uid}`", name) for d, (uid, name) in sr_module.CODING_SCHEMES.items()])
+    lines += _table(
+        ["Scheme", "Code", "Meaning"],
+        [(c.scheme_designator, f"`{c.value}`", c.meaning) for _, c in sorted(concepts.items())],
+    )
+    lines += [
+        "No private coding scheme is used. The SR's Coding Scheme Identification Sequence declares the schemes "
+        "it uses:",
+        "",
+    ]
+    lines += _table(
+        ["Designator", "UID", "Name"], [(d, f"`{uid}`", name) for d, (uid, name) in sr_module.CODING_SCHEMES.items()]
+    )
 
     tls = s.dicom.tls
     ctx_src = inspect.getsource(scp_module.server_ssl_context)
@@ -357,9 +445,17 @@ def _commitment_section(s: Settings, syntaxes: list[str]) -> list[str]:
         "### 4.1 Storage Commitment Push Model",
         "",
     ]
-    lines += _table(["SOP class", "UID", "Roles", "Transfer syntaxes"], [
-        (_uid_name(str(c.STORAGE_COMMITMENT)), f"`{c.STORAGE_COMMITMENT}`", "SCU and SCP",
-         ", ".join(f"`{t}`" for t in syntaxes))])
+    lines += _table(
+        ["SOP class", "UID", "Roles", "Transfer syntaxes"],
+        [
+            (
+                _uid_name(str(c.STORAGE_COMMITMENT)),
+                f"`{c.STORAGE_COMMITMENT}`",
+                "SCU and SCP",
+                ", ".join(f"`{t}`" for t in syntaxes),
+            )
+        ],
+    )
     lines += [
         "**As SCU.** For a destination whose AE entry has `storage_commitment` on (`cxrnode ae add … "
         "--storage-commitment`, the console's AE page, or `storage_commitment = true` in `[[ae]]`), the objects "
@@ -379,14 +475,24 @@ def _commitment_section(s: Settings, syntaxes: list[str]) -> list[str]:
         "answers the N-ACTION at once and then reports, from its audit log and spool:",
         "",
     ]
-    lines += _table(["Result", "When"], [
-        ("Committed (Referenced SOP Sequence)", "the instance is recorded as stored (not rejected), of the "
-                                                 "same SOP class, and its file is in the spool"),
-        (f"Failure Reason `0x{c.NO_SUCH_OBJECT_INSTANCE:04X}` (no such object instance)",
-         "never received, refused at ingest, or removed by retention"),
-        (f"Failure Reason `0x{c.CLASS_INSTANCE_CONFLICT:04X}` (class/instance conflict)",
-         "stored, but with another SOP class"),
-    ])
+    lines += _table(
+        ["Result", "When"],
+        [
+            (
+                "Committed (Referenced SOP Sequence)",
+                "the instance is recorded as stored (not rejected), of the "
+                "same SOP class, and its file is in the spool",
+            ),
+            (
+                f"Failure Reason `0x{c.NO_SUCH_OBJECT_INSTANCE:04X}` (no such object instance)",
+                "never received, refused at ingest, or removed by retention",
+            ),
+            (
+                f"Failure Reason `0x{c.CLASS_INSTANCE_CONFLICT:04X}` (class/instance conflict)",
+                "stored, but with another SOP class",
+            ),
+        ],
+    )
     lines += [
         "The N-EVENT-REPORT (Event Type 1 when all are committed, else 2) goes on the requester's association "
         "while it is open, unless the requester took the SCP role for this SOP class on it (Role Selection); "
@@ -412,7 +518,7 @@ def _dicomweb_section(s: Settings) -> list[str]:
         "",
         f"**Ingest** (`dicomweb.enabled`, default {str(d.enabled).lower()}; port `dicomweb.port`, default "
         f"{d.port}; HTTPS with `dicomweb.tls_cert_file`/`tls_key_file`): `POST /dicomweb/studies` and "
-        "`POST /dicomweb/studies/{StudyInstanceUID}` take `multipart/related; type=\"application/dicom\"`, one "
+        '`POST /dicomweb/studies/{StudyInstanceUID}` take `multipart/related; type="application/dicom"`, one '
         "PS3.10 file per part (a bare data set without file meta gets the file meta the node writes for every "
         "C-STORE). Each request needs `Authorization: Bearer <token>`; a token (`cxrnode stow-token add SOURCE`) "
         "names a source that stands for the calling AE title in routing rules, `reply-to-sender` and the audit "
@@ -461,12 +567,16 @@ def _triage_section(s: Settings) -> list[str]:
         "the same finding of a study twice. The level is the most pressing of the rules that hold "
         "(`[[triage.rules]]`); a rule whose finding comes from a model marked experimental raises nothing unless "
         f"`triage.allow_experimental` (default {str(t.allow_experimental).lower()}). A study with no analysable "
-        "image is `routine` with the reason \"no analysable image\". Default rules:",
+        'image is `routine` with the reason "no analysable image". Default rules:',
         "",
     ]
-    lines += _table(["Rule", "Level", "When"], [
-        (r.name, r.level, ", ".join(f"`{k}` = {v:g}" for k, v in r.when.model_dump().items() if v is not None))
-        for r in t.rules])
+    lines += _table(
+        ["Rule", "Level", "When"],
+        [
+            (r.name, r.level, ", ".join(f"`{k}` = {v:g}" for k, v in r.when.model_dump().items() if v is not None))
+            for r in t.rules
+        ],
+    )
     lines += [
         "With `triage.priors_from` (default off) the node is also a Study Root Query/Retrieve SCU "
         "(C-FIND `1.2.840.10008.5.1.4.1.2.2.1`, C-MOVE `1.2.840.10008.5.1.4.1.2.2.2`): for a study whose patient "
@@ -508,12 +618,12 @@ def _air_section() -> list[str]:
     sample = contributing_equipment([model], DeviceInfo(), started=datetime(2026, 1, 1, tzinfo=UTC))[0]
     purpose = codes_module.PROCESSING_ALGORITHM
     meaning = {
-        "PurposeOfReferenceCodeSequence": f"({purpose.value}, {purpose.scheme_designator}, \"{purpose.meaning}\")",
+        "PurposeOfReferenceCodeSequence": f'({purpose.value}, {purpose.scheme_designator}, "{purpose.meaning}")',
         "Manufacturer": "`results.manufacturer`",
         "ManufacturerModelName": "the model's name (`lung`, `opacity`, `pneumothorax`)",
         "SoftwareVersions": "the model card's version",
         "DeviceUID": "2.25 UID derived from the sha256 of the model's weights (its card's `sha256`): the same "
-                     "weights always give the same UID, new weights a new one",
+        "weights always give the same UID, new weights a new one",
         "ContributionDescription": "model name, version, architecture, status and the weights' sha256",
         "ContributionDateTime": "when the analysis started (UTC)",
     }
@@ -549,8 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
         if current != text:
-            sys.stderr.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
-                                                       str(args.output), "generated from the code"))
+            sys.stderr.writelines(
+                difflib.unified_diff(
+                    current.splitlines(True), text.splitlines(True), str(args.output), "generated from the code"
+                )
+            )
             sys.stderr.write(f"\n{args.output} is out of date: run python -m node.conformance\n")
             return 1
         return 0

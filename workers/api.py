@@ -27,12 +27,12 @@ INFERENCE_QUEUE = "inference"
 NODE_QUEUE = "node"
 
 
-
 def node_queue(node_name: str) -> str:
     """The queue of one node's `node.finish` worker. Results go back to the node that asked (it holds
     the source image and builds SEG and SR from it), so each node has its own: with two nodes on one
     broker a shared queue would hand a result to a node that cannot read the image."""
     return f"{NODE_QUEUE}.{node_name}" if node_name else NODE_QUEUE
+
 
 SCHEMA_VERSION = 1
 
@@ -75,8 +75,12 @@ def restore_interval(lease_s: float) -> float:
 def redis_transport_options(lease_s: float = DEFAULT_LEASE_S) -> dict[str, Any]:
     """REDIS_TRANSPORT_OPTIONS with the lease: visibility timeout and a restore sweep that scans on
     every tick (kombu otherwise scans one tick in ten, ~100 s)."""
-    return {**REDIS_TRANSPORT_OPTIONS, "visibility_timeout": lease_s,
-            "unacked_restore_interval": restore_interval(lease_s), "unacked_restore_throttle": 1}
+    return {
+        **REDIS_TRANSPORT_OPTIONS,
+        "visibility_timeout": lease_s,
+        "unacked_restore_interval": restore_interval(lease_s),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def task_priority(cstore_priority: int | None) -> int:
@@ -136,14 +140,27 @@ class AnalyzeRequest:
     reply_queue: str = NODE_QUEUE
 
     @classmethod
-    def build(cls, job_id: str, pixels: np.ndarray, models: tuple[str, ...] = MODEL_NAMES,
-              zone_threshold: float | None = None, reply_queue: str = NODE_QUEUE) -> AnalyzeRequest:
+    def build(
+        cls,
+        job_id: str,
+        pixels: np.ndarray,
+        models: tuple[str, ...] = MODEL_NAMES,
+        zone_threshold: float | None = None,
+        reply_queue: str = NODE_QUEUE,
+    ) -> AnalyzeRequest:
         unknown = set(models) - set(MODEL_NAMES)
         if unknown:
             raise ValueError(f"unknown models {sorted(unknown)}; known: {MODEL_NAMES}")
-        return cls(job_id=job_id, pixels_png=encode_png(pixels), rows=int(pixels.shape[0]),
-                   cols=int(pixels.shape[1]), models=tuple(models), zone_threshold=zone_threshold,
-                   result_fields=OPTIONAL_RESULT_FIELDS, reply_queue=reply_queue)
+        return cls(
+            job_id=job_id,
+            pixels_png=encode_png(pixels),
+            rows=int(pixels.shape[0]),
+            cols=int(pixels.shape[1]),
+            models=tuple(models),
+            zone_threshold=zone_threshold,
+            result_fields=OPTIONAL_RESULT_FIELDS,
+            reply_queue=reply_queue,
+        )
 
     def pixels(self) -> np.ndarray:
         arr = decode_png(self.pixels_png)
@@ -161,11 +178,16 @@ class AnalyzeRequest:
     def from_message(cls, msg: dict[str, Any]) -> AnalyzeRequest:
         if msg.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"unsupported message schema {msg.get('schema')!r}")
-        return cls(job_id=str(msg["job_id"]), pixels_png=str(msg["pixels_png"]), rows=int(msg["rows"]),
-                   cols=int(msg["cols"]), models=tuple(msg.get("models", MODEL_NAMES)),
-                   zone_threshold=None if msg.get("zone_threshold") is None else float(msg["zone_threshold"]),
-                   result_fields=tuple(str(f) for f in msg.get("result_fields") or ()),
-                   reply_queue=reply_queue_of(msg))
+        return cls(
+            job_id=str(msg["job_id"]),
+            pixels_png=str(msg["pixels_png"]),
+            rows=int(msg["rows"]),
+            cols=int(msg["cols"]),
+            models=tuple(msg.get("models", MODEL_NAMES)),
+            zone_threshold=None if msg.get("zone_threshold") is None else float(msg["zone_threshold"]),
+            result_fields=tuple(str(f) for f in msg.get("result_fields") or ()),
+            reply_queue=reply_queue_of(msg),
+        )
 
 
 @dataclass(frozen=True)
@@ -238,8 +260,9 @@ class AnalyzeResult:
         if extra:
             log.debug("ignoring unknown result fields %s", extra)
         data = {k: v for k, v in msg.items() if k in known}
-        data["models"] = [ModelInfo(**{k: v for k, v in m.items() if k in _MODEL_FIELDS})
-                          for m in msg.get("models", [])]
+        data["models"] = [
+            ModelInfo(**{k: v for k, v in m.items() if k in _MODEL_FIELDS}) for m in msg.get("models", [])
+        ]
         return cls(**data)
 
 
@@ -255,15 +278,19 @@ RESULT_BACKEND_ENV = "CXRNODE_BROKER__RESULT_BACKEND"
 TIME_LIMIT_ENV = "CXRNODE_BROKER__TASK_TIME_LIMIT"
 LEASE_ENV = "CXRNODE_BROKER__LEASE_S"
 #: Spellings of earlier releases, still read with a warning (deployed worker.env files keep working).
-DEPRECATED_ENV: dict[str, str] = {"CXRNODE_BROKER_URL": BROKER_ENV, "CXRNODE_RESULT_BACKEND": RESULT_BACKEND_ENV,
-                                  "CXRNODE_TASK_TIME_LIMIT": TIME_LIMIT_ENV}
+DEPRECATED_ENV: dict[str, str] = {
+    "CXRNODE_BROKER_URL": BROKER_ENV,
+    "CXRNODE_RESULT_BACKEND": RESULT_BACKEND_ENV,
+    "CXRNODE_TASK_TIME_LIMIT": TIME_LIMIT_ENV,
+}
 
 
 def broker_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """The worker's broker settings from `environ` (keys BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV,
     LEASE_ENV, only those given) and a warning per deprecated spelling found."""
-    values = {name: environ[name] for name in (BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV, LEASE_ENV)
-              if environ.get(name)}
+    values = {
+        name: environ[name] for name in (BROKER_ENV, RESULT_BACKEND_ENV, TIME_LIMIT_ENV, LEASE_ENV) if environ.get(name)
+    }
     warnings = []
     for old, new in DEPRECATED_ENV.items():
         if not environ.get(old):
@@ -298,12 +325,19 @@ def celery_settings(broker_url: str, result_backend: str = "", lease_s: float = 
         "broker_connection_retry_on_startup": True,
         # A publish to a dead broker must fail fast: the node keeps the instance queued (outbox) and retries.
         "task_publish_retry": True,
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
-                                      "interval_max": 1.0},
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 1.0,
+        },
         "worker_hijack_root_logger": False,
     }
     if broker_url.startswith("redis"):
         # Redis emulates priorities with one list per step; 0 is the highest priority.
-        conf["broker_transport_options"] = {**redis_transport_options(lease_s), "socket_connect_timeout": 2,
-                                            "socket_timeout": 10}
+        conf["broker_transport_options"] = {
+            **redis_transport_options(lease_s),
+            "socket_connect_timeout": 2,
+            "socket_timeout": 10,
+        }
     return conf

@@ -70,8 +70,10 @@ class TorchBackend:
     def __call__(self, x: np.ndarray) -> Prediction:
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
-                                                     enabled=self.device.type == "cuda"):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"),
+        ):
             out = self.module(torch.from_numpy(x).to(self.device))
         mask, presence = out if isinstance(out, tuple) else (out, None)
         return Prediction(
@@ -150,8 +152,16 @@ def export_onnx(module: Any, spec: models.ModelSpec, target: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter is chatty about tracing
             # dynamo=False: the TorchScript-based exporter needs no onnxscript and handles smp models.
-            torch.onnx.export(module, (dummy,), tmp, dynamo=False, input_names=["image"], output_names=outputs,
-                              dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]}, opset_version=OPSET)
+            torch.onnx.export(
+                module,
+                (dummy,),
+                tmp,
+                dynamo=False,
+                input_names=["image"],
+                output_names=outputs,
+                dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]},
+                opset_version=OPSET,
+            )
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

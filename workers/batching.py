@@ -63,8 +63,9 @@ class MicroBatcher:
             start = 0
             for t in taken:
                 stop = start + len(t.x)
-                t.result = Prediction(mask=pred.mask[start:stop],
-                                      presence=None if pred.presence is None else pred.presence[start:stop])
+                t.result = Prediction(
+                    mask=pred.mask[start:stop], presence=None if pred.presence is None else pred.presence[start:stop]
+                )
                 start = stop
         except BaseException as exc:  # noqa: BLE001 — every caller of this pass sees the failure
             for t in taken:

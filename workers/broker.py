@@ -98,10 +98,16 @@ class Channel(kombu_sqla.Channel):
         if self.session.bind.name == "sqlite":
             self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
         try:
-            msg = (self.session.query(self.message_cls).with_for_update()
-                   .filter(self.message_cls.queue_id == obj.id)
-                   .filter(self.message_cls.visible != False)  # noqa: E712 (SQL expression)
-                   .order_by(self.message_cls.sent_at).order_by(self.message_cls.id).limit(1).first())
+            msg = (
+                self.session.query(self.message_cls)
+                .with_for_update()
+                .filter(self.message_cls.queue_id == obj.id)
+                .filter(self.message_cls.visible != False)  # noqa: E712 (SQL expression)
+                .order_by(self.message_cls.sent_at)
+                .order_by(self.message_cls.id)
+                .limit(1)
+                .first()
+            )
             if msg is None:
                 raise Empty()
             msg.visible = False
@@ -202,9 +208,10 @@ def recover_unacked(url: str, queues: list[str]) -> int:
             tables = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
             if not {"kombu_queue", "kombu_message"} <= tables:
                 return 0
-            stmt = text("UPDATE kombu_message SET visible = 1 WHERE visible = 0 AND queue_id IN "
-                        "(SELECT id FROM kombu_queue WHERE name IN :names)").bindparams(
-                bindparam("names", expanding=True))
+            stmt = text(
+                "UPDATE kombu_message SET visible = 1 WHERE visible = 0 AND queue_id IN "
+                "(SELECT id FROM kombu_queue WHERE name IN :names)"
+            ).bindparams(bindparam("names", expanding=True))
             count = conn.execute(stmt, {"names": queues}).rowcount
     finally:
         engine.dispose()
@@ -228,8 +235,9 @@ class LeaseKeeper:
         self.channel = channel
         self.interval_s = lease_s / 4
         self.key = channel.qos.unacked_index_key
-        self.client = redis.Redis.from_url(url, socket_timeout=max(1.0, self.interval_s),
-                                           socket_connect_timeout=max(1.0, self.interval_s))
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=max(1.0, self.interval_s), socket_connect_timeout=max(1.0, self.interval_s)
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker-lease", daemon=True)
 

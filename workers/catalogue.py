@@ -78,6 +78,7 @@ def model_cards(folder: Path | None = None) -> list[dict[str, Any]]:
 
 def srgb_to_cielab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
     """sRGB (D65) to CIE L*a*b*, the conversion PS3.3 C.10.7.1.1 asks for display colours."""
+
     def linear(c: float) -> float:
         c /= 255.0
         return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4

@@ -98,8 +98,13 @@ def analyze_batch(requests: Sequence[AnalyzeRequest], runner: ModelRunner) -> li
     cases = []
     for req in requests:
         image = req.pixels()
-        cases.append(_Case(request=req, image=image, result=AnalyzeResult(job_id=req.job_id, rows=req.rows,
-                                                                             cols=req.cols, started_at=started_at)))
+        cases.append(
+            _Case(
+                request=req,
+                image=image,
+                result=AnalyzeResult(job_id=req.job_id, rows=req.rows, cols=req.cols, started_at=started_at),
+            )
+        )
     plans = [_models_to_run(c.request, runner, c.result.warnings) for c in cases]
     for name, step in (("lung", _run_lung), ("opacity", _run_opacity), ("pneumothorax", _run_pneumothorax)):
         members = [c for c, plan in zip(cases, plans, strict=True) if name in plan]
@@ -123,8 +128,9 @@ def _predict_full(name: str, cases: Sequence[_Case], runner: ModelRunner) -> tup
     """Probability maps (channels, rows, cols) on each case's grid, and presence probabilities."""
     size = runner.spec(name).input_size
     pred = runner.predict(name, np.concatenate([preprocess(c.image, size) for c in cases]))
-    maps = [np.stack([resize_prob(ch, c.request.rows, c.request.cols) for ch in pred.mask[i]])
-            for i, c in enumerate(cases)]
+    maps = [
+        np.stack([resize_prob(ch, c.request.rows, c.request.cols) for ch in pred.mask[i]]) for i, c in enumerate(cases)
+    ]
     return maps, pred.presence
 
 
@@ -188,8 +194,12 @@ def _predict_lung_crop(cases: Sequence[_Case], runner: ModelRunner) -> list[np.n
             c.result.warnings.append("no lungs to crop for the opacity model; used the whole image")
             box = (0, c.request.rows, 0, c.request.cols)
         boxes.append(box)
-    batch = np.concatenate([preprocess(np.ascontiguousarray(c.image[r0:r1, c0:c1]), size)
-                            for c, (r0, r1, c0, c1) in zip(cases, boxes, strict=True)])
+    batch = np.concatenate(
+        [
+            preprocess(np.ascontiguousarray(c.image[r0:r1, c0:c1]), size)
+            for c, (r0, r1, c0, c1) in zip(cases, boxes, strict=True)
+        ]
+    )
     pred = runner.predict("opacity", batch)
     probs = []
     for i, (c, (r0, r1, c0, c1)) in enumerate(zip(cases, boxes, strict=True)):

@@ -54,8 +54,9 @@ def build(spec: ModelSpec) -> Any:
     import segmentation_models_pytorch as smp
 
     cls = getattr(smp, spec.arch)
-    kwargs: dict[str, Any] = dict(encoder_name=spec.encoder, encoder_weights=None,
-                                  in_channels=spec.in_channels, classes=spec.classes)
+    kwargs: dict[str, Any] = dict(
+        encoder_name=spec.encoder, encoder_weights=None, in_channels=spec.in_channels, classes=spec.classes
+    )
     if spec.aux_classification:
         kwargs["aux_params"] = {"classes": 1, "dropout": 0.2}
     return cls(**kwargs)
@@ -126,8 +127,10 @@ def save(model: Any, spec: ModelSpec, card: dict[str, Any], weights_dir: Path = 
 
     weights_dir.mkdir(parents=True, exist_ok=True)
     wpath = weights_path(spec.name, weights_dir)
-    state = {k: v.detach().cpu().half().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().half().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     save_file(state, str(wpath))
     full = dict(card)
     full["name"] = spec.name

@@ -55,7 +55,6 @@ ENV_THREADS = "CXRNODE_WORKER_THREADS"  # intra-op threads on CPU
 ENV_MODELS = "CXRNODE_WORKER_MODELS"  # comma list of models to load; default all
 
 
-
 def default_weights_dir() -> Path:
     return weights_dir()
 
@@ -121,10 +120,18 @@ class ModelRunner:
     Raises models.WeightsError when a requested model's weights or card are missing or do not match.
     """
 
-    def __init__(self, weights_dir: Path | None = None, model_names: Iterable[str] | None = None,
-                 device: str | None = None, backend: str | None = None, cache_dir: Path | None = None,
-                 threads: int | None = None, gpu_batch_size: int = 8, cpu_batch_size: int = 1,
-                 micro_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        weights_dir: Path | None = None,
+        model_names: Iterable[str] | None = None,
+        device: str | None = None,
+        backend: str | None = None,
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+        gpu_batch_size: int = 8,
+        cpu_batch_size: int = 1,
+        micro_batch: int | None = None,
+    ) -> None:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         names = tuple(model_names) if model_names is not None else models_from_env()
@@ -172,9 +179,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         module, card = models.load(name, self.weights_dir)
         spec = models.spec_from_card(card)
-        info = ModelInfo(name=name, version=str(card.get("version") or card.get("training_date") or card["sha256"][:12]),
-                         sha256=card["sha256"], status=str(card.get("status", "experimental")),
-                         architecture=f"{spec.arch}/{spec.encoder}@{spec.input_size}")
+        info = ModelInfo(
+            name=name,
+            version=str(card.get("version") or card.get("training_date") or card["sha256"][:12]),
+            sha256=card["sha256"],
+            status=str(card.get("status", "experimental")),
+            architecture=f"{spec.arch}/{spec.encoder}@{spec.input_size}",
+        )
         backend: Backend
         if self._cuda_thread is not None:
             backend = OnThread(TorchBackend(module, "cuda"), self._cuda_thread)
@@ -187,8 +198,15 @@ class ModelRunner:
             backend = TorchBackend(module, "cpu")
         else:
             backend = self._onnx_or_torch(module, spec, card["sha256"])
-        log.info("loaded model %s %s (%s, sha256 %s…) on %s in %.0f ms", name, info.version, info.architecture,
-                 info.sha256[:12], backend.name, (time.perf_counter() - t0) * 1000)
+        log.info(
+            "loaded model %s %s (%s, sha256 %s…) on %s in %.0f ms",
+            name,
+            info.version,
+            info.architecture,
+            info.sha256[:12],
+            backend.name,
+            (time.perf_counter() - t0) * 1000,
+        )
         return LoadedModel(name=name, spec=spec, card=card, info=info, backend=backend)
 
     def _onnx_or_torch(self, module: Any, spec: models.ModelSpec, sha256: str) -> Backend:
@@ -239,9 +257,13 @@ class ModelRunner:
         out = {}
         for name, m in self.models.items():
             t = np.asarray(m.timings_ms or [0.0])
-            out[name] = TimingStats(calls=m.calls, images=m.images,
-                                    mean_ms=float(t.mean()), p50_ms=float(np.percentile(t, 50)),
-                                    p95_ms=float(np.percentile(t, 95)))
+            out[name] = TimingStats(
+                calls=m.calls,
+                images=m.images,
+                mean_ms=float(t.mean()),
+                p50_ms=float(np.percentile(t, 50)),
+                p95_ms=float(np.percentile(t, 95)),
+            )
         return out
 
     def _get(self, name: str) -> LoadedModel:
@@ -262,7 +284,7 @@ class ModelRunner:
         masks: list[np.ndarray] = []
         presences: list[np.ndarray] = []
         for start in range(0, batch.shape[0], self.batch_size):
-            pred = m.batcher(batch[start:start + self.batch_size])
+            pred = m.batcher(batch[start : start + self.batch_size])
             masks.append(pred.mask)
             if pred.presence is not None:
                 presences.append(pred.presence)

@@ -62,7 +62,7 @@ def _split_merged(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if hi <= lo:
         cut = blob.shape[1] // 2
     else:
-        heights = blob[:, lo:hi + 1].sum(axis=0)
+        heights = blob[:, lo : hi + 1].sum(axis=0)
         # Among equal minima prefer the one closest to the blob's centre; the cut falls just before
         # the chosen column, so a symmetric blob splits into equal halves.
         candidates = np.flatnonzero(heights == heights.min()) + lo
@@ -142,8 +142,9 @@ def _fraction(part: np.ndarray, whole: np.ndarray) -> float:
     return float((part & whole).sum()) / n if n else 0.0
 
 
-def score(right: np.ndarray, left: np.ndarray, opacity: np.ndarray,
-          threshold: float = DEFAULT_ZONE_THRESHOLD) -> SeverityResult:
+def score(
+    right: np.ndarray, left: np.ndarray, opacity: np.ndarray, threshold: float = DEFAULT_ZONE_THRESHOLD
+) -> SeverityResult:
     """Severity 0-6: the number of the six lung zones whose opacity fraction exceeds `threshold`.
 
     Opacity outside the lungs is ignored. Zones of an empty lung have fraction 0 and never count.

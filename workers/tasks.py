@@ -53,12 +53,15 @@ from workers.api import (
 log = logging.getLogger(__name__)
 
 ENV_BROKER_RECOVER = "CXRNODE_BROKER_RECOVER"  # "0": do not requeue stranded embedded messages at start
-NO_BROKER = (f"no broker configured: set {BROKER_ENV} to the node's [broker] url (e.g. redis://host:6379/0; "
-             "`cxrnode worker --config FILE` sets it from the node's configuration)")
+NO_BROKER = (
+    f"no broker configured: set {BROKER_ENV} to the node's [broker] url (e.g. redis://host:6379/0; "
+    "`cxrnode worker --config FILE` sets it from the node's configuration)"
+)
 
 
-def worker_settings(broker_url: str, result_backend: str, time_limit: float,
-                    lease_s: float = DEFAULT_LEASE_S) -> dict[str, Any]:
+def worker_settings(
+    broker_url: str, result_backend: str, time_limit: float, lease_s: float = DEFAULT_LEASE_S
+) -> dict[str, Any]:
     """The shared settings (`workers.api.celery_settings`: JSON, acks_late, prefetch 1, routes,
     Redis priorities and leases) plus what only the worker side needs."""
     conf = celery_settings(broker_url, result_backend, lease_s)
@@ -67,8 +70,7 @@ def worker_settings(broker_url: str, result_backend: str, time_limit: float,
         task_soft_time_limit=max(1.0, time_limit - 30),
         # The finish message must get out even through a broker hiccup; if it cannot, the task is
         # requeued (see `analyze`), not lost.
-        task_publish_retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
-                                   "interval_max": 3.0},
+        task_publish_retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3.0},
         worker_send_task_events=False,
         # Each pool process loads (and on first use exports) the models before it reports up; the
         # default 4 s makes Celery kill and respawn a loading process forever on a busy host.
@@ -206,8 +208,9 @@ def analyze(self: Any, message: dict[str, Any]) -> dict[str, Any]:
             self.app.send_task(FINISH_TASK, args=[_error_result(str(job_id), reason)], queue=reply_queue_of(message))
         raise Reject(reason, requeue=False) from exc
 
-    log.info("job %s: analysing (%dx%d, models %s)", request.job_id, request.rows, request.cols,
-             ",".join(request.models))
+    log.info(
+        "job %s: analysing (%dx%d, models %s)", request.job_id, request.rows, request.cols, ",".join(request.models)
+    )
     try:
         result = run_analysis(request, get_runner()).to_message(request.result_fields)
     except Exception as exc:  # a model failed on this image: report, do not loop
@@ -218,6 +221,10 @@ def analyze(self: Any, message: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # broker unreachable: run again later rather than lose the result
         log.error("job %s: could not send the result (%s); requeued", request.job_id, exc)
         raise Reject(f"result not delivered: {exc}", requeue=True) from exc
-    log.info("job %s: analysed (severity %s, timings %s)", request.job_id, result.get("severity_score"),
-             result.get("timings_ms"))
+    log.info(
+        "job %s: analysed (severity %s, timings %s)",
+        request.job_id,
+        result.get("severity_score"),
+        result.get("timings_ms"),
+    )
     return result

@@ -24,8 +24,7 @@ class AdminError(ValueError):
 
 #: What an AE entry may carry besides its name (the configuration's [[ae]] keys): a DICOM peer has
 #: host/port/tls (and storage_commitment as a destination), a STOW-RS destination url/auth/username/secret.
-AE_FIELDS = ("host", "port", "role", "tls", "storage_commitment", "description", "url", "auth", "username",
-             "secret")
+AE_FIELDS = ("host", "port", "role", "tls", "storage_commitment", "description", "url", "auth", "username", "secret")
 
 
 def validate_entry(name: str, **fields: Any) -> AEEntry:
@@ -86,8 +85,9 @@ class EchoResult:
     protocol: str = "C-ECHO"  # "QIDO-RS" for a STOW-RS destination (node.dicomweb.client.probe)
 
 
-def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, timeout: float = 10.0,
-            actor: str = "cli") -> EchoResult:
+def echo_ae(
+    store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, timeout: float = 10.0, actor: str = "cli"
+) -> EchoResult:
     """C-ECHO a known AE from the node's AE title, as the exporter would reach it (TLS when the AE says
     so, with dicom.tls's CA and certificate); audited as an outbound association and an event.
 
@@ -107,12 +107,27 @@ def echo_ae(store: AuditStore, name: str, *, calling_ae: str, tls: TLSConfig, ti
     r = echo(Destination(entry.name, entry.host, entry.port, entry.tls), calling_ae, timeout, ssl_context)
     result = EchoResult(entry.name, entry.host, entry.port, r.ok, r.status, r.seconds * 1000, r.detail)
     association_id = store.record_association(
-        calling_ae=calling_ae, called_ae=entry.name, peer_host=entry.host, peer_port=entry.port,
-        result="released" if result.ok else "failed", reason="" if result.ok else r.detail, tls=entry.tls,
-        direction="outbound")
-    store.add_event("ae.echo", actor=actor, association_id=association_id,
-                    detail={"name": entry.name, "ok": result.ok, "detail": r.detail, "tls": entry.tls,
-                            "round_trip_ms": round(result.round_trip_ms, 1)})
+        calling_ae=calling_ae,
+        called_ae=entry.name,
+        peer_host=entry.host,
+        peer_port=entry.port,
+        result="released" if result.ok else "failed",
+        reason="" if result.ok else r.detail,
+        tls=entry.tls,
+        direction="outbound",
+    )
+    store.add_event(
+        "ae.echo",
+        actor=actor,
+        association_id=association_id,
+        detail={
+            "name": entry.name,
+            "ok": result.ok,
+            "detail": r.detail,
+            "tls": entry.tls,
+            "round_trip_ms": round(result.round_trip_ms, 1),
+        },
+    )
     log.info("C-ECHO %s@%s:%d%s: %s", entry.name, entry.host, entry.port, " (TLS)" if entry.tls else "", r.detail)
     return result
 
@@ -126,10 +141,22 @@ def _probe_stow(store: AuditStore, entry: AETitle, *, tls: TLSConfig, timeout: f
         verify = https_verify(tls)
     except (OSError, ValueError) as e:
         raise AdminError(f"{entry.name!r} is HTTPS, but the node's CA file cannot be loaded: {e}") from e
-    r = probe(StowDestination(entry.name, entry.url, entry.auth, entry.username, entry.secret), timeout_s=timeout,
-              verify=verify)
+    r = probe(
+        StowDestination(entry.name, entry.url, entry.auth, entry.username, entry.secret),
+        timeout_s=timeout,
+        verify=verify,
+    )
     result = EchoResult(entry.name, entry.url, 0, r.ok, r.status, r.seconds * 1000, r.detail, "QIDO-RS")
-    store.add_event("ae.echo", actor=actor, detail={"name": entry.name, "ok": r.ok, "detail": r.detail,
-                                                    "url": entry.url, "round_trip_ms": round(result.round_trip_ms, 1)})
+    store.add_event(
+        "ae.echo",
+        actor=actor,
+        detail={
+            "name": entry.name,
+            "ok": r.ok,
+            "detail": r.detail,
+            "url": entry.url,
+            "round_trip_ms": round(result.round_trip_ms, 1),
+        },
+    )
     log.info("QIDO-RS probe of %s at %s: %s", entry.name, entry.url, r.detail)
     return result

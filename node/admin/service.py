@@ -30,9 +30,15 @@ __all__ = ["AdminError", "AdminService"]
 class AdminService:
     """AE titles (add, remove, C-ECHO), re-analysis, re-sending results and dead-letter retries."""
 
-    def __init__(self, store: AuditStore, *, calling_ae: str, tls: TLSConfig | None = None,
-                 enqueue_analysis: Callable[[int], None] | None = None,
-                 kick_sender: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: AuditStore,
+        *,
+        calling_ae: str,
+        tls: TLSConfig | None = None,
+        enqueue_analysis: Callable[[int], None] | None = None,
+        kick_sender: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.calling_ae = calling_ae
         self.tls = tls or TLSConfig()  # dicom.tls: C-ECHO reaches a TLS AE as the exporter does
@@ -40,12 +46,22 @@ class AdminService:
         self.kick_sender = kick_sender
 
     @classmethod
-    def for_settings(cls, settings: Settings, store: AuditStore, *,
-                     enqueue_analysis: Callable[[int], None] | None = None,
-                     kick_sender: Callable[[], None] | None = None) -> AdminService:
+    def for_settings(
+        cls,
+        settings: Settings,
+        store: AuditStore,
+        *,
+        enqueue_analysis: Callable[[int], None] | None = None,
+        kick_sender: Callable[[], None] | None = None,
+    ) -> AdminService:
         """The service as the exporter sees the network: its calling AE title and dicom.tls."""
-        return cls(store, calling_ae=settings.sender.calling_ae or settings.dicom.ae_title, tls=settings.dicom.tls,
-                   enqueue_analysis=enqueue_analysis, kick_sender=kick_sender)
+        return cls(
+            store,
+            calling_ae=settings.sender.calling_ae or settings.dicom.ae_title,
+            tls=settings.dicom.tls,
+            enqueue_analysis=enqueue_analysis,
+            kick_sender=kick_sender,
+        )
 
     # -- AE titles ---------------------------------------------------------------------------------
 
@@ -82,9 +98,12 @@ class AdminService:
 
     def resend(self, instance_id: int, *, actor: str) -> str:
         """Deliver every result of an instance again (sent, committed or dead exports back to pending)."""
-        ids = self.store.requeue_exports(actor=actor, instance_id=instance_id,
-                                         states=(ExportState.SENT, ExportState.COMMITTED, ExportState.DEAD),
-                                         kind="export.resend")
+        ids = self.store.requeue_exports(
+            actor=actor,
+            instance_id=instance_id,
+            states=(ExportState.SENT, ExportState.COMMITTED, ExportState.DEAD),
+            kind="export.resend",
+        )
         if not ids:
             raise AdminError(f"instance {instance_id} has no results to send (re-run it first)")
         return self._kicked(f"{len(ids)} result object(s) of instance {instance_id} will be sent again")

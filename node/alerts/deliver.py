@@ -62,8 +62,10 @@ class Alerter(BackgroundLoop):
         dest = self.settings.triage.destination(alert.destination)
         try:
             if dest is None:
-                raise AlertError(f"alert destination {alert.destination!r} is no longer configured "
-                                 "(triage.destinations)", retryable=False)
+                raise AlertError(
+                    f"alert destination {alert.destination!r} is no longer configured (triage.destinations)",
+                    retryable=False,
+                )
             receipt = deliver_one(self.settings, dest, TriageAlert.from_json(alert.payload))
         except AlertError as e:
             self._failed(alert, e.reason, retryable=e.retryable)
@@ -82,7 +84,13 @@ class Alerter(BackgroundLoop):
         attempt = alert.attempts + 1
         give_up = not retryable or attempt >= cfg.max_attempts
         next_at = None if give_up else utcnow() + timedelta(seconds=backoff_delay(attempt, cfg))
-        log.warning("alert %d to %s failed (attempt %d%s): %s", alert.id, alert.destination, attempt,
-                    ", giving up" if give_up else "", error)
+        log.warning(
+            "alert %d to %s failed (attempt %d%s): %s",
+            alert.id,
+            alert.destination,
+            attempt,
+            ", giving up" if give_up else "",
+            error,
+        )
         self.store.record_alert_attempt(alert.id, ok=False, error=error, next_attempt_at=next_at, give_up=give_up)
         metrics.count_alert(alert.kind, "dead" if give_up else "retry")

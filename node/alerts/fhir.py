@@ -137,8 +137,10 @@ def _human_name(pn: str) -> dict[str, Any] | None:
         return None
     parts = [p.strip() for p in alphabetic.split("^")] + [""] * 5
     family, given, middle, prefix, suffix = parts[:5]
-    name: dict[str, Any] = {"use": "official",
-                            "text": " ".join(p for p in (prefix, given, middle, family, suffix) if p)}
+    name: dict[str, Any] = {
+        "use": "official",
+        "text": " ".join(p for p in (prefix, given, middle, family, suffix) if p),
+    }
     if family:
         name["family"] = family
     givens = [g for g in (given, middle) if g]
@@ -153,8 +155,11 @@ def _human_name(pn: str) -> dict[str, Any] | None:
 
 def _study_reference(study_uid: str, display: str) -> dict[str, Any]:
     """A logical reference to the ImagingStudy with this Study Instance UID."""
-    return {"type": "ImagingStudy", "display": display,
-            "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}}
+    return {
+        "type": "ImagingStudy",
+        "display": display,
+        "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"},
+    }
 
 
 def _models_text(alert: TriageAlert) -> str:
@@ -177,17 +182,26 @@ class _Builder:
         self.subject: dict[str, str] | None = None
         self.observation_urls: list[str] = []
 
-    def add(self, model: type[Patient | Observation | DiagnosticReport], resource: dict[str, Any],
-            identifier: dict[str, str]) -> str:
+    def add(
+        self,
+        model: type[Patient | Observation | DiagnosticReport],
+        resource: dict[str, Any],
+        identifier: dict[str, str],
+    ) -> str:
         validated = model.model_validate(resource)
         url = _uuid_url(identifier)
-        self.entries.append({
-            "fullUrl": url,
-            "resource": validated.model_dump(mode="json", exclude_none=True),
-            "request": {"method": "POST", "url": resource["resourceType"],
-                        "ifNoneExist": f"identifier={quote(identifier['system'], safe=':/')}|"
-                                       f"{quote(identifier['value'], safe='')}"},
-        })
+        self.entries.append(
+            {
+                "fullUrl": url,
+                "resource": validated.model_dump(mode="json", exclude_none=True),
+                "request": {
+                    "method": "POST",
+                    "url": resource["resourceType"],
+                    "ifNoneExist": f"identifier={quote(identifier['system'], safe=':/')}|"
+                    f"{quote(identifier['value'], safe='')}",
+                },
+            }
+        )
         return url
 
     # ------------------------------------------------------------------------------------ resources
@@ -211,8 +225,7 @@ class _Builder:
         url = self.add(Patient, resource, identifier)
         self.subject = {"reference": url, "type": "Patient"}
 
-    def observation(self, key: str, code: list[dict[str, str]], text: str, value: dict[str, Any],
-                    **extra: Any) -> None:
+    def observation(self, key: str, code: list[dict[str, str]], text: str, value: dict[str, Any], **extra: Any) -> None:
         a = self.alert
         identifier = {"system": OBSERVATION_ID_SYSTEM, "value": f"{a.alert_id}.{key}"}
         notes = ([{"text": a.note}] if a.note else []) + list(extra.pop("note", []))
@@ -242,37 +255,60 @@ class _Builder:
         if a.severity_score is not None:
             self.observation(
                 "severity",
-                [_coding(CODE_SYSTEM, "severity-score", "Lung opacity severity score (zones, 0-6)"),
-                 _coding(SNOMED, "246112005", "Severity")],
+                [
+                    _coding(CODE_SYSTEM, "severity-score", "Lung opacity severity score (zones, 0-6)"),
+                    _coding(SNOMED, "246112005", "Severity"),
+                ],
                 "Lung opacity severity score (0-6 lung zones with opacity)",
                 {"valueInteger": int(a.severity_score)},
-                referenceRange=[{"low": {"value": 0}, "high": {"value": 6},
-                                 "text": "0 (no zone) to 6 (all six lung zones)"}])
+                referenceRange=[
+                    {"low": {"value": 0}, "high": {"value": 6}, "text": "0 (no zone) to 6 (all six lung zones)"}
+                ],
+            )
         if a.severity_change is not None or a.prior is not None:
             value: dict[str, Any] = (
-                {"valueInteger": int(a.severity_change)} if a.severity_change is not None
-                else {"dataAbsentReason": {"coding": [_coding(DATA_ABSENT, "not-applicable", "Not Applicable")],
-                                           "text": "the prior study has no severity score"}})
+                {"valueInteger": int(a.severity_change)}
+                if a.severity_change is not None
+                else {
+                    "dataAbsentReason": {
+                        "coding": [_coding(DATA_ABSENT, "not-applicable", "Not Applicable")],
+                        "text": "the prior study has no severity score",
+                    }
+                }
+            )
             components: list[dict[str, Any]] = []
             derived = [_study_reference(a.study_instance_uid, "analysed study")]
             if a.prior is not None:
                 derived.append(_study_reference(a.prior.study_instance_uid, "prior study"))
                 if a.prior.severity_score is not None:
-                    components.append({"code": {"coding": [_coding(CODE_SYSTEM, "prior-severity-score",
-                                                                   "Severity score of the prior study")]},
-                                       "valueInteger": int(a.prior.severity_score)})
+                    components.append(
+                        {
+                            "code": {
+                                "coding": [
+                                    _coding(CODE_SYSTEM, "prior-severity-score", "Severity score of the prior study")
+                                ]
+                            },
+                            "valueInteger": int(a.prior.severity_score),
+                        }
+                    )
                 prior_date = _fhir_date(a.prior.study_date)
                 if prior_date:
-                    components.append({"code": {"coding": [_coding(CODE_SYSTEM, "prior-study-date",
-                                                                   "Date of the prior study")]},
-                                       "valueDateTime": prior_date})
+                    components.append(
+                        {
+                            "code": {"coding": [_coding(CODE_SYSTEM, "prior-study-date", "Date of the prior study")]},
+                            "valueDateTime": prior_date,
+                        }
+                    )
             extra: dict[str, Any] = {"derivedFrom": derived}
             if components:
                 extra["component"] = components
             self.observation(
                 "severity-change",
                 [_coding(CODE_SYSTEM, "severity-change", "Change of severity score against the prior study")],
-                "Severity score change against the prior study", value, **extra)
+                "Severity score change against the prior study",
+                value,
+                **extra,
+            )
         if a.pneumothorax_present is not None:
             present = bool(a.pneumothorax_present)
             extra = {}
@@ -280,28 +316,46 @@ class _Builder:
             if present and site:
                 extra["bodySite"] = {"coding": [_coding(SNOMED, *site)], "text": a.pneumothorax_side}
             if a.pneumothorax_probability is not None:
-                extra["component"] = [{
-                    "code": {"coding": [_coding(CODE_SYSTEM, "probability", "Model probability")],
-                             "text": "pneumothorax probability"},
-                    "valueQuantity": {"value": round(float(a.pneumothorax_probability), 4),
-                                      "unit": "probability", "system": UCUM, "code": "1"},
-                }]
+                extra["component"] = [
+                    {
+                        "code": {
+                            "coding": [_coding(CODE_SYSTEM, "probability", "Model probability")],
+                            "text": "pneumothorax probability",
+                        },
+                        "valueQuantity": {
+                            "value": round(float(a.pneumothorax_probability), 4),
+                            "unit": "probability",
+                            "system": UCUM,
+                            "code": "1",
+                        },
+                    }
+                ]
             self.observation(
                 "pneumothorax",
                 [_coding(SNOMED, "36118008", "Pneumothorax")],
                 "Pneumothorax",
-                {"valueCodeableConcept": {
-                    "coding": [_coding(SNOMED, "52101004", "Present") if present
-                               else _coding(SNOMED, "2667000", "Absent")],
-                    "text": "present" if present else "absent"}},
-                **extra)
+                {
+                    "valueCodeableConcept": {
+                        "coding": [
+                            _coding(SNOMED, "52101004", "Present") if present else _coding(SNOMED, "2667000", "Absent")
+                        ],
+                        "text": "present" if present else "absent",
+                    }
+                },
+                **extra,
+            )
         self.observation(
             "triage-level",
             [_coding(CODE_SYSTEM, "triage-level", "Triage level")],
             "Triage level",
-            {"valueCodeableConcept": {"coding": [_coding(CODE_SYSTEM, a.level, _LEVEL_DISPLAY[a.level])],
-                                      "text": a.level}},
-            note=[{"text": r} for r in a.reasons])
+            {
+                "valueCodeableConcept": {
+                    "coding": [_coding(CODE_SYSTEM, a.level, _LEVEL_DISPLAY[a.level])],
+                    "text": a.level,
+                }
+            },
+            note=[{"text": r} for r in a.reasons],
+        )
 
     def report(self) -> None:
         a = self.alert
@@ -320,11 +374,12 @@ class _Builder:
             "identifier": [identifier],
             "status": self.status,
             "category": [{"coding": [_coding(V2_0074, "RAD", "Radiology")]}],
-            "code": {"coding": [REPORT_CODE, _coding(CODE_SYSTEM, "ai-triage", "AI chest X-ray triage")],
-                     "text": "AI chest X-ray triage"},
+            "code": {
+                "coding": [REPORT_CODE, _coding(CODE_SYSTEM, "ai-triage", "AI chest X-ray triage")],
+                "text": "AI chest X-ray triage",
+            },
             "issued": self.issued,
-            "imagingStudy": [_study_reference(a.study_instance_uid,
-                                              f"study {a.accession_number}".strip())],
+            "imagingStudy": [_study_reference(a.study_instance_uid, f"study {a.accession_number}".strip())],
             "result": [{"reference": url, "type": "Observation"} for url in self.observation_urls],
             "conclusion": " ".join(lines),
             "conclusionCode": [{"coding": [_coding(CODE_SYSTEM, a.level, _LEVEL_DISPLAY[a.level])]}],
@@ -332,10 +387,14 @@ class _Builder:
         if a.accession_number:
             # The accession is how a RIS matches the report to its order; as a second identifier the
             # conditional create still keys on the alert id only (first identifier, used in ifNoneExist).
-            resource["identifier"].append({
-                "type": {"coding": [_coding("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
-                                            "Accession ID")]},
-                "value": a.accession_number})
+            resource["identifier"].append(
+                {
+                    "type": {
+                        "coding": [_coding("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID")]
+                    },
+                    "value": a.accession_number,
+                }
+            )
         if self.subject:
             resource["subject"] = self.subject
         if self.effective:
@@ -363,8 +422,9 @@ def _token(dest: FHIRDestination) -> str:
         try:
             return Path(dest.token_file).read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise AlertError(f"FHIR {dest.name}: cannot read token_file {dest.token_file}: {e.strerror or e}",
-                             retryable=False) from e
+            raise AlertError(
+                f"FHIR {dest.name}: cannot read token_file {dest.token_file}: {e.strerror or e}", retryable=False
+            ) from e
     return dest.token.strip()
 
 
@@ -414,8 +474,15 @@ def deliver(dest: FHIRDestination, alert: TriageAlert) -> str:
     if token:
         headers["Authorization"] = f"Bearer {token}"
     what = f"FHIR {dest.name}"
-    response = post(dest.base_url.rstrip("/") or dest.base_url, body, headers, timeout_s=dest.timeout_s,
-                    ca_file=dest.ca_file, what=what, diagnostics=operation_outcome_diagnostics)
+    response = post(
+        dest.base_url.rstrip("/") or dest.base_url,
+        body,
+        headers,
+        timeout_s=dest.timeout_s,
+        ca_file=dest.ca_file,
+        what=what,
+        diagnostics=operation_outcome_diagnostics,
+    )
     receipt = _receipt(response, bundle)
     log.info("%s accepted alert %s (%s)", what, alert.alert_id, receipt)
     return receipt

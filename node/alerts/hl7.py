@@ -104,6 +104,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # --- building --------------------------------------------------------------------------------------
 
+
 def _clean(value: object) -> str:
     return _CONTROL.sub(" ", str(value))
 
@@ -124,7 +125,7 @@ def _fit(value: object, limit: int = ST_MAX) -> str:
     if excess > 0:
         log.warning("HL7 text value of %d characters shortened to fit %d (escaped)", len(raw), limit)
         while excess > 0:
-            raw = raw[:len(raw) - max(1, excess // 3)]
+            raw = raw[: len(raw) - max(1, excess // 3)]
             excess = len(_er7(raw)) - limit
     return raw
 
@@ -226,17 +227,23 @@ def _observations(alert: TriageAlert) -> list[_Obs]:
         if _da(alert.prior.study_date):
             obs.append(_Obs(OBS_PRIOR_DATE, "DT", [_da(alert.prior.study_date)]))
         if alert.prior.severity_score is not None:
-            obs.append(_Obs(OBS_PRIOR_SEVERITY, "NM", [_number(alert.prior.severity_score)], units=ZONES_UNIT,
-                            range="0-6"))
+            obs.append(
+                _Obs(OBS_PRIOR_SEVERITY, "NM", [_number(alert.prior.severity_score)], units=ZONES_UNIT, range="0-6")
+            )
     if alert.pneumothorax_present is not None:
-        obs.append(_Obs(OBS_PNEUMOTHORAX, "CWE", PRESENT if alert.pneumothorax_present else ABSENT,
-                        flag="A" if alert.pneumothorax_present else "N"))
+        obs.append(
+            _Obs(
+                OBS_PNEUMOTHORAX,
+                "CWE",
+                PRESENT if alert.pneumothorax_present else ABSENT,
+                flag="A" if alert.pneumothorax_present else "N",
+            )
+        )
     side = SIDES.get((alert.pneumothorax_side or "").lower())
     if side is not None:
         obs.append(_Obs(OBS_PNEUMOTHORAX_SIDE, "CWE", side))
     if alert.pneumothorax_probability is not None:
-        obs.append(_Obs(OBS_PNEUMOTHORAX_PROBABILITY, "NM", [_number(alert.pneumothorax_probability)],
-                        range="0-1"))
+        obs.append(_Obs(OBS_PNEUMOTHORAX_PROBABILITY, "NM", [_number(alert.pneumothorax_probability)], range="0-1"))
     for i, model in enumerate(alert.models, 1):
         obs.append(_Obs(OBS_MODEL, "ST", [f"{model.name} {model.version} ({model.status})"], sub_id=str(i)))
     if alert.note:
@@ -251,8 +258,12 @@ def _set_code(element: object, code: Code, prefix: str) -> None:
 
 def _msh(msg: Message, alert: TriageAlert, dest: HL7Destination, control_id: str) -> None:
     msh = msg.msh
-    for hd, key in ((msh.msh_3, "sending_application"), (msh.msh_4, "sending_facility"),
-                    (msh.msh_5, "receiving_application"), (msh.msh_6, "receiving_facility")):
+    for hd, key in (
+        (msh.msh_3, "sending_application"),
+        (msh.msh_4, "sending_facility"),
+        (msh.msh_5, "receiving_application"),
+        (msh.msh_6, "receiving_facility"),
+    ):
         configured = getattr(dest, key)
         if configured:
             hd.hd_1 = _is(configured, f"HL7 destination {dest.name}: {key}")
@@ -340,8 +351,10 @@ def build_oru(alert: TriageAlert, dest: HL7Destination, *, control_id: str | Non
     """
     control = control_id or alert.alert_id
     if not control or len(_er7(_clean(control))) > ST_MAX or _clean(control) != control:
-        raise AlertError(f"HL7 message control id {control!r} is empty, longer than {ST_MAX} characters "
-                         "or has control characters", retryable=False)
+        raise AlertError(
+            f"HL7 message control id {control!r} is empty, longer than {ST_MAX} characters or has control characters",
+            retryable=False,
+        )
     status = "C" if alert.revision > 1 else "F"
     level = VALIDATION_LEVEL.STRICT
     try:
@@ -359,11 +372,11 @@ def build_oru(alert: TriageAlert, dest: HL7Destination, *, control_id: str | Non
         msg.validate()
         return str(msg.to_er7())
     except HL7apyException as e:
-        raise AlertError(f"HL7 ORU^R01 for alert {alert.alert_id} is not valid v2.5.1: {e}",
-                         retryable=False) from e
+        raise AlertError(f"HL7 ORU^R01 for alert {alert.alert_id} is not valid v2.5.1: {e}", retryable=False) from e
 
 
 # --- reading answers -------------------------------------------------------------------------------
+
 
 def unescape(value: str, escape: str = "\\") -> str:
     r"""Undo HL7 escaping in one component: ``\F\ \S\ \T\ \R\ \E\`` and ``\Xhh..\``; others dropped."""
@@ -376,7 +389,7 @@ def unescape(value: str, escape: str = "\\") -> str:
         if value[i] == escape:
             end = value.find(escape, i + 1)
             if end > i:
-                seq = value[i + 1:end]
+                seq = value[i + 1 : end]
                 if seq in table:
                     out.append(table[seq])
                 elif seq.startswith("X") and re.fullmatch(r"X(?:[0-9A-Fa-f]{2})+", seq):
@@ -443,6 +456,7 @@ def parse_ack(raw: str) -> Ack:
 
 # --- delivery --------------------------------------------------------------------------------------
 
+
 class _Deadline:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -462,7 +476,7 @@ def _read_frame(sock: socket.socket, deadline: _Deadline) -> bytes:
         end = buf.find(END_BLOCK + CARRIAGE_RETURN)
         if end >= 0:
             start = buf.find(START_BLOCK)
-            return bytes(buf[start + 1 if 0 <= start < end else 0:end])
+            return bytes(buf[start + 1 if 0 <= start < end else 0 : end])
         if len(buf) > MAX_ACK_BYTES:
             raise ValueError(f"more than {MAX_ACK_BYTES} bytes without an MLLP end block")
         sock.settimeout(deadline.left())
@@ -489,12 +503,12 @@ def _connect(dest: HL7Destination, ssl_context: ssl.SSLContext | None, deadline:
         return ssl_context.wrap_socket(sock, server_hostname=dest.host)
     except ssl.SSLCertVerificationError as e:
         sock.close()
-        raise AlertError(f"HL7 {dest.name}: TLS handshake with {where} failed: {e.verify_message or e}",
-                         retryable=False) from e
+        raise AlertError(
+            f"HL7 {dest.name}: TLS handshake with {where} failed: {e.verify_message or e}", retryable=False
+        ) from e
     except TimeoutError as e:
         sock.close()
-        raise AlertError(f"HL7 {dest.name}: TLS handshake with {where} not done within "
-                         f"{dest.timeout_s:g} s") from e
+        raise AlertError(f"HL7 {dest.name}: TLS handshake with {where} not done within {dest.timeout_s:g} s") from e
     except (ssl.SSLError, OSError) as e:
         sock.close()
         raise AlertError(f"HL7 {dest.name}: TLS handshake with {where} failed: {e}") from e
@@ -524,11 +538,11 @@ def deliver(dest: HL7Destination, alert: TriageAlert, *, ssl_context: ssl.SSLCon
             sock.sendall(frame)
             raw = _read_frame(sock, deadline)
         except TimeoutError as e:
-            raise AlertError(f"HL7 {dest.name}: no ACK from {where} within {dest.timeout_s:g} s "
-                             f"for {control_id}") from e
+            raise AlertError(
+                f"HL7 {dest.name}: no ACK from {where} within {dest.timeout_s:g} s for {control_id}"
+            ) from e
         except EOFError as e:
-            raise AlertError(f"HL7 {dest.name}: {where} closed the connection without an ACK "
-                             f"for {control_id}") from e
+            raise AlertError(f"HL7 {dest.name}: {where} closed the connection without an ACK for {control_id}") from e
         except ValueError as e:
             raise AlertError(f"HL7 {dest.name}: garbled answer from {where}: {e}") from e
         except OSError as e:
@@ -539,17 +553,18 @@ def deliver(dest: HL7Destination, alert: TriageAlert, *, ssl_context: ssl.SSLCon
         snippet = raw[:80].decode("utf-8", "replace").replace("\r", "\\r")
         raise AlertError(f"HL7 {dest.name}: garbled ACK from {where} ({e}): {snippet!r}") from e
     if ack.control_id != control_id:
-        raise AlertError(f"HL7 {dest.name}: ACK from {where} is for control id {ack.control_id!r}, "
-                         f"not {control_id!r}")
+        raise AlertError(f"HL7 {dest.name}: ACK from {where} is for control id {ack.control_id!r}, not {control_id!r}")
     elapsed = time.monotonic() - started
     reason = f": {ack.text}" if ack.text else ""
     if ack.code in ACCEPTED:
         log.info("HL7 %s: %s %s from %s in %.3f s", dest.name, ack.code, control_id, where, elapsed)
         return f"ACK {ack.code} {control_id}"
     if ack.code in APPLICATION_ERROR:
-        raise AlertError(f"HL7 {dest.name}: {where} answered {ack.code} (application error) to "
-                         f"{control_id}{reason}", retryable=True)
+        raise AlertError(
+            f"HL7 {dest.name}: {where} answered {ack.code} (application error) to {control_id}{reason}", retryable=True
+        )
     if ack.code in REJECTED:
-        raise AlertError(f"HL7 {dest.name}: {where} answered {ack.code} (rejected) to {control_id}{reason}",
-                         retryable=False)
+        raise AlertError(
+            f"HL7 {dest.name}: {where} answered {ack.code} (rejected) to {control_id}{reason}", retryable=False
+        )
     raise AlertError(f"HL7 {dest.name}: ACK from {where} has unknown code {ack.code!r}{reason}")

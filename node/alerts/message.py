@@ -15,8 +15,9 @@ from typing import Any, Literal
 TriageLevel = Literal["critical", "urgent", "routine"]
 TRIAGE_LEVELS: tuple[TriageLevel, ...] = ("critical", "urgent", "routine")  # most to least pressing
 
-NOT_FOR_DIAGNOSTIC_USE = ("Not for diagnostic use: produced by experimental AI models; "
-                          "a radiologist must read the images.")
+NOT_FOR_DIAGNOSTIC_USE = (
+    "Not for diagnostic use: produced by experimental AI models; a radiologist must read the images."
+)
 
 
 @dataclass(frozen=True)

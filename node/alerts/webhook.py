@@ -53,6 +53,7 @@ _DIAGNOSTICS_MAX = 500
 
 # ---------------------------------------------------------------------------------------------- payload
 
+
 def payload(alert: TriageAlert, *, include_patient: bool) -> bytes:
     """The webhook body: compact UTF-8 JSON; patient fields only when ``include_patient``.
 
@@ -61,8 +62,7 @@ def payload(alert: TriageAlert, *, include_patient: bool) -> bytes:
     """
     prior: dict[str, Any] | None = None
     if alert.prior is not None:
-        prior = {"study_instance_uid": alert.prior.study_instance_uid,
-                 "severity_score": alert.prior.severity_score}
+        prior = {"study_instance_uid": alert.prior.study_instance_uid, "severity_score": alert.prior.severity_score}
         if include_patient:
             prior["study_date"] = alert.prior.study_date
     body: dict[str, Any] = {
@@ -103,14 +103,22 @@ def payload(alert: TriageAlert, *, include_patient: bool) -> bytes:
 
 # ---------------------------------------------------------------------------------------------- signing
 
+
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     """``sha256=<hex HMAC-SHA256(secret, b"<timestamp>." + body)>``, the X-CXRNode-Signature value."""
     mac = hmac.new(secret, f"{int(timestamp)}.".encode("ascii") + body, hashlib.sha256)
     return SIGNATURE_PREFIX + mac.hexdigest()
 
 
-def verify(secret: bytes, timestamp_header: str, signature_header: str, body: bytes, *,
-           tolerance_s: int = 300, now: float | None = None) -> bool:
+def verify(
+    secret: bytes,
+    timestamp_header: str,
+    signature_header: str,
+    body: bytes,
+    *,
+    tolerance_s: int = 300,
+    now: float | None = None,
+) -> bool:
     """True when the signature matches ``body`` and the timestamp is within ``tolerance_s`` of ``now``.
 
     Compares in constant time; a malformed header, a stale (or far-future) timestamp or any other
@@ -146,8 +154,9 @@ def _secret(dest: WebhookDestination) -> bytes:
         try:
             value = Path(dest.secret_file).read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise AlertError(f"webhook {dest.name}: cannot read secret_file {dest.secret_file}: {e.strerror or e}",
-                             retryable=False) from e
+            raise AlertError(
+                f"webhook {dest.name}: cannot read secret_file {dest.secret_file}: {e.strerror or e}", retryable=False
+            ) from e
         if not value:
             raise AlertError(f"webhook {dest.name}: secret_file {dest.secret_file} is empty", retryable=False)
         return value.encode("utf-8")
@@ -157,6 +166,7 @@ def _secret(dest: WebhookDestination) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
+
 
 def _text_diagnostics(response: httpx.Response) -> str:
     """A short, single-line excerpt of an error response body (JSON ``error``/``message`` when given)."""
@@ -182,8 +192,16 @@ def _verify_arg(ca_file: Path | None) -> ssl.SSLContext | bool:
         raise AlertError(f"cannot load ca_file {ca_file}: {e}", retryable=False) from e
 
 
-def post(url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float, ca_file: Path | None,
-         what: str, diagnostics: Callable[[httpx.Response], str] = _text_diagnostics) -> httpx.Response:
+def post(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout_s: float,
+    ca_file: Path | None,
+    what: str,
+    diagnostics: Callable[[httpx.Response], str] = _text_diagnostics,
+) -> httpx.Response:
     """POST ``body``; return the 2xx response or raise :class:`AlertError` classified for retry.
 
     ``what`` names the destination in messages (e.g. "webhook hook1"); ``diagnostics`` extracts a
@@ -191,12 +209,14 @@ def post(url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float,
     """
     all_headers = {"User-Agent": USER_AGENT, **headers}
     try:
-        with httpx.Client(timeout=httpx.Timeout(timeout_s), verify=_verify_arg(ca_file),
-                          follow_redirects=False, trust_env=False) as client:
+        with httpx.Client(
+            timeout=httpx.Timeout(timeout_s), verify=_verify_arg(ca_file), follow_redirects=False, trust_env=False
+        ) as client:
             response = client.post(url, content=body, headers=all_headers)
     except httpx.TimeoutException as e:
-        raise AlertError(f"{what}: timed out after {timeout_s:g} s ({type(e).__name__}) posting to {url}",
-                         retryable=True) from e
+        raise AlertError(
+            f"{what}: timed out after {timeout_s:g} s ({type(e).__name__}) posting to {url}", retryable=True
+        ) from e
     except httpx.UnsupportedProtocol as e:
         raise AlertError(f"{what}: unsupported URL scheme in {url!r} (use http or https)", retryable=False) from e
     except httpx.TransportError as e:

@@ -84,8 +84,12 @@ def _pool(limit: int) -> ProcessPoolExecutor:
     with _lock:
         pool = _pools.get(limit)
         if pool is None:
-            pool = ProcessPoolExecutor(POOL_PROCESSES, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_limit_memory, initargs=(limit,))
+            pool = ProcessPoolExecutor(
+                POOL_PROCESSES,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_limit_memory,
+                initargs=(limit,),
+            )
             _pools[limit] = pool
         return pool
 

@@ -32,8 +32,17 @@ from workers.api import MASK_NAMES, AnalyzeResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REPLY_TO_SENDER", "ResultFiles", "device_info", "finish_analysis", "job_id_for", "parse_job_id",
-           "published_geometry", "run_dir", "summary"]
+__all__ = [
+    "REPLY_TO_SENDER",
+    "ResultFiles",
+    "device_info",
+    "finish_analysis",
+    "job_id_for",
+    "parse_job_id",
+    "published_geometry",
+    "run_dir",
+    "summary",
+]
 
 REPLY_TO_SENDER = "reply-to-sender"
 
@@ -46,9 +55,11 @@ class ResultFiles:
 
     def wanted(self, settings: Settings) -> list[tuple[str, Path]]:
         """(kind, path) of the objects to export, as `results` configures."""
-        return ([("seg", self.seg)] if settings.results.seg else []) \
-            + ([("sr", self.sr)] if settings.results.sr else []) \
+        return (
+            ([("seg", self.seg)] if settings.results.seg else [])
+            + ([("sr", self.sr)] if settings.results.sr else [])
             + ([("overlay", self.overlay)] if self.overlay else [])
+        )
 
     def as_detail(self) -> dict[str, str]:
         return {"seg": str(self.seg), "sr": str(self.sr), **({"overlay": str(self.overlay)} if self.overlay else {})}
@@ -62,8 +73,12 @@ def run_dir(settings: Settings, job_id: str) -> Path:
 def device_info(settings: Settings) -> DeviceInfo:
     from node import __version__
 
-    return DeviceInfo(manufacturer=settings.results.manufacturer, model_name="cxr-node",
-                      software_version=__version__, serial_number=settings.dicom.ae_title)
+    return DeviceInfo(
+        manufacturer=settings.results.manufacturer,
+        model_name="cxr-node",
+        software_version=__version__,
+        serial_number=settings.dicom.ae_title,
+    )
 
 
 def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult) -> str:
@@ -80,15 +95,22 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
     try:
         files = _write_results(settings, store, inst, result)
         destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
-        exports = [NewExport(dest, kind, str(path), _sop_instance_uid(path))
-                   for dest in dict.fromkeys(destinations) for kind, path in files.wanted(settings)]
+        exports = [
+            NewExport(dest, kind, str(path), _sop_instance_uid(path))
+            for dest in dict.fromkeys(destinations)
+            for kind, path in files.wanted(settings)
+        ]
     except Exception as e:
         log.exception("building results for instance %d failed", instance_id)
         return _failed(store, result.job_id, f"building results failed: {e}")
-    nothing_to_send = ("nothing to send: no destinations for this rule" if not destinations
-                       else "nothing to send: results.seg, results.sr and results.overlay are off")
-    recorded = store.record_analysis(result.job_id, exports=exports, files=files.as_detail(),
-                                     detail=summary(result), nothing_to_send=nothing_to_send)
+    nothing_to_send = (
+        "nothing to send: no destinations for this rule"
+        if not destinations
+        else "nothing to send: results.seg, results.sr and results.overlay are off"
+    )
+    recorded = store.record_analysis(
+        result.job_id, exports=exports, files=files.as_detail(), detail=summary(result), nothing_to_send=nothing_to_send
+    )
     return "analyzed" if recorded is not None else "stale"
 
 
@@ -137,13 +159,22 @@ def _write_results(settings: Settings, store: AuditStore, inst: Instance, result
     device = device_info(settings)
     started = analysis_started(result)
     seg = build_seg(source, masks, result.models, device=device, started=started)
-    sr = build_sr(source, seg, result, pixel_spacing_mm=geometry.prepared_pixel_spacing_mm, device=device,
-                  notes=geometry.notes, prior=prior_comparison(store, inst, source), started=started)
+    sr = build_sr(
+        source,
+        seg,
+        result,
+        pixel_spacing_mm=geometry.prepared_pixel_spacing_mm,
+        device=device,
+        notes=geometry.notes,
+        prior=prior_comparison(store, inst, source),
+        started=started,
+    )
     _atomic_save(seg, seg_path)
     _atomic_save(sr, sr_path)
     if overlay_path is not None and pixels is not None:
-        overlay = build_overlay(source, pixels, small, result.models, device=device,
-                                pixel_spacing_mm=geometry.prepared_pixel_spacing_mm)
+        overlay = build_overlay(
+            source, pixels, small, result.models, device=device, pixel_spacing_mm=geometry.prepared_pixel_spacing_mm
+        )
         _atomic_save(overlay, overlay_path)
     log.info("results for %s written to %s", result.job_id, folder)
     return ResultFiles(seg_path, sr_path, overlay_path)
@@ -161,16 +192,23 @@ def analysis_started(result: AnalyzeResult) -> datetime | None:
 def prior_comparison(store: AuditStore, inst: Instance, source: Dataset) -> PriorComparison | None:
     """The patient's last prior decided by triage (same Patient ID and issuer, an earlier study), which
     the SR compares against; the triage decision of this study finds the same one."""
-    prior = store.find_prior(study_id=inst.study_id or 0, patient_id=str(source.get("PatientID", "") or ""),
-                             issuer=str(source.get("IssuerOfPatientID", "") or ""),
-                             study_date=str(source.get("StudyDate", "") or "")[:8])
+    prior = store.find_prior(
+        study_id=inst.study_id or 0,
+        patient_id=str(source.get("PatientID", "") or ""),
+        issuer=str(source.get("IssuerOfPatientID", "") or ""),
+        study_date=str(source.get("StudyDate", "") or "")[:8],
+    )
     if prior is None or prior.severity_score is None:
         return None
     image = store.find_live_instance(str(prior.summary.get("severity_sop_instance_uid") or ""))
     return PriorComparison(
-        study_instance_uid=store.study_uid(prior.study_id), study_date=prior.study_date,
-        severity_score=prior.severity_score, series_instance_uid=image.series_instance_uid if image else "",
-        sop_class_uid=image.sop_class_uid if image else "", sop_instance_uid=image.sop_instance_uid if image else "")
+        study_instance_uid=store.study_uid(prior.study_id),
+        study_date=prior.study_date,
+        severity_score=prior.severity_score,
+        series_instance_uid=image.series_instance_uid if image else "",
+        sop_class_uid=image.sop_class_uid if image else "",
+        sop_instance_uid=image.sop_instance_uid if image else "",
+    )
 
 
 def published_geometry(inst: Instance, job_id: str) -> Geometry | None:
@@ -195,5 +233,3 @@ def _atomic_save(ds: Dataset, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-

@@ -66,9 +66,12 @@ class Publisher:
         if not self.due(job_id):
             return False
         if self._sends.get(job_id, 0) >= self.max_publishes:
-            store.set_instance_state(instance_id, InstanceState.FAILED,
-                                     f"no analysis result after {self.max_publishes} attempts "
-                                     f"({self.republish_after_s:.0f} s each): check the inference workers")
+            store.set_instance_state(
+                instance_id,
+                InstanceState.FAILED,
+                f"no analysis result after {self.max_publishes} attempts "
+                f"({self.republish_after_s:.0f} s each): check the inference workers",
+            )
             return False
         try:
             prepared = prepare_isolated(settings, inst.spool_path)
@@ -80,34 +83,53 @@ class Publisher:
             return False
         except Exception as e:  # MemoryError, a bug: maybe not the file's fault, so tried again (bounded)
             log.exception("preparing instance %d failed", instance_id)
-            store.record_prepare_error(job_id, f"{type(e).__name__}: {e}",
-                                       max_attempts=settings.prepare.max_attempts)
+            store.record_prepare_error(job_id, f"{type(e).__name__}: {e}", max_attempts=settings.prepare.max_attempts)
             return False
         # Before the publish: the result may come back at once, and node.finish maps its masks with this.
-        if (inst.prepared_geometry or {}).get("job_id") != job_id \
-                and not store.record_job_geometry(job_id, prepared.geometry.to_json()):
+        if (inst.prepared_geometry or {}).get("job_id") != job_id and not store.record_job_geometry(
+            job_id, prepared.geometry.to_json()
+        ):
             return False  # the run ended (re-queued, failed) while the pixels were prepared
-        request = AnalyzeRequest.build(job_id, prepared.pixels, tuple(inst.models),
-                                       zone_threshold=settings.models.severity_zone_threshold,
-                                       reply_queue=node_queue(store.node))
+        request = AnalyzeRequest.build(
+            job_id,
+            prepared.pixels,
+            tuple(inst.models),
+            zone_threshold=settings.models.severity_zone_threshold,
+            reply_queue=node_queue(store.node),
+        )
         started = time.monotonic()
-        self.app.send_task(ANALYZE_TASK, args=[request.to_message()], queue=INFERENCE_QUEUE,
-                           priority=task_priority(inst.priority))
+        self.app.send_task(
+            ANALYZE_TASK, args=[request.to_message()], queue=INFERENCE_QUEUE, priority=task_priority(inst.priority)
+        )
         with self._lock:
             self._published[job_id] = time.monotonic()
             self._sends[job_id] = self._sends.get(job_id, 0) + 1
-        store.add_event("analysis.published", instance_id=instance_id,
-                        detail={"job_id": job_id, "reply_queue": request.reply_queue,
-                                "publish_ms": round((time.monotonic() - started) * 1000, 1),
-                                "pixels": list(prepared.pixels.shape), "notes": list(prepared.notes)})
+        store.add_event(
+            "analysis.published",
+            instance_id=instance_id,
+            detail={
+                "job_id": job_id,
+                "reply_queue": request.reply_queue,
+                "publish_ms": round((time.monotonic() - started) * 1000, 1),
+                "pixels": list(prepared.pixels.shape),
+                "notes": list(prepared.notes),
+            },
+        )
         return True
 
 
 class Sweeper:
     """Every `interval_s`, hands off again every queued instance whose job was not published (outbox)."""
 
-    def __init__(self, store: AuditStore, dispatcher: Dispatcher, publisher: Publisher, *,
-                 interval_s: float = 5.0, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: AuditStore,
+        dispatcher: Dispatcher,
+        publisher: Publisher,
+        *,
+        interval_s: float = 5.0,
+        grace_s: float = 10.0,
+    ) -> None:
         self.store, self.dispatcher, self.publisher = store, dispatcher, publisher
         self.interval_s = interval_s
         self.grace_s = grace_s
@@ -132,13 +154,17 @@ class Sweeper:
         """
         now = utcnow()
         own = InstanceFilter(states=[InstanceState.QUEUED], node=self.store.node, limit=500)
-        stale = [i for i in self.store.list_instances(own)
-                 if i.queued_at is None or as_utc(i.queued_at) < now - timedelta(seconds=self.grace_s)]
+        stale = [
+            i
+            for i in self.store.list_instances(own)
+            if i.queued_at is None or as_utc(i.queued_at) < now - timedelta(seconds=self.grace_s)
+        ]
         if not stale:
             return 0
         since = now - timedelta(seconds=self.publisher.republish_after_s)
-        elsewhere = {str(e.detail.get("job_id")) for e in self.store.list_events(since=since,
-                                                                                  kinds=["analysis.published"])}
+        elsewhere = {
+            str(e.detail.get("job_id")) for e in self.store.list_events(since=since, kinds=["analysis.published"])
+        }
         n = 0
         for inst in stale:
             job_id = inst.job_id
@@ -155,4 +181,3 @@ class Sweeper:
                 self.sweep_once()
             except Exception:
                 log.exception("outbox sweep failed; retrying in %.0f s", self.interval_s)
-

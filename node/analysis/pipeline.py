@@ -39,18 +39,37 @@ def enabled_models(settings: Settings) -> list[str]:
     return [name for name in MODEL_NAMES if getattr(settings.models, name)]
 
 
-def inference_worker_command(settings: Settings, *, concurrency: int, pool: str = "prefork",
-                             hostname: str = "", quiet: bool = False) -> tuple[list[str], dict[str, str]]:
+def inference_worker_command(
+    settings: Settings, *, concurrency: int, pool: str = "prefork", hostname: str = "", quiet: bool = False
+) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of an inference worker on the node's broker: the one definition
     for `cxrnode worker` (a GPU host) and the embedded worker `cxrnode serve` supervises.
     `hostname` is Celery's node name (`%h` = host name): two workers on one host need different ones."""
-    argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE,
-            "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO",
-            *(["--hostname", hostname] if hostname else []),
-            *(["--without-gossip", "--without-mingle", "--without-heartbeat"] if quiet else [])]
-    env = {BROKER_ENV: broker_url_for(settings), RESULT_BACKEND_ENV: settings.broker.result_backend,
-           TIME_LIMIT_ENV: str(settings.broker.task_time_limit), LEASE_ENV: str(settings.broker.lease_s),
-           "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings))}
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.tasks",
+        "worker",
+        "-Q",
+        INFERENCE_QUEUE,
+        "-c",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--loglevel",
+        "INFO",
+        *(["--hostname", hostname] if hostname else []),
+        *(["--without-gossip", "--without-mingle", "--without-heartbeat"] if quiet else []),
+    ]
+    env = {
+        BROKER_ENV: broker_url_for(settings),
+        RESULT_BACKEND_ENV: settings.broker.result_backend,
+        TIME_LIMIT_ENV: str(settings.broker.task_time_limit),
+        LEASE_ENV: str(settings.broker.lease_s),
+        "CXRNODE_WORKER_MODELS": ",".join(enabled_models(settings)),
+    }
     return argv, env
 
 
@@ -58,17 +77,35 @@ def worker_children(settings: Settings) -> list[ChildSpec]:
     """The node-queue worker (always) and, in embedded mode, one local inference worker."""
     logs = settings.storage.data_dir / "logs"
     quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
-    children = [ChildSpec(
-        "node-worker",
-        # This node's own result queue, and the shared one that results of older workers reach.
-        [sys.executable, "-m", "celery", "-A", "node.analysis.tasks", "worker",
-         "-Q", f"{node_queue(settings.node_name)},{NODE_QUEUE}", "-c", "1", "--pool", "solo",
-         "-n", f"node-{settings.node_name}@%h", *quiet],
-        env={SETTINGS_FILE_ENV: str(write_settings_file(settings))},  # the broker URL comes with the settings
-        log_file=logs / "node-worker.log")]
+    children = [
+        ChildSpec(
+            "node-worker",
+            # This node's own result queue, and the shared one that results of older workers reach.
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "node.analysis.tasks",
+                "worker",
+                "-Q",
+                f"{node_queue(settings.node_name)},{NODE_QUEUE}",
+                "-c",
+                "1",
+                "--pool",
+                "solo",
+                "-n",
+                f"node-{settings.node_name}@%h",
+                *quiet,
+            ],
+            env={SETTINGS_FILE_ENV: str(write_settings_file(settings))},  # the broker URL comes with the settings
+            log_file=logs / "node-worker.log",
+        )
+    ]
     if settings.embedded and settings.broker.embedded_worker:
-        argv, env = inference_worker_command(settings, concurrency=settings.broker.worker_concurrency,
-                                             hostname="inference@%h", quiet=True)
+        argv, env = inference_worker_command(
+            settings, concurrency=settings.broker.worker_concurrency, hostname="inference@%h", quiet=True
+        )
         # One intra-op thread: the node shares the cores, and oversubscribed OpenMP/ORT pools ran
         # 2x (ONNX) to 10x (torch) slower here (bench-results/worker.json).
         env["CXRNODE_WORKER_THREADS"] = os.environ.get("CXRNODE_WORKER_THREADS", "1")

@@ -26,25 +26,39 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 log = logging.getLogger(__name__)
 
 #: Lossy transfer syntaxes: JPEG baseline/extended, JPEG-LS near-lossless, JPEG 2000 (any), HTJ2K lossy.
-LOSSY_TRANSFER_SYNTAXES = frozenset({
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203",
-})
+LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-FOR_PROCESSING_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX For Processing
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Mammography For Processing
-    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Intra-oral For Processing
-})
+FOR_PROCESSING_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX For Processing
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # Mammography For Processing
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # Intra-oral For Processing
+    }
+)
 #: Percentiles used when the data set carries neither VOI LUT nor window.
 ROBUST_PERCENTILES = (0.5, 99.5)
 #: Default cap on Rows x Columns x Frames x Samples x bytes per sample before any decode: the largest chest
 #: detectors are ~4300 x 4300 x 2 bytes (35 MiB), an RGB capture of a 4k screen 48 MiB.
 DEFAULT_MAX_PIXEL_BYTES = 100 * 1024 * 1024
-JPEG_2000_TRANSFER_SYNTAXES = frozenset({
-    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
-    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
-})
+JPEG_2000_TRANSFER_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.92",
+        "1.2.840.10008.1.2.4.93",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
 
 
 class PrepareError(ValueError):
@@ -84,10 +98,16 @@ class Geometry:
         return self.pixel_spacing_mm[0] / sy, self.pixel_spacing_mm[1] / sx
 
     def to_json(self) -> dict[str, Any]:
-        return {"source_rows": self.source_rows, "source_cols": self.source_cols, "crop": list(self.crop),
-                "rows": self.rows, "cols": self.cols,
-                "pixel_spacing_mm": list(self.pixel_spacing_mm) if self.pixel_spacing_mm else None,
-                "spacing_attribute": self.spacing_attribute, "notes": list(self.notes)}
+        return {
+            "source_rows": self.source_rows,
+            "source_cols": self.source_cols,
+            "crop": list(self.crop),
+            "rows": self.rows,
+            "cols": self.cols,
+            "pixel_spacing_mm": list(self.pixel_spacing_mm) if self.pixel_spacing_mm else None,
+            "spacing_attribute": self.spacing_attribute,
+            "notes": list(self.notes),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Geometry:
@@ -95,15 +115,23 @@ class Geometry:
         try:
             r0, c0, r1, c1 = (int(v) for v in data["crop"])
             spacing = data["pixel_spacing_mm"]
-            geometry = cls(source_rows=int(data["source_rows"]), source_cols=int(data["source_cols"]),
-                           crop=(r0, c0, r1, c1), rows=int(data["rows"]), cols=int(data["cols"]),
-                           pixel_spacing_mm=(float(spacing[0]), float(spacing[1])) if spacing else None,
-                           spacing_attribute=data["spacing_attribute"],
-                           notes=tuple(str(n) for n in data["notes"]))
+            geometry = cls(
+                source_rows=int(data["source_rows"]),
+                source_cols=int(data["source_cols"]),
+                crop=(r0, c0, r1, c1),
+                rows=int(data["rows"]),
+                cols=int(data["cols"]),
+                pixel_spacing_mm=(float(spacing[0]), float(spacing[1])) if spacing else None,
+                spacing_attribute=data["spacing_attribute"],
+                notes=tuple(str(n) for n in data["notes"]),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a prepared geometry: {e!r}") from e
-        if not (0 <= r0 < r1 <= geometry.source_rows and 0 <= c0 < c1 <= geometry.source_cols) \
-                or geometry.rows < 1 or geometry.cols < 1:
+        if (
+            not (0 <= r0 < r1 <= geometry.source_rows and 0 <= c0 < c1 <= geometry.source_cols)
+            or geometry.rows < 1
+            or geometry.cols < 1
+        ):
             raise ValueError(f"inconsistent prepared geometry: {dict(data)}")
         return geometry
 
@@ -128,12 +156,19 @@ class Prepared(Geometry):
 #: What a malformed attribute value raises inside pydicom and numpy (WindowCenter "abc", RescaleSlope as
 #: text, an empty VOI LUT item, an odd-length PixelPaddingValue …): a property of the file, so final.
 #: MemoryError and OSError are not here: they say something about the node, and are retried (bounded).
-DATA_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, AttributeError, IndexError, KeyError,
-                                            ArithmeticError)
+DATA_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    ArithmeticError,
+)
 
 
-def prepare(source: Dataset | Path | str, long_side: int = 1024, *,
-            max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> Prepared:
+def prepare(
+    source: Dataset | Path | str, long_side: int = 1024, *, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
+) -> Prepared:
     """Decode, window and resize one single-frame image. Raises PrepareError with the reason.
 
     Any error caused by the data set's content is a PrepareError (final: the same file fails the same
@@ -194,9 +229,17 @@ def _prepare(ds: Dataset, long_side: int) -> Prepared:
     if _lossy(ds):
         notes.append("lossy source")
     log.debug("prepared %dx%d -> %dx%d (%s)", raw.shape[0], raw.shape[1], *pixels.shape, ", ".join(notes))
-    return Prepared(pixels=pixels, source_rows=int(raw.shape[0]), source_cols=int(raw.shape[1]), crop=crop,
-                    rows=int(pixels.shape[0]), cols=int(pixels.shape[1]), pixel_spacing_mm=spacing,
-                    spacing_attribute=attribute, notes=tuple(notes))
+    return Prepared(
+        pixels=pixels,
+        source_rows=int(raw.shape[0]),
+        source_cols=int(raw.shape[1]),
+        crop=crop,
+        rows=int(pixels.shape[0]),
+        cols=int(pixels.shape[1]),
+        pixel_spacing_mm=spacing,
+        spacing_attribute=attribute,
+        notes=tuple(notes),
+    )
 
 
 def masks_to_source(mask: np.ndarray, g: Geometry) -> np.ndarray:
@@ -214,6 +257,7 @@ def masks_to_source(mask: np.ndarray, g: Geometry) -> np.ndarray:
 
 
 # --- reading and validation ---------------------------------------------------------------------
+
 
 def _read(source: Dataset | Path | str) -> Dataset:
     if isinstance(source, Dataset):
@@ -267,9 +311,11 @@ def _check_header(ds: Dataset, max_pixel_bytes: int) -> None:
         raise PrepareError(f"SamplesPerPixel {samples} not supported")
     decoded = rows * cols * frames * samples * ((allocated + 7) // 8)
     if decoded > max_pixel_bytes:
-        raise PrepareError(f"image of {rows} x {cols} x {frames} frame(s) x {samples} sample(s) x {allocated} bits "
-                           f"decodes to {decoded / 2**20:.0f} MiB, more than prepare.max_pixel_mb "
-                           f"{max_pixel_bytes / 2**20:.0f}: not decoded")
+        raise PrepareError(
+            f"image of {rows} x {cols} x {frames} frame(s) x {samples} sample(s) x {allocated} bits "
+            f"decodes to {decoded / 2**20:.0f} MiB, more than prepare.max_pixel_mb "
+            f"{max_pixel_bytes / 2**20:.0f}: not decoded"
+        )
 
 
 def _check_codestream(ds: Dataset) -> None:
@@ -291,8 +337,10 @@ def _check_codestream(ds: Dataset) -> None:
     cols, rows, components = size
     expected = (int(ds.Columns), int(ds.Rows), int(ds.get("SamplesPerPixel", 1)))
     if (cols, rows if rows else expected[1], components) != expected:
-        raise PrepareError(f"codestream is {cols} x {rows} with {components} component(s), the data set says "
-                           f"{expected[0]} x {expected[1]} with {expected[2]}: not decoded")
+        raise PrepareError(
+            f"codestream is {cols} x {rows} with {components} component(s), the data set says "
+            f"{expected[0]} x {expected[1]} with {expected[2]}: not decoded"
+        )
 
 
 def _first_fragment(data: bytes, head: int = 65536) -> bytes:
@@ -303,7 +351,7 @@ def _first_fragment(data: bytes, head: int = 65536) -> bytes:
         if (group, element) != (0xFFFE, 0xE000):
             raise ValueError(f"no item at byte {pos} of the encapsulated Pixel Data")
         start, pos = pos + 8, pos + 8 + length
-    return bytes(data[start:start + min(length, head)])
+    return bytes(data[start : start + min(length, head)])
 
 
 def _j2k_size(code: bytes) -> tuple[int, int, int] | None:
@@ -357,6 +405,7 @@ def _decode(ds: Dataset) -> np.ndarray:
 
 
 # --- grayscale pipeline ---------------------------------------------------------------------------
+
 
 def _non_padding(ds: Dataset, raw: np.ndarray) -> np.ndarray:
     """Pixel Padding Value (and Range Limit) are stored values, compared before the Modality LUT."""
@@ -413,8 +462,11 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
         return np.asarray(1.0 / (1.0 + np.exp(-4.0 * (values - center) / width)), dtype=np.float64)
     if function == "LINEAR_EXACT":
         return np.clip((values - (center - width / 2)) / width, 0.0, 1.0)
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0) if width > 1 else (
-        (values > center - 0.5).astype(np.float64))
+    return (
+        np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+        if width > 1
+        else ((values > center - 0.5).astype(np.float64))
+    )
 
 
 def _normalise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -29,7 +29,24 @@ from node.audit.store import (
 )
 
 __all__ = [
-    "FINAL_STATES", "PENDING_STATES", "AERole", "AETitle", "Association", "AuditStore", "DuplicateInstance",
-    "Event", "Export", "ExportAttempt", "ExportState", "Instance", "InstanceFilter", "InstanceState",
-    "NewExport", "ReceivedInstance", "StoreError", "StowToken", "Study", "StudySummary",
+    "FINAL_STATES",
+    "PENDING_STATES",
+    "AERole",
+    "AETitle",
+    "Association",
+    "AuditStore",
+    "DuplicateInstance",
+    "Event",
+    "Export",
+    "ExportAttempt",
+    "ExportState",
+    "Instance",
+    "InstanceFilter",
+    "InstanceState",
+    "NewExport",
+    "ReceivedInstance",
+    "StoreError",
+    "StowToken",
+    "Study",
+    "StudySummary",
 ]

@@ -32,18 +32,40 @@ class AEStoreMixin:
         with self.session() as s:
             return s.scalar(select(AETitle).where(AETitle.name == name))
 
-    def add_ae(self, name: str, *, host: str | None = None, port: int | None = None,
-               role: AERole | str = AERole.BOTH, tls: bool = False, description: str = "",
-               storage_commitment: bool = False, url: str | None = None, auth: str = "none", username: str = "",
-               secret: str = "", actor: str = "cli") -> AETitle:
+    def add_ae(
+        self,
+        name: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        role: AERole | str = AERole.BOTH,
+        tls: bool = False,
+        description: str = "",
+        storage_commitment: bool = False,
+        url: str | None = None,
+        auth: str = "none",
+        username: str = "",
+        secret: str = "",
+        actor: str = "cli",
+    ) -> AETitle:
         """Add an AE title (already validated by the caller); StoreError if the name exists.
 
         With `url` it is a STOW-RS destination (`auth` none/bearer/basic with `username`/`secret`)."""
         try:
             with self.session() as s:
-                row = AETitle(name=name, host=host, port=port, role=str(AERole(role)), tls=tls,
-                              storage_commitment=storage_commitment, description=description, url=url or None,
-                              auth=auth, username=username, secret=secret)
+                row = AETitle(
+                    name=name,
+                    host=host,
+                    port=port,
+                    role=str(AERole(role)),
+                    tls=tls,
+                    storage_commitment=storage_commitment,
+                    description=description,
+                    url=url or None,
+                    auth=auth,
+                    username=username,
+                    secret=secret,
+                )
                 s.add(row)
                 s.flush()
                 _event(s, "ae.added", actor=actor, detail=_ae_detail(row))
@@ -54,8 +76,18 @@ class AEStoreMixin:
     def update_ae(self, name: str, *, actor: str = "cli", **changes: Any) -> AETitle:
         """Change host/port/role/tls/storage_commitment/description (or a STOW-RS destination's
         url/auth/username/secret) of an AE title; the event records old and new values."""
-        allowed = {"host", "port", "role", "tls", "storage_commitment", "description", "url", "auth", "username",
-                   "secret"}
+        allowed = {
+            "host",
+            "port",
+            "role",
+            "tls",
+            "storage_commitment",
+            "description",
+            "url",
+            "auth",
+            "username",
+            "secret",
+        }
         if unknown := set(changes) - allowed:
             raise StoreError(f"cannot change {sorted(unknown)} of an AE title")
         with self.session() as s:
@@ -87,9 +119,20 @@ class AEStoreMixin:
         for e in entries:
             if self.get_ae(e.name) is None:
                 try:
-                    self.add_ae(e.name, host=e.host, port=e.port, role=e.role, tls=e.tls,
-                                storage_commitment=e.storage_commitment, description=e.description, url=e.url,
-                                auth=e.auth, username=e.username, secret=e.secret, actor=actor)
+                    self.add_ae(
+                        e.name,
+                        host=e.host,
+                        port=e.port,
+                        role=e.role,
+                        tls=e.tls,
+                        storage_commitment=e.storage_commitment,
+                        description=e.description,
+                        url=e.url,
+                        auth=e.auth,
+                        username=e.username,
+                        secret=e.secret,
+                        actor=actor,
+                    )
                     added += 1
                 except StoreError:
                     pass  # another process seeded it first
@@ -97,21 +140,22 @@ class AEStoreMixin:
 
     # -- STOW-RS tokens (node.dicomweb.tokens makes and checks them) --------------------------------------
 
-    def add_stow_token(self, source: str, token_sha256: str, *, description: str = "",
-                       actor: str = "cli") -> StowToken:
+    def add_stow_token(self, source: str, token_sha256: str, *, description: str = "", actor: str = "cli") -> StowToken:
         with self.session() as s:
             row = StowToken(source=source, token_sha256=token_sha256, description=description)
             s.add(row)
             s.flush()
-            _event(s, "stow_token.added", actor=actor,
-                   detail={"id": row.id, "source": source, "description": description})
+            _event(
+                s, "stow_token.added", actor=actor, detail={"id": row.id, "source": source, "description": description}
+            )
             return row
 
     def find_stow_token(self, token_sha256: str) -> StowToken | None:
         """The live (not revoked) token with this hash, if any."""
         with self.session() as s:
-            return s.scalar(select(StowToken).where(StowToken.token_sha256 == token_sha256)
-                            .where(StowToken.revoked_at.is_(None)))
+            return s.scalar(
+                select(StowToken).where(StowToken.token_sha256 == token_sha256).where(StowToken.revoked_at.is_(None))
+            )
 
     def list_stow_tokens(self, *, include_revoked: bool = False) -> list[StowToken]:
         q = select(StowToken).order_by(StowToken.source, StowToken.id)
@@ -131,9 +175,15 @@ class AEStoreMixin:
 
 
 def _ae_detail(row: AETitle) -> dict[str, Any]:
-    detail: dict[str, Any] = {"name": row.name, "host": row.host, "port": row.port, "role": row.role,
-                              "tls": row.tls, "storage_commitment": row.storage_commitment,
-                              "description": row.description}
+    detail: dict[str, Any] = {
+        "name": row.name,
+        "host": row.host,
+        "port": row.port,
+        "role": row.role,
+        "tls": row.tls,
+        "storage_commitment": row.storage_commitment,
+        "description": row.description,
+    }
     if row.url:  # a STOW-RS destination; its secret never goes to the log
         detail.update(url=row.url, auth=row.auth, username=row.username, secret_set=bool(row.secret))
     return detail

@@ -86,7 +86,8 @@ def database_exists(url: str) -> bool:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and (
-            not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).is_file()):
+        not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).is_file()
+    ):
         return False
     engine = create_engine(url, future=True)
     try:

@@ -65,8 +65,16 @@ class InstanceState(enum.StrEnum):
     DEAD = "dead"
 
 
-FINAL_STATES = frozenset({InstanceState.EXPORTED, InstanceState.SKIPPED, InstanceState.DUPLICATE,
-                          InstanceState.REJECTED, InstanceState.FAILED, InstanceState.DEAD})
+FINAL_STATES = frozenset(
+    {
+        InstanceState.EXPORTED,
+        InstanceState.SKIPPED,
+        InstanceState.DUPLICATE,
+        InstanceState.REJECTED,
+        InstanceState.FAILED,
+        InstanceState.DEAD,
+    }
+)
 PENDING_STATES = frozenset(set(InstanceState) - FINAL_STATES)
 
 # Which per-stage timestamp column a state transition fills in.
@@ -104,7 +112,11 @@ class AERole(enum.StrEnum):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True), dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+    }
 
 
 class Association(Base):
@@ -155,9 +167,13 @@ class Instance(Base):
     __tablename__ = "instances"
     __table_args__ = (
         # One live row per SOP Instance UID; duplicates and ingest rejects may repeat it.
-        Index("uq_instances_sop_live", "sop_instance_uid", unique=True,
-              sqlite_where=text("state NOT IN ('duplicate', 'rejected')"),
-              postgresql_where=text("state NOT IN ('duplicate', 'rejected')")),
+        Index(
+            "uq_instances_sop_live",
+            "sop_instance_uid",
+            unique=True,
+            sqlite_where=text("state NOT IN ('duplicate', 'rejected')"),
+            postgresql_where=text("state NOT IN ('duplicate', 'rejected')"),
+        ),
         Index("ix_instances_state", "state"),
         Index("ix_instances_node_state", "node", "state"),
     )

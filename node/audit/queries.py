@@ -63,16 +63,28 @@ def today(store: AuditStore, since: datetime | None = None) -> Today:
     """What happened since midnight UTC, counted from the append-only events (a re-run counts again)."""
     since = since or start_of_today()
     with store.session() as s:
-        rows = dict(s.execute(select(Event.kind, func.count()).where(Event.at >= since)
-                              .where(Event.kind.like("instance.%") | Event.kind.like("export.%"))
-                              .group_by(Event.kind)).tuples().all())
+        rows = dict(
+            s.execute(
+                select(Event.kind, func.count())
+                .where(Event.at >= since)
+                .where(Event.kind.like("instance.%") | Event.kind.like("export.%"))
+                .group_by(Event.kind)
+            )
+            .tuples()
+            .all()
+        )
     return Today(
-        received=rows.get("instance.received", 0), analyzed=rows.get("instance.analyzed", 0),
-        exported=rows.get("instance.exported", 0), failed=rows.get("instance.failed", 0),
-        skipped=rows.get("instance.skipped", 0), duplicate=rows.get("instance.duplicate", 0),
-        rejected=rows.get("instance.rejected", 0), dead_exports=rows.get("export.dead", 0),
+        received=rows.get("instance.received", 0),
+        analyzed=rows.get("instance.analyzed", 0),
+        exported=rows.get("instance.exported", 0),
+        failed=rows.get("instance.failed", 0),
+        skipped=rows.get("instance.skipped", 0),
+        duplicate=rows.get("instance.duplicate", 0),
+        rejected=rows.get("instance.rejected", 0),
+        dead_exports=rows.get("export.dead", 0),
         committed_exports=rows.get("export.committed", 0),
-        committing_exports=export_counts(store).get(ExportState.COMMITTING, 0))
+        committing_exports=export_counts(store).get(ExportState.COMMITTING, 0),
+    )
 
 
 @dataclass
@@ -144,15 +156,24 @@ def study_detail(store: AuditStore, study_id: int) -> StudyDetail | None:
         exports: dict[int, list[Export]] = {}
         for e in s.scalars(select(Export).where(Export.instance_id.in_(ids)).order_by(Export.id)):
             exports.setdefault(e.instance_id, []).append(e)
-        events = list(s.scalars(select(Event).where(or_(Event.study_id == study_id, Event.instance_id.in_(ids)))
-                                .order_by(Event.at, Event.id)))
+        events = list(
+            s.scalars(
+                select(Event)
+                .where(or_(Event.study_id == study_id, Event.instance_id.in_(ids)))
+                .order_by(Event.at, Event.id)
+            )
+        )
     return StudyDetail(study, instances, exports, events)
 
 
 def dead_exports(store: AuditStore) -> list[tuple[Export, Instance]]:
     with store.session() as s:
-        rows = s.execute(select(Export, Instance).join(Instance, Export.instance_id == Instance.id)
-                         .where(Export.state == ExportState.DEAD).order_by(Export.id))
+        rows = s.execute(
+            select(Export, Instance)
+            .join(Instance, Export.instance_id == Instance.id)
+            .where(Export.state == ExportState.DEAD)
+            .order_by(Export.id)
+        )
         return [(e, i) for e, i in rows.tuples()]
 
 

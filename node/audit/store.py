@@ -44,6 +44,7 @@ from node.audit.txn import _add_export, _event, _get, _locked_instance, _stale, 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+
 class DuplicateInstance(StoreError):
     """Another live row already holds this SOP Instance UID (a concurrent duplicate)."""
 
@@ -129,16 +130,36 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
 
     # -- events ---------------------------------------------------------------------------------------
 
-    def add_event(self, kind: str, *, actor: str = "node", instance_id: int | None = None,
-                  study_id: int | None = None, association_id: int | None = None,
-                  detail: dict[str, Any] | None = None) -> int:
+    def add_event(
+        self,
+        kind: str,
+        *,
+        actor: str = "node",
+        instance_id: int | None = None,
+        study_id: int | None = None,
+        association_id: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> int:
         with self.session() as s:
-            return _event(s, kind, actor=actor, instance_id=instance_id, study_id=study_id,
-                          association_id=association_id, detail=detail)
+            return _event(
+                s,
+                kind,
+                actor=actor,
+                instance_id=instance_id,
+                study_id=study_id,
+                association_id=association_id,
+                detail=detail,
+            )
 
-    def list_events(self, *, since: datetime | None = None, kinds: Sequence[str] = (),
-                    calling_ae: str | None = None, instance_id: int | None = None,
-                    limit: int | None = None) -> list[Event]:
+    def list_events(
+        self,
+        *,
+        since: datetime | None = None,
+        kinds: Sequence[str] = (),
+        calling_ae: str | None = None,
+        instance_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
         q = select(Event).order_by(Event.id)
         if since is not None:
             q = q.where(Event.at >= since)
@@ -148,9 +169,11 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
             q = q.where(Event.instance_id == instance_id)
         if calling_ae is not None:
             # Events about an association from this AE, or about its instances, or naming it in the detail.
-            q = q.outerjoin(Association, Event.association_id == Association.id).outerjoin(
-                Instance, Event.instance_id == Instance.id).where(
-                or_(Association.calling_ae == calling_ae, Instance.calling_ae == calling_ae))
+            q = (
+                q.outerjoin(Association, Event.association_id == Association.id)
+                .outerjoin(Instance, Event.instance_id == Instance.id)
+                .where(or_(Association.calling_ae == calling_ae, Instance.calling_ae == calling_ae))
+            )
         if limit is not None:
             q = q.limit(limit)
         with self.session() as s:
@@ -158,41 +181,74 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
 
     # -- associations ---------------------------------------------------------------------------------
 
-    def record_association(self, *, calling_ae: str, called_ae: str, peer_host: str = "",
-                           peer_port: int | None = None, result: str, reason: str = "",
-                           tls: bool = False, direction: str = "inbound", protocol: str = "dicom") -> int:
+    def record_association(
+        self,
+        *,
+        calling_ae: str,
+        called_ae: str,
+        peer_host: str = "",
+        peer_port: int | None = None,
+        result: str,
+        reason: str = "",
+        tls: bool = False,
+        direction: str = "inbound",
+        protocol: str = "dicom",
+    ) -> int:
         """Record an association request (or a STOW-RS request: `protocol` "stow-rs") and its outcome
         (accepted/rejected); returns its id."""
         with self.session() as s:
-            row = Association(calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host,
-                              peer_port=peer_port, result=result, reason=reason, tls=tls,
-                              direction=direction, protocol=protocol)
+            row = Association(
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                peer_host=peer_host,
+                peer_port=peer_port,
+                result=result,
+                reason=reason,
+                tls=tls,
+                direction=direction,
+                protocol=protocol,
+            )
             if result == "rejected":
                 row.ended_at = row.started_at = utcnow()
             s.add(row)
             s.flush()
-            _event(s, f"association.{result}", association_id=row.id,
-                   detail={"calling_ae": calling_ae, "called_ae": called_ae, "peer": f"{peer_host}:{peer_port}",
-                           "reason": reason, "direction": direction,
-                           **({"protocol": protocol} if protocol != "dicom" else {})})
+            _event(
+                s,
+                f"association.{result}",
+                association_id=row.id,
+                detail={
+                    "calling_ae": calling_ae,
+                    "called_ae": called_ae,
+                    "peer": f"{peer_host}:{peer_port}",
+                    "reason": reason,
+                    "direction": direction,
+                    **({"protocol": protocol} if protocol != "dicom" else {}),
+                },
+            )
             return row.id
 
-    def end_association(self, association_id: int, result: str, *, stored: int = 0, duplicate: int = 0,
-                        failed: int = 0) -> None:
+    def end_association(
+        self, association_id: int, result: str, *, stored: int = 0, duplicate: int = 0, failed: int = 0
+    ) -> None:
         """Close an accepted association (released/aborted) with the counts of what it brought."""
         with self.session() as s:
             row = _get(s, Association, association_id)
             row.result, row.ended_at = result, utcnow()
             row.instances_stored, row.instances_duplicate, row.instances_failed = stored, duplicate, failed
-            _event(s, f"association.{result}", association_id=association_id,
-                   detail={"stored": stored, "duplicate": duplicate, "failed": failed})
+            _event(
+                s,
+                f"association.{result}",
+                association_id=association_id,
+                detail={"stored": stored, "duplicate": duplicate, "failed": failed},
+            )
 
     def get_association(self, association_id: int) -> Association:
         with self.session() as s:
             return _get(s, Association, association_id)
 
-    def list_associations(self, *, since: datetime | None = None, calling_ae: str | None = None,
-                          limit: int | None = None) -> list[Association]:
+    def list_associations(
+        self, *, since: datetime | None = None, calling_ae: str | None = None, limit: int | None = None
+    ) -> list[Association]:
         q = select(Association).order_by(Association.id)
         if since is not None:
             q = q.where(Association.started_at >= since)
@@ -224,9 +280,14 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
                 row = _instance_row(info, study, InstanceState.RECEIVED)
                 s.add(row)
                 s.flush()
-                _event(s, "instance.received", instance_id=row.id, study_id=row.study_id,
-                       association_id=info.association_id,
-                       detail={"sop_instance_uid": info.sop_instance_uid, "size": info.size_bytes})
+                _event(
+                    s,
+                    "instance.received",
+                    instance_id=row.id,
+                    study_id=row.study_id,
+                    association_id=info.association_id,
+                    detail={"sop_instance_uid": info.sop_instance_uid, "size": info.size_bytes},
+                )
                 if route is not None:
                     _apply_route(s, row, route)
                 return row
@@ -245,13 +306,25 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
             row.finished_at = row.received_at
             s.add(row)
             s.flush()
-            _event(s, "instance.duplicate", instance_id=row.id, study_id=row.study_id,
-                   association_id=info.association_id,
-                   detail={"sop_instance_uid": info.sop_instance_uid, "original_id": original_id})
+            _event(
+                s,
+                "instance.duplicate",
+                instance_id=row.id,
+                study_id=row.study_id,
+                association_id=info.association_id,
+                detail={"sop_instance_uid": info.sop_instance_uid, "original_id": original_id},
+            )
             return row
 
-    def record_rejected(self, info: ReceivedInstance, *, status: int, reason: str, quarantine_path: str,
-                        conflict_with: int | None = None) -> Instance:
+    def record_rejected(
+        self,
+        info: ReceivedInstance,
+        *,
+        status: int,
+        reason: str,
+        quarantine_path: str,
+        conflict_with: int | None = None,
+    ) -> Instance:
         """An instance refused at ingest (failure status sent); its bytes are in quarantine.
 
         With `conflict_with`: another data set under the SOP Instance UID of that stored instance
@@ -264,17 +337,34 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
                 row.study_id, row.duplicate_of_id = original.study_id, conflict_with
             s.add(row)
             s.flush()
-            _event(s, "instance.conflict" if conflict_with is not None else "instance.rejected", instance_id=row.id,
-                   study_id=row.study_id, association_id=info.association_id,
-                   detail={"sop_instance_uid": info.sop_instance_uid, "status": f"0x{status:04X}",
-                           "reason": reason, "quarantine": quarantine_path,
-                           **({"stored_instance_id": conflict_with} if conflict_with is not None else {})})
+            _event(
+                s,
+                "instance.conflict" if conflict_with is not None else "instance.rejected",
+                instance_id=row.id,
+                study_id=row.study_id,
+                association_id=info.association_id,
+                detail={
+                    "sop_instance_uid": info.sop_instance_uid,
+                    "status": f"0x{status:04X}",
+                    "reason": reason,
+                    "quarantine": quarantine_path,
+                    **({"stored_instance_id": conflict_with} if conflict_with is not None else {}),
+                },
+            )
             return row
 
-    def set_instance_state(self, instance_id: int, state: InstanceState | str, reason: str | None = None, *,
-                           actor: str = "node", rule: str | None = None, models: Sequence[str] | None = None,
-                           destinations: Sequence[str] | None = None,
-                           detail: dict[str, Any] | None = None) -> Instance:
+    def set_instance_state(
+        self,
+        instance_id: int,
+        state: InstanceState | str,
+        reason: str | None = None,
+        *,
+        actor: str = "node",
+        rule: str | None = None,
+        models: Sequence[str] | None = None,
+        destinations: Sequence[str] | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Instance:
         """Move an instance along the state machine, fill the stage timestamp, append an event."""
         with self.session() as s:
             row = _locked_instance(s, instance_id)
@@ -284,8 +374,14 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
                 row.models = list(models)
             if destinations is not None:
                 row.destinations = list(destinations)
-            _transition(s, row, InstanceState(state), reason, actor=actor,
-                        detail={**({"rule": rule} if rule else {}), **(detail or {})})
+            _transition(
+                s,
+                row,
+                InstanceState(state),
+                reason,
+                actor=actor,
+                detail={**({"rule": rule} if rule else {}), **(detail or {})},
+            )
             return row
 
     def get_instance(self, instance_id: int) -> Instance:
@@ -324,25 +420,38 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
         holds (`holds(path)`: the spool or quarantine file is on this node's disk), and their exports.
         Rows already named stay with their node: ownership never moves while that node may be alive."""
         with self.session() as s:
-            rows = s.execute(select(Instance.id, Instance.spool_path, Instance.quarantine_path)
-                             .where(Instance.node == "")).all()
-            mine = [i for i, spool, quarantine in rows
-                    if (spool and holds(spool)) or (quarantine and holds(quarantine))]
+            rows = s.execute(
+                select(Instance.id, Instance.spool_path, Instance.quarantine_path).where(Instance.node == "")
+            ).all()
+            mine = [
+                i for i, spool, quarantine in rows if (spool and holds(spool)) or (quarantine and holds(quarantine))
+            ]
             for start in range(0, len(mine), 500):
-                chunk = mine[start:start + 500]
+                chunk = mine[start : start + 500]
                 s.execute(update(Instance).where(Instance.id.in_(chunk)).values(node=self.node))
-                s.execute(update(Export).where(Export.instance_id.in_(chunk)).where(Export.node == "")
-                          .values(node=self.node))
-            s.execute(update(Study).where(Study.node == "").where(
-                Study.id.in_(select(Instance.study_id).where(Instance.node == self.node))).values(node=self.node))
+                s.execute(
+                    update(Export).where(Export.instance_id.in_(chunk)).where(Export.node == "").values(node=self.node)
+                )
+            s.execute(
+                update(Study)
+                .where(Study.node == "")
+                .where(Study.id.in_(select(Instance.study_id).where(Instance.node == self.node)))
+                .values(node=self.node)
+            )
             if mine:
                 _event(s, "node.adopted", detail={"instances": len(mine)})
             return len(mine)
 
     # -- studies --------------------------------------------------------------------------------------
 
-    def list_studies(self, *, since: datetime | None = None, calling_ae: str | None = None,
-                     state: str | None = None, limit: int | None = None) -> list[StudySummary]:
+    def list_studies(
+        self,
+        *,
+        since: datetime | None = None,
+        calling_ae: str | None = None,
+        state: str | None = None,
+        limit: int | None = None,
+    ) -> list[StudySummary]:
         q = select(Study).order_by(Study.first_received_at, Study.id)
         if since is not None:
             q = q.where(Study.last_received_at >= since)
@@ -383,18 +492,36 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
             row = _locked_instance(s, instance_id)
             if row.state != InstanceState.QUEUED or row.job_id != job_id:
                 return None
-            earlier = s.scalars(select(Event).where(Event.instance_id == instance_id)
-                                .where(Event.kind == "analysis.prepare_error"))
+            earlier = s.scalars(
+                select(Event).where(Event.instance_id == instance_id).where(Event.kind == "analysis.prepare_error")
+            )
             attempt = 1 + sum(1 for e in earlier if (e.detail or {}).get("job_id") == job_id)
-            _event(s, "analysis.prepare_error", instance_id=instance_id, study_id=row.study_id,
-                   detail={"job_id": job_id, "attempt": attempt, "max_attempts": max_attempts, "error": error})
+            _event(
+                s,
+                "analysis.prepare_error",
+                instance_id=instance_id,
+                study_id=row.study_id,
+                detail={"job_id": job_id, "attempt": attempt, "max_attempts": max_attempts, "error": error},
+            )
             if attempt >= max_attempts:
-                _transition(s, row, InstanceState.FAILED,
-                            f"cannot prepare pixels after {attempt} attempts: {error}", detail={"job_id": job_id})
+                _transition(
+                    s,
+                    row,
+                    InstanceState.FAILED,
+                    f"cannot prepare pixels after {attempt} attempts: {error}",
+                    detail={"job_id": job_id},
+                )
             return row
 
-    def record_analysis(self, job_id: str, *, exports: Sequence[NewExport], files: dict[str, str],
-                        detail: dict[str, Any] | None = None, nothing_to_send: str = "") -> Instance | None:
+    def record_analysis(
+        self,
+        job_id: str,
+        *,
+        exports: Sequence[NewExport],
+        files: dict[str, str],
+        detail: dict[str, Any] | None = None,
+        nothing_to_send: str = "",
+    ) -> Instance | None:
         """Record the results of analysis run `job_id` in ONE transaction; None when the result is stale.
 
         The instance must still be ``queued`` for this very run (a re-run or a second delivery of the
@@ -408,8 +535,10 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
             row = _locked_instance(s, instance_id)
             if _stale(s, row, job_id):
                 return None
-            registered = {(e.destination_ae, e.file_path) for e in
-                          s.scalars(select(Export).where(Export.instance_id == instance_id))}
+            registered = {
+                (e.destination_ae, e.file_path)
+                for e in s.scalars(select(Export).where(Export.instance_id == instance_id))
+            }
             for export in exports:
                 if (export.destination_ae, export.file_path) not in registered:
                     _add_export(s, instance_id, export)
@@ -434,16 +563,18 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
         with self.session() as s:
             _stale(s, _get(s, Instance, instance_id), job_id, force=True)
 
-def study_state_counts(s: Session, study_ids: Sequence[int]) -> tuple[dict[int, dict[str, int]],
-                                                                     dict[int, list[str]]]:
+
+def study_state_counts(s: Session, study_ids: Sequence[int]) -> tuple[dict[int, dict[str, int]], dict[int, list[str]]]:
     """Instances per state of each study ({study id: {state: count}}) and the nodes that received its
     kept instances ({study id: sorted names}); studies without instances are left out."""
     counts: dict[int, dict[str, int]] = {}
     nodes: dict[int, set[str]] = {}
     if study_ids:
-        rows = s.execute(select(Instance.study_id, Instance.state, Instance.node, func.count())
-                         .where(Instance.study_id.in_(list(study_ids)))
-                         .group_by(Instance.study_id, Instance.state, Instance.node))
+        rows = s.execute(
+            select(Instance.study_id, Instance.state, Instance.node, func.count())
+            .where(Instance.study_id.in_(list(study_ids)))
+            .group_by(Instance.study_id, Instance.state, Instance.node)
+        )
         for study_id, state, node, n in rows:
             if study_id is not None:
                 per_state = counts.setdefault(study_id, {})
@@ -464,17 +595,26 @@ def _stamp_node(s: Session, _context: Any, _instances: Any) -> None:
 
 
 def _live(sop_instance_uid: str) -> Select[Instance]:
-    return select(Instance).where(Instance.sop_instance_uid == sop_instance_uid).where(
-        Instance.state.not_in([InstanceState.DUPLICATE, InstanceState.REJECTED]))
+    return (
+        select(Instance)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+        .where(Instance.state.not_in([InstanceState.DUPLICATE, InstanceState.REJECTED]))
+    )
 
 
 def _upsert_study(s: Session, info: ReceivedInstance) -> Study:
     study = s.scalar(select(Study).where(Study.study_instance_uid == info.study_instance_uid))
     now = utcnow()
     if study is None:
-        study = Study(study_instance_uid=info.study_instance_uid, patient_id=info.patient_id[:64],
-                      accession_number=info.accession_number[:16], study_date=info.study_date[:8],
-                      calling_ae=info.calling_ae, first_received_at=now, last_received_at=now)
+        study = Study(
+            study_instance_uid=info.study_instance_uid,
+            patient_id=info.patient_id[:64],
+            accession_number=info.accession_number[:16],
+            study_date=info.study_date[:8],
+            calling_ae=info.calling_ae,
+            first_received_at=now,
+            last_received_at=now,
+        )
         s.add(study)
         s.flush()
     else:
@@ -502,17 +642,36 @@ def _apply_route(s: Session, row: Instance, route: RouteOutcome) -> None:
     if route.state in STATE_TIMESTAMP:
         setattr(row, STATE_TIMESTAMP[route.state], now)
     row.finished_at = now if route.state in FINAL_STATES else None
-    _event(s, f"instance.{route.state}", instance_id=row.id, study_id=row.study_id,
-           detail={"from": str(InstanceState.RECEIVED), **({"reason": route.reason} if route.reason else {}),
-                   **({"rule": route.rule} if route.rule else {})})
+    _event(
+        s,
+        f"instance.{route.state}",
+        instance_id=row.id,
+        study_id=row.study_id,
+        detail={
+            "from": str(InstanceState.RECEIVED),
+            **({"reason": route.reason} if route.reason else {}),
+            **({"rule": route.rule} if route.rule else {}),
+        },
+    )
 
 
 def _instance_row(info: ReceivedInstance, study: Study | None, state: InstanceState) -> Instance:
     return Instance(
-        sop_instance_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
-        transfer_syntax_uid=info.transfer_syntax_uid, series_instance_uid=info.series_instance_uid,
-        study_id=study.id if study else None, association_id=info.association_id, calling_ae=info.calling_ae,
-        modality=info.modality, body_part=info.body_part, view_position=info.view_position,
-        priority=info.priority, size_bytes=info.size_bytes, spool_path=info.spool_path, state=state,
-        received_at=utcnow(), models=[], destinations=[])
-
+        sop_instance_uid=info.sop_instance_uid,
+        sop_class_uid=info.sop_class_uid,
+        transfer_syntax_uid=info.transfer_syntax_uid,
+        series_instance_uid=info.series_instance_uid,
+        study_id=study.id if study else None,
+        association_id=info.association_id,
+        calling_ae=info.calling_ae,
+        modality=info.modality,
+        body_part=info.body_part,
+        view_position=info.view_position,
+        priority=info.priority,
+        size_bytes=info.size_bytes,
+        spool_path=info.spool_path,
+        state=state,
+        received_at=utcnow(),
+        models=[],
+        destinations=[],
+    )

@@ -63,22 +63,28 @@ class TriageStoreMixin:
 
     # -- decisions ---------------------------------------------------------------------------------------
 
-    def triage_candidates(self, *, stable_s: float, max_age_s: float, now: datetime | None = None,
-                          limit: int = 50, own: bool = False) -> list[int]:
+    def triage_candidates(
+        self, *, stable_s: float, max_age_s: float, now: datetime | None = None, limit: int = 50, own: bool = False
+    ) -> list[int]:
         """Ids of studies to decide now: stable for `stable_s`, nothing left to analyse, and either never
         decided or changed since (a late instance, an instance analysed after the decision). With `own`,
         only studies this node owns (it received their first image): one node decides each study and
         sends its alerts, so two nodes sharing the database never alert twice."""
         now = now or utcnow()
-        pending = exists().where(Instance.study_id == Study.id, Instance.state.in_(list(PENDING_STATES - {
-            InstanceState.ANALYZED})))
+        pending = exists().where(
+            Instance.study_id == Study.id, Instance.state.in_(list(PENDING_STATES - {InstanceState.ANALYZED}))
+        )
         newer = exists().where(Instance.study_id == Study.id, Instance.analyzed_at > StudyTriage.decided_at)
-        q = (select(Study.id).outerjoin(StudyTriage, StudyTriage.study_id == Study.id)
-             .where(Study.last_received_at <= now - timedelta(seconds=stable_s))
-             .where(Study.last_received_at >= now - timedelta(seconds=max_age_s))
-             .where(~pending)
-             .where(or_(StudyTriage.id.is_(None), StudyTriage.decided_at < Study.last_received_at, newer))
-             .order_by(Study.last_received_at).limit(limit))
+        q = (
+            select(Study.id)
+            .outerjoin(StudyTriage, StudyTriage.study_id == Study.id)
+            .where(Study.last_received_at <= now - timedelta(seconds=stable_s))
+            .where(Study.last_received_at >= now - timedelta(seconds=max_age_s))
+            .where(~pending)
+            .where(or_(StudyTriage.id.is_(None), StudyTriage.decided_at < Study.last_received_at, newer))
+            .order_by(Study.last_received_at)
+            .limit(limit)
+        )
         if own:
             q = q.where(Study.node == self.node)
         with self.session() as s:
@@ -91,13 +97,23 @@ class TriageStoreMixin:
             study = s.get(Study, study_id)
             if study is None:
                 raise LookupError(f"no study with id {study_id}")
-            instances = list(s.scalars(select(Instance).where(Instance.study_id == study_id)
-                                       .where(Instance.state.not_in(list(_IGNORED_STATES))).order_by(Instance.id)))
+            instances = list(
+                s.scalars(
+                    select(Instance)
+                    .where(Instance.study_id == study_id)
+                    .where(Instance.state.not_in(list(_IGNORED_STATES)))
+                    .order_by(Instance.id)
+                )
+            )
             analysed = [i.id for i in instances if i.analyzed_at is not None]
             details: dict[int, dict[str, Any]] = {}
             if analysed:
-                for ev in s.scalars(select(Event).where(Event.kind == "instance.analyzed")
-                                    .where(Event.instance_id.in_(analysed)).order_by(Event.id)):
+                for ev in s.scalars(
+                    select(Event)
+                    .where(Event.kind == "instance.analyzed")
+                    .where(Event.instance_id.in_(analysed))
+                    .order_by(Event.id)
+                ):
                     details[ev.instance_id or 0] = ev.detail  # the latest run wins
             return study, instances, details
 
@@ -106,19 +122,35 @@ class TriageStoreMixin:
         earlier than `study_date` when both dates are known."""
         if not patient_id:
             return None
-        q = (select(StudyTriage).where(StudyTriage.patient_id == patient_id[:64])
-             .where(StudyTriage.issuer_of_patient_id == issuer[:64]).where(StudyTriage.study_id != study_id)
-             .where(StudyTriage.severity_score.is_not(None)))
+        q = (
+            select(StudyTriage)
+            .where(StudyTriage.patient_id == patient_id[:64])
+            .where(StudyTriage.issuer_of_patient_id == issuer[:64])
+            .where(StudyTriage.study_id != study_id)
+            .where(StudyTriage.severity_score.is_not(None))
+        )
         if study_date:
             q = q.where(or_(StudyTriage.study_date == "", StudyTriage.study_date < study_date))
         q = q.order_by(StudyTriage.study_date.desc(), StudyTriage.decided_at.desc()).limit(1)
         with self.session() as s:
             return s.scalar(q)
 
-    def record_triage(self, study_id: int, *, inputs: Sequence[str], level: str, reasons: Sequence[str],
-                      summary: dict[str, Any], severity_score: int | None, patient_id: str, issuer: str,
-                      study_date: str, alerts: Sequence[NewAlert], payload: PayloadFactory,
-                      actor: str = "node") -> tuple[StudyTriage, list[Alert]]:
+    def record_triage(
+        self,
+        study_id: int,
+        *,
+        inputs: Sequence[str],
+        level: str,
+        reasons: Sequence[str],
+        summary: dict[str, Any],
+        severity_score: int | None,
+        patient_id: str,
+        issuer: str,
+        study_date: str,
+        alerts: Sequence[NewAlert],
+        payload: PayloadFactory,
+        actor: str = "node",
+    ) -> tuple[StudyTriage, list[Alert]]:
         """Record a study's decision and queue its alerts in ONE transaction.
 
         An unchanged decision (same level, reasons and findings) only notes the new inputs; a changed
@@ -132,9 +164,18 @@ class TriageStoreMixin:
             row = s.scalar(select(StudyTriage).where(StudyTriage.study_id == study_id))
             changed = row is None or (row.level, list(row.reasons), row.summary) != (level, list(reasons), summary)
             if row is None:
-                row = StudyTriage(study_id=study_id, revision=1, level=level, reasons=list(reasons),
-                                  summary=summary, severity_score=severity_score, patient_id=patient_id[:64],
-                                  issuer_of_patient_id=issuer[:64], study_date=study_date[:8], inputs=list(inputs))
+                row = StudyTriage(
+                    study_id=study_id,
+                    revision=1,
+                    level=level,
+                    reasons=list(reasons),
+                    summary=summary,
+                    severity_score=severity_score,
+                    patient_id=patient_id[:64],
+                    issuer_of_patient_id=issuer[:64],
+                    study_date=study_date[:8],
+                    inputs=list(inputs),
+                )
                 s.add(row)
             elif changed:
                 row.revision += 1
@@ -143,25 +184,62 @@ class TriageStoreMixin:
             row.inputs, row.decided_at = list(inputs), utcnow()
             s.flush()
             if changed:
-                s.add(Event(kind="triage.decided", actor=actor, study_id=study_id,
-                            detail={"revision": row.revision, "level": level, "reasons": list(reasons),
-                                    "inputs": list(inputs), "summary": summary}))
+                s.add(
+                    Event(
+                        kind="triage.decided",
+                        actor=actor,
+                        study_id=study_id,
+                        detail={
+                            "revision": row.revision,
+                            "level": level,
+                            "reasons": list(reasons),
+                            "inputs": list(inputs),
+                            "summary": summary,
+                        },
+                    )
+                )
             queued: list[Alert] = []
             for new in alerts:
-                told = {f for a in s.scalars(select(Alert).where(Alert.study_id == study_id)
-                                             .where(Alert.destination == new.destination)) for f in a.findings}
+                told = {
+                    f
+                    for a in s.scalars(
+                        select(Alert).where(Alert.study_id == study_id).where(Alert.destination == new.destination)
+                    )
+                    for f in a.findings
+                }
                 if set(new.findings) <= told:
                     continue
                 # 20 characters: HL7 2.5.1 MSH-10 (message control id) allows no more; 80 random bits.
                 alert_id = uuid.uuid4().hex[:20]
-                alert = Alert(alert_id=alert_id, study_id=study_id, destination=new.destination, kind=new.kind,
-                              level=level, findings=list(new.findings), payload=payload(row.revision, alert_id),
-                              state=AlertState.PENDING, attempts=0, next_attempt_at=utcnow())
+                alert = Alert(
+                    alert_id=alert_id,
+                    study_id=study_id,
+                    destination=new.destination,
+                    kind=new.kind,
+                    level=level,
+                    findings=list(new.findings),
+                    payload=payload(row.revision, alert_id),
+                    state=AlertState.PENDING,
+                    attempts=0,
+                    next_attempt_at=utcnow(),
+                )
                 s.add(alert)
                 s.flush()
-                s.add(Event(kind="alert.created", actor=actor, study_id=study_id,
-                            detail={"alert": alert.id, "alert_id": alert_id, "destination": new.destination,
-                                    "kind": new.kind, "level": level, "findings": list(new.findings)}))
+                s.add(
+                    Event(
+                        kind="alert.created",
+                        actor=actor,
+                        study_id=study_id,
+                        detail={
+                            "alert": alert.id,
+                            "alert_id": alert_id,
+                            "destination": new.destination,
+                            "kind": new.kind,
+                            "level": level,
+                            "findings": list(new.findings),
+                        },
+                    )
+                )
                 queued.append(alert)
             return row, queued
 
@@ -172,16 +250,25 @@ class TriageStoreMixin:
             return []
         reopened = []
         with self.session() as s:
-            rows = s.scalars(select(StudyTriage).where(StudyTriage.patient_id == patient_id[:64])
-                             .where(StudyTriage.issuer_of_patient_id == issuer[:64])
-                             .where(StudyTriage.study_id != study_id).where(StudyTriage.study_date > study_date))
+            rows = s.scalars(
+                select(StudyTriage)
+                .where(StudyTriage.patient_id == patient_id[:64])
+                .where(StudyTriage.issuer_of_patient_id == issuer[:64])
+                .where(StudyTriage.study_id != study_id)
+                .where(StudyTriage.study_date > study_date)
+            )
             for row in rows:
                 prior = (row.summary or {}).get("prior") or {}
                 if prior and str(prior.get("study_date") or "") >= study_date:
                     continue
                 row.decided_at = EPOCH  # due again: the engine's candidates are decided before last receipt
-                s.add(Event(kind="triage.reopened", study_id=row.study_id,
-                            detail={"reason": "an earlier study of the patient was decided", "prior_study_id": study_id}))
+                s.add(
+                    Event(
+                        kind="triage.reopened",
+                        study_id=row.study_id,
+                        detail={"reason": "an earlier study of the patient was decided", "prior_study_id": study_id},
+                    )
+                )
                 reopened.append(row.study_id)
         return reopened
 
@@ -189,15 +276,25 @@ class TriageStoreMixin:
         """True when the node itself moved this study in as a prior (``priors.requested`` names it)."""
         since = utcnow() - timedelta(days=within_days)
         with self.session() as s:
-            return any((d or {}).get("moved") == study_instance_uid for d in s.scalars(
-                select(Event.detail).where(Event.kind == "priors.requested").where(Event.at >= since)))
+            return any(
+                (d or {}).get("moved") == study_instance_uid
+                for d in s.scalars(
+                    select(Event.detail).where(Event.kind == "priors.requested").where(Event.at >= since)
+                )
+            )
 
     def get_triage(self, study_id: int) -> StudyTriage | None:
         with self.session() as s:
             return s.scalar(select(StudyTriage).where(StudyTriage.study_id == study_id))
 
-    def list_triage(self, *, levels: Sequence[str] = (), calling_ae: str | None = None,
-                    patient_id: str | None = None, limit: int | None = 200) -> list[TriageRow]:
+    def list_triage(
+        self,
+        *,
+        levels: Sequence[str] = (),
+        calling_ae: str | None = None,
+        patient_id: str | None = None,
+        limit: int | None = 200,
+    ) -> list[TriageRow]:
         """Decided studies, most pressing level first, then newest first (the worklist order)."""
         rank = case({"critical": 0, "urgent": 1, "routine": 2}, value=StudyTriage.level, else_=3)
         q = select(StudyTriage, Study).join(Study, Study.id == StudyTriage.study_id)
@@ -219,29 +316,45 @@ class TriageStoreMixin:
 
     def alert_counts(self) -> dict[str, int]:
         with self.session() as s:
-            return {str(state): int(n) for state, n in
-                    s.execute(select(Alert.state, func.count()).group_by(Alert.state)).tuples()}
+            return {
+                str(state): int(n)
+                for state, n in s.execute(select(Alert.state, func.count()).group_by(Alert.state)).tuples()
+            }
 
     def triage_level_counts(self) -> dict[str, int]:
         with self.session() as s:
-            return {str(level): int(n) for level, n in
-                    s.execute(select(StudyTriage.level, func.count()).group_by(StudyTriage.level)).tuples()}
+            return {
+                str(level): int(n)
+                for level, n in s.execute(select(StudyTriage.level, func.count()).group_by(StudyTriage.level)).tuples()
+            }
 
     # -- alerts ------------------------------------------------------------------------------------------
 
     def due_alerts(self, now: datetime | None = None, limit: int = 100, *, own: bool = False) -> list[Alert]:
         """Pending alerts whose time has come; with `own`, only those of studies this node owns."""
         now = now or utcnow()
-        q = (select(Alert).where(Alert.state == AlertState.PENDING)
-             .where(or_(Alert.next_attempt_at.is_(None), Alert.next_attempt_at <= now))
-             .order_by(Alert.id).limit(limit))
+        q = (
+            select(Alert)
+            .where(Alert.state == AlertState.PENDING)
+            .where(or_(Alert.next_attempt_at.is_(None), Alert.next_attempt_at <= now))
+            .order_by(Alert.id)
+            .limit(limit)
+        )
         if own:
             q = q.where(Alert.study_id.in_(select(Study.id).where(Study.node == self.node)))
         with self.session() as s:
             return list(s.scalars(q))
 
-    def record_alert_attempt(self, alert_pk: int, *, ok: bool, error: str = "", receipt: str = "",
-                             next_attempt_at: datetime | None = None, give_up: bool = False) -> Alert:
+    def record_alert_attempt(
+        self,
+        alert_pk: int,
+        *,
+        ok: bool,
+        error: str = "",
+        receipt: str = "",
+        next_attempt_at: datetime | None = None,
+        give_up: bool = False,
+    ) -> Alert:
         """One delivery try: ``sent``, still ``pending`` (due again at `next_attempt_at`) or ``dead``."""
         with self.session() as s:
             row = s.get(Alert, alert_pk, with_for_update=True)
@@ -261,11 +374,24 @@ class TriageStoreMixin:
             else:
                 row.last_error, row.next_attempt_at = error, next_attempt_at
                 kind = "alert.failed"
-            s.add(Event(kind=kind, study_id=row.study_id,
-                        detail={"alert": row.id, "destination": row.destination, "kind": row.kind,
-                                "attempt": row.attempts, **({"receipt": receipt} if ok else {"error": error}),
-                                **({"next_attempt_at": next_attempt_at.isoformat()}
-                                   if next_attempt_at and not ok and not give_up else {})}))
+            s.add(
+                Event(
+                    kind=kind,
+                    study_id=row.study_id,
+                    detail={
+                        "alert": row.id,
+                        "destination": row.destination,
+                        "kind": row.kind,
+                        "attempt": row.attempts,
+                        **({"receipt": receipt} if ok else {"error": error}),
+                        **(
+                            {"next_attempt_at": next_attempt_at.isoformat()}
+                            if next_attempt_at and not ok and not give_up
+                            else {}
+                        ),
+                    },
+                )
+            )
             return row
 
     def retry_alerts(self, alert_pks: Sequence[int], *, actor: str) -> int:
@@ -277,13 +403,20 @@ class TriageStoreMixin:
                 if row is None or row.state != AlertState.DEAD:
                     continue
                 row.state, row.attempts, row.next_attempt_at = AlertState.PENDING, 0, utcnow()
-                s.add(Event(kind="alert.requeued", actor=actor, study_id=row.study_id,
-                            detail={"alert": row.id, "destination": row.destination, "kind": row.kind}))
+                s.add(
+                    Event(
+                        kind="alert.requeued",
+                        actor=actor,
+                        study_id=row.study_id,
+                        detail={"alert": row.id, "destination": row.destination, "kind": row.kind},
+                    )
+                )
                 n += 1
         return n
 
-    def list_alerts(self, *, state: str | None = None, study_id: int | None = None,
-                    limit: int | None = 200) -> list[Alert]:
+    def list_alerts(
+        self, *, state: str | None = None, study_id: int | None = None, limit: int | None = 200
+    ) -> list[Alert]:
         q = select(Alert).order_by(Alert.id.desc())
         if state:
             q = q.where(Alert.state == state)

@@ -55,11 +55,24 @@ class NewExport:
     sop_instance_uid: str = ""
 
 
-def _event(s: Session, kind: str, *, actor: str = "node", instance_id: int | None = None,
-           study_id: int | None = None, association_id: int | None = None,
-           detail: dict[str, Any] | None = None) -> int:
-    row = Event(kind=kind, actor=actor, instance_id=instance_id, study_id=study_id,
-                association_id=association_id, detail=detail or {})
+def _event(
+    s: Session,
+    kind: str,
+    *,
+    actor: str = "node",
+    instance_id: int | None = None,
+    study_id: int | None = None,
+    association_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> int:
+    row = Event(
+        kind=kind,
+        actor=actor,
+        instance_id=instance_id,
+        study_id=study_id,
+        association_id=association_id,
+        detail=detail or {},
+    )
     s.add(row)
     s.flush()
     return row.id
@@ -77,13 +90,25 @@ def _stale(s: Session, row: Instance, job_id: str, *, force: bool = False) -> bo
     if not force and row.state == InstanceState.QUEUED and row.job_id == job_id:
         return False
     log.info("dropping result %s: instance %d is %s (current job %s)", job_id, row.id, row.state, row.job_id)
-    _event(s, "analysis.stale_result", instance_id=row.id, study_id=row.study_id,
-           detail={"job_id": job_id, "state": str(row.state)})
+    _event(
+        s,
+        "analysis.stale_result",
+        instance_id=row.id,
+        study_id=row.study_id,
+        detail={"job_id": job_id, "state": str(row.state)},
+    )
     return True
 
 
-def _transition(s: Session, row: Instance, new: InstanceState, reason: str | None = None, *, actor: str = "node",
-                detail: dict[str, Any] | None = None) -> None:
+def _transition(
+    s: Session,
+    row: Instance,
+    new: InstanceState,
+    reason: str | None = None,
+    *,
+    actor: str = "node",
+    detail: dict[str, Any] | None = None,
+) -> None:
     """Move `row` to `new` (checked against TRANSITIONS), fill its stage timestamp, append the event."""
     old = InstanceState(row.state)
     if new != old and new not in TRANSITIONS[old]:
@@ -95,20 +120,36 @@ def _transition(s: Session, row: Instance, new: InstanceState, reason: str | Non
     if new in STATE_TIMESTAMP:
         setattr(row, STATE_TIMESTAMP[new], now)
     row.finished_at = now if new in FINAL_STATES else None
-    _event(s, f"instance.{new}", actor=actor, instance_id=row.id, study_id=row.study_id,
-           detail={"from": str(old), **({"reason": reason} if reason else {}), **(detail or {})})
+    _event(
+        s,
+        f"instance.{new}",
+        actor=actor,
+        instance_id=row.id,
+        study_id=row.study_id,
+        detail={"from": str(old), **({"reason": reason} if reason else {}), **(detail or {})},
+    )
 
 
 def _add_export(s: Session, instance_id: int, export: NewExport) -> Export:
     owner = s.get(Instance, instance_id)
     # Sent by the node that holds the instance (and so the result files built from its spool file).
-    row = Export(instance_id=instance_id, destination_ae=export.destination_ae, kind=export.kind,
-                 file_path=export.file_path, sop_instance_uid=export.sop_instance_uid, next_attempt_at=utcnow(),
-                 node=owner.node if owner is not None and owner.node else s.info.get("node", ""))
+    row = Export(
+        instance_id=instance_id,
+        destination_ae=export.destination_ae,
+        kind=export.kind,
+        file_path=export.file_path,
+        sop_instance_uid=export.sop_instance_uid,
+        next_attempt_at=utcnow(),
+        node=owner.node if owner is not None and owner.node else s.info.get("node", ""),
+    )
     s.add(row)
     s.flush()
-    _event(s, "export.created", instance_id=instance_id,
-           detail={"export_id": row.id, "kind": export.kind, "destination": export.destination_ae})
+    _event(
+        s,
+        "export.created",
+        instance_id=instance_id,
+        detail={"export_id": row.id, "kind": export.kind, "destination": export.destination_ae},
+    )
     return row
 
 

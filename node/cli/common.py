@@ -66,8 +66,9 @@ def print_rows(rows: list[dict[str, Any]], fmt: str, columns: Sequence[str] | No
         if not rows:
             out("(none)")
             return
-        cells = [[str(r.get(c, "")) if not isinstance(r.get(c), dict) else json.dumps(r[c]) for c in cols]
-                 for r in rows]
+        cells = [
+            [str(r.get(c, "")) if not isinstance(r.get(c), dict) else json.dumps(r[c]) for c in cols] for r in rows
+        ]
         widths = [min(max(len(c), *(len(row[i]) for row in cells)), 64) for i, c in enumerate(cols)]
         out("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
         for row in cells:
@@ -87,14 +88,14 @@ def open_store(args: argparse.Namespace) -> AuditStore:
     except DatabaseUnreachable as e:
         raise ConfigError(f"{e} ({source})") from e
     if not exists:
-        raise ConfigError(f"no audit database at {redact_url(url)} ({source}); an administrative command does "
-                          "not create one: start `cxrnode serve` with this configuration first, or pass "
-                          "--config with the node's file")
+        raise ConfigError(
+            f"no audit database at {redact_url(url)} ({source}); an administrative command does "
+            "not create one: start `cxrnode serve` with this configuration first, or pass "
+            "--config with the node's file"
+        )
     return AuditStore.open(url, node=settings.node_name)
 
 
 def admin_service(args: argparse.Namespace) -> AdminService:
     """The node's AdminService on the configured database (no running node's callables: its passes act)."""
     return AdminService.for_settings(settings_of(args), open_store(args))
-
-

@@ -24,12 +24,21 @@ def cmd_token_add(args: argparse.Namespace) -> int:
 
 def cmd_token_list(args: argparse.Namespace) -> int:
 
-    rows = [{"id": t.id, "source": t.source, "description": t.description,
-             "created_at": t.created_at.isoformat(timespec="seconds"),
-             "revoked_at": t.revoked_at.isoformat(timespec="seconds") if t.revoked_at else ""}
-            for t in open_store(args).list_stow_tokens(include_revoked=args.all)]
-    print_rows(rows, args.format, None if args.format != "table" else
-                ["id", "source", "description", "created_at", "revoked_at"])
+    rows = [
+        {
+            "id": t.id,
+            "source": t.source,
+            "description": t.description,
+            "created_at": t.created_at.isoformat(timespec="seconds"),
+            "revoked_at": t.revoked_at.isoformat(timespec="seconds") if t.revoked_at else "",
+        }
+        for t in open_store(args).list_stow_tokens(include_revoked=args.all)
+    ]
+    print_rows(
+        rows,
+        args.format,
+        None if args.format != "table" else ["id", "source", "description", "created_at", "revoked_at"],
+    )
     return 0
 
 
@@ -46,8 +55,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentParser) -> None:
-    tokens = sub.add_parser("stow-token", help="STOW-RS tokens (one or more per source)") \
-        .add_subparsers(dest="token_command", required=True)
+    tokens = sub.add_parser("stow-token", help="STOW-RS tokens (one or more per source)").add_subparsers(
+        dest="token_command", required=True
+    )
     p = tokens.add_parser("add", parents=[common], help="make a token for a source; prints it once")
     p.add_argument("source", help="the source's name (an AE title: routing rules and reply-to-sender use it)")
     p.add_argument("--description", default="")

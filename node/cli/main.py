@@ -56,18 +56,25 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         err(str(e))
         return 1
-    out(f"OK: {path} (AE title {settings.dicom.ae_title}, port {settings.dicom.port}, "
-         f"{len(settings.rules)} rule(s), {len(settings.ae)} AE title(s))")
+    out(
+        f"OK: {path} (AE title {settings.dicom.ae_title}, port {settings.dicom.port}, "
+        f"{len(settings.rules)} rule(s), {len(settings.ae)} AE title(s))"
+    )
     return 0
 
 
 def cmd_audit_studies(args: argparse.Namespace) -> int:
     from node.audit.report import study_row
 
-    rows = [study_row(s) for s in open_store(args).list_studies(since=args.since, calling_ae=args.ae, state=args.state,
-                                                             limit=args.limit)]
-    cols = None if args.format != "table" else ["study_instance_uid", "first_received", "calling_ae",
-                                                 "accession_number", "instances", "states", "nodes"]
+    rows = [
+        study_row(s)
+        for s in open_store(args).list_studies(since=args.since, calling_ae=args.ae, state=args.state, limit=args.limit)
+    ]
+    cols = (
+        None
+        if args.format != "table"
+        else ["study_instance_uid", "first_received", "calling_ae", "accession_number", "instances", "states", "nodes"]
+    )
     print_rows(rows, args.format, cols)
     return 0
 
@@ -81,8 +88,11 @@ def cmd_audit_study(args: argparse.Namespace) -> int:
         err(f"no study {args.uid}")
         return 1
     rows = [instance_row(i) for i in store.list_instances(InstanceFilter(study_instance_uid=args.uid))]
-    cols = None if args.format != "table" else ["id", "sop_instance_uid", "modality", "node", "state", "rule",
-                                                 "reason", "received_at"]
+    cols = (
+        None
+        if args.format != "table"
+        else ["id", "sop_instance_uid", "modality", "node", "state", "rule", "reason", "received_at"]
+    )
     print_rows(rows, args.format, cols)
     return 0
 
@@ -94,8 +104,13 @@ def cmd_audit_events(args: argparse.Namespace) -> int:
     rows = [event_row(e) for e in events]
     if args.state:
         rows = [r for r in rows if r["kind"] == f"instance.{args.state}"]
-    print_rows(rows, args.format, None if args.format != "table" else
-               ["id", "at", "kind", "actor", "node", "association_id", "instance_id", "detail"])
+    print_rows(
+        rows,
+        args.format,
+        None
+        if args.format != "table"
+        else ["id", "at", "kind", "actor", "node", "association_id", "instance_id", "detail"],
+    )
     return 0
 
 
@@ -117,27 +132,54 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
             err(f"error: cannot read {args.secret_file}: {e.strerror or e}")
             return 2
     try:
-        row = admin_service(args).add_ae(args.name, host=args.host, port=args.port, role=args.role, tls=args.tls,
-                                         description=args.description, storage_commitment=args.storage_commitment,
-                                         url=args.url, auth=args.auth, username=args.username, secret=secret,
-                                         actor=actor())
+        row = admin_service(args).add_ae(
+            args.name,
+            host=args.host,
+            port=args.port,
+            role=args.role,
+            tls=args.tls,
+            description=args.description,
+            storage_commitment=args.storage_commitment,
+            url=args.url,
+            auth=args.auth,
+            username=args.username,
+            secret=secret,
+            actor=actor(),
+        )
     except AdminError as e:
         err(f"error: {e}")
         return 2
     where = f"STOW-RS {row.url}, auth {row.auth}" if row.url else f"{row.host or '-'}:{row.port or '-'}"
-    out(f"added AE {row.name} ({row.role}, {where}{', TLS' if row.tls else ''}"
-        f"{', storage commitment' if row.storage_commitment else ''})")
+    out(
+        f"added AE {row.name} ({row.role}, {where}{', TLS' if row.tls else ''}"
+        f"{', storage commitment' if row.storage_commitment else ''})"
+    )
     return 0
 
 
 def cmd_ae_list(args: argparse.Namespace) -> int:
-    rows = [{"name": a.name, "host": a.host, "port": a.port, "role": a.role, "tls": a.tls,
-             "storage_commitment": a.storage_commitment, "url": a.url or "", "auth": a.auth if a.url else "",
-             "description": a.description, "updated_at": a.updated_at.isoformat(timespec="seconds")}
-            for a in open_store(args).list_ae()]
-    print_rows(rows, "json" if args.json else "table",
-               None if args.json else ["name", "host", "port", "role", "tls", "storage_commitment", "url", "auth",
-                                       "description"])
+    rows = [
+        {
+            "name": a.name,
+            "host": a.host,
+            "port": a.port,
+            "role": a.role,
+            "tls": a.tls,
+            "storage_commitment": a.storage_commitment,
+            "url": a.url or "",
+            "auth": a.auth if a.url else "",
+            "description": a.description,
+            "updated_at": a.updated_at.isoformat(timespec="seconds"),
+        }
+        for a in open_store(args).list_ae()
+    ]
+    print_rows(
+        rows,
+        "json" if args.json else "table",
+        None
+        if args.json
+        else ["name", "host", "port", "role", "tls", "storage_commitment", "url", "auth", "description"],
+    )
     return 0
 
 
@@ -171,9 +213,14 @@ def cmd_ae_echo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrnode", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", "-c", type=Path, default=None,
-                        help="TOML configuration file (default: $CXRNODE_CONFIG, else /etc/cxrnode/cxrnode.toml "
-                             "if it exists, else built-in defaults)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="TOML configuration file (default: $CXRNODE_CONFIG, else /etc/cxrnode/cxrnode.toml "
+        "if it exists, else built-in defaults)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     # The same options after the sub-command; SUPPRESS keeps a value given before it.
     common = argparse.ArgumentParser(add_help=False)
@@ -185,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
-    p = cfg.add_parser("check", parents=[common],
-                       help="run every start-time check of serve on a configuration (prints OK or each problem)")
+    p = cfg.add_parser(
+        "check",
+        parents=[common],
+        help="run every start-time check of serve on a configuration (prints OK or each problem)",
+    )
     p.add_argument("file", type=Path, nargs="?", help=f"default: {CONFIG_SEARCH}")
     p.set_defaults(func=cmd_config_check)
 
@@ -218,17 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--role", choices=["source", "destination", "both"], default="both")
     p.add_argument("--tls", action="store_true", help="use DICOM TLS when contacting it")
-    p.add_argument("--storage-commitment", action="store_true",
-                   help="after results are stored there, ask it to commit them (Storage Commitment Push Model)")
+    p.add_argument(
+        "--storage-commitment",
+        action="store_true",
+        help="after results are stored there, ask it to commit them (Storage Commitment Push Model)",
+    )
     p.add_argument("--description", default="")
     p.add_argument("--url", help="a STOW-RS destination: the DICOMweb base URL (results are POSTed to URL/studies)")
     p.add_argument("--auth", choices=["none", "bearer", "basic"], default="none", help="STOW-RS authentication")
     p.add_argument("--username", default="", help="user name for --auth basic")
     secret = p.add_mutually_exclusive_group()
-    secret.add_argument("--secret-env", metavar="VAR",
-                        help="read the bearer token / basic password from this environment variable")
-    secret.add_argument("--secret-file", type=Path, metavar="FILE",
-                        help="read the bearer token / basic password from this file")
+    secret.add_argument(
+        "--secret-env", metavar="VAR", help="read the bearer token / basic password from this environment variable"
+    )
+    secret.add_argument(
+        "--secret-file", type=Path, metavar="FILE", help="read the bearer token / basic password from this file"
+    )
     p.set_defaults(func=cmd_ae_add)
     p = ae.add_parser("list", parents=[common], help="list known AE titles")
     p.add_argument("--json", action="store_true")

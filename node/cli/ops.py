@@ -13,14 +13,42 @@ from node.runtime.config import load_settings
 def cmd_exports_list(args: argparse.Namespace) -> int:
     store = open_store(args)
     # state: pending | sent (stored, no commitment asked) | committing | committed | dead
-    rows = [{"id": e.id, "instance": e.instance_id, "destination": e.destination_ae, "kind": e.kind,
-             "state": e.state, "node": e.node, "attempts": e.attempts, "next_attempt_at": e.next_attempt_at,
-             "sent_at": e.sent_at, "committed_at": e.committed_at,
-             "last_error": e.last_error, "sop_instance_uid": e.sop_instance_uid, "file": e.file_path}
-            for e in store.list_exports(args.instance, state=args.state)]
-    print_rows(rows, args.format, None if args.format != "table" else
-               ["id", "instance", "destination", "kind", "state", "node", "attempts", "next_attempt_at",
-                "committed_at", "last_error"])
+    rows = [
+        {
+            "id": e.id,
+            "instance": e.instance_id,
+            "destination": e.destination_ae,
+            "kind": e.kind,
+            "state": e.state,
+            "node": e.node,
+            "attempts": e.attempts,
+            "next_attempt_at": e.next_attempt_at,
+            "sent_at": e.sent_at,
+            "committed_at": e.committed_at,
+            "last_error": e.last_error,
+            "sop_instance_uid": e.sop_instance_uid,
+            "file": e.file_path,
+        }
+        for e in store.list_exports(args.instance, state=args.state)
+    ]
+    print_rows(
+        rows,
+        args.format,
+        None
+        if args.format != "table"
+        else [
+            "id",
+            "instance",
+            "destination",
+            "kind",
+            "state",
+            "node",
+            "attempts",
+            "next_attempt_at",
+            "committed_at",
+            "last_error",
+        ],
+    )
     return 0
 
 
@@ -32,7 +60,9 @@ def cmd_exports_retry(args: argparse.Namespace) -> int:
         return 1
     admin = admin_service(args)
     try:
-        out(admin.retry_all_dead(actor=actor()) if args.all_dead else admin.retry_exports(list(args.ids), actor=actor()))
+        out(
+            admin.retry_all_dead(actor=actor()) if args.all_dead else admin.retry_exports(list(args.ids), actor=actor())
+        )
     except AdminError as e:
         err(str(e))
         return 1
@@ -60,14 +90,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     path = config_path(args)
     settings = load_settings(path)
     if settings.embedded:
-        err(f"no broker configured: broker.url is empty in {path or 'the built-in defaults (no file found)'} "
-             "and CXRNODE_BROKER__URL is not set; a separate worker needs the node's broker "
-             "(e.g. redis://host:6379/0). The embedded broker's worker is started by `cxrnode serve`.")
+        err(
+            f"no broker configured: broker.url is empty in {path or 'the built-in defaults (no file found)'} "
+            "and CXRNODE_BROKER__URL is not set; a separate worker needs the node's broker "
+            "(e.g. redis://host:6379/0). The embedded broker's worker is started by `cxrnode serve`."
+        )
         return 1
     from node.analysis.pipeline import inference_worker_command
 
-    argv, env = inference_worker_command(settings, concurrency=args.concurrency, pool=args.pool,
-                                         hostname=args.hostname or "")
+    argv, env = inference_worker_command(
+        settings, concurrency=args.concurrency, pool=args.pool, hostname=args.hostname or ""
+    )
     os.execve(argv[0], argv, {**os.environ, **env})
     return 0  # not reached
 
@@ -76,8 +109,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     from node.web.server import main as web_main
 
     path = config_path(args)
-    return web_main([*(["--config", str(path)] if path else []),
-                     *(["--port", str(args.port)] if args.port else [])])
+    return web_main([*(["--config", str(path)] if path else []), *(["--port", str(args.port)] if args.port else [])])
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -87,11 +119,15 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentParser) -> None:
-    exports = sub.add_parser("exports", help="result deliveries (SEG/SR/overlay) and the dead letter") \
-        .add_subparsers(dest="exports_command", required=True)
+    exports = sub.add_parser("exports", help="result deliveries (SEG/SR/overlay) and the dead letter").add_subparsers(
+        dest="exports_command", required=True
+    )
     p = exports.add_parser("list", parents=[common, fmt], help="list exports")
-    p.add_argument("--state", choices=["pending", "sent", "committing", "committed", "dead"],
-                   help="sent: stored, no commitment asked; committing: stored, commitment asked, no report yet")
+    p.add_argument(
+        "--state",
+        choices=["pending", "sent", "committing", "committed", "dead"],
+        help="sent: stored, no commitment asked; committing: stored, commitment asked, no report yet",
+    )
     p.add_argument("--instance", type=int, help="instance id")
     p.set_defaults(func=cmd_exports_list)
     p = exports.add_parser("retry", parents=[common], help="send dead exports again")
@@ -106,8 +142,11 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     p = sub.add_parser("worker", parents=[common], help="run an inference worker (needs cxr-node[worker])")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
-    p.add_argument("--hostname", "-n", help="Celery node name, e.g. gpu0@%%h (default celery@%%h): give each "
-                                           "worker on one host its own")
+    p.add_argument(
+        "--hostname",
+        "-n",
+        help="Celery node name, e.g. gpu0@%%h (default celery@%%h): give each worker on one host its own",
+    )
     p.set_defaults(func=cmd_worker)
 
     web = sub.add_parser("web", help="the web console on its own (no DICOM listener), and its tools")
@@ -116,6 +155,9 @@ def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentPa
     web.add_argument("--config", "-c", default=argparse.SUPPRESS, help="TOML configuration file")
     web.set_defaults(func=cmd_web)
     p = web_sub.add_parser("hash-password", help="print a password hash for web.password_hash or a [[web.users]] entry")
-    p.add_argument("--stdin", action="store_true",
-                   help="read the password as one line from stdin, no prompt (the default when stdin is no terminal)")
+    p.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password as one line from stdin, no prompt (the default when stdin is no terminal)",
+    )
     p.set_defaults(func=cmd_hash_password)

@@ -13,9 +13,23 @@ def cmd_triage_list(args: argparse.Namespace) -> int:
     from node.triage.worklist import worklist_rows
 
     rows = worklist_rows(open_store(args), levels=args.level or (), calling_ae=args.ae, limit=args.limit)
-    print_rows(rows, args.format, None if args.format != "table" else
-                ["study_id", "level", "decided_at", "calling_ae", "accession", "severity", "change", "pneumothorax",
-                 "triggered_by"])
+    print_rows(
+        rows,
+        args.format,
+        None
+        if args.format != "table"
+        else [
+            "study_id",
+            "level",
+            "decided_at",
+            "calling_ae",
+            "accession",
+            "severity",
+            "change",
+            "pneumothorax",
+            "triggered_by",
+        ],
+    )
     return 0
 
 
@@ -23,9 +37,13 @@ def cmd_alerts_list(args: argparse.Namespace) -> int:
     from node.triage.worklist import alert_rows
 
     rows = alert_rows(open_store(args), state=args.state, study_id=args.study, limit=args.limit)
-    print_rows(rows, args.format, None if args.format != "table" else
-                ["id", "study_id", "destination", "kind", "level", "state", "attempts", "next_attempt_at",
-                 "last_error"])
+    print_rows(
+        rows,
+        args.format,
+        None
+        if args.format != "table"
+        else ["id", "study_id", "destination", "kind", "level", "state", "attempts", "next_attempt_at", "last_error"],
+    )
     return 0
 
 
@@ -42,16 +60,18 @@ def cmd_alerts_retry(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any, common: argparse.ArgumentParser, fmt: argparse.ArgumentParser) -> None:
-    triage = sub.add_parser("triage", help="the triage worklist (studies by level)") \
-        .add_subparsers(dest="triage_command", required=True)
+    triage = sub.add_parser("triage", help="the triage worklist (studies by level)").add_subparsers(
+        dest="triage_command", required=True
+    )
     p = triage.add_parser("list", parents=[common, fmt], help="decided studies, most pressing first")
     p.add_argument("--level", action="append", choices=TRIAGE_LEVELS, help="only this level (repeatable)")
     p.add_argument("--ae", help="calling AE title")
     p.add_argument("--limit", type=int, default=200)
     p.set_defaults(func=cmd_triage_list)
 
-    alerts = sub.add_parser("alerts", help="triage alerts (HL7, FHIR, webhook) and their dead letter") \
-        .add_subparsers(dest="alerts_command", required=True)
+    alerts = sub.add_parser("alerts", help="triage alerts (HL7, FHIR, webhook) and their dead letter").add_subparsers(
+        dest="alerts_command", required=True
+    )
     p = alerts.add_parser("list", parents=[common, fmt], help="list alerts, newest first")
     p.add_argument("--state", choices=["pending", "sent", "dead"])
     p.add_argument("--study", type=int, help="study id")

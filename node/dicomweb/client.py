@@ -48,8 +48,13 @@ class _Item:
     size: int
 
 
-def send_stow(files: Sequence[str | Path], destination: StowDestination, *, timeout_s: float = 30.0,
-              verify: ssl.SSLContext | bool = True) -> list[FileStatus]:
+def send_stow(
+    files: Sequence[str | Path],
+    destination: StowDestination,
+    *,
+    timeout_s: float = 30.0,
+    verify: ssl.SSLContext | bool = True,
+) -> list[FileStatus]:
     """POST `files` in one STOW-RS request; one FileStatus per file, in order (see the module docstring)."""
     items: list[_Item | FileStatus] = [_read(Path(f)) for f in files]
     ready = [i for i in items if isinstance(i, _Item)]
@@ -69,8 +74,11 @@ def send_stow(files: Sequence[str | Path], destination: StowDestination, *, time
             yield b"\r\n"
         yield tail
 
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-               "Content-Length": str(length), "Accept": "application/dicom+json"}
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Content-Length": str(length),
+        "Accept": "application/dicom+json",
+    }
     auth: httpx.Auth | None = None
     if destination.auth == "bearer":
         headers["Authorization"] = f"Bearer {destination.secret}"
@@ -85,8 +93,10 @@ def send_stow(files: Sequence[str | Path], destination: StowDestination, *, time
         raise SendError(f"STOW-RS to {destination.name} at {url} failed: {type(e).__name__}: {e}") from e
     if rsp.status_code not in (200, 202, 409):
         text = " ".join(rsp.text.split())[:200]
-        raise SendError(f"STOW-RS to {destination.name} at {url} answered HTTP {rsp.status_code}"
-                        f"{': ' + text if text else ''}", retryable=rsp.status_code in RETRYABLE_HTTP)
+        raise SendError(
+            f"STOW-RS to {destination.name} at {url} answered HTTP {rsp.status_code}{': ' + text if text else ''}",
+            retryable=rsp.status_code in RETRYABLE_HTTP,
+        )
     answered = _answers(rsp)
     out: list[FileStatus] = []
     for item in items:
@@ -96,9 +106,15 @@ def send_stow(files: Sequence[str | Path], destination: StowDestination, *, time
         status = answered.get(item.sop_instance_uid)
         if status is None and rsp.status_code == 200 and not answered:
             status = 0  # 200 with no per-instance detail: all stored
-        error = None if status == 0 else (
-            f"STOW-RS FailureReason 0x{status:04X}" if status is not None
-            else f"not in the STOW-RS response (HTTP {rsp.status_code})")
+        error = (
+            None
+            if status == 0
+            else (
+                f"STOW-RS FailureReason 0x{status:04X}"
+                if status is not None
+                else f"not in the STOW-RS response (HTTP {rsp.status_code})"
+            )
+        )
         out.append(FileStatus(item.sop_instance_uid, item.sop_class_uid, status, error, item.path))
     return out
 
@@ -116,8 +132,9 @@ class ProbeResult:
     seconds: float
 
 
-def probe(destination: StowDestination, *, timeout_s: float = 10.0,
-          verify: ssl.SSLContext | bool = True) -> ProbeResult:
+def probe(
+    destination: StowDestination, *, timeout_s: float = 10.0, verify: ssl.SSLContext | bool = True
+) -> ProbeResult:
     """The STOW-RS counterpart of a C-ECHO: one QIDO-RS search (`GET <url>/studies?limit=1`) with the
     destination's credentials, so a wrong URL, host or password shows before results are due."""
     url = destination.url.rstrip("/") + "/studies"

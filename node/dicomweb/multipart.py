@@ -62,12 +62,13 @@ def stow_boundary(content_type: str) -> bytes:
         raise UnsupportedMediaType('no Content-Type: STOW-RS takes multipart/related; type="application/dicom"')
     mt = parse_media_type(content_type)
     if mt.kind != "multipart/related":
-        raise UnsupportedMediaType(f'Content-Type {mt.kind}: STOW-RS takes multipart/related; '
-                                   'type="application/dicom"')
+        raise UnsupportedMediaType(f'Content-Type {mt.kind}: STOW-RS takes multipart/related; type="application/dicom"')
     part_type = mt.params.get("type", DICOM).strip().lower()
     if part_type != DICOM:
-        raise UnsupportedMediaType(f"multipart/related of {part_type}: only {DICOM} instances are accepted "
-                                   "(no DICOM JSON/XML metadata with bulk data)")
+        raise UnsupportedMediaType(
+            f"multipart/related of {part_type}: only {DICOM} instances are accepted "
+            "(no DICOM JSON/XML metadata with bulk data)"
+        )
     boundary = mt.params.get("boundary", "")
     if not boundary or len(boundary) > 70:
         raise MalformedBody("multipart/related without a valid boundary parameter")
@@ -98,8 +99,9 @@ class PartSpooler:
     On any error the caller calls `discard()`: every file it made is removed (nothing half-stored).
     """
 
-    def __init__(self, boundary: bytes, incoming: Path, *, max_part_bytes: int, max_body_bytes: int,
-                 max_parts: int = 1000) -> None:
+    def __init__(
+        self, boundary: bytes, incoming: Path, *, max_part_bytes: int, max_body_bytes: int, max_parts: int = 1000
+    ) -> None:
         self.incoming = incoming
         self.max_parts = max_parts
         self.max_part_bytes = max_part_bytes
@@ -111,17 +113,27 @@ class PartSpooler:
         self._value = bytearray()
         self._headers: dict[str, str] = {}
         self._current: Part | None = None
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._begin, "on_header_field": self._on_field, "on_header_value": self._on_value,
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_done,
-            "on_part_data": self._data, "on_part_end": self._part_end, "on_end": self._end,
-        })
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._begin,
+                "on_header_field": self._on_field,
+                "on_header_value": self._on_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_done,
+                "on_part_data": self._data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+        )
 
     def write(self, chunk: bytes) -> None:
         self.body_bytes += len(chunk)
         if self.body_bytes > self.max_body_bytes:
-            raise BodyTooLarge(f"request body passed {self.max_body_bytes} bytes (dicomweb.max_request_mb): "
-                               "not read further, nothing of it kept")
+            raise BodyTooLarge(
+                f"request body passed {self.max_body_bytes} bytes (dicomweb.max_request_mb): "
+                "not read further, nothing of it kept"
+            )
         if self._ended:
             return  # an epilogue after the closing boundary: ignored, as RFC 2046 says
         try:
@@ -132,8 +144,11 @@ class PartSpooler:
     def finish(self) -> list[Part]:
         """The parts, once the closing boundary was seen; MalformedBody when the body ended early or had none."""
         if not self._ended:
-            raise MalformedBody("body ended before the closing multipart boundary" if self.body_bytes
-                                else "empty body: no multipart/related parts")
+            raise MalformedBody(
+                "body ended before the closing multipart boundary"
+                if self.body_bytes
+                else "empty body: no multipart/related parts"
+            )
         if not self.parts:
             raise MalformedBody("multipart/related body without any part")
         return self.parts
@@ -163,12 +178,15 @@ class PartSpooler:
 
     def _headers_done(self) -> None:
         if len(self.parts) >= self.max_parts:
-            raise BodyTooLarge(f"more than {self.max_parts} parts in one request (dicomweb.max_parts): not read "
-                               "further, nothing of it kept")
-        f: IO[bytes] = tempfile.NamedTemporaryFile(dir=self.incoming, prefix="stow-", suffix=".part",  # noqa: SIM115
-                                                   delete=False)
-        part = Part(Path(f.name), self._headers.get("content-type", ""), CappedFile(f, self.max_part_bytes),
-                    self._headers)
+            raise BodyTooLarge(
+                f"more than {self.max_parts} parts in one request (dicomweb.max_parts): not read "
+                "further, nothing of it kept"
+            )
+        # Closed by the part's CappedFile once the part is complete: it outlives this call.
+        f: IO[bytes] = tempfile.NamedTemporaryFile(dir=self.incoming, prefix="stow-", suffix=".part", delete=False)  # noqa: SIM115
+        part = Part(
+            Path(f.name), self._headers.get("content-type", ""), CappedFile(f, self.max_part_bytes), self._headers
+        )
         self.parts.append(part)
         self._current = part
 

@@ -27,14 +27,16 @@ def search(store: AuditStore, study: str, base_url: str) -> list[dict[str, objec
         except (OSError, ValueError):
             continue  # deleted by retention: nothing to retrieve
         series, sop = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-        out.append({
-            "0020000D": {"vr": "UI", "Value": [study]},
-            "0020000E": {"vr": "UI", "Value": [series]},
-            "00080016": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
-            "00080018": {"vr": "UI", "Value": [sop]},
-            "00080060": {"vr": "CS", "Value": [str(ds.get("Modality", ""))]},
-            "00081190": {"vr": "UR", "Value": [f"{base_url}/studies/{study}/series/{series}/instances/{sop}"]},
-        })
+        out.append(
+            {
+                "0020000D": {"vr": "UI", "Value": [study]},
+                "0020000E": {"vr": "UI", "Value": [series]},
+                "00080016": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
+                "00080018": {"vr": "UI", "Value": [sop]},
+                "00080060": {"vr": "CS", "Value": [str(ds.get("Modality", ""))]},
+                "00081190": {"vr": "UR", "Value": [f"{base_url}/studies/{study}/series/{series}/instances/{sop}"]},
+            }
+        )
     return out
 
 
@@ -55,8 +57,11 @@ def find(store: AuditStore, study: str, series: str, sop: str) -> Path | None:
 def multipart(path: Path) -> tuple[bytes, str]:
     """(body, content type) of a WADO-RS answer with one application/dicom part."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
-            + f"\r\n--{boundary}--\r\n".encode())
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 

@@ -90,11 +90,11 @@ HTTP_STATUSES: dict[int, str] = {
     404: "a path other than /dicomweb/studies[/{StudyInstanceUID}]",
     405: "a method other than POST (GET only for the result objects: QIDO-RS, WADO-RS)",
     413: "the body is larger than `dicomweb.max_request_mb` (from Content-Length, or found while streaming), or has "
-         "more than `dicomweb.max_parts` parts",
+    "more than `dicomweb.max_parts` parts",
     415: 'Content-Type is not multipart/related; type="application/dicom"',
     500: "an internal error of the node (its log has the details; the client gets none)",
     503: "free disk below `storage.min_free_mb`, checked before the body is read (`Retry-After: 60`), as "
-         "C-STORE associations are then rejected (transient)",
+    "C-STORE associations are then rejected (transient)",
 }
 
 
@@ -141,8 +141,11 @@ class StowService:
             return HttpResponse(405, b"only POST (STOW-RS) is served here\n", headers={"Allow": "POST"})
         source = tokens.source_for(self.store, req.headers.get("authorization", ""))
         if source is None:
-            why = "no bearer token" if tokens.bearer_token(req.headers.get("authorization", "")) is None \
+            why = (
+                "no bearer token"
+                if tokens.bearer_token(req.headers.get("authorization", "")) is None
                 else "unknown or revoked bearer token"
+            )
             return self._refuse(req, body, "", 401, why, {"WWW-Authenticate": 'Bearer realm="cxr-node STOW-RS"'})
         try:
             boundary = stow_boundary(req.headers.get("content-type", ""))
@@ -153,15 +156,26 @@ class StowService:
         limit = self.settings.dicomweb.max_request_mb * MIB
         declared = _content_length(req.headers)
         if declared is not None and declared > limit:
-            return self._refuse(req, body, source, 413, f"Content-Length {declared} exceeds "
-                                                        f"dicomweb.max_request_mb ({limit} bytes)")
+            return self._refuse(
+                req, body, source, 413, f"Content-Length {declared} exceeds dicomweb.max_request_mb ({limit} bytes)"
+            )
         spool, min_free = self.ingest.spool, self.settings.storage.min_free_mb
         if not spool.has_room(min_free):
-            return self._refuse(req, body, source, 503, f"free disk {spool.free_mb():.0f} MB below "
-                                                        f"storage.min_free_mb {min_free}", {"Retry-After": "60"})
-        spooler = PartSpooler(boundary, self.ingest.spool.incoming,
-                              max_part_bytes=self.settings.storage.max_instance_mb * MIB, max_body_bytes=limit,
-                              max_parts=self.settings.dicomweb.max_parts)
+            return self._refuse(
+                req,
+                body,
+                source,
+                503,
+                f"free disk {spool.free_mb():.0f} MB below storage.min_free_mb {min_free}",
+                {"Retry-After": "60"},
+            )
+        spooler = PartSpooler(
+            boundary,
+            self.ingest.spool.incoming,
+            max_part_bytes=self.settings.storage.max_instance_mb * MIB,
+            max_body_bytes=limit,
+            max_parts=self.settings.dicomweb.max_parts,
+        )
         try:
             for chunk in body:
                 spooler.write(chunk)
@@ -182,19 +196,31 @@ class StowService:
     def _results(self, req: HttpRequest) -> HttpResponse:
         source = tokens.source_for(self.store, req.headers.get("authorization", ""))
         if source is None:
-            return self._refuse(req, iter(()), "", 401, "no, unknown or revoked bearer token",
-                                {"WWW-Authenticate": 'Bearer realm="cxr-node DICOMweb"'})
+            return self._refuse(
+                req,
+                iter(()),
+                "",
+                401,
+                "no, unknown or revoked bearer token",
+                {"WWW-Authenticate": 'Bearer realm="cxr-node DICOMweb"'},
+            )
         base = f"{'https' if self.settings.dicomweb.tls else 'http'}://{req.headers.get('host', '')}/dicomweb"
         if m := _QIDO.match(req.path):
             found = results.search(self.store, m.group(1), base)
-            self.store.add_event("dicomweb.search", actor=f"dicomweb:{source}",
-                                 detail={"study_instance_uid": m.group(1), "found": len(found), "peer": req.peer_host})
+            self.store.add_event(
+                "dicomweb.search",
+                actor=f"dicomweb:{source}",
+                detail={"study_instance_uid": m.group(1), "found": len(found), "peer": req.peer_host},
+            )
             return HttpResponse(200 if found else 204, results.to_json(found) if found else b"", JSON_TYPE)
         m = _WADO.match(req.path)
         assert m is not None
         path = results.find(self.store, m.group(1), m.group(2), m.group(3))
-        self.store.add_event("dicomweb.retrieve", actor=f"dicomweb:{source}",
-                             detail={"sop_instance_uid": m.group(3), "found": path is not None, "peer": req.peer_host})
+        self.store.add_event(
+            "dicomweb.retrieve",
+            actor=f"dicomweb:{source}",
+            detail={"sop_instance_uid": m.group(3), "found": path is not None, "peer": req.peer_host},
+        )
         if path is None:
             return HttpResponse(404, b"no such result object of this node\n")
         data, content_type = results.multipart(path)
@@ -204,21 +230,38 @@ class StowService:
 
     def _ingest(self, req: HttpRequest, source: str, parts: list[Part], study: str) -> HttpResponse:
         association_id = self.store.record_association(
-            calling_ae=source, called_ae=self.settings.dicom.ae_title, peer_host=req.peer_host,
-            peer_port=req.peer_port, result="accepted", tls=self.settings.dicomweb.tls, protocol="stow-rs")
+            calling_ae=source,
+            called_ae=self.settings.dicom.ae_title,
+            peer_host=req.peer_host,
+            peer_port=req.peer_port,
+            result="accepted",
+            tls=self.settings.dicomweb.tls,
+            protocol="stow-rs",
+        )
         peer = f"{req.peer_host}:{req.peer_port}"
         answers: list[InstanceResult] = []
         counts = {"stored": 0, "duplicate": 0, "failed": 0}
         try:
             for n, part in enumerate(parts, 1):
                 started = time.perf_counter()
-                request = StoreRequest(affected_sop_class="", affected_sop_instance="", transfer_syntax_uid="",
-                                       calling_ae=source, association_id=association_id, peer=peer,
-                                       received_bytes=part.received, study_instance_uid=study)
+                request = StoreRequest(
+                    affected_sop_class="",
+                    affected_sop_instance="",
+                    transfer_syntax_uid="",
+                    calling_ae=source,
+                    association_id=association_id,
+                    peer=peer,
+                    received_bytes=part.received,
+                    study_instance_uid=study,
+                )
                 metrics.count_received_bytes(part.received)
                 if not part.is_dicom:
-                    outcome = self.ingest.refuse(part.path, request, STATUS_CANNOT_UNDERSTAND,
-                                                 f"part {n} is {part.content_type}, not application/dicom")
+                    outcome = self.ingest.refuse(
+                        part.path,
+                        request,
+                        STATUS_CANNOT_UNDERSTAND,
+                        f"part {n} is {part.content_type}, not application/dicom",
+                    )
                 else:
                     _add_file_meta(part.path)
                     outcome = self.ingest.receive(part.path, request)
@@ -231,8 +274,16 @@ class StowService:
                 part.path.unlink(missing_ok=True)
             self.store.end_association(association_id, "released", **counts)
         status = http_status(answers)
-        log.info("STOW-RS from %s@%s: %d part(s), %d stored, %d duplicate, %d failed -> %d", source, peer,
-                 len(parts), counts["stored"], counts["duplicate"], counts["failed"], status)
+        log.info(
+            "STOW-RS from %s@%s: %d part(s), %d stored, %d duplicate, %d failed -> %d",
+            source,
+            peer,
+            len(parts),
+            counts["stored"],
+            counts["duplicate"],
+            counts["failed"],
+            status,
+        )
         ds = response_dataset(answers)
         if accepts_xml(req.headers.get("accept", "")):
             return HttpResponse(status, to_xml(ds), XML_TYPE)
@@ -248,16 +299,34 @@ class StowService:
 
     # -- refusals before ingest -------------------------------------------------------------------------
 
-    def _refuse(self, req: HttpRequest, body: Iterator[bytes], source: str, status: int, reason: str,
-                headers: dict[str, str] | None = None) -> HttpResponse:
+    def _refuse(
+        self,
+        req: HttpRequest,
+        body: Iterator[bytes],
+        source: str,
+        status: int,
+        reason: str,
+        headers: dict[str, str] | None = None,
+    ) -> HttpResponse:
         """Audit (a rejected association row with the reason), drain the body, answer `status` with the reason."""
-        log.warning("STOW-RS request from %s%s refused with %d: %s", f"{source}@" if source else "",
-                    req.peer_host, status, reason)
+        log.warning(
+            "STOW-RS request from %s%s refused with %d: %s",
+            f"{source}@" if source else "",
+            req.peer_host,
+            status,
+            reason,
+        )
         metrics.count_association("rejected", f"stow-{status}")
-        self.store.record_association(calling_ae=source, called_ae=self.settings.dicom.ae_title,
-                                      peer_host=req.peer_host, peer_port=req.peer_port, result="rejected",
-                                      reason=f"HTTP {status}: {reason}", tls=self.settings.dicomweb.tls,
-                                      protocol="stow-rs")
+        self.store.record_association(
+            calling_ae=source,
+            called_ae=self.settings.dicom.ae_title,
+            peer_host=req.peer_host,
+            peer_port=req.peer_port,
+            result="rejected",
+            reason=f"HTTP {status}: {reason}",
+            tls=self.settings.dicomweb.tls,
+            protocol="stow-rs",
+        )
         _drain(body)
         return HttpResponse(status, (reason + "\n").encode(), headers={**(headers or {}), "Connection": "close"})
 
@@ -317,8 +386,7 @@ class StowApp:
     def __init__(self, service: StowService) -> None:
         self.service = service
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any],  # noqa: C901 — one ASGI request
-                       send: Callable[[Any], Any]) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:  # noqa: C901 — one ASGI request
         if scope["type"] != "http":
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -362,9 +430,11 @@ class StowApp:
             rsp = await anyio.to_thread.run_sync(self._handle, req, body)
         except ClientGone:
             return
-        raw_headers = [(b"content-type", rsp.content_type.encode()),
-                       (b"content-length", str(len(rsp.body)).encode()),
-                       *((k.lower().encode(), v.encode()) for k, v in rsp.headers.items())]
+        raw_headers = [
+            (b"content-type", rsp.content_type.encode()),
+            (b"content-length", str(len(rsp.body)).encode()),
+            *((k.lower().encode(), v.encode()) for k, v in rsp.headers.items()),
+        ]
         await send({"type": "http.response.start", "status": rsp.status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": rsp.body})
 
@@ -373,8 +443,14 @@ class StowApp:
             return self.service.handle(req, body())
         except ClientGone as e:
             self.service.store.record_association(
-                calling_ae="", called_ae=self.service.settings.dicom.ae_title, peer_host=req.peer_host,
-                peer_port=req.peer_port, result="rejected", reason=str(e), protocol="stow-rs")
+                calling_ae="",
+                called_ae=self.service.settings.dicom.ae_title,
+                peer_host=req.peer_host,
+                peer_port=req.peer_port,
+                result="rejected",
+                reason=str(e),
+                protocol="stow-rs",
+            )
             log.warning("STOW-RS request from %s ended: %s", req.peer_host, e)
             if isinstance(e, ClientIdle):
                 return HttpResponse(408, f"{e}\n".encode(), headers={"Connection": "close"})
@@ -410,16 +486,19 @@ def start_stow(settings: Settings, ingest: Ingest) -> StowServer:
 
     cfg = settings.dicomweb
     sock = bind_socket(cfg.host, cfg.port)
-    config = uvicorn.Config(StowApp(StowService(settings, ingest)), log_config=None, access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=5, proxy_headers=False,
-                            ssl_certfile=str(cfg.tls_cert_file) if cfg.tls else None,
-                            ssl_keyfile=str(cfg.tls_key_file) if cfg.tls else None)
+    config = uvicorn.Config(
+        StowApp(StowService(settings, ingest)),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        proxy_headers=False,
+        ssl_certfile=str(cfg.tls_cert_file) if cfg.tls else None,
+        ssl_keyfile=str(cfg.tls_key_file) if cfg.tls else None,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cxrnode-stow", daemon=True)
     thread.start()
     stow = StowServer(server, thread, int(sock.getsockname()[1]), "https" if cfg.tls else "http")
     log.info("STOW-RS on %s:%d%s (POST /dicomweb/studies)", cfg.host, stow.port, " (TLS)" if cfg.tls else "")
     return stow
-
-
-

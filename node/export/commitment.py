@@ -127,8 +127,9 @@ class Report:
         if not tx:
             raise ValueError("no Transaction UID")
         committed = [_ref(item) for item in ds.get("ReferencedSOPSequence", [])]
-        failed = [(_ref(item), int(item.get("FailureReason", PROCESSING_FAILURE)))
-                  for item in ds.get("FailedSOPSequence", [])]
+        failed = [
+            (_ref(item), int(item.get("FailureReason", PROCESSING_FAILURE))) for item in ds.get("FailedSOPSequence", [])
+        ]
         return cls(tx, committed, failed)
 
 
@@ -177,33 +178,57 @@ def _status_dataset(status: int, comment: str) -> Dataset:
 
 def retry_at(cfg: SenderConfig) -> RetryAt:
     """The exporter's retry policy for a send that was not committed: backoff, dead after max_attempts."""
+
     def when(attempts: int) -> datetime | None:
         if attempts >= cfg.max_attempts:
             return None
         return utcnow() + timedelta(seconds=backoff_delay(max(1, attempts), cfg))
+
     return when
 
 
-def record_report(store: AuditStore, cfg: SenderConfig, report: Report, *, via: str,
-                  on_settled: Callable[[Instance], None] | None = None) -> bool:
+def record_report(
+    store: AuditStore,
+    cfg: SenderConfig,
+    report: Report,
+    *,
+    via: str,
+    on_settled: Callable[[Instance], None] | None = None,
+) -> bool:
     """Record an N-EVENT-REPORT for a commitment the node asked for; False when it was unknown or late."""
     failed = {ref.sop_instance_uid: failure_text(reason) for ref, reason in report.failed}
-    row = store.record_commitment_report(report.transaction_uid,
-                                         committed=[r.sop_instance_uid for r in report.committed],
-                                         failed=failed, via=via, retry_at=retry_at(cfg), on_settled=on_settled)
+    row = store.record_commitment_report(
+        report.transaction_uid,
+        committed=[r.sop_instance_uid for r in report.committed],
+        failed=failed,
+        via=via,
+        retry_at=retry_at(cfg),
+        on_settled=on_settled,
+    )
     if row is None:
         metrics.count_commitment("scu", "unknown")
-        log.warning("N-EVENT-REPORT (%s) for transaction %s that is not pending: ignored", via,
-                    report.transaction_uid)
+        log.warning("N-EVENT-REPORT (%s) for transaction %s that is not pending: ignored", via, report.transaction_uid)
         return False
     metrics.count_commitment("scu", str(row.state))
-    log.info("storage commitment %s from %s (%s): %d committed, %d failed", report.transaction_uid,
-             row.destination_ae, via, len(report.committed), len(report.failed))
+    log.info(
+        "storage commitment %s from %s (%s): %d committed, %d failed",
+        report.transaction_uid,
+        row.destination_ae,
+        via,
+        len(report.committed),
+        len(report.failed),
+    )
     return True
 
 
-def handle_report_event(store: AuditStore, cfg: SenderConfig, event: evt.Event, *, via: str,
-                        on_settled: Callable[[Instance], None] | None = None) -> tuple[int | Dataset, None]:
+def handle_report_event(
+    store: AuditStore,
+    cfg: SenderConfig,
+    event: evt.Event,
+    *,
+    via: str,
+    on_settled: Callable[[Instance], None] | None = None,
+) -> tuple[int | Dataset, None]:
     """EVT_N_EVENT_REPORT handler (same association or the node's SCP): never raises to pynetdicom."""
     req = event.request
     if str(getattr(req, "AffectedSOPClassUID", "")) != STORAGE_COMMITMENT:
@@ -230,10 +255,18 @@ class ActionResult:
     error: str = ""
 
 
-def request_commitment(destination: Destination, transaction_uid: str, references: Sequence[Reference], *,
-                       calling_ae: str, cfg: SenderConfig, on_report: Callable[[evt.Event], Any],
-                       answered: Callable[[], bool], on_requested: Callable[[int], None] | None = None,
-                       ssl_context: ssl.SSLContext | None = None) -> ActionResult:
+def request_commitment(
+    destination: Destination,
+    transaction_uid: str,
+    references: Sequence[Reference],
+    *,
+    calling_ae: str,
+    cfg: SenderConfig,
+    on_report: Callable[[evt.Event], Any],
+    answered: Callable[[], bool],
+    on_requested: Callable[[int], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ActionResult:
     """Send the N-ACTION (`on_requested` is told its success status) and keep the association open up to
     ``cfg.commitment_wait_s`` for a report on it (handled by `on_report`); stops waiting when
     `answered()` says a report came another way."""
@@ -247,8 +280,16 @@ def request_commitment(destination: Destination, transaction_uid: str, reference
             reported.set()
 
     try:
-        assoc = _open(destination, calling_ae, cfg.timeout_s, ssl_context, [build_context(STORAGE_COMMITMENT)],
-                      watch, "storage commitment", extra_handlers=[(evt.EVT_N_EVENT_REPORT, report_handler)])
+        assoc = _open(
+            destination,
+            calling_ae,
+            cfg.timeout_s,
+            ssl_context,
+            [build_context(STORAGE_COMMITMENT)],
+            watch,
+            "storage commitment",
+            extra_handlers=[(evt.EVT_N_EVENT_REPORT, report_handler)],
+        )
         if not assoc.is_established:
             if not watch.connected:
                 raise _diagnose_connect(destination, ssl_context if destination.tls else None, cfg.timeout_s)
@@ -259,8 +300,12 @@ def request_commitment(destination: Destination, transaction_uid: str, reference
         return ActionResult(False, None, e.reason)
     try:
         try:
-            rsp, _ = assoc.send_n_action(request_dataset(transaction_uid, references), ACTION_REQUEST_COMMITMENT,
-                                         STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
+            rsp, _ = assoc.send_n_action(
+                request_dataset(transaction_uid, references),
+                ACTION_REQUEST_COMMITMENT,
+                STORAGE_COMMITMENT,
+                STORAGE_COMMITMENT_INSTANCE,
+            )
         except (RuntimeError, ValueError) as e:  # the association ended, or no usable context
             return ActionResult(False, None, f"N-ACTION not sent: {e}")
         status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
@@ -328,24 +373,38 @@ class CommitmentSCP:
             transaction_uid, references = parse_request(event.action_information)
         except Exception as e:  # noqa: BLE001 — a peer's malformed request: answered 0x0115 with the reason
             reason = f"{e}" if isinstance(e, ValueError) else f"undecodable request: {type(e).__name__}"
-            self.store.add_event("commitment.bad_request", association_id=association_id,
-                                 detail={"requester": requester, "error": reason})
+            self.store.add_event(
+                "commitment.bad_request",
+                association_id=association_id,
+                detail={"requester": requester, "error": reason},
+            )
             metrics.count_commitment("scp", "bad_request")
             return _status_dataset(INVALID_ARGUMENT_VALUE, reason), None
         try:
             report = self.evaluate(transaction_uid, references)
-            self.store.add_event("commitment.request_received", association_id=association_id,
-                                 detail={"transaction_uid": transaction_uid, "requester": requester,
-                                         "instances": len(references), "committed": len(report.committed),
-                                         "failed": len(report.failed)})
+            self.store.add_event(
+                "commitment.request_received",
+                association_id=association_id,
+                detail={
+                    "transaction_uid": transaction_uid,
+                    "requester": requester,
+                    "instances": len(references),
+                    "committed": len(report.committed),
+                    "failed": len(report.failed),
+                },
+            )
         except Exception:
             log.exception("answering storage commitment %s failed", transaction_uid)
             return PROCESSING_FAILURE, None
         pending = _Pending(report, requester)
         with self._lock:
             self._pending[id(assoc)] = pending
-        threading.Thread(target=self._deliver, args=(assoc, pending, association_id),
-                         name=f"commitment-report-{transaction_uid[-8:]}", daemon=True).start()
+        threading.Thread(
+            target=self._deliver,
+            args=(assoc, pending, association_id),
+            name=f"commitment-report-{transaction_uid[-8:]}",
+            daemon=True,
+        ).start()
         return SUCCESS, None
 
     def on_dimse_sent(self, event: evt.Event) -> None:
@@ -385,11 +444,18 @@ class CommitmentSCP:
             log.exception("storage commitment report %s failed", report.transaction_uid)
             error = f"{type(e).__name__}: {e}"
         ok = status == SUCCESS
-        self.store.add_event("commitment.answered" if ok else "commitment.report_failed",
-                             association_id=association_id,
-                             detail={"transaction_uid": report.transaction_uid, "requester": pending.requester,
-                                     "via": via, "committed": len(report.committed), "failed": len(report.failed),
-                                     **({"error": error} if error else {})})
+        self.store.add_event(
+            "commitment.answered" if ok else "commitment.report_failed",
+            association_id=association_id,
+            detail={
+                "transaction_uid": report.transaction_uid,
+                "requester": pending.requester,
+                "via": via,
+                "committed": len(report.committed),
+                "failed": len(report.failed),
+                **({"error": error} if error else {}),
+            },
+        )
         metrics.count_commitment("scp", "answered" if ok else "report_failed")
 
     def _report_on_new_association(self, requester: str, report: Report) -> tuple[int | None, str]:
@@ -407,14 +473,22 @@ class CommitmentSCP:
         ae.add_requested_context(STORAGE_COMMITMENT)
         watch = _AssociationWatch()
         tls_args = (ssl_context, entry.host) if ssl_context is not None else None
-        assoc = ae.associate(entry.host, entry.port, ae_title=entry.name, tls_args=tls_args,
-                             ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)],
-                             evt_handlers=watch.handlers())
+        assoc = ae.associate(
+            entry.host,
+            entry.port,
+            ae_title=entry.name,
+            tls_args=tls_args,
+            ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)],
+            evt_handlers=watch.handlers(),
+        )
         result, status, error = "failed", None, ""
         try:
             if not assoc.is_established:
-                error = (watch.error(destination) if watch.connected else
-                         _diagnose_connect(destination, ssl_context, self.settings.sender.timeout_s)).reason
+                error = (
+                    watch.error(destination)
+                    if watch.connected
+                    else _diagnose_connect(destination, ssl_context, self.settings.sender.timeout_s)
+                ).reason
                 return None, error
             status, error = _send_report(assoc, report)
             result = "released"
@@ -422,9 +496,16 @@ class CommitmentSCP:
         finally:
             if assoc.is_established:
                 assoc.release()
-            self.store.record_association(calling_ae=self.settings.dicom.ae_title, called_ae=entry.name,
-                                          peer_host=entry.host, peer_port=entry.port, result=result,
-                                          reason=error, tls=entry.tls, direction="outbound")
+            self.store.record_association(
+                calling_ae=self.settings.dicom.ae_title,
+                called_ae=entry.name,
+                peer_host=entry.host,
+                peer_port=entry.port,
+                result=result,
+                reason=error,
+                tls=entry.tls,
+                direction="outbound",
+            )
 
 
 def _same_association(assoc: Association) -> bool:
@@ -438,8 +519,9 @@ def _same_association(assoc: Association) -> bool:
 
 def _send_report(assoc: Association, report: Report) -> tuple[int | None, str]:
     try:
-        rsp, _ = assoc.send_n_event_report(report.to_dataset(), report.event_type, STORAGE_COMMITMENT,
-                                           STORAGE_COMMITMENT_INSTANCE)
+        rsp, _ = assoc.send_n_event_report(
+            report.to_dataset(), report.event_type, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+        )
     except (RuntimeError, ValueError) as e:  # e.g. the association ended, or no usable context
         return None, str(e)
     status = int(rsp.Status) if rsp is not None and "Status" in rsp else None

@@ -54,8 +54,11 @@ class Exporter(BackgroundLoop):
     def _deliver(self, ae_title: str, exports: list[Export]) -> int:
         ae = self.store.get_ae(ae_title)
         if ae is None or not ae.may_receive or (not ae.stow and (ae.host is None or ae.port is None)):
-            why = (f"destination {ae_title!r} is not a known AE title" if ae is None
-                   else f"AE {ae_title!r} has no host/port or is not a destination (role {ae.role})")
+            why = (
+                f"destination {ae_title!r} is not a known AE title"
+                if ae is None
+                else f"AE {ae_title!r} has no host/port or is not a destination (role {ae.role})"
+            )
             for export in exports:
                 self._record(export, None, why, retryable=False)
             return 0
@@ -65,16 +68,22 @@ class Exporter(BackgroundLoop):
         try:
             if ae.stow:
                 assert ae.url is not None
-                statuses = send_stow([e.file_path for e in exports],
-                                     StowDestination(ae.name, ae.url, ae.auth, ae.username, ae.secret),
-                                     timeout_s=cfg.timeout_s, verify=https_verify(self.settings.dicom.tls))
+                statuses = send_stow(
+                    [e.file_path for e in exports],
+                    StowDestination(ae.name, ae.url, ae.auth, ae.username, ae.secret),
+                    timeout_s=cfg.timeout_s,
+                    verify=https_verify(self.settings.dicom.tls),
+                )
             else:
                 assert ae.host is not None and ae.port is not None
                 ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
-                statuses = send([e.file_path for e in exports],
-                                Destination(ae.name, ae.host, ae.port, ae.tls),
-                                calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, timeout_s=cfg.timeout_s,
-                                ssl_context=ssl_context)
+                statuses = send(
+                    [e.file_path for e in exports],
+                    Destination(ae.name, ae.host, ae.port, ae.tls),
+                    calling_ae=cfg.calling_ae or self.settings.dicom.ae_title,
+                    timeout_s=cfg.timeout_s,
+                    ssl_context=ssl_context,
+                )
         except SendError as e:
             log.warning("export to %s failed: %s", ae_title, e.reason)
             for export in exports:
@@ -93,26 +102,39 @@ class Exporter(BackgroundLoop):
             if status.ok and commit:
                 stored.append((export, status))
             else:
-                self._record(export, status.status, _error(status), retryable=status.retryable, ok=status.ok,
-                             started=started)
+                self._record(
+                    export, status.status, _error(status), retryable=status.retryable, ok=status.ok, started=started
+                )
             sent += status.ok
         if stored and ae.host is not None and ae.port is not None:
-            self._request_commitment(ae.name, Destination(ae.name, ae.host, ae.port, ae.tls), stored, started,
-                                     ssl_context)
+            self._request_commitment(
+                ae.name, Destination(ae.name, ae.host, ae.port, ae.tls), stored, started, ssl_context
+            )
         return sent
 
-    def _request_commitment(self, ae_title: str, destination: Destination, stored: list[tuple[Export, FileStatus]],
-                            started: datetime, ssl_context: ssl.SSLContext | None) -> None:
+    def _request_commitment(
+        self,
+        ae_title: str,
+        destination: Destination,
+        stored: list[tuple[Export, FileStatus]],
+        started: datetime,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
         """Record the stored exports as ``committing`` under a new transaction, then send the N-ACTION."""
         cfg = self.settings.sender
         transaction_uid = generate_uid()
         refs = [commitment.Reference(st.sop_class_uid, st.sop_instance_uid) for _, st in stored]
         self.store.record_sent_for_commitment(
-            [(e.id, int(st.status or 0)) for e, st in stored], transaction_uid=transaction_uid,
-            destination_ae=ae_title, started_at=started,
-            references=[{"export_id": e.id, "sop_class_uid": st.sop_class_uid, "sop_instance_uid": st.sop_instance_uid}
-                        for e, st in stored],
-            deadline_at=utcnow() + timedelta(seconds=cfg.commitment_timeout_s))
+            [(e.id, int(st.status or 0)) for e, st in stored],
+            transaction_uid=transaction_uid,
+            destination_ae=ae_title,
+            started_at=started,
+            references=[
+                {"export_id": e.id, "sop_class_uid": st.sop_class_uid, "sop_instance_uid": st.sop_instance_uid}
+                for e, st in stored
+            ],
+            deadline_at=utcnow() + timedelta(seconds=cfg.commitment_timeout_s),
+        )
         for _ in stored:
             metrics.count_export("success")
 
@@ -121,26 +143,49 @@ class Exporter(BackgroundLoop):
             return row is None or row.state != "pending"
 
         result = commitment.request_commitment(
-            destination, transaction_uid, refs, calling_ae=cfg.calling_ae or self.settings.dicom.ae_title, cfg=cfg,
-            ssl_context=ssl_context, answered=answered,
+            destination,
+            transaction_uid,
+            refs,
+            calling_ae=cfg.calling_ae or self.settings.dicom.ae_title,
+            cfg=cfg,
+            ssl_context=ssl_context,
+            answered=answered,
             on_requested=lambda status: self.store.record_commitment_requested(transaction_uid, status=status),
-            on_report=lambda event: commitment.handle_report_event(self.store, cfg, event, via="same association",
-                                                                   on_settled=self._observe_latencies))
+            on_report=lambda event: commitment.handle_report_event(
+                self.store, cfg, event, via="same association", on_settled=self._observe_latencies
+            ),
+        )
         if result.ok:
             return
         log.warning("storage commitment request to %s failed: %s", ae_title, result.error)
         metrics.count_commitment("scu", "failed")
-        self.store.fail_commitment(transaction_uid, f"N-ACTION failed: {result.error}",
-                                   retry_at=commitment.retry_at(cfg))
+        self.store.fail_commitment(
+            transaction_uid, f"N-ACTION failed: {result.error}", retry_at=commitment.retry_at(cfg)
+        )
 
-    def _record(self, export: Export, status: int | None, error: str, *, retryable: bool, ok: bool = False,
-                started: datetime | None = None) -> None:
+    def _record(
+        self,
+        export: Export,
+        status: int | None,
+        error: str,
+        *,
+        retryable: bool,
+        ok: bool = False,
+        started: datetime | None = None,
+    ) -> None:
         attempt = export.attempts + 1
         give_up = not ok and (not retryable or attempt >= self.settings.sender.max_attempts)
         next_at = None if ok or give_up else utcnow() + timedelta(seconds=backoff_delay(attempt, self.settings.sender))
-        self.store.record_export_attempt(export.id, status=status, error=error, succeeded=ok,
-                                         next_attempt_at=next_at, give_up=give_up, started_at=started,
-                                         on_settled=self._observe_latencies)
+        self.store.record_export_attempt(
+            export.id,
+            status=status,
+            error=error,
+            succeeded=ok,
+            next_attempt_at=next_at,
+            give_up=give_up,
+            started_at=started,
+            on_settled=self._observe_latencies,
+        )
         metrics.count_export("success" if ok else "dead" if give_up else "retry")
 
     def _observe_latencies(self, inst: Instance) -> None:

@@ -82,8 +82,14 @@ class FileStatus:
 Item = Path | str | Dataset
 
 
-def send(items: Sequence[Item], destination: Destination, *, calling_ae: str, timeout_s: float = 30.0,
-         ssl_context: ssl.SSLContext | None = None) -> list[FileStatus]:
+def send(
+    items: Sequence[Item],
+    destination: Destination,
+    *,
+    calling_ae: str,
+    timeout_s: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[FileStatus]:
     """Send all `items` (files or data sets) on one association; one FileStatus per item, in order.
 
     Raises SendError when the association cannot be established (unreachable, rejected, aborted
@@ -93,8 +99,13 @@ def send(items: Sequence[Item], destination: Destination, *, calling_ae: str, ti
     return _send([_load(item) for item in items], destination, calling_ae, timeout_s, ssl_context)
 
 
-def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calling_ae: str, timeout_s: float,
-          ssl_context: ssl.SSLContext | None) -> list[FileStatus]:
+def _send(
+    items: Sequence[_Loaded | FileStatus],
+    destination: Destination,
+    calling_ae: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None,
+) -> list[FileStatus]:
     loaded = [item for item in items if isinstance(item, _Loaded)]
     if not loaded:
         return [item for item in items if isinstance(item, FileStatus)]
@@ -109,8 +120,9 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
             if isinstance(item, FileStatus):
                 statuses.append(item)
             elif broken is not None:
-                statuses.append(FileStatus(item.sop_instance_uid, item.sop_class_uid, None, f"not sent: {broken}",
-                                           item.path))
+                statuses.append(
+                    FileStatus(item.sop_instance_uid, item.sop_class_uid, None, f"not sent: {broken}", item.path)
+                )
             else:
                 status = _store(assoc, item, watch)
                 if status.status is None and status.error is not None and not status.error.startswith(NO_CONTEXT):
@@ -124,32 +136,58 @@ def _send(items: Sequence[_Loaded | FileStatus], destination: Destination, calli
             assoc.release()
 
 
-def _open(destination: Destination, calling_ae: str, timeout_s: float, ssl_context: ssl.SSLContext | None,
-          contexts: list[Any], watch: _AssociationWatch, purpose: str,
-          extra_handlers: Sequence[Any] = ()) -> Association:
+def _open(
+    destination: Destination,
+    calling_ae: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None,
+    contexts: list[Any],
+    watch: _AssociationWatch,
+    purpose: str,
+    extra_handlers: Sequence[Any] = (),
+) -> Association:
     """Request an association to `destination` (TLS when it says so, verified like every outgoing one)."""
     if destination.tls and ssl_context is None:
-        raise SendError(f"destination {destination.ae_title} needs TLS but no TLS context is configured",
-                        retryable=False)
+        raise SendError(
+            f"destination {destination.ae_title} needs TLS but no TLS context is configured", retryable=False
+        )
     ae = AE(ae_title=calling_ae)
     for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, timeout, timeout_s)
     ae.requested_contexts = contexts
     # The peer's certificate is checked against its configured host name (server_hostname), as HTTPS does.
     tls_args = (ssl_context, destination.host) if destination.tls and ssl_context is not None else None
-    log.info("association to %s@%s:%d%s for %s", destination.ae_title, destination.host, destination.port,
-             " (TLS)" if tls_args else "", purpose)
-    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
-                        evt_handlers=[*watch.handlers(), *extra_handlers])
+    log.info(
+        "association to %s@%s:%d%s for %s",
+        destination.ae_title,
+        destination.host,
+        destination.port,
+        " (TLS)" if tls_args else "",
+        purpose,
+    )
+    return ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[*watch.handlers(), *extra_handlers],
+    )
 
 
-def _associate(loaded: Sequence[_Loaded], destination: Destination, calling_ae: str, timeout_s: float,
-               ssl_context: ssl.SSLContext | None, watch: _AssociationWatch) -> Association | None:
+def _associate(
+    loaded: Sequence[_Loaded],
+    destination: Destination,
+    calling_ae: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None,
+    watch: _AssociationWatch,
+) -> Association | None:
     """An established association, None when the peer accepted no context, else SendError."""
     contexts = _contexts(loaded)
     if len(contexts) > MAX_CONTEXTS:
-        raise SendError(f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}: split the batch",
-                        retryable=False)
+        raise SendError(
+            f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}: split the batch", retryable=False
+        )
     assoc = _open(destination, calling_ae, timeout_s, ssl_context, contexts, watch, f"{len(loaded)} objects")
     if assoc.is_established:
         return assoc
@@ -168,8 +206,9 @@ class EchoResult:
     seconds: float
 
 
-def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0,
-         ssl_context: ssl.SSLContext | None = None) -> EchoResult:
+def echo(
+    destination: Destination, calling_ae: str, timeout_s: float = 10.0, ssl_context: ssl.SSLContext | None = None
+) -> EchoResult:
     """One C-ECHO, set up exactly like a delivery (`send`): same TLS, same diagnosis of failures.
 
     The CLI and the console both echo through this (via `node.admin.ae.echo_ae`), so an echo that
@@ -181,8 +220,7 @@ def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0,
     start = time.perf_counter()
     status: int | None = None
     try:
-        assoc = _open(destination, calling_ae, timeout_s, ssl_context, [build_context(Verification)], watch,
-                      "C-ECHO")
+        assoc = _open(destination, calling_ae, timeout_s, ssl_context, [build_context(Verification)], watch, "C-ECHO")
         if not assoc.is_established:
             if not watch.connected:
                 raise _diagnose_connect(destination, ssl_context if destination.tls else None, timeout_s)
@@ -211,8 +249,9 @@ def backoff_delay(attempt: int, cfg: SenderConfig | TriageConfig) -> float:
     return float(min(cfg.backoff_max_s, cfg.backoff_initial_s * cfg.backoff_factor ** (attempt - 1)))
 
 
-def client_ssl_context(ca_file: Path | None = None, cert_file: Path | None = None,
-                       key_file: Path | None = None) -> ssl.SSLContext:
+def client_ssl_context(
+    ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
     """TLS client context: verify the destination against `ca_file` (system CAs if None), optional client cert."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
     if cert_file is not None:
@@ -227,6 +266,7 @@ def tls_client_context(tls: TLSConfig) -> ssl.SSLContext:
 
 
 # --- internals ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Loaded:
@@ -246,8 +286,9 @@ def _load(item: Item) -> _Loaded | FileStatus:
     except Exception as e:  # noqa: BLE001 — unreadable file or no UIDs: a disk or programming error, not the peer's
         return FileStatus("", "", None, f"{UNREADABLE}: {path or 'data set'}: {type(e).__name__}: {e}", path)
     meta = getattr(ds, "file_meta", None)
-    syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta \
-        else ExplicitVRLittleEndian
+    syntax = (
+        UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta else ExplicitVRLittleEndian
+    )
     return _Loaded(ds, sop_class, sop_instance, syntax, path)
 
 
@@ -256,8 +297,11 @@ def _contexts(items: Sequence[_Loaded]) -> list:  # type: ignore[type-arg]
     syntaxes so a peer that only takes Implicit VR LE still gets them."""
     wanted: dict[tuple[str, tuple[str, ...]], None] = {}
     for item in items:
-        syntaxes = (item.transfer_syntax, *(s for s in UNCOMPRESSED if s != item.transfer_syntax)) \
-            if item.transfer_syntax in UNCOMPRESSED else (item.transfer_syntax,)
+        syntaxes = (
+            (item.transfer_syntax, *(s for s in UNCOMPRESSED if s != item.transfer_syntax))
+            if item.transfer_syntax in UNCOMPRESSED
+            else (item.transfer_syntax,)
+        )
         wanted[(item.sop_class_uid, tuple(syntaxes))] = None
     return [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in wanted]
 
@@ -268,9 +312,15 @@ def _store(assoc: Association, item: _Loaded, watch: _AssociationWatch) -> FileS
 
     if not assoc.is_established:
         return failed(watch.reason() or "association ended before this object was sent")
-    usable = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == item.sop_class_uid
-              and (cx.transfer_syntax[0] == item.transfer_syntax
-                   or (item.transfer_syntax in UNCOMPRESSED and cx.transfer_syntax[0] in UNCOMPRESSED))]
+    usable = [
+        cx
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == item.sop_class_uid
+        and (
+            cx.transfer_syntax[0] == item.transfer_syntax
+            or (item.transfer_syntax in UNCOMPRESSED and cx.transfer_syntax[0] in UNCOMPRESSED)
+        )
+    ]
     if not usable:
         return _no_context(item)
     rsp = assoc.send_c_store(item.dataset)
@@ -329,8 +379,7 @@ class _AssociationWatch:
     def _acse(self, event: evt.Event) -> None:
         primitive = event.primitive  # type: ignore[attr-defined]
         if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
-            self.rejection = (int(primitive.result), primitive.result_str, primitive.source_str,
-                              primitive.reason_str)
+            self.rejection = (int(primitive.result), primitive.result_str, primitive.source_str, primitive.reason_str)
         elif isinstance(primitive, A_ABORT | A_P_ABORT):
             source = getattr(primitive, "abort_source", None)
             self.aborted = f"association aborted by the {'peer' if source in (None, 0x00, 0x02) else 'provider'}"
@@ -346,8 +395,9 @@ class _AssociationWatch:
         if self.rejection is not None:
             result, result_str, source, reason = self.rejection
             # Permanent rejections (wrong called AE, calling AE not known) need a configuration change.
-            return SendError(f"association rejected by {where}: {result_str} - {source}: {reason}",
-                             retryable=result == 0x02)
+            return SendError(
+                f"association rejected by {where}: {result_str} - {source}: {reason}", retryable=result == 0x02
+            )
         if not self.connected:
             return SendError(f"cannot connect to {where} (destination down or unreachable)")
         return SendError(f"association with {where} failed: {self.aborted or 'no A-ASSOCIATE response'}")

@@ -70,8 +70,9 @@ class ResumeReport:
 
 
 class Ingest:
-    def __init__(self, settings: Settings, store: AuditStore, spool: Spool,
-                 dispatcher: Dispatcher | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: AuditStore, spool: Spool, dispatcher: Dispatcher | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
@@ -86,8 +87,11 @@ class Ingest:
         except Exception as e:
             log.exception("C-STORE of %s from %s failed inside the node", req.affected_sop_instance, req.calling_ae)
             try:
-                self.store.add_event("instance.error", association_id=req.association_id,
-                                     detail={"sop_instance_uid": req.affected_sop_instance, "error": repr(e)})
+                self.store.add_event(
+                    "instance.error",
+                    association_id=req.association_id,
+                    detail={"sop_instance_uid": req.affected_sop_instance, "error": repr(e)},
+                )
             except Exception:
                 log.exception("could not audit the failure")
             return Outcome(STATUS_PROCESSING_FAILURE, "error", reason=repr(e))
@@ -98,28 +102,45 @@ class Ingest:
         if size > limit_mb * 1024 * 1024:
             return self._refuse_oversize(received, req, size, limit_mb)
         if not self.spool.has_room(self.settings.storage.min_free_mb):
-            reason = (f"free disk {self.spool.free_mb():.0f} MB below storage.min_free_mb "
-                      f"{self.settings.storage.min_free_mb}")
+            reason = (
+                f"free disk {self.spool.free_mb():.0f} MB below storage.min_free_mb {self.settings.storage.min_free_mb}"
+            )
             log.warning("refusing %s: %s", req.affected_sop_instance, reason)
-            self.store.add_event("instance.refused", association_id=req.association_id,
-                                 detail={"sop_instance_uid": req.affected_sop_instance,
-                                         "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}", "reason": reason})
+            self.store.add_event(
+                "instance.refused",
+                association_id=req.association_id,
+                detail={
+                    "sop_instance_uid": req.affected_sop_instance,
+                    "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}",
+                    "reason": reason,
+                },
+            )
             return Outcome(STATUS_OUT_OF_RESOURCES, "refused", reason=reason)
 
         try:
             header = read_header(received, req.transfer_syntax_uid, max_inflated_bytes=limit_mb * 1024 * 1024)
             if not req.affected_sop_class and not req.affected_sop_instance:  # STOW-RS: no command
-                req = replace(req, affected_sop_class=header.sop_class_uid,
-                              affected_sop_instance=header.sop_instance_uid)
+                req = replace(
+                    req, affected_sop_class=header.sop_class_uid, affected_sop_instance=header.sop_instance_uid
+                )
                 if header.sop_class_uid and header.sop_class_uid not in storage_sop_classes():
                     # What C-STORE settles in negotiation (no presentation context) is checked here.
-                    raise Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP Class {header.sop_class_uid} "
-                                                                  "is not a storage SOP class the node accepts")
-            check_dataset(header, affected_sop_class=req.affected_sop_class,
-                          affected_sop_instance=req.affected_sop_instance, file_size=size)
+                    raise Refusal(
+                        STATUS_SOP_CLASS_NOT_SUPPORTED,
+                        f"SOP Class {header.sop_class_uid} is not a storage SOP class the node accepts",
+                    )
+            check_dataset(
+                header,
+                affected_sop_class=req.affected_sop_class,
+                affected_sop_instance=req.affected_sop_instance,
+                file_size=size,
+            )
             if req.study_instance_uid and header.study_instance_uid != req.study_instance_uid:
-                raise Refusal(STATUS_DATASET_MISMATCH, f"Study Instance UID {header.study_instance_uid} is not the "
-                                                       f"study {req.study_instance_uid} of the request")
+                raise Refusal(
+                    STATUS_DATASET_MISMATCH,
+                    f"Study Instance UID {header.study_instance_uid} is not the "
+                    f"study {req.study_instance_uid} of the request",
+                )
         except Refusal as r:
             return self._reject(received, req, r, size)
 
@@ -130,8 +151,9 @@ class Ingest:
             if conflict:
                 return self._reject_conflict(received, req, info, original, conflict)
             row = self.store.record_duplicate(info, original.id)
-            log.info("duplicate %s from %s (original instance %d)", header.sop_instance_uid, req.calling_ae,
-                     original.id)
+            log.info(
+                "duplicate %s from %s (original instance %d)", header.sop_instance_uid, req.calling_ae, original.id
+            )
             if self.settings.results.reanalyze_duplicates:
                 self._reanalyze(original.id, original.state)
             return Outcome(STATUS_SUCCESS, "duplicate", row.id, row.reason)
@@ -158,12 +180,19 @@ class Ingest:
         written), a rejected row that says so."""
         reason = f"data set of {size} bytes exceeds storage.max_instance_mb {limit_mb}"
         received.unlink(missing_ok=True)
-        info = ReceivedInstance(sop_instance_uid=req.affected_sop_instance, sop_class_uid=req.affected_sop_class,
-                                transfer_syntax_uid=req.transfer_syntax_uid, calling_ae=req.calling_ae,
-                                association_id=req.association_id, priority=req.priority, size_bytes=size)
+        info = ReceivedInstance(
+            sop_instance_uid=req.affected_sop_instance,
+            sop_class_uid=req.affected_sop_class,
+            transfer_syntax_uid=req.transfer_syntax_uid,
+            calling_ae=req.calling_ae,
+            association_id=req.association_id,
+            priority=req.priority,
+            size_bytes=size,
+        )
         row = self.store.record_rejected(info, status=STATUS_OUT_OF_RESOURCES, reason=reason, quarantine_path="")
-        log.warning("refused %s from %s (%s) with 0xA700: %s", req.affected_sop_instance, req.calling_ae, req.peer,
-                    reason)
+        log.warning(
+            "refused %s from %s (%s) with 0xA700: %s", req.affected_sop_instance, req.calling_ae, req.peer, reason
+        )
         return Outcome(STATUS_OUT_OF_RESOURCES, "rejected", row.id, reason)
 
     def _conflict(self, header: Header, req: StoreRequest, received: Path, original: Instance) -> str:
@@ -178,8 +207,11 @@ class Ingest:
             return f"Series Instance UID {header.series_instance_uid}, stored {original.series_instance_uid}"
         stored = Path(original.spool_path)
         try:
-            stored_header = read_header(stored, original.transfer_syntax_uid,
-                                        max_inflated_bytes=self.settings.storage.max_instance_mb * 1024 * 1024)
+            stored_header = read_header(
+                stored,
+                original.transfer_syntax_uid,
+                max_inflated_bytes=self.settings.storage.max_instance_mb * 1024 * 1024,
+            )
         except (Refusal, OSError):
             return ""
         if stored_header.study_instance_uid != header.study_instance_uid:
@@ -189,18 +221,41 @@ class Ingest:
             return "same UIDs, other content (SHA-256 of the data set differs)"
         return ""
 
-    def _reject_conflict(self, received: Path, req: StoreRequest, info: ReceivedInstance, original: Instance,
-                         why: str) -> Outcome:
+    def _reject_conflict(
+        self, received: Path, req: StoreRequest, info: ReceivedInstance, original: Instance, why: str
+    ) -> Outcome:
         """Never dropped, never stored over the first: quarantined, audited, answered 0x0111."""
         reason = f"SOP Instance UID already stored as instance {original.id} with another data set: {why}"
-        path = self.spool.quarantine(received, req.affected_sop_instance, {
-            "status": f"0x{STATUS_DUPLICATE_SOP_INSTANCE:04X}", "reason": reason, "calling_ae": req.calling_ae,
-            "peer": req.peer, "stored_instance_id": original.id, "stored_calling_ae": original.calling_ae,
-            "sop_instance_uid": req.affected_sop_instance, "association_id": req.association_id})
-        row = self.store.record_rejected(info, status=STATUS_DUPLICATE_SOP_INSTANCE, reason=reason,
-                                         quarantine_path=str(path), conflict_with=original.id)
-        log.warning("conflict: %s from %s (%s) is not the stored instance %d (from %s): %s",
-                    req.affected_sop_instance, req.calling_ae, req.peer, original.id, original.calling_ae, why)
+        path = self.spool.quarantine(
+            received,
+            req.affected_sop_instance,
+            {
+                "status": f"0x{STATUS_DUPLICATE_SOP_INSTANCE:04X}",
+                "reason": reason,
+                "calling_ae": req.calling_ae,
+                "peer": req.peer,
+                "stored_instance_id": original.id,
+                "stored_calling_ae": original.calling_ae,
+                "sop_instance_uid": req.affected_sop_instance,
+                "association_id": req.association_id,
+            },
+        )
+        row = self.store.record_rejected(
+            info,
+            status=STATUS_DUPLICATE_SOP_INSTANCE,
+            reason=reason,
+            quarantine_path=str(path),
+            conflict_with=original.id,
+        )
+        log.warning(
+            "conflict: %s from %s (%s) is not the stored instance %d (from %s): %s",
+            req.affected_sop_instance,
+            req.calling_ae,
+            req.peer,
+            original.id,
+            original.calling_ae,
+            why,
+        )
         return Outcome(STATUS_DUPLICATE_SOP_INSTANCE, "rejected", row.id, reason)
 
     def _route_outcome(self, header: Header, calling_ae: str) -> RouteOutcome | None:
@@ -224,35 +279,63 @@ class Ingest:
         return self._reject(received, req, Refusal(status, reason), size)
 
     def _reject(self, received: Path, req: StoreRequest, r: Refusal, size: int) -> Outcome:
-        path = self.spool.quarantine(received, req.affected_sop_instance, {
-            "status": f"0x{r.status:04X}", "reason": r.reason, "calling_ae": req.calling_ae, "peer": req.peer,
-            "sop_class_uid": req.affected_sop_class, "sop_instance_uid": req.affected_sop_instance,
-            "transfer_syntax_uid": req.transfer_syntax_uid, "association_id": req.association_id})
-        info = ReceivedInstance(sop_instance_uid=req.affected_sop_instance, sop_class_uid=req.affected_sop_class,
-                                transfer_syntax_uid=req.transfer_syntax_uid, calling_ae=req.calling_ae,
-                                association_id=req.association_id, priority=req.priority, size_bytes=size)
+        path = self.spool.quarantine(
+            received,
+            req.affected_sop_instance,
+            {
+                "status": f"0x{r.status:04X}",
+                "reason": r.reason,
+                "calling_ae": req.calling_ae,
+                "peer": req.peer,
+                "sop_class_uid": req.affected_sop_class,
+                "sop_instance_uid": req.affected_sop_instance,
+                "transfer_syntax_uid": req.transfer_syntax_uid,
+                "association_id": req.association_id,
+            },
+        )
+        info = ReceivedInstance(
+            sop_instance_uid=req.affected_sop_instance,
+            sop_class_uid=req.affected_sop_class,
+            transfer_syntax_uid=req.transfer_syntax_uid,
+            calling_ae=req.calling_ae,
+            association_id=req.association_id,
+            priority=req.priority,
+            size_bytes=size,
+        )
         row = self.store.record_rejected(info, status=r.status, reason=r.reason, quarantine_path=str(path))
-        log.warning("rejected %s from %s with 0x%04X: %s", req.affected_sop_instance, req.calling_ae, r.status,
-                    r.reason)
+        log.warning(
+            "rejected %s from %s with 0x%04X: %s", req.affected_sop_instance, req.calling_ae, r.status, r.reason
+        )
         return Outcome(r.status, "rejected", row.id, r.reason)
 
     @staticmethod
     def _info(h: Header, req: StoreRequest, size: int, spool_path: str) -> ReceivedInstance:
         return ReceivedInstance(
-            sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
+            sop_instance_uid=h.sop_instance_uid,
+            sop_class_uid=h.sop_class_uid,
             transfer_syntax_uid=req.transfer_syntax_uid or h.transfer_syntax_uid,
-            study_instance_uid=h.study_instance_uid, series_instance_uid=h.series_instance_uid,
-            calling_ae=req.calling_ae, association_id=req.association_id, modality=h.modality,
-            body_part=h.body_part, view_position=h.view_position, patient_id=h.patient_id,
-            accession_number=h.accession_number, study_date=h.study_date, priority=req.priority,
-            size_bytes=size, spool_path=spool_path)
+            study_instance_uid=h.study_instance_uid,
+            series_instance_uid=h.series_instance_uid,
+            calling_ae=req.calling_ae,
+            association_id=req.association_id,
+            modality=h.modality,
+            body_part=h.body_part,
+            view_position=h.view_position,
+            patient_id=h.patient_id,
+            accession_number=h.accession_number,
+            study_date=h.study_date,
+            priority=req.priority,
+            size_bytes=size,
+            spool_path=spool_path,
+        )
 
     def _reanalyze(self, instance_id: int, state: str) -> None:
         """results.reanalyze_duplicates: a resent instance is analysed again from the stored copy."""
         if state not in (InstanceState.EXPORTED, InstanceState.FAILED, InstanceState.DEAD):
             return  # still in progress (results will come) or routed away (skipped stays skipped)
-        self.store.set_instance_state(instance_id, InstanceState.QUEUED, "sent again: re-analysis",
-                                      detail={"reanalyze_duplicates": True})
+        self.store.set_instance_state(
+            instance_id, InstanceState.QUEUED, "sent again: re-analysis", detail={"reanalyze_duplicates": True}
+        )
         self.hand_off(instance_id)
 
     # -- routing and hand-off -------------------------------------------------------------------------
@@ -262,11 +345,15 @@ class Ingest:
         try:
             decision = decide(header, calling_ae, self.settings.rules, self.settings.models)
             if decision.action == "skip":
-                self.store.set_instance_state(instance_id, InstanceState.SKIPPED, decision.reason,
-                                              rule=decision.rule)
+                self.store.set_instance_state(instance_id, InstanceState.SKIPPED, decision.reason, rule=decision.rule)
                 return decision
-            self.store.set_instance_state(instance_id, InstanceState.QUEUED, rule=decision.rule,
-                                          models=decision.models, destinations=decision.destinations)
+            self.store.set_instance_state(
+                instance_id,
+                InstanceState.QUEUED,
+                rule=decision.rule,
+                models=decision.models,
+                destinations=decision.destinations,
+            )
         except Exception:
             log.exception("routing instance %d failed; it stays received", instance_id)
             return None
@@ -286,8 +373,11 @@ class Ingest:
             if inst.state == InstanceState.RECEIVED:
                 path = Path(inst.spool_path)
                 try:
-                    header = read_header(path, inst.transfer_syntax_uid,
-                                         max_inflated_bytes=self.settings.storage.max_instance_mb * 1024 * 1024)
+                    header = read_header(
+                        path,
+                        inst.transfer_syntax_uid,
+                        max_inflated_bytes=self.settings.storage.max_instance_mb * 1024 * 1024,
+                    )
                 except (Refusal, OSError) as e:
                     self.store.set_instance_state(inst.id, InstanceState.FAILED, f"cannot resume: {e}")
                     failed += 1

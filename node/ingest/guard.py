@@ -101,19 +101,33 @@ class ConnectionGuard:
             if len(mine) >= self.max_per_peer:
                 waiting = [c for c in mine if c.pending]
                 if waiting:
-                    drops.append((waiting[0], f"{len(mine) + 1} connections from {new.host}, more than "
-                                              f"dicom.max_connections_per_peer {self.max_per_peer}: its oldest "
-                                              "connection not yet associated is dropped"))
+                    drops.append(
+                        (
+                            waiting[0],
+                            f"{len(mine) + 1} connections from {new.host}, more than "
+                            f"dicom.max_connections_per_peer {self.max_per_peer}: its oldest "
+                            "connection not yet associated is dropped",
+                        )
+                    )
                 else:
                     refuse_new = True
-                    drops.append((new, f"{new.host} holds dicom.max_connections_per_peer {self.max_per_peer} "
-                                       "associations already"))
+                    drops.append(
+                        (
+                            new,
+                            f"{new.host} holds dicom.max_connections_per_peer {self.max_per_peer} associations already",
+                        )
+                    )
             if not refuse_new:
                 pending = [c for c in live if c.pending and all(c is not d for d, _ in drops)]
                 if len(pending) >= self.max_pending:
-                    drops.append((pending[0], f"{len(pending) + 1} connections waiting for association, more "
-                                              f"than dicom.max_pending_associations {self.max_pending}: the "
-                                              "oldest is dropped"))
+                    drops.append(
+                        (
+                            pending[0],
+                            f"{len(pending) + 1} connections waiting for association, more "
+                            f"than dicom.max_pending_associations {self.max_pending}: the "
+                            "oldest is dropped",
+                        )
+                    )
                 live.append(new)
             self._conns = live
         for conn, reason in drops:
@@ -152,8 +166,10 @@ class ConnectionGuard:
                 self._conns = [c for c in self._conns if c.alive]
                 late = [c for c in self._conns if c.pending and now - c.since > self.request_timeout_s]
             for conn in late:
-                conn.sock.drop(f"association request not complete {now - conn.since:.1f} s after connecting "
-                               f"(dicom.association_request_timeout_s {self.request_timeout_s:g})")
+                conn.sock.drop(
+                    f"association request not complete {now - conn.since:.1f} s after connecting "
+                    f"(dicom.association_request_timeout_s {self.request_timeout_s:g})"
+                )
 
     def refused_handshake(self, host: str, port: int, error: BaseException) -> None:
         """A TLS handshake that failed or took too long: logged and audited like a dropped connection."""
@@ -184,9 +200,16 @@ class ConnectionGuard:
             return
         log.warning("dropped connection from %s%s:%s: %s", f"{calling}@" if calling else "", host, port, reason)
         try:
-            self.store.add_event("connection.dropped", detail={
-                "peer": f"{host}:{port}", "calling_ae": calling, "reason": reason, **detail,
-                **({"left_out_before": left_out} if left_out else {})})
+            self.store.add_event(
+                "connection.dropped",
+                detail={
+                    "peer": f"{host}:{port}",
+                    "calling_ae": calling,
+                    "reason": reason,
+                    **detail,
+                    **({"left_out_before": left_out} if left_out else {}),
+                },
+            )
         except Exception:
             log.exception("could not audit the dropped connection from %s", host)
 
@@ -278,8 +301,9 @@ class GuardedSocket(AssociationSocket):
         limit = self.guard.pdu_limit(self.assoc)
         if limit is not None and nr_bytes > limit:
             when = "after the association was accepted" if self.assoc.is_established else "before association"
-            self.drop(f"PDU of {nr_bytes} bytes declared, more than {limit} allowed {when}",
-                      pdu_length=nr_bytes, limit=limit)
+            self.drop(
+                f"PDU of {nr_bytes} bytes declared, more than {limit} allowed {when}", pdu_length=nr_bytes, limit=limit
+            )
             self._eof_given = True
             return bytearray()  # the DUL sees a short PDU: transport closed (Evt17), the association ends
         data = super().recv(nr_bytes)

@@ -116,15 +116,23 @@ def read_header(path: Path, transfer_syntax_uid: str = "", *, max_inflated_bytes
         raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
         frames = _int(ds, "NumberOfFrames") or 1
         header = Header(
-            sop_class_uid=_text(ds, "SOPClassUID"), sop_instance_uid=_text(ds, "SOPInstanceUID"),
-            study_instance_uid=_text(ds, "StudyInstanceUID"), series_instance_uid=_text(ds, "SeriesInstanceUID"),
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            sop_instance_uid=_text(ds, "SOPInstanceUID"),
+            study_instance_uid=_text(ds, "StudyInstanceUID"),
+            series_instance_uid=_text(ds, "SeriesInstanceUID"),
             transfer_syntax_uid=ts,
-            modality=_text(ds, "Modality").upper(), body_part=_text(ds, "BodyPartExamined").upper(),
-            view_position=_text(ds, "ViewPosition").upper(), patient_id=_text(ds, "PatientID"),
-            accession_number=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
-            rows=_int(ds, "Rows"), columns=_int(ds, "Columns"), frames=frames,
+            modality=_text(ds, "Modality").upper(),
+            body_part=_text(ds, "BodyPartExamined").upper(),
+            view_position=_text(ds, "ViewPosition").upper(),
+            patient_id=_text(ds, "PatientID"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_date=_text(ds, "StudyDate"),
+            rows=_int(ds, "Rows"),
+            columns=_int(ds, "Columns"),
+            frames=frames,
             samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
-            bits_allocated=_int(ds, "BitsAllocated"), bits_stored=_int(ds, "BitsStored"),
+            bits_allocated=_int(ds, "BitsAllocated"),
+            bits_stored=_int(ds, "BitsStored"),
             has_pixel_data=raw is not None,
             pixel_data_length=_raw_length(raw),
             pixel_data_offset=raw.value_tell if isinstance(raw, RawDataElement) else None,
@@ -176,9 +184,12 @@ def _inflated(path: Path, max_bytes: int) -> Iterator[Path]:
                     data = inflater.decompress(chunk, INFLATE_CHUNK)
                     total += len(data)
                     if total > max_bytes:
-                        raise Refusal(STATUS_OUT_OF_RESOURCES, f"deflated data set inflates to more than "
-                                                               f"{max_bytes} bytes (storage.max_instance_mb): "
-                                                               "not read")
+                        raise Refusal(
+                            STATUS_OUT_OF_RESOURCES,
+                            f"deflated data set inflates to more than "
+                            f"{max_bytes} bytes (storage.max_instance_mb): "
+                            "not read",
+                        )
                     out.write(data)
                     chunk = inflater.unconsumed_tail
             out.write(inflater.flush(INFLATE_CHUNK))
@@ -216,11 +227,17 @@ def check_dataset(h: Header, *, affected_sop_class: str, affected_sop_instance: 
     if not h.sop_instance_uid:
         raise Refusal(STATUS_DATASET_MISMATCH, "SOP Instance UID (0008,0018) missing from the data set")
     if h.sop_instance_uid != affected_sop_instance.strip():
-        raise Refusal(STATUS_DATASET_MISMATCH, f"SOP Instance UID {h.sop_instance_uid} differs from the "
-                                               f"command's Affected SOP Instance UID {affected_sop_instance}")
+        raise Refusal(
+            STATUS_DATASET_MISMATCH,
+            f"SOP Instance UID {h.sop_instance_uid} differs from the "
+            f"command's Affected SOP Instance UID {affected_sop_instance}",
+        )
     if h.sop_class_uid != affected_sop_class.strip():
-        raise Refusal(STATUS_DATASET_MISMATCH, f"SOP Class UID {h.sop_class_uid or '(missing)'} differs from "
-                                               f"the command's Affected SOP Class UID {affected_sop_class}")
+        raise Refusal(
+            STATUS_DATASET_MISMATCH,
+            f"SOP Class UID {h.sop_class_uid or '(missing)'} differs from "
+            f"the command's Affected SOP Class UID {affected_sop_class}",
+        )
     if not h.study_instance_uid:
         raise Refusal(STATUS_DATASET_MISMATCH, "Study Instance UID (0020,000D) missing")
     if not h.has_pixel_data:
@@ -229,16 +246,19 @@ def check_dataset(h: Header, *, affected_sop_class: str, affected_sop_instance: 
     if not h.rows or not h.columns:
         raise Refusal(STATUS_DATASET_MISMATCH, f"image size Rows={h.rows} Columns={h.columns} is invalid")
     if h.bits_allocated is None or h.bits_stored is None or h.bits_stored > h.bits_allocated:
-        raise Refusal(STATUS_DATASET_MISMATCH,
-                      f"BitsStored {h.bits_stored} and BitsAllocated {h.bits_allocated} are inconsistent")
+        raise Refusal(
+            STATUS_DATASET_MISMATCH, f"BitsStored {h.bits_stored} and BitsAllocated {h.bits_allocated} are inconsistent"
+        )
     ts = UID(h.transfer_syntax_uid) if h.transfer_syntax_uid else None
     if ts is not None and not ts.is_encapsulated and h.pixel_data_length is not None:
         expected = expected_native_length(h)
         # An odd length is padded to even on the wire.
         if expected is not None and h.pixel_data_length not in (expected, expected + (expected & 1)):
-            raise Refusal(STATUS_DATASET_MISMATCH,
-                          f"Pixel Data is {h.pixel_data_length} bytes but Rows x Columns x Frames x Samples x "
-                          f"BitsAllocated/8 = {expected}")
+            raise Refusal(
+                STATUS_DATASET_MISMATCH,
+                f"Pixel Data is {h.pixel_data_length} bytes but Rows x Columns x Frames x Samples x "
+                f"BitsAllocated/8 = {expected}",
+            )
 
 
 def _check_truncation(h: Header, file_size: int) -> None:
@@ -248,5 +268,7 @@ def _check_truncation(h: Header, file_size: int) -> None:
         return  # offsets refer to the inflated stream
     present = file_size - h.pixel_data_offset
     if present < h.pixel_data_length:
-        raise Refusal(STATUS_CANNOT_UNDERSTAND, f"data set ends inside Pixel Data: {h.pixel_data_length} bytes "
-                                                f"declared, {max(present, 0)} present")
+        raise Refusal(
+            STATUS_CANNOT_UNDERSTAND,
+            f"data set ends inside Pixel Data: {h.pixel_data_length} bytes declared, {max(present, 0)} present",
+        )

@@ -63,9 +63,15 @@ def _mismatch(rule: Rule, h: Header, calling_ae: str) -> str | None:
 
 def _criteria_met(rule: Rule, h: Header, calling_ae: str) -> int:
     m = rule.match
-    return sum([_matches(m.calling_ae, calling_ae), _matches(m.modality, h.modality),
-                _sop_class_matches(m.sop_class, h.sop_class_uid), _matches(m.body_part, h.body_part),
-                _matches(m.view_position, h.view_position)])
+    return sum(
+        [
+            _matches(m.calling_ae, calling_ae),
+            _matches(m.modality, h.modality),
+            _sop_class_matches(m.sop_class, h.sop_class_uid),
+            _matches(m.body_part, h.body_part),
+            _matches(m.view_position, h.view_position),
+        ]
+    )
 
 
 def not_analysable(h: Header) -> str | None:

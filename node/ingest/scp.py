@@ -144,8 +144,12 @@ class StorageSCP:
             (evt.EVT_DIMSE_SENT, self.commitment.on_dimse_sent),
         ]
 
-    def start(self, server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer, *,
-              thread_name: str = "AcceptorServer") -> ThreadedAssociationServer:
+    def start(
+        self,
+        server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer,
+        *,
+        thread_name: str = "AcceptorServer",
+    ) -> ThreadedAssociationServer:
         """Listen on ``dicom.host``:``dicom.port`` in a background thread; returns the server.
 
         `server_class` lets a listener process bind a socket of its own kind (``node.runtime.listeners`` uses a
@@ -157,8 +161,13 @@ class StorageSCP:
         tempfile.tempdir = str(self.ingest.spool.incoming)
         ctx = server_ssl_context(d.tls) if d.tls.enabled else None
         # AE.start_server(block=False) with our server class: it always makes its own class.
-        server = self.ae.make_server((d.host, d.port), evt_handlers=self.handlers, ssl_context=ctx,
-                                     server_class=server_class, request_handler=GuardedRequestHandler)
+        server = self.ae.make_server(
+            (d.host, d.port),
+            evt_handlers=self.handlers,
+            ssl_context=ctx,
+            server_class=server_class,
+            request_handler=GuardedRequestHandler,
+        )
         guard = ConnectionGuard(self.settings, self.store)
         # The TLS handshake moves from pynetdicom's accept loop to each connection's thread (node.ingest.guard).
         guard.ssl_context, server.ssl_context = server.ssl_context, None
@@ -187,13 +196,15 @@ class StorageSCP:
 
     # -- association policy and bookkeeping -----------------------------------------------------------
 
-    def policy_rejection(self, calling_ae: str, called_ae: str, peer_host: str,
-                         proposed: frozenset[str] = frozenset()) -> tuple[int, str] | None:
+    def policy_rejection(
+        self, calling_ae: str, called_ae: str, peer_host: str, proposed: frozenset[str] = frozenset()
+    ) -> tuple[int, str] | None:
         """(diagnostic, reason) when the association must be rejected, else None. `proposed`: the abstract
         syntaxes of the request (a known destination may open one for commitment reports only)."""
         d = self.settings.dicom
-        reports_only = bool(proposed) and proposed <= REPORT_ONLY_CONTEXTS and str(commitment.STORAGE_COMMITMENT) \
-            in proposed
+        reports_only = (
+            bool(proposed) and proposed <= REPORT_ONLY_CONTEXTS and str(commitment.STORAGE_COMMITMENT) in proposed
+        )
         # A PACS reports a commitment to the AE title that asked: sender.calling_ae when that is set.
         called_ok = ({d.ae_title, self.settings.sender.calling_ae} - {""}) if reports_only else {d.ae_title}
         if d.require_called_ae and called_ae.strip() not in called_ok:
@@ -204,8 +215,10 @@ class StorageSCP:
         if entry is None or (entry.role not in (AERole.SOURCE, AERole.BOTH) and not reports_only):
             return CALLING_AE_NOT_RECOGNISED, f"calling AE title not recognised: {calling_ae.strip()!r}"
         if d.check_calling_host and entry.host and peer_host not in _addresses(entry.host):
-            return (CALLING_AE_NOT_RECOGNISED,
-                    f"calling AE title {entry.name!r} not allowed from {peer_host} (expected {entry.host})")
+            return (
+                CALLING_AE_NOT_RECOGNISED,
+                f"calling AE title {entry.name!r} not allowed from {peer_host} (expected {entry.host})",
+            )
         return None
 
     def on_requested(self, event: evt.Event) -> None:
@@ -217,8 +230,9 @@ class StorageSCP:
         called = (prim.called_ae_title if prim is not None else "") or ""
         calling, called = calling.strip(), called.strip()
         peer_host, peer_port = rq.address, rq.port
-        proposed = frozenset(str(cx.abstract_syntax) for cx in (prim.presentation_context_definition_list
-                                                                if prim is not None else []))
+        proposed = frozenset(
+            str(cx.abstract_syntax) for cx in (prim.presentation_context_definition_list if prim is not None else [])
+        )
         try:
             rejection = self.policy_rejection(calling, called, peer_host, proposed)
         except Exception:
@@ -230,17 +244,26 @@ class StorageSCP:
             self._reject_when_disk_low(assoc, calling, called, peer_host, peer_port)
             return
         diagnostic, reason = rejection
-        metrics.count_association("rejected", "called-ae-not-recognised" if diagnostic == CALLED_AE_NOT_RECOGNISED
-                                  else "calling-ae-not-recognised")
+        metrics.count_association(
+            "rejected",
+            "called-ae-not-recognised" if diagnostic == CALLED_AE_NOT_RECOGNISED else "calling-ae-not-recognised",
+        )
         log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
-        self.store.record_association(calling_ae=calling, called_ae=called, peer_host=peer_host,
-                                      peer_port=peer_port, result="rejected", reason=reason,
-                                      tls=self.settings.dicom.tls.enabled)
+        self.store.record_association(
+            calling_ae=calling,
+            called_ae=called,
+            peer_host=peer_host,
+            peer_port=peer_port,
+            result="rejected",
+            reason=reason,
+            tls=self.settings.dicom.tls.enabled,
+        )
         assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
         assoc.kill()  # returns once the A-ASSOCIATE-RJ is on the wire
 
-    def _reject_when_disk_low(self, assoc: Association, calling: str, called: str, peer_host: str,
-                              peer_port: int | None) -> None:
+    def _reject_when_disk_low(
+        self, assoc: Association, calling: str, called: str, peer_host: str, peer_port: int | None
+    ) -> None:
         """Below the watermark, refuse an association that may store before any data set arrives
         (transient: the peer retries later); verification-only associations still pass."""
         spool, min_free = self.ingest.spool, self.settings.storage.min_free_mb
@@ -251,9 +274,15 @@ class StorageSCP:
         reason = f"free disk {spool.free_mb():.0f} MB below storage.min_free_mb {min_free}"
         metrics.count_association("rejected", "disk-low")
         log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
-        self.store.record_association(calling_ae=calling, called_ae=called, peer_host=peer_host,
-                                      peer_port=peer_port, result="rejected", reason=reason,
-                                      tls=self.settings.dicom.tls.enabled)
+        self.store.record_association(
+            calling_ae=calling,
+            called_ae=called,
+            peer_host=peer_host,
+            peer_port=peer_port,
+            result="rejected",
+            reason=reason,
+            tls=self.settings.dicom.tls.enabled,
+        )
         assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, TEMPORARY_CONGESTION)
         assoc.kill()
 
@@ -262,13 +291,23 @@ class StorageSCP:
         rq = assoc.requestor
         calling, peer = rq.ae_title.strip(), f"{rq.address}:{rq.port}"
         association_id = self.store.record_association(
-            calling_ae=calling, called_ae=assoc.acceptor.ae_title.strip(), peer_host=rq.address,
-            peer_port=rq.port, result="accepted", tls=self.settings.dicom.tls.enabled)
+            calling_ae=calling,
+            called_ae=assoc.acceptor.ae_title.strip(),
+            peer_host=rq.address,
+            peer_port=rq.port,
+            result="accepted",
+            tls=self.settings.dicom.tls.enabled,
+        )
         metrics.count_association("accepted")
         with self._lock:
             self._states[id(assoc)] = _AssociationState(association_id, calling, peer)
-        log.info("association %d from %s@%s accepted (%d contexts)", association_id, calling, peer,
-                 len(assoc.accepted_contexts))
+        log.info(
+            "association %d from %s@%s accepted (%d contexts)",
+            association_id,
+            calling,
+            peer,
+            len(assoc.accepted_contexts),
+        )
 
     def on_rejected(self, event: evt.Event) -> None:
         # Rejections decided by pynetdicom itself (e.g. maximum associations reached).
@@ -276,22 +315,36 @@ class StorageSCP:
         rq = assoc.requestor
         prim = assoc.acceptor.primitive
         source, diagnostic = getattr(prim, "result_source", None), getattr(prim, "diagnostic", None)
-        reason = _STACK_REJECTIONS.get((source, diagnostic),
-                                       f"rejected by the DICOM stack (source {source}, diagnostic {diagnostic})")
+        reason = _STACK_REJECTIONS.get(
+            (source, diagnostic), f"rejected by the DICOM stack (source {source}, diagnostic {diagnostic})"
+        )
         metrics.count_association("rejected", "stack")
         log.warning("rejected association from %s@%s:%s: %s", rq.ae_title.strip(), rq.address, rq.port, reason)
-        self.store.record_association(calling_ae=rq.ae_title.strip(), called_ae=self.settings.dicom.ae_title,
-                                      peer_host=rq.address, peer_port=rq.port, result="rejected", reason=reason,
-                                      tls=self.settings.dicom.tls.enabled)
+        self.store.record_association(
+            calling_ae=rq.ae_title.strip(),
+            called_ae=self.settings.dicom.ae_title,
+            peer_host=rq.address,
+            peer_port=rq.port,
+            result="rejected",
+            reason=reason,
+            tls=self.settings.dicom.tls.enabled,
+        )
 
     def _end(self, assoc: Association, result: str) -> None:
         with self._lock:
             state = self._states.pop(id(assoc), None)
         if state is not None:
-            self.store.end_association(state.association_id, result, stored=state.stored,
-                                       duplicate=state.duplicate, failed=state.failed)
-            log.info("association %d %s: %d stored, %d duplicate, %d failed", state.association_id, result,
-                     state.stored, state.duplicate, state.failed)
+            self.store.end_association(
+                state.association_id, result, stored=state.stored, duplicate=state.duplicate, failed=state.failed
+            )
+            log.info(
+                "association %d %s: %d stored, %d duplicate, %d failed",
+                state.association_id,
+                result,
+                state.stored,
+                state.duplicate,
+                state.failed,
+            )
 
     def on_released(self, event: evt.Event) -> None:
         self._end(event.assoc, "released")
@@ -316,7 +369,8 @@ class StorageSCP:
             priority=int(req.Priority or 0),
             association_id=state.association_id if state else None,
             peer=state.peer if state else "",
-            received_bytes=received_bytes(req))
+            received_bytes=received_bytes(req),
+        )
         try:
             received = Path(event.dataset_path)
         except AttributeError:  # only if chunked receiving were switched off: a bug, not the peer's fault
@@ -339,7 +393,6 @@ class StorageSCP:
             return _status_dataset(outcome.status, "internal error of the receiving node")
         failed = outcome.kind in ("rejected", "refused")
         return _status_dataset(outcome.status, outcome.reason) if failed else outcome.status
-
 
     def on_n_action(self, event: evt.Event) -> tuple[int | Dataset, None]:
         """A sender asks the node to commit instances it sent (node.export.commitment answers)."""

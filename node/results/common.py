@@ -51,8 +51,7 @@ def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequ
         family=codes.ARTIFICIAL_INTELLIGENCE,
         version=model.version,
         source="cxr-node",
-        parameters={"architecture": model.architecture, "model_card_sha256": model.sha256,
-                    "status": model.status},
+        parameters={"architecture": model.architecture, "model_card_sha256": model.sha256, "status": model.status},
     )
 
 
@@ -81,14 +80,16 @@ def stable_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
 
 
-def set_contributing_equipment(ds: Dataset, models: Sequence[ModelInfo], device: DeviceInfo,
-                               started: datetime | None = None) -> None:
+def set_contributing_equipment(
+    ds: Dataset, models: Sequence[ModelInfo], device: DeviceInfo, started: datetime | None = None
+) -> None:
     """The Contributing Equipment Sequence (0018,A001) of a result object: one item per model (IHE AIR)."""
     ds.ContributingEquipmentSequence = contributing_equipment(models, device, started)
 
 
-def contributing_equipment(models: Sequence[ModelInfo], device: DeviceInfo,
-                           started: datetime | None = None) -> list[Dataset]:
+def contributing_equipment(
+    models: Sequence[ModelInfo], device: DeviceInfo, started: datetime | None = None
+) -> list[Dataset]:
     """One Contributing Equipment item per model, as IHE AIR describes them.
 
     Built by hand: highdicom's ContributingEquipment accepts only the DCM purposes of CID 7005 and has
@@ -106,8 +107,9 @@ def contributing_equipment(models: Sequence[ModelInfo], device: DeviceInfo,
         item.ManufacturerModelName = model.name[:64]
         item.SoftwareVersions = model.version[:64]
         item.DeviceUID = model_device_uid(model)
-        item.ContributionDescription = (f"{model.name} model {model.version} ({model.architecture}, "
-                                        f"{model.status}), weights sha256 {model.sha256}")[:1024]
+        item.ContributionDescription = (
+            f"{model.name} model {model.version} ({model.architecture}, {model.status}), weights sha256 {model.sha256}"
+        )[:1024]
         if started is not None:
             item.ContributionDateTime = dicom_datetime(started)
         items.append(item)

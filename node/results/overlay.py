@@ -27,10 +27,19 @@ COLOURS: dict[str, tuple[int, int, int]] = {name: spec.rgb for name, spec in MAS
 LABELS: dict[str, str] = {name: spec.short_label for name, spec in MASK_BY_NAME.items()}
 
 
-def build_overlay(source: Dataset, pixels: np.ndarray, masks: Mapping[str, np.ndarray], models: Sequence[ModelInfo], *,
-                  device: DeviceInfo, pixel_spacing_mm: tuple[float, float] | None = None, series_number: int = 9003,
-                  instance_number: int = 1, series_instance_uid: str | None = None,
-                  sop_instance_uid: str | None = None) -> hd.sc.SCImage:
+def build_overlay(
+    source: Dataset,
+    pixels: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    models: Sequence[ModelInfo],
+    *,
+    device: DeviceInfo,
+    pixel_spacing_mm: tuple[float, float] | None = None,
+    series_number: int = 9003,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.sc.SCImage:
     """RGB Secondary Capture of `pixels` (uint8, the prepared grid) with `masks` (same grid) outlined."""
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise ResultError(f"expected the prepared uint8 2-D picture, got {pixels.dtype} {pixels.shape}")
@@ -43,8 +52,9 @@ def build_overlay(source: Dataset, pixels: np.ndarray, masks: Mapping[str, np.nd
             raise ResultError(f"mask {name!r} is {mask.shape}, the picture is {pixels.shape}")
         rgb[_outline(mask, width=max(1, pixels.shape[0] // 400))] = COLOURS[name]
     experimental = experimental_models(models)
-    rgb = _legend(rgb, [name for name in MASK_NAMES if name in masks],
-                  "AI overlay" + not_for_diagnostic_suffix(experimental))
+    rgb = _legend(
+        rgb, [name for name in MASK_NAMES if name in masks], "AI overlay" + not_for_diagnostic_suffix(experimental)
+    )
 
     orientation = source.get("PatientOrientation")
     sc = hd.sc.SCImage.from_ref_dataset(

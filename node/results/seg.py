@@ -49,8 +49,14 @@ class SegmentSpec:
 
 
 SEGMENTS: dict[str, SegmentSpec] = {
-    name: SegmentSpec(MASK_BY_NAME[name].label, MASK_BY_NAME[name].model, category, property_type, laterality,
-                      MASK_BY_NAME[name].cielab)
+    name: SegmentSpec(
+        MASK_BY_NAME[name].label,
+        MASK_BY_NAME[name].model,
+        category,
+        property_type,
+        laterality,
+        MASK_BY_NAME[name].cielab,
+    )
     for name, category, property_type, laterality in (
         ("right_lung", codes.ANATOMICAL_STRUCTURE, codes.LUNG, codes.RIGHT),
         ("left_lung", codes.ANATOMICAL_STRUCTURE, codes.LUNG, codes.LEFT),
@@ -61,10 +67,18 @@ SEGMENTS: dict[str, SegmentSpec] = {
 assert tuple(SEGMENTS) == MASK_NAMES, "SEG segment order follows workers.api.MASK_NAMES"
 
 
-def build_seg(source: Dataset, masks: Mapping[str, np.ndarray], models: Sequence[ModelInfo], *,
-              device: DeviceInfo, series_number: int = 9001, instance_number: int = 1,
-              series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
-              started: datetime | None = None) -> hd.seg.Segmentation:
+def build_seg(
+    source: Dataset,
+    masks: Mapping[str, np.ndarray],
+    models: Sequence[ModelInfo],
+    *,
+    device: DeviceInfo,
+    series_number: int = 9001,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    started: datetime | None = None,
+) -> hd.seg.Segmentation:
     """Build a BINARY SEG of `masks` (bool, source rows x columns) referencing `source`.
 
     Segments appear in MASK_NAMES order for the masks given; an all-empty mask keeps its segment
@@ -154,8 +168,11 @@ def segment_numbers(seg: Dataset) -> dict[str, int]:
 
 def tracking_uids(seg: Dataset) -> dict[str, str]:
     """Mask name -> the segment's Tracking UID (the SR tracks the same finding with the same UID)."""
-    return {str(item.TrackingID): str(item.TrackingUID) for item in seg.SegmentSequence
-            if "TrackingID" in item and "TrackingUID" in item}
+    return {
+        str(item.TrackingID): str(item.TrackingUID)
+        for item in seg.SegmentSequence
+        if "TrackingID" in item and "TrackingUID" in item
+    }
 
 
 def _segment(number: int, name: str, spec: SegmentSpec, model: ModelInfo) -> hd.seg.SegmentDescription:

@@ -57,7 +57,10 @@ PRIOR_TIME_POINT = "prior study"
 
 #: zone_fractions order in AnalyzeResult: right upper, middle, lower, left upper, middle, lower.
 ZONES: tuple[tuple[hd.sr.CodedConcept, hd.sr.CodedConcept], ...] = tuple(
-    (side, zone) for side in (codes.RIGHT, codes.LEFT) for zone in (codes.UPPER_ZONE, codes.MIDDLE_ZONE, codes.LOWER_ZONE))
+    (side, zone)
+    for side in (codes.RIGHT, codes.LEFT)
+    for zone in (codes.UPPER_ZONE, codes.MIDDLE_ZONE, codes.LOWER_ZONE)
+)
 SIDES = {"right": codes.RIGHT, "left": codes.LEFT, "both": codes.RIGHT_AND_LEFT}
 
 
@@ -73,10 +76,21 @@ class PriorComparison:
     sop_instance_uid: str = ""
 
 
-def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spacing_mm: tuple[float, float] | None,
-             device: DeviceInfo, notes: Sequence[str] = (), series_number: int = 9002, instance_number: int = 1,
-             series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
-             prior: PriorComparison | None = None, started: datetime | None = None) -> hd.sr.ComprehensiveSR:
+def build_sr(
+    source: Dataset,
+    seg: Dataset,
+    result: AnalyzeResult,
+    *,
+    pixel_spacing_mm: tuple[float, float] | None,
+    device: DeviceInfo,
+    notes: Sequence[str] = (),
+    series_number: int = 9002,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    prior: PriorComparison | None = None,
+    started: datetime | None = None,
+) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 report for one analysed image.
 
     `pixel_spacing_mm` is the (row, column) spacing of the RESULT grid (result.rows x result.cols),
@@ -93,22 +107,31 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
     models = {m.name: m for m in result.models}
     used: dict[str, ModelInfo] = {}  # models whose numbers are in the report
     area = _AreaUnit(pixel_spacing_mm)
-    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-                 | hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
 
-    def group(name: str, finding: hd.sr.CodedConcept, sites: Sequence[hd.sr.FindingSite],
-              measurements: Sequence[hd.sr.Measurement],
-              evaluations: Sequence[hd.sr.QualitativeEvaluation] = ()) -> None:
+    def group(
+        name: str,
+        finding: hd.sr.CodedConcept,
+        sites: Sequence[hd.sr.FindingSite],
+        measurements: Sequence[hd.sr.Measurement],
+        evaluations: Sequence[hd.sr.QualitativeEvaluation] = (),
+    ) -> None:
         model = models.get(SEGMENTS[name].model)
         if name not in numbers or model is None:
             raise ResultError(f"the SEG has no segment {name!r} or the result no model {SEGMENTS[name].model!r}")
         used[model.name] = model
         made = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking.get(name) or hd.UID(),
-                                                         identifier=SEGMENTS[name].label),
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking.get(name) or hd.UID(), identifier=SEGMENTS[name].label
+            ),
             referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=numbers[name],
-                source_images=[hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID)]),
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=numbers[name],
+                source_images=[hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID)],
+            ),
             finding_type=finding,
             finding_sites=list(sites),
             algorithm_id=_algorithm(model, notes),
@@ -117,22 +140,40 @@ def build_sr(source: Dataset, seg: Dataset, result: AnalyzeResult, *, pixel_spac
         )
         if model.status != "validated":
             # Groups made by an experimental model say so in the content, not only in the series description.
-            made[0].ContentSequence.append(hd.sr.TextContentItem(COMMENT, EXPERIMENTAL_COMMENT,
-                                                                 hd.sr.RelationshipTypeValues.CONTAINS))
+            made[0].ContentSequence.append(
+                hd.sr.TextContentItem(COMMENT, EXPERIMENTAL_COMMENT, hd.sr.RelationshipTypeValues.CONTAINS)
+            )
         groups.append(made)
 
     if result.lung_area_px is not None:
         for side in ("right", "left"):
-            group(f"{side}_lung", codes.LUNG, [hd.sr.FindingSite(codes.LUNG, laterality=SIDES[side])],
-                  [area.measurement(result.lung_area_px[side])])
+            group(
+                f"{side}_lung",
+                codes.LUNG,
+                [hd.sr.FindingSite(codes.LUNG, laterality=SIDES[side])],
+                [area.measurement(result.lung_area_px[side])],
+            )
     if result.severity_score is not None:
-        group("opacity", codes.OPACITY, [hd.sr.FindingSite(codes.LUNG, laterality=codes.RIGHT_AND_LEFT)],
-              _severity_measurements(result), _zone_evaluations(result))
+        group(
+            "opacity",
+            codes.OPACITY,
+            [hd.sr.FindingSite(codes.LUNG, laterality=codes.RIGHT_AND_LEFT)],
+            _severity_measurements(result),
+            _zone_evaluations(result),
+        )
         if prior is not None:
             groups.append(_prior_group(prior))
     if result.pneumothorax_present is not None:
-        group("pneumothorax", codes.PNEUMOTHORAX, [hd.sr.FindingSite(codes.PLEURA, laterality=SIDES.get(
-            result.pneumothorax_side or "", codes.RIGHT_AND_LEFT))], *_pneumothorax(result, area))
+        group(
+            "pneumothorax",
+            codes.PNEUMOTHORAX,
+            [
+                hd.sr.FindingSite(
+                    codes.PLEURA, laterality=SIDES.get(result.pneumothorax_side or "", codes.RIGHT_AND_LEFT)
+                )
+            ],
+            *_pneumothorax(result, area),
+        )
     if not groups:
         raise ResultError("the result has no numbers to report")
 
@@ -183,22 +224,37 @@ def _severity_measurements(result: AnalyzeResult) -> list[hd.sr.Measurement]:
         raise ResultError(f"severity score {result.severity_score} outside 0-6")
     items = [hd.sr.Measurement(name=codes.SEVERITY, value=int(result.severity_score), unit=codes.UNIT_SCORE)]
     for lung, fraction in (result.opacity_fraction or {}).items():
-        items.append(hd.sr.Measurement(name=OPACITY_PERCENTAGE, value=_percent(fraction), unit=codes.UNIT_PERCENT,
-                                       finding_sites=[hd.sr.FindingSite(codes.LUNG, laterality=SIDES[lung])]))
+        items.append(
+            hd.sr.Measurement(
+                name=OPACITY_PERCENTAGE,
+                value=_percent(fraction),
+                unit=codes.UNIT_PERCENT,
+                finding_sites=[hd.sr.FindingSite(codes.LUNG, laterality=SIDES[lung])],
+            )
+        )
     fractions = result.zone_fractions or []
     if fractions and len(fractions) != len(ZONES):
         raise ResultError(f"expected {len(ZONES)} zone fractions, got {len(fractions)}")
     for (side, zone), fraction in zip(ZONES, fractions, strict=False):
-        items.append(hd.sr.Measurement(name=OPACITY_PERCENTAGE, value=_percent(fraction), unit=codes.UNIT_PERCENT,
-                                       finding_sites=[hd.sr.FindingSite(zone, laterality=side)]))
+        items.append(
+            hd.sr.Measurement(
+                name=OPACITY_PERCENTAGE,
+                value=_percent(fraction),
+                unit=codes.UNIT_PERCENT,
+                finding_sites=[hd.sr.FindingSite(zone, laterality=side)],
+            )
+        )
     return items
 
 
 def _prior_group(prior: PriorComparison) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of the prior study's severity, at its own time point (TID 1502): the change is the
     difference of the two Severity values; the prior image is in the Pertinent Other Evidence Sequence."""
-    when = f"{prior.study_date[:4]}-{prior.study_date[4:6]}-{prior.study_date[6:8]}" if len(prior.study_date) >= 8 \
+    when = (
+        f"{prior.study_date[:4]}-{prior.study_date[4:6]}-{prior.study_date[6:8]}"
+        if len(prior.study_date) >= 8
         else "date unknown"
+    )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Severity of the prior study ({when})"),
         time_point_context=hd.sr.TimePointContext(time_point=f"{PRIOR_TIME_POINT} {when}"),
@@ -233,14 +289,19 @@ def _zone_evaluations(result: AnalyzeResult) -> list[hd.sr.QualitativeEvaluation
     return evaluations
 
 
-def _pneumothorax(result: AnalyzeResult, area: _AreaUnit
-                  ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+def _pneumothorax(
+    result: AnalyzeResult, area: _AreaUnit
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
     measurements = [area.measurement(result.pneumothorax_area_px or 0)]
     if result.pneumothorax_probability is not None:
-        measurements.append(hd.sr.Measurement(name=PROBABILITY, value=round(float(result.pneumothorax_probability), 4),
-                                              unit=codes.UNIT_RATIO))
-    evaluations = [hd.sr.QualitativeEvaluation(codes.PNEUMOTHORAX,
-                                               codes.PRESENT if result.pneumothorax_present else codes.ABSENT)]
+        measurements.append(
+            hd.sr.Measurement(
+                name=PROBABILITY, value=round(float(result.pneumothorax_probability), 4), unit=codes.UNIT_RATIO
+            )
+        )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(codes.PNEUMOTHORAX, codes.PRESENT if result.pneumothorax_present else codes.ABSENT)
+    ]
     if result.pneumothorax_present and result.pneumothorax_side in SIDES:
         evaluations.append(hd.sr.QualitativeEvaluation(codes.LATERALITY, SIDES[result.pneumothorax_side]))
     return measurements, evaluations
@@ -253,13 +314,17 @@ def _percent(fraction: float) -> float:
 
 
 def _algorithm(model: ModelInfo, notes: Sequence[str]) -> hd.sr.AlgorithmIdentification:
-    parameters = [f"model_card_sha256={model.sha256}", f"architecture={model.architecture}",
-                  f"status={model.status}"]
+    parameters = [f"model_card_sha256={model.sha256}", f"architecture={model.architecture}", f"status={model.status}"]
     if model.status != "validated":
         parameters.append("experimental model: NOT FOR DIAGNOSTIC USE")
     parameters += [f"input: {note}" for note in notes]
-    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters,
-                                         family=codes.ARTIFICIAL_INTELLIGENCE, manufacturer="cxr-node")
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=parameters,
+        family=codes.ARTIFICIAL_INTELLIGENCE,
+        manufacturer="cxr-node",
+    )
 
 
 #: Coding Scheme Identification (SOP Common) of the schemes the SR uses: designator -> (UID, name).
@@ -290,8 +355,15 @@ def coding_schemes(ds: Dataset) -> list[Dataset]:
 
 
 def _observation_context(device: DeviceInfo) -> hd.sr.ObservationContext:
-    return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=dcm_codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device.uid, name=device.model_name, manufacturer_name=device.manufacturer,
-            model_name=device.model_name, serial_number=device.serial_number)))
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=dcm_codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device.uid,
+                name=device.model_name,
+                manufacturer_name=device.manufacturer,
+                model_name=device.model_name,
+                serial_number=device.serial_number,
+            ),
+        )
+    )

@@ -42,7 +42,9 @@ def validate_ae_title(value: str) -> str:
     if len(value) > 16:
         raise ValueError(f"AE title {value!r} is {len(value)} characters long; the maximum is 16")
     if not AE_TITLE_RE.match(value):
-        raise ValueError(f"AE title {value!r} has characters outside the DICOM default repertoire (no '\\' or control characters)")
+        raise ValueError(
+            f"AE title {value!r} has characters outside the DICOM default repertoire (no '\\' or control characters)"
+        )
     return stripped
 
 
@@ -251,13 +253,16 @@ class Rule(_Strict):
 
 def default_rules() -> list[Rule]:
     return [
-        Rule(name="chest-frontal",
-             match=RuleMatch(modality=["CR", "DX"], body_part=["CHEST", ""], view_position=["PA", "AP", ""]),
-             action="analyze"),
-        Rule(name="secondary-capture-chest",
-             match=RuleMatch(modality=["OT"], body_part=["CHEST"],
-                             sop_class=["1.2.840.10008.5.1.4.1.1.7"]),
-             action="analyze"),
+        Rule(
+            name="chest-frontal",
+            match=RuleMatch(modality=["CR", "DX"], body_part=["CHEST", ""], view_position=["PA", "AP", ""]),
+            action="analyze",
+        ),
+        Rule(
+            name="secondary-capture-chest",
+            match=RuleMatch(modality=["OT"], body_part=["CHEST"], sop_class=["1.2.840.10008.5.1.4.1.1.7"]),
+            action="analyze",
+        ),
     ]
 
 
@@ -310,8 +315,9 @@ class TriageCondition(_Strict):
     @model_validator(mode="after")
     def _not_empty(self) -> TriageCondition:
         if all(v is None for v in (self.pneumothorax_probability_gte, self.severity_gte, self.severity_change_gte)):
-            raise ValueError("a triage rule needs at least one of pneumothorax_probability_gte, severity_gte, "
-                             "severity_change_gte")
+            raise ValueError(
+                "a triage rule needs at least one of pneumothorax_probability_gte, severity_gte, severity_change_gte"
+            )
         return self
 
 
@@ -325,8 +331,7 @@ class TriageRule(_Strict):
 
 def default_triage_rules() -> list[TriageRule]:
     return [
-        TriageRule(name="pneumothorax", level="critical",
-                   when=TriageCondition(pneumothorax_probability_gte=0.5)),
+        TriageRule(name="pneumothorax", level="critical", when=TriageCondition(pneumothorax_probability_gte=0.5)),
         TriageRule(name="severe-opacity", level="urgent", when=TriageCondition(severity_gte=4)),
         TriageRule(name="worsening", level="urgent", when=TriageCondition(severity_change_gte=2)),
     ]
@@ -516,8 +521,9 @@ class NodeConfig(_Strict):
     @classmethod
     def _valid_name(cls, v: str) -> str:
         if v and not NODE_NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a node name: letters, digits, '.', '_', '-', at most 64, "
-                             "starting with a letter or digit")
+            raise ValueError(
+                f"{v!r} is not a node name: letters, digits, '.', '_', '-', at most 64, starting with a letter or digit"
+            )
         return v
 
 
@@ -564,9 +570,14 @@ class Settings(BaseSettings):
     triage: TriageConfig = Field(default_factory=TriageConfig)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment wins over the file (passed as init kwargs).
         return (env_settings, init_settings)
 
@@ -607,8 +618,9 @@ CONFIG_ENV = "CXRNODE_CONFIG"
 CONFIG_SEARCH = f"--config, ${CONFIG_ENV}, {SYSTEM_CONFIG}"
 
 
-def find_config(explicit: Path | str | None = None, environ: Mapping[str, str] | None = None,
-                system: Path | None = None) -> Path | None:
+def find_config(
+    explicit: Path | str | None = None, environ: Mapping[str, str] | None = None, system: Path | None = None
+) -> Path | None:
     """The configuration file a command uses: `explicit`, else $CXRNODE_CONFIG, else `system` when it
     exists; None means built-in defaults (the embedded development node)."""
     if explicit:

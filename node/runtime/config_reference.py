@@ -37,25 +37,25 @@ MEANING: dict[str, str] = {
     "dicom.dimse_timeout": "seconds to wait for DIMSE messages (pynetdicom)",
     "dicom.network_timeout": "seconds without any traffic before an association is dropped (pynetdicom)",
     "dicom.max_pdu": "maximum PDU received (0 = unlimited); a longer one from an associated peer: A-ABORT, "
-                     "connection dropped",
+    "connection dropped",
     "dicom.max_request_pdu": "longest PDU read before the association is accepted (an A-ASSOCIATE-RQ is a "
-                             "few kB); longer: dropped unread",
+    "few kB); longer: dropped unread",
     "dicom.association_request_timeout_s": "the whole A-ASSOCIATE-RQ (and TLS handshake) must arrive within "
-                                           "this of connecting, however slowly it drips; else dropped",
+    "this of connecting, however slowly it drips; else dropped",
     "dicom.max_pending_associations": "connections still waiting for their association; a new one beyond it "
-                                      "drops the oldest waiting one",
+    "drops the oldest waiting one",
     "dicom.max_connections_per_peer": "connections at once from one address; beyond it that address's oldest "
-                                      "waiting one is dropped, or the new one refused when all are associations",
+    "waiting one is dropped, or the new one refused when all are associations",
     "dicom.require_called_ae": "reject associations addressed to another AE title",
     "dicom.allow_unknown_calling_ae": "accept any calling AE (testing only)",
     "dicom.listeners": "receiving processes sharing the port (SO_REUSEPORT)",
     "dicom.check_calling_host": "a source AE with a host may connect only from that host",
     "dicom.proxy_protocol_from": "addresses of load balancers that start each connection with a PROXY protocol "
-                                 "v2 header (HAProxy `send-proxy-v2`, as in "
-                                 "[deploy/haproxy/haproxy.cfg](deploy/haproxy/haproxy.cfg)): the sender's address "
-                                 "from the header is the peer's for the host check, the per-peer limits and the "
-                                 "audit log; a connection from such an address without a valid header is dropped "
-                                 "and audited",
+    "v2 header (HAProxy `send-proxy-v2`, as in "
+    "[deploy/haproxy/haproxy.cfg](deploy/haproxy/haproxy.cfg)): the sender's address "
+    "from the header is the peer's for the host check, the per-peer limits and the "
+    "audit log; a connection from such an address without a valid header is dropped "
+    "and audited",
     "dicom.shutdown_grace_s": "on SIGTERM, time in-flight associations get to finish",
     "dicom.tls.enabled": "DICOM TLS on the listener (and for destinations and echo with `tls = true`)",
     "dicom.tls.cert_file": "the node's certificate (PEM)",
@@ -64,14 +64,14 @@ MEANING: dict[str, str] = {
     "dicom.tls.require_client_cert": "peers must present a certificate signed by `ca_file`",
     "storage.data_dir": "`spool/`, `quarantine/`, `results/`, `logs/`, SQLite files",
     "storage.min_free_mb": "below this free space associations that may store are rejected (transient) and "
-                           "C-STORE answers 0xA700",
+    "C-STORE answers 0xA700",
     "storage.max_instance_mb": "a larger data set is answered 0xA700 and not kept: bytes past the cap are "
-                               "never written",
+    "never written",
     "storage.keep_days": "after this many days (0 = forever), delete the files (source, quarantined bytes, "
-                         "results) of instances that are `exported`, `skipped`, `duplicate` or `rejected`; audit "
-                         "rows stay, `failed`/`dead` keep their files (checked hourly)",
+    "results) of instances that are `exported`, `skipped`, `duplicate` or `rejected`; audit "
+    "rows stay, `failed`/`dead` keep their files (checked hourly)",
     "database.url": "SQLAlchemy URL; empty = SQLite `audit.db` in `data_dir`; production "
-                    "`postgresql+psycopg://user@host/db`",
+    "`postgresql+psycopg://user@host/db`",
     "database.echo": "log every SQL statement (debugging)",
     "broker.enabled": "false: ingest only, instances stay `queued` until enabled",
     "broker.url": "empty = serverless embedded broker (SQLite in `data_dir`); production `redis://host:6379/0`",
@@ -80,24 +80,24 @@ MEANING: dict[str, str] = {
     "broker.worker_concurrency": "that worker's processes",
     "broker.task_time_limit": "seconds a task may run before its worker process is replaced",
     "broker.lease_s": "Redis: a task held by a worker that died as a whole (kill -9, power cut) runs on another "
-                      "worker after about this long; live workers renew their lease every `lease_s`/4, so tasks "
-                      "up to `task_time_limit` never run twice. Same value for every worker "
-                      "(`CXRNODE_BROKER__LEASE_S`)",
+    "worker after about this long; live workers renew their lease every `lease_s`/4, so tasks "
+    "up to `task_time_limit` never run twice. Same value for every worker "
+    "(`CXRNODE_BROKER__LEASE_S`)",
     "prepare.max_attempts": "an unexpected error preparing an instance's pixels (out of memory, say) is tried "
-                            "this often, then the instance is `failed`; a bad attribute value fails at once",
+    "this often, then the instance is `failed`; a bad attribute value fails at once",
     "prepare.max_pixel_mb": "nothing is decoded when Rows × Columns × Frames × Samples × bytes is larger (chest "
-                            "detectors decode to ~35 MiB); JPEG/JPEG 2000 codestream headers must also match "
-                            "Rows/Columns",
+    "detectors decode to ~35 MiB); JPEG/JPEG 2000 codestream headers must also match "
+    "Rows/Columns",
     "prepare.decode_memory_mb": "decoding runs in a child process with this address-space limit: a bomb fails "
-                                "its image, never the node (0 = decode in the node's process)",
+    "its image, never the node (0 = decode in the node's process)",
     "prepare.decode_timeout_s": "a decode taking longer fails its image",
     "[[ae]]": "AE titles seeded into the database at start (then managed with `cxrnode ae` and the console); "
-              "`role` source/destination/both; `storage_commitment` asks a destination to commit what it stored "
-              "(see [Storage commitment](#storage-commitment)); a STOW-RS destination has `url` (DICOMweb base, "
-              "results go to `<url>/studies`) instead of host/port, `auth` (`none`/`bearer`/`basic`), `username`, "
-              "`secret` (see [DICOMweb](#dicomweb-stow-rs))",
-    "[[rules]]": "routing rules, first match wins; `match` lists accepted values (`\"\"` = absent), `action` "
-                 "`analyze`/`ignore`, `destinations` are AE names or `reply-to-sender`",
+    "`role` source/destination/both; `storage_commitment` asks a destination to commit what it stored "
+    "(see [Storage commitment](#storage-commitment)); a STOW-RS destination has `url` (DICOMweb base, "
+    "results go to `<url>/studies`) instead of host/port, `auth` (`none`/`bearer`/`basic`), `username`, "
+    "`secret` (see [DICOMweb](#dicomweb-stow-rs))",
+    "[[rules]]": 'routing rules, first match wins; `match` lists accepted values (`""` = absent), `action` '
+    "`analyze`/`ignore`, `destinations` are AE names or `reply-to-sender`",
     "sender.max_attempts": "deliveries of a result object before it goes to the dead letter",
     "sender.backoff_initial_s": "first retry delay",
     "sender.backoff_factor": "each further delay is this times the previous one",
@@ -105,10 +105,10 @@ MEANING: dict[str, str] = {
     "sender.timeout_s": "association and DIMSE timeout of a delivery",
     "sender.calling_ae": "calling AE title of deliveries and echoes; empty = `dicom.ae_title`",
     "sender.commitment_timeout_s": "storage commitment: no N-EVENT-REPORT this long after the N-ACTION counts as "
-                                   "a failed send (sent again with the backoff above, then dead); also holds "
-                                   "across a restart",
+    "a failed send (sent again with the backoff above, then dead); also holds "
+    "across a restart",
     "sender.commitment_wait_s": "how long the N-ACTION's association stays open for a report on it (a report on "
-                                "a new association to the node ends the wait early)",
+    "a new association to the node ends the wait early)",
     "models.lung": "run the lung model",
     "models.opacity": "run the COVID-19 opacity model (severity needs lung and opacity)",
     "models.pneumothorax": "run the pneumothorax model (experimental: can be switched off)",
@@ -124,44 +124,43 @@ MEANING: dict[str, str] = {
     "web.admin_user": "one admin, as in older configurations (counts beside `web.users`)",
     "web.password_hash": "that admin's password hash (`cxrnode web hash-password`)",
     "[[web.users]]": "console users; `password_hash` from `cxrnode web hash-password`, `role` `admin` or "
-                     "`viewer` (viewers see everything but run no action: 403, audited `web.denied`)",
+    "`viewer` (viewers see everything but run no action: 403, audited `web.denied`)",
     "web.session_key_file": "session signing key; empty = `<data_dir>/web-session.key` (created once, mode 0600; "
-                            "sessions survive restarts and are shared by console processes)",
+    "sessions survive restarts and are shared by console processes)",
     "web.session_hours": "session length",
-    "web.production": "production mode: refuses to start without a console user and without TLS or "
-                      "`behind_tls_proxy`",
+    "web.production": "production mode: refuses to start without a console user and without TLS or `behind_tls_proxy`",
     "web.json_logs": "log JSON lines instead of plain text",
     "web.trusted_proxies": "addresses of reverse proxies whose X-Forwarded-For/-Proto are believed (client "
-                           "address for throttling and audit, https for Secure cookies)",
+    "address for throttling and audit, https for Secure cookies)",
     "web.tls_cert_file": "console certificate (HTTPS)",
     "web.tls_key_file": "its private key",
     "web.behind_tls_proxy": "the console sits behind a TLS-terminating reverse proxy (then session cookies are "
-                            "always Secure)",
+    "always Secure)",
     "node.name": "this node's name in the audit log and its result queue (`node.<name>`); empty = the host "
-                 "name. Two nodes sharing one database need different names, and a node must keep its name across "
-                 "restarts (set it where the host name changes, e.g. containers)",
+    "name. Two nodes sharing one database need different names, and a node must keep its name across "
+    "restarts (set it where the host name changes, e.g. containers)",
     "dicomweb.enabled": "STOW-RS ingest (`POST /dicomweb/studies`) on its own port, inside `cxrnode serve`",
     "dicomweb.host": "STOW-RS address",
     "dicomweb.port": "STOW-RS port",
     "dicomweb.max_request_mb": "a larger request body is refused with 413 while it streams (nothing kept); each "
-                               "instance in it is also held to `storage.max_instance_mb`",
+    "instance in it is also held to `storage.max_instance_mb`",
     "dicomweb.max_parts": "more parts in one request: 413 (audited, nothing kept)",
     "dicomweb.idle_timeout_s": "a client silent this long mid-body: 408 and disconnected (audited, nothing kept)",
     "dicomweb.tls_cert_file": "STOW-RS over HTTPS: certificate (`web.production` refuses plain HTTP on an address "
-                              "other than loopback)",
+    "other than loopback)",
     "dicomweb.tls_key_file": "its private key",
     "triage.enabled": "study-level triage",
     "triage.stable_s": "a study is decided when no image arrived for this long",
     "triage.max_age_h": "studies older than this are not triaged",
     "triage.priors_from": "an AE title (with host/port) to C-FIND/C-MOVE a patient's prior CR/DX study from "
-                          "when the node holds none; that archive must know the node as a move destination",
+    "when the node holds none; that archive must know the node as a move destination",
     "triage.allow_experimental": "findings of models marked experimental may raise a level (the `make run` "
-                                 "example sets true, the production example false)",
+    "example sets true, the production example false)",
     "[[triage.rules]]": "`level` `critical`/`urgent` when every condition given in `when` holds; defaults in "
-                        "[Triage](#triage)",
+    "[Triage](#triage)",
     "[[triage.destinations]]": "alert destinations, by `type`: `hl7` (MLLP), `fhir` (R4 transaction) or "
-                               "`webhook` (HMAC-signed JSON)",
-    "triage.routes": "level → destination names, e.g. `critical = [\"ris\", \"hook\"]`",
+    "`webhook` (HMAC-signed JSON)",
+    "triage.routes": 'level → destination names, e.g. `critical = ["ris", "hook"]`',
     "triage.max_attempts": "deliveries of an alert before it goes to the dead letter",
     "triage.backoff_initial_s": "first alert retry delay",
     "triage.backoff_factor": "each further delay is this times the previous one",
@@ -228,8 +227,9 @@ def problems() -> list[str]:
     keys = {key for key, _, _ in rows()}
     missing = sorted(k for k in keys if k not in MEANING)
     stale = sorted(k for k in MEANING if k not in keys)
-    return ([f"no meaning for configuration key {k} (add it to MEANING)" for k in missing]
-            + [f"MEANING has {k}, which is no configuration key" for k in stale])
+    return [f"no meaning for configuration key {k} (add it to MEANING)" for k in missing] + [
+        f"MEANING has {k}, which is no configuration key" for k in stale
+    ]
 
 
 def updated(readme: str) -> str:
@@ -240,8 +240,9 @@ def updated(readme: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.runtime.config_reference",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m node.runtime.config_reference", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--check", action="store_true", help="fail when README.md is out of date")
     args = parser.parse_args(argv)
     if found := problems():
@@ -251,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     new = updated(current)
     if args.check:
         if new != current:
-            sys.stderr.writelines(difflib.unified_diff(current.splitlines(True), new.splitlines(True),
-                                                       "README.md", "generated"))
-            sys.stderr.write("\nREADME.md's configuration reference is out of date: "
-                             "run python -m node.runtime.config_reference\n")
+            sys.stderr.writelines(
+                difflib.unified_diff(current.splitlines(True), new.splitlines(True), "README.md", "generated")
+            )
+            sys.stderr.write(
+                "\nREADME.md's configuration reference is out of date: run python -m node.runtime.config_reference\n"
+            )
             return 1
         return 0
     README.write_text(new)

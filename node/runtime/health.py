@@ -65,6 +65,7 @@ def _timed(name: str, critical: bool, fn: Callable[[], tuple[bool, str, dict[str
 def check_database(engine: Engine) -> CheckResult:
     def probe() -> tuple[bool, str, dict[str, Any]]:
         return True, ping(engine), {}
+
     return _timed("database", True, probe)
 
 
@@ -93,6 +94,7 @@ def check_broker(url: str, timeout: float = 2.0) -> CheckResult:
         with Connection(url, connect_timeout=timeout, transport_options=_transport_options(url, timeout)) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
         return True, f"{_redact_url(url)} reachable", {}
+
     return _timed("broker", True, probe)
 
 
@@ -133,6 +135,7 @@ def check_spool(settings: Settings) -> CheckResult:
         if free_mb < settings.storage.min_free_mb:
             return False, f"{free_mb} MB free, below the {settings.storage.min_free_mb} MB watermark", data
         return True, f"{free_mb} MB free (watermark {settings.storage.min_free_mb} MB)", data
+
     return _timed("spool", True, probe)
 
 
@@ -145,6 +148,7 @@ def check_workers(url: str, timeout: float = 1.0, queue: str = INFERENCE_QUEUE) 
     Transports without broadcast (the embedded kombu SQLAlchemy one) cannot be asked: not ok, and
     `cxrnode serve` should pass `supervised_workers_probe` instead.
     """
+
     def probe() -> tuple[bool, str, dict[str, Any]]:
         from celery import Celery
 
@@ -159,20 +163,24 @@ def check_workers(url: str, timeout: float = 1.0, queue: str = INFERENCE_QUEUE) 
             # Fail fast on a dead broker instead of Celery's own connection retries.
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=timeout)
             replies = app.control.inspect(timeout=timeout, connection=conn).active_queues() or {}
-        names = sorted(worker for worker, queues in replies.items()
-                       if any(q.get("name") == queue for q in queues or []))
+        names = sorted(
+            worker for worker, queues in replies.items() if any(q.get("name") == queue for q in queues or [])
+        )
         if not names:
             return False, f"no worker consumes queue {queue!r}", {"workers": []}
         return True, f"{len(names)} worker(s) on {queue!r}: {', '.join(names)}", {"workers": names}
+
     return _timed("workers", False, probe)
 
 
-def supervised_workers_probe(expected: list[str], pids: Callable[[], dict[str, int]],
-                             restarts: Callable[[], dict[str, int]] | None = None) -> Callable[[], CheckResult]:
+def supervised_workers_probe(
+    expected: list[str], pids: Callable[[], dict[str, int]], restarts: Callable[[], dict[str, int]] | None = None
+) -> Callable[[], CheckResult]:
     """Worker check for embedded mode: the local worker processes `cxrnode serve` supervises are alive.
 
     Wire it as `supervised_workers_probe([c.name for c in sup.children], sup.pids, sup.restarts)`.
     """
+
     def probe() -> CheckResult:
         def run() -> tuple[bool, str, dict[str, Any]]:
             alive = pids()
@@ -182,14 +190,21 @@ def supervised_workers_probe(expected: list[str], pids: Callable[[], dict[str, i
             if missing:
                 return False, f"not running: {', '.join(missing)} (restarting)", data
             restarted = sum(counts.values())
-            return True, f"{len(alive)} local worker process(es) running" + (
-                f", {restarted} restart(s) since start" if restarted else ""), data
+            return (
+                True,
+                f"{len(alive)} local worker process(es) running"
+                + (f", {restarted} restart(s) since start" if restarted else ""),
+                data,
+            )
+
         return _timed("workers", False, run)
+
     return probe
 
 
-def readiness(settings: Settings, engine: Engine, timeout: float = 3.0,
-              workers_probe: Callable[[], CheckResult] | None = None) -> Readiness:
+def readiness(
+    settings: Settings, engine: Engine, timeout: float = 3.0, workers_probe: Callable[[], CheckResult] | None = None
+) -> Readiness:
     """Run all checks concurrently; a check still running after `timeout` counts as failed."""
     jobs: dict[str, Callable[[], CheckResult]] = {
         "database": lambda: check_database(engine),
@@ -206,8 +221,11 @@ def readiness(settings: Settings, engine: Engine, timeout: float = 3.0,
             try:
                 results.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
             except FutureTimeout:
-                results.append(CheckResult(name, False, f"no answer within {timeout:.1f} s",
-                                           critical=name != "workers", seconds=timeout))
+                results.append(
+                    CheckResult(
+                        name, False, f"no answer within {timeout:.1f} s", critical=name != "workers", seconds=timeout
+                    )
+                )
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a hung probe must not hang the endpoint
     return Readiness(all(c.ok for c in results if c.critical), results)

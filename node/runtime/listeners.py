@@ -86,11 +86,13 @@ def metrics_folder(settings: Settings) -> Path:
 
 def serve_listener(settings: Settings, index: int, stop: threading.Event) -> None:
     """The default listener: ingest + SCP on the shared port until `stop`, then a graceful end."""
-    store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False,
-                            node=settings.node_name)
+    store = AuditStore.open(
+        settings.database_url, echo=settings.database.echo, run_migrations=False, node=settings.node_name
+    )
     # Publishing prepares pixels and talks to the broker: each listener does it for what it received.
-    dispatcher = Dispatcher(HandoffContext(settings, store),
-                            Publisher(make_celery(settings)) if settings.broker.enabled else leave_queued)
+    dispatcher = Dispatcher(
+        HandoffContext(settings, store), Publisher(make_celery(settings)) if settings.broker.enabled else leave_queued
+    )
     ingest = Ingest(settings, store, Spool(settings.storage.data_dir), dispatcher)
     listener = Listener(settings, ingest, server_class=ReusePortAssociationServer, name=f"listener{index}")
     metrics.reset_listener_metrics()
@@ -116,8 +118,9 @@ def _listener_process(target: ListenerTarget, settings: Settings, index: int) ->
 class ListenerPool:
     """N forked listener processes; restarts one that dies (with backoff) until `stop`."""
 
-    def __init__(self, settings: Settings, n: int, target: ListenerTarget = serve_listener, *,
-                 max_backoff_s: float = 60.0) -> None:
+    def __init__(
+        self, settings: Settings, n: int, target: ListenerTarget = serve_listener, *, max_backoff_s: float = 60.0
+    ) -> None:
         if n < 1:
             raise ValueError("a listener pool needs at least one listener")
         self.settings = settings
@@ -135,8 +138,12 @@ class ListenerPool:
         return self
 
     def _spawn(self, index: int) -> None:
-        proc = self._ctx.Process(target=_listener_process, args=(self.target, self.settings, index),
-                                 name=f"cxrnode-listener-{index}", daemon=False)
+        proc = self._ctx.Process(
+            target=_listener_process,
+            args=(self.target, self.settings, index),
+            name=f"cxrnode-listener-{index}",
+            daemon=False,
+        )
         proc.start()
         self._procs[index] = proc
         log.info("started listener %d (pid %s)", index, proc.pid)
@@ -177,8 +184,9 @@ class ListenerPool:
                 p.join(5)
 
 
-def run_listeners(settings: Settings, n: int, target: ListenerTarget = serve_listener, *,
-                  stop: threading.Event | None = None) -> int:
+def run_listeners(
+    settings: Settings, n: int, target: ListenerTarget = serve_listener, *, stop: threading.Event | None = None
+) -> int:
     """Run the node with `n` listener processes until SIGTERM/SIGINT (or `stop`); returns the exit status.
 
     The parent bootstraps (migrates, seeds the AE titles) before forking (the listeners open the
@@ -206,11 +214,17 @@ def run_listeners(settings: Settings, n: int, target: ListenerTarget = serve_lis
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.runtime.listeners",
-                                     description="Run the node with several listener processes on one port.")
+    parser = argparse.ArgumentParser(
+        prog="python -m node.runtime.listeners", description="Run the node with several listener processes on one port."
+    )
     parser.add_argument("--config", required=True, help="node configuration file (TOML)")
-    parser.add_argument("-n", "--listeners", type=int, default=None,
-                        help="listener processes (default: dicom.listeners from the configuration)")
+    parser.add_argument(
+        "-n",
+        "--listeners",
+        type=int,
+        default=None,
+        help="listener processes (default: dicom.listeners from the configuration)",
+    )
     args = parser.parse_args(argv)
     settings = load_settings(args.config)
     setup_logging("INFO", json_logs=settings.web.json_logs)

@@ -35,7 +35,8 @@ _PHI_KEYS = (
 _KEY_VALUE = re.compile(
     rf"(?P<key>\b(?:{_PHI_KEYS}))(?P<sep>\s*(?:[=:]|\s(?:[A-Z]{{2}}:))\s*)"
     r"(?P<val>'[^']*'|\"[^\"]*\"|\[[^\]]*\]|[^\s,;)}\]]+)",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 # pydicom dump lines of the Patient group (0010,xxxx): redact everything after the tag's name.
 _PATIENT_GROUP_LINE = re.compile(r"(\(0010,\s?[0-9A-Fa-f]{4}\)[^\n:]*:)[^\n]*")
 # Person names in DICOM PN form: at least one caret joining name components.
@@ -44,7 +45,8 @@ _PERSON_NAME = re.compile(r"(?<![\w^])[^\W\d_][\w'\-.]{0,63}(?:\^[\w'\-.=]{0,64}
 _BIRTH_DATE = re.compile(
     r"(?P<key>\b(?:birth[ _-]?date|date[ _-]?of[ _-]?birth|dob|born)\b\W{0,3})"
     r"(?P<val>\d{4}-?\d{2}-?\d{2}|\d{1,2}[./]\d{1,2}[./]\d{2,4})",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def redact(text: str) -> str:

@@ -47,8 +47,7 @@ disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: Pipeline stages timed by `observe_stage` (seconds from the previous stage's end).
-STAGES = ("receive", "persist", "route", "prepare", "queue_wait", "inference", "results", "analysis", "export",
-          "total")
+STAGES = ("receive", "persist", "route", "prepare", "queue_wait", "inference", "results", "analysis", "export", "total")
 
 # Latency buckets from a few ms (persist) to minutes (export with retries).
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -58,38 +57,58 @@ BUILD_INFO = Info("cxrnode_build", "Version of the running node", registry=REGIS
 ASSOCIATIONS = Counter(
     "cxrnode_associations_total",
     "DICOM associations requested by peers, by result (accepted/rejected) and rejection reason",
-    ["result", "reason"], registry=REGISTRY)
+    ["result", "reason"],
+    registry=REGISTRY,
+)
 INSTANCES = Counter(
     "cxrnode_instances_total",
     "Instances reaching a state in this process (received, duplicate, queued, skipped, failed, ...)",
-    ["state"], registry=REGISTRY)
+    ["state"],
+    registry=REGISTRY,
+)
 STORE_STATUS = Counter(
-    "cxrnode_cstore_responses_total", "C-STORE responses sent, by DIMSE status (hex)", ["status"],
-    registry=REGISTRY)
+    "cxrnode_cstore_responses_total", "C-STORE responses sent, by DIMSE status (hex)", ["status"], registry=REGISTRY
+)
 EXPORTS = Counter(
-    "cxrnode_export_attempts_total", "C-STORE SCU export attempts, by result (success/retry/dead)",
-    ["result"], registry=REGISTRY)
+    "cxrnode_export_attempts_total",
+    "C-STORE SCU export attempts, by result (success/retry/dead)",
+    ["result"],
+    registry=REGISTRY,
+)
 COMMITMENTS = Counter(
     "cxrnode_storage_commitments_total",
-    "Storage commitment: as SCU (committed/failed/expired/unknown report) and SCP (answered/report_failed/"
-    "bad_request)", ["role", "outcome"], registry=REGISTRY)
+    "Storage commitment: as SCU (committed/failed/expired/unknown report) and SCP (answered/report_failed/bad_request)",
+    ["role", "outcome"],
+    registry=REGISTRY,
+)
 STAGE_SECONDS = Histogram(
-    "cxrnode_stage_seconds", "Latency per pipeline stage", ["stage"], buckets=_SECONDS_BUCKETS,
-    registry=REGISTRY)
+    "cxrnode_stage_seconds", "Latency per pipeline stage", ["stage"], buckets=_SECONDS_BUCKETS, registry=REGISTRY
+)
 INFERENCE_SECONDS = Histogram(
-    "cxrnode_inference_seconds", "Model inference time as reported by the workers", ["model"],
-    buckets=_SECONDS_BUCKETS, registry=REGISTRY)
+    "cxrnode_inference_seconds",
+    "Model inference time as reported by the workers",
+    ["model"],
+    buckets=_SECONDS_BUCKETS,
+    registry=REGISTRY,
+)
 RECEIVED_BYTES = Counter(
-    "cxrnode_received_bytes_total", "Bytes of DICOM datasets received by C-STORE", registry=REGISTRY)
+    "cxrnode_received_bytes_total", "Bytes of DICOM datasets received by C-STORE", registry=REGISTRY
+)
 TRIAGE_DECISIONS = Counter(
-    "cxrnode_triage_decisions_total", "Study triage decisions made in this process, by level", ["level"],
-    registry=REGISTRY)
+    "cxrnode_triage_decisions_total",
+    "Study triage decisions made in this process, by level",
+    ["level"],
+    registry=REGISTRY,
+)
 ALERTS = Counter(
-    "cxrnode_alert_attempts_total", "Triage alert delivery attempts, by destination type and result",
-    ["kind", "result"], registry=REGISTRY)
+    "cxrnode_alert_attempts_total",
+    "Triage alert delivery attempts, by destination type and result",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
 WEB_ACTIONS = Counter(
-    "cxrnode_web_actions_total", "Changes made in the admin console, by action", ["action"],
-    registry=REGISTRY)
+    "cxrnode_web_actions_total", "Changes made in the admin console, by action", ["action"], registry=REGISTRY
+)
 
 
 def set_build_info(version: str, mode: str) -> None:
@@ -163,12 +182,15 @@ class AuditCollector(Collector):
     (a scrape must never fail because the DB or broker is slow).
     """
 
-    def __init__(self, instance_counts: Callable[[], Mapping[str, int]],
-                 export_counts: Callable[[], Mapping[str, int]] | None = None,
-                 queue_depth: Callable[[], int | None] | None = None,
-                 event_counts: Callable[[], Mapping[str, int]] | None = None,
-                 triage_counts: Callable[[], Mapping[str, int]] | None = None,
-                 alert_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        instance_counts: Callable[[], Mapping[str, int]],
+        export_counts: Callable[[], Mapping[str, int]] | None = None,
+        queue_depth: Callable[[], int | None] | None = None,
+        event_counts: Callable[[], Mapping[str, int]] | None = None,
+        triage_counts: Callable[[], Mapping[str, int]] | None = None,
+        alert_counts: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self._instance_counts = instance_counts
         self._triage_counts = triage_counts
         self._alert_counts = alert_counts
@@ -181,35 +203,40 @@ class AuditCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         try:
-            inst = GaugeMetricFamily("cxrnode_instances_in_state", "Instances in the audit DB by current state",
-                                     labels=["state"])
+            inst = GaugeMetricFamily(
+                "cxrnode_instances_in_state", "Instances in the audit DB by current state", labels=["state"]
+            )
             for state, n in sorted(self._instance_counts().items()):
                 inst.add_metric([state], n)
             yield inst
             if self._export_counts is not None:
-                exp = GaugeMetricFamily("cxrnode_exports_in_state", "Exports in the audit DB by current state",
-                                        labels=["state"])
+                exp = GaugeMetricFamily(
+                    "cxrnode_exports_in_state", "Exports in the audit DB by current state", labels=["state"]
+                )
                 for state, n in sorted(self._export_counts().items()):
                     exp.add_metric([state], n)
                 yield exp
             if self._triage_counts is not None:
                 counts = self._triage_counts()
-                tri = GaugeMetricFamily("cxrnode_triage_studies", "Decided studies in the audit DB by triage level",
-                                        labels=["level"])
+                tri = GaugeMetricFamily(
+                    "cxrnode_triage_studies", "Decided studies in the audit DB by triage level", labels=["level"]
+                )
                 for level in ("critical", "urgent", "routine"):  # always all three: alerts need a series
                     tri.add_metric([level], counts.get(level, 0))
                 yield tri
             if self._alert_counts is not None:
-                al = GaugeMetricFamily("cxrnode_alerts_in_state", "Triage alerts in the audit DB by state",
-                                       labels=["state"])
+                al = GaugeMetricFamily(
+                    "cxrnode_alerts_in_state", "Triage alerts in the audit DB by state", labels=["state"]
+                )
                 for state, n in sorted(self._alert_counts().items()):
                     al.add_metric([state], n)
                 yield al
             if self._event_counts is not None:
                 # The append-only event table is a set of counters that survive restarts and span every
                 # process: association.accepted/rejected, instance.<state>, export.sent/retry/dead, ae.*, web.*
-                events = CounterMetricFamily("cxrnode_audit_events", "Audit log events by kind (all processes)",
-                                             labels=["kind"])
+                events = CounterMetricFamily(
+                    "cxrnode_audit_events", "Audit log events by kind (all processes)", labels=["kind"]
+                )
                 for kind, n in sorted(self._event_counts().items()):
                     events.add_metric([kind], n)
                 yield events
@@ -217,8 +244,9 @@ class AuditCollector(Collector):
             log.warning("audit metrics unavailable for this scrape", exc_info=True)
         depth = self._queue_depth() if self._queue_depth is not None else _last_queue_depth
         if depth is not None:
-            yield GaugeMetricFamily("cxrnode_queue_depth", "Analysis requests waiting on the broker's inference queue",
-                                    value=depth)
+            yield GaugeMetricFamily(
+                "cxrnode_queue_depth", "Analysis requests waiting on the broker's inference queue", value=depth
+            )
 
 
 _audit_collector: AuditCollector | None = None
@@ -234,16 +262,22 @@ def register_audit_collector(collector: AuditCollector) -> None:
 
 
 #: What listener processes count: associations, C-STORE statuses, bytes, instances, stage latencies.
-LISTENER_METRICS: tuple[Any, ...] = (ASSOCIATIONS, INSTANCES, STORE_STATUS, RECEIVED_BYTES, STAGE_SECONDS,
-                                     COMMITMENTS)
+LISTENER_METRICS: tuple[Any, ...] = (ASSOCIATIONS, INSTANCES, STORE_STATUS, RECEIVED_BYTES, STAGE_SECONDS, COMMITMENTS)
 SNAPSHOT_INTERVAL_S = 2.0
 
 
 def write_snapshot(folder: Path, metrics: Iterable[Any] = LISTENER_METRICS) -> Path:
     """Write this process's values of `metrics` to `folder`/<pid>.json (atomically)."""
-    families = [{"name": fam.name, "type": fam.type, "doc": fam.documentation,
-                 "samples": [[smp.name, smp.labels, smp.value] for smp in fam.samples]}
-                for metric in metrics for fam in metric.collect()]
+    families = [
+        {
+            "name": fam.name,
+            "type": fam.type,
+            "doc": fam.documentation,
+            "samples": [[smp.name, smp.labels, smp.value] for smp in fam.samples],
+        }
+        for metric in metrics
+        for fam in metric.collect()
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{os.getpid()}.json"
     tmp = folder / f".{os.getpid()}.json.tmp"

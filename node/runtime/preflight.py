@@ -50,9 +50,15 @@ def _tls_problems(settings: Settings) -> list[str]:
     tls = settings.dicom.tls
     if not tls.enabled:
         return []
-    problems = [p for p in (_file_problem("dicom.tls.cert_file", tls.cert_file),
-                            _file_problem("dicom.tls.key_file", tls.key_file),
-                            _file_problem("dicom.tls.ca_file", tls.ca_file)) if p]
+    problems = [
+        p
+        for p in (
+            _file_problem("dicom.tls.cert_file", tls.cert_file),
+            _file_problem("dicom.tls.key_file", tls.key_file),
+            _file_problem("dicom.tls.ca_file", tls.ca_file),
+        )
+        if p
+    ]
     if problems:
         return problems
     from node.ingest.scp import server_ssl_context
@@ -74,8 +80,12 @@ def console_problems(settings: Settings) -> list[str]:
 
     problems = []
     try:
-        resolve_users([(u.name, u.password_hash, u.role) for u in web.users], admin_user=web.admin_user,
-                      password_hash=web.password_hash, production=web.production)
+        resolve_users(
+            [(u.name, u.password_hash, u.role) for u in web.users],
+            admin_user=web.admin_user,
+            password_hash=web.password_hash,
+            production=web.production,
+        )
     except AuthConfigError as e:
         problems.append(f"web: {e}")
     path = key_path(settings)
@@ -96,19 +106,28 @@ def _console_tls_problems(settings: Settings) -> list[str]:
     if (web.tls_cert_file is None) != (web.tls_key_file is None):
         return ["web.tls_cert_file and web.tls_key_file go together"]
     if web.tls:
-        problems = [p for p in (_file_problem("web.tls_cert_file", web.tls_cert_file),
-                                _file_problem("web.tls_key_file", web.tls_key_file)) if p]
+        problems = [
+            p
+            for p in (
+                _file_problem("web.tls_cert_file", web.tls_cert_file),
+                _file_problem("web.tls_key_file", web.tls_key_file),
+            )
+            if p
+        ]
         if not problems:
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    str(web.tls_cert_file), str(web.tls_key_file))
+                    str(web.tls_cert_file), str(web.tls_key_file)
+                )
             except (ssl.SSLError, OSError) as e:
                 problems.append(f"web.tls: the certificate or key cannot be loaded: {e}")
         return problems
     if web.production and not web.behind_tls_proxy:
-        return ["web.production serves the console over TLS only: set web.tls_cert_file and web.tls_key_file, "
-                "or web.behind_tls_proxy = true when a reverse proxy terminates TLS in front of it "
-                "(docs/operations.md)"]
+        return [
+            "web.production serves the console over TLS only: set web.tls_cert_file and web.tls_key_file, "
+            "or web.behind_tls_proxy = true when a reverse proxy terminates TLS in front of it "
+            "(docs/operations.md)"
+        ]
     return []
 
 
@@ -132,18 +151,27 @@ def _dicomweb_problems(settings: Settings) -> list[str]:
     if (d.tls_cert_file is None) != (d.tls_key_file is None):
         return ["dicomweb.tls_cert_file and dicomweb.tls_key_file go together"]
     if d.tls:
-        problems = [p for p in (_file_problem("dicomweb.tls_cert_file", d.tls_cert_file),
-                                _file_problem("dicomweb.tls_key_file", d.tls_key_file)) if p]
+        problems = [
+            p
+            for p in (
+                _file_problem("dicomweb.tls_cert_file", d.tls_cert_file),
+                _file_problem("dicomweb.tls_key_file", d.tls_key_file),
+            )
+            if p
+        ]
         if not problems:
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    str(d.tls_cert_file), str(d.tls_key_file))
+                    str(d.tls_cert_file), str(d.tls_key_file)
+                )
             except (ssl.SSLError, OSError) as e:
                 problems.append(f"dicomweb.tls: the certificate or key cannot be loaded: {e}")
         return problems
     if settings.web.production and d.host not in ("127.0.0.1", "::1", "localhost"):
-        return [f"web.production serves STOW-RS on {d.host} over TLS only: set dicomweb.tls_cert_file and "
-                "dicomweb.tls_key_file, or bind dicomweb.host to 127.0.0.1 behind a TLS proxy"]
+        return [
+            f"web.production serves STOW-RS on {d.host} over TLS only: set dicomweb.tls_cert_file and "
+            "dicomweb.tls_key_file, or bind dicomweb.host to 127.0.0.1 behind a TLS proxy"
+        ]
     return []
 
 

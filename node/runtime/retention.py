@@ -36,8 +36,13 @@ def purge(settings: Settings, store: AuditStore, now: datetime | None = None, li
             removed.append(str(results))
         return removed
 
-    purged = store.purge_files(states=PURGEABLE, finished_before=cutoff, limit=limit, remove=remove,
-                               detail={"keep_days": settings.storage.keep_days})
+    purged = store.purge_files(
+        states=PURGEABLE,
+        finished_before=cutoff,
+        limit=limit,
+        remove=remove,
+        detail={"keep_days": settings.storage.keep_days},
+    )
     if purged:
         log.info("retention: removed the files of %d instance(s) finished before %s", purged, cutoff.date())
     return purged

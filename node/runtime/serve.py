@@ -56,8 +56,11 @@ def bootstrap(settings: Settings) -> None:
         Spool(settings.storage.data_dir).prepare()
         # Rows from before node identity whose files are on this disk are this node's to finish.
         if adopted := store.adopt_local_rows(os.path.exists):
-            log.info("node %s: took over %d instance(s) recorded before node names, whose files are here",
-                     settings.node_name, adopted)
+            log.info(
+                "node %s: took over %d instance(s) recorded before node names, whose files are here",
+                settings.node_name,
+                adopted,
+            )
         added = store.seed_ae(settings.ae, actor="config")
         if added:
             log.info("added %d AE title(s) from the configuration", added)
@@ -69,6 +72,7 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     """An event that SIGTERM/SIGINT set (handlers are installed only from the main thread)."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
+
         def _on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s: stopping", signal.Signals(signum).name)
             stop.set()
@@ -81,9 +85,14 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
 class Listener:
     """Ingest + Storage SCP on the DICOM port; `stop` lets the associations in flight finish."""
 
-    def __init__(self, settings: Settings, ingest: Ingest, *,
-                 server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer,
-                 name: str = "listener") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        *,
+        server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer,
+        name: str = "listener",
+    ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.scp = StorageSCP(settings, ingest.store, ingest)
@@ -118,12 +127,14 @@ class NodeServices:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = AuditStore.open(settings.database_url, echo=settings.database.echo, run_migrations=False,
-                                     node=settings.node_name)
+        self.store = AuditStore.open(
+            settings.database_url, echo=settings.database.echo, run_migrations=False, node=settings.node_name
+        )
         self.spool = Spool(settings.storage.data_dir)
         self.pipeline = Pipeline(settings, self.store) if settings.broker.enabled else None
-        self.dispatcher = Dispatcher(HandoffContext(settings, self.store),
-                                     self.pipeline.publisher if self.pipeline is not None else leave_queued)
+        self.dispatcher = Dispatcher(
+            HandoffContext(settings, self.store), self.pipeline.publisher if self.pipeline is not None else leave_queued
+        )
         self.ingest = Ingest(settings, self.store, self.spool, self.dispatcher)
         if self.pipeline is not None:
             self.pipeline.sweep_for(self.dispatcher)
@@ -131,8 +142,11 @@ class NodeServices:
         # Study-level triage and its alerts; off with triage.enabled = false (results are still sent).
         self.alerter = Alerter(settings, self.store) if settings.triage.enabled else None
         self.priors = PriorFetcher(settings, self.store) if self.alerter is not None else None
-        self.triage = TriageEngine(settings, self.store, on_alerts=self.alerter.wake, priors=self.priors) \
-            if self.alerter is not None else None
+        self.triage = (
+            TriageEngine(settings, self.store, on_alerts=self.alerter.wake, priors=self.priors)
+            if self.alerter is not None
+            else None
+        )
         self.web: WebServer | None = None
         self.stow: StowServer | None = None
         self._running = False
@@ -149,18 +163,35 @@ class NodeServices:
             self.priors.start()
             self.triage.start()
         # Before the DICOM port is bound: a production config without a console password stops here.
-        self.web = start_console(self.settings, self.store, enqueue_analysis=self.dispatcher.submit,
-                                 kick_sender=self.pipeline.exporter.wake if self.pipeline else None,
-                                 workers_probe=self._workers_probe())
+        self.web = start_console(
+            self.settings,
+            self.store,
+            enqueue_analysis=self.dispatcher.submit,
+            kick_sender=self.pipeline.exporter.wake if self.pipeline else None,
+            workers_probe=self._workers_probe(),
+        )
         if self.settings.dicomweb.enabled:
             self.stow = start_stow(self.settings, self.ingest)
 
     def announce(self, port: int, listeners: int) -> None:
-        self.store.add_event("node.started", detail={"ae_title": self.settings.dicom.ae_title, "port": port,
-                                                     "listeners": listeners, "node": self.settings.node_name})
-        log.info("node %s (%s) running on %s:%d (%d listener process%s)", self.settings.node_name,
-                 self.settings.dicom.ae_title,
-                 self.settings.dicom.host, port, listeners, "" if listeners == 1 else "es")
+        self.store.add_event(
+            "node.started",
+            detail={
+                "ae_title": self.settings.dicom.ae_title,
+                "port": port,
+                "listeners": listeners,
+                "node": self.settings.node_name,
+            },
+        )
+        log.info(
+            "node %s (%s) running on %s:%d (%d listener process%s)",
+            self.settings.node_name,
+            self.settings.dicom.ae_title,
+            self.settings.dicom.host,
+            port,
+            listeners,
+            "" if listeners == 1 else "es",
+        )
 
     def run_until(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
         """Every second call `tick` (e.g. the listener pool's check) until `stop`; sweep the spool now and then."""

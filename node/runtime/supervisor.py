@@ -63,8 +63,15 @@ class Supervisor:
             child.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(child.log_file, "ab")  # noqa: SIM115 - handed to the child, closed when it is replaced
         env = {**os.environ, **child.env}
-        proc = subprocess.Popen(child.argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            child.argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         if out is not None:
             out.close()
         self._procs[child.name] = proc

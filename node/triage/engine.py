@@ -52,9 +52,21 @@ class PatientHeader:
     @classmethod
     def read(cls, path: str | Path, study: Study) -> PatientHeader:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=[
-                "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                "AccessionNumber", "StudyDate", "StudyTime"])
+            ds = pydicom.dcmread(
+                path,
+                stop_before_pixels=True,
+                force=True,
+                specific_tags=[
+                    "PatientID",
+                    "IssuerOfPatientID",
+                    "PatientName",
+                    "PatientBirthDate",
+                    "PatientSex",
+                    "AccessionNumber",
+                    "StudyDate",
+                    "StudyTime",
+                ],
+            )
         except (OSError, ValueError, TypeError) as e:  # spool file purged by retention, say
             log.warning("study %d: cannot read the source header (%s); using the audit row", study.id, e)
             return cls(patient_id=study.patient_id, accession=study.accession_number, study_date=study.study_date)
@@ -62,10 +74,16 @@ class PatientHeader:
         def text(keyword: str) -> str:
             return str(ds.get(keyword, "") or "").strip()
 
-        return cls(patient_id=text("PatientID"), issuer=text("IssuerOfPatientID"), name=text("PatientName"),
-                   birth_date=text("PatientBirthDate")[:8], sex=text("PatientSex")[:1],
-                   accession=text("AccessionNumber"), study_date=text("StudyDate")[:8],
-                   study_time=text("StudyTime"))
+        return cls(
+            patient_id=text("PatientID"),
+            issuer=text("IssuerOfPatientID"),
+            name=text("PatientName"),
+            birth_date=text("PatientBirthDate")[:8],
+            sex=text("PatientSex")[:1],
+            accession=text("AccessionNumber"),
+            study_date=text("StudyDate")[:8],
+            study_time=text("StudyTime"),
+        )
 
 
 def _models(detail: dict[str, Any]) -> tuple[AlertModel, ...]:
@@ -82,12 +100,16 @@ def image_findings(inst: Instance, detail: dict[str, Any]) -> ImageFindings:
     sev = detail.get("severity_score")
     prob = detail.get("pneumothorax_probability")
     present = detail.get("pneumothorax_present")
-    return ImageFindings(instance_id=inst.id, sop_instance_uid=inst.sop_instance_uid,
-                         series_instance_uid=inst.series_instance_uid,
-                         severity_score=int(sev) if sev is not None else None,
-                         pneumothorax_present=bool(present) if present is not None else None,
-                         pneumothorax_probability=float(prob) if prob is not None else None,
-                         pneumothorax_side=detail.get("pneumothorax_side") or None, models=_models(detail))
+    return ImageFindings(
+        instance_id=inst.id,
+        sop_instance_uid=inst.sop_instance_uid,
+        series_instance_uid=inst.series_instance_uid,
+        severity_score=int(sev) if sev is not None else None,
+        pneumothorax_present=bool(present) if present is not None else None,
+        pneumothorax_probability=float(prob) if prob is not None else None,
+        pneumothorax_side=detail.get("pneumothorax_side") or None,
+        models=_models(detail),
+    )
 
 
 def inputs_key(instances: list[Instance]) -> list[str]:
@@ -95,33 +117,54 @@ def inputs_key(instances: list[Instance]) -> list[str]:
     return [f"{i.id}@{i.job_id}" if i.analyzed_at is not None else f"{i.id}:{i.state}" for i in instances]
 
 
-def build_alert(decision: Decision, study: Study, header: PatientHeader, *, revision: int, alert_id: str,
-                decided_at: str) -> TriageAlert:
+def build_alert(
+    decision: Decision, study: Study, header: PatientHeader, *, revision: int, alert_id: str, decided_at: str
+) -> TriageAlert:
     src = decision.source
     ptx = decision.pneumothorax
     models = list({m.name: m for f in ([src] if src else []) + ([ptx] if ptx else []) for m in f.models}.values())
     experimental = decision.experimental or any(m.status == "experimental" for m in models)
     return TriageAlert(
-        alert_id=alert_id, created_at=decided_at, level=decision.level, reasons=list(decision.reasons),
-        study_instance_uid=study.study_instance_uid, accession_number=header.accession or study.accession_number,
-        revision=revision, severity_score=decision.severity_score, severity_change=decision.severity_change,
+        alert_id=alert_id,
+        created_at=decided_at,
+        level=decision.level,
+        reasons=list(decision.reasons),
+        study_instance_uid=study.study_instance_uid,
+        accession_number=header.accession or study.accession_number,
+        revision=revision,
+        severity_score=decision.severity_score,
+        severity_change=decision.severity_change,
         prior=decision.prior,
         pneumothorax_present=ptx.pneumothorax_present if ptx else None,
         pneumothorax_probability=ptx.pneumothorax_probability if ptx else None,
         pneumothorax_side=ptx.pneumothorax_side if ptx else None,
         source_sop_instance_uid=src.sop_instance_uid if src else "",
         source_series_instance_uid=src.series_instance_uid if src else "",
-        models=models, experimental=experimental, note=NOT_FOR_DIAGNOSTIC_USE if experimental else "",
-        patient_id=header.patient_id or study.patient_id, issuer_of_patient_id=header.issuer,
-        patient_name=header.name, patient_birth_date=header.birth_date, patient_sex=header.sex,
-        study_date=header.study_date or study.study_date, study_time=header.study_time)
+        models=models,
+        experimental=experimental,
+        note=NOT_FOR_DIAGNOSTIC_USE if experimental else "",
+        patient_id=header.patient_id or study.patient_id,
+        issuer_of_patient_id=header.issuer,
+        patient_name=header.name,
+        patient_birth_date=header.birth_date,
+        patient_sex=header.sex,
+        study_date=header.study_date or study.study_date,
+        study_time=header.study_time,
+    )
 
 
 class TriageEngine(BackgroundLoop):
     """Decides stable studies (``run_once``), in a thread (``start``/``stop``) or called directly."""
 
-    def __init__(self, settings: Settings, store: AuditStore, *, interval_s: float = 1.0,
-                 on_alerts: Callable[[], None] | None = None, priors: PriorFetcher | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: AuditStore,
+        *,
+        interval_s: float = 1.0,
+        on_alerts: Callable[[], None] | None = None,
+        priors: PriorFetcher | None = None,
+    ) -> None:
         super().__init__("triage", interval_s)
         self.settings = settings
         self.store = store
@@ -153,42 +196,70 @@ class TriageEngine(BackgroundLoop):
         # The header comes from an image on this node's disk (the study's owner received its first one).
         local = [i for i in analysed + instances if i.node == self.store.node and i.spool_path]
         source = local[0] if local else analysed[0] if analysed else (instances[0] if instances else None)
-        header = PatientHeader.read(source.spool_path, study) if source and source.spool_path \
-            else PatientHeader(patient_id=study.patient_id, accession=study.accession_number,
-                               study_date=study.study_date)
-        prior_row = self.store.find_prior(study_id=study.id, patient_id=header.patient_id, issuer=header.issuer,
-                                          study_date=header.study_date)
-        prior = Prior(self.store.study_uid(prior_row.study_id), prior_row.study_date, prior_row.severity_score) \
-            if prior_row is not None else None
+        header = (
+            PatientHeader.read(source.spool_path, study)
+            if source and source.spool_path
+            else PatientHeader(
+                patient_id=study.patient_id, accession=study.accession_number, study_date=study.study_date
+            )
+        )
+        prior_row = self.store.find_prior(
+            study_id=study.id, patient_id=header.patient_id, issuer=header.issuer, study_date=header.study_date
+        )
+        prior = (
+            Prior(self.store.study_uid(prior_row.study_id), prior_row.study_date, prior_row.severity_score)
+            if prior_row is not None
+            else None
+        )
         # A prior the node moved in from the archive: old news (no alerts, no search for its own prior).
-        fetched = self.priors is not None and self.priors.enabled \
-            and self.store.fetched_as_prior(study.study_instance_uid)
+        fetched = (
+            self.priors is not None and self.priors.enabled and self.store.fetched_as_prior(study.study_instance_uid)
+        )
         if prior is None and self.priors is not None and images and not fetched:
-            self.priors.request(PriorRequest(study.id, study.study_instance_uid, header.patient_id,
-                                             header.study_date))
+            self.priors.request(PriorRequest(study.id, study.study_instance_uid, header.patient_id, header.study_date))
         decision = decide(images, cfg, prior)
         findings = tuple(decision.fired) or (decision.level,)
-        alerts = [NewAlert(name, dest.type, findings) for name in cfg.routes.get(decision.level, [])
-                  if (dest := cfg.destination(name))]
+        alerts = [
+            NewAlert(name, dest.type, findings)
+            for name in cfg.routes.get(decision.level, [])
+            if (dest := cfg.destination(name))
+        ]
         if fetched:
             alerts = []
         decided_at = utcnow().isoformat()
 
         def payload(revision: int, alert_id: str) -> dict[str, Any]:
-            return build_alert(decision, study, header, revision=revision, alert_id=alert_id,
-                               decided_at=decided_at).to_json()
+            return build_alert(
+                decision, study, header, revision=revision, alert_id=alert_id, decided_at=decided_at
+            ).to_json()
 
         row, queued = self.store.record_triage(
-            study.id, inputs=inputs_key(instances), level=decision.level, reasons=decision.reasons,
-            summary=_summary(decision), severity_score=decision.severity_score, patient_id=header.patient_id,
-            issuer=header.issuer, study_date=header.study_date, alerts=alerts, payload=payload)
-        reopened = self.store.reopen_later_studies(study_id=study.id, patient_id=header.patient_id,
-                                                   issuer=header.issuer, study_date=header.study_date)
+            study.id,
+            inputs=inputs_key(instances),
+            level=decision.level,
+            reasons=decision.reasons,
+            summary=_summary(decision),
+            severity_score=decision.severity_score,
+            patient_id=header.patient_id,
+            issuer=header.issuer,
+            study_date=header.study_date,
+            alerts=alerts,
+            payload=payload,
+        )
+        reopened = self.store.reopen_later_studies(
+            study_id=study.id, patient_id=header.patient_id, issuer=header.issuer, study_date=header.study_date
+        )
         if reopened:
             log.info("study %d is a prior of study(ies) %s: deciding them again", study.id, reopened)
         metrics.count_triage(decision.level)
-        log.info("study %d: %s (revision %d, %d alert(s) queued): %s", study.id, decision.level, row.revision,
-                 len(queued), "; ".join(decision.reasons))
+        log.info(
+            "study %d: %s (revision %d, %d alert(s) queued): %s",
+            study.id,
+            decision.level,
+            row.revision,
+            len(queued),
+            "; ".join(decision.reasons),
+        )
         return len(queued)
 
 
@@ -200,9 +271,13 @@ def _summary(decision: Decision) -> dict[str, Any]:
         "severity_score": decision.severity_score,
         "severity_sop_instance_uid": decision.severity_source.sop_instance_uid if decision.severity_source else "",
         "severity_change": decision.severity_change,
-        "prior": None if decision.prior is None else {
-            "study_instance_uid": decision.prior.study_instance_uid, "study_date": decision.prior.study_date,
-            "severity_score": decision.prior.severity_score},
+        "prior": None
+        if decision.prior is None
+        else {
+            "study_instance_uid": decision.prior.study_instance_uid,
+            "study_date": decision.prior.study_date,
+            "severity_score": decision.prior.severity_score,
+        },
         "pneumothorax_present": ptx.pneumothorax_present if ptx else None,
         "pneumothorax_probability": ptx.pneumothorax_probability if ptx else None,
         "pneumothorax_side": ptx.pneumothorax_side if ptx else None,

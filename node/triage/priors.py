@@ -116,8 +116,11 @@ class PriorFetcher:
                 self.store.add_event("priors.requested", study_id=req.study_id, detail=detail)
                 return ""
             status = self._move(assoc, wanted[0])
-            detail.update(moved=wanted[0], prior_study_date=wanted[1], move_status=f"0x{status:04X}"
-                          if status is not None else "no response")
+            detail.update(
+                moved=wanted[0],
+                prior_study_date=wanted[1],
+                move_status=f"0x{status:04X}" if status is not None else "no response",
+            )
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -154,8 +157,9 @@ class PriorFetcher:
         ident.QueryRetrieveLevel = "STUDY"
         ident.StudyInstanceUID = study_uid
         final: int | None = None
-        for status, _ in assoc.send_c_move(ident, self.settings.dicom.ae_title,
-                                           StudyRootQueryRetrieveInformationModelMove):
+        for status, _ in assoc.send_c_move(
+            ident, self.settings.dicom.ae_title, StudyRootQueryRetrieveInformationModelMove
+        ):
             if status:
                 final = int(status.Status)
         return final

@@ -115,20 +115,32 @@ def decide(images: list[ImageFindings], cfg: TriageConfig, prior: Prior | None =
         return Decision(level="routine", reasons=[NO_ANALYSABLE_IMAGE])
     worst = max(images, key=_sev_key)
     severity = worst.severity_score
-    change = (severity - prior.severity_score
-              if severity is not None and prior is not None and prior.severity_score is not None else None)
+    change = (
+        severity - prior.severity_score
+        if severity is not None and prior is not None and prior.severity_score is not None
+        else None
+    )
     ptx = max(images, key=lambda f: f.pneumothorax_probability if f.pneumothorax_probability is not None else -1.0)
-    decision = Decision(level="routine", reasons=[], severity_score=severity, severity_source=worst,
-                        severity_change=change, prior=prior,
-                        pneumothorax=ptx if ptx.pneumothorax_probability is not None else None,
-                        images=len(images), experimental=any(m.status == "experimental"
-                                                             for f in images for m in f.models))
+    decision = Decision(
+        level="routine",
+        reasons=[],
+        severity_score=severity,
+        severity_source=worst,
+        severity_change=change,
+        prior=prior,
+        pneumothorax=ptx if ptx.pneumothorax_probability is not None else None,
+        images=len(images),
+        experimental=any(m.status == "experimental" for f in images for m in f.models),
+    )
     rank = {level: i for i, level in enumerate(TRIAGE_LEVELS)}
     for rule in cfg.rules:
         # A rule holds on the image where it holds best: try each, keep the first that matches,
         # the worst image first (the study-level change is the same for all).
-        for f in sorted(images, key=lambda f: (f.pneumothorax_probability or 0.0, *_sev_key(f)), reverse=True) \
-                if rule.when.pneumothorax_probability_gte is not None else sorted(images, key=_sev_key, reverse=True):
+        for f in (
+            sorted(images, key=lambda f: (f.pneumothorax_probability or 0.0, *_sev_key(f)), reverse=True)
+            if rule.when.pneumothorax_probability_gte is not None
+            else sorted(images, key=_sev_key, reverse=True)
+        ):
             why = _check(rule, f, change)
             if why is None:
                 continue
@@ -143,8 +155,10 @@ def decide(images: list[ImageFindings], cfg: TriageConfig, prior: Prior | None =
             note = " (experimental model)" if decision.experimental else ""
             decision.reasons.append(f"{hit.level} by rule {hit.rule!r}: {hit.reason}{note}")
         else:
-            decision.reasons.append(f"rule {hit.rule!r} would make it {hit.level} ({hit.reason}), but a model "
-                                    "behind it is experimental and triage.allow_experimental is false")
+            decision.reasons.append(
+                f"rule {hit.rule!r} would make it {hit.level} ({hit.reason}), but a model "
+                "behind it is experimental and triage.allow_experimental is false"
+            )
     if not decision.hits:
         values = [f"severity {severity}/6" if severity is not None else "severity not measured"]
         if decision.pneumothorax is not None:

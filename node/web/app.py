@@ -47,8 +47,8 @@ HERE = Path(__file__).resolve().parent
 #: On every response. Inline styles stay allowed (colour swatches); scripts only from /static.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                               "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
-                               "frame-ancestors 'none'",
+    "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -57,32 +57,48 @@ SECURITY_HEADERS = {
 CACHEABLE_PREFIXES = ("/static/", "/healthz", "/readyz", "/metrics")
 
 
-def create_app(settings: Settings, store: AuditStore, *, admin: AdminService | None = None,
-               workers_probe: Callable[[], CheckResult] | None = None,
-               weights_dir: Path | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    store: AuditStore,
+    *,
+    admin: AdminService | None = None,
+    workers_probe: Callable[[], CheckResult] | None = None,
+    weights_dir: Path | None = None,
+) -> FastAPI:
     """The web app. Raises node.web.auth.AuthConfigError when production mode has no console user, a
     password hash is malformed or the session key file is unusable."""
     web = settings.web
-    users, one_time = resolve_users([(u.name, u.password_hash, u.role) for u in web.users],
-                                    admin_user=web.admin_user, password_hash=web.password_hash,
-                                    production=web.production)
+    users, one_time = resolve_users(
+        [(u.name, u.password_hash, u.role) for u in web.users],
+        admin_user=web.admin_user,
+        password_hash=web.password_hash,
+        production=web.production,
+    )
     if one_time is not None:
         # Dev mode only (production refuses to start without a user): shown once, lives in this process.
-        log.warning("web console: no console user configured; one-time login for this run: user %r password %s",
-                    web.admin_user, one_time)
-    signer = SessionSigner(session_key.load_or_create(session_key.key_path(settings)),
-                           max_age=web.session_hours * 3600)
+        log.warning(
+            "web console: no console user configured; one-time login for this run: user %r password %s",
+            web.admin_user,
+            one_time,
+        )
+    signer = SessionSigner(session_key.load_or_create(session_key.key_path(settings)), max_age=web.session_hours * 3600)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["dt"] = fmt_dt
     templates.env.filters["mb"] = lambda b: f"{(b or 0) / 1e6:,.1f} MB"
     templates.env.filters["uid_name"] = lambda uid: UID(uid).name if uid else ""
     templates.env.globals["INSTANCE_STATES"] = [str(s) for s in InstanceState]
     console = Console(
-        settings=settings, store=store,
+        settings=settings,
+        store=store,
         admin=admin or AdminService.for_settings(settings, store),
-        users=users, signer=signer, templates=templates,
-        weights_dir=weights_dir or catalogue.weights_dir(), workers_probe=workers_probe, throttle=LoginThrottle(),
-        revoked=RevokedSessions(session_key.revoked_path(settings)))
+        users=users,
+        signer=signer,
+        templates=templates,
+        weights_dir=weights_dir or catalogue.weights_dir(),
+        workers_probe=workers_probe,
+        throttle=LoginThrottle(),
+        revoked=RevokedSessions(session_key.revoked_path(settings)),
+    )
 
     app = FastAPI(title="cxr-node", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.console = console
@@ -94,11 +110,18 @@ def create_app(settings: Settings, store: AuditStore, *, admin: AdminService | N
         if not request.url.path.startswith(CACHEABLE_PREFIXES):
             response.headers["Cache-Control"] = "no-store"
         return response
+
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    metrics.register_audit_collector(metrics.AuditCollector(
-        lambda: queries.instance_counts(store), lambda: queries.export_counts(store),
-        lambda: queue_depth(settings.broker_url, INFERENCE_QUEUE), lambda: queries.event_counts(store),
-        triage_counts=store.triage_level_counts, alert_counts=store.alert_counts))
+    metrics.register_audit_collector(
+        metrics.AuditCollector(
+            lambda: queries.instance_counts(store),
+            lambda: queries.export_counts(store),
+            lambda: queue_depth(settings.broker_url, INFERENCE_QUEUE),
+            lambda: queries.event_counts(store),
+            triage_counts=store.triage_level_counts,
+            alert_counts=store.alert_counts,
+        )
+    )
 
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, exc: LoginRequired) -> Response:

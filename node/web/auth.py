@@ -70,7 +70,8 @@ def check_hash_format(encoded: str) -> None:
     if len(parts) != 4 or parts[0] != ALGORITHM or not parts[1].isdigit() or not parts[2] or not parts[3]:
         raise AuthConfigError(
             "the password hash must look like 'pbkdf2_sha256$<iterations>$<salt>$<hash>'; "
-            "make one with: cxrnode web hash-password")
+            "make one with: cxrnode web hash-password"
+        )
     try:
         _unb64(parts[3])
     except ValueError as e:
@@ -104,8 +105,9 @@ class User:
         return self.role == ADMIN
 
 
-def resolve_users(configured: Iterable[tuple[str, str, str]], *, admin_user: str, password_hash: str,
-                  production: bool) -> tuple[dict[str, User], str | None]:
+def resolve_users(
+    configured: Iterable[tuple[str, str, str]], *, admin_user: str, password_hash: str, production: bool
+) -> tuple[dict[str, User], str | None]:
     """The logins by name, and in dev mode without any user the generated password (caller logs it once).
 
     `configured` is (name, password_hash, role) per `[[web.users]]` entry; `admin_user` with
@@ -129,7 +131,8 @@ def resolve_users(configured: Iterable[tuple[str, str, str]], *, admin_user: str
         raise AuthConfigError(
             "web.production is true but no console user is configured: the admin console has no default "
             "password in production. Set web.password_hash (cxrnode web hash-password) or "
-            "CXRNODE_WEB__PASSWORD_HASH, or add [[web.users]] entries, or set web.enabled = false.")
+            "CXRNODE_WEB__PASSWORD_HASH, or add [[web.users]] entries, or set web.enabled = false."
+        )
     password = secrets.token_urlsafe(12)
     # Fewer iterations: this hash lives in memory for one process only.
     one_time = User(admin_user, hash_password(password, iterations=100_000), ADMIN, one_time=True)
@@ -241,8 +244,9 @@ class RevokedSessions:
 class LoginThrottle:
     """After `max_failures` failed logins from one address within `window_s`, refuse it for `window_s`."""
 
-    def __init__(self, max_failures: int = 5, window_s: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_failures: int = 5, window_s: float = 900.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_failures, self.window_s, self._clock = max_failures, window_s, clock
         self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
@@ -280,8 +284,10 @@ def read_new_password(from_stdin: bool) -> str:
     if from_stdin or not sys.stdin.isatty():
         line = sys.stdin.readline()
         if not line:
-            raise ValueError("no password on stdin (give it as one line: "
-                             "printf '%s\\n' \"$PASSWORD\" | cxrnode web hash-password --stdin)")
+            raise ValueError(
+                "no password on stdin (give it as one line: "
+                "printf '%s\\n' \"$PASSWORD\" | cxrnode web hash-password --stdin)"
+            )
         return line.rstrip("\r\n")
     try:
         password = getpass.getpass("Password: ")
@@ -299,8 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     hp = sub.add_parser("hash-password", help="print a password hash for web.password_hash or a [[web.users]] entry")
     hp.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
-    hp.add_argument("--stdin", action="store_true",
-                    help="read the password as one line from stdin, no prompt (the default when stdin is no terminal)")
+    hp.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password as one line from stdin, no prompt (the default when stdin is no terminal)",
+    )
     args = parser.parse_args(argv)
     try:
         password = read_new_password(args.stdin)

@@ -110,8 +110,9 @@ async def _checked_form(request: Request, *, admin: bool) -> Form:
     if fields.get("csrf") != session.csrf:
         raise LoginRequired(request.url.path)  # stale or forged form: log in again
     if admin and not console.users[session.user].is_admin:
-        console.store.add_event("web.denied", actor=f"web:{session.user}",
-                                detail={"method": request.method, "path": request.url.path})
+        console.store.add_event(
+            "web.denied", actor=f"web:{session.user}", detail={"method": request.method, "path": request.url.path}
+        )
         log.warning("console: viewer %r may not %s %s", session.user, request.method, request.url.path)
         raise AdminRequired()
     return Form(session, fields)
@@ -138,15 +139,21 @@ def back(path: str, msg: str = "", err: str = "") -> RedirectResponse:
     return RedirectResponse(path + (f"{separator}{urlencode(params)}" if params else ""), status_code=303)
 
 
-def render(request: Request, template: str, session: Session | None, status: int = 200,
-           **context: Any) -> HTMLResponse:
+def render(request: Request, template: str, session: Session | None, status: int = 200, **context: Any) -> HTMLResponse:
     console = console_of(request)
     user = console.users.get(session.user) if session else None
-    context.update(request=request, user=user.name if user else None, csrf=session.csrf if session else "",
-                   role=user.role if user else None, can_act=bool(user and user.is_admin),
-                   msg=request.query_params.get("msg", ""), err=request.query_params.get("err", ""),
-                   ae_title=console.settings.dicom.ae_title, node_name=console.settings.node_name,
-                   production=console.settings.web.production)
+    context.update(
+        request=request,
+        user=user.name if user else None,
+        csrf=session.csrf if session else "",
+        role=user.role if user else None,
+        can_act=bool(user and user.is_admin),
+        msg=request.query_params.get("msg", ""),
+        err=request.query_params.get("err", ""),
+        ae_title=console.settings.dicom.ae_title,
+        node_name=console.settings.node_name,
+        production=console.settings.web.production,
+    )
     return console.templates.TemplateResponse(request, template, context, status_code=status)
 
 

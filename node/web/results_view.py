@@ -51,8 +51,11 @@ def seg_masks(seg: Dataset) -> dict[str, np.ndarray]:
     masks: dict[str, np.ndarray] = {}
     per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
     for index, frame in enumerate(frames):
-        number = (int(per_frame[index].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-                  if index < len(per_frame) else index + 1)
+        number = (
+            int(per_frame[index].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            if index < len(per_frame)
+            else index + 1
+        )
         label = labels.get(number, f"segment {number}")
         mask = frame > 0
         masks[label] = masks[label] | mask if label in masks else mask
@@ -65,8 +68,9 @@ def _resize_mask(mask: np.ndarray, crop: tuple[int, int, int, int], shape: tuple
     return np.asarray(im.resize((shape[1], shape[0]), Image.Resampling.NEAREST)) > 0
 
 
-def render_overlay(settings: Settings, source_path: Path, seg_path: Path | None, long_side: int = 384,
-                   alpha: float = 0.45) -> bytes:
+def render_overlay(
+    settings: Settings, source_path: Path, seg_path: Path | None, long_side: int = 384, alpha: float = 0.45
+) -> bytes:
     """PNG bytes: the prepared source with SEG segments blended in. Raises PrepareError/OSError.
 
     The source is decoded in the memory-limited decoder process (node.analysis.decoding), like for analysis."""
@@ -78,8 +82,14 @@ def render_overlay(settings: Settings, source_path: Path, seg_path: Path | None,
         spare = iter(_SPARE * 4)
         for label, mask in seg_masks(seg).items():
             if mask.shape != (prepared.source_rows, prepared.source_cols):
-                log.warning("SEG %s: segment %r is %s, source is %dx%d: not drawn", seg_path.name, label,
-                            mask.shape, prepared.source_rows, prepared.source_cols)
+                log.warning(
+                    "SEG %s: segment %r is %s, source is %dx%d: not drawn",
+                    seg_path.name,
+                    label,
+                    mask.shape,
+                    prepared.source_rows,
+                    prepared.source_cols,
+                )
                 continue
             small = _resize_mask(mask, prepared.crop, prepared.pixels.shape)
             colour = np.array(SEGMENT_COLOURS.get(label.lower()) or next(spare), dtype=np.float32)
@@ -134,8 +144,9 @@ def sr_measurements(sr_path: Path) -> list[Measurement]:
             elif kind == "CODE" and rel == "CONTAINS" and name is not None and name.CodeValue != "121071":
                 mods = _modifiers(item)  # e.g. the zone of an Opacity Present/Absent
                 label = f"{name.CodeMeaning} ({', '.join(mods)})" if mods else str(name.CodeMeaning)
-                found.append(Measurement(group, label, str(item.ConceptCodeSequence[0].CodeMeaning),
-                                         "", str(name.CodeValue)))
+                found.append(
+                    Measurement(group, label, str(item.ConceptCodeSequence[0].CodeMeaning), "", str(name.CodeValue))
+                )
             if "ContentSequence" in item and kind == "CONTAINER":
                 walk(item.ContentSequence, group)
 

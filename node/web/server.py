@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 class WebServer:
     """A uvicorn server on its own thread; `stop()` ends it (idempotent)."""
 
-    def __init__(self, server: uvicorn.Server, sock: socket.socket, thread: threading.Thread,
-                 scheme: str = "http") -> None:
+    def __init__(
+        self, server: uvicorn.Server, sock: socket.socket, thread: threading.Thread, scheme: str = "http"
+    ) -> None:
         self._server, self._sock, self._thread = server, sock, thread
         self.scheme = scheme
 
@@ -64,15 +65,28 @@ def uvicorn_config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config
     (uvicorn's default believes any process on the host)."""
     web = settings.web
     proxies = web.trusted_proxies
-    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5,
-                          proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
-                          ssl_certfile=str(web.tls_cert_file) if web.tls else None,
-                          ssl_keyfile=str(web.tls_key_file) if web.tls else None, **extra)
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=",".join(proxies) or None,
+        ssl_certfile=str(web.tls_cert_file) if web.tls else None,
+        ssl_keyfile=str(web.tls_key_file) if web.tls else None,
+        **extra,
+    )
 
 
-def start_in_thread(settings: Settings, store: AuditStore, *, admin: AdminService | None = None,
-                    workers_probe: Callable[[], CheckResult] | None = None,
-                    port: int | None = None) -> WebServer:
+def start_in_thread(
+    settings: Settings,
+    store: AuditStore,
+    *,
+    admin: AdminService | None = None,
+    workers_probe: Callable[[], CheckResult] | None = None,
+    port: int | None = None,
+) -> WebServer:
     """Console + /metrics + /healthz + /readyz on web.host:web.port (port=0 picks a free one).
 
     Raises AuthConfigError (production without password hash) or OSError (port taken) at once.
@@ -87,10 +101,14 @@ def start_in_thread(settings: Settings, store: AuditStore, *, admin: AdminServic
     return web
 
 
-def start_console(settings: Settings, store: AuditStore, *,
-                  enqueue_analysis: Callable[[int], None] | None = None,
-                  kick_sender: Callable[[], None] | None = None,
-                  workers_probe: Callable[[], CheckResult] | None = None) -> WebServer | None:
+def start_console(
+    settings: Settings,
+    store: AuditStore,
+    *,
+    enqueue_analysis: Callable[[int], None] | None = None,
+    kick_sender: Callable[[], None] | None = None,
+    workers_probe: Callable[[], CheckResult] | None = None,
+) -> WebServer | None:
     """What `cxrnode serve` calls after the SCP starts: the console when `web.enabled`, else None.
 
     `enqueue_analysis(instance_id)` hands a re-run to the analysis queue, `kick_sender()` wakes the
@@ -108,8 +126,10 @@ def start_console(settings: Settings, store: AuditStore, *,
 def main(argv: list[str] | None = None) -> int:
     """Standalone console (`python -m node.web --config FILE`): same pages, no DICOM listener."""
     parser = argparse.ArgumentParser(prog="python -m node.web", description="cxr-node web console only")
-    parser.add_argument("--config", help="TOML configuration file (default: $CXRNODE_CONFIG, "
-                                         "else /etc/cxrnode/cxrnode.toml if it exists)")
+    parser.add_argument(
+        "--config",
+        help="TOML configuration file (default: $CXRNODE_CONFIG, else /etc/cxrnode/cxrnode.toml if it exists)",
+    )
     parser.add_argument("--port", type=int, help="override web.port")
     args = parser.parse_args(argv)
     settings = load_settings(find_config(args.config))
@@ -121,6 +141,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     store = AuditStore.open(settings.database_url, node=settings.node_name)
     app = create_app(settings, store)
-    uvicorn.Server(uvicorn_config(settings, app, host=settings.web.host,
-                                  port=args.port or settings.web.port)).run()
+    uvicorn.Server(uvicorn_config(settings, app, host=settings.web.host, port=args.port or settings.web.port)).run()
     return 0

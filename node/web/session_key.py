@@ -75,10 +75,13 @@ def _read(path: Path) -> bytes:
     except OSError as e:
         raise AuthConfigError(f"web.session_key_file {path} cannot be read: {e}") from e
     if len(key) < MIN_KEY_BYTES:
-        raise AuthConfigError(f"web.session_key_file {path} holds {len(key)} bytes; use at least {MIN_KEY_BYTES} "
-                              "(e.g. openssl rand -hex 32), or delete it to have one generated")
+        raise AuthConfigError(
+            f"web.session_key_file {path} holds {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+            "(e.g. openssl rand -hex 32), or delete it to have one generated"
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         # Anyone who can read it can forge a session: say so, but a shared-group deployment may want it.
-        log.warning("web.session_key_file %s is accessible to group/others (mode %o): chmod 600 it",
-                    path, stat.S_IMODE(mode))
+        log.warning(
+            "web.session_key_file %s is accessible to group/others (mode %o): chmod 600 it", path, stat.S_IMODE(mode)
+        )
     return key

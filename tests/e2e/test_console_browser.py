@@ -45,9 +45,19 @@ def browser() -> Iterator[WebDriver]:
     profile = tempfile.mkdtemp(prefix="cxrnode-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1400,1000", f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(60)
@@ -128,10 +138,16 @@ def test_log_in_add_and_echo_an_ae_then_find_a_study(site: ConsoleSite, browser:
     assert str(first.SOPInstanceUID) in d.page_source
     # The thumbnail rendered from the spooled file loaded in the browser.
     img = d.find_element(By.CSS_SELECTOR, "figure.thumb img")
-    WebDriverWait(d, 30).until(lambda drv: drv.execute_script(
-        "return arguments[0].complete && arguments[0].naturalWidth", img))
+    WebDriverWait(d, 30).until(
+        lambda drv: drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
+    )
     assert d.execute_script("return arguments[0].naturalWidth", img) > 0
     _shot(d, "06-study")
     assert sorted(p.name for p in ARTIFACTS.glob("0*.png"))[:6] == [
-        "01-login.png", "02-dashboard.png", "03-ae-added.png", "04-ae-echo.png", "05-study-search.png",
-        "06-study.png"]
+        "01-login.png",
+        "02-dashboard.png",
+        "03-ae-added.png",
+        "04-ae-echo.png",
+        "05-study-search.png",
+        "06-study.png",
+    ]

@@ -37,9 +37,10 @@ CR_FILE = "01_cr_explicit_le_mono2_12bit_2048x2500.dcm"
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_weights(tmp_path_factory.mktemp("weights"),
-                              head_logits={"lung": (6.0, None), "opacity": (6.0, None),
-                                           "pneumothorax": (-6.0, -6.0)})
+    return write_tiny_weights(
+        tmp_path_factory.mktemp("weights"),
+        head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)},
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -50,19 +51,30 @@ def worker_env(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CXRNODE_WORKER_THREADS", "1")
 
 
-def node_toml(destinations: list[str], *, reply_port: int | None = None, broker_url: str = "",
-              embedded_worker: bool = True, extra_ae: str = "") -> str:
+def node_toml(
+    destinations: list[str],
+    *,
+    reply_port: int | None = None,
+    broker_url: str = "",
+    embedded_worker: bool = True,
+    extra_ae: str = "",
+) -> str:
     """The [broker]/[sender] sections, the two default chest rules sending to `destinations`, extra AEs."""
     dest = ", ".join(f'"{d}"' for d in destinations)
-    reply = (f'\n[[ae]]\nname = "{SENDER_AE}"\nhost = "127.0.0.1"\nport = {reply_port}\nrole = "both"\n'
-             if reply_port else "")
-    return (f'\n[broker]\nurl = "{broker_url}"\nembedded_worker = {str(embedded_worker).lower()}\n'
-            f'[sender]\nbackoff_initial_s = 0.5\nbackoff_factor = 1.0\nmax_attempts = 50\ntimeout_s = 10\n'
-            f'[[rules]]\nname = "chest"\ndestinations = [{dest}]\n'
-            f'match = {{ modality = ["CR", "DX"], body_part = ["CHEST", ""], view_position = ["PA", "AP", ""] }}\n'
-            f'[[rules]]\nname = "sc-chest"\ndestinations = [{dest}]\n'
-            f'match = {{ modality = ["OT"], body_part = ["CHEST"] }}\n'
-            f'{reply}{extra_ae}')
+    reply = (
+        f'\n[[ae]]\nname = "{SENDER_AE}"\nhost = "127.0.0.1"\nport = {reply_port}\nrole = "both"\n'
+        if reply_port
+        else ""
+    )
+    return (
+        f'\n[broker]\nurl = "{broker_url}"\nembedded_worker = {str(embedded_worker).lower()}\n'
+        f"[sender]\nbackoff_initial_s = 0.5\nbackoff_factor = 1.0\nmax_attempts = 50\ntimeout_s = 10\n"
+        f'[[rules]]\nname = "chest"\ndestinations = [{dest}]\n'
+        f'match = {{ modality = ["CR", "DX"], body_part = ["CHEST", ""], view_position = ["PA", "AP", ""] }}\n'
+        f'[[rules]]\nname = "sc-chest"\ndestinations = [{dest}]\n'
+        f'match = {{ modality = ["OT"], body_part = ["CHEST"] }}\n'
+        f"{reply}{extra_ae}"
+    )
 
 
 def wait_final(node: NodeProcess, count: int, timeout: float = 600) -> dict[str, str]:
@@ -80,8 +92,11 @@ def wait_final(node: NodeProcess, count: int, timeout: float = 600) -> dict[str,
         wait_for(done, timeout, f"{count} instances to reach a final state")
     except TimeoutError:
         states = {r.id: (r.state, r.reason) for r in store.list_instances(InstanceFilter())}
-        logs = "".join((node.data_dir / "logs" / n).read_text()[-3000:]
-                       for n in ("node-worker.log", "inference-worker.log") if (node.data_dir / "logs" / n).exists())
+        logs = "".join(
+            (node.data_dir / "logs" / n).read_text()[-3000:]
+            for n in ("node-worker.log", "inference-worker.log")
+            if (node.data_dir / "logs" / n).exists()
+        )
         raise AssertionError(f"states: {states}\n{node.log_text()[-3000:]}\n{logs}") from None
     return {r.sop_instance_uid: r.state for r in store.list_instances(InstanceFilter()) if r.state != "duplicate"}
 
@@ -108,8 +123,9 @@ def sr_numbers(sr: pydicom.Dataset) -> dict[str, float]:
     def walk(items: pydicom.Sequence) -> None:
         for item in items:
             if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
-                found.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning,
-                                 float(item.MeasuredValueSequence[0].NumericValue))
+                found.setdefault(
+                    item.ConceptNameCodeSequence[0].CodeMeaning, float(item.MeasuredValueSequence[0].NumericValue)
+                )
             if "ContentSequence" in item:
                 walk(item.ContentSequence)
 
@@ -127,8 +143,12 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
     """All 37 files: analysable ones come back as SEG + SR in Orthanc and at the sender; the rest get none."""
     with StoreSCP(tmp_path / "reply", ae_title=SENDER_AE) as reply:
         extra = f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\nrole = "destination"\n'
-        node = NodeProcess(tmp_path, extra_toml=node_toml(["ORTHANC", "reply-to-sender"], reply_port=reply.port,
-                                                           extra_ae=extra), sources=(), analysis=True)
+        node = NodeProcess(
+            tmp_path,
+            extra_toml=node_toml(["ORTHANC", "reply-to-sender"], reply_port=reply.port, extra_ae=extra),
+            sources=(),
+            analysis=True,
+        )
         try:
             node.start()
             sent = send_manifest(node.port)
@@ -137,16 +157,18 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
             store = node.store()
             by_file = {}
             for row in stored:
-                uid = str(pydicom.dcmread(dicom_dir() / row["file"], stop_before_pixels=True, force=True).SOPInstanceUID)
+                uid = str(
+                    pydicom.dcmread(dicom_dir() / row["file"], stop_before_pixels=True, force=True).SOPInstanceUID
+                )
                 by_file[row["file"]] = states[uid]
             analysable = {f for f, r in sent.items() if r["analysable"] == "yes"}
             assert {f for f, s in by_file.items() if s == "exported"} == analysable, by_file
             assert {f: s for f, s in by_file.items() if f not in analysable} == {
-                f: "skipped" for f in by_file if f not in analysable}
+                f: "skipped" for f in by_file if f not in analysable
+            }
 
             # Orthanc: one SEG and one SR per analysed image, in the source's study.
-            objects = [pydicom.dcmread(io.BytesIO(orthanc.instance_file(i)))
-                       for i in orthanc.instances()]
+            objects = [pydicom.dcmread(io.BytesIO(orthanc.instance_file(i))) for i in orthanc.instances()]
             assert len(objects) == 2 * len(analysable)
             assert sorted({o.Modality for o in objects}) == ["SEG", "SR"]
             reply_files = sorted((tmp_path / "reply").iterdir())
@@ -164,13 +186,17 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
             seg = next(o for o in mine if o.Modality == "SEG")
             sr = next(o for o in mine if o.Modality == "SR")
             assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
-            assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
-                source.SOPInstanceUID
+            assert (
+                seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+                == source.SOPInstanceUID
+            )
             assert [s.SegmentLabel for s in seg.SegmentSequence][:2] == ["Right lung", "Left lung"]
             assert seg.PatientID == source.PatientID and seg.SeriesInstanceUID != source.SeriesInstanceUID
             # IHE AIR: each model that ran is Contributing Equipment, its Device UID follows its weights.
             cards = {p.stem: json.loads(p.read_text()) for p in tiny_weights.glob("*.json")}
-            expected = {name: model_device_uid(ModelInfo(name, "", card["sha256"], "", "")) for name, card in cards.items()}
+            expected = {
+                name: model_device_uid(ModelInfo(name, "", card["sha256"], "", "")) for name, card in cards.items()
+            }
             for obj in (seg, sr):
                 got = {str(i.ManufacturerModelName): str(i.DeviceUID) for i in obj.ContributingEquipmentSequence}
                 assert got == {name: expected[name] for name in got} and {"lung", "opacity"} <= set(got), got
@@ -185,8 +211,14 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
             assert severity == [6.0], numbers
 
             kinds = [e.kind for e in store.list_events(instance_id=inst.id)]
-            for kind in ("instance.received", "instance.queued", "analysis.published", "instance.analyzed",
-                         "export.sent", "instance.exported"):
+            for kind in (
+                "instance.received",
+                "instance.queued",
+                "analysis.published",
+                "instance.analyzed",
+                "export.sent",
+                "instance.exported",
+            ):
                 assert kind in kinds, kinds
             assert kinds.count("export.sent") == 4  # SEG + SR to Orthanc and back to the sender
         finally:
@@ -199,8 +231,10 @@ def test_orthanc_commits_the_results_of_an_analysed_image(tmp_path: Path) -> Non
     node = NodeProcess(tmp_path, extra_toml=node_toml(["ORTHANC"]), analysis=True)
     with Orthanc(tmp_path / "orthanc", modalities={"node": (NODE_AE, "127.0.0.1", node.port)}) as pacs:
         with node.config.open("a") as config:
-            config.write(f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
-                         'role = "destination"\nstorage_commitment = true\n')
+            config.write(
+                f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+                'role = "destination"\nstorage_commitment = true\n'
+            )
         try:
             node.start()
             assert storescu(node.port, [dicom_dir() / CR_FILE]).status == 0x0000
@@ -223,9 +257,29 @@ def _run_inference_worker(broker_url: str, log: Path) -> subprocess.Popen[bytes]
     """A separate worker host, as in production: `celery -A workers.tasks worker -Q inference`."""
     env = {**os.environ, BROKER_ENV: broker_url}
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", "inference",
-                                 "-c", "1", "--pool", "prefork", "--without-gossip", "--without-mingle",
-                                 "-l", "INFO"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.tasks",
+                "worker",
+                "-Q",
+                "inference",
+                "-c",
+                "1",
+                "--pool",
+                "prefork",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -245,9 +299,12 @@ def test_production_mode_redis_postgres_and_broker_outage(tmp_path: Path, postgr
     redis = RedisServer().start()
     worker = _run_inference_worker(redis.url, tmp_path / "worker.log")
     extra = f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\nrole = "destination"\n'
-    node = NodeProcess(tmp_path, postgres_server.create_database(),
-                       extra_toml=node_toml(["ORTHANC"], broker_url=redis.url, embedded_worker=False, extra_ae=extra),
-                       analysis=True)
+    node = NodeProcess(
+        tmp_path,
+        postgres_server.create_database(),
+        extra_toml=node_toml(["ORTHANC"], broker_url=redis.url, embedded_worker=False, extra_ae=extra),
+        analysis=True,
+    )
     try:
         node.start()
         redis.proc.terminate()  # type: ignore[union-attr]
@@ -314,8 +371,11 @@ def _pool_processes(node: NodeProcess) -> list[int]:
 
 def test_worker_killed_mid_task_reruns_and_delivers_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # ~1 s per image: long enough to kill the pool process while it works.
-    slow = write_tiny_weights(tmp_path / "slow", size=448, head_logits={
-        "lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)})
+    slow = write_tiny_weights(
+        tmp_path / "slow",
+        size=448,
+        head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)},
+    )
     monkeypatch.setenv("CXRNODE_WEIGHTS_DIR", str(slow))
     with StoreSCP(tmp_path / "dest", ae_title="DESTSCP") as dest:
         extra = f'\n[[ae]]\nname = "DESTSCP"\nhost = "127.0.0.1"\nport = {dest.port}\nrole = "destination"\n'
@@ -343,8 +403,12 @@ def test_dead_letter_retry_and_reanalysis_from_the_command_line(tmp_path: Path) 
     node = NodeProcess(tmp_path, extra_toml=toml, analysis=True)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "node.cli.main", *args, "--config", str(node.config)],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli.main", *args, "--config", str(node.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     try:
         node.start()
@@ -358,8 +422,11 @@ def test_dead_letter_retry_and_reanalysis_from_the_command_line(tmp_path: Path) 
         with dest:
             result = cli("exports", "retry", "--all-dead")
             assert result.returncode == 0, result.stderr
-            wait_for(lambda: [i.state for i in store.list_instances(InstanceFilter())] == ["exported"], 120,
-                     "delivery after retry")
+            wait_for(
+                lambda: [i.state for i in store.list_instances(InstanceFilter())] == ["exported"],
+                120,
+                "delivery after retry",
+            )
             assert len(list((tmp_path / "dest").iterdir())) == 2
             inst = store.list_instances(InstanceFilter())[0]
             result = cli("reanalyze", str(inst.id))

@@ -48,9 +48,29 @@ SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33"
 
 def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
     key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return key, cert
 
 
@@ -64,11 +84,18 @@ def site(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[dict[str, 
     out = tmp_path / "received"
     out.mkdir()
     pacs_port = free_port()
-    pacs = Proc("pacs", ["storescp", "-aet", "PACS", "+tls", str(pacs_key), str(pacs_cert), "-ic", "-od", str(out),
-                         str(pacs_port)], dict(os.environ), tmp_path / "pacs.log").start()
+    pacs = Proc(
+        "pacs",
+        ["storescp", "-aet", "PACS", "+tls", str(pacs_key), str(pacs_cert), "-ic", "-od", str(out), str(pacs_port)],
+        dict(os.environ),
+        tmp_path / "pacs.log",
+    ).start()
     wait_for(lambda: port_open(pacs_port), 15, "the TLS storescp")
-    weights = write_tiny_weights(tmp_path / "weights", size=448,
-                                 head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)})
+    weights = write_tiny_weights(
+        tmp_path / "weights",
+        size=448,
+        head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)},
+    )
     port = free_port()
     # The quick start's env block, run as written: the documented loopback PostgreSQL and Redis
     # addresses become the test servers' (PostgreSQL trusts loopback here: PGPASSWORD is not used).
@@ -76,24 +103,47 @@ def site(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[dict[str, 
     hashed = quick.sh(install_line("HASH=") + '\nprintf "%s" "$HASH"', {**os.environ, "PW": "console secret"})
     assert hashed.returncode == 0 and hashed.stdout.startswith("pbkdf2_sha256$"), hashed.stderr
     database_url = postgres_server.create_database()
-    quick.write_env_files({**os.environ, "HASH": hashed.stdout, "DBPW": "not used (trust)"}, {
-        "postgresql+psycopg://cxrnode@127.0.0.1:5432/cxrnode": database_url,
-        "redis://127.0.0.1:6379/": redis.url.rsplit("/", 1)[0] + "/"})
+    quick.write_env_files(
+        {**os.environ, "HASH": hashed.stdout, "DBPW": "not used (trust)"},
+        {
+            "postgresql+psycopg://cxrnode@127.0.0.1:5432/cxrnode": database_url,
+            "redis://127.0.0.1:6379/": redis.url.rsplit("/", 1)[0] + "/",
+        },
+    )
     env = {
-        **os.environ, "PYTHONUNBUFFERED": "1",
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
         # What the edited /etc/cxrnode/cxrnode.toml holds on a real site: this host's addresses, files, peers.
         "CXRNODE_BROKER__LEASE_S": str(LEASE_S),
-        "CXRNODE_DICOM__HOST": "127.0.0.1", "CXRNODE_DICOM__PORT": str(port),
-        "CXRNODE_DICOM__TLS__CERT_FILE": str(node_cert), "CXRNODE_DICOM__TLS__KEY_FILE": str(node_key),
+        "CXRNODE_DICOM__HOST": "127.0.0.1",
+        "CXRNODE_DICOM__PORT": str(port),
+        "CXRNODE_DICOM__TLS__CERT_FILE": str(node_cert),
+        "CXRNODE_DICOM__TLS__KEY_FILE": str(node_key),
         "CXRNODE_DICOM__TLS__CA_FILE": str(trusted),
-        "CXRNODE_STORAGE__DATA_DIR": str(tmp_path / "var"), "CXRNODE_STORAGE__MIN_FREE_MB": "1",
-        "CXRNODE_WEB__HOST": "127.0.0.1", "CXRNODE_WEB__PORT": str(free_port()),
-        "CXRNODE_AE": json.dumps([{"name": "PACS", "host": "127.0.0.1", "port": pacs_port, "role": "both",
-                                   "tls": True}]),
-        "CXRNODE_WEIGHTS_DIR": str(weights), "CXRNODE_CACHE": str(tmp_path / "cache"), "CXRNODE_WORKER_THREADS": "1",
+        "CXRNODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+        "CXRNODE_STORAGE__MIN_FREE_MB": "1",
+        "CXRNODE_WEB__HOST": "127.0.0.1",
+        "CXRNODE_WEB__PORT": str(free_port()),
+        "CXRNODE_AE": json.dumps(
+            [{"name": "PACS", "host": "127.0.0.1", "port": pacs_port, "role": "both", "tls": True}]
+        ),
+        "CXRNODE_WEIGHTS_DIR": str(weights),
+        "CXRNODE_CACHE": str(tmp_path / "cache"),
+        "CXRNODE_WORKER_THREADS": "1",
     }
-    yield {"env": env, "quick": quick, "database_url": database_url, "port": port, "out": out, "root": tmp_path, "pacs_cert": pacs_cert, "pacs_key": pacs_key,
-           "node_cert": node_cert, "pacs": pacs, "redis": redis}
+    yield {
+        "env": env,
+        "quick": quick,
+        "database_url": database_url,
+        "port": port,
+        "out": out,
+        "root": tmp_path,
+        "pacs_cert": pacs_cert,
+        "pacs_key": pacs_key,
+        "node_cert": node_cert,
+        "pacs": pacs,
+        "redis": redis,
+    }
     pacs.stop()
     redis.stop()
 
@@ -116,19 +166,30 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
             if started := re.fullmatch(r"systemctl enable --now (.+)", line):
                 for unit in started.group(1).split():
                     if unit == "cxrnode.service":
-                        check = subprocess.run(unit_command(unit, "ExecStartPre"), env=node_env, capture_output=True,
-                                               text=True, timeout=120)
+                        check = subprocess.run(
+                            unit_command(unit, "ExecStartPre"),
+                            env=node_env,
+                            capture_output=True,
+                            text=True,
+                            timeout=120,
+                        )
                         assert check.returncode == 0, check.stderr
-                        node = serving = Proc("node", unit_command(unit, "ExecStart"), node_env,
-                                              root / "serve.log").start()
+                        node = serving = Proc(
+                            "node", unit_command(unit, "ExecStart"), node_env, root / "serve.log"
+                        ).start()
                         wait_for(lambda p=serving: "running on" in p.text() or not p.alive(), 90, "cxrnode serve")
                         assert serving.alive(), serving.text()[-3000:]
                     else:
                         worker = re.fullmatch(r"cxrnode-worker@(\d+)\.service", unit)
                         assert worker is not None, f"the quick start starts a unit the test does not know: {unit}"
-                        workers.append(Proc(f"gpu{worker.group(1)}", unit_command(
-                            "cxrnode-worker@.service", "ExecStart", instance=worker.group(1)), worker_env,
-                            root / f"gpu{worker.group(1)}.log").start())
+                        workers.append(
+                            Proc(
+                                f"gpu{worker.group(1)}",
+                                unit_command("cxrnode-worker@.service", "ExecStart", instance=worker.group(1)),
+                                worker_env,
+                                root / f"gpu{worker.group(1)}.log",
+                            ).start()
+                        )
             elif admin := re.fullmatch(r"sudo -u cxrnode sh -c '(.+)'", line):
                 done = quick.sh(admin.group(1), env)  # the env file is read by the command itself
                 assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
@@ -184,8 +245,11 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
         received = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.iterdir()]
         kinds = Counter(str(d.SOPClassUID) for d in received)
         assert kinds == {SEG: 40, SR: 40}, kinds
-        sources = Counter(str(d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
-                          for d in received if str(d.SOPClassUID) == SEG)
+        sources = Counter(
+            str(d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
+            for d in received
+            if str(d.SOPClassUID) == SEG
+        )
         sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
         assert set(sources) == sent and set(sources.values()) == {1}
         for path in sorted(out.iterdir()):  # every result as the PACS got it: dciodvfy finds nothing
@@ -193,9 +257,11 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
             assert (report.errors, report.warnings) == ([], []), report
         assert all(a.tls for a in store.list_associations() if a.direction == "outbound")
         assert "job " in workers[1].text() and workers[1].alive()
-        sys.stdout.write(f"\n40 instances in, 80 results out in {done - started:.0f} s; worker killed "
-                         f"{killed_at - started:.0f} s in, its job done by the other {recovered_s:.0f} s later "
-                         f"(lease {LEASE_S} s); node restarted once; Redis down {REDIS_DOWN_S} s\n")
+        sys.stdout.write(
+            f"\n40 instances in, 80 results out in {done - started:.0f} s; worker killed "
+            f"{killed_at - started:.0f} s in, its job done by the other {recovered_s:.0f} s later "
+            f"(lease {LEASE_S} s); node restarted once; Redis down {REDIS_DOWN_S} s\n"
+        )
     finally:
         if store is not None:
             store.close()

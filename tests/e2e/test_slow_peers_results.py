@@ -23,8 +23,10 @@ from tests.support.paths import dicom_dir
 
 pytestmark = pytest.mark.timeout(600)
 
-LIMITS = ("association_request_timeout_s = 3\nmax_pending_associations = 4\nmax_connections_per_peer = 6\n"
-          "max_associations = 6\n")
+LIMITS = (
+    "association_request_timeout_s = 3\nmax_pending_associations = 4\nmax_connections_per_peer = 6\n"
+    "max_associations = 6\n"
+)
 
 
 class SlowAttack(threading.Thread):

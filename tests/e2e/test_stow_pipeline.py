@@ -35,18 +35,26 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 
 
 def _dicomweb_get(orthanc: Orthanc, path: str) -> list[dict[str, dict[str, list[str]]]]:
-    request = urllib.request.Request(orthanc.dicomweb_url + path, headers={
-        "Accept": "application/dicom+json", "Authorization": "Basic " + base64.b64encode(b"cxr:s3cret").decode()})
+    request = urllib.request.Request(
+        orthanc.dicomweb_url + path,
+        headers={
+            "Accept": "application/dicom+json",
+            "Authorization": "Basic " + base64.b64encode(b"cxr:s3cret").decode(),
+        },
+    )
     with urllib.request.urlopen(request, timeout=30) as rsp:
         return list(json.loads(rsp.read()))
 
 
 def test_stow_in_results_out_by_stow_to_orthanc(tmp_path: Path, orthanc: Orthanc) -> None:
     port = free_port()
-    reply = (f'\n[[ae]]\nname = "{SOURCE}"\nrole = "destination"\nurl = "{orthanc.dicomweb_url}"\n'
-             'auth = "basic"\nusername = "cxr"\nsecret = "s3cret"\n')
-    node = NodeProcess(tmp_path, extra_toml=stow_toml(port) + node_toml(["reply-to-sender"], extra_ae=reply),
-                       sources=(), analysis=True)
+    reply = (
+        f'\n[[ae]]\nname = "{SOURCE}"\nrole = "destination"\nurl = "{orthanc.dicomweb_url}"\n'
+        'auth = "basic"\nusername = "cxr"\nsecret = "s3cret"\n'
+    )
+    node = NodeProcess(
+        tmp_path, extra_toml=stow_toml(port) + node_toml(["reply-to-sender"], extra_ae=reply), sources=(), analysis=True
+    )
     try:
         node.start()
         token = add_token(node)
@@ -75,8 +83,9 @@ def test_stow_in_results_out_by_stow_to_orthanc(tmp_path: Path, orthanc: Orthanc
         mine = dw.search_for_instances(study_instance_uid=str(source.StudyInstanceUID))
         assert {i["00080018"]["Value"][0] for i in mine} == {e.sop_instance_uid for e in exports}
         seg = next(i for i in mine if i["00080060"]["Value"][0] == "SEG")
-        got = dw.retrieve_instance(str(source.StudyInstanceUID), seg["0020000E"]["Value"][0],
-                                   seg["00080018"]["Value"][0])
+        got = dw.retrieve_instance(
+            str(source.StudyInstanceUID), seg["0020000E"]["Value"][0], seg["00080018"]["Value"][0]
+        )
         assert got.Modality == "SEG" and got.SOPInstanceUID == seg["00080018"]["Value"][0]
         assert [e.detail["found"] for e in store.list_events(kinds=["dicomweb.retrieve"])] == [True]
     finally:

@@ -42,8 +42,9 @@ TEMPLATE = "02_cr_implicit_le_12bit.dcm"
 
 @pytest.fixture(autouse=True)
 def worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    weights = write_tiny_weights(tmp_path / "weights", head_logits={
-        "lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)})
+    weights = write_tiny_weights(
+        tmp_path / "weights", head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)}
+    )
     monkeypatch.setenv("CXRNODE_WEIGHTS_DIR", str(weights))
     monkeypatch.setenv("CXRNODE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXRNODE_WORKER_THREADS", "1")
@@ -90,15 +91,16 @@ def node_toml(ris: MLLPListener, ehr: HTTPReceiver, hook: HTTPReceiver) -> str:
         '[[rules]]\nname = "chest"\ndestinations = []\n'
         'match = { modality = ["CR", "DX"], body_part = ["CHEST", ""], view_position = ["PA", "AP", ""] }\n'
         '[[rules]]\nname = "sc-chest"\ndestinations = []\nmatch = { modality = ["OT"], body_part = ["CHEST"] }\n'
-        '[triage]\nstable_s = 2\nallow_experimental = true\nbackoff_initial_s = 0.5\nbackoff_factor = 1.0\n'
-        'max_attempts = 200\n'
+        "[triage]\nstable_s = 2\nallow_experimental = true\nbackoff_initial_s = 0.5\nbackoff_factor = 1.0\n"
+        "max_attempts = 200\n"
         f'[[triage.destinations]]\nname = "ris"\ntype = "hl7"\nhost = "127.0.0.1"\nport = {ris.port}\n'
         'timeout_s = 5\nreceiving_application = "RIS"\n'
         f'[[triage.destinations]]\nname = "ehr"\ntype = "fhir"\nbase_url = "{ehr.url}"\ntoken = "{TOKEN}"\n'
-        'timeout_s = 5\n'
+        "timeout_s = 5\n"
         f'[[triage.destinations]]\nname = "hook"\ntype = "webhook"\nurl = "{hook.url}"\nsecret = "{SECRET}"\n'
-        'timeout_s = 5\n'
-        '[triage.routes]\nurgent = ["ris", "ehr", "hook"]\ncritical = ["ris", "ehr", "hook"]\n')
+        "timeout_s = 5\n"
+        '[triage.routes]\nurgent = ["ris", "ehr", "hook"]\ncritical = ["ris", "ehr", "hook"]\n'
+    )
 
 
 def hl7_for(ris: MLLPListener, accession: str) -> list[str]:
@@ -110,8 +112,7 @@ def http_for(rx: HTTPReceiver, accession: str) -> list[dict[str, object]]:
     return [r for r in rx.requests() if accession in str(r["body"])]
 
 
-def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener, HTTPReceiver, HTTPReceiver]
-                                       ) -> None:
+def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener, HTTPReceiver, HTTPReceiver]) -> None:
     ris, ehr, hook = peers
     (tmp_path / "node").mkdir()
     node = NodeProcess(tmp_path / "node", extra_toml=node_toml(ris, ehr, hook), analysis=True)
@@ -127,10 +128,16 @@ def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener
         wait_final(node, len(files) + len(accepted))
 
         # One study, one result set, one message per destination; the webhook is down, so it is retried.
-        wait_for(lambda: len(hl7_for(ris, acc1)) >= 1 and len(http_for(ehr, acc1)) >= 1, 120,
-                 "HL7 and FHIR alerts for the first study")
-        wait_for(lambda: any(a.destination == "hook" and a.attempts >= 2 for a in store.list_alerts()), 60,
-                 "webhook attempts while it is down")
+        wait_for(
+            lambda: len(hl7_for(ris, acc1)) >= 1 and len(http_for(ehr, acc1)) >= 1,
+            120,
+            "HL7 and FHIR alerts for the first study",
+        )
+        wait_for(
+            lambda: any(a.destination == "hook" and a.attempts >= 2 for a in store.list_alerts()),
+            60,
+            "webhook attempts while it is down",
+        )
         hook.start()
         wait_for(lambda: len(http_for(hook, acc1)) >= 1, 60, "the webhook once it is up")
         [row] = [r for r in store.list_triage() if r.study.study_instance_uid == first]
@@ -143,8 +150,13 @@ def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener
         assert fhir["answer"] == 201 and not fhir["problems"]
         [webhook] = http_for(hook, acc1)
         headers = {k.lower(): v for k, v in webhook["headers"].items()}  # type: ignore[union-attr]
-        assert verify(SECRET.encode(), headers["x-cxrnode-timestamp"], headers["x-cxrnode-signature"],
-                      str(webhook["body"]).encode(), tolerance_s=3600)
+        assert verify(
+            SECRET.encode(),
+            headers["x-cxrnode-timestamp"],
+            headers["x-cxrnode-signature"],
+            str(webhook["body"]).encode(),
+            tolerance_s=3600,
+        )
         body = json.loads(str(webhook["body"]))
         assert body["level"] == "urgent" and "patient_id" not in json.dumps(body)
 
@@ -161,10 +173,16 @@ def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener
         ris.set_ack("AR", text="unknown order")
         second, files2 = study_files(tmp_path / "s2", patient="PT-1", study_date="20261201", views=("AP",))
         assert storescu(node.port, files2).returncode == 0
-        wait_for(lambda: any(a.state == AlertState.DEAD and a.destination == "ris" for a in store.list_alerts()),
-                 120, "the AR'd alert in the dead letter")
-        wait_for(lambda: len(http_for(hook, acc2)) >= 1 and len(http_for(ehr, acc2)) >= 1, 60,
-                 "FHIR and webhook alerts for the second study")
+        wait_for(
+            lambda: any(a.state == AlertState.DEAD and a.destination == "ris" for a in store.list_alerts()),
+            120,
+            "the AR'd alert in the dead letter",
+        )
+        wait_for(
+            lambda: len(http_for(hook, acc2)) >= 1 and len(http_for(ehr, acc2)) >= 1,
+            60,
+            "FHIR and webhook alerts for the second study",
+        )
         [row2] = [r for r in store.list_triage() if r.study.study_instance_uid == second]
         assert row2.triage.summary["prior"]["study_instance_uid"] == first
         assert row2.triage.summary["severity_change"] == 0
@@ -183,15 +201,21 @@ def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener
 
         # Retry from the CLI once the RIS accepts again: delivered once, same control id.
         ris.set_ack("AA")
-        retry = subprocess.run([*cxrnode_command(), "alerts", "retry", "--all-dead", "--config", str(node.config)],
-                               capture_output=True, text=True, timeout=60)
+        retry = subprocess.run(
+            [*cxrnode_command(), "alerts", "retry", "--all-dead", "--config", str(node.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert retry.returncode == 0, retry.stderr
-        wait_for(lambda: all(a.state == AlertState.SENT for a in store.list_alerts() if a.study_id == row2.study.id),
-                 60, "the retried alert to be sent")
+        wait_for(
+            lambda: all(a.state == AlertState.SENT for a in store.list_alerts() if a.study_id == row2.study.id),
+            60,
+            "the retried alert to be sent",
+        )
         to_ris = hl7_for(ris, acc2)
         assert len(to_ris) == 2  # the AR'd try and the accepted retry
-        assert len({parse_message(m.replace("\n", "\r"), find_groups=False).msh.msh_10.to_er7()
-                    for m in to_ris}) == 1
+        assert len({parse_message(m.replace("\n", "\r"), find_groups=False).msh.msh_10.to_er7() for m in to_ris}) == 1
         time.sleep(3)  # nothing more arrives: each alert exactly once
         assert len(hl7_for(ris, acc1)) == 1 and len(http_for(hook, acc1)) == 1
         assert len(http_for(ehr, acc1)) == 1
@@ -205,11 +229,13 @@ def test_priors_are_fetched_from_the_archive(tmp_path: Path) -> None:
     hook = HTTPReceiver(tmp_path / "hook", "webhook", secret=SECRET).start()
     port = free_port()  # the archive must know the node as a move destination before either starts
     with Orthanc(tmp_path / "orthanc", modalities={"cxrnode": ("CXRNODE", "127.0.0.1", port)}) as archive:
-        node = NodeProcess(tmp_path / "node", analysis=True, port=port,
-                           extra_toml=node_toml_priors(archive.dicom_port, hook))
+        node = NodeProcess(
+            tmp_path / "node", analysis=True, port=port, extra_toml=node_toml_priors(archive.dicom_port, hook)
+        )
         try:
-            prior_uid, prior_files = study_files(tmp_path / "prior", patient="PT-7", study_date="20261001",
-                                                 views=("PA",))
+            prior_uid, prior_files = study_files(
+                tmp_path / "prior", patient="PT-7", study_date="20261001", views=("PA",)
+            )
             assert storescu(archive.dicom_port, prior_files, aec="ORTHANC").returncode == 0
             node.start()
             current, files = study_files(tmp_path / "now", patient="PT-7", study_date="20261202", views=("PA",))
@@ -218,8 +244,10 @@ def test_priors_are_fetched_from_the_archive(tmp_path: Path) -> None:
 
             def compared() -> bool:
                 rows = {r.study.study_instance_uid: r.triage for r in store.list_triage()}
-                return current in rows and (rows[current].summary.get("prior") or {}).get(
-                    "study_instance_uid") == prior_uid
+                return (
+                    current in rows
+                    and (rows[current].summary.get("prior") or {}).get("study_instance_uid") == prior_uid
+                )
 
             wait_for(compared, 300, "the current study decided against the prior moved in from the archive")
             [event] = store.list_events(kinds=["priors.requested"])
@@ -243,4 +271,5 @@ def node_toml_priors(archive_port: int, hook: HTTPReceiver) -> str:
         f'[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {archive_port}\nrole = "both"\n'
         '[triage]\nstable_s = 2\nallow_experimental = true\npriors_from = "ORTHANC"\n'
         f'[[triage.destinations]]\nname = "hook"\ntype = "webhook"\nurl = "{hook.url}"\nsecret = "{SECRET}"\n'
-        '[triage.routes]\nurgent = ["hook"]\nroutine = ["hook"]\ncritical = ["hook"]\n')
+        '[triage.routes]\nurgent = ["hook"]\nroutine = ["hook"]\ncritical = ["hook"]\n'
+    )

@@ -68,42 +68,71 @@ def site(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[dict[str, 
     out = tmp_path / "received"
     out.mkdir()
     pacs_port = free_port()
-    pacs = Proc("pacs", ["storescp", "-aet", "STORESCU", "+uf", "-od", str(out), str(pacs_port)], dict(os.environ),
-                tmp_path / "pacs.log").start()
+    pacs = Proc(
+        "pacs",
+        ["storescp", "-aet", "STORESCU", "+uf", "-od", str(out), str(pacs_port)],
+        dict(os.environ),
+        tmp_path / "pacs.log",
+    ).start()
     wait_for(lambda: port_open(pacs_port), 15, "storescp")
     hook = HTTPReceiver(tmp_path / "hook", "webhook", secret=SECRET).start()
-    weights = write_tiny_weights(tmp_path / "weights", size=448,
-                                 head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)})
+    weights = write_tiny_weights(
+        tmp_path / "weights",
+        size=448,
+        head_logits={"lung": (6.0, None), "opacity": (6.0, None), "pneumothorax": (-6.0, -6.0)},
+    )
     common = {
-        **os.environ, "PYTHONUNBUFFERED": "1",
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
         "CXRNODE_DATABASE__URL": postgres_server.create_database(),
         "CXRNODE_BROKER__URL": redis.url,
         "CXRNODE_BROKER__RESULT_BACKEND": redis.url.rsplit("/", 1)[0] + "/1",
         "CXRNODE_BROKER__LEASE_S": str(LEASE_S),
-        "CXRNODE_DICOM__HOST": "127.0.0.1", "CXRNODE_DICOM__TLS__ENABLED": "false", "CXRNODE_DICOM__LISTENERS": "1",
+        "CXRNODE_DICOM__HOST": "127.0.0.1",
+        "CXRNODE_DICOM__TLS__ENABLED": "false",
+        "CXRNODE_DICOM__LISTENERS": "1",
         "CXRNODE_DICOM__PROXY_PROTOCOL_FROM": '["127.0.0.1"]',  # the balancer sends PROXY v2 headers
-        "CXRNODE_STORAGE__MIN_FREE_MB": "1", "CXRNODE_WEB__HOST": "127.0.0.1",
+        "CXRNODE_STORAGE__MIN_FREE_MB": "1",
+        "CXRNODE_WEB__HOST": "127.0.0.1",
         "CXRNODE_AE": json.dumps([{"name": "STORESCU", "host": "127.0.0.1", "port": pacs_port, "role": "both"}]),
         "CXRNODE_TRIAGE__STABLE_S": "4",
-        "CXRNODE_TRIAGE__DESTINATIONS": json.dumps([{"name": "hook", "type": "webhook", "url": hook.url,
-                                                     "secret": SECRET}]),
+        "CXRNODE_TRIAGE__DESTINATIONS": json.dumps(
+            [{"name": "hook", "type": "webhook", "url": hook.url, "secret": SECRET}]
+        ),
         # Every level alerts, so that every study gives exactly one alert to count.
         "CXRNODE_TRIAGE__ROUTES": json.dumps({"routine": ["hook"], "urgent": ["hook"], "critical": ["hook"]}),
-        "CXRNODE_WEIGHTS_DIR": str(weights), "CXRNODE_CACHE": str(tmp_path / "cache"), "CXRNODE_WORKER_THREADS": "1",
+        "CXRNODE_WEIGHTS_DIR": str(weights),
+        "CXRNODE_CACHE": str(tmp_path / "cache"),
+        "CXRNODE_WORKER_THREADS": "1",
     }
     nodes = {}
     for name in ("node-a", "node-b"):
-        env = {**common, "CXRNODE_NODE__NAME": name, "CXRNODE_DICOM__PORT": str(free_port()),
-               "CXRNODE_STORAGE__DATA_DIR": str(tmp_path / name), "CXRNODE_WEB__PORT": str(free_port())}
+        env = {
+            **common,
+            "CXRNODE_NODE__NAME": name,
+            "CXRNODE_DICOM__PORT": str(free_port()),
+            "CXRNODE_STORAGE__DATA_DIR": str(tmp_path / name),
+            "CXRNODE_WEB__PORT": str(free_port()),
+        }
         nodes[name] = env
     balancer_port = free_port()
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(loopback_haproxy(HAPROXY_CFG.read_text(), balancer_port,
-                                    {n: int(e["CXRNODE_DICOM__PORT"]) for n, e in nodes.items()}))
+    cfg.write_text(
+        loopback_haproxy(
+            HAPROXY_CFG.read_text(), balancer_port, {n: int(e["CXRNODE_DICOM__PORT"]) for n, e in nodes.items()}
+        )
+    )
     check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    yield {"common": common, "nodes": nodes, "out": out, "root": tmp_path, "hook": hook, "haproxy_cfg": cfg,
-           "port": balancer_port}
+    yield {
+        "common": common,
+        "nodes": nodes,
+        "out": out,
+        "root": tmp_path,
+        "hook": hook,
+        "haproxy_cfg": cfg,
+        "port": balancer_port,
+    }
     hook.stop()
     pacs.stop()
     redis.stop()
@@ -170,10 +199,18 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
     assert isinstance(common, dict)
     serve = unit_command("cxrnode.service", "ExecStart")
     nodes = {name: Proc(name, serve, env, root / f"{name}.log") for name, env in nodes_env.items()}
-    workers = [Proc(f"gpu{i}", [*cxrnode_command(), "worker", "--config", str(PRODUCTION), "--hostname", f"gpu{i}@%h"],
-                    common, root / f"gpu{i}.log") for i in range(2)]
-    balancer = Proc("haproxy", ["haproxy", "-db", "-f", str(site["haproxy_cfg"])], dict(os.environ),
-                    root / "haproxy.log")
+    workers = [
+        Proc(
+            f"gpu{i}",
+            [*cxrnode_command(), "worker", "--config", str(PRODUCTION), "--hostname", f"gpu{i}@%h"],
+            common,
+            root / f"gpu{i}.log",
+        )
+        for i in range(2)
+    ]
+    balancer = Proc(
+        "haproxy", ["haproxy", "-db", "-f", str(site["haproxy_cfg"])], dict(os.environ), root / "haproxy.log"
+    )
     store: AuditStore | None = None
     try:
         for n in nodes.values():
@@ -195,7 +232,7 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
         files = small_chest_copies(root / "send", N)
         modality = Modality(port, files)
         store = AuditStore.open(str(common["CXRNODE_DATABASE__URL"]))
-        batches = [files[i:i + BATCH] for i in range(0, N, BATCH)]
+        batches = [files[i : i + BATCH] for i in range(0, N, BATCH)]
         for batch in batches[:4]:
             modality.send(batch)
         # Node A dies (kill -9, with its node-queue worker) in the middle of an association: two
@@ -232,8 +269,9 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
         assert on_a and on_b, (len(on_a), len(on_b))
 
         def b_done() -> bool:
-            return all(i.state == InstanceState.EXPORTED for i in store.list_instances(InstanceFilter())
-                       if i.id in on_b)
+            return all(
+                i.state == InstanceState.EXPORTED for i in store.list_instances(InstanceFilter()) if i.id in on_b
+            )
 
         wait_for(b_done, 300, "node-b to export every instance it received")
         a_rows = [i for i in store.list_instances(InstanceFilter()) if i.id in on_a]
@@ -265,8 +303,11 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
         received = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.iterdir()]
         kinds = Counter(str(d.SOPClassUID) for d in received)
         assert kinds == {SEG: N, SR: N}, kinds
-        sources = Counter(str(d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
-                          for d in received if str(d.SOPClassUID) == SEG)
+        sources = Counter(
+            str(d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
+            for d in received
+            if str(d.SOPClassUID) == SEG
+        )
         assert set(sources) == live_uids and set(sources.values()) == {1}
         live = [i for i in store.list_instances(InstanceFilter()) if i.state not in ("duplicate", "rejected")]
         assert Counter(i.sop_instance_uid for i in live) == Counter(live_uids)
@@ -289,16 +330,23 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
         assert spanning, "no study with images on both nodes"
 
         # The CLI says which node did what.
-        cli = subprocess.run([*cxrnode_command(), "audit", "studies", "--config", str(PRODUCTION)],
-                             env=nodes_env["node-b"], capture_output=True, text=True, timeout=60)
+        cli = subprocess.run(
+            [*cxrnode_command(), "audit", "studies", "--config", str(PRODUCTION)],
+            env=nodes_env["node-b"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert cli.returncode == 0, cli.stderr
         assert "node-a,node-b" in cli.stdout, cli.stdout
-        sys.stdout.write(f"\n{N} instances in over {modality.associations} associations "
-                         f"({modality.failed_associations} cut by the kill and resent); node-a killed, "
-                         f"{len(on_a)} of its instances ({len(a_waiting)} still waiting while it was down) completed "
-                         f"{completed_s:.0f} s after its restart; {2 * N} results out, once each; "
-                         f"{len(bodies)} alerts, once each; "
-                         f"sending after the kill took {sent_while_down:.0f} s\n")
+        sys.stdout.write(
+            f"\n{N} instances in over {modality.associations} associations "
+            f"({modality.failed_associations} cut by the kill and resent); node-a killed, "
+            f"{len(on_a)} of its instances ({len(a_waiting)} still waiting while it was down) completed "
+            f"{completed_s:.0f} s after its restart; {2 * N} results out, once each; "
+            f"{len(bodies)} alerts, once each; "
+            f"sending after the kill took {sent_while_down:.0f} s\n"
+        )
     finally:
         if store is not None:
             store.close()

@@ -33,8 +33,9 @@ def _by_type(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
 
 
 def _observation(bundle: dict[str, Any], code: str) -> dict[str, Any]:
-    found = [e for e in _by_type(bundle, "Observation")
-             if any(c["code"] == code for c in e["resource"]["code"]["coding"])]
+    found = [
+        e for e in _by_type(bundle, "Observation") if any(c["code"] == code for c in e["resource"]["code"]["coding"])
+    ]
     assert len(found) == 1, f"{len(found)} observations with code {code}"
     return found[0]["resource"]
 
@@ -45,6 +46,7 @@ def _report(bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ content
+
 
 def test_bundle_validates_and_holds_the_alert_values() -> None:
     alert = sample_alert()
@@ -79,8 +81,11 @@ def test_bundle_validates_and_holds_the_alert_values() -> None:
     assert components["prior-study-date"]["valueDateTime"] == "2026-11-15"
 
     ptx = _observation(bundle, "36118008")
-    assert ptx["code"]["coding"][0] == {"system": "http://snomed.info/sct", "code": "36118008",
-                                        "display": "Pneumothorax"}
+    assert ptx["code"]["coding"][0] == {
+        "system": "http://snomed.info/sct",
+        "code": "36118008",
+        "display": "Pneumothorax",
+    }
     assert ptx["valueCodeableConcept"]["coding"][0]["code"] == "52101004"  # Present
     assert ptx["bodySite"]["coding"][0]["code"] == "3341006"  # right lung structure
     probability = ptx["component"][0]["valueQuantity"]
@@ -88,22 +93,32 @@ def test_bundle_validates_and_holds_the_alert_values() -> None:
     assert probability["system"] == "http://unitsofmeasure.org" and probability["code"] == "1"
 
     level = _observation(bundle, "triage-level")
-    assert level["valueCodeableConcept"]["coding"][0] == {"system": CODE_SYSTEM, "code": "critical",
-                                                          "display": "Critical: read first"}
+    assert level["valueCodeableConcept"]["coding"][0] == {
+        "system": CODE_SYSTEM,
+        "code": "critical",
+        "display": "Critical: read first",
+    }
     assert [n["text"] for n in level["note"]][1:] == alert.reasons
 
     report_entry = _report(bundle)
     report = report_entry["resource"]
     assert bundle["entry"][-1] is report_entry  # last, after what it references
     assert report["status"] == "final"
-    assert report["code"]["coding"][0] == {"system": "http://loinc.org", "code": "18748-4",
-                                           "display": "Diagnostic imaging study"}
+    assert report["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "18748-4",
+        "display": "Diagnostic imaging study",
+    }
     assert report["category"][0]["coding"][0]["code"] == "RAD"
     assert report["identifier"][0] == {"system": ALERT_ID_SYSTEM, "value": alert.alert_id}
     assert report["identifier"][1]["value"] == "ACC-2026-0042"
-    assert report["imagingStudy"] == [{"type": "ImagingStudy", "display": "study ACC-2026-0042",
-                                       "identifier": {"system": "urn:dicom:uid",
-                                                      "value": "urn:oid:1.2.826.0.1.3680043.8.498.10001"}}]
+    assert report["imagingStudy"] == [
+        {
+            "type": "ImagingStudy",
+            "display": "study ACC-2026-0042",
+            "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.8.498.10001"},
+        }
+    ]
     observation_urls = [e["fullUrl"] for e in _by_type(bundle, "Observation")]
     assert [r["reference"] for r in report["result"]] == observation_urls
     assert len(observation_urls) == 4
@@ -139,9 +154,15 @@ def test_revision_sets_the_report_status(revision: int, status: str) -> None:
 
 
 def test_minimal_alert_without_findings_or_patient() -> None:
-    alert = TriageAlert(alert_id="a-min", created_at="2026-12-02T10:00:00", level="routine",
-                        reasons=["no analysable image"], study_instance_uid="1.2.3.4", accession_number="",
-                        revision=1)
+    alert = TriageAlert(
+        alert_id="a-min",
+        created_at="2026-12-02T10:00:00",
+        level="routine",
+        reasons=["no analysable image"],
+        study_instance_uid="1.2.3.4",
+        accession_number="",
+        revision=1,
+    )
     bundle = build_bundle(alert)
     Bundle.model_validate(bundle)
     assert not _by_type(bundle, "Patient")
@@ -154,14 +175,23 @@ def test_minimal_alert_without_findings_or_patient() -> None:
 
 
 def test_absent_pneumothorax_and_patient_id_systems() -> None:
-    bundle = build_bundle(sample_alert(pneumothorax_present=False, pneumothorax_side=None,
-                                       issuer_of_patient_id="HOSPITAL A|B", patient_sex="X",
-                                       patient_birth_date="19610399", prior=None, severity_change=None))
+    bundle = build_bundle(
+        sample_alert(
+            pneumothorax_present=False,
+            pneumothorax_side=None,
+            issuer_of_patient_id="HOSPITAL A|B",
+            patient_sex="X",
+            patient_birth_date="19610399",
+            prior=None,
+            severity_change=None,
+        )
+    )
     ptx = _observation(bundle, "36118008")
     assert ptx["valueCodeableConcept"]["coding"][0]["code"] == "2667000"  # Absent
     assert "bodySite" not in ptx
-    assert not [e for e in _by_type(bundle, "Observation")
-                if e["resource"]["code"]["coding"][0]["code"] == "severity-change"]
+    assert not [
+        e for e in _by_type(bundle, "Observation") if e["resource"]["code"]["coding"][0]["code"] == "severity-change"
+    ]
     (patient,) = _by_type(bundle, "Patient")
     assert patient["resource"]["identifier"][0]["system"] == PATIENT_ISSUER_SYSTEM + "HOSPITAL%20A%7CB"
     assert "gender" not in patient["resource"] and "birthDate" not in patient["resource"]
@@ -171,6 +201,7 @@ def test_absent_pneumothorax_and_patient_id_systems() -> None:
 
 # ------------------------------------------------------------------------------------ delivery
 
+
 @pytest.fixture
 def fhir_server(tmp_path: Path) -> Iterator[HTTPReceiver]:
     with HTTPReceiver(tmp_path / "fhir", "fhir", token=TOKEN) as server:
@@ -178,8 +209,7 @@ def fhir_server(tmp_path: Path) -> Iterator[HTTPReceiver]:
 
 
 def _dest(server: HTTPReceiver, **kwargs: Any) -> FHIRDestination:
-    values: dict[str, Any] = {"name": "ehr", "type": "fhir", "base_url": server.url, "token": TOKEN,
-                              "timeout_s": 5.0}
+    values: dict[str, Any] = {"name": "ehr", "type": "fhir", "base_url": server.url, "token": TOKEN, "timeout_s": 5.0}
     values.update(kwargs)
     return FHIRDestination(**values)
 
@@ -235,8 +265,10 @@ def test_missing_or_wrong_token_is_not_retryable(fhir_server: HTTPReceiver, toke
     assert ("missing bearer token" if not token else "invalid bearer token") in err.value.reason
 
 
-@pytest.mark.parametrize("status,retryable", [(500, True), (503, True), (429, True), (408, True),
-                                              (400, False), (403, False), (404, False), (422, False)])
+@pytest.mark.parametrize(
+    "status,retryable",
+    [(500, True), (503, True), (429, True), (408, True), (400, False), (403, False), (404, False), (422, False)],
+)
 def test_status_classification(fhir_server: HTTPReceiver, status: int, retryable: bool) -> None:
     fhir_server.behave(str(status))
     with pytest.raises(AlertError) as err:
@@ -289,9 +321,28 @@ def test_dropped_connection_is_retryable(fhir_server: HTTPReceiver) -> None:
 
 def test_https_with_private_ca(tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     with HTTPReceiver(tmp_path / "tls", "fhir", token=TOKEN, cert=cert, key=key) as server:
         assert server.url.startswith("https://")
         assert deliver(_dest(server, ca_file=cert), sample_alert()).startswith("HTTP 201")

@@ -40,8 +40,11 @@ def make_alert(**overrides: Any) -> TriageAlert:
         pneumothorax_present=True,
         pneumothorax_probability=0.91,
         pneumothorax_side="right",
-        models=[AlertModel("lung", "1.0.0", "validated"), AlertModel("opacity", "1.1.0", "validated"),
-                AlertModel("pneumothorax", "0.3.0", "experimental")],
+        models=[
+            AlertModel("lung", "1.0.0", "validated"),
+            AlertModel("opacity", "1.1.0", "validated"),
+            AlertModel("pneumothorax", "0.3.0", "experimental"),
+        ],
         experimental=True,
         note=NOT_FOR_DIAGNOSTIC_USE,
         patient_id="PAT-42",
@@ -56,8 +59,16 @@ def make_alert(**overrides: Any) -> TriageAlert:
     return TriageAlert(**values)
 
 
-DEST = HL7Destination(type="hl7", name="ris", host="127.0.0.1", port=2575, sending_application="CXRNODE",
-                      sending_facility="RADIOLOGY", receiving_application="RIS", receiving_facility="HOSP")
+DEST = HL7Destination(
+    type="hl7",
+    name="ris",
+    host="127.0.0.1",
+    port=2575,
+    sending_application="CXRNODE",
+    sending_facility="RADIOLOGY",
+    receiving_application="RIS",
+    receiving_facility="HOSP",
+)
 
 
 def parsed(er7: str) -> Message:
@@ -91,11 +102,14 @@ def ris(tmp_path: Path) -> Iterator[MLLPListener]:
 
 # --- the message ---------------------------------------------------------------------------------
 
+
 def test_oru_holds_every_field() -> None:
     alert = make_alert()
     er7 = build_oru(alert, DEST)
-    assert er7.startswith("MSH|^~\\&|CXRNODE|RADIOLOGY|RIS|HOSP|20261202101530+0000||ORU^R01^ORU_R01|"
-                          "5f0c8a3e9b2d4c6f8e1a7b3c5d9e0f12|P|2.5.1")
+    assert er7.startswith(
+        "MSH|^~\\&|CXRNODE|RADIOLOGY|RIS|HOSP|20261202101530+0000||ORU^R01^ORU_R01|"
+        "5f0c8a3e9b2d4c6f8e1a7b3c5d9e0f12|P|2.5.1"
+    )
     assert "\n" not in er7 and er7.isascii()
     m = parsed(er7)
     assert m.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
@@ -141,16 +155,29 @@ def test_oru_holds_every_field() -> None:
     assert obx["PTXSIDE"][0].obx_5.to_er7() == "24028007^Right^SCT"
     (probability,) = obx["PTXPROB"]
     assert probability.obx_2.to_er7() == "NM" and float(value(probability)) == pytest.approx(0.91)
-    assert [value(o) for o in obx["AIMODEL"]] == ["lung 1.0.0 (validated)", "opacity 1.1.0 (validated)",
-                                                 "pneumothorax 0.3.0 (experimental)"]
+    assert [value(o) for o in obx["AIMODEL"]] == [
+        "lung 1.0.0 (validated)",
+        "opacity 1.1.0 (validated)",
+        "pneumothorax 0.3.0 (experimental)",
+    ]
     (note,) = obx["NOTE"]
     assert note.obx_2.to_er7() == "TX" and value(note) == NOT_FOR_DIAGNOSTIC_USE
 
 
 def test_control_id_override_and_absent_findings() -> None:
-    alert = make_alert(level="routine", reasons=["no analysable image"], severity_score=None, severity_change=None,
-                       prior=None, pneumothorax_present=None, pneumothorax_probability=None, pneumothorax_side=None,
-                       models=[], experimental=False, note="")
+    alert = make_alert(
+        level="routine",
+        reasons=["no analysable image"],
+        severity_score=None,
+        severity_change=None,
+        prior=None,
+        pneumothorax_present=None,
+        pneumothorax_probability=None,
+        pneumothorax_side=None,
+        models=[],
+        experimental=False,
+        note="",
+    )
     m = parsed(build_oru(alert, DEST, control_id="CTRL-1"))
     assert m.msh.msh_10.to_er7() == "CTRL-1"
     assert sorted(obx_by_code(m)) == ["110180", "TRIAGE", "TRIAGEREASON"]
@@ -166,8 +193,9 @@ def test_note_present_only_when_set() -> None:
 
 
 def test_absent_pneumothorax_and_sides() -> None:
-    m = parsed(build_oru(make_alert(pneumothorax_present=False, pneumothorax_side=None,
-                                    pneumothorax_probability=0.02), DEST))
+    m = parsed(
+        build_oru(make_alert(pneumothorax_present=False, pneumothorax_side=None, pneumothorax_probability=0.02), DEST)
+    )
     obx = obx_by_code(m)
     assert obx["36118008"][0].obx_5.to_er7() == "2667000^Absent^SCT"
     assert "PTXSIDE" not in obx
@@ -182,8 +210,14 @@ def test_revision_2_is_a_correction() -> None:
 
 
 def test_delimiters_in_text_are_escaped() -> None:
-    alert = make_alert(reasons=[NASTY], accession_number="ACC|1^2", patient_name="O'Brien&Co^Ann~Marie",
-                       patient_id="ID^1", issuer_of_patient_id="HOSP&X", note=NASTY)
+    alert = make_alert(
+        reasons=[NASTY],
+        accession_number="ACC|1^2",
+        patient_name="O'Brien&Co^Ann~Marie",
+        patient_id="ID^1",
+        issuer_of_patient_id="HOSP&X",
+        note=NASTY,
+    )
     er7 = build_oru(alert, DEST.model_copy(update={"sending_facility": "RAD|IO"}))
     plain = make_alert(reasons=["x"])
     assert len(er7.split("\r")) == len(build_oru(plain, DEST).split("\r"))  # no extra segment
@@ -205,8 +239,7 @@ def test_delimiters_in_text_are_escaped() -> None:
 
 def test_long_values_fit_hl7_lengths() -> None:
     reason = " ".join(f"word{i}|x" for i in range(120))  # ~1000 characters, escaped to ~1300
-    alert = make_alert(reasons=[reason], note="n" * 500, issuer_of_patient_id="A" * 40,
-                       patient_name="X" * 300 + "^Y")
+    alert = make_alert(reasons=[reason], note="n" * 500, issuer_of_patient_id="A" * 40, patient_name="X" * 300 + "^Y")
     m = parsed(build_oru(alert, DEST))
     obx = obx_by_code(m)
     assert value(obx["TRIAGEREASON"][0]) == reason  # TX: repetitions (lines), nothing lost
@@ -237,8 +270,10 @@ def test_operations_doc_shows_the_message_the_code_builds() -> None:
 
 
 def test_parse_ack_older_versions_and_lf() -> None:
-    ack = parse_ack("MSH|^~\\&|RIS|H|CXRNODE|R|20261202||ACK|9|P|2.3\nMSA|AE|ctl-1|db \\F\\ down\n"
-                    "ERR|OBX^5^1^102&Data type error&HL70357\n")
+    ack = parse_ack(
+        "MSH|^~\\&|RIS|H|CXRNODE|R|20261202||ACK|9|P|2.3\nMSA|AE|ctl-1|db \\F\\ down\n"
+        "ERR|OBX^5^1^102&Data type error&HL70357\n"
+    )
     assert (ack.code, ack.control_id) == ("AE", "ctl-1")
     assert "db | down" in ack.text and "Data type error" in ack.text
     with pytest.raises(ValueError):
@@ -246,6 +281,7 @@ def test_parse_ack_older_versions_and_lf() -> None:
 
 
 # --- delivery over MLLP ----------------------------------------------------------------------------
+
 
 def test_accepted_returns_receipt(ris: MLLPListener) -> None:
     alert = make_alert(patient_name="Müller^Zoë")
@@ -317,8 +353,9 @@ def test_no_ack_times_out(ris: MLLPListener) -> None:
     assert len(ris.wait_for_messages(1)) == 1  # it was received, just never answered
 
 
-@pytest.mark.parametrize(("mode", "reason"), [("close", "without an ACK"), ("garbage", "garbled ACK"),
-                                              ("wrongid", "SOMEONE-ELSE")])
+@pytest.mark.parametrize(
+    ("mode", "reason"), [("close", "without an ACK"), ("garbage", "garbled ACK"), ("wrongid", "SOMEONE-ELSE")]
+)
 def test_bad_answers_are_retryable(ris: MLLPListener, mode: str, reason: str) -> None:
     ris.set_ack(mode)
     with pytest.raises(AlertError, match=reason) as err:
@@ -328,12 +365,33 @@ def test_bad_answers_are_retryable(ris: MLLPListener, mode: str, reason: str) ->
 
 # --- TLS -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def tls_ris(tmp_path: Path) -> Iterator[tuple[MLLPListener, Path]]:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     with MLLPListener(tmp_path / "ris-tls", tls_cert=cert, tls_key=key) as listener:
         yield listener, cert
 

@@ -31,6 +31,7 @@ PATIENT_VALUES = ("PID-778899", "Doe^Jane^Q", "19610304", "1.2.826.0.1.3680043.8
 
 # ------------------------------------------------------------------------------------ payload
 
+
 def test_payload_is_compact_json_with_the_findings_and_no_patient_fields_by_default() -> None:
     alert = sample_alert()
     body = payload(alert, include_patient=False)
@@ -42,7 +43,8 @@ def test_payload_is_compact_json_with_the_findings_and_no_patient_fields_by_defa
     assert data["accession_number"] == "ACC-2026-0042"
     assert data["level"] == "critical" and data["reasons"] == alert.reasons and data["revision"] == 1
     assert data["findings"] == {
-        "severity_score": 5, "severity_change": 2,
+        "severity_score": 5,
+        "severity_change": 2,
         "prior": {"study_instance_uid": "1.2.826.0.1.3680043.8.498.9000", "severity_score": 3},
         "pneumothorax": {"present": True, "side": "right", "probability": 0.9134},
     }
@@ -56,19 +58,38 @@ def test_payload_is_compact_json_with_the_findings_and_no_patient_fields_by_defa
 
 def test_payload_with_patient_fields_when_configured() -> None:
     data = json.loads(payload(sample_alert(), include_patient=True))
-    assert data["patient"] == {"id": "PID-778899", "issuer": "1.2.826.0.1.3680043.8.498.77",
-                               "name": "Doe^Jane^Q", "birth_date": "19610304", "sex": "F"}
+    assert data["patient"] == {
+        "id": "PID-778899",
+        "issuer": "1.2.826.0.1.3680043.8.498.77",
+        "name": "Doe^Jane^Q",
+        "birth_date": "19610304",
+        "sex": "F",
+    }
     assert data["findings"]["prior"]["study_date"] == "20261115"
     assert data["study_date"] == "20261202"
 
 
 def test_payload_without_findings_keeps_nulls() -> None:
-    alert = sample_alert(severity_score=None, severity_change=None, prior=None, pneumothorax_present=None,
-                         pneumothorax_probability=None, pneumothorax_side=None, models=[],
-                         experimental=False, note="", level="routine", reasons=["no analysable image"])
+    alert = sample_alert(
+        severity_score=None,
+        severity_change=None,
+        prior=None,
+        pneumothorax_present=None,
+        pneumothorax_probability=None,
+        pneumothorax_side=None,
+        models=[],
+        experimental=False,
+        note="",
+        level="routine",
+        reasons=["no analysable image"],
+    )
     data = json.loads(payload(alert, include_patient=False))
-    assert data["findings"] == {"severity_score": None, "severity_change": None, "prior": None,
-                                "pneumothorax": {"present": None, "side": None, "probability": None}}
+    assert data["findings"] == {
+        "severity_score": None,
+        "severity_change": None,
+        "prior": None,
+        "pneumothorax": {"present": None, "side": None, "probability": None},
+    }
     assert data["note"] == "" and data["experimental"] is False
 
 
@@ -86,6 +107,7 @@ def test_signed_headers_verify_and_tampering_fails() -> None:
 
 # ------------------------------------------------------------------------------------ delivery
 
+
 @pytest.fixture
 def hook(tmp_path: Path) -> Iterator[HTTPReceiver]:
     with HTTPReceiver(tmp_path / "hook", "webhook", secret=SECRET) as server:
@@ -93,8 +115,7 @@ def hook(tmp_path: Path) -> Iterator[HTTPReceiver]:
 
 
 def _dest(server: HTTPReceiver, **kwargs: Any) -> WebhookDestination:
-    values: dict[str, Any] = {"name": "pager", "type": "webhook", "url": server.url, "secret": SECRET,
-                              "timeout_s": 5.0}
+    values: dict[str, Any] = {"name": "pager", "type": "webhook", "url": server.url, "secret": SECRET, "timeout_s": 5.0}
     values.update(kwargs)
     return WebhookDestination(**values)
 
@@ -111,8 +132,13 @@ def test_deliver_is_signed_and_verified_by_the_receiver(hook: HTTPReceiver) -> N
     assert verify(SECRET.encode(), headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER], body)
     assert not verify(SECRET.encode(), headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER], body + b" ")
     assert not verify(b"another secret", headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER], body)
-    assert not verify(SECRET.encode(), headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER], body,
-                      now=int(headers[TIMESTAMP_HEADER]) + 600)
+    assert not verify(
+        SECRET.encode(),
+        headers[TIMESTAMP_HEADER],
+        headers[SIGNATURE_HEADER],
+        body,
+        now=int(headers[TIMESTAMP_HEADER]) + 600,
+    )
     data = json.loads(body)
     assert "patient" not in data
     assert not any(v in request["body"] for v in PATIENT_VALUES)
@@ -149,8 +175,9 @@ def test_secret_file_is_read_at_send_time(hook: HTTPReceiver, tmp_path: Path) ->
     assert not err.value.retryable and "secret_file" in err.value.reason
 
 
-@pytest.mark.parametrize("status,retryable", [(500, True), (502, True), (429, True), (401, False),
-                                              (403, False), (422, False)])
+@pytest.mark.parametrize(
+    "status,retryable", [(500, True), (502, True), (429, True), (401, False), (403, False), (422, False)]
+)
 def test_status_classification(hook: HTTPReceiver, status: int, retryable: bool) -> None:
     hook.behave(str(status))
     with pytest.raises(AlertError) as err:
@@ -187,14 +214,15 @@ def test_hang_times_out_retryable(hook: HTTPReceiver) -> None:
 
 # ------------------------------------------------------------------------------------ the documentation
 
+
 def _docs_section() -> str:
     text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
-    return text[text.index("### Webhook alerts"):]
+    return text[text.index("### Webhook alerts") :]
 
 
 def _code_block(section: str, lang: str) -> str:
     start = section.index(f"```{lang}\n") + len(lang) + 4
-    return section[start:section.index("```", start)]
+    return section[start : section.index("```", start)]
 
 
 def test_documented_receiver_snippet_verifies_a_delivered_request(hook: HTTPReceiver) -> None:

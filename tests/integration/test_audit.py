@@ -35,16 +35,33 @@ def store(database_url: str) -> Iterator[AuditStore]:
 
 
 def received(uid: str, study: str = "1.2.3", ae: str = "PACS", association_id: int | None = None) -> ReceivedInstance:
-    return ReceivedInstance(sop_instance_uid=uid, sop_class_uid=CR, study_instance_uid=study,
-                            calling_ae=ae, association_id=association_id, modality="CR", body_part="CHEST",
-                            view_position="PA", accession_number="ACC1", spool_path=f"/spool/{uid}.dcm")
+    return ReceivedInstance(
+        sop_instance_uid=uid,
+        sop_class_uid=CR,
+        study_instance_uid=study,
+        calling_ae=ae,
+        association_id=association_id,
+        modality="CR",
+        body_part="CHEST",
+        view_position="PA",
+        accession_number="ACC1",
+        spool_path=f"/spool/{uid}.dcm",
+    )
 
 
 def test_migrations_create_every_table_and_are_idempotent(store: AuditStore) -> None:
     migrate(store.engine)  # a second start must not fail
     tables = set(inspect(store.engine).get_table_names())
-    assert {"associations", "studies", "instances", "events", "ae_titles", "exports", "export_attempts",
-            "alembic_version"} <= tables
+    assert {
+        "associations",
+        "studies",
+        "instances",
+        "events",
+        "ae_titles",
+        "exports",
+        "export_attempts",
+        "alembic_version",
+    } <= tables
 
 
 def test_upgrade_from_0001_keeps_rows_and_leaves_their_geometry_empty(database_url: str) -> None:
@@ -58,11 +75,15 @@ def test_upgrade_from_0001_keeps_rows_and_leaves_their_geometry_empty(database_u
     with engine.begin() as conn:  # a database made by the first release
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0001")
-        conn.execute(text("INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
-                          "series_instance_uid, calling_ae, modality, body_part, view_position, priority, size_bytes, "
-                          "state, reason, rule, models, destinations, spool_path, quarantine_path, received_at, "
-                          "updated_at) VALUES ('9.9', '1.2', '', '', 'PACS', 'CR', '', '', 0, 0, 'queued', '', '', "
-                          "'[]', '[]', '/spool/9.9.dcm', '', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        conn.execute(
+            text(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                "series_instance_uid, calling_ae, modality, body_part, view_position, priority, size_bytes, "
+                "state, reason, rule, models, destinations, spool_path, quarantine_path, received_at, "
+                "updated_at) VALUES ('9.9', '1.2', '', '', 'PACS', 'CR', '', '', 0, 0, 'queued', '', '', "
+                "'[]', '[]', '/spool/9.9.dcm', '', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
     engine.dispose()
     store = AuditStore.open(database_url)  # migrates to head, as every start does
     try:
@@ -75,15 +96,17 @@ def test_upgrade_from_0001_keeps_rows_and_leaves_their_geometry_empty(database_u
 
 
 def test_instance_state_machine_with_stage_timestamps(store: AuditStore) -> None:
-    assoc = store.record_association(calling_ae="PACS", called_ae="CXRNODE", peer_host="127.0.0.1",
-                                     peer_port=5000, result="accepted")
+    assoc = store.record_association(
+        calling_ae="PACS", called_ae="CXRNODE", peer_host="127.0.0.1", peer_port=5000, result="accepted"
+    )
     inst = store.record_instance_received(received("1.1", association_id=assoc))
     assert inst.state == InstanceState.RECEIVED and inst.received_at is not None
 
     with pytest.raises(StoreError, match="received -> exported is not allowed"):
         store.set_instance_state(inst.id, InstanceState.EXPORTED)
-    queued = store.set_instance_state(inst.id, "queued", rule="chest-frontal", models=["lung"],
-                                      destinations=["reply-to-sender"])
+    queued = store.set_instance_state(
+        inst.id, "queued", rule="chest-frontal", models=["lung"], destinations=["reply-to-sender"]
+    )
     assert queued.queued_at is not None and queued.finished_at is None
     assert store.pending_instances()[0].id == inst.id
     store.set_instance_state(inst.id, InstanceState.ANALYZED)
@@ -116,8 +139,9 @@ def test_exports_and_attempts(store: AuditStore) -> None:
     export = store.create_export(inst.id, destination_ae="PACS", kind="seg", file_path="/r/seg.dcm")
     assert export.state == ExportState.PENDING and [e.id for e in store.due_exports()] == [export.id]
     later = datetime.now(UTC) + timedelta(minutes=5)
-    retry = store.record_export_attempt(export.id, status=0xA700, error="out of resources", succeeded=False,
-                                        next_attempt_at=later)
+    retry = store.record_export_attempt(
+        export.id, status=0xA700, error="out of resources", succeeded=False, next_attempt_at=later
+    )
     assert (retry.state, retry.attempts, retry.last_error) == ("pending", 1, "out of resources")
     assert store.due_exports() == []
     sent = store.record_export_attempt(export.id, status=0x0000, succeeded=True)
@@ -125,11 +149,13 @@ def test_exports_and_attempts(store: AuditStore) -> None:
     assert [a.status for a in store.list_export_attempts(export.id)] == [0xA700, 0x0000]
 
     other = store.create_export(inst.id, destination_ae="PACS", kind="sr", file_path="/r/sr.dcm")
-    dead = store.record_export_attempt(other.id, status=None, error="connection refused", succeeded=False,
-                                       give_up=True)
+    dead = store.record_export_attempt(other.id, status=None, error="connection refused", succeeded=False, give_up=True)
     assert dead.state == ExportState.DEAD
     assert [e.kind for e in store.list_events(kinds=["export.sent", "export.retry", "export.dead"])] == [
-        "export.retry", "export.sent", "export.dead"]
+        "export.retry",
+        "export.sent",
+        "export.dead",
+    ]
 
 
 def test_ae_titles_and_seeding(store: AuditStore) -> None:
@@ -146,8 +172,9 @@ def test_ae_titles_and_seeding(store: AuditStore) -> None:
         store.add_ae("CR1")
 
 
-def test_audit_cli_studies_study_events(store: AuditStore, database_url: str, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_cli_studies_study_events(
+    store: AuditStore, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a = store.record_instance_received(received("4.1", study="9.1", ae="PACS"))
     store.set_instance_state(a.id, "queued")
     b = store.record_instance_received(received("4.2", study="9.2", ae="CT1"))

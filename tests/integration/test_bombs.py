@@ -39,8 +39,9 @@ def rss_mb(pid: int) -> float:
 def test_decompression_bombs_fail_their_image_and_never_the_node(tmp_path: Path) -> None:
     bombs = tmp_path / "bombs"
     deflated, j2k, j2k_lying = deflate_bomb(bombs), j2k_bomb(bombs), j2k_bomb(bombs, rows_cols=1024)
-    node = NodeProcess(tmp_path, extra_toml="[broker]\nembedded_worker = false\n",
-                       storage_toml="max_instance_mb = 64").start()
+    node = NodeProcess(
+        tmp_path, extra_toml="[broker]\nembedded_worker = false\n", storage_toml="max_instance_mb = 64"
+    ).start()
     assert node.proc is not None
     store = node.store()
     peak = [rss_mb(node.proc.pid)]
@@ -57,8 +58,11 @@ def test_decompression_bombs_fail_their_image_and_never_the_node(tmp_path: Path)
         def settled() -> bool:
             peak.append(rss_mb(node.proc.pid))  # type: ignore[union-attr]
             rows = [i for i in store.list_instances() if i.state != InstanceState.REJECTED]
-            return len(rows) == 3 and sum(r.state == InstanceState.FAILED for r in rows) == 2 \
+            return (
+                len(rows) == 3
+                and sum(r.state == InstanceState.FAILED for r in rows) == 2
                 and bool(store.list_events(kinds=["analysis.published"]))
+            )
 
         wait_for(settled, 90, "the bombs to fail and the valid image to be published")
         by_size = {r.sop_instance_uid: r for r in store.list_instances()}
@@ -72,8 +76,12 @@ def test_decompression_bombs_fail_their_image_and_never_the_node(tmp_path: Path)
         assert node.stop() == 0, node.log_text()[-3000:]
 
     # The console does not decode the bomb for its thumbnail either.
-    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH})
+    settings = load_settings(
+        None,
+        storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
+        database={"url": node.database_url},
+        web={"password_hash": PASSWORD_HASH},
+    )
     web = start_in_thread(settings, store, admin=AdminService(store, calling_ae="CXRNODE"), port=0)
     client = ConsoleClient(web.url)
     try:

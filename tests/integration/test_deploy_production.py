@@ -41,9 +41,29 @@ PRODUCTION = REPO_ROOT / "deploy" / "config" / "cxrnode.production.toml"
 
 def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
     key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return key, cert
 
 
@@ -61,8 +81,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(postgres_server: PostgresServer, redis_server: RedisServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    postgres_server: PostgresServer, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("production")
     server_key, server_cert = self_signed(root, "cxrnode")
     client_key, client_cert = self_signed(root, "storescu")
@@ -83,12 +104,16 @@ def deployment(postgres_server: PostgresServer, redis_server: RedisServer,
         "CXRNODE_WEB__PASSWORD_HASH": PASSWORD_HASH,
         "CXRNODE_AE": json.dumps([{"name": "STORESCU", "host": "127.0.0.1", "role": "source"}]),
     }
-    dep = Deployment(root, env, port, {"server_cert": server_cert, "client_key": client_key,
-                                       "client_cert": client_cert})
+    dep = Deployment(
+        root, env, port, {"server_cert": server_cert, "client_key": client_key, "client_cert": client_cert}
+    )
     with open(dep.log, "ab") as logf:
-        dep.proc = subprocess.Popen([*cxrnode_command(), "serve", "--config", str(PRODUCTION)],
-                                    stdout=logf, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+        dep.proc = subprocess.Popen(
+            [*cxrnode_command(), "serve", "--config", str(PRODUCTION)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        )
 
     def listening() -> bool:
         if dep.proc is not None and dep.proc.poll() is not None:
@@ -147,8 +172,11 @@ def test_production_config_serves_over_tls_into_postgres_and_redis(deployment: D
         assert queued, "chest frontal images are routed to analysis"
         assert all(a.tls for a in store.list_associations() if a.result != "rejected")
         # No GPU worker runs here: every hand-off waits in Redis, none lost.
-        wait_for(lambda: queue_depth(dep.env["CXRNODE_BROKER__URL"], "inference") == len(queued), 30,
-                 "the hand-offs to reach Redis")
+        wait_for(
+            lambda: queue_depth(dep.env["CXRNODE_BROKER__URL"], "inference") == len(queued),
+            30,
+            "the hand-offs to reach Redis",
+        )
 
         # The console on the same configuration reports the deployment's state.
         for key, value in dep.env.items():
@@ -164,8 +192,12 @@ def test_production_config_serves_over_tls_into_postgres_and_redis(deployment: D
             # The checks' details are for console users only. The production console sits behind a TLS
             # proxy on this host (web.behind_tls_proxy): its session cookie is Secure, so this plain-HTTP
             # client sends it by hand, as the proxy would.
-            login = httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": PASSWORD},
-                               headers={"X-Forwarded-Proto": "https"}, timeout=30)
+            login = httpx.post(
+                f"{web.url}/login",
+                data={"username": ADMIN, "password": PASSWORD},
+                headers={"X-Forwarded-Proto": "https"},
+                timeout=30,
+            )
             assert login.status_code == 303 and "secure" in login.headers["set-cookie"].lower()
             session = login.headers["set-cookie"].split(";", 1)[0]
             ready = httpx.get(f"{web.url}/readyz", headers={"Cookie": session}, timeout=30)
@@ -174,8 +206,12 @@ def test_production_config_serves_over_tls_into_postgres_and_redis(deployment: D
             assert body["checks"]["database"]["detail"] == "postgresql reachable"
             assert body["checks"]["broker"]["ok"] and "redis://" in body["checks"]["broker"]["detail"]
             # The node's own consumer of the `node` queue answers Celery pings but is not a worker.
-            assert body["checks"]["workers"] == {**body["checks"]["workers"], "ok": False, "critical": False,
-                                                 "detail": "no worker consumes queue 'inference'"}
+            assert body["checks"]["workers"] == {
+                **body["checks"]["workers"],
+                "ok": False,
+                "critical": False,
+                "detail": "no worker consumes queue 'inference'",
+            }
             metrics = httpx.get(f"{web.url}/metrics", timeout=30).text
             assert f'cxrnode_instances_in_state{{state="queued"}} {float(len(queued))}' in metrics
             assert f"cxrnode_queue_depth {float(len(queued))}" in metrics
@@ -193,12 +229,35 @@ def test_readiness_finds_a_real_worker_on_the_inference_queue(redis_server: Redi
 
     broker = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of its own: no other test's messages
     env = {**os.environ, "CXRNODE_PROBE_BROKER": broker}
-    celery = [sys.executable, "-m", "celery", "-A", "tests.support.probe_worker", "worker", "--pool", "solo",
-              "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel", "WARNING"]
-    other = subprocess.Popen([*celery, "-Q", "node", "-n", "nodeq@%h"], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    worker = subprocess.Popen([*celery, "-Q", "inference", "-n", "gpu0@%h"], cwd=REPO_ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    celery = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tests.support.probe_worker",
+        "worker",
+        "--pool",
+        "solo",
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+    ]
+    other = subprocess.Popen(
+        [*celery, "-Q", "node", "-n", "nodeq@%h"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen(
+        [*celery, "-Q", "inference", "-n", "gpu0@%h"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: check_workers(broker, timeout=1.0).ok, 60, "the inference worker to answer")
         wait_for(lambda: check_workers(broker, timeout=1.0, queue="node").ok, 60, "the node-queue worker to answer")
@@ -224,8 +283,9 @@ def test_compose_database_settings_take_any_password(monkeypatch: pytest.MonkeyP
     password = "p@ss/w:rd%#?"
     server = PostgresServer(host_auth="scram-sha-256").start()
     try:
-        with psycopg.connect(host=str(server.root), port=server.port, user="postgres", dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host=str(server.root), port=server.port, user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(psycopg.sql.SQL("CREATE ROLE cxrnode LOGIN PASSWORD {}").format(psycopg.sql.Literal(password)))
             conn.execute("CREATE DATABASE cxrnode OWNER cxrnode")
         env = yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text())["x-node-env"]

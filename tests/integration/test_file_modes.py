@@ -37,8 +37,9 @@ def mode(path: Path) -> int:
 
 def test_files_are_owner_and_group_only_under_a_lax_umask(tmp_path: Path) -> None:
     secret = hash_password("a console password", iterations=1000)
-    node = NodeProcess(tmp_path, extra_toml=f'[broker]\nembedded_worker = false\n[web]\nenabled = false\n'
-                                            f'password_hash = "{secret}"\n')
+    node = NodeProcess(
+        tmp_path, extra_toml=f'[broker]\nembedded_worker = false\n[web]\nenabled = false\npassword_hash = "{secret}"\n'
+    )
     previous = os.umask(0)  # the node inherits the most permissive umask there is
     try:
         node.start()
@@ -48,8 +49,12 @@ def test_files_are_owner_and_group_only_under_a_lax_umask(tmp_path: Path) -> Non
         assert storescu(node.port, small_chest_copies(tmp_path / "ok", 1)).statuses == [0x0000]
         assert send_as_stored(node.port, dicom_dir() / "28_bad_truncated_pixeldata.dcm") == 0xC000
         wait_for(lambda: bool(node.store().list_events(kinds=["analysis.published"])), 60, "the publish")
-        written = [node.data_dir / "audit.db", node.data_dir / "broker.db", *node.spool.glob("*/*.dcm"),
-                   *node.quarantine.iterdir()]
+        written = [
+            node.data_dir / "audit.db",
+            node.data_dir / "broker.db",
+            *node.spool.glob("*/*.dcm"),
+            *node.quarantine.iterdir(),
+        ]
         assert len(written) == 5, written
         for f in written:
             assert mode(f) & 0o027 == 0, f"{f} is {oct(mode(f))}"
@@ -58,8 +63,11 @@ def test_files_are_owner_and_group_only_under_a_lax_umask(tmp_path: Path) -> Non
 
         # The supervised node-queue worker: no settings (password hash) in its environment, a 0600 file.
         assert node.proc is not None
-        (worker,) = [pid for pid in children(node.proc.pid)
-                     if b"node.analysis.tasks" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        (worker,) = [
+            pid
+            for pid in children(node.proc.pid)
+            if b"node.analysis.tasks" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
         environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
         assert not [v for v in environ if secret.encode() in v]
         (setting,) = [v.decode() for v in environ if v.startswith(b"CXRNODE_SETTINGS_FILE=")]

@@ -53,11 +53,18 @@ def queue(store: AuditStore, settings: Settings, destinations: list[str], source
     spool.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, spool)
     ds = pydicom.dcmread(spool, stop_before_pixels=True)
-    row = store.record_instance_received(ReceivedInstance(
-        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-        study_instance_uid=str(ds.StudyInstanceUID), calling_ae="MODALITY", spool_path=str(spool)))
-    return store.set_instance_state(row.id, InstanceState.QUEUED, rule="chest", models=["lung", "opacity"],
-                                    destinations=destinations)
+    row = store.record_instance_received(
+        ReceivedInstance(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            calling_ae="MODALITY",
+            spool_path=str(spool),
+        )
+    )
+    return store.set_instance_state(
+        row.id, InstanceState.QUEUED, rule="chest", models=["lung", "opacity"], destinations=destinations
+    )
 
 
 def worker_result(inst: Instance) -> AnalyzeResult:
@@ -79,8 +86,12 @@ def test_crash_while_recording_leaves_nothing_half_done(tmp_path: Path) -> None:
     before = event_kinds(store, inst.id)
     # The database refuses the step that marks the instance analyzed, as a crash at that point would.
     with store.engine.begin() as conn:
-        conn.execute(text("CREATE TRIGGER crash BEFORE UPDATE OF state ON instances WHEN NEW.state = 'analyzed' "
-                          "BEGIN SELECT RAISE(ABORT, 'injected crash'); END"))
+        conn.execute(
+            text(
+                "CREATE TRIGGER crash BEFORE UPDATE OF state ON instances WHEN NEW.state = 'analyzed' "
+                "BEGIN SELECT RAISE(ABORT, 'injected crash'); END"
+            )
+        )
     with pytest.raises(DBAPIError, match="injected crash"):
         finish_analysis(settings, store, result)
     assert store.list_exports(inst.id) == []  # no export registered for a run that is not recorded
@@ -93,7 +104,11 @@ def test_crash_while_recording_leaves_nothing_half_done(tmp_path: Path) -> None:
     assert finish_analysis(settings, store, result) == "analyzed"
     exports = store.list_exports(inst.id)
     assert sorted((e.destination_ae, e.kind) for e in exports) == [
-        ("ARCHIVE", "seg"), ("ARCHIVE", "sr"), ("PACS", "seg"), ("PACS", "sr")]
+        ("ARCHIVE", "seg"),
+        ("ARCHIVE", "sr"),
+        ("PACS", "seg"),
+        ("PACS", "sr"),
+    ]
     (analyzed,) = store.list_events(instance_id=inst.id, kinds=["instance.analyzed"])
     assert set(analyzed.detail["files"]) == {"seg", "sr"} and analyzed.detail["severity_score"] == 2
     store.close()
@@ -141,8 +156,9 @@ def test_last_export_attempt_settles_the_instance(store: AuditStore, settings: S
     settled: list[Instance] = []
     store.record_export_attempt(seg.id, status=0, succeeded=True, on_settled=settled.append)
     assert settled == [] and store.get_instance(inst.id).state == InstanceState.ANALYZED  # SR still pending
-    store.record_export_attempt(sr.id, status=None, error="connection refused", succeeded=False, give_up=True,
-                                on_settled=settled.append)
+    store.record_export_attempt(
+        sr.id, status=None, error="connection refused", succeeded=False, give_up=True, on_settled=settled.append
+    )
     assert [i.state for i in settled] == [InstanceState.DEAD]
     assert "1 export(s) undeliverable: connection refused" in store.get_instance(inst.id).reason
 
@@ -186,8 +202,7 @@ def test_publish_keeps_the_geometry_that_prepare_gives(store: AuditStore, settin
         assert expected.crop == (112, 88, 944, 968) and (expected.rows, expected.cols) != (1024, 1024)
 
 
-def test_finish_uses_the_published_geometry_and_never_decodes_the_source(store: AuditStore,
-                                                                         settings: Settings) -> None:
+def test_finish_uses_the_published_geometry_and_never_decodes_the_source(store: AuditStore, settings: Settings) -> None:
     inst = queue(store, settings, ["PACS"], PADDED)
     assert Publisher(make_celery(settings)).publish(settings, store, inst.id)
     geometry = prepare(inst.spool_path).geometry

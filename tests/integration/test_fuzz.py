@@ -35,8 +35,7 @@ N_DATASETS = int(os.environ.get("CXRNODE_FUZZ_N", "1000"))
 N_PDUS = 200
 RSS_BOUND_MB = 500
 DEADLINE_S = 2
-NODE_TOML = (f"association_request_timeout_s = {DEADLINE_S}\nnetwork_timeout = 5\n"
-             "[broker]\nembedded_worker = false\n")
+NODE_TOML = f"association_request_timeout_s = {DEADLINE_S}\nnetwork_timeout = 5\n[broker]\nembedded_worker = false\n"
 
 
 def rss_mb(pid: int) -> float:
@@ -155,8 +154,9 @@ def test_fuzz_campaign(tmp_path: Path) -> None:
 
         def published() -> bool:
             rows = [r for r in store.list_instances() if r.sop_instance_uid == uid]
-            return bool(rows) and any(e.instance_id == rows[0].id
-                                      for e in store.list_events(kinds=["analysis.published"]))
+            return bool(rows) and any(
+                e.instance_id == rows[0].id for e in store.list_events(kinds=["analysis.published"])
+            )
 
         wait_for(published, 120, "the valid image to be published for analysis")
     finally:
@@ -171,14 +171,23 @@ def test_fuzz_campaign(tmp_path: Path) -> None:
     errors = store.list_events(kinds=["instance.error"])
     hangs = [s for ok, s in outcomes if not ok]
     figures = {
-        "datasets": N_DATASETS, "answered": answered, "unanswered_association_closed": unanswered,
-        "statuses": statuses, "datasets_s": round(datasets_s, 1), "slowest_store_s": round(slowest, 2),
-        "associations_opened": sender.reopened, "instance_rows": len(rows), "instance_errors": len(errors),
+        "datasets": N_DATASETS,
+        "answered": answered,
+        "unanswered_association_closed": unanswered,
+        "statuses": statuses,
+        "datasets_s": round(datasets_s, 1),
+        "slowest_store_s": round(slowest, 2),
+        "associations_opened": sender.reopened,
+        "instance_rows": len(rows),
+        "instance_errors": len(errors),
         "states": {s: sum(r.state == s for r in rows) for s in sorted({r.state for r in rows})},
-        "pdus": N_PDUS, "pdu_hangs": len(hangs), "pdus_s": round(pdus_s, 1),
+        "pdus": N_PDUS,
+        "pdu_hangs": len(hangs),
+        "pdus_s": round(pdus_s, 1),
         "slowest_pdu_close_s": round(max(s for _, s in outcomes), 2),
         "connection_dropped_rows": len(store.list_events(kinds=["connection.dropped"])),
-        "rss_start_mb": round(peak[0]), "rss_peak_mb": round(max(peak)),
+        "rss_start_mb": round(peak[0]),
+        "rss_peak_mb": round(max(peak)),
     }
     print("FUZZ " + json.dumps(figures, sort_keys=True))
     (tmp_path / "fuzz.json").write_text(json.dumps(figures, indent=2))

@@ -48,7 +48,7 @@ def dataset_bytes(path: Path) -> bytes:
     if data[128:132] != b"DICM":
         return data
     (group_length,) = struct.unpack("<I", data[140:144])
-    return data[144 + group_length:]
+    return data[144 + group_length :]
 
 
 def sop_instance_uid(path: Path) -> str:
@@ -58,6 +58,7 @@ def sop_instance_uid(path: Path) -> str:
 
 def finished_associations(node: NodeProcess, count: int) -> list[Association]:
     """The associations once the last `count` have ended (the node records the end after the peer left)."""
+
     def ended() -> bool:
         rows = node.store().list_associations()
         return len(rows) >= count and all(a.result != "accepted" for a in rows)
@@ -251,7 +252,6 @@ def test_uncompressed_ybr_full_422_is_accepted(node: NodeProcess, tmp_path: Path
     assert prepare(inst.spool_path).pixels.shape == (1024, 1024)
 
 
-
 def test_a_mixed_folder_goes_in_one_documented_dcmsend_call(node: NodeProcess, tmp_path: Path) -> None:
     """README's advice for a folder of mixed transfer syntaxes (issue 17, finding 8): dcmsend proposes
     each file's own SOP class and transfer syntax; storescu -x.. takes one call per syntax."""
@@ -260,12 +260,19 @@ def test_a_mixed_folder_goes_in_one_documented_dcmsend_call(node: NodeProcess, t
 
     folder = tmp_path / "mixed"
     folder.mkdir()
-    names = [row["file"] for row in dicom_manifest() if row["file"][:2] in
-             {"12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22"}]
+    names = [
+        row["file"]
+        for row in dicom_manifest()
+        if row["file"][:2] in {"12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22"}
+    ]
     for name in names:
         shutil.copy(dicom_dir() / name, folder / name)
-    proc = subprocess.run(["dcmsend", "-aet", "STORESCU", "-aec", "CXRNODE", "127.0.0.1", str(node.port),
-                           "+sd", str(folder)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["dcmsend", "-aet", "STORESCU", "-aec", "CXRNODE", "127.0.0.1", str(node.port), "+sd", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stored = node.store().list_instances(InstanceFilter())
     assert len(stored) == len(names) == 11

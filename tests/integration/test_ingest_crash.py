@@ -21,7 +21,8 @@ N_FILES = 100
 
 
 def test_kill_9_during_a_send_loses_no_acknowledged_instance(
-        node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
     files = small_chest_copies(tmp_path / "send", N_FILES)
     node = node_factory().start()
 
@@ -47,8 +48,11 @@ def test_kill_9_during_a_send_loses_no_acknowledged_instance(
     spooled = {p.stem for p in node.spool.glob("*/*.dcm")}
     assert len(spooled) == len(list(node.spool.glob("*/*.dcm")))  # each instance once
     assert acked <= spooled
-    wait_for(lambda: not store.list_instances(InstanceFilter(states=[InstanceState.RECEIVED])), 30,
-             "resume to route every received instance")
+    wait_for(
+        lambda: not store.list_instances(InstanceFilter(states=[InstanceState.RECEIVED])),
+        30,
+        "resume to route every received instance",
+    )
     assert not list((node.spool / ".incoming").iterdir())
 
     # The sender retries everything: what was acknowledged is a duplicate, the rest is stored, once each.
@@ -66,6 +70,8 @@ def test_kill_9_during_a_send_loses_no_acknowledged_instance(
 
 
 def test_parse_store_responses_reads_storescu_debug_output() -> None:
-    block = ("D: Message Type                  : C-STORE RSP\nD: Affected SOP Instance UID     : 1.2.3\n"
-             "D: DIMSE Status                  : 0xa900: Error\nD: ====== END DIMSE MESSAGE ======\n")
+    block = (
+        "D: Message Type                  : C-STORE RSP\nD: Affected SOP Instance UID     : 1.2.3\n"
+        "D: DIMSE Status                  : 0xa900: Error\nD: ====== END DIMSE MESSAGE ======\n"
+    )
     assert parse_store_responses(block) == {"1.2.3": 0xA900}

@@ -60,9 +60,15 @@ def receive(ingest: Ingest, source: Path) -> int:
     h = read_header(source)
     tmp = ingest.spool.incoming / f"{source.stem}.part"
     shutil.copyfile(source, tmp)
-    return ingest.receive(tmp, StoreRequest(affected_sop_class=h.sop_class_uid,
-                                            affected_sop_instance=h.sop_instance_uid,
-                                            transfer_syntax_uid=h.transfer_syntax_uid, calling_ae="PACS")).status
+    return ingest.receive(
+        tmp,
+        StoreRequest(
+            affected_sop_class=h.sop_class_uid,
+            affected_sop_instance=h.sop_instance_uid,
+            transfer_syntax_uid=h.transfer_syntax_uid,
+            calling_ae="PACS",
+        ),
+    ).status
 
 
 def test_resume_routes_received_and_hands_off_queued(tmp_path: Path, store: AuditStore) -> None:
@@ -74,14 +80,24 @@ def test_resume_routes_received_and_hands_off_queued(tmp_path: Path, store: Audi
         h = read_header(source)
         shutil.copyfile(source, spool.incoming / "x.part")
         path = spool.commit(spool.incoming / "x.part", h.study_instance_uid, h.sop_instance_uid)
-        rows.append(store.record_instance_received(ReceivedInstance(
-            sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid, study_instance_uid=h.study_instance_uid,
-            calling_ae="PACS", spool_path=str(path))))
-    queued = store.record_instance_received(ReceivedInstance(sop_instance_uid="1.2.3.4", sop_class_uid="1.2",
-                                                             spool_path=str(spool.root / "y.dcm")))
+        rows.append(
+            store.record_instance_received(
+                ReceivedInstance(
+                    sop_instance_uid=h.sop_instance_uid,
+                    sop_class_uid=h.sop_class_uid,
+                    study_instance_uid=h.study_instance_uid,
+                    calling_ae="PACS",
+                    spool_path=str(path),
+                )
+            )
+        )
+    queued = store.record_instance_received(
+        ReceivedInstance(sop_instance_uid="1.2.3.4", sop_class_uid="1.2", spool_path=str(spool.root / "y.dcm"))
+    )
     store.set_instance_state(queued.id, InstanceState.QUEUED)
-    lost = store.record_instance_received(ReceivedInstance(sop_instance_uid="5.6.7", sop_class_uid="1.2",
-                                                           spool_path=str(spool.root / "gone.dcm")))
+    lost = store.record_instance_received(
+        ReceivedInstance(sop_instance_uid="5.6.7", sop_class_uid="1.2", spool_path=str(spool.root / "gone.dcm"))
+    )
 
     h = harness(tmp_path, store)
     report = h.ingest.resume_pending()
@@ -105,8 +121,11 @@ def test_duplicates_reanalysed_only_when_configured(tmp_path: Path, store: Audit
     assert receive(h.ingest, CHEST) == 0x0000
     assert h.handed_off() == ([original.id, original.id] if reanalyze else [original.id])
     states = [r.state for r in store.list_instances(InstanceFilter(sop_instance_uid=original.sop_instance_uid))]
-    assert states == [InstanceState.QUEUED if reanalyze else InstanceState.EXPORTED,
-                      InstanceState.DUPLICATE, InstanceState.DUPLICATE]
+    assert states == [
+        InstanceState.QUEUED if reanalyze else InstanceState.EXPORTED,
+        InstanceState.DUPLICATE,
+        InstanceState.DUPLICATE,
+    ]
     assert len(list(h.ingest.spool.root.glob("*/*.dcm"))) == 1
 
 

@@ -22,18 +22,38 @@ pytestmark = pytest.mark.timeout(180)
 
 def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
     key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return key, cert
 
 
 def test_tls_association_with_client_certificate(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
     server_key, server_cert = self_signed(tmp_path, "cxrnode")
     client_key, client_cert = self_signed(tmp_path, "storescu")
-    node = node_factory(extra_toml=(
-        f'[dicom.tls]\nenabled = true\ncert_file = "{server_cert}"\nkey_file = "{server_key}"\n'
-        f'ca_file = "{client_cert}"\nrequire_client_cert = true\n')).start()
+    node = node_factory(
+        extra_toml=(
+            f'[dicom.tls]\nenabled = true\ncert_file = "{server_cert}"\nkey_file = "{server_key}"\n'
+            f'ca_file = "{client_cert}"\nrequire_client_cert = true\n'
+        )
+    ).start()
     path = dicom_dir() / "09_cr_8bit_alloc8.dcm"
 
     ok = storescu(node.port, [path], opts=["+tls", str(client_key), str(client_cert), "+cf", str(server_cert)])
@@ -52,23 +72,30 @@ def test_tls_association_with_client_certificate(node_factory: Callable[..., Nod
     assert node.stop() == 0
 
 
-def test_a_silent_client_does_not_stop_the_tls_listener(node_factory: Callable[..., NodeProcess],
-                                                         tmp_path: Path) -> None:
+def test_a_silent_client_does_not_stop_the_tls_listener(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
     # pynetdicom runs the TLS handshake in its accept loop, without a timeout: one TCP connection that
     # never says hello stopped every later connection. The handshake now runs on the connection's own
     # thread, within dicom.association_request_timeout_s (issue 13, finding 2).
     server_key, server_cert = self_signed(tmp_path, "cxrnode")
-    node = node_factory(extra_toml=(
-        f'association_request_timeout_s = 3\n[dicom.tls]\nenabled = true\ncert_file = "{server_cert}"\n'
-        f'key_file = "{server_key}"\n')).start()
+    node = node_factory(
+        extra_toml=(
+            f'association_request_timeout_s = 3\n[dicom.tls]\nenabled = true\ncert_file = "{server_cert}"\n'
+            f'key_file = "{server_key}"\n'
+        )
+    ).start()
     client = ssl.create_default_context(cafile=str(server_cert))
     client.check_hostname = False
-    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as silent, \
-            client.wrap_socket(socket.create_connection(("127.0.0.1", node.port), timeout=10)) as dripping:
+    with (
+        socket.create_connection(("127.0.0.1", node.port), timeout=10) as silent,
+        client.wrap_socket(socket.create_connection(("127.0.0.1", node.port), timeout=10)) as dripping,
+    ):
         started = time.monotonic()
         dripping.sendall(b"\x01\x00\x00\x00\x00\xc8")  # TLS done, then 6 bytes of an A-ASSOCIATE-RQ
-        ok = storescu(node.port, [dicom_dir() / "09_cr_8bit_alloc8.dcm"], opts=["+tla", "+cf", str(server_cert)],
-                      timeout=30)
+        ok = storescu(
+            node.port, [dicom_dir() / "09_cr_8bit_alloc8.dcm"], opts=["+tla", "+cf", str(server_cert)], timeout=30
+        )
         assert ok.statuses == [0x0000], ok.output[-2000:]
         assert time.monotonic() - started < 3
         assert silent.recv(1) == b""  # dropped at the deadline

@@ -37,16 +37,21 @@ def _listener_pids(node: NodeProcess) -> list[int]:
 def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def _received(port: int) -> tuple[float, float, float]:
     """C-STORE successes, accepted associations and received bytes on the node's /metrics."""
     m = _metrics(port)
-    return (m.get(("cxrnode_cstore_responses_total", (("status", "0x0000"),)), 0.0),
-            m.get(("cxrnode_associations_total", (("reason", "none"), ("result", "accepted"))), 0.0),
-            m.get(("cxrnode_received_bytes_total", ()), 0.0))
+    return (
+        m.get(("cxrnode_cstore_responses_total", (("status", "0x0000"),)), 0.0),
+        m.get(("cxrnode_associations_total", (("reason", "none"), ("result", "accepted"))), 0.0),
+        m.get(("cxrnode_received_bytes_total", ()), 0.0),
+    )
 
 
 def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path) -> None:
@@ -58,8 +63,10 @@ def test_two_listeners_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path)
         assert echoscu(node.port).returncode == 0
         # Four concurrent associations, ten files each: the kernel spreads them over the listeners.
         results: list[int] = []
-        threads = [threading.Thread(target=lambda chunk=files[i::4]: results.extend(storescu(node.port, chunk).statuses))
-                   for i in range(4)]
+        threads = [
+            threading.Thread(target=lambda chunk=files[i::4]: results.extend(storescu(node.port, chunk).statuses))
+            for i in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:

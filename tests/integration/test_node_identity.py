@@ -32,15 +32,25 @@ def stores(database_url: str) -> Iterator[tuple[AuditStore, AuditStore]]:
 
 
 def receive(store: AuditStore, uid: str, study: str = "1.2.3", spool: str = "") -> Instance:
-    info = ReceivedInstance(sop_instance_uid=uid, sop_class_uid=CR, study_instance_uid=study, calling_ae="PACS",
-                            spool_path=spool or f"/spool/{uid}.dcm")
-    return store.record_instance_received(info, RouteOutcome(InstanceState.QUEUED, rule="r", models=["lung"],
-                                                             destinations=["PACS"]))
+    info = ReceivedInstance(
+        sop_instance_uid=uid,
+        sop_class_uid=CR,
+        study_instance_uid=study,
+        calling_ae="PACS",
+        spool_path=spool or f"/spool/{uid}.dcm",
+    )
+    return store.record_instance_received(
+        info, RouteOutcome(InstanceState.QUEUED, rule="r", models=["lung"], destinations=["PACS"])
+    )
 
 
 def analyse(store: AuditStore, inst: Instance) -> None:
-    store.record_analysis(inst.job_id, exports=[NewExport("PACS", "seg", f"/results/{inst.id}/seg.dcm")],
-                          files={}, detail={"severity_score": 1})
+    store.record_analysis(
+        inst.job_id,
+        exports=[NewExport("PACS", "seg", f"/results/{inst.id}/seg.dcm")],
+        files={},
+        detail={"severity_score": 1},
+    )
 
 
 def test_rows_name_the_node_that_wrote_them_and_queries_keep_to_it(stores: tuple[AuditStore, AuditStore]) -> None:
@@ -70,16 +80,27 @@ def test_a_study_is_decided_and_alerted_by_its_owner_only(stores: tuple[AuditSto
     assert a.triage_candidates(stable_s=0, max_age_s=3600, own=True) == [inst.study_id]
     assert b.triage_candidates(stable_s=0, max_age_s=3600, own=True) == []
     assert inst.study_id is not None
-    a.record_triage(inst.study_id, inputs=["x"], level="routine", reasons=[], summary={}, severity_score=1,
-                    patient_id="", issuer="", study_date="", alerts=[NewAlert("hook", "webhook", ("routine",))],
-                    payload=lambda revision, alert_id: {"alert_id": alert_id, "revision": revision})
+    a.record_triage(
+        inst.study_id,
+        inputs=["x"],
+        level="routine",
+        reasons=[],
+        summary={},
+        severity_score=1,
+        patient_id="",
+        issuer="",
+        study_date="",
+        alerts=[NewAlert("hook", "webhook", ("routine",))],
+        payload=lambda revision, alert_id: {"alert_id": alert_id, "revision": revision},
+    )
     assert [al.study_id for al in a.due_alerts(own=True)] == [inst.study_id]
     assert b.due_alerts(own=True) == []
     assert {e.node for e in b.list_events(kinds=["triage.decided", "alert.created"])} == {"node-a"}
 
 
 def test_rows_from_before_node_names_go_to_the_node_that_holds_their_files(
-        stores: tuple[AuditStore, AuditStore], tmp_path: Path) -> None:
+    stores: tuple[AuditStore, AuditStore], tmp_path: Path
+) -> None:
     a, b = stores
     here = tmp_path / "here.dcm"
     here.write_bytes(b"x")
@@ -121,8 +142,12 @@ def test_the_console_shows_which_node_did_what(stores: tuple[AuditStore, AuditSt
     inst = receive(a, "4.1", study="4.9")
     receive(b, "4.2", study="4.9")
     analyse(a, inst)
-    settings = load_settings(None, node={"name": "node-b"}, storage={"data_dir": tmp_path / "var"},
-                             web={"host": "127.0.0.1", "admin_user": ADMIN, "password_hash": PASSWORD_HASH})
+    settings = load_settings(
+        None,
+        node={"name": "node-b"},
+        storage={"data_dir": tmp_path / "var"},
+        web={"host": "127.0.0.1", "admin_user": ADMIN, "password_hash": PASSWORD_HASH},
+    )
     web = start_in_thread(settings, b, port=0)
     client = ConsoleClient(web.url)
     try:

@@ -20,9 +20,15 @@ def _queued(store: AuditStore, tmp: Path, name: str) -> int:
     spool = tmp / name
     shutil.copy(dicom_dir() / name, spool)
     ds = pydicom.dcmread(spool, stop_before_pixels=True, force=True)
-    row = store.record_instance_received(ReceivedInstance(
-        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-        study_instance_uid=str(ds.StudyInstanceUID), spool_path=str(spool), priority=1))
+    row = store.record_instance_received(
+        ReceivedInstance(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            spool_path=str(spool),
+            priority=1,
+        )
+    )
     store.set_instance_state(row.id, InstanceState.QUEUED, models=["lung", "opacity"])
     return row.id
 
@@ -43,8 +49,12 @@ def test_publish_then_republish_then_give_up(tmp_path: Path) -> None:
     assert len(payloads) == 1
     # No patient identifiers travel to the workers: pixels and an opaque job id only.
     source = pydicom.dcmread(dicom_dir() / "02_cr_implicit_le_12bit.dcm", stop_before_pixels=True)
-    for value in (str(source.PatientID), str(source.PatientName), str(source.SOPInstanceUID),
-                  str(source.StudyInstanceUID)):
+    for value in (
+        str(source.PatientID),
+        str(source.PatientName),
+        str(source.SOPInstanceUID),
+        str(source.StudyInstanceUID),
+    ):
         assert value not in payloads[0]
 
     assert publisher.publish(settings, store, instance)  # no result came back in time: sent again
@@ -84,8 +94,11 @@ def test_sweeper_leaves_jobs_another_process_published(tmp_path: Path) -> None:
     mine = _queued(store, tmp_path, "02_cr_implicit_le_12bit.dcm")
     theirs = _queued(store, tmp_path, "09_cr_8bit_alloc8.dcm")
     # A listener process published `theirs` and wrote it in the audit log.
-    store.add_event("analysis.published", instance_id=theirs,
-                    detail={"job_id": job_id_for(theirs, store.get_instance(theirs).queued_at)})
+    store.add_event(
+        "analysis.published",
+        instance_id=theirs,
+        detail={"job_id": job_id_for(theirs, store.get_instance(theirs).queued_at)},
+    )
 
     assert Sweeper(store, dispatcher, publisher, grace_s=3600).sweep_once() == 0  # both still fresh
     assert Sweeper(store, dispatcher, publisher, grace_s=0).sweep_once() == 1  # only `mine` is left over
@@ -93,8 +106,9 @@ def test_sweeper_leaves_jobs_another_process_published(tmp_path: Path) -> None:
     assert not publisher.due(job_id_for(theirs, store.get_instance(theirs).queued_at))
 
 
-def test_unexpected_prepare_error_is_retried_a_bounded_number_of_times(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unexpected_prepare_error_is_retried_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import node.analysis.outbox
 
     def broken(_path: object) -> None:

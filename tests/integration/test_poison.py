@@ -52,8 +52,12 @@ def test_poison_instances_fail_once_with_the_reason_audited_and_in_the_console(t
         assert node.stop() == 0, node.log_text()[-3000:]
 
     # The console lists them as failed and shows each reason on the study page.
-    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH})
+    settings = load_settings(
+        None,
+        storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
+        database={"url": node.database_url},
+        web={"password_hash": PASSWORD_HASH},
+    )
     web = start_in_thread(settings, store, admin=AdminService(store, calling_ae="CXRNODE"), port=0)
     client = ConsoleClient(web.url)
     try:

@@ -43,10 +43,22 @@ def test_results_are_valid_dicom(name: str, tmp_path: Path) -> None:
     case = synthetic_case(DICOM / name)
     device = DeviceInfo()
     seg = build_seg(case.source, case.full, case.result.models, device=device)
-    sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
-                  device=device, notes=case.prepared.notes)
-    overlay = build_overlay(case.source, case.prepared.pixels, case.small, case.result.models, device=device,
-                            pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm)
+    sr = build_sr(
+        case.source,
+        seg,
+        case.result,
+        pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+        device=device,
+        notes=case.prepared.notes,
+    )
+    overlay = build_overlay(
+        case.source,
+        case.prepared.pixels,
+        case.small,
+        case.result.models,
+        device=device,
+        pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+    )
     for kind, obj in (("seg", seg), ("sr", sr), ("overlay", overlay)):
         out = tmp_path / f"{kind}.dcm"
         obj.save_as(out)

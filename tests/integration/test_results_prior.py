@@ -16,32 +16,49 @@ from tests.support.paths import shared_data
 from tests.support.synthetic_results import synthetic_case
 from tests.support.validators import dciodvfy
 
-PRIOR = PriorComparison(study_instance_uid="1.2.826.0.1.3680043.8.498.1", study_date="20261120", severity_score=1,
-                        series_instance_uid="1.2.826.0.1.3680043.8.498.2",
-                        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", sop_instance_uid="1.2.826.0.1.3680043.8.498.3")
+PRIOR = PriorComparison(
+    study_instance_uid="1.2.826.0.1.3680043.8.498.1",
+    study_date="20261120",
+    severity_score=1,
+    series_instance_uid="1.2.826.0.1.3680043.8.498.2",
+    sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+    sop_instance_uid="1.2.826.0.1.3680043.8.498.3",
+)
 
 
 def test_sr_carries_the_comparison_and_stays_valid(tmp_path: Path) -> None:
     case = synthetic_case(shared_data() / "dicom" / "02_cr_implicit_le_12bit.dcm")
     seg = build_seg(case.source, case.full, case.result.models, device=DeviceInfo())
-    sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
-                  device=DeviceInfo(), prior=PRIOR)
+    sr = build_sr(
+        case.source,
+        seg,
+        case.result,
+        pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+        device=DeviceInfo(),
+        prior=PRIOR,
+    )
     out = tmp_path / "sr.dcm"
     sr.save_as(out)
     report = dciodvfy(out)
     assert (report.errors, report.warnings) == ([], []), report
     back = hd.sr.srread(out)
     measurement_report = hd.sr.MeasurementReport.from_sequence([back])
-    [opacity] = [g for g in measurement_report.get_volumetric_roi_measurement_groups()
-                 if str(g.tracking_identifier) == "COVID-19 opacity"] or [None]
+    [opacity] = [
+        g
+        for g in measurement_report.get_volumetric_roi_measurement_groups()
+        if str(g.tracking_identifier) == "COVID-19 opacity"
+    ] or [None]
     assert opacity is not None
     assert case.result.severity_score is not None
     assert float(opacity.get_measurements(name=codes.SEVERITY)[0].value) == case.result.severity_score
     [prior] = measurement_report.get_image_measurement_groups()
     assert str(prior.tracking_identifier) == "Severity of the prior study (2026-11-20)"
     assert float(prior.get_measurements(name=codes.SEVERITY)[0].value) == 1
-    time_point = [str(e.value) for e in prior[0].iterall() if e.keyword == "TextValue"
-                  and str(e.value).startswith(PRIOR_TIME_POINT)]
+    time_point = [
+        str(e.value)
+        for e in prior[0].iterall()
+        if e.keyword == "TextValue" and str(e.value).startswith(PRIOR_TIME_POINT)
+    ]
     assert time_point == [f"{PRIOR_TIME_POINT} 2026-11-20"]
     ds = pydicom.dcmread(out)
     [study] = ds.PertinentOtherEvidenceSequence

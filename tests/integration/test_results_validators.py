@@ -25,9 +25,14 @@ from workers.api import ModelInfo
 DICOM = shared_data() / "dicom"
 STARTED = datetime(2026, 12, 1, 8, 30, 15, 250000, tzinfo=UTC)
 EXPERIMENTAL = [ModelInfo(m.name, m.version, m.sha256, "experimental", m.architecture) for m in MODELS]
-PRIOR = PriorComparison(study_instance_uid="1.2.826.0.1.3680043.8.498.1", study_date="20261120", severity_score=1,
-                        series_instance_uid="1.2.826.0.1.3680043.8.498.2",
-                        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", sop_instance_uid="1.2.826.0.1.3680043.8.498.3")
+PRIOR = PriorComparison(
+    study_instance_uid="1.2.826.0.1.3680043.8.498.1",
+    study_date="20261120",
+    severity_score=1,
+    series_instance_uid="1.2.826.0.1.3680043.8.498.2",
+    sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+    sop_instance_uid="1.2.826.0.1.3680043.8.498.3",
+)
 
 #: name -> (source file, models, prior)
 CASES: dict[str, tuple[str, list[ModelInfo] | None, PriorComparison | None]] = {
@@ -49,8 +54,16 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, (source, models, prior) in CASES.items():
         case = synthetic_case(DICOM / source, models=models)
         seg = build_seg(case.source, case.full, case.result.models, device=DeviceInfo(), started=STARTED)
-        sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
-                      device=DeviceInfo(), notes=case.prepared.notes, prior=prior, started=STARTED)
+        sr = build_sr(
+            case.source,
+            seg,
+            case.result,
+            pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+            device=DeviceInfo(),
+            notes=case.prepared.notes,
+            prior=prior,
+            started=STARTED,
+        )
         for kind, obj in (("seg", seg), ("sr", sr)):
             files[f"{name}/{kind}"] = out / f"{name}-{kind}.dcm"
             obj.save_as(files[f"{name}/{kind}"])
@@ -92,7 +105,10 @@ def test_contributing_equipment_names_each_model(objects: dict[str, Path]) -> No
             item = items[model.name]
             purpose = item.PurposeOfReferenceCodeSequence[0]
             assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
-                "Newcode1", "99IHE", "Processing Algorithm")
+                "Newcode1",
+                "99IHE",
+                "Processing Algorithm",
+            )
             assert item.Manufacturer == "cxr-node" and item.SoftwareVersions == model.version
             assert item.DeviceUID == model_device_uid(model)
             assert model.sha256 in item.ContributionDescription

@@ -34,8 +34,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     case = synthetic_case(DICOM / "01_cr_explicit_le_mono2_12bit_2048x2500.dcm")
     device = DeviceInfo()
     seg = build_seg(case.source, case.full, case.result.models, device=device)
-    sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
-                  device=device)
+    sr = build_sr(
+        case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm, device=device
+    )
     overlay = build_overlay(case.source, case.prepared.pixels, case.small, case.result.models, device=device)
     paths = []
     for name, obj in (("seg", seg), ("sr", sr), ("overlay", overlay)):
@@ -75,8 +76,9 @@ def test_datasets_to_storescp_on_one_association(results: list[Path], tmp_path: 
     out.mkdir()
     log_path = tmp_path / "storescp.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(["storescp", "-v", "-aet", "DEST", "-od", str(out), str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["storescp", "-v", "-aet", "DEST", "-od", str(out), str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         wait_for(lambda: port_open(port), 15, "storescp")
         datasets = [pydicom.dcmread(p) for p in results]
@@ -158,8 +160,9 @@ def test_unreadable_files_fail_alone_and_are_not_retried(results: list[Path], tm
         destination = Destination(scp.ae_title, "127.0.0.1", scp.port)
         statuses = send([bad[0], results[0], bad[1]], destination, calling_ae=CALLING)
         assert [s.ok for s in statuses] == [False, True, False]
-        assert all(s.error and s.error.startswith("cannot read object") and not s.retryable
-                   for s in (statuses[0], statuses[2]))
+        assert all(
+            s.error and s.error.startswith("cannot read object") and not s.retryable for s in (statuses[0], statuses[2])
+        )
         harness = ExportHarness(tmp_path / "node", destination, max_attempts=3)
         ids = harness.register([results[1], bad[1]])
         assert harness.run(3) == 1, "nothing retryable"

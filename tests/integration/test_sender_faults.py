@@ -83,8 +83,9 @@ def scp_factory() -> Iterator[type[ScriptedSCP]]:
         scp.server.shutdown()
 
 
-def test_abort_mid_batch_then_only_the_rest_is_resent(results: list[pydicom.Dataset], tmp_path: Path,
-                                                      scp_factory: type[ScriptedSCP]) -> None:
+def test_abort_mid_batch_then_only_the_rest_is_resent(
+    results: list[pydicom.Dataset], tmp_path: Path, scp_factory: type[ScriptedSCP]
+) -> None:
     scp = scp_factory([0x0000, "abort"])
     first, second, third = send(results, scp.destination, calling_ae="CXRNODE", timeout_s=10)
     assert first.ok and not second.ok and not third.ok
@@ -95,13 +96,15 @@ def test_abort_mid_batch_then_only_the_rest_is_resent(results: list[pydicom.Data
     harness = ExportHarness(tmp_path / "node", scp2.destination, max_attempts=3, backoff_initial_s=0.01)
     ids = harness.register(_files(results, tmp_path))
     assert harness.run(3) == 2
-    assert [(e.state, e.attempts) for e in harness.exports(ids)] == [("sent", 1), ("sent", 2), ("sent", 2)], \
+    assert [(e.state, e.attempts) for e in harness.exports(ids)] == [("sent", 1), ("sent", 2), ("sent", 2)], (
         "the second attempt re-sends only the two that failed"
+    )
     assert sorted(scp2.received) == sorted(str(ds.SOPInstanceUID) for ds in results)
 
 
-def test_out_of_resources_is_retried_and_a_refusal_is_final(results: list[pydicom.Dataset], tmp_path: Path,
-                                                            scp_factory: type[ScriptedSCP]) -> None:
+def test_out_of_resources_is_retried_and_a_refusal_is_final(
+    results: list[pydicom.Dataset], tmp_path: Path, scp_factory: type[ScriptedSCP]
+) -> None:
     scp = scp_factory([0xA700])
     harness = ExportHarness(tmp_path / "retried", scp.destination, max_attempts=3, backoff_initial_s=0.01)
     (export_id,) = harness.register(_files(results[:1], tmp_path))

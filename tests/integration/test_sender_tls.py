@@ -22,14 +22,37 @@ DICOM = shared_data() / "dicom"
 @pytest.fixture
 def tls_storescp(tmp_path: Path) -> Iterator[tuple[Destination, Path, Path]]:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     out, port = tmp_path / "out", free_port()
     out.mkdir()
     # -ic: the node's client certificate is optional here (the SCP side's policy is not under test).
-    proc = subprocess.Popen(["storescp", "-aet", "TLSDEST", "+tls", str(key), str(cert), "-ic", "-od", str(out),
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "TLSDEST", "+tls", str(key), str(cert), "-ic", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: port_open(port), 15, "storescp (TLS)")
         yield Destination("TLSDEST", "127.0.0.1", port, tls=True), cert, out
@@ -54,8 +77,9 @@ def test_seg_over_tls(tls_storescp: tuple[Destination, Path, Path]) -> None:
         send([seg], destination, calling_ae="CXRNODE")
 
 
-def test_echo_over_tls_from_cli_and_console(tls_storescp: tuple[Destination, Path, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_echo_over_tls_from_cli_and_console(
+    tls_storescp: tuple[Destination, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Issue 17, finding 1: C-ECHO reaches a TLS peer exactly as SEG/SR do, from the CLI and the console."""
     from node.admin.service import AdminService
     from node.audit import AuditStore
@@ -68,8 +92,24 @@ def test_echo_over_tls_from_cli_and_console(tls_storescp: tuple[Destination, Pat
     settings = load_settings(config)
     store = AuditStore.open(settings.database_url)
     cli = ["--config", str(config)]
-    assert main(["ae", "add", "TLSDEST", "--host", "127.0.0.1", "--port", str(destination.port), "--tls",
-                 "--role", "destination", *cli]) == 0
+    assert (
+        main(
+            [
+                "ae",
+                "add",
+                "TLSDEST",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(destination.port),
+                "--tls",
+                "--role",
+                "destination",
+                *cli,
+            ]
+        )
+        == 0
+    )
     assert main(["ae", "echo", "TLSDEST", *cli]) == 0
     assert f"C-ECHO TLSDEST at 127.0.0.1:{destination.port}: success" in capsys.readouterr().out
 
@@ -82,8 +122,14 @@ def test_echo_over_tls_from_cli_and_console(tls_storescp: tuple[Destination, Pat
 
     echoes = store.list_events(kinds=["ae.echo"])
     assert [(e.actor, e.detail["ok"], e.detail["tls"]) for e in echoes] == [
-        (echoes[0].actor, True, True), ("web:admin", True, True), ("web:admin", False, True)]
+        (echoes[0].actor, True, True),
+        ("web:admin", True, True),
+        ("web:admin", False, True),
+    ]
     assert echoes[0].actor.startswith("cli")
     outbound = [a for a in store.list_associations() if a.direction == "outbound"]
     assert [(a.called_ae, a.result, a.tls) for a in outbound] == [
-        ("TLSDEST", "released", True), ("TLSDEST", "released", True), ("TLSDEST", "failed", True)]
+        ("TLSDEST", "released", True),
+        ("TLSDEST", "released", True),
+        ("TLSDEST", "failed", True),
+    ]

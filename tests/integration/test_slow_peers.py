@@ -25,8 +25,10 @@ from tests.support.synthetic_dicom import small_chest_copies
 pytestmark = pytest.mark.timeout(180)
 
 DEADLINE_S = 3
-LIMITS = (f"association_request_timeout_s = {DEADLINE_S}\nmax_pending_associations = 4\n"
-          "max_connections_per_peer = 6\nmax_associations = 6\n")
+LIMITS = (
+    f"association_request_timeout_s = {DEADLINE_S}\nmax_pending_associations = 4\n"
+    "max_connections_per_peer = 6\nmax_associations = 6\n"
+)
 
 
 def slow_socket(port: int, drip: bool) -> socket.socket:

@@ -46,12 +46,15 @@ RESULT_FILES = ("02_cr_implicit_le_12bit.dcm", "09_cr_8bit_alloc8.dcm")
 
 
 def _settings(tmp: Path, database_url: str = "", **sender: object) -> Settings:
-    return load_settings(None, dicom={"ae_title": NODE_AE, "host": "127.0.0.1", "port": free_port()},
-                         **({"database": {"url": database_url}} if database_url else {}),  # type: ignore[arg-type]
-                         storage={"data_dir": str(tmp / "var"), "min_free_mb": 1},
-                         sender={"max_attempts": 3, "backoff_initial_s": 0.0, "timeout_s": 10,
-                                 "commitment_wait_s": 5.0, **sender},
-                         broker={"enabled": False}, web={"enabled": False})
+    return load_settings(
+        None,
+        dicom={"ae_title": NODE_AE, "host": "127.0.0.1", "port": free_port()},
+        **({"database": {"url": database_url}} if database_url else {}),  # type: ignore[arg-type]
+        storage={"data_dir": str(tmp / "var"), "min_free_mb": 1},
+        sender={"max_attempts": 3, "backoff_initial_s": 0.0, "timeout_s": 10, "commitment_wait_s": 5.0, **sender},
+        broker={"enabled": False},
+        web={"enabled": False},
+    )
 
 
 @contextmanager
@@ -83,8 +86,9 @@ def node(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, AuditSto
 
 def _analyzed_with_exports(store: AuditStore, tmp: Path, destination: str) -> tuple[int, list[str]]:
     """An instance whose results (two real DICOM files) are due to `destination`; returns (id, SOP UIDs)."""
-    inst = store.record_instance_received(ReceivedInstance(sop_instance_uid=generate_uid(),
-                                                           sop_class_uid="1.2.840.10008.5.1.4.1.1.1"))
+    inst = store.record_instance_received(
+        ReceivedInstance(sop_instance_uid=generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.1")
+    )
     store.set_instance_state(inst.id, InstanceState.QUEUED)
     store.set_instance_state(inst.id, InstanceState.ANALYZED)
     uids = []
@@ -94,8 +98,13 @@ def _analyzed_with_exports(store: AuditStore, tmp: Path, destination: str) -> tu
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         path = tmp / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path)
-        store.create_export(inst.id, destination_ae=destination, kind="seg", file_path=str(path),
-                            sop_instance_uid=str(ds.SOPInstanceUID))
+        store.create_export(
+            inst.id,
+            destination_ae=destination,
+            kind="seg",
+            file_path=str(path),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+        )
         uids.append(str(ds.SOPInstanceUID))
     return inst.id, uids
 
@@ -108,8 +117,10 @@ def _metric(role: str, outcome: str) -> float:
     """cxrnode_storage_commitments_total{role, outcome} as /metrics exposes it (this process)."""
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
-            if sample.name == "cxrnode_storage_commitments_total" and sample.labels == {"role": role,
-                                                                                        "outcome": outcome}:
+            if sample.name == "cxrnode_storage_commitments_total" and sample.labels == {
+                "role": role,
+                "outcome": outcome,
+            }:
                 return float(sample.value)
     return 0.0
 
@@ -122,8 +133,9 @@ def _states(store: AuditStore, instance_id: int) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["same", "new"])
-def test_results_are_committed_on_either_association(node: tuple[Settings, AuditStore, Listener], tmp_path: Path,
-                                                     mode: str) -> None:
+def test_results_are_committed_on_either_association(
+    node: tuple[Settings, AuditStore, Listener], tmp_path: Path, mode: str
+) -> None:
     settings, store, listener = node
     committed_before = _metric("scu", "committed")
     peer = CommitmentPeer(mode=mode, node=(NODE_AE, "127.0.0.1", listener.port))  # type: ignore[arg-type]
@@ -138,8 +150,11 @@ def test_results_are_committed_on_either_association(node: tuple[Settings, Audit
     assert sorted(inst for _, inst in peer.requests[0].references) == sorted(uids)
     assert store.get_instance(instance_id).state == InstanceState.EXPORTED
     [row] = store.list_commitments()
-    assert (row.state, row.transaction_uid, row.destination_ae) == ("committed", peer.requests[0].transaction_uid,
-                                                                    "COMMITPACS")
+    assert (row.state, row.transaction_uid, row.destination_ae) == (
+        "committed",
+        peer.requests[0].transaction_uid,
+        "COMMITPACS",
+    )
     [event] = store.list_events(kinds=["commitment.committed"])
     assert event.detail["via"] == ("same association" if mode == "same" else "new association")
     assert all(e.committed_at is not None and e.attempts == 1 for e in store.list_exports(instance_id))
@@ -163,8 +178,9 @@ def test_report_to_the_calling_ae_of_the_exporter_is_accepted(tmp_path: Path) ->
     store.close()
 
 
-def test_cli_sets_the_switch_and_lists_committed_apart_from_sent(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_sets_the_switch_and_lists_committed_apart_from_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from node.cli.main import main
 
     config = tmp_path / "node.toml"
@@ -174,11 +190,42 @@ def test_cli_sets_the_switch_and_lists_committed_apart_from_sent(tmp_path: Path,
     peer = CommitmentPeer()
     cli = ["--config", str(config)]
     try:
-        assert main(["ae", "add", "COMMITPACS", "--host", "127.0.0.1", "--port", str(peer.port), "--role",
-                     "destination", "--storage-commitment", *cli]) == 0
+        assert (
+            main(
+                [
+                    "ae",
+                    "add",
+                    "COMMITPACS",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(peer.port),
+                    "--role",
+                    "destination",
+                    "--storage-commitment",
+                    *cli,
+                ]
+            )
+            == 0
+        )
         assert "added AE COMMITPACS (destination, 127.0.0.1:" in capsys.readouterr().out
-        assert main(["ae", "add", "PLAINPACS", "--host", "127.0.0.1", "--port", str(peer.port), "--role",
-                     "destination", *cli]) == 0
+        assert (
+            main(
+                [
+                    "ae",
+                    "add",
+                    "PLAINPACS",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(peer.port),
+                    "--role",
+                    "destination",
+                    *cli,
+                ]
+            )
+            == 0
+        )
         assert main(["ae", "add", "SOURCEONLY", "--role", "source", "--storage-commitment", *cli]) == 2
         assert "storage_commitment" in capsys.readouterr().err
         committed, _ = _analyzed_with_exports(store, tmp_path, "COMMITPACS")
@@ -201,8 +248,7 @@ def test_cli_sets_the_switch_and_lists_committed_apart_from_sent(tmp_path: Path,
     store.close()
 
 
-def test_failed_commitment_is_sent_again_then_dead(node: tuple[Settings, AuditStore, Listener],
-                                                   tmp_path: Path) -> None:
+def test_failed_commitment_is_sent_again_then_dead(node: tuple[Settings, AuditStore, Listener], tmp_path: Path) -> None:
     settings, store, _ = node
     peer = CommitmentPeer()
     try:
@@ -240,8 +286,9 @@ def test_destination_without_commitment_support_is_dead_with_the_reason(tmp_path
         received = list((tmp_path / "received").iterdir())
     exports = store.list_exports(instance_id)
     assert [(e.state, e.attempts) for e in exports] == [("dead", 2), ("dead", 2)]
-    assert exports[0].last_error == ("storage commitment: N-ACTION failed: DESTSCP does not accept Storage "
-                                     "Commitment Push Model")
+    assert exports[0].last_error == (
+        "storage commitment: N-ACTION failed: DESTSCP does not accept Storage Commitment Push Model"
+    )
     # Stored each time (storescp names files by SOP Instance UID): only the commitment is missing.
     assert len(received) == 2 and len(store.list_events(kinds=["export.sent"], instance_id=instance_id)) == 4
     assert store.get_instance(instance_id).state == InstanceState.DEAD
@@ -288,8 +335,9 @@ def test_reports_for_unknown_transactions_are_audited_only(node: tuple[Settings,
     store.add_ae("COMMITPACS", host="127.0.0.1", port=free_port(), role="destination", storage_commitment=True)
     ae = AE(ae_title="COMMITPACS")
     ae.add_requested_context(STORAGE_COMMITMENT)
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title=NODE_AE,
-                         ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)])
+    assoc = ae.associate(
+        "127.0.0.1", listener.port, ae_title=NODE_AE, ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)]
+    )
     assert assoc.is_established  # a destination-only AE may open an association for reports
     ds = Dataset()
     ds.TransactionUID = generate_uid()
@@ -301,7 +349,9 @@ def test_reports_for_unknown_transactions_are_audited_only(node: tuple[Settings,
     assert rsp.Status == commitment.INVALID_ARGUMENT_VALUE and "Transaction UID" in rsp.ErrorComment
     assoc.release()
     assert [e.kind for e in store.list_events(kinds=["commitment.unknown_report", "commitment.bad_report"])] == [
-        "commitment.unknown_report", "commitment.bad_report"]
+        "commitment.unknown_report",
+        "commitment.bad_report",
+    ]
 
 
 def test_destination_only_ae_cannot_store(node: tuple[Settings, AuditStore, Listener]) -> None:
@@ -317,9 +367,16 @@ def test_destination_only_ae_cannot_store(node: tuple[Settings, AuditStore, List
 # --- SCP ---------------------------------------------------------------------------------------------
 
 
-def _store_and_request(port: int, files: list[Path], extra: list[tuple[str, str]], *, wait_report: bool,
-                       scp_port: int | None = None, scp_late: bool = False,
-                       report_timeout: float = 20) -> tuple[str, int, list[Dataset]]:
+def _store_and_request(
+    port: int,
+    files: list[Path],
+    extra: list[tuple[str, str]],
+    *,
+    wait_report: bool,
+    scp_port: int | None = None,
+    scp_late: bool = False,
+    report_timeout: float = 20,
+) -> tuple[str, int, list[Dataset]]:
     """A pynetdicom sender: C-STORE `files`, ask to commit them and `extra`; returns (transaction UID,
     N-ACTION status, reports received on this association or on its own SCP at `scp_port`). `scp_late`:
     the first connection to that port is closed at once, and only then does its SCP start."""
@@ -335,8 +392,11 @@ def _store_and_request(port: int, files: list[Path], extra: list[tuple[str, str]
     def start_scp() -> None:
         scp = AE(ae_title="MODALITY")
         scp.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
-        servers.append(scp.start_server(("127.0.0.1", cast(int, scp_port)), block=False,
-                                        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]))
+        servers.append(
+            scp.start_server(
+                ("127.0.0.1", cast(int, scp_port)), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+            )
+        )
 
     def refuse_once_then_start(listening: socket.socket) -> None:
         conn, _ = listening.accept()
@@ -356,8 +416,9 @@ def _store_and_request(port: int, files: list[Path], extra: list[tuple[str, str]
     ae.requested_contexts = [*ae.requested_contexts, build_context(STORAGE_COMMITMENT), build_context(Verification)]
     # A requester that takes the SCP role asks for the report on a new association (PS3.4 J.3.3).
     roles = [build_role(STORAGE_COMMITMENT, scu_role=True, scp_role=True)] if scp_port is not None else []
-    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=NODE_AE, ext_neg=roles, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+    )
     assert assoc.is_established
     for ds in datasets:
         assert assoc.send_c_store(ds).Status == 0x0000
@@ -402,9 +463,11 @@ def test_node_commits_what_it_stored_on_the_same_association(tmp_path: Path) -> 
     [report] = reports
     assert report.TransactionUID == tx
     assert sorted(i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence) == sorted(
-        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
-    failed = {(i.ReferencedSOPInstanceUID, i.ReferencedSOPClassUID): int(i.FailureReason)
-              for i in report.FailedSOPSequence}
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
+    )
+    failed = {
+        (i.ReferencedSOPInstanceUID, i.ReferencedSOPClassUID): int(i.FailureReason) for i in report.FailedSOPSequence
+    }
     assert failed == {(never_sent[1], never_sent[0]): 0x0112, (wrong_class[1], wrong_class[0]): 0x0119}
     [received] = store.list_events(kinds=["commitment.request_received"])
     assert (received.detail["committed"], received.detail["failed"]) == (2, 2)
@@ -437,12 +500,18 @@ def test_orthanc_asks_the_node_to_commit(node: tuple[Settings, AuditStore, Liste
         store.add_ae("ORTHANC", host="127.0.0.1", port=pacs.dicom_port, role="both")
         source = dicom_dir() / RESULT_FILES[0]
         uploaded = pacs.post_json("/instances", source.read_bytes())
-        assert pacs.post_json("/modalities/node/store", {"Resources": [uploaded["ID"]], "Synchronous": True})[
-            "FailedInstancesCount"] == 0
+        assert (
+            pacs.post_json("/modalities/node/store", {"Resources": [uploaded["ID"]], "Synchronous": True})[
+                "FailedInstancesCount"
+            ]
+            == 0
+        )
         ds = pydicom.dcmread(source, stop_before_pixels=True)
         never_sent = ["1.2.840.10008.5.1.4.1.1.1", generate_uid()]
-        job = pacs.post_json("/modalities/node/storage-commitment", {
-            "DicomInstances": [[str(ds.SOPClassUID), str(ds.SOPInstanceUID)], never_sent], "Timeout": 20})
+        job = pacs.post_json(
+            "/modalities/node/storage-commitment",
+            {"DicomInstances": [[str(ds.SOPClassUID), str(ds.SOPInstanceUID)], never_sent], "Timeout": 20},
+        )
 
         def answered() -> bool:
             return bool(pacs.get_json(job["Path"])["Status"] != "Pending")
@@ -463,8 +532,9 @@ def test_report_is_tried_again_when_the_requester_is_busy(tmp_path: Path) -> Non
     files = [tmp_path / RESULT_FILES[0]]
     shutil.copy(dicom_dir() / RESULT_FILES[0], files[0])
     with _listening(settings, store) as listener:
-        tx, status, reports = _store_and_request(listener.port, files, [], wait_report=False, scp_port=scp_port,
-                                                 scp_late=True)
+        tx, status, reports = _store_and_request(
+            listener.port, files, [], wait_report=False, scp_port=scp_port, scp_late=True
+        )
     assert status == 0x0000 and [r.TransactionUID for r in reports] == [tx]
     wait_for(lambda: bool(store.list_events(kinds=["commitment.answered"])), 10, "the answer's audit row")
     outbound = [a for a in store.list_associations() if a.direction == "outbound"]
@@ -480,8 +550,9 @@ def test_report_to_a_requester_without_address_is_audited(tmp_path: Path) -> Non
     unused = free_port()
     with _listening(settings, store) as listener:
         # It proposes the SCP role (asks for a new association) but the node has nowhere to send it.
-        _, status, reports = _store_and_request(listener.port, files, [], wait_report=False, scp_port=unused,
-                                                report_timeout=1)
+        _, status, reports = _store_and_request(
+            listener.port, files, [], wait_report=False, scp_port=unused, report_timeout=1
+        )
         wait_for(lambda: bool(store.list_events(kinds=["commitment.report_failed"])), 10, "the failure's audit row")
     assert status == 0x0000 and reports == []
     [failed] = store.list_events(kinds=["commitment.report_failed"])
@@ -509,17 +580,22 @@ def test_malformed_commitment_request_gets_a_reason(node: tuple[Settings, AuditS
 
 
 @pytest.mark.parametrize(("mode", "listeners"), [("same", 1), ("new", 2)])
-def test_node_killed_before_the_report_sends_and_commits_once_after_restart(tmp_path: Path, mode: str,
-                                                                            listeners: int) -> None:
+def test_node_killed_before_the_report_sends_and_commits_once_after_restart(
+    tmp_path: Path, mode: str, listeners: int
+) -> None:
     """The peer stores the results and takes the N-ACTION but withholds its first report; the node is
     killed (SIGKILL) while it waits. After the restart the persisted transaction expires, the results
     go again, and this time they are committed: each result sent twice, committed once. The second
     report comes on the same association, or on a new one to one of two listener processes."""
     (tmp_path / "node").mkdir()
-    node = NodeProcess(tmp_path / "node", extra_toml=(
-        f"listeners = {listeners}\n"
-        "[broker]\nembedded_worker = false\n"
-        "[sender]\ncommitment_timeout_s = 3\ncommitment_wait_s = 60\nbackoff_initial_s = 0.5\n"))
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_toml=(
+            f"listeners = {listeners}\n"
+            "[broker]\nembedded_worker = false\n"
+            "[sender]\ncommitment_timeout_s = 3\ncommitment_wait_s = 60\nbackoff_initial_s = 0.5\n"
+        ),
+    )
     peer = CommitmentPeer(withhold=1, mode=mode, node=(NODE_AE, "127.0.0.1", node.port))  # type: ignore[arg-type]
     try:
         node.start()

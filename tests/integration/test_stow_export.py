@@ -29,19 +29,30 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 
 def _exports(store: AuditStore, files: list[Path], destination: str) -> list[int]:
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    row = store.record_instance_received(ReceivedInstance(
-        sop_instance_uid=f"1.2.3.{len(store.list_instances()) + 1}", sop_class_uid=str(ds.SOPClassUID), study_instance_uid=str(ds.StudyInstanceUID),
-        spool_path=str(files[0])))
-    return [store.create_export(row.id, destination_ae=destination, kind="seg", file_path=str(f),
-                                sop_instance_uid=str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)).id
-            for f in files]
+    row = store.record_instance_received(
+        ReceivedInstance(
+            sop_instance_uid=f"1.2.3.{len(store.list_instances()) + 1}",
+            sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            spool_path=str(files[0]),
+        )
+    )
+    return [
+        store.create_export(
+            row.id,
+            destination_ae=destination,
+            kind="seg",
+            file_path=str(f),
+            sop_instance_uid=str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID),
+        ).id
+        for f in files
+    ]
 
 
 def test_delivered_by_stow_rs_and_read_back(orthanc: Orthanc, tmp_path: Path) -> None:
     settings = load_settings(None, storage={"data_dir": str(tmp_path / "var")})
     store = AuditStore.open(settings.database_url)
-    store.add_ae("ORTHWEB", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr",
-                 secret="s3cret")
+    store.add_ae("ORTHWEB", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr", secret="s3cret")
     files = small_chest_copies(tmp_path / "results", 3)
     ids = _exports(store, files, "ORTHWEB")
 
@@ -57,13 +68,12 @@ def test_delivered_by_stow_rs_and_read_back(orthanc: Orthanc, tmp_path: Path) ->
 
 
 def test_wrong_credentials_are_dead_at_once_and_a_down_peer_is_retried(orthanc: Orthanc, tmp_path: Path) -> None:
-    settings = load_settings(None, storage={"data_dir": str(tmp_path / "var")},
-                             sender={"max_attempts": 3, "backoff_initial_s": 60})
+    settings = load_settings(
+        None, storage={"data_dir": str(tmp_path / "var")}, sender={"max_attempts": 3, "backoff_initial_s": 60}
+    )
     store = AuditStore.open(settings.database_url)
-    store.add_ae("BADPASS", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr",
-                 secret="wrong")
-    store.add_ae("DOWN", role="destination", url=f"http://127.0.0.1:{free_port()}/dicom-web", auth="bearer",
-                 secret="t")
+    store.add_ae("BADPASS", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr", secret="wrong")
+    store.add_ae("DOWN", role="destination", url=f"http://127.0.0.1:{free_port()}/dicom-web", auth="bearer", secret="t")
     (bad,) = _exports(store, small_chest_copies(tmp_path / "a", 1), "BADPASS")
     (down,) = _exports(store, small_chest_copies(tmp_path / "b", 1), "DOWN")
 
@@ -96,14 +106,12 @@ def test_echo_of_a_stow_destination_is_a_qido_search(orthanc: Orthanc, tmp_path:
 
     store = AuditStore.open(f"sqlite:///{tmp_path / 'audit.db'}")
     store.add_ae("GOOD", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr", secret="s3cret")
-    store.add_ae("BADPASS", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr",
-                 secret="nope")
+    store.add_ae("BADPASS", role="destination", url=orthanc.dicomweb_url, auth="basic", username="cxr", secret="nope")
     store.add_ae("DOWN", role="destination", url=f"http://127.0.0.1:{free_port()}/dicom-web")
     results = {n: echo_ae(store, n, calling_ae="CXRNODE", tls=TLSConfig()) for n in ("GOOD", "BADPASS", "DOWN")}
     assert results["GOOD"].ok and results["GOOD"].protocol == "QIDO-RS" and results["GOOD"].detail == "success"
     assert not results["BADPASS"].ok and results["BADPASS"].status == 401 and "HTTP 401" in results["BADPASS"].detail
     assert not results["DOWN"].ok and results["DOWN"].status is None and "ConnectError" in results["DOWN"].detail
     echoes = store.list_events(kinds=["ae.echo"])
-    assert [(e.detail["name"], e.detail["ok"]) for e in echoes] == [("GOOD", True), ("BADPASS", False),
-                                                                    ("DOWN", False)]
+    assert [(e.detail["name"], e.detail["ok"]) for e in echoes] == [("GOOD", True), ("BADPASS", False), ("DOWN", False)]
     assert all("s3cret" not in str(e.detail) and "nope" not in str(e.detail) for e in echoes)

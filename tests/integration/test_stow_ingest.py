@@ -38,8 +38,7 @@ MULTIPART = 'multipart/related; type="application/dicom"; boundary=XyZ'
 
 
 def _body(*parts: bytes, boundary: str = "XyZ") -> bytes:
-    out = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
-                   for p in parts)
+    out = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
     return out + f"--{boundary}--\r\n".encode()
 
 
@@ -61,8 +60,9 @@ def test_every_test_file_by_stow_gets_its_manifest_answer(node_factory: Callable
     answer = post_files(client(port, token), files)  # one request with all 37: some fail -> 202
 
     stored = {str(i.ReferencedSOPInstanceUID) for i in answer.get("ReferencedSOPSequence", [])}
-    failed = [(str(i.get("ReferencedSOPInstanceUID", "")), int(i.FailureReason))
-              for i in answer.get("FailedSOPSequence", [])]
+    failed = [
+        (str(i.get("ReferencedSOPInstanceUID", "")), int(i.FailureReason)) for i in answer.get("FailedSOPSequence", [])
+    ]
     accepted = [r for r in MANIFEST if r["expect"] == "accept"]
     assert len(stored) == len(accepted) and len(failed) == len(MANIFEST) - len(accepted)
     by_uid = dict(failed)
@@ -87,8 +87,9 @@ def test_every_test_file_by_stow_gets_its_manifest_answer(node_factory: Callable
             assert by_uid[uid] == 0x0122, name
             continue
         reason = by_uid[uid] if uid and uid in by_uid else uidless.pop()
-        assert status_allowed(row, reason) or (prefix == "36" and reason in (0xA900, 0xC000)), \
+        assert status_allowed(row, reason) or (prefix == "36" and reason in (0xA900, 0xC000)), (
             f"{name}: FailureReason 0x{reason:04X}, manifest says {row['expect_status']}"
+        )
     assert not uidless
     rejected = store.list_instances(InstanceFilter(states=[InstanceState.REJECTED]))
     assert len(rejected) == len(failed) and all(r.calling_ae == SOURCE for r in rejected)
@@ -98,8 +99,12 @@ def test_every_test_file_by_stow_gets_its_manifest_answer(node_factory: Callable
     assert len(list(node.spool.glob("*/*.dcm"))) == len(accepted)
     assert not list((node.spool / ".incoming").iterdir())
     (assoc,) = stow_associations(node)
-    assert (assoc.result, assoc.calling_ae, assoc.instances_stored, assoc.instances_failed) == \
-        ("released", SOURCE, len(accepted), len(failed))
+    assert (assoc.result, assoc.calling_ae, assoc.instances_stored, assoc.instances_failed) == (
+        "released",
+        SOURCE,
+        len(accepted),
+        len(failed),
+    )
     assert node.stop() == 0
 
 
@@ -121,8 +126,10 @@ def test_public_client_api_study_path_duplicates_and_xml(stow: tuple[NodeProcess
     # The same instance again is a duplicate: success, recorded, not analysed twice.
     again = dw.store_instances([pydicom.dcmread(a)])
     assert [str(i.ReferencedSOPInstanceUID) for i in again.ReferencedSOPSequence] == [sop_instance_uid(a)]
-    assert [r.state for r in node.store().list_instances(InstanceFilter(sop_instance_uid=sop_instance_uid(a)))] \
-        == [InstanceState.QUEUED, InstanceState.DUPLICATE]
+    assert [r.state for r in node.store().list_instances(InstanceFilter(sop_instance_uid=sop_instance_uid(a)))] == [
+        InstanceState.QUEUED,
+        InstanceState.DUPLICATE,
+    ]
 
     # POST to /studies/{uid} with an instance of another study: 409, FailureReason 0xA900, quarantined.
     with pytest.raises(requests.HTTPError) as err:
@@ -134,23 +141,32 @@ def test_public_client_api_study_path_duplicates_and_xml(stow: tuple[NodeProcess
     assert row.state == InstanceState.REJECTED and "is not the study" in row.reason
 
     # Accept: application/dicom+xml -> the Native DICOM Model.
-    rsp = httpx.post(f"http://127.0.0.1:{port}/dicomweb/studies", content=_body(c.read_bytes()),
-                     headers={"Content-Type": MULTIPART, "Authorization": f"Bearer {token}",
-                              "Accept": "application/dicom+xml"})
+    rsp = httpx.post(
+        f"http://127.0.0.1:{port}/dicomweb/studies",
+        content=_body(c.read_bytes()),
+        headers={"Content-Type": MULTIPART, "Authorization": f"Bearer {token}", "Accept": "application/dicom+xml"},
+    )
     assert rsp.status_code == 200 and rsp.headers["content-type"] == "application/dicom+xml"
     assert b'keyword="ReferencedSOPSequence"' in rsp.content and sop_instance_uid(c).encode() in rsp.content
 
 
-def _post(port: int, body: bytes | Iterator[bytes], *, token: str | None, content_type: str = MULTIPART,
-          headers: dict[str, str] | None = None) -> httpx.Response:
+def _post(
+    port: int,
+    body: bytes | Iterator[bytes],
+    *,
+    token: str | None,
+    content_type: str = MULTIPART,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     h = {"Content-Type": content_type, **(headers or {})}
     if token is not None:
         h["Authorization"] = f"Bearer {token}"
     return httpx.post(f"http://127.0.0.1:{port}/dicomweb/studies", content=body, headers=h, timeout=60)
 
 
-def test_bad_requests_get_their_status_a_reason_and_an_audit_row(stow: tuple[NodeProcess, int, str],
-                                                                  tmp_path: Path) -> None:
+def test_bad_requests_get_their_status_a_reason_and_an_audit_row(
+    stow: tuple[NodeProcess, int, str], tmp_path: Path
+) -> None:
     node, port, token = stow
     good = small_chest_copies(tmp_path / "in", 1)[0].read_bytes()
     big = b"\0" * (3 * 1024 * 1024)  # max_request_mb = 1
@@ -164,10 +180,18 @@ def test_bad_requests_get_their_status_a_reason_and_an_audit_row(stow: tuple[Nod
         (_post(port, _body(good), token=None), 401, "no bearer token"),
         (_post(port, _body(good), token="cxrstow_not-a-token"), 401, "unknown or revoked bearer token"),
         (_post(port, good, token=token, content_type="application/dicom"), 415, "Content-Type application/dicom"),
-        (_post(port, b"{}", token=token, content_type='multipart/related; type="application/dicom+xml"; '
-                                                       "boundary=XyZ"), 415, "only application/dicom"),
-        (_post(port, _body(good), token=token, content_type='multipart/related; type="application/dicom"'),
-         400, "without a valid boundary"),
+        (
+            _post(
+                port, b"{}", token=token, content_type='multipart/related; type="application/dicom+xml"; boundary=XyZ'
+            ),
+            415,
+            "only application/dicom",
+        ),
+        (
+            _post(port, _body(good), token=token, content_type='multipart/related; type="application/dicom"'),
+            400,
+            "without a valid boundary",
+        ),
         (_post(port, b"this is not multipart at all", token=token), 400, "not valid multipart"),
         (_post(port, _body(good)[:-20], token=token), 400, "before the closing multipart boundary"),
         (_post(port, _body(big), token=token), 413, "exceeds dicomweb.max_request_mb"),
@@ -199,8 +223,10 @@ def test_bad_requests_get_their_status_a_reason_and_an_audit_row(stow: tuple[Nod
 def test_a_part_that_is_not_dicom_fails_alone(stow: tuple[NodeProcess, int, str], tmp_path: Path) -> None:
     node, port, token = stow
     (a,) = small_chest_copies(tmp_path / "in", 1)
-    body = (b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + a.read_bytes() + b"\r\n"
-            b"--XyZ\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XyZ--\r\n")
+    body = (
+        b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + a.read_bytes() + b"\r\n"
+        b"--XyZ\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XyZ--\r\n"
+    )
     rsp = _post(port, body, token=token)
     assert rsp.status_code == 202
     ds = Dataset.from_json(rsp.json())
@@ -215,9 +241,13 @@ def test_client_gone_mid_body_leaves_nothing(stow: tuple[NodeProcess, int, str],
     (a,) = small_chest_copies(tmp_path / "in", 1)
     body = _body(a.read_bytes())
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                      f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-                     + body[: len(body) // 2])
+        sock.sendall(
+            (
+                f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body[: len(body) // 2]
+        )
     wait_for(lambda: any("disconnected" in r.reason for r in stow_associations(node)), 15, "the audit row")
     assert node.store().list_instances() == []
     wait_for(lambda: not list((node.spool / ".incoming").iterdir()), 10, "no partial files")
@@ -226,17 +256,39 @@ def test_client_gone_mid_body_leaves_nothing(stow: tuple[NodeProcess, int, str],
 
 def test_stow_over_tls(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
     key, cert = tmp_path / "stow.key", tmp_path / "stow.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=node",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    node, port = start_stow_node(node_factory, extra_toml=f'\n[dicomweb]\ntls_cert_file = "{cert}"\n'
-                                                           f'tls_key_file = "{key}"\n')
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=node",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    node, port = start_stow_node(
+        node_factory, extra_toml=f'\n[dicomweb]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+    )
     token = add_token(node)
     (a,) = small_chest_copies(tmp_path / "in", 1)
     session = add_certs_to_session(create_session(), ca_bundle=str(cert))
     session.trust_env = False  # else $REQUESTS_CA_BUNDLE of this machine replaces the CA given here
-    dw = DICOMwebClient(url=f"https://127.0.0.1:{port}/dicomweb", session=session,
-                        headers={"Authorization": f"Bearer {token}"})
+    dw = DICOMwebClient(
+        url=f"https://127.0.0.1:{port}/dicomweb", session=session, headers={"Authorization": f"Bearer {token}"}
+    )
     answer = dw.store_instances([pydicom.dcmread(a)])
     assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [sop_instance_uid(a)]
     assert stow_associations(node)[-1].tls
@@ -257,8 +309,9 @@ def test_disk_low_is_503_before_the_body_is_read(node_factory: Callable[..., Nod
     assert node.stop() == 0
 
 
-def test_results_search_and_retrieve_need_a_token_and_know_only_results(stow: tuple[NodeProcess, int, str],
-                                                                        tmp_path: Path) -> None:
+def test_results_search_and_retrieve_need_a_token_and_know_only_results(
+    stow: tuple[NodeProcess, int, str], tmp_path: Path
+) -> None:
     node, port, token = stow
     (a,) = small_chest_copies(tmp_path / "in", 1)
     assert _post(port, _body(a.read_bytes()), token=token).status_code == 200
@@ -283,9 +336,13 @@ def test_too_many_parts_and_an_idle_client(node_factory: Callable[..., NodeProce
 
     body = _body(a.read_bytes())
     with socket.create_connection(("127.0.0.1", port)) as sock:  # sends half its body, then nothing
-        sock.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                      f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-                     + body[: len(body) // 2])
+        sock.sendall(
+            (
+                f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body[: len(body) // 2]
+        )
         sock.settimeout(15)
         answer = b""
         while chunk := sock.recv(4096):  # until the node closes the connection
@@ -298,8 +355,9 @@ def test_too_many_parts_and_an_idle_client(node_factory: Callable[..., NodeProce
     assert node.stop() == 0
 
 
-def test_kill_9_during_stow_loses_no_answered_instance(node_factory: Callable[..., NodeProcess],
-                                                       tmp_path: Path) -> None:
+def test_kill_9_during_stow_loses_no_answered_instance(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
     """Persist before answer: requests of 5 files go in one after another while the node is killed -9;
     every instance a 200 answered is there after the restart, once, and a resend is a duplicate."""
     node, port = start_stow_node(node_factory)
@@ -310,12 +368,14 @@ def test_kill_9_during_stow_loses_no_answered_instance(node_factory: Callable[..
     def send() -> None:
         for i in range(0, len(files), 5):
             try:
-                rsp = _post(port, _body(*(f.read_bytes() for f in files[i:i + 5])), token=token)
+                rsp = _post(port, _body(*(f.read_bytes() for f in files[i : i + 5])), token=token)
             except httpx.HTTPError:
                 return
             if rsp.status_code != 200:
                 return
-            answered.extend(str(x.ReferencedSOPInstanceUID) for x in Dataset.from_json(rsp.json()).ReferencedSOPSequence)
+            answered.extend(
+                str(x.ReferencedSOPInstanceUID) for x in Dataset.from_json(rsp.json()).ReferencedSOPSequence
+            )
 
     sender = threading.Thread(target=send)
     sender.start()

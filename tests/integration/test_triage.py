@@ -29,9 +29,17 @@ RIS = {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": 9}
 
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
-    return load_settings(None, storage={"data_dir": str(tmp_path / "var")}, database={"url": database_url},
-                         triage={"stable_s": 0, "allow_experimental": True, "destinations": [HOOK, RIS],
-                                 "routes": {"critical": ["ris", "hook"], "urgent": ["ris"]}})
+    return load_settings(
+        None,
+        storage={"data_dir": str(tmp_path / "var")},
+        database={"url": database_url},
+        triage={
+            "stable_s": 0,
+            "allow_experimental": True,
+            "destinations": [HOOK, RIS],
+            "routes": {"critical": ["ris", "hook"], "urgent": ["ris"]},
+        },
+    )
 
 
 @pytest.fixture
@@ -58,21 +66,40 @@ def header_file(folder: Path, *, study_uid: str, patient_id: str, study_date: st
 
 
 def figures(severity: int | None, ptx: float | None, status: str = "experimental") -> dict[str, Any]:
-    return {"severity_score": severity, "pneumothorax_probability": ptx,
-            "pneumothorax_present": None if ptx is None else ptx >= 0.5,
-            "pneumothorax_side": "left" if ptx and ptx >= 0.5 else None,
-            "model_cards": [{"name": n, "version": "2", "status": status} for n in ("lung", "opacity", "pneumothorax")]}
+    return {
+        "severity_score": severity,
+        "pneumothorax_probability": ptx,
+        "pneumothorax_present": None if ptx is None else ptx >= 0.5,
+        "pneumothorax_side": "left" if ptx and ptx >= 0.5 else None,
+        "model_cards": [{"name": n, "version": "2", "status": status} for n in ("lung", "opacity", "pneumothorax")],
+    }
 
 
-def receive(store: AuditStore, settings: Settings, *, study_uid: str, patient_id: str = "P1",
-            study_date: str = "20261201", detail: dict[str, Any] | None = None) -> int:
+def receive(
+    store: AuditStore,
+    settings: Settings,
+    *,
+    study_uid: str,
+    patient_id: str = "P1",
+    study_date: str = "20261201",
+    detail: dict[str, Any] | None = None,
+) -> int:
     """One instance of the study: analysed with `detail` as the worker's figures, or skipped (lateral)."""
-    spool = header_file(settings.storage.data_dir / "spool", study_uid=study_uid, patient_id=patient_id,
-                        study_date=study_date)
+    spool = header_file(
+        settings.storage.data_dir / "spool", study_uid=study_uid, patient_id=patient_id, study_date=study_date
+    )
     ds = pydicom.dcmread(spool)
-    row = store.record_instance_received(ReceivedInstance(
-        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=CR, study_instance_uid=study_uid,
-        patient_id=patient_id, study_date=study_date, calling_ae="MODALITY", spool_path=str(spool)))
+    row = store.record_instance_received(
+        ReceivedInstance(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=CR,
+            study_instance_uid=study_uid,
+            patient_id=patient_id,
+            study_date=study_date,
+            calling_ae="MODALITY",
+            spool_path=str(spool),
+        )
+    )
     if detail is None:
         store.set_instance_state(row.id, InstanceState.SKIPPED, reason="lateral view")
         return row.id
@@ -92,8 +119,12 @@ def test_a_study_is_decided_once_with_its_alerts(store: AuditStore, settings: Se
     assert (row.triage.level, row.triage.revision, row.triage.severity_score) == ("urgent", 1, 5)
     assert row.triage.summary["images"] == 2 and row.triage.patient_id == "P1"
     [alert] = store.list_alerts()
-    assert (alert.destination, alert.kind, alert.findings, alert.state) == ("ris", "hl7", ["severe-opacity"],
-                                                                            AlertState.PENDING)
+    assert (alert.destination, alert.kind, alert.findings, alert.state) == (
+        "ris",
+        "hl7",
+        ["severe-opacity"],
+        AlertState.PENDING,
+    )
     message = TriageAlert.from_json(alert.payload)
     assert message.alert_id == alert.alert_id and message.level == "urgent" and message.revision == 1
     assert (message.patient_id, message.issuer_of_patient_id, message.patient_name) == ("P1", "HOSP", "Doe^Jane")
@@ -115,7 +146,8 @@ def test_a_late_image_updates_the_study_and_alerts_only_new_findings(store: Audi
     assert [(a.destination, a.level, a.findings) for a in alerts] == [
         ("ris", "urgent", ["severe-opacity"]),
         ("ris", "critical", ["pneumothorax", "severe-opacity"]),
-        ("hook", "critical", ["pneumothorax", "severe-opacity"])]
+        ("hook", "critical", ["pneumothorax", "severe-opacity"]),
+    ]
     assert TriageAlert.from_json(alerts[1].payload).revision == 2
     # Another late image with the same findings: a new decision input, no new alert.
     receive(store, settings, study_uid=study, detail=figures(3, 0.8))
@@ -132,8 +164,7 @@ def test_priors_give_the_change(store: AuditStore, settings: Settings) -> None:
     receive(store, settings, study_uid=second, study_date="20261201", detail=figures(3, 0.1))
     engine.run_once()
     rows = {r.study.study_instance_uid: r.triage for r in store.list_triage()}
-    assert rows[second].summary["prior"] == {"study_instance_uid": first, "study_date": "20261120",
-                                             "severity_score": 1}
+    assert rows[second].summary["prior"] == {"study_instance_uid": first, "study_date": "20261120", "severity_score": 1}
     assert rows[second].summary["severity_change"] == 2 and rows[second].level == "urgent"
     assert "worsening" in rows[second].summary["fired"]
     [alert] = [a for a in store.list_alerts() if a.level == "urgent" and a.findings == ["worsening"]]
@@ -163,8 +194,11 @@ def test_a_study_still_being_analysed_waits(store: AuditStore, settings: Setting
     study = generate_uid()
     receive(store, settings, study_uid=study, detail=figures(5, 0.1))
     spool = header_file(settings.storage.data_dir / "spool", study_uid=study, patient_id="P1", study_date="20261201")
-    row = store.record_instance_received(ReceivedInstance(sop_instance_uid=generate_uid(), sop_class_uid=CR,
-                                                          study_instance_uid=study, spool_path=str(spool)))
+    row = store.record_instance_received(
+        ReceivedInstance(
+            sop_instance_uid=generate_uid(), sop_class_uid=CR, study_instance_uid=study, spool_path=str(spool)
+        )
+    )
     store.set_instance_state(row.id, InstanceState.QUEUED, rule="chest", destinations=[])
     assert TriageEngine(settings, store).run_once() == 0
 

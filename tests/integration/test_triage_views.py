@@ -23,11 +23,18 @@ from tests.support.node import cxrnode_command
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return load_settings(None, storage={"data_dir": str(tmp_path / "var")},
-                         database={"url": f"sqlite:///{tmp_path / 'audit.db'}"},
-                         web={"password_hash": PASSWORD_HASH, "users": USERS},
-                         triage={"stable_s": 0, "allow_experimental": True, "destinations": [HOOK, RIS],
-                                 "routes": {"critical": ["ris", "hook"], "urgent": ["ris"]}})
+    return load_settings(
+        None,
+        storage={"data_dir": str(tmp_path / "var")},
+        database={"url": f"sqlite:///{tmp_path / 'audit.db'}"},
+        web={"password_hash": PASSWORD_HASH, "users": USERS},
+        triage={
+            "stable_s": 0,
+            "allow_experimental": True,
+            "destinations": [HOOK, RIS],
+            "routes": {"critical": ["ris", "hook"], "urgent": ["ris"]},
+        },
+    )
 
 
 @pytest.fixture
@@ -52,14 +59,17 @@ def studies(store: AuditStore, settings: Settings) -> dict[str, str]:
 
 def cli(settings: Settings, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "cxrnode.toml"
-    config.write_text(f'[storage]\ndata_dir = "{settings.storage.data_dir}"\n'
-                      f'[database]\nurl = "{settings.database_url}"\n')
-    return subprocess.run([*cxrnode_command(), *args, "--config", str(config)], capture_output=True, text=True,
-                          timeout=60)
+    config.write_text(
+        f'[storage]\ndata_dir = "{settings.storage.data_dir}"\n[database]\nurl = "{settings.database_url}"\n'
+    )
+    return subprocess.run(
+        [*cxrnode_command(), *args, "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
 
 
-def test_cli_lists_by_level_and_retries_dead_alerts(settings: Settings, store: AuditStore, studies: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_cli_lists_by_level_and_retries_dead_alerts(
+    settings: Settings, store: AuditStore, studies: dict[str, str], tmp_path: Path
+) -> None:
     out = cli(settings, tmp_path, "triage", "list", "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
@@ -118,7 +128,7 @@ def test_study_page_shows_the_patients_severity_trend(settings: Settings, store:
     try:
         client.login()
         page = client.get(f"/studies/{last.id}").text
-        trend = page[page.index('id="trend"'):]
+        trend = page[page.index('id="trend"') :]
         assert [trend.index(u) for u in uids] == sorted(trend.index(u) for u in uids)  # oldest first
         assert "1/6" in trend and "2/6" in trend and "5/6" in trend
         assert "severity change +3" in page

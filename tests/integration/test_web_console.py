@@ -81,8 +81,9 @@ def test_pages_need_a_login_and_failed_logins_are_audited(site: ConsoleSite) -> 
     bad = anon.login(password="wrong")
     assert bad.status_code == 401 and "Wrong user name or password" in bad.text
     assert site.store.list_events(kinds=["web.login_failed"])[-1].actor == ACTOR
-    ok = anon.http.post("/login", data={"username": ADMIN, "password": "console-test-password",
-                                        "next": "//evil.example/"})
+    ok = anon.http.post(
+        "/login", data={"username": ADMIN, "password": "console-test-password", "next": "//evil.example/"}
+    )
     assert ok.status_code == 303 and ok.headers["location"] == "/"  # no open redirect
     assert "HttpOnly" in ok.headers["set-cookie"] and "SameSite=strict" in ok.headers["set-cookie"]
     anon.close()
@@ -117,6 +118,7 @@ def test_study_search_by_ae_state_accession_and_date(site: ConsoleSite, client: 
 
     with site.store.session() as s:
         from node.audit.models import Study
+
         study = s.query(Study).filter(Study.accession_number != "").first()
         assert study is not None
         accession, study_id = study.accession_number, study.id
@@ -140,8 +142,9 @@ def analysed(site: ConsoleSite) -> int:
     assert inst is not None and Path(inst.spool_path).exists()
     case = synthetic_case(Path(inst.spool_path))
     seg = build_seg(case.source, case.full, case.result.models, device=DeviceInfo())
-    sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
-                  device=DeviceInfo())
+    sr = build_sr(
+        case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm, device=DeviceInfo()
+    )
     out = site.settings.storage.results_dir / str(inst.id)
     out.mkdir(parents=True, exist_ok=True)
     seg.save_as(out / "seg.dcm")
@@ -153,8 +156,9 @@ def analysed(site: ConsoleSite) -> int:
     return inst.id
 
 
-def test_study_page_shows_timeline_severity_measurements_and_overlay(site: ConsoleSite, client: ConsoleClient,
-                                                                      analysed: int) -> None:
+def test_study_page_shows_timeline_severity_measurements_and_overlay(
+    site: ConsoleSite, client: ConsoleClient, analysed: int
+) -> None:
     inst = site.store.get_instance(analysed)
     page = client.get(f"/studies/{inst.study_id}").text
     assert re.search(rf'id="severity-{analysed}">2<', page)  # the SR's severity score
@@ -178,7 +182,9 @@ def test_study_page_shows_timeline_severity_measurements_and_overlay(site: Conso
     assert client.get("/instances/999999/overlay.png").status_code == 404
 
 
-def test_dead_letter_retry_resend_and_rerun_are_audited(site: ConsoleSite, client: ConsoleClient, analysed: int) -> None:
+def test_dead_letter_retry_resend_and_rerun_are_audited(
+    site: ConsoleSite, client: ConsoleClient, analysed: int
+) -> None:
     page = client.get("/dead").text
     dead = site.store.list_exports(analysed, state=ExportState.DEAD)
     assert len(dead) == 1 and f"/exports/{dead[0].id}/retry" in page
@@ -219,13 +225,17 @@ def test_ae_titles_add_edit_remove_are_audited_with_the_user(site: ConsoleSite, 
     ae = site.store.get_ae("MODALITY1")
     assert ae is not None and (ae.host, ae.port, ae.role, ae.tls) == ("10.1.2.4", 104, "both", True)
     updated = site.store.list_events(kinds=["ae.updated"])[-1]
-    assert updated.actor == ACTOR and updated.detail["before"]["port"] is None and updated.detail["after"]["port"] == 104
+    assert (
+        updated.actor == ACTOR and updated.detail["before"]["port"] is None and updated.detail["after"]["port"] == 104
+    )
 
-    for form, message in [({"name": "WAY_TOO_LONG_AE_TITLE"}, "maximum is 16"),
-                          ({"name": "BAD\\AE"}, "default repertoire"),
-                          ({"name": "MODALITY1"}, "already exists"),
-                          ({"name": "PORTLESS", "port": "70000"}, "port"),
-                          ({"name": "PORTLESS", "port": "abc"}, "not a number")]:
+    for form, message in [
+        ({"name": "WAY_TOO_LONG_AE_TITLE"}, "maximum is 16"),
+        ({"name": "BAD\\AE"}, "default repertoire"),
+        ({"name": "MODALITY1"}, "already exists"),
+        ({"name": "PORTLESS", "port": "70000"}, "port"),
+        ({"name": "PORTLESS", "port": "abc"}, "not a number"),
+    ]:
         r = client.post("/ae", role="both", **form)
         assert r.headers["location"].startswith("/ae?err="), form
         assert message.replace(" ", "+") in r.headers["location"] or message in r.headers["location"], r.headers
@@ -237,8 +247,9 @@ def test_ae_titles_add_edit_remove_are_audited_with_the_user(site: ConsoleSite, 
 
 
 def test_storage_commitment_switch_and_committed_results(site: ConsoleSite, client: ConsoleClient) -> None:
-    r = client.post("/ae", name="COMMITPACS", role="destination", host="127.0.0.1", port="11112",
-                    storage_commitment="on")
+    r = client.post(
+        "/ae", name="COMMITPACS", role="destination", host="127.0.0.1", port="11112", storage_commitment="on"
+    )
     assert r.headers["location"] == "/ae?msg=AE+title+COMMITPACS+added"
     row = re.search(r'<tr id="ae-COMMITPACS">(.*?)</tr>', client.get("/ae").text, re.S)
     assert row and "<td>yes</td><td></td>" in row.group(1)  # commitment on, no description
@@ -249,19 +260,30 @@ def test_storage_commitment_switch_and_committed_results(site: ConsoleSite, clie
     assert site.store.get_ae("SRCONLY") is None
 
     # One result committed, one stored with its commitment report still awaited.
-    inst = site.store.record_instance_received(ReceivedInstance(
-        sop_instance_uid="2.25.4242", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", study_instance_uid="2.25.4243"))
+    inst = site.store.record_instance_received(
+        ReceivedInstance(
+            sop_instance_uid="2.25.4242", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", study_instance_uid="2.25.4243"
+        )
+    )
     site.store.set_instance_state(inst.id, InstanceState.QUEUED)
     site.store.set_instance_state(inst.id, InstanceState.ANALYZED)
-    exports = [site.store.create_export(inst.id, destination_ae="COMMITPACS", kind=kind, file_path=f"/r/{kind}.dcm",
-                                        sop_instance_uid=f"2.25.{n}") for n, kind in ((1, "seg"), (2, "sr"))]
+    exports = [
+        site.store.create_export(
+            inst.id, destination_ae="COMMITPACS", kind=kind, file_path=f"/r/{kind}.dcm", sop_instance_uid=f"2.25.{n}"
+        )
+        for n, kind in ((1, "seg"), (2, "sr"))
+    ]
     for n, e in enumerate(exports, 1):
         site.store.record_sent_for_commitment(
-            [(e.id, 0)], transaction_uid=f"2.25.99{n}", destination_ae="COMMITPACS",
+            [(e.id, 0)],
+            transaction_uid=f"2.25.99{n}",
+            destination_ae="COMMITPACS",
             references=[{"export_id": e.id, "sop_class_uid": "1.2", "sop_instance_uid": e.sop_instance_uid}],
-            deadline_at=datetime.now(UTC) + timedelta(hours=1))
-    site.store.record_commitment_report("2.25.991", committed=["2.25.1"], failed={}, via="new association",
-                                        retry_at=lambda _: None)
+            deadline_at=datetime.now(UTC) + timedelta(hours=1),
+        )
+    site.store.record_commitment_report(
+        "2.25.991", committed=["2.25.1"], failed={}, via="new association", retry_at=lambda _: None
+    )
     page = client.get(f"/studies/{inst.study_id}").text
     assert re.search(r'<span class="state committed"[^>]*>committed</span>', page)
     assert re.search(r'<span class="state committing"[^>]*>committing</span>', page)
@@ -281,8 +303,10 @@ def test_c_echo_from_the_console(site: ConsoleSite, client: ConsoleClient, tmp_p
     r = client.post("/ae/GONE/echo")
     assert r.headers["location"].startswith("/ae?err=C-ECHO+GONE+failed")
     echoes = site.store.list_events(kinds=["ae.echo"])
-    assert [(e.detail["name"], e.detail["ok"], e.actor) for e in echoes[-2:]] == [("ECHOSCP", True, ACTOR),
-                                                                                  ("GONE", False, ACTOR)]
+    assert [(e.detail["name"], e.detail["ok"], e.actor) for e in echoes[-2:]] == [
+        ("ECHOSCP", True, ACTOR),
+        ("GONE", False, ACTOR),
+    ]
     outbound = [a for a in site.store.list_associations() if a.direction == "outbound"]
     assert {a.called_ae for a in outbound} >= {"ECHOSCP", "GONE"}
 
@@ -295,8 +319,9 @@ def test_rules_models_and_events_pages(site: ConsoleSite, client: ConsoleClient,
 
     weights = tmp_path / "weights"
     weights.mkdir()
-    (weights / "lung.json").write_text('{"name": "lung", "version": "1.2.0", "experimental": false, '
-                                       '"metrics": {"dsc": 0.95}, "sha256": "ab12"}')
+    (weights / "lung.json").write_text(
+        '{"name": "lung", "version": "1.2.0", "experimental": false, "metrics": {"dsc": 0.95}, "sha256": "ab12"}'
+    )
     (weights / "lung.safetensors").write_bytes(b"\0" * 2_000_000)
     (weights / "broken.json").write_text("{not json")
     app = create_app(site.settings, site.store, weights_dir=weights)
@@ -318,18 +343,29 @@ def test_metrics_health_and_readiness(site: ConsoleSite, client: ConsoleClient) 
     body = ready.json()
     assert ready.status_code == 200 and body["ready"] is True
     assert {k: v["ok"] for k, v in body["checks"].items() if v["critical"]} == {
-        "database": True, "broker": True, "spool": True}
+        "database": True,
+        "broker": True,
+        "spool": True,
+    }
     assert body["checks"]["workers"]["critical"] is False
 
     text = client.http.get("/metrics").text
-    gauges = {s.labels["state"]: s.value for f in text_string_to_metric_families(text)
-              for s in f.samples if s.name == "cxrnode_instances_in_state"}
+    gauges = {
+        s.labels["state"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "cxrnode_instances_in_state"
+    }
     counts: dict[str, int] = {}
     for inst in site.store.list_instances():
         counts[inst.state] = counts.get(inst.state, 0) + 1
     assert gauges == counts
-    events = {s.labels["kind"]: s.value for f in text_string_to_metric_families(text)
-              for s in f.samples if s.name == "cxrnode_audit_events_total"}
+    events = {
+        s.labels["kind"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "cxrnode_audit_events_total"
+    }
     assert events["instance.received"] == len(_stored(site))
     assert events["association.accepted"] >= 1 and events["instance.rejected"] >= 1
 
@@ -337,12 +373,13 @@ def test_metrics_health_and_readiness(site: ConsoleSite, client: ConsoleClient) 
 def test_readiness_fails_below_the_disk_watermark(site: ConsoleSite) -> None:
     from starlette.testclient import TestClient
 
-    full = site.settings.model_copy(update={"storage": site.settings.storage.model_copy(
-        update={"min_free_mb": 10**9})})
+    full = site.settings.model_copy(update={"storage": site.settings.storage.model_copy(update={"min_free_mb": 10**9})})
     with TestClient(create_app(full, site.store)) as tc:
         anonymous = tc.get("/readyz")
         assert anonymous.status_code == 503 and anonymous.json()["checks"]["spool"] == {
-            **anonymous.json()["checks"]["spool"], "ok": False}
+            **anonymous.json()["checks"]["spool"],
+            "ok": False,
+        }
         assert "detail" not in anonymous.json()["checks"]["spool"]  # what it found: only for a console user
         tc.post("/login", data={"username": ADMIN, "password": PASSWORD}, follow_redirects=False)
         r = tc.get("/readyz")
@@ -351,8 +388,9 @@ def test_readiness_fails_below_the_disk_watermark(site: ConsoleSite) -> None:
 
 
 def test_production_mode_without_any_console_user_refuses_to_start(site: ConsoleSite) -> None:
-    prod = site.settings.model_copy(update={"web": site.settings.web.model_copy(
-        update={"production": True, "password_hash": "", "users": []})})
+    prod = site.settings.model_copy(
+        update={"web": site.settings.web.model_copy(update={"production": True, "password_hash": "", "users": []})}
+    )
     with pytest.raises(AuthConfigError, match="no default password"):
         start_in_thread(prod, site.store, port=0)
 
@@ -393,22 +431,29 @@ def test_viewer_sees_every_page_but_each_action_is_refused_and_audited(site: Con
     assert 'class="rerun"' not in study_page and 'class="resend"' not in study_page
 
     def snapshot() -> tuple[object, ...]:
-        return ([(a.name, a.host, a.port, a.role) for a in site.store.list_ae()],
-                [(i.id, i.state) for i in site.store.list_instances()],
-                [(e.id, e.state, e.attempts) for e in site.store.list_exports()])
+        return (
+            [(a.name, a.host, a.port, a.role) for a in site.store.list_ae()],
+            [(i.id, i.state) for i in site.store.list_instances()],
+            [(e.id, e.state, e.attempts) for e in site.store.list_exports()],
+        )
 
     before, handed_off = snapshot(), len(site.handed_off)
     export_id = site.store.list_exports(analysed)[0].id
-    attempts = [("/ae", {"name": "VIEWERAE", "role": "both"}),
-                ("/ae/STORESCU", {"role": "both", "host": "10.9.9.9"}),
-                ("/ae/STORESCU/remove", {}), ("/ae/STORESCU/echo", {}),
-                (f"/instances/{analysed}/rerun", {}), (f"/instances/{analysed}/resend", {}),
-                (f"/exports/{export_id}/retry", {}), ("/exports/retry-dead", {})]
+    attempts = [
+        ("/ae", {"name": "VIEWERAE", "role": "both"}),
+        ("/ae/STORESCU", {"role": "both", "host": "10.9.9.9"}),
+        ("/ae/STORESCU/remove", {}),
+        ("/ae/STORESCU/echo", {}),
+        (f"/instances/{analysed}/rerun", {}),
+        (f"/instances/{analysed}/resend", {}),
+        (f"/exports/{export_id}/retry", {}),
+        ("/exports/retry-dead", {}),
+    ]
     for path, form in attempts:
         r = viewer.post(path, **form)
         assert r.status_code == 403 and "Not allowed" in r.text, path
     assert snapshot() == before and len(site.handed_off) == handed_off
-    denied = site.store.list_events(kinds=["web.denied"])[-len(attempts):]
+    denied = site.store.list_events(kinds=["web.denied"])[-len(attempts) :]
     assert [(e.actor, e.detail["path"]) for e in denied] == [(f"web:{VIEWER}", p) for p, _ in attempts]
 
     assert viewer.post("/logout").headers["location"] == "/login"  # viewers may log out
@@ -452,11 +497,17 @@ def test_sessions_survive_a_node_restart_and_are_shared_by_console_processes(tmp
         assert key_file.read_text().strip() == key and key not in node.log_text()
 
         other_port = free_port()
-        standalone = subprocess.Popen([*cxrnode_command(), "web", "--config", str(node.config),
-                                       "--port", str(other_port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        other = httpx.Client(base_url=f"http://127.0.0.1:{other_port}", timeout=30, follow_redirects=False,
-                             headers={"Cookie": f"cxrnode_session={user.http.cookies['cxrnode_session']}"})
+        standalone = subprocess.Popen(
+            [*cxrnode_command(), "web", "--config", str(node.config), "--port", str(other_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        other = httpx.Client(
+            base_url=f"http://127.0.0.1:{other_port}",
+            timeout=30,
+            follow_redirects=False,
+            headers={"Cookie": f"cxrnode_session={user.http.cookies['cxrnode_session']}"},
+        )
 
         def up() -> bool:
             assert standalone is not None and standalone.poll() is None, "cxrnode web exited"
@@ -491,8 +542,7 @@ def test_logout_revokes_the_session_for_whoever_replays_the_cookie(site: Console
         # Another console process on the same key file sees the revocation too.
         other = create_app(site.settings, site.store)
         with TestClient(other) as tc:
-            assert tc.get("/studies", cookies={"cxrnode_session": cookie},
-                          follow_redirects=False).status_code == 303
+            assert tc.get("/studies", cookies={"cxrnode_session": cookie}, follow_redirects=False).status_code == 303
     finally:
         c.close()
 
@@ -530,13 +580,18 @@ def test_failed_logins_are_throttled_per_account_from_any_address(site: ConsoleS
 
 @pytest.mark.parametrize("trusted", [[], ["127.0.0.1"]])
 def test_forwarded_headers_are_believed_only_from_configured_proxies(site: ConsoleSite, trusted: list[str]) -> None:
-    settings = site.settings.model_copy(update={"web": site.settings.web.model_copy(
-        update={"trusted_proxies": trusted})})
+    settings = site.settings.model_copy(
+        update={"web": site.settings.web.model_copy(update={"trusted_proxies": trusted})}
+    )
     web = start_in_thread(settings, site.store, port=0)
     try:
         before = len(site.store.list_events(kinds=["web.login_failed"]))
-        httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": "wrong"},
-                   headers={"X-Forwarded-For": "203.0.113.9"}, timeout=30)
+        httpx.post(
+            f"{web.url}/login",
+            data={"username": ADMIN, "password": "wrong"},
+            headers={"X-Forwarded-For": "203.0.113.9"},
+            timeout=30,
+        )
         event = site.store.list_events(kinds=["web.login_failed"])[before]
         assert event.detail["peer"] == ("203.0.113.9" if trusted else "127.0.0.1")
     finally:
@@ -545,16 +600,37 @@ def test_forwarded_headers_are_believed_only_from_configured_proxies(site: Conso
 
 def test_console_over_tls_sets_secure_cookies(site: ConsoleSite, tmp_path: Path) -> None:
     key, cert = tmp_path / "console.key", tmp_path / "console.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    settings = site.settings.model_copy(update={"web": site.settings.web.model_copy(
-        update={"tls_cert_file": cert, "tls_key_file": key, "production": True})})
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    settings = site.settings.model_copy(
+        update={
+            "web": site.settings.web.model_copy(update={"tls_cert_file": cert, "tls_key_file": key, "production": True})
+        }
+    )
     web = start_in_thread(settings, site.store, port=0)
     try:
         assert web.url.startswith("https://")
-        r = httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": PASSWORD}, verify=str(cert),
-                       timeout=30)
+        r = httpx.post(f"{web.url}/login", data={"username": ADMIN, "password": PASSWORD}, verify=str(cert), timeout=30)
         assert r.status_code == 303
         assert "secure" in r.headers["set-cookie"].lower() and "httponly" in r.headers["set-cookie"].lower()
     finally:
@@ -562,15 +638,32 @@ def test_console_over_tls_sets_secure_cookies(site: ConsoleSite, tmp_path: Path)
 
 
 def test_stow_destinations_and_tokens_from_the_console(site: ConsoleSite, client: ConsoleClient) -> None:
-    r = client.post("/ae", name="WEBPACS", role="destination", url="https://pacs.example/dicom-web", auth="basic",
-                    username="cxr", secret="pw1")
+    r = client.post(
+        "/ae",
+        name="WEBPACS",
+        role="destination",
+        url="https://pacs.example/dicom-web",
+        auth="basic",
+        username="cxr",
+        secret="pw1",
+    )
     assert r.headers["location"] == "/ae?msg=AE+title+WEBPACS+added"
     ae = site.store.get_ae("WEBPACS")
-    assert ae is not None and (ae.url, ae.auth, ae.username, ae.secret) == \
-        ("https://pacs.example/dicom-web", "basic", "cxr", "pw1")
+    assert ae is not None and (ae.url, ae.auth, ae.username, ae.secret) == (
+        "https://pacs.example/dicom-web",
+        "basic",
+        "cxr",
+        "pw1",
+    )
     # An edit with the secret left empty keeps it; the page and the audit log never show it.
-    client.post("/ae/WEBPACS", role="destination", url="https://pacs.example/dicom-web", auth="basic",
-                username="cxr2", secret="")
+    client.post(
+        "/ae/WEBPACS",
+        role="destination",
+        url="https://pacs.example/dicom-web",
+        auth="basic",
+        username="cxr2",
+        secret="",
+    )
     ae = site.store.get_ae("WEBPACS")
     assert ae is not None and (ae.username, ae.secret) == ("cxr2", "pw1")
     page = client.get("/ae").text

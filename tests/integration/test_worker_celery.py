@@ -77,22 +77,51 @@ class Worker:
     def __init__(self, broker_url: str, weights: Path, cache: Path, log: Path, extra: tuple[str, ...] = ()) -> None:
         self.extra = extra
         # A short lease (Redis) so that the whole-worker kill below recovers in seconds, not a minute.
-        self.env = {**os.environ, BROKER_ENV: broker_url, LEASE_ENV: str(LEASE_S), "CXRNODE_WEIGHTS_DIR": str(weights),
-                    "CXRNODE_CACHE": str(cache), "CXRNODE_WORKER_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            BROKER_ENV: broker_url,
+            LEASE_ENV: str(LEASE_S),
+            "CXRNODE_WEIGHTS_DIR": str(weights),
+            "CXRNODE_CACHE": str(cache),
+            "CXRNODE_WORKER_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1", "--pool", "prefork",
-                 "-l", "info", "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-mingle", "--without-gossip",
-                 *self.extra],
-                cwd=REPO_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    str(CELERY),
+                    "-A",
+                    "workers.tasks",
+                    "worker",
+                    "-Q",
+                    INFERENCE_QUEUE,
+                    "-c",
+                    "1",
+                    "--pool",
+                    "prefork",
+                    "-l",
+                    "info",
+                    "-n",
+                    f"test-{uuid.uuid4().hex[:8]}@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                    *self.extra,
+                ],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         # Ready = consuming, and the pool child has loaded (and exported) every model.
         loaded = self.text().count("loaded model pneumothorax")
-        wait_for(lambda: self.text().count("loaded model pneumothorax") > loaded or not self.alive(), 120,
-                 "worker ready")
+        wait_for(
+            lambda: self.text().count("loaded model pneumothorax") > loaded or not self.alive(), 120, "worker ready"
+        )
         assert self.alive(), self.text()[-3000:]
         return self
 
@@ -125,8 +154,9 @@ class Worker:
 
 
 @pytest.fixture(scope="module")
-def worker(broker_url: str, weights: Path, onnx_cache: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def worker(
+    broker_url: str, weights: Path, onnx_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
     """One worker per broker for the whole module (tests that kill or stop it start it again)."""
     w = Worker(broker_url, weights, onnx_cache, tmp_path_factory.mktemp("worker") / "worker.log").start()
     yield w
@@ -233,8 +263,9 @@ def test_whole_worker_killed_recovers_on_restart(worker: Worker, node: Node, bro
     assert "recovered 1 message(s) left unacknowledged" in worker.text()
 
 
-def test_whole_worker_killed_another_worker_runs_its_task(worker: Worker, node: Node, broker_url: str,
-                                                         weights: Path, onnx_cache: Path, tmp_path: Path) -> None:
+def test_whole_worker_killed_another_worker_runs_its_task(
+    worker: Worker, node: Node, broker_url: str, weights: Path, onnx_cache: Path, tmp_path: Path
+) -> None:
     """Issue 17, finding 2: with another worker running, a kill -9 of a whole worker (main process and
     pool) delays its task by about the lease (workers.api.DEFAULT_LEASE_S, LEASE_S here), not Redis'
     hour or the node's 30-minute republish; the result arrives once."""
@@ -268,21 +299,25 @@ def _log_time(text: str, line: str) -> datetime:
     return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
 
 
-def test_live_worker_keeps_a_task_longer_than_the_lease(worker: Worker, node: Node, broker_url: str,
-                                                        weights: Path, onnx_cache: Path, tmp_path: Path) -> None:
+def test_live_worker_keeps_a_task_longer_than_the_lease(
+    worker: Worker, node: Node, broker_url: str, weights: Path, onnx_cache: Path, tmp_path: Path
+) -> None:
     """Messages a live worker holds past the visibility timeout are not delivered twice (their leases
     are renewed). A worker that reserves every message at once holds the last while it runs those before
     it: enough of them, by this machine's measured speed, to hold it for twice the lease."""
     if broker.is_embedded(broker_url):
         pytest.skip("Redis leases only")
     worker.stop()
-    holder = Worker(broker_url, weights, onnx_cache, tmp_path / "holder.log",
-                    extra=("--prefetch-multiplier", "64")).start()
+    holder = Worker(
+        broker_url, weights, onnx_cache, tmp_path / "holder.log", extra=("--prefetch-multiplier", "64")
+    ).start()
     try:
         node.send(AnalyzeRequest.build("job-pace", image(2048, 2048)).to_message())
         assert node.receive(timeout=240)["job_id"] == "job-pace"
         text = holder.text()
-        per_job = (_log_time(text, "job job-pace: analysed") - _log_time(text, "job job-pace: analysing")).total_seconds()
+        per_job = (
+            _log_time(text, "job job-pace: analysed") - _log_time(text, "job job-pace: analysing")
+        ).total_seconds()
         count = min(64, 2 + int(2 * LEASE_S / max(per_job, 0.05)))
         jobs = [f"job-long-{i}" for i in range(count)]
         for job in jobs:
@@ -312,18 +347,33 @@ def test_redis_priorities_order_the_queue(worker: Worker, node: Node, broker_url
 
 
 def test_worker_refuses_to_start_without_weights(tmp_path: Path) -> None:
-    env = {**os.environ, BROKER_ENV: f"sqla+sqlite:///{tmp_path / 'b.db'}",
-           "CXRNODE_WEIGHTS_DIR": str(tmp_path / "no-weights")}
-    proc = subprocess.run([str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        BROKER_ENV: f"sqla+sqlite:///{tmp_path / 'b.db'}",
+        "CXRNODE_WEIGHTS_DIR": str(tmp_path / "no-weights"),
+    }
+    proc = subprocess.run(
+        [str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "cannot start the worker: model card" in proc.stdout + proc.stderr
 
 
 def _start_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run a worker to its exit (both cases below stop at start)."""
-    return subprocess.run([str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_worker_without_a_broker_says_so_and_stops(tmp_path: Path) -> None:
@@ -337,8 +387,13 @@ def test_worker_without_a_broker_says_so_and_stops(tmp_path: Path) -> None:
 
 def test_worker_reads_the_old_broker_variable_with_a_warning(tmp_path: Path) -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CXRNODE_BROKER", "CXRNODE_RESULT_BACKEND"))}
-    proc = _start_worker({**base, "CXRNODE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'b.db'}",
-                          "CXRNODE_WEIGHTS_DIR": str(tmp_path / "no-weights")})
+    proc = _start_worker(
+        {
+            **base,
+            "CXRNODE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'b.db'}",
+            "CXRNODE_WEIGHTS_DIR": str(tmp_path / "no-weights"),
+        }
+    )
     out = proc.stdout + proc.stderr
     assert "CXRNODE_BROKER_URL is deprecated: rename it CXRNODE_BROKER__URL" in out
     assert "cannot start the worker: model card" in out  # got past the broker check to the weights

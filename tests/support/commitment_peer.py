@@ -38,8 +38,15 @@ class CommitmentPeer:
     """`mode`: where the report goes ("same" association, or a "new" one to `node`=(ae, host, port)).
     `fail`: SOP Instance UIDs to report as failed (0x0112). `withhold`: requests left unanswered first."""
 
-    def __init__(self, ae_title: str = "COMMITPACS", *, mode: Mode = "same", node: tuple[str, str, int] | None = None,
-                 fail: frozenset[str] = frozenset(), withhold: int = 0) -> None:
+    def __init__(
+        self,
+        ae_title: str = "COMMITPACS",
+        *,
+        mode: Mode = "same",
+        node: tuple[str, str, int] | None = None,
+        fail: frozenset[str] = frozenset(),
+        withhold: int = 0,
+    ) -> None:
         self.ae_title = ae_title
         self.mode = mode
         self.node = node
@@ -57,8 +64,11 @@ class CommitmentPeer:
             ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_supported_context(Verification)
         ae.add_supported_context(STORAGE_COMMITMENT)
-        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)])
+        server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)],
+        )
         assert server is not None
         self.server = server
 
@@ -117,8 +127,9 @@ class CommitmentPeer:
             ae = AE(ae_title=self.ae_title)
             ae.add_requested_context(STORAGE_COMMITMENT)
             # As a PACS does: report to the AE title that asked, at the address configured for it.
-            reverse = ae.associate(host, port, ae_title=request.calling_ae,
-                                   ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)])
+            reverse = ae.associate(
+                host, port, ae_title=request.calling_ae, ext_neg=[build_role(STORAGE_COMMITMENT, scp_role=True)]
+            )
             rsp = Dataset()
             if reverse.is_established:
                 rsp, _ = reverse.send_n_event_report(ds, event_type, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)

@@ -28,16 +28,23 @@ PASSWORD_HASH = hash_password(PASSWORD, iterations=1000)
 # [[web.users]] beside the single `admin_user` of older configs: a second admin and a read-only viewer.
 OPS, OPS_PASSWORD = "ops", "ops-test-password"
 VIEWER, VIEWER_PASSWORD = "viewer", "viewer-test-password"
-USERS = [{"name": OPS, "password_hash": hash_password(OPS_PASSWORD, iterations=1000), "role": "admin"},
-         {"name": VIEWER, "password_hash": hash_password(VIEWER_PASSWORD, iterations=1000), "role": "viewer"}]
+USERS = [
+    {"name": OPS, "password_hash": hash_password(OPS_PASSWORD, iterations=1000), "role": "admin"},
+    {"name": VIEWER, "password_hash": hash_password(VIEWER_PASSWORD, iterations=1000), "role": "viewer"},
+]
 
 
 def web_toml(port: int) -> str:
     """A [web] section for a node config: console on `port`, the legacy admin plus USERS."""
-    users = "".join(f'\n[[web.users]]\nname = "{u["name"]}"\npassword_hash = "{u["password_hash"]}"\n'
-                    f'role = "{u["role"]}"\n' for u in USERS)
-    return (f'[web]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nadmin_user = "{ADMIN}"\n'
-            f'password_hash = "{PASSWORD_HASH}"\n{users}')
+    users = "".join(
+        f'\n[[web.users]]\nname = "{u["name"]}"\npassword_hash = "{u["password_hash"]}"\nrole = "{u["role"]}"\n'
+        for u in USERS
+    )
+    return (
+        f'[web]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nadmin_user = "{ADMIN}"\n'
+        f'password_hash = "{PASSWORD_HASH}"\n{users}'
+    )
+
 
 EXTRA_OPTS = {"21": ["-xb"]}  # keep big endian as stored
 RAW_SENDS = {"28", "30"}  # storescu cannot read these; their bytes are sent as they are
@@ -90,12 +97,17 @@ def console_site(root: Path) -> Iterator[ConsoleSite]:
         statuses = send_test_files(node.port)
     finally:
         assert node.stop() == 0, node.log_text()[-3000:]
-    settings = load_settings(None, storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-                             database={"url": node.database_url}, web={"password_hash": PASSWORD_HASH, "users": USERS})
+    settings = load_settings(
+        None,
+        storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
+        database={"url": node.database_url},
+        web={"password_hash": PASSWORD_HASH, "users": USERS},
+    )
     store = AuditStore.open(settings.database_url)
     handed_off: list[int] = []
-    admin = AdminService(store, calling_ae=settings.dicom.ae_title, tls=settings.dicom.tls,
-                         enqueue_analysis=handed_off.append)
+    admin = AdminService(
+        store, calling_ae=settings.dicom.ae_title, tls=settings.dicom.tls, enqueue_analysis=handed_off.append
+    )
     web = start_in_thread(settings, store, admin=admin, port=0)
     try:
         yield ConsoleSite(settings, store, web, statuses, handed_off)

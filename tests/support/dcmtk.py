@@ -52,14 +52,26 @@ def storescu_opts(row: dict[str, str]) -> list[str] | None:
     return [] if opts == "(default)" else opts.split()
 
 
-def echoscu(port: int, *, aet: str = "STORESCU", aec: str = "CXRNODE", extra: Sequence[str] = (),
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=timeout)
+def echoscu(
+    port: int, *, aet: str = "STORESCU", aec: str = "CXRNODE", extra: Sequence[str] = (), timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["echoscu", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def storescu(port: int, files: Sequence[Path], *, aet: str = "STORESCU", aec: str = "CXRNODE",
-             opts: Sequence[str] = (), timeout: float = 120) -> StoreResult:
+def storescu(
+    port: int,
+    files: Sequence[Path],
+    *,
+    aet: str = "STORESCU",
+    aec: str = "CXRNODE",
+    opts: Sequence[str] = (),
+    timeout: float = 120,
+) -> StoreResult:
     """Send files on one association (going on after a failure status, -nh); parse every response status."""
     cmd = ["storescu", "-d", "-nh", "-aet", aet, "-aec", aec, *opts, "127.0.0.1", str(port), *map(str, files)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -78,8 +90,11 @@ class StoreSCP:
 
     def __enter__(self) -> StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(["storescp", "-aet", self.ae_title, "-od", str(self.out_dir), str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.ae_title, "-od", str(self.out_dir), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(lambda: port_open(self.port), 15, "storescp")
         return self
 
@@ -89,8 +104,9 @@ class StoreSCP:
             self.proc.wait(10)
 
 
-def send_as_stored(port: int, path: Path, *, aet: str = "STORESCU", aec: str = "CXRNODE",
-                   ssl_context: ssl.SSLContext | None = None) -> int | None:
+def send_as_stored(
+    port: int, path: Path, *, aet: str = "STORESCU", aec: str = "CXRNODE", ssl_context: ssl.SSLContext | None = None
+) -> int | None:
     """Send a file's bytes as they are with pynetdicom (for files storescu refuses to read).
 
     Chunked sending (``STORE_SEND_CHUNKED_DATASET``) takes the SOP Class/Instance UIDs and transfer

@@ -24,8 +24,14 @@ class ExportHarness:
     def __init__(self, data_dir: Path, destination: Destination, **sender: Any) -> None:
         self.settings: Settings = load_settings(None, storage={"data_dir": str(data_dir)}, sender=sender)
         self.store = AuditStore.open(self.settings.database_url)
-        self.store.add_ae(destination.ae_title, host=destination.host, port=destination.port, role="destination",
-                          tls=destination.tls, actor="test")
+        self.store.add_ae(
+            destination.ae_title,
+            host=destination.host,
+            port=destination.port,
+            role="destination",
+            tls=destination.tls,
+            actor="test",
+        )
         self.destination = destination
         self.exporter = Exporter(self.settings, self.store)
         self._n = 0
@@ -33,10 +39,15 @@ class ExportHarness:
     def register(self, files: Sequence[Path]) -> list[int]:
         """One instance whose results are `files`, each a pending export to the destination, due now."""
         self._n += 1
-        inst = self.store.record_instance_received(ReceivedInstance(f"1.2.826.0.1.3680043.10.1.{self._n}",
-                                                                    "1.2.840.10008.5.1.4.1.1.1"))
-        return [self.store.create_export(inst.id, destination_ae=self.destination.ae_title, kind=f.stem,
-                                         file_path=str(f)).id for f in files]
+        inst = self.store.record_instance_received(
+            ReceivedInstance(f"1.2.826.0.1.3680043.10.1.{self._n}", "1.2.840.10008.5.1.4.1.1.1")
+        )
+        return [
+            self.store.create_export(
+                inst.id, destination_ae=self.destination.ae_title, kind=f.stem, file_path=str(f)
+            ).id
+            for f in files
+        ]
 
     def run(self, passes: int, *, between: Callable[[int], None] | None = None) -> int:
         """Exporter passes, each when the next export is due; `between(n)` runs before pass n > 1.
@@ -73,10 +84,15 @@ class ExportHarness:
         """Seconds from each failed attempt to the retry it scheduled (the `export.retry` events' retry_at)."""
         attempts = self.attempts(export_id)
         retries = [e for e in self.store.list_events(kinds=["export.retry"]) if e.detail.get("export_id") == export_id]
-        return [round((datetime.fromisoformat(e.detail["retry_at"]) - as_utc(attempts[e.detail["attempt"] - 1]
-                                                                              .finished_at)).total_seconds(), 1)
-                for e in retries]
+        return [
+            round(
+                (
+                    datetime.fromisoformat(e.detail["retry_at"]) - as_utc(attempts[e.detail["attempt"] - 1].finished_at)
+                ).total_seconds(),
+                1,
+            )
+            for e in retries
+        ]
 
     def close(self) -> None:
         self.store.close()
-

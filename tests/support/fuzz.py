@@ -19,9 +19,16 @@ from tests.support.poison import j2k_bomb, poison_files
 from tests.support.synthetic_dicom import small_chest_copies
 
 #: Shared test files small enough to send a thousand variants of quickly (not the 10 MB one).
-SEEDS = ("02_cr_implicit_le_12bit.dcm", "07_cr_10bit_stored_16alloc.dcm", "12_cr_jpeg_baseline_8bit.dcm",
-         "17_cr_j2k_lossless_12bit.dcm", "19_cr_rle_lossless_12bit.dcm", "20_cr_deflated_explicit_le_12bit.dcm",
-         "23_sc_chest_rgb_annotated.dcm", "25_cr_hand_bodypart.dcm")
+SEEDS = (
+    "02_cr_implicit_le_12bit.dcm",
+    "07_cr_10bit_stored_16alloc.dcm",
+    "12_cr_jpeg_baseline_8bit.dcm",
+    "17_cr_j2k_lossless_12bit.dcm",
+    "19_cr_rle_lossless_12bit.dcm",
+    "20_cr_deflated_explicit_le_12bit.dcm",
+    "23_sc_chest_rgb_annotated.dcm",
+    "25_cr_hand_bodypart.dcm",
+)
 
 
 def seed_datasets(work: Path) -> list[Dataset]:
@@ -71,7 +78,7 @@ def _mutate(rng: random.Random, data: bytearray) -> bytearray:
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         return data
     if kind == 2:  # a length field (or anything) set to undefined/huge
-        data[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\xfe\xff\xff\x7f", b"\x00\x00\x00\x80"])
+        data[at : at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\xfe\xff\xff\x7f", b"\x00\x00\x00\x80"])
         return data
     if kind == 3:  # random bytes inserted
         return data[:at] + rng.randbytes(rng.randint(1, 256)) + data[at:]
@@ -92,16 +99,16 @@ def malformed_pdus(n: int, seed: int = 31) -> Iterator[bytes]:
         if kind == 0:  # random bytes
             yield rng.randbytes(rng.randint(1, 4096))
         elif kind == 1:  # a valid PDU type with a random (often huge) length and a short body
-            yield struct.pack(">BBL", rng.randint(1, 7), 0, rng.choice([0, 1, 6, 2**31, 2**32 - 1,
-                                                                        rng.randrange(2**32)])) \
-                + rng.randbytes(rng.randint(0, 512))
+            yield struct.pack(
+                ">BBL", rng.randint(1, 7), 0, rng.choice([0, 1, 6, 2**31, 2**32 - 1, rng.randrange(2**32)])
+            ) + rng.randbytes(rng.randint(0, 512))
         elif kind == 2:  # the A-ASSOCIATE-RQ with bits flipped
             data = bytearray(rq)
             for _ in range(rng.randint(1, 10)):
                 data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
             yield bytes(data)
         elif kind == 3:  # the A-ASSOCIATE-RQ truncated
-            yield rq[:rng.randrange(len(rq))]
+            yield rq[: rng.randrange(len(rq))]
         elif kind == 4:  # an unknown PDU type
             yield struct.pack(">BBL", rng.randint(8, 255), 0, 4) + b"\0\0\0\0"
         else:  # P-DATA, release or abort without an association

@@ -53,8 +53,10 @@ SIGNATURE_TOLERANCE_S = 300
 
 # ------------------------------------------------------------------------------------ checks (server side)
 
-def independent_verify(secret: bytes, timestamp: str, signature: str, body: bytes, *,
-                       tolerance_s: int = SIGNATURE_TOLERANCE_S) -> str | None:
+
+def independent_verify(
+    secret: bytes, timestamp: str, signature: str, body: bytes, *, tolerance_s: int = SIGNATURE_TOLERANCE_S
+) -> str | None:
     """The docs/operations.md receiver recipe; None when valid, else what is wrong."""
     try:
         ts = int(timestamp)
@@ -110,11 +112,14 @@ def _references(node: Any) -> Iterator[str]:
 
 
 def _outcome(code: str, diagnostics: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
+    }
 
 
 # ------------------------------------------------------------------------------------ the server
+
 
 class _State:
     def __init__(self, out: Path, mode: str, token: str, secret: str) -> None:
@@ -177,9 +182,14 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         control = self.state.control()
-        record: dict[str, Any] = {"method": "POST", "path": self.path, "headers": dict(self.headers.items()),
-                                  "body": body.decode("utf-8", "replace"), "control": control,
-                                  "received_at": time.time()}
+        record: dict[str, Any] = {
+            "method": "POST",
+            "path": self.path,
+            "headers": dict(self.headers.items()),
+            "body": body.decode("utf-8", "replace"),
+            "control": control,
+            "received_at": time.time(),
+        }
         if control == "hang":
             record["answer"] = "hang"
             self.state.record(record)
@@ -193,8 +203,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if control.isdigit():
             status = int(control)
-            answer: dict[str, Any] = (_outcome("exception", f"test receiver told to answer {status}")
-                                      if self.state.mode == "fhir" else {"error": f"told to answer {status}"})
+            answer: dict[str, Any] = (
+                _outcome("exception", f"test receiver told to answer {status}")
+                if self.state.mode == "fhir"
+                else {"error": f"told to answer {status}"}
+            )
             self._answer(record, status, answer, [])
             return
         if self.state.mode == "fhir":
@@ -202,8 +215,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._webhook(record, body)
 
-    def _answer(self, record: dict[str, Any], status: int, answer: dict[str, Any], problems: list[str],
-                headers: dict[str, str] | None = None) -> None:
+    def _answer(
+        self,
+        record: dict[str, Any],
+        status: int,
+        answer: dict[str, Any],
+        problems: list[str],
+        headers: dict[str, str] | None = None,
+    ) -> None:
         record.update(answer=status, problems=problems, response=answer)
         self.state.record(record)
         data = json.dumps(answer).encode()
@@ -223,8 +242,9 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         if self.state.token and auth != f"Bearer {self.state.token}":
             problem = "missing bearer token" if not auth else "invalid bearer token"
-            self._answer(record, 401, _outcome("login", problem), [problem],
-                         {"WWW-Authenticate": 'Bearer realm="fhir"'})
+            self._answer(
+                record, 401, _outcome("login", problem), [problem], {"WWW-Authenticate": 'Bearer realm="fhir"'}
+            )
             return
         content_type = self.headers.get("Content-Type", "")
         if not content_type.startswith("application/fhir+json"):
@@ -242,9 +262,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         entries, location, created = self.state.conditional_create(data)
         record["created"] = created
-        self._answer(record, 201 if created else 200,
-                     {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}, [],
-                     {"Location": location} if location else {})
+        self._answer(
+            record,
+            201 if created else 200,
+            {"resourceType": "Bundle", "type": "transaction-response", "entry": entries},
+            [],
+            {"Location": location} if location else {},
+        )
 
     def _webhook(self, record: dict[str, Any], body: bytes) -> None:
         if self.path.rstrip("/") != WEBHOOK_PATH:
@@ -253,8 +277,12 @@ class _Handler(BaseHTTPRequestHandler):
         problems = []
         if not self.headers.get("Content-Type", "").startswith("application/json"):
             problems.append("content type is not application/json")
-        problem = independent_verify(self.state.secret, self.headers.get("X-CXRNode-Timestamp", ""),
-                                     self.headers.get("X-CXRNode-Signature", ""), body)
+        problem = independent_verify(
+            self.state.secret,
+            self.headers.get("X-CXRNode-Timestamp", ""),
+            self.headers.get("X-CXRNode-Signature", ""),
+            body,
+        )
         if problem:
             self._answer(record, 401, {"error": problem}, [problem])
             return
@@ -307,22 +335,40 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------ the test side
 
+
 def sample_alert(**overrides: Any) -> TriageAlert:
     """A fully filled TriageAlert (critical, pneumothorax, worsening severity, experimental model)."""
     values: dict[str, Any] = dict(
-        alert_id="3f2a9c1e-7d4b-4e8a-9b1c-2d3e4f5a6b7c", created_at="2026-12-02T23:40:05+00:00",
-        level="critical", reasons=["pneumothorax probability 0.91 >= 0.5", "severity up by 2 >= 2"],
-        study_instance_uid="1.2.826.0.1.3680043.8.498.10001", accession_number="ACC-2026-0042", revision=1,
-        severity_score=5, severity_change=2,
+        alert_id="3f2a9c1e-7d4b-4e8a-9b1c-2d3e4f5a6b7c",
+        created_at="2026-12-02T23:40:05+00:00",
+        level="critical",
+        reasons=["pneumothorax probability 0.91 >= 0.5", "severity up by 2 >= 2"],
+        study_instance_uid="1.2.826.0.1.3680043.8.498.10001",
+        accession_number="ACC-2026-0042",
+        revision=1,
+        severity_score=5,
+        severity_change=2,
         prior=Prior(study_instance_uid="1.2.826.0.1.3680043.8.498.9000", study_date="20261115", severity_score=3),
-        pneumothorax_present=True, pneumothorax_probability=0.9134, pneumothorax_side="right",
+        pneumothorax_present=True,
+        pneumothorax_probability=0.9134,
+        pneumothorax_side="right",
         source_sop_instance_uid="1.2.826.0.1.3680043.8.498.10001.1.1",
         source_series_instance_uid="1.2.826.0.1.3680043.8.498.10001.1",
-        models=[AlertModel("lung", "2.1.0", "validated"), AlertModel("opacity", "1.4.0", "validated"),
-                AlertModel("pneumothorax", "0.9.0", "experimental")],
-        experimental=True, note=NOT_FOR_DIAGNOSTIC_USE,
-        patient_id="PID-778899", issuer_of_patient_id="1.2.826.0.1.3680043.8.498.77", patient_name="Doe^Jane^Q",
-        patient_birth_date="19610304", patient_sex="F", study_date="20261202", study_time="233012")
+        models=[
+            AlertModel("lung", "2.1.0", "validated"),
+            AlertModel("opacity", "1.4.0", "validated"),
+            AlertModel("pneumothorax", "0.9.0", "experimental"),
+        ],
+        experimental=True,
+        note=NOT_FOR_DIAGNOSTIC_USE,
+        patient_id="PID-778899",
+        issuer_of_patient_id="1.2.826.0.1.3680043.8.498.77",
+        patient_name="Doe^Jane^Q",
+        patient_birth_date="19610304",
+        patient_sex="F",
+        study_date="20261202",
+        study_time="233012",
+    )
     values.update(overrides)
     return TriageAlert(**values)
 
@@ -333,8 +379,16 @@ class HTTPReceiver:
     ``stop()`` and ``start()`` again keep the port (down → up); ``behave("500")`` switches the answer.
     """
 
-    def __init__(self, folder: Path, mode: str, *, token: str = "", secret: str = "",
-                 cert: Path | None = None, key: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        mode: str,
+        *,
+        token: str = "",
+        secret: str = "",
+        cert: Path | None = None,
+        key: Path | None = None,
+    ) -> None:
         self.folder = folder
         self.mode = mode
         self.token = token
@@ -354,15 +408,27 @@ class HTTPReceiver:
         self.folder.mkdir(parents=True, exist_ok=True)
         ready = self.folder / "ready"
         ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "tests.support.http_receiver", "--port", str(self.port),
-               "--out", str(self.folder), "--mode", self.mode, "--token", self.token, "--secret", self.secret]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.support.http_receiver",
+            "--port",
+            str(self.port),
+            "--out",
+            str(self.folder),
+            "--mode",
+            self.mode,
+            "--token",
+            self.token,
+            "--secret",
+            self.secret,
+        ]
         if self.cert and self.key:
             cmd += ["--cert", str(self.cert), "--key", str(self.key)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: self._exited() or ready.exists(), 20,
-                     f"HTTP receiver on port {self.port}")
+            wait_for(lambda: self._exited() or ready.exists(), 20, f"HTTP receiver on port {self.port}")
         except TimeoutError:
             self.stop()
             raise

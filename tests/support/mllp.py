@@ -31,8 +31,17 @@ __all__ = ["MLLPListener"]
 class MLLPListener:
     """One listener process writing what it receives under ``directory``; ``start`` waits until it listens."""
 
-    def __init__(self, directory: Path, *, ack: str = "AA", text: str = "", delay: float = 0.0, port: int = 0,
-                 tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        ack: str = "AA",
+        text: str = "",
+        delay: float = 0.0,
+        port: int = 0,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port  # 0 until the first start picks one; kept for restarts
@@ -47,16 +56,26 @@ class MLLPListener:
         if self.proc is not None:
             raise RuntimeError("MLLP listener already running")
         (self.dir / "port").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "tests.support.mllp_server", "--out", str(self.dir), "--port", str(self.port),
-               "--host", self.host]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.support.mllp_server",
+            "--out",
+            str(self.dir),
+            "--port",
+            str(self.port),
+            "--host",
+            self.host,
+        ]
         if self.tls_cert is not None:
             cmd += ["--tls-cert", str(self.tls_cert)]
             if self.tls_key is not None:
                 cmd += ["--tls-key", str(self.tls_key)]
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 — closed below; the child keeps its own descriptor
         try:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         finally:
             log.close()
         proc = self.proc
@@ -95,8 +114,9 @@ class MLLPListener:
     def __enter__(self) -> MLLPListener:
         return self.start() if self.proc is None else self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def log_text(self) -> str:
@@ -115,8 +135,14 @@ class MLLPListener:
         os.replace(tmp, self.dir / "control.json")
 
     def destination(self, name: str = "ris", **overrides: Any) -> HL7Destination:
-        values: dict[str, Any] = {"type": "hl7", "name": name, "host": self.host, "port": self.port,
-                                  "receiving_application": "RIS", "receiving_facility": "HOSP"}
+        values: dict[str, Any] = {
+            "type": "hl7",
+            "name": name,
+            "host": self.host,
+            "port": self.port,
+            "receiving_application": "RIS",
+            "receiving_facility": "HOSP",
+        }
         values.update(overrides)
         return HL7Destination(**values)
 
@@ -124,8 +150,7 @@ class MLLPListener:
 
     def messages(self) -> list[str]:
         """Every message received so far (decoded UTF-8), oldest first."""
-        return [p.read_bytes().decode("utf-8", "replace")
-                for p in sorted((self.dir / "messages").glob("*.hl7"))]
+        return [p.read_bytes().decode("utf-8", "replace") for p in sorted((self.dir / "messages").glob("*.hl7"))]
 
     def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[str]:
         wait_for(lambda: len(self.messages()) >= count, timeout, f"{count} HL7 message(s) at the MLLP listener")

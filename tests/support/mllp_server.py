@@ -35,8 +35,15 @@ START, END = b"\x0b", b"\x1c\x0d"
 
 
 def _escape(text: str) -> str:
-    return (text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\")
-            .replace("~", "\\R\\").replace("\r", " ").replace("\n", " "))
+    return (
+        text.replace("\\", "\\E\\")
+        .replace("|", "\\F\\")
+        .replace("^", "\\S\\")
+        .replace("&", "\\T\\")
+        .replace("~", "\\R\\")
+        .replace("\r", " ")
+        .replace("\n", " ")
+    )
 
 
 def msh_fields(message: str) -> list[str]:
@@ -74,8 +81,9 @@ def build_ack(message: str, code: str, text: str = "", control_id: str | None = 
         ack.msa.msa_3 = _escape(text)
     if code in ("AE", "AR", "CE", "CR"):
         err = ack.add_segment("ERR")
-        err.err_3 = "207^Application internal error^HL70357" if code in ("AE", "CE") \
-            else "200^Unsupported message type^HL70357"
+        err.err_3 = (
+            "207^Application internal error^HL70357" if code in ("AE", "CE") else "200^Unsupported message type^HL70357"
+        )
         err.err_4 = "E"
         if text:
             err.err_8 = _escape(text)
@@ -135,8 +143,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 buf.extend(chunk)
                 continue
             start = buf.find(START)
-            payload = bytes(buf[start + 1 if 0 <= start < end else 0:end])
-            del buf[:end + len(END)]
+            payload = bytes(buf[start + 1 if 0 <= start < end else 0 : end])
+            del buf[: end + len(END)]
             if not self._answer(sock, payload, state):
                 return
 

@@ -23,9 +23,18 @@ def cxrnode_command() -> list[str]:
 class NodeProcess:
     """One node: its config file, data dir, port and audit database URL."""
 
-    def __init__(self, root: Path, database_url: str = "", *, min_free_mb: int = 1, extra_toml: str = "",
-                 sources: tuple[str, ...] = (SENDER_AE,), analysis: bool = False, storage_toml: str = "",
-                 port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        database_url: str = "",
+        *,
+        min_free_mb: int = 1,
+        extra_toml: str = "",
+        sources: tuple[str, ...] = (SENDER_AE,),
+        analysis: bool = False,
+        storage_toml: str = "",
+        port: int | None = None,
+    ) -> None:
         self.root = root
         self.data_dir = root / "var"
         self.port = port or free_port()  # given when a peer must know it first (an archive's move destination)
@@ -35,13 +44,14 @@ class NodeProcess:
         ae_entries = "".join(f'\n[[ae]]\nname = "{name}"\nhost = "127.0.0.1"\nrole = "source"\n' for name in sources)
         self.config.write_text(
             f'[dicom]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = {self.port}\nshutdown_grace_s = 20\n'
-            f'{extra_toml}\n'
+            f"{extra_toml}\n"
             f'[storage]\ndata_dir = "{self.data_dir}"\nmin_free_mb = {min_free_mb}\n{storage_toml}\n'
             f'[database]\nurl = "{self.database_url}"\n{ae_entries}'
             # Ingest tests run without the analysis pipeline (no workers): instances stay `queued`.
             + ("" if analysis or "[broker]" in extra_toml else "\n[broker]\nenabled = false\n")
             # The console is tested on its own free port; other node tests run without it.
-            + ("" if "[web]" in extra_toml else "\n[web]\nenabled = false\n"))
+            + ("" if "[web]" in extra_toml else "\n[web]\nenabled = false\n")
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self._store: AuditStore | None = None
 
@@ -57,8 +67,9 @@ class NodeProcess:
         offset = self.log.stat().st_size if self.log.exists() else 0
         logf = open(self.log, "ab")  # noqa: SIM115 — handed to the child, closed after the spawn
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([*cxrnode_command(), "serve", "--config", str(self.config)],
-                                     stdout=logf, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [*cxrnode_command(), "serve", "--config", str(self.config)], stdout=logf, stderr=subprocess.STDOUT, env=env
+        )
         logf.close()
 
         def ready() -> bool:

@@ -34,9 +34,15 @@ class Orthanc:
     HTTP basic authentication for the REST API and DICOMweb alike (the helpers here log in as the first).
     """
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC",
-                 modalities: dict[str, tuple[str, str, int]] | None = None, *, dicomweb: bool = False,
-                 users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        ae_title: str = "ORTHANC",
+        modalities: dict[str, tuple[str, str, int]] | None = None,
+        *,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.dicom_port = free_port()
@@ -74,8 +80,14 @@ class Orthanc:
             "DicomCheckModalityHost": False,
             "DicomModalities": {name: list(entry) for name, entry in self.modalities.items()},
             "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
-            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/", "EnableWado": True,
-                         "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "DicomWeb": {
+                "Enable": self.dicomweb,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "Ssl": False,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            },
             "SaveJobs": False,
             "StableAge": 1,
             "HttpTimeout": 30,

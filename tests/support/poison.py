@@ -90,8 +90,10 @@ def deflate_bomb(out: Path, inflated_mb: int = 256) -> Path:
     write_dataset(DicomFileLike(body), ds)  # type: ignore[arg-type]
     n = inflated_mb * 1024 * 1024
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    chunks = [deflater.compress(body.getvalue()),
-              deflater.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, n))]
+    chunks = [
+        deflater.compress(body.getvalue()),
+        deflater.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, n)),
+    ]
     zeros = bytes(1 << 20)
     chunks += [deflater.compress(zeros) for _ in range(inflated_mb)]
     chunks.append(deflater.flush())

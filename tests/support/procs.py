@@ -22,8 +22,13 @@ def unit_command(unit: str, key: str, instance: str = "") -> list[str]:
     text = (REPO_ROOT / "deploy" / "systemd" / unit).read_text()
     found = re.search(rf"^{key}=(.+)$", text, re.M)
     assert found is not None, f"{unit} has no {key}"
-    line = (found.group(1).replace("/opt/cxrnode/bin/", f"{Path(sys.executable).parent}/")
-            .replace("/etc/cxrnode/cxrnode.toml", str(PRODUCTION)).replace("%i", instance).replace("%%H", "%h"))
+    line = (
+        found.group(1)
+        .replace("/opt/cxrnode/bin/", f"{Path(sys.executable).parent}/")
+        .replace("/etc/cxrnode/cxrnode.toml", str(PRODUCTION))
+        .replace("%i", instance)
+        .replace("%%H", "%h")
+    )
     return shlex.split(line)
 
 
@@ -36,8 +41,9 @@ class Proc:
 
     def start(self) -> Proc:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self
 
     def text(self) -> str:
@@ -97,13 +103,17 @@ class QuickStart:
     def mapped(self, text: str) -> str:
         import grp
 
-        return (text.replace("/etc/cxrnode/cxrnode.toml", str(PRODUCTION)).replace("/etc/cxrnode/", f"{self.etc}/")
-                .replace("/opt/cxrnode/bin/", f"{Path(sys.executable).parent}/")
-                .replace("chgrp cxrnode ", f"chgrp {grp.getgrgid(os.getgid()).gr_name} "))
+        return (
+            text.replace("/etc/cxrnode/cxrnode.toml", str(PRODUCTION))
+            .replace("/etc/cxrnode/", f"{self.etc}/")
+            .replace("/opt/cxrnode/bin/", f"{Path(sys.executable).parent}/")
+            .replace("chgrp cxrnode ", f"chgrp {grp.getgrgid(os.getgid()).gr_name} ")
+        )
 
     def sh(self, script: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["sh", "-e", "-c", self.mapped(script)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["sh", "-e", "-c", self.mapped(script)], env=env, capture_output=True, text=True, timeout=timeout
+        )
 
     def write_env_files(self, env: dict[str, str], hosts: dict[str, str]) -> None:
         """Run the env block, with the documented loopback addresses in `hosts` replaced by the test's."""
@@ -118,7 +128,8 @@ class QuickStart:
         """The variables of one env file as `sh` reads it (`set -a; . FILE`, as the docs' admin commands do)."""
         path = self.etc / name
         keys = re.findall(r"^([A-Z][A-Z0-9_]*)=", path.read_text(), re.M)
-        out = subprocess.run(["env", "-i", "sh", "-c", f"set -a; . '{path}'; env -0"], capture_output=True,
-                             timeout=30, check=True).stdout.decode()
+        out = subprocess.run(
+            ["env", "-i", "sh", "-c", f"set -a; . '{path}'; env -0"], capture_output=True, timeout=30, check=True
+        ).stdout.decode()
         values = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
         return {k: values[k] for k in keys}

@@ -18,12 +18,16 @@ SOURCE = "STOWSRC"
 
 
 def stow_toml(port: int, *, max_request_mb: int | None = None, extra: str = "") -> str:
-    return (f"\n[dicomweb]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\n"
-            + (f"max_request_mb = {max_request_mb}\n" if max_request_mb else "") + extra)
+    return (
+        f'\n[dicomweb]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\n'
+        + (f"max_request_mb = {max_request_mb}\n" if max_request_mb else "")
+        + extra
+    )
 
 
-def start_stow_node(node_factory: Callable[..., NodeProcess], *, max_request_mb: int | None = None,
-                    **kwargs: object) -> tuple[NodeProcess, int]:
+def start_stow_node(
+    node_factory: Callable[..., NodeProcess], *, max_request_mb: int | None = None, **kwargs: object
+) -> tuple[NodeProcess, int]:
     port = free_port()
     # Keys of [dicomweb] itself may come in extra_toml (after its own header, which is dropped here).
     extra = str(kwargs.pop("extra_toml", "")).replace("\n[dicomweb]\n", "\n")
@@ -33,8 +37,13 @@ def start_stow_node(node_factory: Callable[..., NodeProcess], *, max_request_mb:
 
 def add_token(node: NodeProcess, source: str = SOURCE) -> str:
     """`cxrnode stow-token add SOURCE`: the token is the one line on stdout."""
-    out = subprocess.run([*cxrnode_command(), "stow-token", "add", source, "--config", str(node.config)],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [*cxrnode_command(), "stow-token", "add", source, "--config", str(node.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return out.stdout.strip()
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 
 def ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    y, x = np.ogrid[:shape[0], :shape[1]]
+    y, x = np.ogrid[: shape[0], : shape[1]]
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
 
 
@@ -23,8 +23,9 @@ def lung_folder(root: Path, n: int = 8, shape: tuple[int, int] = (80, 72)) -> Pa
     rows = []
     h, w = shape
     for i in range(n):
-        lungs = (ellipse(shape, h * 0.5 + rng.uniform(-4, 4), w * 0.3, h * 0.3, w * 0.13)
-                 | ellipse(shape, h * 0.5 + rng.uniform(-4, 4), w * 0.7, h * 0.3, w * 0.13))
+        lungs = ellipse(shape, h * 0.5 + rng.uniform(-4, 4), w * 0.3, h * 0.3, w * 0.13) | ellipse(
+            shape, h * 0.5 + rng.uniform(-4, 4), w * 0.7, h * 0.3, w * 0.13
+        )
         image = np.where(lungs, 60, 190) + rng.normal(0, 12, shape)
         sid = f"img{i}"
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{sid}.png")

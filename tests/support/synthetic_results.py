@@ -38,17 +38,24 @@ def synthetic_masks(rows: int, cols: int, pneumothorax: bool = True) -> dict[str
     return {"right_lung": right, "left_lung": left, "opacity": opacity, "pneumothorax": pntx}
 
 
-def synthetic_result(rows: int, cols: int, masks: dict[str, np.ndarray],
-                     models: list[ModelInfo] | None = None) -> AnalyzeResult:
+def synthetic_result(
+    rows: int, cols: int, masks: dict[str, np.ndarray], models: list[ModelInfo] | None = None
+) -> AnalyzeResult:
     right, left, opacity, pntx = (masks[k] for k in ("right_lung", "left_lung", "opacity", "pneumothorax"))
     return AnalyzeResult(
-        job_id="job-1", rows=rows, cols=cols, masks={k: pack_mask(v) for k, v in masks.items()},
-        severity_score=2, zone_fractions=[0.0, 0.12, 0.61, 0.0, 0.05, 0.4],
+        job_id="job-1",
+        rows=rows,
+        cols=cols,
+        masks={k: pack_mask(v) for k, v in masks.items()},
+        severity_score=2,
+        zone_fractions=[0.0, 0.12, 0.61, 0.0, 0.05, 0.4],
         zone_affected=[False, False, True, False, False, True],
         opacity_fraction={"right": round(float((opacity & right).sum() / right.sum()), 4), "left": 0.0},
         lung_area_px={"right": int(right.sum()), "left": int(left.sum())},
-        pneumothorax_probability=0.91 if pntx.any() else 0.04, pneumothorax_present=bool(pntx.any()),
-        pneumothorax_side="left" if pntx.any() else None, pneumothorax_area_px=int(pntx.sum()),
+        pneumothorax_probability=0.91 if pntx.any() else 0.04,
+        pneumothorax_present=bool(pntx.any()),
+        pneumothorax_side="left" if pntx.any() else None,
+        pneumothorax_area_px=int(pntx.sum()),
         models=list(models or MODELS),
     )
 

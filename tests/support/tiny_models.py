@@ -30,9 +30,14 @@ def set_constant_head(module: Any, mask_logit: float, presence_logit: float | No
             linear.bias.fill_(presence_logit)
 
 
-def write_tiny_weights(weights_dir: Path, names: tuple[str, ...] = ("lung", "opacity", "pneumothorax"),
-                       size: int = TINY_SIZE, seed: int = 0, cards: dict[str, dict[str, Any]] | None = None,
-                       head_logits: dict[str, tuple[float, float | None]] | None = None) -> Path:
+def write_tiny_weights(
+    weights_dir: Path,
+    names: tuple[str, ...] = ("lung", "opacity", "pneumothorax"),
+    size: int = TINY_SIZE,
+    seed: int = 0,
+    cards: dict[str, dict[str, Any]] | None = None,
+    head_logits: dict[str, tuple[float, float | None]] | None = None,
+) -> Path:
     """Save tiny models + cards into `weights_dir` via `workers.models.save`; returns the folder."""
     torch.manual_seed(seed)
     for name in names:
@@ -40,8 +45,11 @@ def write_tiny_weights(weights_dir: Path, names: tuple[str, ...] = ("lung", "opa
         module = models.build(spec).eval()
         if head_logits and name in head_logits:
             set_constant_head(module, *head_logits[name])
-        card: dict[str, Any] = {"version": f"tiny-{seed}", "status": "experimental",
-                                "training_data": "none (random initialisation for tests)"}
+        card: dict[str, Any] = {
+            "version": f"tiny-{seed}",
+            "status": "experimental",
+            "training_data": "none (random initialisation for tests)",
+        }
         card.update((cards or {}).get(name, {}))
         models.save(module, spec, card, weights_dir)
     return weights_dir

@@ -110,8 +110,12 @@ def pixelmed(paths: Sequence[Path]) -> list[Report]:
     """
     if not paths:
         return []
-    run = subprocess.run(["java", *_JAVA_OPTS, "-cp", str(PIXELMED_JAR), str(_PIXELMED_MAIN), *map(str, paths)],
-                         capture_output=True, text=True, timeout=120 + 60 * len(paths))
+    run = subprocess.run(
+        ["java", *_JAVA_OPTS, "-cp", str(PIXELMED_JAR), str(_PIXELMED_MAIN), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120 + 60 * len(paths),
+    )
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in run.stdout.splitlines():
@@ -125,8 +129,9 @@ def pixelmed(paths: Sequence[Path]) -> list[Report]:
         if lines is not None and "IOD (SOP Class) unrecognized" in lines:
             raise ValueError(f"PixelMed has no IOD definition to check {path} against")
         if lines is None or "IOD validation complete" not in lines:
-            raise RuntimeError(f"PixelMed did not validate {path} (exit {run.returncode}):\n"
-                               f"{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+            raise RuntimeError(
+                f"PixelMed did not validate {path} (exit {run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+            )
         reports.append(_pixelmed_report(Path(path), lines))
     return reports
 
@@ -151,8 +156,11 @@ def _pixelmed_defect(line: str, ds: pydicom.Dataset) -> bool:
     if line.startswith("Error: DerivationImageMacro/DerivationImageSequence/: SharedFunctionalGroupsSequence"):
         frames = ds.get("PerFrameFunctionalGroupsSequence", [])
         return bool(frames) and all("DerivationImageSequence" in item for item in frames)
-    tid1501 = re.search(r"^Error: Template 1411 VolumetricROIMeasurements/.* within ([\d.]+): .*"
-                        r"Missing conditional content item$", line)
+    tid1501 = re.search(
+        r"^Error: Template 1411 VolumetricROIMeasurements/.* within ([\d.]+): .*"
+        r"Missing conditional content item$",
+        line,
+    )
     if tid1501:
         return _is_tid1501_group(ds, tid1501.group(1))
     found = re.search(r"not found in context group (\d+)$", line)
@@ -177,8 +185,9 @@ def _is_tid1501_group(ds: pydicom.Dataset, location: str) -> bool:
         return False
     if node.get("ValueType") != "CONTAINER" or node.ConceptNameCodeSequence[0].CodeValue != "125007":
         return False
-    return not any(child.ConceptNameCodeSequence[0].CodeValue in _ROI_REFERENCES
-                   for child in node.get("ContentSequence", []))
+    return not any(
+        child.ConceptNameCodeSequence[0].CodeValue in _ROI_REFERENCES for child in node.get("ContentSequence", [])
+    )
 
 
 #: Body parts the node's results may name that are not paired structures (General Series Laterality absent).

@@ -1,6 +1,6 @@
 """The webhook signature scheme against a vector computed outside Python:
 
-    printf '%s' '1700000000.{"alert_id":"a-1"}' | openssl dgst -sha256 -hmac 'whsec_test'
+printf '%s' '1700000000.{"alert_id":"a-1"}' | openssl dgst -sha256 -hmac 'whsec_test'
 """
 
 from __future__ import annotations

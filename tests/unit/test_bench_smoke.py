@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="DCMTK 
 @pytest.mark.timeout(180)
 def test_quick_ingest_and_worker_write_json(tmp_path: Path) -> None:
     out = tmp_path / "bench-results"
-    status = main(["--only", "ingest", "--only", "worker", "--quick", "--out", str(out),
-                   "--cache", str(tmp_path / "cache")])
+    status = main(
+        ["--only", "ingest", "--only", "worker", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    )
 
     assert status == 0, (out / "summary.json").read_text()
     summary = json.loads((out / "summary.json").read_text())
@@ -30,7 +31,10 @@ def test_quick_ingest_and_worker_write_json(tmp_path: Path) -> None:
 
     ingest = json.loads((out / "ingest.json").read_text())
     assert {r["server"] for r in ingest["runs"]} == {
-        "dcmtk-storescp", "dcmtk-storescp --fork", "cxrnode serve (listeners=2)"}
+        "dcmtk-storescp",
+        "dcmtk-storescp --fork",
+        "cxrnode serve (listeners=2)",
+    }
     for run in ingest["runs"]:
         assert run["stored"] == run["files"] == 8
         assert run["mb_per_s"] > 0
@@ -68,7 +72,11 @@ def test_quick_stow_compares_both_front_doors(tmp_path: Path) -> None:
     assert status == 0, (out / "stow.json").read_text()
     stow = json.loads((out / "stow.json").read_text())
     assert {(r["server"], r["associations"]) for r in stow["runs"]} == {
-        ("c-store", 1), ("c-store", 4), ("stow-rs", 1), ("stow-rs", 4)}
+        ("c-store", 1),
+        ("c-store", 4),
+        ("stow-rs", 1),
+        ("stow-rs", 4),
+    }
     for run in stow["runs"]:
         assert run["stored"] == run["files"] == 8 and run["mb_per_s"] > 0
     assert stow["ratio_stow_to_cstore"]["1_stream"]["best"] > 0

@@ -16,9 +16,13 @@ from workers import broker
 def rows(db: Path) -> list[tuple[int, int, str]]:
     """(message id, visible, queue name) of every message row."""
     with sqlite3.connect(db) as con:
-        return [(int(i), int(v), str(q)) for i, v, q in con.execute(
-            "SELECT m.id, m.visible, q.name FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id "
-            "ORDER BY m.id")]
+        return [
+            (int(i), int(v), str(q))
+            for i, v, q in con.execute(
+                "SELECT m.id, m.visible, q.name FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id "
+                "ORDER BY m.id"
+            )
+        ]
 
 
 def test_ack_deletes_and_requeue_keeps_the_row(tmp_path: Path) -> None:
@@ -36,7 +40,7 @@ def test_ack_deletes_and_requeue_keeps_the_row(tmp_path: Path) -> None:
         assert [r[1] for r in rows(db)] == [1]  # acked: gone, the file does not grow
 
         second = q.get(timeout=5)
-        (row_id, _, _), = rows(db)
+        ((row_id, _, _),) = rows(db)
         second.requeue()
         assert rows(db) == [(row_id, 1, "inference")]  # same row visible again, not a copy
         again = q.get(timeout=5)
@@ -84,10 +88,11 @@ def test_broker_environment_uses_the_node_spelling_and_warns_on_the_old_one() ->
     values, warnings = broker_environment({"CXRNODE_BROKER_URL": "redis://old/0", "CXRNODE_TASK_TIME_LIMIT": "60"})
     assert values == {"CXRNODE_BROKER__URL": "redis://old/0", "CXRNODE_BROKER__TASK_TIME_LIMIT": "60"}
     assert [w.split(" ")[0] for w in warnings] == ["CXRNODE_BROKER_URL", "CXRNODE_TASK_TIME_LIMIT"]
-    values, warnings = broker_environment({"CXRNODE_BROKER__URL": "redis://new/0", "CXRNODE_BROKER_URL": "redis://old/0"})
+    values, warnings = broker_environment(
+        {"CXRNODE_BROKER__URL": "redis://new/0", "CXRNODE_BROKER_URL": "redis://old/0"}
+    )
     assert values == {"CXRNODE_BROKER__URL": "redis://new/0"} and "ignored" in warnings[0]
     assert broker_environment({}) == ({}, [])
-
 
 
 @pytest.mark.redis
@@ -104,8 +109,10 @@ def test_leases_keep_a_live_consumers_message_and_free_a_dead_ones(redis_server:
     redis.Redis.from_url(url).flushdb()
     lease = 4.0
     options = redis_transport_options(lease)
-    with Connection(url, transport_options=options) as holder_conn, \
-            Connection(url, transport_options=options) as other_conn:
+    with (
+        Connection(url, transport_options=options) as holder_conn,
+        Connection(url, transport_options=options) as other_conn,
+    ):
         holder = holder_conn.SimpleQueue("inference")
         holder.put({"job": 1})
         held = holder.get(timeout=5)  # delivered, not acknowledged: the task is running

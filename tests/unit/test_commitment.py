@@ -63,14 +63,18 @@ def _request(transaction_uid: str | None, items: list[dict[str, str]] | None) ->
     return ds
 
 
-@pytest.mark.parametrize(("transaction_uid", "items", "reason"), [
-    (None, [{"ReferencedSOPClassUID": CR, "ReferencedSOPInstanceUID": "1.2.3"}], "no Transaction UID"),
-    ("1.2", None, "no Referenced SOP Sequence"),
-    ("1.2", [], "no Referenced SOP Sequence"),
-    ("1.2", [{"ReferencedSOPClassUID": CR}], "lacks its SOP Class or SOP Instance UID"),
-])
-def test_malformed_requests_say_what_is_missing(transaction_uid: str | None, items: list[dict[str, str]] | None,
-                                                reason: str) -> None:
+@pytest.mark.parametrize(
+    ("transaction_uid", "items", "reason"),
+    [
+        (None, [{"ReferencedSOPClassUID": CR, "ReferencedSOPInstanceUID": "1.2.3"}], "no Transaction UID"),
+        ("1.2", None, "no Referenced SOP Sequence"),
+        ("1.2", [], "no Referenced SOP Sequence"),
+        ("1.2", [{"ReferencedSOPClassUID": CR}], "lacks its SOP Class or SOP Instance UID"),
+    ],
+)
+def test_malformed_requests_say_what_is_missing(
+    transaction_uid: str | None, items: list[dict[str, str]] | None, reason: str
+) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_request(_request(transaction_uid, items))
 

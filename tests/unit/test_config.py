@@ -29,14 +29,34 @@ def test_defaults() -> None:
 
 def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
     key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return key, cert
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_shipped_examples_pass_config_check(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_shipped_examples_pass_config_check(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     if "production" in path.name:
         # Its certificates live in /etc/cxrnode/tls on a real host; point at real ones made here.
         key, cert = self_signed(tmp_path, "node")
@@ -54,9 +74,12 @@ def test_config_check_reports_what_would_stop_the_start(tmp_path: Path, capsys: 
     key, cert = self_signed(tmp_path, "node")
     other_key, _ = self_signed(tmp_path, "other")
     (tmp_path / "afile").write_text("")
-    path = write(tmp_path, '[storage]\ndata_dir = "afile/var"\n'
-                           f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "missing.key"\n'
-                           '[web]\nproduction = true\n')
+    path = write(
+        tmp_path,
+        '[storage]\ndata_dir = "afile/var"\n'
+        f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "missing.key"\n'
+        "[web]\nproduction = true\n",
+    )
     assert main(["config", "check", str(path)]) == 1
     err = capsys.readouterr().err
     assert f"{path} cannot start the node:" in err
@@ -67,8 +90,11 @@ def test_config_check_reports_what_would_stop_the_start(tmp_path: Path, capsys: 
     assert main(["serve", "--config", str(path)]) == 1
     assert capsys.readouterr().err.endswith(err)
     # A key that is not the certificate's is found too, as the listener would find it.
-    path = write(tmp_path, f'[storage]\ndata_dir = "{tmp_path / "var"}"\n'
-                           f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "{other_key}"\n')
+    path = write(
+        tmp_path,
+        f'[storage]\ndata_dir = "{tmp_path / "var"}"\n'
+        f'[dicom.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "{other_key}"\n',
+    )
     assert main(["config", "check", str(path)]) == 1
     assert "dicom.tls: the certificate, key or CA cannot be loaded" in capsys.readouterr().err
     assert key.exists()
@@ -81,16 +107,20 @@ def test_config_check_reports_an_unusable_session_key(tmp_path: Path, capsys: py
     assert f"web.session_key_file {tmp_path / 'short.key'} holds 3 bytes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("text", "named"), [
-    ("[dicom]\nportt = 104\n", "dicom.portt: unknown key"),
-    ("[dicom]\nport = 70000\n", "dicom.port"),
-    ('[dicom]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n', "dicom.ae_title"),
-    ('[[ae]]\nname = "BAD\\\\AE"\n', "ae.0.name"),
-    ('[[rules]]\nname = "x"\naction = "delete"\n', "rules.0.action"),
-    ("[storage\n", "not valid TOML"),
-])
-def test_config_check_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
-                                        named: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[dicom]\nportt = 104\n", "dicom.portt: unknown key"),
+        ("[dicom]\nport = 70000\n", "dicom.port"),
+        ('[dicom]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n', "dicom.ae_title"),
+        ('[[ae]]\nname = "BAD\\\\AE"\n', "ae.0.name"),
+        ('[[rules]]\nname = "x"\naction = "delete"\n', "rules.0.action"),
+        ("[storage\n", "not valid TOML"),
+    ],
+)
+def test_config_check_names_the_bad_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str
+) -> None:
     assert main(["config", "check", str(write(tmp_path, text))]) == 1
     assert named in capsys.readouterr().err
 
@@ -147,12 +177,15 @@ def test_find_config_order(tmp_path: Path) -> None:
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     conf_dir = tmp_path / "etc"
     conf_dir.mkdir()
-    path = write(conf_dir, '[storage]\ndata_dir = "data"\n[database]\nurl = "sqlite:///db/audit.db"\n'
-                           '[broker]\nurl = "sqla+sqlite:///q.db"\n'
-                           '[dicom.tls]\nenabled = true\ncert_file = "tls/n.crt"\nkey_file = "/abs/n.key"\n'
-                           '[web]\nsession_key_file = "k"\n'
-                           '[[triage.destinations]]\nname = "hook"\ntype = "webhook"\nurl = "https://x"\n'
-                           'secret_file = "hook.secret"\n')
+    path = write(
+        conf_dir,
+        '[storage]\ndata_dir = "data"\n[database]\nurl = "sqlite:///db/audit.db"\n'
+        '[broker]\nurl = "sqla+sqlite:///q.db"\n'
+        '[dicom.tls]\nenabled = true\ncert_file = "tls/n.crt"\nkey_file = "/abs/n.key"\n'
+        '[web]\nsession_key_file = "k"\n'
+        '[[triage.destinations]]\nname = "hook"\ntype = "webhook"\nurl = "https://x"\n'
+        'secret_file = "hook.secret"\n',
+    )
     monkeypatch.chdir(tmp_path)
     s = load_settings(path)
     assert s.storage.data_dir == conf_dir / "data"
@@ -168,8 +201,9 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path, monkeypatch: py
     assert (s.storage.data_dir, s.database_url) == (Path("envdir"), "sqlite:////abs/a.db")
 
 
-def test_config_check_finds_the_file_like_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_check_finds_the_file_like_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, '[dicom]\nae_title = "FROMENV"\n')
     monkeypatch.setenv("CXRNODE_CONFIG", str(path))
     assert main(["config", "check"]) == 0
@@ -179,10 +213,12 @@ def test_config_check_finds_the_file_like_serve(tmp_path: Path, monkeypatch: pyt
     assert "missing.toml does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["ae", "add", "PACS"], ["ae", "list"], ["audit", "studies"],
-                                     ["exports", "list"], ["reanalyze", "1"]])
-def test_admin_commands_refuse_a_fresh_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command", [["ae", "add", "PACS"], ["ae", "list"], ["audit", "studies"], ["exports", "list"], ["reanalyze", "1"]]
+)
+def test_admin_commands_refuse_a_fresh_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CXRNODE_CONFIG", raising=False)
     monkeypatch.setattr("node.runtime.config.SYSTEM_CONFIG", tmp_path / "no-such" / "cxrnode.toml")
@@ -195,8 +231,9 @@ def test_admin_commands_refuse_a_fresh_database(tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "var").exists() and not (tmp_path / "nodevar").exists()  # nothing created
 
 
-def test_admin_commands_use_the_node_database_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_admin_commands_use_the_node_database_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from node.audit import AuditStore
 
     conf_dir = tmp_path / "etc"
@@ -213,10 +250,11 @@ def test_admin_commands_use_the_node_database_from_any_directory(tmp_path: Path,
     assert not (elsewhere / "var").exists()
 
 
-def test_cxrnode_worker_refuses_a_configuration_without_broker(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cxrnode_worker_refuses_a_configuration_without_broker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "c.toml"
-    config.write_text("[broker]\nurl = \"\"\n")
+    config.write_text('[broker]\nurl = ""\n')
     assert main(["worker", "--config", str(config)]) == 1
     assert f"no broker configured: broker.url is empty in {config}" in capsys.readouterr().err
 
@@ -226,7 +264,7 @@ def test_cxrnode_worker_passes_its_hostname_to_celery(tmp_path: Path, monkeypatc
     execs: list[tuple[str, list[str], dict[str, str]]] = []
     monkeypatch.setattr("os.execve", lambda path, argv, env: execs.append((path, argv, env)))
     assert main(["worker", "--config", str(config), "--hostname", "gpu1@%h", "--concurrency", "2"]) == 0
-    (_, argv, env), = execs
+    ((_, argv, env),) = execs
     assert argv[argv.index("--hostname") + 1] == "gpu1@%h" and argv[argv.index("-Q") + 1] == "inference"
     assert argv[argv.index("-c") + 1] == "2"
     assert env["CXRNODE_BROKER__URL"] == "redis://127.0.0.1:6379/0"
@@ -234,8 +272,9 @@ def test_cxrnode_worker_passes_its_hostname_to_celery(tmp_path: Path, monkeypatc
     assert "--hostname" not in execs[-1][1]  # Celery's default, celery@<host>
 
 
-def test_production_console_needs_tls_or_a_declared_tls_proxy(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_production_console_needs_tls_or_a_declared_tls_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Issue 13, finding 6: production served the console (passwords, PHI) over plain HTTP.
     from node.web.auth import hash_password
 
@@ -246,8 +285,10 @@ def test_production_console_needs_tls_or_a_declared_tls_proxy(tmp_path: Path,
     assert "web.production serves the console over TLS only" in capsys.readouterr().err
     assert main(["config", "check", str(write(tmp_path, base + "behind_tls_proxy = true\n"))]) == 0
     capsys.readouterr()
-    assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\n'
-                                                              f'tls_key_file = "{key}"\n'))]) == 0
+    assert (
+        main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'))])
+        == 0
+    )
     capsys.readouterr()
     assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\n'))]) == 1
     assert "web.tls_cert_file and web.tls_key_file go together" in capsys.readouterr().err
@@ -262,8 +303,9 @@ def test_examples_analyse_what_the_built_in_rules_analyse(path: Path) -> None:
     assert analysed == [(r.name, r.match) for r in default_rules()]
 
 
-def test_the_node_warns_about_the_workers_old_broker_variable(monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_the_node_warns_about_the_workers_old_broker_variable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("CXRNODE_BROKER_URL", "redis://pacs-broker:6379/0")
     with caplog.at_level("WARNING", logger="node.runtime.config"):
         assert load_settings().broker.url == ""
@@ -274,8 +316,10 @@ def test_stow_rs_tls_settings_are_checked_before_start(tmp_path: Path, capsys: p
     from node.web.auth import hash_password
 
     key, cert = self_signed(tmp_path, "stow")
-    web = (f'[web]\nproduction = true\nbehind_tls_proxy = true\n'
-           f'password_hash = "{hash_password("secret-password", iterations=1000)}"\n')
+    web = (
+        f"[web]\nproduction = true\nbehind_tls_proxy = true\n"
+        f'password_hash = "{hash_password("secret-password", iterations=1000)}"\n'
+    )
     base = f'[storage]\ndata_dir = "{tmp_path / "var"}"\n{web}[dicomweb]\nenabled = true\n'
     assert main(["config", "check", str(write(tmp_path, base + 'host = "0.0.0.0"\n'))]) == 1
     assert "serves STOW-RS on 0.0.0.0 over TLS only" in capsys.readouterr().err
@@ -286,5 +330,8 @@ def test_stow_rs_tls_settings_are_checked_before_start(tmp_path: Path, capsys: p
     capsys.readouterr()
     assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{cert}"\n'))]) == 1
     assert "dicomweb.tls_cert_file and dicomweb.tls_key_file go together" in capsys.readouterr().err
-    assert main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{key}"\ntls_key_file = "{key}"\n'))]) == 1
+    assert (
+        main(["config", "check", str(write(tmp_path, base + f'tls_cert_file = "{key}"\ntls_key_file = "{key}"\n'))])
+        == 1
+    )
     assert "dicomweb.tls: the certificate or key cannot be loaded" in capsys.readouterr().err

@@ -14,8 +14,13 @@ from tests.support.paths import REPO_ROOT
 
 
 def test_document_matches_the_code() -> None:
-    proc = subprocess.run([sys.executable, "-m", "node.conformance", "--check"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.conformance", "--check"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -33,8 +38,14 @@ def test_scp_contexts_are_the_listeners() -> None:
     for cx in AllStoragePresentationContexts:
         assert str(cx.abstract_syntax) in contexts
     text = conformance.DOC_PATH.read_text()
-    for uid in ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
-                "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"):
+    for uid in (
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.5",
+    ):
         assert f"`{uid}`" in text
 
 

@@ -25,8 +25,23 @@ DEPLOY = REPO_ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 PRODUCTION = DEPLOY / "config" / "cxrnode.production.toml"
 
-SERVICE_KEYS = {"build", "image", "restart", "command", "environment", "volumes", "ports", "depends_on",
-                "healthcheck", "deploy", "stop_grace_period", "user", "entrypoint", "env_file", "networks"}
+SERVICE_KEYS = {
+    "build",
+    "image",
+    "restart",
+    "command",
+    "environment",
+    "volumes",
+    "ports",
+    "depends_on",
+    "healthcheck",
+    "deploy",
+    "stop_grace_period",
+    "user",
+    "entrypoint",
+    "env_file",
+    "networks",
+}
 HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "disable"}
 DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
 
@@ -68,7 +83,9 @@ def compose_problems(data: dict[str, Any], base: Path) -> list[str]:  # noqa: C9
             for key in set(hc) - HEALTHCHECK_KEYS:
                 problems.append(f"{where}.healthcheck: unknown key {key!r}")
             test = hc.get("test")
-            if not (isinstance(test, list) and test and test[0] in ("CMD", "CMD-SHELL", "NONE")) and not isinstance(test, str):
+            if not (isinstance(test, list) and test and test[0] in ("CMD", "CMD-SHELL", "NONE")) and not isinstance(
+                test, str
+            ):
                 problems.append(f"{where}.healthcheck.test must be a string or [CMD|CMD-SHELL, ...]")
             for key in ("interval", "timeout", "start_period"):
                 if key in hc and not DURATION.match(str(hc[key])):
@@ -76,8 +93,11 @@ def compose_problems(data: dict[str, Any], base: Path) -> list[str]:  # noqa: C9
         for dep, cond in (svc.get("depends_on") or {}).items():
             if dep not in services:
                 problems.append(f"{where}.depends_on: unknown service {dep!r}")
-            if isinstance(cond, dict) and cond.get("condition") not in ("service_started", "service_healthy",
-                                                                         "service_completed_successfully"):
+            if isinstance(cond, dict) and cond.get("condition") not in (
+                "service_started",
+                "service_healthy",
+                "service_completed_successfully",
+            ):
                 problems.append(f"{where}.depends_on.{dep}: bad condition {cond.get('condition')!r}")
         for vol in svc.get("volumes") or []:
             source = str(vol).split(":")[0]
@@ -118,8 +138,10 @@ def test_compose_has_the_whole_stack_with_health_checks_and_volumes() -> None:
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert any(str(v).startswith("spool:/var/lib/cxrnode") for v in services["node"]["volumes"])
     assert any(str(v).startswith("pgdata:") for v in services["postgres"]["volumes"])
-    assert services["node"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
-                                              "redis": {"condition": "service_healthy"}}
+    assert services["node"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},
+    }
     # The node's environment points at the compose services, and the worker reads the same broker
     # under the names workers.tasks looks up.
     env = services["node"]["environment"]
@@ -187,7 +209,7 @@ def test_node_image_is_slim_non_root_and_torch_free() -> None:
 def test_worker_image_installs_the_worker_extra_and_consumes_inference() -> None:
     text = (DEPLOY / "Dockerfile.worker").read_text()
     assert 'pip install ".[worker]"' in text
-    cmd = re.search(r'^CMD \[(.*?)\]\s*$', text.replace("\\\n", " "), re.M)
+    cmd = re.search(r"^CMD \[(.*?)\]\s*$", text.replace("\\\n", " "), re.M)
     assert cmd is not None
     args = [a.strip().strip('"') for a in cmd.group(1).split(",")]
     assert args[:5] == ["celery", "-A", "workers.tasks", "worker", "-Q"] and args[5] == "inference"
@@ -211,15 +233,19 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     units = _units(tmp_path)
     assert [u.name for u in units] == ["cxrnode-worker@0.service", "cxrnode.service"]
     for unit in units:
-        assert re.search(r"^ExecStart=\S+/(cxrnode serve|celery -A workers.tasks worker -Q inference)",
-                         unit.read_text(), re.M), unit.name
+        assert re.search(
+            r"^ExecStart=\S+/(cxrnode serve|celery -A workers.tasks worker -Q inference)", unit.read_text(), re.M
+        ), unit.name
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed (parser checks above still ran)")
     proc = subprocess.run([analyze, "verify", *map(str, units)], capture_output=True, text=True, timeout=60)
     # Only problems with our units count (verify also reports on unrelated host units).
-    ours = [line for line in (proc.stdout + proc.stderr).splitlines()
-            if any(u.name in line for u in units) or "cxrnode" in line]
+    ours = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if any(u.name in line for u in units) or "cxrnode" in line
+    ]
     assert ours == [], "\n".join(ours)
 
 
@@ -262,5 +288,6 @@ def test_shipped_haproxy_config_is_valid_and_balances_two_nodes_on_the_dicom_por
     assert re.search(r"^\s*mode tcp$", text, re.M) and re.search(r"^\s*bind :11112$", text, re.M)
     servers = re.findall(r"^\s*server (\S+) \S+:11112$", text, re.M)
     assert servers == ["node-a", "node-b"]
-    assert re.search(r"^\s*default-server check .*on-marked-down shutdown-sessions send-proxy-v2 check-send-proxy",
-                     text, re.M)
+    assert re.search(
+        r"^\s*default-server check .*on-marked-down shutdown-sessions send-proxy-v2 check-send-proxy", text, re.M
+    )

@@ -31,8 +31,12 @@ from node.runtime.config import AEEntry
 def test_media_types() -> None:
     assert stow_boundary('multipart/related; type="application/dicom"; boundary="a b"') == b"a b"
     assert stow_boundary("Multipart/Related; boundary=XyZ") == b"XyZ"  # type defaults to application/dicom
-    for bad in ("", "application/dicom", "multipart/form-data; boundary=x",
-                'multipart/related; type="application/dicom+xml"; boundary=x'):
+    for bad in (
+        "",
+        "application/dicom",
+        "multipart/form-data; boundary=x",
+        'multipart/related; type="application/dicom+xml"; boundary=x',
+    ):
         with pytest.raises(UnsupportedMediaType):
             stow_boundary(bad)
     with pytest.raises(MalformedBody):
@@ -42,13 +46,15 @@ def test_media_types() -> None:
 def _spool(tmp_path: Path, body: bytes, chunk: int = 7, **limits: int) -> PartSpooler:
     sp = PartSpooler(b"B", tmp_path, max_part_bytes=limits.get("part", 1000), max_body_bytes=limits.get("body", 10000))
     for i in range(0, len(body), chunk):
-        sp.write(body[i:i + chunk])
+        sp.write(body[i : i + chunk])
     return sp
 
 
 def test_parts_are_written_to_files_as_they_stream(tmp_path: Path) -> None:
-    body = (b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 300 + b"\r\n"
-            b"--B\r\ncontent-type: text/plain\r\n\r\nhello\r\n--B--\r\nepilogue")
+    body = (
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * 300 + b"\r\n"
+        b"--B\r\ncontent-type: text/plain\r\n\r\nhello\r\n--B--\r\nepilogue"
+    )
     parts = _spool(tmp_path, body).finish()
     assert [p.path.read_bytes() for p in parts] == [b"x" * 300, b"hello"]
     assert [p.is_dicom for p in parts] == [True, False] and parts[0].received == 300
@@ -58,12 +64,16 @@ def test_parts_are_written_to_files_as_they_stream(tmp_path: Path) -> None:
 
 
 def test_bad_bodies_leave_nothing(tmp_path: Path) -> None:
-    for body, error in ((b"no boundary here", MalformedBody), (b"--B\r\n\r\nabc", MalformedBody),
-                        (b"--B--\r\n", MalformedBody), (b"--B\r\n\r\n" + b"z" * 20000, BodyTooLarge)):
+    for body, error in (
+        (b"no boundary here", MalformedBody),
+        (b"--B\r\n\r\nabc", MalformedBody),
+        (b"--B--\r\n", MalformedBody),
+        (b"--B\r\n\r\n" + b"z" * 20000, BodyTooLarge),
+    ):
         sp = PartSpooler(b"B", tmp_path, max_part_bytes=100000, max_body_bytes=10000)
         with pytest.raises(error):
             for i in range(0, len(body), 512):
-                sp.write(body[i:i + 512])
+                sp.write(body[i : i + 512])
             sp.finish()
         sp.discard()
         assert list(tmp_path.iterdir()) == [], body[:20]
@@ -103,8 +113,12 @@ def test_bearer_header() -> None:
 def test_stow_destination_settings() -> None:
     e = AEEntry(name="WEB", role="destination", url="https://pacs.example/dicom-web/", auth="bearer", secret="t")
     assert e.url == "https://pacs.example/dicom-web" and e.host is None
-    for bad in ({"url": "ftp://x"}, {"url": "https://x", "auth": "basic", "secret": "p"},
-                {"url": "https://x", "auth": "bearer"}, {"auth": "bearer", "secret": "t", "host": "h", "port": 1},
-                {}):
+    for bad in (
+        {"url": "ftp://x"},
+        {"url": "https://x", "auth": "basic", "secret": "p"},
+        {"url": "https://x", "auth": "bearer"},
+        {"auth": "bearer", "secret": "t", "host": "h", "port": 1},
+        {},
+    ):
         with pytest.raises(ValueError):
             AEEntry(name="WEB", role="destination", **bad)  # type: ignore[arg-type]

@@ -34,8 +34,11 @@ def test_tcp4_and_tcp6_give_the_senders_address_and_leave_the_rest_unread() -> N
         a.sendall(header(1, 0x11, v4 + b"\x04\x00\x01x") + b"\x01\x00")  # a TLV, then the A-ASSOCIATE-RQ
         assert read_proxy_v2(b, 2.0) == ("10.1.2.3", 40123)
         assert b.recv(2) == b"\x01\x00"  # the association starts right after the header
-    v6 = socket.inet_pton(socket.AF_INET6, "fd00::7") + socket.inet_pton(socket.AF_INET6, "fd00::1") \
+    v6 = (
+        socket.inet_pton(socket.AF_INET6, "fd00::7")
+        + socket.inet_pton(socket.AF_INET6, "fd00::1")
         + struct.pack("!HH", 5000, 11112)
+    )
     assert read(header(1, 0x21, v6)) == ("fd00::7", 5000)
 
 
@@ -44,13 +47,16 @@ def test_the_balancers_own_connections_are_none() -> None:
     assert read(b"") is None  # a plain connect check closes at once
 
 
-@pytest.mark.parametrize("data, why", [
-    (b"\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", "does not start"),
-    (PROXY_V2_SIGNATURE + bytes([0x11, 0x11]) + b"\x00\x0c", "does not start"),  # version 1
-    (header(1, 0x11, b"\x00" * 4), "address family"),  # too short for TCP4
-    (header(1, 0x31, b"/tmp/socket".ljust(216, b"\x00")), "address family"),  # AF_UNIX
-    (PROXY_V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", 60000), "more than"),
-])
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", "does not start"),
+        (PROXY_V2_SIGNATURE + bytes([0x11, 0x11]) + b"\x00\x0c", "does not start"),  # version 1
+        (header(1, 0x11, b"\x00" * 4), "address family"),  # too short for TCP4
+        (header(1, 0x31, b"/tmp/socket".ljust(216, b"\x00")), "address family"),  # AF_UNIX
+        (PROXY_V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", 60000), "more than"),
+    ],
+)
 def test_a_malformed_header_is_refused_with_the_reason(data: bytes, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         read(data)

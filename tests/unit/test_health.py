@@ -39,8 +39,9 @@ def test_unreachable_broker_and_database_fail_fast(tmp_path: Path) -> None:
     broker = check_broker(f"redis://127.0.0.1:{closed}/0", timeout=1.0)
     assert not broker.ok and broker.critical
     assert queue_depth(f"redis://127.0.0.1:{closed}/0", "inference", timeout=1.0) is None
-    db = check_database(create_engine(f"postgresql+psycopg://u@127.0.0.1:{closed}/x",
-                                      connect_args={"connect_timeout": 2}))
+    db = check_database(
+        create_engine(f"postgresql+psycopg://u@127.0.0.1:{closed}/x", connect_args={"connect_timeout": 2})
+    )
     assert not db.ok and "OperationalError" in db.detail
     workers = check_workers(f"redis://127.0.0.1:{closed}/0", timeout=0.5)
     assert not workers.ok and not workers.critical

@@ -30,8 +30,10 @@ def runner_for(tmp: Path, **kwargs: object) -> ModelRunner:
 @pytest.fixture(scope="module")
 def all_on(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     """Lungs everywhere, opacity everywhere, pneumothorax present everywhere."""
-    return runner_for(tmp_path_factory.mktemp("on"),
-                      head_logits={"lung": (8.0, None), "opacity": (8.0, None), "pneumothorax": (8.0, 8.0)})
+    return runner_for(
+        tmp_path_factory.mktemp("on"),
+        head_logits={"lung": (8.0, None), "opacity": (8.0, None), "pneumothorax": (8.0, 8.0)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_full_lungs_full_opacity_score_six(all_on: ModelRunner) -> None:
     # One blob over the whole image is cut at the midline; patient right = image left.
     right, left = res.mask("right_lung"), res.mask("left_lung")
     assert right is not None and left is not None and right.shape == (ROWS, COLS)
-    assert right[:, : COLS // 2].all() and not right[:, COLS // 2:].any()
+    assert right[:, : COLS // 2].all() and not right[:, COLS // 2 :].any()
     assert np.array_equal(left, ~right)
     assert res.lung_area_px == {"right": ROWS * COLS // 2, "left": ROWS * COLS // 2}
     assert res.severity_score == 6 and res.zone_affected == [True] * 6
@@ -62,8 +64,9 @@ def test_full_lungs_full_opacity_score_six(all_on: ModelRunner) -> None:
 
 
 def test_nothing_found(tmp_path: Path) -> None:
-    runner = runner_for(tmp_path, head_logits={"lung": (-8.0, None), "opacity": (-8.0, None),
-                                               "pneumothorax": (8.0, -8.0)})
+    runner = runner_for(
+        tmp_path, head_logits={"lung": (-8.0, None), "opacity": (-8.0, None), "pneumothorax": (8.0, -8.0)}
+    )
     res = analyze(AnalyzeRequest.build("job-2", image()), runner)
     assert res.lung_area_px == {"right": 0, "left": 0}
     assert any("implausibly small" in w for w in res.warnings)
@@ -92,8 +95,10 @@ def test_model_missing_on_this_worker_is_a_warning(tmp_path: Path) -> None:
     runner = ModelRunner(tmp_path / "w", model_names=["lung"], device="cpu", cache_dir=tmp_path / "onnx")
     res = analyze(AnalyzeRequest.build("job-5", image()), runner)
     assert set(res.masks) == {"right_lung", "left_lung"}
-    assert res.warnings[:2] == ["opacity model is not loaded on this worker; skipped",
-                                "pneumothorax model is not loaded on this worker; skipped"]
+    assert res.warnings[:2] == [
+        "opacity model is not loaded on this worker; skipped",
+        "pneumothorax model is not loaded on this worker; skipped",
+    ]
 
 
 def test_pixel_threshold_comes_from_the_card(tmp_path: Path) -> None:
@@ -114,8 +119,10 @@ def test_zone_threshold_override_travels_in_the_request() -> None:
 
 
 def test_batch_equals_one_by_one(random_models: ModelRunner) -> None:
-    requests = [AnalyzeRequest.build(f"b{i}", image(i, rows=r, cols=c))
-                for i, (r, c) in enumerate([(90, 120), (128, 100), (64, 64)])]
+    requests = [
+        AnalyzeRequest.build(f"b{i}", image(i, rows=r, cols=c))
+        for i, (r, c) in enumerate([(90, 120), (128, 100), (64, 64)])
+    ]
     batch = analyze_batch(requests, random_models)
     assert [r.job_id for r in batch] == ["b0", "b1", "b2"]
     for req, res in zip(requests, batch, strict=True):

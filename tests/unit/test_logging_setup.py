@@ -14,17 +14,20 @@ from node.runtime.logging_setup import REDACTED, redact, setup_logging
 PHI = ["Doe^Jane", "Müller^Hans^Peter", "PAT-00123", "19700101", "1970-01-01"]
 
 
-@pytest.mark.parametrize(("line", "kept"), [
-    ("PatientName=Doe^Jane study 1.2.3", ["study 1.2.3"]),
-    ("patient_id: PAT-00123, modality CR", ["modality CR"]),
-    ("(0010,0010) Patient's Name                      PN: 'Doe^Jane'", ["(0010,0010)"]),
-    ("(0010,0030) Patient's Birth Date                DA: '19700101'", ["(0010,0030)"]),
-    ("received from Müller^Hans^Peter via AE PACS1", ["received from", "via AE PACS1"]),
-    ("PatientBirthDate='19700101' PatientSex=F", ["PatientSex=F"]),
-    ("DOB 1970-01-01, view PA", ["view PA"]),
-    ("Patient's Name: Doe^Jane", []),
-    ("OtherPatientIDs=[PAT-00123, X]", []),
-])
+@pytest.mark.parametrize(
+    ("line", "kept"),
+    [
+        ("PatientName=Doe^Jane study 1.2.3", ["study 1.2.3"]),
+        ("patient_id: PAT-00123, modality CR", ["modality CR"]),
+        ("(0010,0010) Patient's Name                      PN: 'Doe^Jane'", ["(0010,0010)"]),
+        ("(0010,0030) Patient's Birth Date                DA: '19700101'", ["(0010,0030)"]),
+        ("received from Müller^Hans^Peter via AE PACS1", ["received from", "via AE PACS1"]),
+        ("PatientBirthDate='19700101' PatientSex=F", ["PatientSex=F"]),
+        ("DOB 1970-01-01, view PA", ["view PA"]),
+        ("Patient's Name: Doe^Jane", []),
+        ("OtherPatientIDs=[PAT-00123, X]", []),
+    ],
+)
 def test_redact_removes_identifiers_and_keeps_the_rest(line: str, kept: list[str]) -> None:
     out = redact(line)
     assert REDACTED in out
@@ -35,12 +38,15 @@ def test_redact_removes_identifiers_and_keeps_the_rest(line: str, kept: list[str
     assert redact(out) == out  # idempotent
 
 
-@pytest.mark.parametrize("line", [
-    "association 12 from STORESCU@127.0.0.1:5555 accepted (3 contexts)",
-    "instance 1.2.840.113619.2.55.3.1234 stored: 0x0000, rule chest-frontal",
-    "C-STORE status 0xA700: 900 MB free, below the 1024 MB watermark",
-    "study date 20240101 accession ACC123",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "association 12 from STORESCU@127.0.0.1:5555 accepted (3 contexts)",
+        "instance 1.2.840.113619.2.55.3.1234 stored: 0x0000, rule chest-frontal",
+        "C-STORE status 0xA700: 900 MB free, below the 1024 MB watermark",
+        "study date 20240101 accession ACC123",
+    ],
+)
 def test_redact_leaves_operational_lines_alone(line: str) -> None:
     assert redact(line) == line
 
@@ -56,8 +62,7 @@ def captured() -> Iterator[tuple[io.StringIO, logging.Logger]]:
     root.setLevel(saved)
 
 
-def test_json_lines_with_args_extras_and_exceptions_are_redacted(
-        captured: tuple[io.StringIO, logging.Logger]) -> None:
+def test_json_lines_with_args_extras_and_exceptions_are_redacted(captured: tuple[io.StringIO, logging.Logger]) -> None:
     stream, log = captured
     log.info("routing %s for PatientName=%s", "1.2.3", "Doe^Jane", extra={"patient": "Doe^Jane", "n": 3})
     try:

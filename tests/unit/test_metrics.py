@@ -45,9 +45,14 @@ def test_helpers_move_their_series() -> None:
 
 
 def test_audit_collector_reports_db_counts_and_survives_db_errors() -> None:
-    metrics.register_audit_collector(metrics.AuditCollector(
-        lambda: {"queued": 3, "exported": 10}, lambda: {"dead": 2}, lambda: 3,
-        lambda: {"association.rejected": 4, "instance.received": 12}))
+    metrics.register_audit_collector(
+        metrics.AuditCollector(
+            lambda: {"queued": 3, "exported": 10},
+            lambda: {"dead": 2},
+            lambda: 3,
+            lambda: {"association.rejected": 4, "instance.received": 12},
+        )
+    )
     assert _value("cxrnode_audit_events_total", kind="association.rejected") == 4
     assert _value("cxrnode_instances_in_state", state="queued") == 3
     assert _value("cxrnode_instances_in_state", state="exported") == 10
@@ -72,15 +77,21 @@ def test_no_created_series_and_text_format() -> None:
     assert metrics.CONTENT_TYPE.startswith("text/plain; version=0.0.4")
 
 
-
 def test_every_metric_in_the_operations_guide_exists() -> None:
     import re
 
     from tests.support.paths import REPO_ROOT
 
-    metrics.register_audit_collector(metrics.AuditCollector(
-        lambda: {"queued": 1}, lambda: {"sent": 1}, lambda: 0, lambda: {"instance.received": 1},
-        triage_counts=lambda: {"urgent": 1}, alert_counts=lambda: {"sent": 1}))
+    metrics.register_audit_collector(
+        metrics.AuditCollector(
+            lambda: {"queued": 1},
+            lambda: {"sent": 1},
+            lambda: 0,
+            lambda: {"instance.received": 1},
+            triage_counts=lambda: {"urgent": 1},
+            alert_counts=lambda: {"sent": 1},
+        )
+    )
     metrics.count_alert("hl7", "success")
     metrics.observe_stage("total", 1.0)
     metrics.observe_inference("lung", 0.1)
@@ -120,8 +131,11 @@ def test_listener_processes_are_summed_by_the_parent(tmp_path: Path) -> None:
     (folder / "999999.json").write_text("{not json")  # a torn file is skipped, never a failed scrape
     registry = CollectorRegistry()
     registry.register(metrics.ListenerAggregate(folder))
-    summed = {(s.name, tuple(sorted(s.labels.items()))): s.value
-              for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples}
+    summed = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in fam.samples
+    }
     assert summed[("cxrnode_cstore_responses_total", (("status", "0x0000"),))] == own_ok + 7
     assert summed[("cxrnode_received_bytes_total", ())] == own_bytes + 700
     assert summed[("cxrnode_stage_seconds_count", (("stage", "persist"),))] == own_persist + 7

@@ -31,14 +31,17 @@ def _reference(row: dict[str, str], prepared: Prepared) -> np.ndarray:
     side = max(rows, cols)  # case 01: upscaled to a square, then centre-cropped to fewer columns
     grid = np.asarray(src.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float64)
     top, left = (side - rows) // 2, (side - cols) // 2
-    grid = grid[top:top + rows, left:left + cols]
+    grid = grid[top : top + rows, left : left + cols]
     r0, c0, r1, c1 = prepared.crop
     if (r0, c0, r1, c1) != (0, 0, rows, cols):  # padded case: the source was fitted into the box
         grid = np.asarray(src.resize((c1 - c0, r1 - r0), Image.Resampling.BICUBIC), dtype=np.float64)
     else:
         grid = grid[r0:r1, c0:c1]
-    return np.asarray(Image.fromarray(grid.astype(np.float32), mode="F").resize(
-        (prepared.cols, prepared.rows), Image.Resampling.BILINEAR))
+    return np.asarray(
+        Image.fromarray(grid.astype(np.float32), mode="F").resize(
+            (prepared.cols, prepared.rows), Image.Resampling.BILINEAR
+        )
+    )
 
 
 @pytest.mark.parametrize("row", MANIFEST, ids=[r["file"][:2] for r in MANIFEST])
@@ -63,13 +66,17 @@ def test_every_manifest_file(row: dict[str, str]) -> None:
 
 def test_lungs_darker_than_mediastinum() -> None:
     """MONOCHROME1 is inverted: air in the lungs is dark, the spine/heart column bright."""
-    for name in ("02_cr_implicit_le_12bit.dcm", "03_cr_monochrome1_12bit.dcm", "10_cr_signed_12bit_pixelrep1.dcm",
-                 "06_cr_modality_lut_rescale_slope2_int-1024.dcm"):
+    for name in (
+        "02_cr_implicit_le_12bit.dcm",
+        "03_cr_monochrome1_12bit.dcm",
+        "10_cr_signed_12bit_pixelrep1.dcm",
+        "06_cr_modality_lut_rescale_slope2_int-1024.dcm",
+    ):
         px = prepare(DICOM / name).pixels.astype(np.float64)
         h, w = px.shape
-        band = px[int(h * 0.3):int(h * 0.6)]
-        lungs = np.r_[band[:, int(w * 0.2):int(w * 0.35)].ravel(), band[:, int(w * 0.65):int(w * 0.8)].ravel()]
-        mediastinum = band[:, int(w * 0.45):int(w * 0.55)]
+        band = px[int(h * 0.3) : int(h * 0.6)]
+        lungs = np.r_[band[:, int(w * 0.2) : int(w * 0.35)].ravel(), band[:, int(w * 0.65) : int(w * 0.8)].ravel()]
+        mediastinum = band[:, int(w * 0.45) : int(w * 0.55)]
         assert lungs.mean() + 20 < mediastinum.mean(), name
 
 
@@ -109,7 +116,7 @@ def test_pixel_padding_is_cropped_and_masks_return_to_the_full_grid() -> None:
 def test_masks_to_source_round_trip() -> None:
     """A mask drawn on the source grid, taken to the model grid by nearest and back, is nearly unchanged."""
     prepared = prepare(DICOM / "01_cr_explicit_le_mono2_12bit_2048x2500.dcm")
-    yy, xx = np.mgrid[:prepared.source_rows, :prepared.source_cols]
+    yy, xx = np.mgrid[: prepared.source_rows, : prepared.source_cols]
     disc = (yy - 1200) ** 2 + (xx - 700) ** 2 < 400**2
     small = np.asarray(Image.fromarray(disc).resize((prepared.cols, prepared.rows), Image.Resampling.NEAREST))
     back = masks_to_source(small, prepared)
@@ -123,7 +130,9 @@ def test_dataset_input_and_bare_dataset(tmp_path: Path) -> None:
     """A Dataset (what the SCP holds) works like a path, and a data set without file meta is decoded."""
     ds = pydicom.dcmread(DICOM / "24_cr_no_preamble_no_meta_implicit_le.dcm", force=True)
     assert "TransferSyntaxUID" not in getattr(ds, "file_meta", {})
-    np.testing.assert_array_equal(prepare(ds).pixels, prepare(DICOM / "24_cr_no_preamble_no_meta_implicit_le.dcm").pixels)
+    np.testing.assert_array_equal(
+        prepare(ds).pixels, prepare(DICOM / "24_cr_no_preamble_no_meta_implicit_le.dcm").pixels
+    )
     assert "TransferSyntaxUID" not in getattr(ds, "file_meta", {}), "the caller's data set is not modified"
 
 

@@ -16,8 +16,9 @@ MODEL = ModelInfo("lung", "1.2.0", "a" * 64, "validated", "DeepLabV3+ efficientn
 
 
 def test_started_at_round_trips() -> None:
-    result = AnalyzeResult(job_id="7.1764750000000", rows=2, cols=3, models=[MODEL],
-                           started_at="2026-12-01T08:30:15.250000+00:00")
+    result = AnalyzeResult(
+        job_id="7.1764750000000", rows=2, cols=3, models=[MODEL], started_at="2026-12-01T08:30:15.250000+00:00"
+    )
     back = AnalyzeResult.from_message(result.to_message())
     assert back == result
     assert back.started() == datetime(2026, 12, 1, 8, 30, 15, 250000, tzinfo=UTC)

@@ -18,8 +18,14 @@ DICOM = shared_data() / "dicom"
 
 def test_overlay_outlines_masks_on_the_prepared_picture(tmp_path: Path) -> None:
     case = synthetic_case(DICOM / "03_cr_monochrome1_12bit.dcm")
-    sc = build_overlay(case.source, case.prepared.pixels, case.small, MODELS, device=DeviceInfo(),
-                       pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm)
+    sc = build_overlay(
+        case.source,
+        case.prepared.pixels,
+        case.small,
+        MODELS,
+        device=DeviceInfo(),
+        pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+    )
     sc.save_as(tmp_path / "sc.dcm")
     back = pydicom.dcmread(tmp_path / "sc.dcm")
     assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
@@ -43,5 +49,6 @@ def test_overlay_rejects_wrong_inputs() -> None:
     with pytest.raises(ResultError):
         build_overlay(case.source, case.prepared.pixels.astype(np.float32), case.small, MODELS, device=DeviceInfo())
     with pytest.raises(ResultError, match="mask"):
-        build_overlay(case.source, case.prepared.pixels, {"opacity": case.full["opacity"][:5]}, MODELS,
-                      device=DeviceInfo())
+        build_overlay(
+            case.source, case.prepared.pixels, {"opacity": case.full["opacity"][:5]}, MODELS, device=DeviceInfo()
+        )

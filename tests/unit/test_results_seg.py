@@ -16,9 +16,14 @@ from tests.support.synthetic_results import MODELS, synthetic_case
 
 DICOM = shared_data() / "dicom"
 DEVICE = DeviceInfo(manufacturer="cxr-node", model_name="cxr-node", software_version="0.1.0", serial_number="7")
-SOURCES = ["01_cr_explicit_le_mono2_12bit_2048x2500.dcm", "03_cr_monochrome1_12bit.dcm",
-           "11_cr_pixel_padding_value0.dcm", "22_sc_chest_8bit_gray.dcm", "23_sc_chest_rgb_annotated.dcm",
-           "21_cr_explicit_big_endian_12bit.dcm"]
+SOURCES = [
+    "01_cr_explicit_le_mono2_12bit_2048x2500.dcm",
+    "03_cr_monochrome1_12bit.dcm",
+    "11_cr_pixel_padding_value0.dcm",
+    "22_sc_chest_8bit_gray.dcm",
+    "23_sc_chest_rgb_annotated.dcm",
+    "21_cr_explicit_big_endian_12bit.dcm",
+]
 
 
 @pytest.mark.parametrize("name", SOURCES)

@@ -21,8 +21,14 @@ DEVICE = DeviceInfo()
 
 def _report(case: Case, tmp_path: Path) -> tuple[pydicom.Dataset, hd.sr.MeasurementReport, pydicom.Dataset]:
     seg = build_seg(case.source, case.full, case.result.models, device=DEVICE)
-    sr = build_sr(case.source, seg, case.result, pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
-                  device=DEVICE, notes=case.prepared.notes)
+    sr = build_sr(
+        case.source,
+        seg,
+        case.result,
+        pixel_spacing_mm=case.prepared.prepared_pixel_spacing_mm,
+        device=DEVICE,
+        notes=case.prepared.notes,
+    )
     out = tmp_path / "sr.dcm"
     sr.save_as(out)
     back = hd.sr.srread(out)
@@ -48,8 +54,12 @@ def _texts(group: pydicom.Dataset, code_value: str) -> list[str]:
     return found
 
 
-def _value(group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, name: hd.sr.CodedConcept,
-           site: hd.sr.CodedConcept | None = None, laterality: hd.sr.CodedConcept | None = None) -> float:
+def _value(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+    name: hd.sr.CodedConcept,
+    site: hd.sr.CodedConcept | None = None,
+    laterality: hd.sr.CodedConcept | None = None,
+) -> float:
     for m in group.get_measurements(name=name):
         sites = m.finding_sites
         if site is None or any(s.value == site and s.laterality == laterality for s in sites):
@@ -64,15 +74,23 @@ def test_numbers_equal_the_worker_output(tmp_path: Path) -> None:
     assert sr.SeriesInstanceUID not in (seg.SeriesInstanceUID, case.source.SeriesInstanceUID)
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription  # the pneumothorax model is experimental
-    evidence = {ref.ReferencedSOPInstanceUID for series in sr.CurrentRequestedProcedureEvidenceSequence
-                for s in series.ReferencedSeriesSequence for ref in s.ReferencedSOPSequence}
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence
+        for s in series.ReferencedSeriesSequence
+        for ref in s.ReferencedSOPSequence
+    }
     assert evidence == {case.source.SOPInstanceUID, seg.SOPInstanceUID}
 
     groups = _groups(report)
     assert set(groups) == {"Right lung", "Left lung", "COVID-19 opacity", "Pneumothorax"}
     numbers = segment_numbers(seg)
-    for label, mask in (("Right lung", "right_lung"), ("Left lung", "left_lung"), ("COVID-19 opacity", "opacity"),
-                        ("Pneumothorax", "pneumothorax")):
+    for label, mask in (
+        ("Right lung", "right_lung"),
+        ("Left lung", "left_lung"),
+        ("COVID-19 opacity", "opacity"),
+        ("Pneumothorax", "pneumothorax"),
+    ):
         ref = groups[label].referenced_segment
         assert ref is not None
         assert ref.referenced_segment_numbers == [numbers[mask]]
@@ -86,9 +104,11 @@ def test_numbers_equal_the_worker_output(tmp_path: Path) -> None:
     opacity = groups["COVID-19 opacity"]
     assert _value(opacity, codes.SEVERITY) == result.severity_score
     from node.results.sr import OPACITY_PERCENTAGE, ZONES
+
     assert result.opacity_fraction is not None and result.zone_fractions is not None
     assert _value(opacity, OPACITY_PERCENTAGE, codes.LUNG, codes.RIGHT) == pytest.approx(
-        100 * result.opacity_fraction["right"], abs=0.01)
+        100 * result.opacity_fraction["right"], abs=0.01
+    )
     for (side, zone), fraction in zip(ZONES, result.zone_fractions, strict=True):
         assert _value(opacity, OPACITY_PERCENTAGE, zone, side) == pytest.approx(100 * fraction, abs=0.01)
     counted = _zones_counted(opacity[0])
@@ -129,8 +149,10 @@ def _zones_counted(group: pydicom.Dataset) -> dict[tuple[hd.sr.CodedConcept, hd.
             continue
         [site] = item.ContentSequence
         [side] = site.ContentSequence
-        key = (hd.sr.CodedConcept.from_dataset(side.ConceptCodeSequence[0]),
-               hd.sr.CodedConcept.from_dataset(site.ConceptCodeSequence[0]))
+        key = (
+            hd.sr.CodedConcept.from_dataset(side.ConceptCodeSequence[0]),
+            hd.sr.CodedConcept.from_dataset(site.ConceptCodeSequence[0]),
+        )
         found[key] = item.ConceptCodeSequence[0].CodeValue == codes.PRESENT.value
     return found
 

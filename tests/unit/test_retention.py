@@ -14,10 +14,15 @@ from node.runtime.retention import purge
 def _instance(store: AuditStore, tmp: Path, uid: str, state: InstanceState) -> tuple[int, Path]:
     spool = tmp / f"{uid}.dcm"
     spool.write_bytes(b"DICM")
-    row = store.record_instance_received(ReceivedInstance(sop_instance_uid=uid, sop_class_uid="1.2",
-                                                          study_instance_uid="1.2.3", spool_path=str(spool)))
-    for step in {InstanceState.EXPORTED: ("queued", "analyzed", "exported"), InstanceState.SKIPPED: ("skipped",),
-                 InstanceState.DEAD: ("queued", "analyzed", "dead"), InstanceState.QUEUED: ("queued",)}[state]:
+    row = store.record_instance_received(
+        ReceivedInstance(sop_instance_uid=uid, sop_class_uid="1.2", study_instance_uid="1.2.3", spool_path=str(spool))
+    )
+    for step in {
+        InstanceState.EXPORTED: ("queued", "analyzed", "exported"),
+        InstanceState.SKIPPED: ("skipped",),
+        InstanceState.DEAD: ("queued", "analyzed", "dead"),
+        InstanceState.QUEUED: ("queued",),
+    }[state]:
         store.set_instance_state(row.id, step)
     return row.id, spool
 

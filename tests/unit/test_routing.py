@@ -51,8 +51,9 @@ def test_bad_files_are_refused_with_the_manifest_status(row: dict[str, str]) -> 
     with pytest.raises(Refusal) as refusal:
         h = read_header(path)
         meta_uid = h.sop_instance_uid or "from-file-meta"
-        check_dataset(h, affected_sop_class=h.sop_class_uid, affected_sop_instance=meta_uid,
-                      file_size=path.stat().st_size)
+        check_dataset(
+            h, affected_sop_class=h.sop_class_uid, affected_sop_instance=meta_uid, file_size=path.stat().st_size
+        )
     status = refusal.value.status
     expected = {"28": range(0xC000, 0xD000), "30": (0xC000, 0xA900)}.get(row["file"][:2], (0xA900,))
     assert status in expected, (row["file"], hex(status), refusal.value.reason)
@@ -61,8 +62,9 @@ def test_bad_files_are_refused_with_the_manifest_status(row: dict[str, str]) -> 
 def test_command_mismatch_is_refused() -> None:
     h = header("09")
     with pytest.raises(Refusal, match=r"SOP Class UID .* differs") as r:
-        check_dataset(h, affected_sop_class="1.2.840.10008.5.1.4.1.1.7", affected_sop_instance=h.sop_instance_uid,
-                      file_size=10**9)
+        check_dataset(
+            h, affected_sop_class="1.2.840.10008.5.1.4.1.1.7", affected_sop_instance=h.sop_instance_uid, file_size=10**9
+        )
     assert r.value.status == 0xA900
     with pytest.raises(Refusal, match=r"SOP Instance UID .* differs"):
         check_dataset(h, affected_sop_class=h.sop_class_uid, affected_sop_instance="1.2.3", file_size=10**9)
@@ -70,10 +72,18 @@ def test_command_mismatch_is_refused() -> None:
 
 def test_first_matching_rule_wins_and_ignore_rules_skip() -> None:
     rules = [
-        Rule(name="quiet-modality", match=RuleMatch(calling_ae=["OLDCR"]), action="ignore",
-             reason="OLDCR images are not analysed"),
-        Rule(name="ct-research", match=RuleMatch(sop_class=["CTImageStorage"]), models=["lung"],
-             destinations=["RESEARCH"]),
+        Rule(
+            name="quiet-modality",
+            match=RuleMatch(calling_ae=["OLDCR"]),
+            action="ignore",
+            reason="OLDCR images are not analysed",
+        ),
+        Rule(
+            name="ct-research",
+            match=RuleMatch(sop_class=["CTImageStorage"]),
+            models=["lung"],
+            destinations=["RESEARCH"],
+        ),
         *default_rules(),
     ]
     chest = header("01")

@@ -83,8 +83,9 @@ def test_onnx_equals_torch_within_tolerance(onnx_runner: ModelRunner, torch_runn
     assert a.mask.min() >= 0.0 and a.mask.max() <= 1.0  # probabilities, not logits
 
 
-def test_onnx_cache_is_keyed_by_weights_sha(weights: Path, cache: Path, onnx_runner: ModelRunner,
-                                            tmp_path: Path) -> None:
+def test_onnx_cache_is_keyed_by_weights_sha(
+    weights: Path, cache: Path, onnx_runner: ModelRunner, tmp_path: Path
+) -> None:
     sha = onnx_runner.info("lung").sha256
     cached = onnx_path(cache, sha, onnx_runner.spec("lung"))
     assert cached.exists()
@@ -101,8 +102,9 @@ def test_onnx_cache_is_keyed_by_weights_sha(weights: Path, cache: Path, onnx_run
     assert max_abs_diff(fresh.predict("lung", x), onnx_runner.predict("lung", x)) > ONNX_TOLERANCE
 
 
-def test_corrupt_cached_graph_is_exported_again(weights: Path, tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_cached_graph_is_exported_again(
+    weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     card = models.read_card("lung", weights)
     bad = onnx_path(tmp_path, card["sha256"], models.spec_from_card(card))
     bad.write_bytes(b"not an onnx graph")
@@ -143,17 +145,26 @@ def test_predict_rejects_wrong_shapes(onnx_runner: ModelRunner) -> None:
     with pytest.raises(ValueError, match="expected"):
         onnx_runner.predict("lung", np.zeros((1, 1, 32, 32), np.float32))
     with pytest.raises(KeyError, match="not loaded"):
-        ModelRunner(onnx_runner.weights_dir, model_names=["lung"], device="cpu",
-                    cache_dir=onnx_runner.cache_dir).predict("opacity", np.zeros((1, 1, 64, 64), np.float32))
+        ModelRunner(
+            onnx_runner.weights_dir, model_names=["lung"], device="cpu", cache_dir=onnx_runner.cache_dir
+        ).predict("opacity", np.zeros((1, 1, 64, 64), np.float32))
 
 
 def test_same_weights_at_another_input_size_get_their_own_graph(tmp_path: Path) -> None:
     # Identical weights (same seed) under a card with a different input size: same sha256, but the
     # cached 64x64 graph must not be reused for 96x96 inputs.
-    small = ModelRunner(write_tiny_weights(tmp_path / "a", names=("lung",)), model_names=["lung"],
-                        device="cpu", cache_dir=tmp_path / "c")
-    large = ModelRunner(write_tiny_weights(tmp_path / "b", names=("lung",), size=96), model_names=["lung"],
-                        device="cpu", cache_dir=tmp_path / "c")
+    small = ModelRunner(
+        write_tiny_weights(tmp_path / "a", names=("lung",)),
+        model_names=["lung"],
+        device="cpu",
+        cache_dir=tmp_path / "c",
+    )
+    large = ModelRunner(
+        write_tiny_weights(tmp_path / "b", names=("lung",), size=96),
+        model_names=["lung"],
+        device="cpu",
+        cache_dir=tmp_path / "c",
+    )
     assert small.info("lung").sha256 == large.info("lung").sha256
     assert large.backend_name("lung") == "onnx-cpu"
     assert large.predict("lung", check_input(large.spec("lung"), batch=1)).mask.shape == (1, 1, 96, 96)
@@ -237,16 +248,17 @@ def test_owner_thread_runs_every_callers_passes_on_one_thread() -> None:
 
 
 def test_concurrent_predicts_match_single_predicts(weights: Path, cache: Path) -> None:
-    runner = ModelRunner(weights, model_names=["pneumothorax"], device="cpu", backend="torch", cache_dir=cache,
-                         micro_batch=4)
+    runner = ModelRunner(
+        weights, model_names=["pneumothorax"], device="cpu", backend="torch", cache_dir=cache, micro_batch=4
+    )
     x = check_input(runner.spec("pneumothorax"), batch=6)
-    singles = [runner.predict("pneumothorax", x[i:i + 1]) for i in range(6)]
+    singles = [runner.predict("pneumothorax", x[i : i + 1]) for i in range(6)]
     out: dict[int, Prediction] = {}
     barrier = threading.Barrier(6)
 
     def call(i: int) -> None:
         barrier.wait()
-        out[i] = runner.predict("pneumothorax", x[i:i + 1])
+        out[i] = runner.predict("pneumothorax", x[i : i + 1])
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
     for t in threads:

@@ -34,8 +34,11 @@ from workers.runner import ModelRunner, default_weights_dir
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device"))]
 # Shipped models (card and weights both present: a GPU machine may carry only some of them).
-SHIPPED = [n for n in MODEL_NAMES
-           if models.card_path(n, default_weights_dir()).exists() and models.weights_path(n, default_weights_dir()).exists()]
+SHIPPED = [
+    n
+    for n in MODEL_NAMES
+    if models.card_path(n, default_weights_dir()).exists() and models.weights_path(n, default_weights_dir()).exists()
+]
 #: Side of the request grid in the analyze tests (the node sends 1024; smaller keeps the CPU case fast).
 GRID = 256
 #: Least share of equal pixels between two thresholded masks of random tiny models: their logits
@@ -74,23 +77,40 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cpu_reference(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     """The fp32 reference: torch eager on CPU."""
-    return ModelRunner(tiny_weights, device="cpu", backend="torch", cache_dir=tmp_path_factory.mktemp("cache"),
-                       threads=1)
+    return ModelRunner(
+        tiny_weights, device="cpu", backend="torch", cache_dir=tmp_path_factory.mktemp("cache"), threads=1
+    )
 
 
-def runner_on(device: str, weights: Path, cache: Path, model_names: list[str] | None = None,
-              gpu_batch_size: int = 8, micro_batch: int | None = None) -> ModelRunner:
+def runner_on(
+    device: str,
+    weights: Path,
+    cache: Path,
+    model_names: list[str] | None = None,
+    gpu_batch_size: int = 8,
+    micro_batch: int | None = None,
+) -> ModelRunner:
     """The runner under test; `backend="torch"` matters on CPU only (CUDA always runs torch)."""
-    return ModelRunner(weights, model_names=model_names, device=device, backend="torch", cache_dir=cache,
-                       threads=1, gpu_batch_size=gpu_batch_size, micro_batch=micro_batch)
+    return ModelRunner(
+        weights,
+        model_names=model_names,
+        device=device,
+        backend="torch",
+        cache_dir=cache,
+        threads=1,
+        gpu_batch_size=gpu_batch_size,
+        micro_batch=micro_batch,
+    )
 
 
 # -- a) tiny models: CUDA fp16 against CPU fp32 --------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_tiny_model_on_device_equals_cpu(device: str, name: str, tiny_weights: Path, cpu_reference: ModelRunner,
-                                         tmp_path: Path) -> None:
+def test_tiny_model_on_device_equals_cpu(
+    device: str, name: str, tiny_weights: Path, cpu_reference: ModelRunner, tmp_path: Path
+) -> None:
     runner = runner_on(device, tiny_weights, tmp_path, model_names=[name])
     assert runner.device == device and runner.backend_name(name) == f"torch-{device}"
     x = check_input(runner.spec(name), batch=3)
@@ -102,6 +122,7 @@ def test_tiny_model_on_device_equals_cpu(device: str, name: str, tiny_weights: P
 
 
 # -- b) shipped models on real radiographs ---------------------------------------------------------
+
 
 @pytest.mark.skipif(not SHIPPED, reason="no model shipped in workers/weights")
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,13 +145,13 @@ def test_shipped_model_on_device_equals_cpu_on_real_images(device: str, name: st
 
 # -- c) concurrent callers coalesced by the MicroBatcher --------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_concurrent_callers_share_one_forward_pass(device: str, tiny_weights: Path, tmp_path: Path) -> None:
     name, callers = "pneumothorax", 8
-    runner = runner_on(device, tiny_weights, tmp_path, model_names=[name], gpu_batch_size=callers,
-                       micro_batch=callers)
+    runner = runner_on(device, tiny_weights, tmp_path, model_names=[name], gpu_batch_size=callers, micro_batch=callers)
     x = check_input(runner.spec(name), batch=callers)
-    alone = [runner.predict(name, x[i:i + 1]) for i in range(callers)]
+    alone = [runner.predict(name, x[i : i + 1]) for i in range(callers)]
     before = runner.timings()[name]
     batcher = runner.models[name].batcher
     assert batcher is not None and batcher.max_batch == callers
@@ -141,7 +162,7 @@ def test_concurrent_callers_share_one_forward_pass(device: str, tiny_weights: Pa
     def call(i: int) -> None:
         try:
             barrier.wait(30)
-            results[i] = runner.predict(name, x[i:i + 1])
+            results[i] = runner.predict(name, x[i : i + 1])
         except BaseException as exc:  # noqa: BLE001 — surfaced by the assertion below, not lost in the thread
             errors.append(exc)
 
@@ -172,6 +193,7 @@ def test_concurrent_callers_share_one_forward_pass(device: str, tiny_weights: Pa
 
 # -- d) the whole worker step -------------------------------------------------------------------------
 
+
 def _requests(images: list[np.ndarray], names: tuple[str, ...]) -> list[AnalyzeRequest]:
     return [AnalyzeRequest.build(f"job{i}", img, models=names) for i, img in enumerate(images)]
 
@@ -181,8 +203,9 @@ def _masks(result: AnalyzeResult) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_analyze_batch_on_device_equals_cpu_with_tiny_models(device: str, tiny_weights: Path,
-                                                             cpu_reference: ModelRunner, tmp_path: Path) -> None:
+def test_analyze_batch_on_device_equals_cpu_with_tiny_models(
+    device: str, tiny_weights: Path, cpu_reference: ModelRunner, tmp_path: Path
+) -> None:
     images = jsrt_images(2, GRID)
     runner = runner_on(device, tiny_weights, tmp_path)
     requests = _requests(images, MODEL_NAMES)
@@ -229,14 +252,28 @@ def test_analyze_batch_on_device_equals_cpu_with_the_shipped_lung_model(device: 
 
 # -- e) training in mixed precision ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_runs_on_device_and_its_checkpoints_load_on_cpu(device: str, tmp_path: Path) -> None:
     train_module = pytest.importorskip("training.train", reason="training needs albumentations, cv2 and tqdm")
     spec = dataclasses.replace(models.SPECS["lung"], input_size=TINY_SIZE)
     run = tmp_path / "run"
-    cfg = train_module.TrainConfig(spec=spec, structures=("lungs",), data=[lung_folder(tmp_path / "lungs")],
-                                   run_dir=run, epochs=2, batch_size=4, max_steps=2, lr=3e-3, warmup_steps=1,
-                                   val_fraction=0.0, patience=100, augment=False, threads=1, device=device)
+    cfg = train_module.TrainConfig(
+        spec=spec,
+        structures=("lungs",),
+        data=[lung_folder(tmp_path / "lungs")],
+        run_dir=run,
+        epochs=2,
+        batch_size=4,
+        max_steps=2,
+        lr=3e-3,
+        warmup_steps=1,
+        val_fraction=0.0,
+        patience=100,
+        augment=False,
+        threads=1,
+        device=device,
+    )
     summary = train_module.train(cfg)
     assert summary["epochs"] == 2 and math.isfinite(summary["best_val_select"])
     history = (run / "history.json").read_text()
@@ -261,8 +298,9 @@ def test_training_runs_on_device_and_its_checkpoints_load_on_cpu(device: str, tm
 
 
 @pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
-def test_cuda_runner_tunes_every_batch_size_a_pass_can_have_at_load(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_runner_tunes_every_batch_size_a_pass_can_have_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """cuDNN tunes each new input shape on its first pass: the runner pays that at load for every size
     the micro-batcher can form, so that no job does."""
     from workers.backends import TorchBackend

@@ -21,10 +21,17 @@ def test_default_schedule() -> None:
     assert [backoff_delay(n, cfg) for n in range(1, cfg.max_attempts)] == [5, 10, 20, 40, 80]
 
 
-@pytest.mark.parametrize(("status", "ok", "retryable"), [
-    (0x0000, True, False), (0xB007, True, False), (0xA700, False, True), (0xA900, False, False),
-    (0xC000, False, False), (0x0122, False, False),
-])
+@pytest.mark.parametrize(
+    ("status", "ok", "retryable"),
+    [
+        (0x0000, True, False),
+        (0xB007, True, False),
+        (0xA700, False, True),
+        (0xA900, False, False),
+        (0xC000, False, False),
+        (0x0122, False, False),
+    ],
+)
 def test_status_classes(status: int, ok: bool, retryable: bool) -> None:
     s = FileStatus("1.2.3", "1.2.840.10008.5.1.4.1.1.66.4", status, None if ok else "refused")
     assert (s.ok, s.retryable) == (ok, retryable)

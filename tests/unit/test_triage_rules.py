@@ -10,17 +10,34 @@ from node.alerts.message import AlertModel, Prior
 from node.runtime.config import ConfigError, TriageConfig, load_settings
 from node.triage.rules import NO_ANALYSABLE_IMAGE, ImageFindings, decide
 
-VALIDATED = (AlertModel("lung", "3", "validated"), AlertModel("opacity", "3", "validated"),
-             AlertModel("pneumothorax", "3", "validated"))
-EXPERIMENTAL_PTX = (AlertModel("lung", "3", "validated"), AlertModel("opacity", "3", "validated"),
-                    AlertModel("pneumothorax", "2", "experimental"))
+VALIDATED = (
+    AlertModel("lung", "3", "validated"),
+    AlertModel("opacity", "3", "validated"),
+    AlertModel("pneumothorax", "3", "validated"),
+)
+EXPERIMENTAL_PTX = (
+    AlertModel("lung", "3", "validated"),
+    AlertModel("opacity", "3", "validated"),
+    AlertModel("pneumothorax", "2", "experimental"),
+)
 
 
-def image(i: int, severity: int | None = 0, ptx: float | None = 0.1, models: tuple[AlertModel, ...] = VALIDATED,
-          side: str | None = None) -> ImageFindings:
-    return ImageFindings(instance_id=i, sop_instance_uid=f"1.2.{i}", severity_score=severity,
-                         pneumothorax_present=None if ptx is None else ptx >= 0.5, pneumothorax_probability=ptx,
-                         pneumothorax_side=side, models=models)
+def image(
+    i: int,
+    severity: int | None = 0,
+    ptx: float | None = 0.1,
+    models: tuple[AlertModel, ...] = VALIDATED,
+    side: str | None = None,
+) -> ImageFindings:
+    return ImageFindings(
+        instance_id=i,
+        sop_instance_uid=f"1.2.{i}",
+        severity_score=severity,
+        pneumothorax_present=None if ptx is None else ptx >= 0.5,
+        pneumothorax_probability=ptx,
+        pneumothorax_side=side,
+        models=models,
+    )
 
 
 def test_no_image_is_routine_with_the_reason() -> None:
@@ -64,8 +81,9 @@ def test_experimental_model_raises_nothing_unless_allowed() -> None:
 
 
 def test_all_conditions_of_a_rule_must_hold() -> None:
-    cfg = TriageConfig(rules=[{"name": "both", "level": "critical",
-                               "when": {"severity_gte": 3, "pneumothorax_probability_gte": 0.5}}])
+    cfg = TriageConfig(
+        rules=[{"name": "both", "level": "critical", "when": {"severity_gte": 3, "pneumothorax_probability_gte": 0.5}}]
+    )
     assert decide([image(1, severity=3, ptx=0.4)], cfg).level == "routine"
     assert decide([image(1, severity=3, ptx=0.6)], cfg).level == "critical"
 

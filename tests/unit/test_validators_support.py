@@ -8,11 +8,15 @@ from pydicom.dataset import Dataset
 from tests.support.validators import _pixelmed_defect
 
 LATERALITY = "Error: GeneralSeriesModule/Laterality/: : Missing conditional attribute"
-DERIVATION = ("Error: DerivationImageMacro/DerivationImageSequence/: SharedFunctionalGroupsSequence/Item[1]/: "
-              "Missing required sequence attribute (Type 2)")
-TID1411 = ('Error: Template 1411 VolumetricROIMeasurements/[Row 1] CONTAINER (125007,DCM,"Measurement Group")/'
-           '[Row 7] IMAGE (121191,DCM,"Referenced Segment"): within 1.1.2: /CONTAINER (126000,DCM,"Imaging '
-           'Measurement Report")/CONTAINER (125007,DCM,"Measurement Group"): Missing conditional content item')
+DERIVATION = (
+    "Error: DerivationImageMacro/DerivationImageSequence/: SharedFunctionalGroupsSequence/Item[1]/: "
+    "Missing required sequence attribute (Type 2)"
+)
+TID1411 = (
+    'Error: Template 1411 VolumetricROIMeasurements/[Row 1] CONTAINER (125007,DCM,"Measurement Group")/'
+    '[Row 7] IMAGE (121191,DCM,"Referenced Segment"): within 1.1.2: /CONTAINER (126000,DCM,"Imaging '
+    'Measurement Report")/CONTAINER (125007,DCM,"Measurement Group"): Missing conditional content item'
+)
 
 
 def _code(value: str) -> Dataset:

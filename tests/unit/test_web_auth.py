@@ -68,8 +68,9 @@ def test_single_admin_config_is_used_as_is() -> None:
 
 def test_users_with_roles_beside_the_single_admin() -> None:
     admin_hash, viewer_hash = hash_password("admin-pw", 1000), hash_password("viewer-pw", 1000)
-    users, password = resolve_users([("ward", viewer_hash, "viewer")], admin_user="admin",
-                                    password_hash=admin_hash, production=True)
+    users, password = resolve_users(
+        [("ward", viewer_hash, "viewer")], admin_user="admin", password_hash=admin_hash, production=True
+    )
     assert password is None and {u.name: u.is_admin for u in users.values()} == {"ward": False, "admin": True}
     assert authenticate(users, "ward", "viewer-pw") == users["ward"]
     assert authenticate(users, "ward", "admin-pw") is None  # another user's password
@@ -85,10 +86,12 @@ def test_user_config_is_validated() -> None:
     h = hash_password("x" * 8, 1000)
     settings = load_settings(None, web={"users": [{"name": "ward", "password_hash": h}]})
     assert settings.web.users[0].role == "viewer"  # least privilege by default
-    for web, message in [({"users": [{"name": "a", "password_hash": h, "role": "root"}]}, "web.users.0.role"),
-                         ({"password_hash": h, "users": [{"name": "admin", "password_hash": h}]}, "more than once"),
-                         ({"users": [{"name": " ", "password_hash": h}]}, "user names"),
-                         ({"session_hours": 0}, "web.session_hours")]:
+    for web, message in [
+        ({"users": [{"name": "a", "password_hash": h, "role": "root"}]}, "web.users.0.role"),
+        ({"password_hash": h, "users": [{"name": "admin", "password_hash": h}]}, "more than once"),
+        ({"users": [{"name": " ", "password_hash": h}]}, "user names"),
+        ({"session_hours": 0}, "web.session_hours"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_settings(None, web=web)
 
@@ -112,14 +115,23 @@ def test_session_cookie_is_signed_and_expires() -> None:
 
 
 def test_hash_password_command() -> None:
-    proc = subprocess.run([sys.executable, "-m", "node.web.auth", "hash-password", "--stdin", "--iterations", "1000"],
-                          input="long enough password\n", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.web.auth", "hash-password", "--stdin", "--iterations", "1000"],
+        input="long enough password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert verify_password("long enough password", proc.stdout.strip())
-    short = subprocess.run([sys.executable, "-m", "node.web.auth", "hash-password", "--stdin"],
-                           input="short\n", capture_output=True, text=True, timeout=60)
+    short = subprocess.run(
+        [sys.executable, "-m", "node.web.auth", "hash-password", "--stdin"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert short.returncode == 1 and "8 characters" in short.stderr
-
 
 
 @pytest.mark.parametrize("stdin_flag", [["--stdin"], []])

@@ -16,29 +16,29 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-TABLES = ('studies', 'instances', 'exports', 'events')
+TABLES = ("studies", "instances", "exports", "events")
 
 
 def upgrade() -> None:
     for table in TABLES:
         with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.add_column(sa.Column('node', sa.String(length=64), nullable=False, server_default=''))
-    with op.batch_alter_table('instances', schema=None) as batch_op:
-        batch_op.create_index('ix_instances_node_state', ['node', 'state'], unique=False)
-    with op.batch_alter_table('exports', schema=None) as batch_op:
-        batch_op.create_index('ix_exports_node_state', ['node', 'state'], unique=False)
+            batch_op.add_column(sa.Column("node", sa.String(length=64), nullable=False, server_default=""))
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.create_index("ix_instances_node_state", ["node", "state"], unique=False)
+    with op.batch_alter_table("exports", schema=None) as batch_op:
+        batch_op.create_index("ix_exports_node_state", ["node", "state"], unique=False)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('exports', schema=None) as batch_op:
-        batch_op.drop_index('ix_exports_node_state')
-    with op.batch_alter_table('instances', schema=None) as batch_op:
-        batch_op.drop_index('ix_instances_node_state')
+    with op.batch_alter_table("exports", schema=None) as batch_op:
+        batch_op.drop_index("ix_exports_node_state")
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.drop_index("ix_instances_node_state")
     for table in reversed(TABLES):
         with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.drop_column('node')
+            batch_op.drop_column("node")

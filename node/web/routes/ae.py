@@ -19,14 +19,25 @@ from node.web.console import AdminForm, Console, ConsoleDep, Form, ViewerSession
 router = APIRouter()
 
 
-def _ae_page(request: Request, session: Session, console: Console, new_token: str = "",
-             token_source: str = "") -> HTMLResponse:
+def _ae_page(
+    request: Request, session: Session, console: Console, new_token: str = "", token_source: str = ""
+) -> HTMLResponse:
     store = console.store
     edit = store.get_ae(request.query_params.get("edit", "")) if request.query_params.get("edit") else None
     echo_events = {e.detail.get("name"): e for e in reversed(queries.recent_events(store, 200, "ae.echo"))}
-    return render(request, "ae.html", session, aes=store.list_ae(), edit=edit,
-                  roles=[str(r) for r in AERole], echoes=echo_events, tokens=store.list_stow_tokens(),
-                  stow_enabled=console.settings.dicomweb.enabled, new_token=new_token, token_source=token_source)
+    return render(
+        request,
+        "ae.html",
+        session,
+        aes=store.list_ae(),
+        edit=edit,
+        roles=[str(r) for r in AERole],
+        echoes=echo_events,
+        tokens=store.list_stow_tokens(),
+        stow_enabled=console.settings.dicomweb.enabled,
+        new_token=new_token,
+        token_source=token_source,
+    )
 
 
 @router.get("/ae", response_class=HTMLResponse)
@@ -42,12 +53,18 @@ def _ae_fields(form: Form, existing: AETitle | None = None) -> dict[str, Any]:
         raise AdminError(f"port: {port_text!r} is not a number")
     url = form.get("url").strip() or None
     secret = form.get("secret") or (existing.secret if existing is not None and existing.url else "")
-    return {"host": form.get("host").strip() or None, "port": int(port_text) if port_text else None,
-            "role": form.get("role", "both"), "tls": form.get("tls") == "on",
-            "storage_commitment": form.get("storage_commitment") == "on",
-            "description": form.get("description").strip(), "url": url,
-            "auth": form.get("auth", "none") if url else "none",
-            "username": form.get("username").strip() if url else "", "secret": secret if url else ""}
+    return {
+        "host": form.get("host").strip() or None,
+        "port": int(port_text) if port_text else None,
+        "role": form.get("role", "both"),
+        "tls": form.get("tls") == "on",
+        "storage_commitment": form.get("storage_commitment") == "on",
+        "description": form.get("description").strip(),
+        "url": url,
+        "auth": form.get("auth", "none") if url else "none",
+        "username": form.get("username").strip() if url else "",
+        "secret": secret if url else "",
+    }
 
 
 @router.post("/ae")
@@ -98,8 +115,9 @@ def ae_echo(name: str, form: AdminForm, console: ConsoleDep) -> Response:
 @router.post("/stow-tokens", response_class=HTMLResponse)
 def token_add(request: Request, form: AdminForm, console: ConsoleDep) -> Response:
     try:
-        new = tokens.add_token(console.store, form.get("source"), description=form.get("description").strip(),
-                               actor=form.actor)
+        new = tokens.add_token(
+            console.store, form.get("source"), description=form.get("description").strip(), actor=form.actor
+        )
     except tokens.TokenError as e:
         return back("/ae", err=str(e))
     metrics.count_web_action("stow_token_add")

@@ -29,8 +29,14 @@ async def login(request: Request, console: ConsoleDep) -> Response:
     by_account = f"account:{user}" if user in console.users else peer
     if (wait := max(console.throttle.retry_after(peer), console.throttle.retry_after(by_account))) > 0:
         log.warning("console login for %r from %s refused: throttled", user[:40], peer)
-        return render(request, "login.html", None, status=429, next=next_url,
-                      error=f"Too many failed logins: try again in {max(wait / 60, 1):.0f} minute(s).")
+        return render(
+            request,
+            "login.html",
+            None,
+            status=429,
+            next=next_url,
+            error=f"Too many failed logins: try again in {max(wait / 60, 1):.0f} minute(s).",
+        )
     account = authenticate(console.users, user, password)
     if account is None:
         console.throttle.failed(peer)
@@ -48,8 +54,9 @@ async def login(request: Request, console: ConsoleDep) -> Response:
     # or https as a trusted proxy says); only a development console on plain HTTP goes without.
     web_cfg = console.settings.web
     secure = web_cfg.tls or web_cfg.behind_tls_proxy or request.url.scheme == "https"
-    response.set_cookie(COOKIE, cookie, max_age=int(console.signer.max_age), httponly=True,
-                        samesite="strict", secure=secure)
+    response.set_cookie(
+        COOKIE, cookie, max_age=int(console.signer.max_age), httponly=True, samesite="strict", secure=secure
+    )
     return response
 
 

@@ -24,8 +24,10 @@ def readyz(request: Request, console: ConsoleDep) -> JSONResponse:
     result = readiness(console.settings, console.store.engine, workers_probe=console.workers_probe)
     body = result.as_dict()
     if not logged_in(request):
-        body["checks"] = {name: {k: v for k, v in check.items() if k not in ("detail", "data")}
-                          for name, check in body["checks"].items()}
+        body["checks"] = {
+            name: {k: v for k, v in check.items() if k not in ("detail", "data")}
+            for name, check in body["checks"].items()
+        }
     return JSONResponse(body, status_code=200 if result.ready else 503)
 
 

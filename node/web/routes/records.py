@@ -22,8 +22,14 @@ def rules(request: Request, session: ViewerSession, console: ConsoleDep) -> HTML
 
 @router.get("/models", response_class=HTMLResponse)
 def models(request: Request, session: ViewerSession, console: ConsoleDep) -> HTMLResponse:
-    return render(request, "models.html", session, cards=catalogue.model_cards(console.weights_dir),
-                  enabled=console.settings.models, weights_dir=console.weights_dir)
+    return render(
+        request,
+        "models.html",
+        session,
+        cards=catalogue.model_cards(console.weights_dir),
+        enabled=console.settings.models,
+        weights_dir=console.weights_dir,
+    )
 
 
 @router.get("/dead", response_class=HTMLResponse)
@@ -54,5 +60,10 @@ def export_retry_all(form: AdminForm, console: ConsoleDep) -> Response:
 @router.get("/events", response_class=HTMLResponse)
 def events(request: Request, session: ViewerSession, console: ConsoleDep) -> HTMLResponse:
     prefix = request.query_params.get("kind", "")
-    return render(request, "events.html", session,
-                  events=queries.recent_events(console.store, limit=300, prefix=prefix), kind=prefix)
+    return render(
+        request,
+        "events.html",
+        session,
+        events=queries.recent_events(console.store, limit=300, prefix=prefix),
+        kind=prefix,
+    )

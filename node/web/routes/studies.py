@@ -27,27 +27,46 @@ def dashboard(request: Request, session: ViewerSession, console: ConsoleDep) -> 
     store, settings = console.store, console.settings
     ready: Readiness = readiness(settings, store.engine, workers_probe=console.workers_probe)
     checks = {c.name: c for c in ready.checks}
-    return render(request, "dashboard.html", session, today=queries.today(store),
-                  states=queries.instance_counts(store), ready=ready, checks=checks,
-                  queued=queries.queued_count(store),
-                  broker_depth=queue_depth(settings.broker_url, INFERENCE_QUEUE),
-                  disk=disk_usage(settings.storage.data_dir),
-                  events=queries.recent_events(store, limit=15))
+    return render(
+        request,
+        "dashboard.html",
+        session,
+        today=queries.today(store),
+        states=queries.instance_counts(store),
+        ready=ready,
+        checks=checks,
+        queued=queries.queued_count(store),
+        broker_depth=queue_depth(settings.broker_url, INFERENCE_QUEUE),
+        disk=disk_usage(settings.storage.data_dir),
+        events=queries.recent_events(store, limit=15),
+    )
 
 
 @router.get("/studies", response_class=HTMLResponse)
 def studies(request: Request, session: ViewerSession, console: ConsoleDep) -> HTMLResponse:
     p = request.query_params
-    search = queries.StudySearch(date_from=p.get("date_from", ""), date_to=p.get("date_to", ""),
-                                 calling_ae=p.get("ae", ""), state=p.get("state", ""),
-                                 accession=p.get("accession", ""), text=p.get("q", ""))
+    search = queries.StudySearch(
+        date_from=p.get("date_from", ""),
+        date_to=p.get("date_to", ""),
+        calling_ae=p.get("ae", ""),
+        state=p.get("state", ""),
+        accession=p.get("accession", ""),
+        text=p.get("q", ""),
+    )
     error = ""
     try:
         rows = queries.search_studies(console.store, search)
     except ValueError as e:
         rows, error = [], f"Dates are YYYY-MM-DD ({e})."
-    return render(request, "studies.html", session, rows=rows, search=search, search_error=error,
-                  ae_names=[a.name for a in console.store.list_ae()])
+    return render(
+        request,
+        "studies.html",
+        session,
+        rows=rows,
+        search=search,
+        search_error=error,
+        ae_names=[a.name for a in console.store.list_ae()],
+    )
 
 
 @router.get("/studies/{study_id}", response_class=HTMLResponse)
@@ -62,13 +81,25 @@ def study(request: Request, study_id: int, session: ViewerSession, console: Cons
         seg = next((Path(e.file_path) for e in exports if e.kind == "seg" and Path(e.file_path).exists()), None)
         sr = next((Path(e.file_path) for e in exports if e.kind == "sr" and Path(e.file_path).exists()), None)
         measurements = sr_measurements(sr) if sr else []
-        results[inst.id] = {"seg": seg, "sr": sr, "measurements": measurements,
-                            "severity": severity(measurements), "legend": legend(seg) if seg else [],
-                            "thumbnail": bool(inst.spool_path) and Path(inst.spool_path).exists()}
+        results[inst.id] = {
+            "seg": seg,
+            "sr": sr,
+            "measurements": measurements,
+            "severity": severity(measurements),
+            "legend": legend(seg) if seg else [],
+            "thumbnail": bool(inst.spool_path) and Path(inst.spool_path).exists(),
+        }
     triage = store.get_triage(study_id)
-    return render(request, "study.html", session, d=detail, results=results, triage=triage,
-                  alerts=alert_rows(store, study_id=study_id),
-                  trend=patient_trend(store, triage.patient_id) if triage else [])
+    return render(
+        request,
+        "study.html",
+        session,
+        d=detail,
+        results=results,
+        triage=triage,
+        alerts=alert_rows(store, study_id=study_id),
+        trend=patient_trend(store, triage.patient_id) if triage else [],
+    )
 
 
 @router.get("/instances/{instance_id}/overlay.png")
@@ -78,8 +109,10 @@ def overlay(instance_id: int, _session: ViewerSession, console: ConsoleDep) -> R
         inst = store.get_instance(instance_id)
     except StoreError:
         return Response(status_code=404)
-    seg = next((Path(e.file_path) for e in store.list_exports(instance_id)
-                if e.kind == "seg" and Path(e.file_path).exists()), None)
+    seg = next(
+        (Path(e.file_path) for e in store.list_exports(instance_id) if e.kind == "seg" and Path(e.file_path).exists()),
+        None,
+    )
     png = safe_overlay(console.settings, Path(inst.spool_path), seg) if inst.spool_path else None
     if png is None:
         return Response(status_code=404)

@@ -31,15 +31,27 @@ def worklist(request: Request, session: ViewerSession, console: ConsoleDep) -> H
         by_study.setdefault(int(a["study_id"]), []).append(a)
     if alert_state:
         rows = [r for r in rows if any(a["state"] == alert_state for a in by_study.get(r["study_id"], []))]
-    return render(request, "worklist.html", session, rows=rows, alerts=by_study,
-                  levels=TRIAGE_LEVELS, level=level, alert_state=alert_state, ae=ae,
-                  ae_names=[a.name for a in store.list_ae()], counts=store.triage_level_counts(),
-                  dead_alerts=[a for a in alerts if a["state"] == "dead"], triage=console.settings.triage)
+    return render(
+        request,
+        "worklist.html",
+        session,
+        rows=rows,
+        alerts=by_study,
+        levels=TRIAGE_LEVELS,
+        level=level,
+        alert_state=alert_state,
+        ae=ae,
+        ae_names=[a.name for a in store.list_ae()],
+        counts=store.triage_level_counts(),
+        dead_alerts=[a for a in alerts if a["state"] == "dead"],
+        triage=console.settings.triage,
+    )
 
 
 @router.post("/alerts/{alert_id}/retry")
 def alert_retry(alert_id: int, form: AdminForm, console: ConsoleDep) -> Response:
     n = console.store.retry_alerts([alert_id], actor=form.actor)
     metrics.count_web_action("alert_retry")
-    return back("/worklist", msg=f"alert {alert_id} due again" if n else "",
-                err="" if n else f"alert {alert_id} is not dead")
+    return back(
+        "/worklist", msg=f"alert {alert_id} due again" if n else "", err="" if n else f"alert {alert_id} is not dead"
+    )
