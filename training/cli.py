@@ -163,6 +163,23 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.calibrate import calibrate_presence
+
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.model]
+    out = Path(args.out or RUNS / "calibrate" / args.model)
+    summary = calibrate_presence(
+        _folders(args.data, task.data), [Path(n) for n in args.negatives], out,
+        split_files=[Path(s) for s in args.trained_on or []], target=args.false_alarm_rate,
+        weights_dir=Path(args.weights_dir) if args.weights_dir else None, checkpoint=_path(args.checkpoint),
+        report_only=args.report_only, max_per_group=args.max_per_source, compare=args.compare or ())
+    _stamp(out, summary, args.argv)
+    return 0
+
+
 def cmd_import_siim(args: argparse.Namespace) -> int:
     from training.siim import import_siim
 
@@ -277,6 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lung-checkpoint", help="lung model for the zones (default: the shipped one)")
     c.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     c.set_defaults(func=cmd_crossval)
+
+    k = sub.add_parser("calibrate", help="pneumothorax presence threshold for a target false-alarm rate, "
+                                         "chosen on calibration negatives, scored per source on test images",
+                       description="Leaves out every image the --trained-on runs trained on; COVID-QU-Ex folders "
+                                   "(source_split column): Train calibrates, Val tests; other folders by a patient "
+                                   "hash. See training/calibrate.py.")
+    k.add_argument("model", choices=["pneumothorax"])
+    k.add_argument("--data", nargs="+", help="folders with positives (default: the task's)")
+    k.add_argument("--negatives", nargs="+", required=True, help="folders free of pneumothorax")
+    k.add_argument("--trained-on", nargs="+", metavar="SPLIT_JSON",
+                   help="split.json of every run behind the weights (their train images are left out)")
+    k.add_argument("--false-alarm-rate", type=float, default=0.02, help="target per source (default 0.02)")
+    k.add_argument("--report-only", nargs="*", default=["covid_opacity_negatives:Non-COVID"],
+                   help="groups (folder or folder:class) tested and reported apart, never calibrated on")
+    k.add_argument("--compare", nargs="*", type=float, help="also score the test images at these thresholds")
+    k.add_argument("--checkpoint", help="a training checkpoint instead of the shipped weights")
+    k.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
+    k.add_argument("--max-per-source", type=int, default=0, help="at most N negatives per group and role")
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--out", help="output folder (default runs/calibrate/<model>)")
+    k.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("import-siim", help="SIIM-ACR train-rle.csv + images -> shared folder format")
     s.add_argument("--rle", required=True)
