@@ -130,6 +130,31 @@ def count_by_source(rows: Sequence[Mapping[str, Any]], threshold: float,
             "report_only": sorted(skip & set(groups))}
 
 
+def auc(positive_probs: Sequence[float], negative_probs: Sequence[float]) -> float:
+    """Share of (positive, negative) pairs the presence probability ranks right (ties count half):
+    how well it separates, whatever the threshold."""
+    if not positive_probs or not negative_probs:
+        return math.nan
+    neg = np.sort(np.asarray(negative_probs, float))
+    pos = np.asarray(positive_probs, float)
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (len(pos) * len(neg)))
+
+
+def auc_by_source(rows: Sequence[Mapping[str, Any]], report_only: Iterable[str] = DEFAULT_REPORT_ONLY
+                  ) -> dict[str, float]:
+    """AUC of all the positives against each negative source, and against every source outside
+    `report_only` (`overall`)."""
+    skip = set(report_only)
+    pos = [r["presence_prob"] for r in rows if r["truth_present"]]
+    neg = [r for r in rows if not r["truth_present"]]
+    out = {"overall": round(auc(pos, [r["presence_prob"] for r in neg if r["group"] not in skip]), 4)}
+    for g in sorted({r["group"] for r in neg}):
+        out[g] = round(auc(pos, [r["presence_prob"] for r in neg if r["group"] == g]), 4)
+    return out
+
+
 def _capped(samples: list[tuple[Sample, bool, str]], max_per_group: int) -> list[tuple[Sample, bool, str]]:
     """At most `max_per_group` images per (group, role), chosen by a hash (not file order)."""
     if not max_per_group:
@@ -204,6 +229,7 @@ def calibrate_presence(data: Sequence[Path], negatives: Sequence[Path], out_dir:
         "test_at": {str(t): count_by_source(test, t, report_only)
                     for t in sorted({card_presence, *compare})},
         "card_presence_threshold": card_presence,
+        "test_auc": auc_by_source(test, report_only),
     }
     with open(out_dir / "per_image.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["group", "id", "role", "truth_present", "presence_prob", "dice_raw"])

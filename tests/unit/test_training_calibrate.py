@@ -13,6 +13,8 @@ import pytest
 from tests.support.synthetic_lungs import lung_folder
 from training.calibrate import (
     assign_role,
+    auc,
+    auc_by_source,
     calibrate,
     count_by_source,
     group,
@@ -77,6 +79,16 @@ def test_counting_by_source_separates_report_only_groups() -> None:
     assert out["by_source"]["pneumonia"]["false_alarms"] == 2
     assert out["overall"]["negatives"] == 3 and out["overall"]["false_alarms"] == 1  # pneumonia left out
     assert out["report_only"] == ["pneumonia"]
+
+
+def test_auc_counts_pairs_ranked_right_and_ties_half() -> None:
+    # Pairs: 0.9 beats 0.1, 0.5, 0.5 (3); 0.5 beats 0.1 and ties 0.5 twice (1 + 1): 5 of 6.
+    assert auc([0.9, 0.5], [0.1, 0.5, 0.5]) == pytest.approx(5 / 6)
+    assert auc([0.2], [0.3]) == 0.0 and auc([0.3], [0.2]) == 1.0
+    rows = [_pos("ptx", 0.9, 1.0), _pos("ptx", 0.5, 1.0), _neg("a", 0.1, "test"), _neg("a", 0.5, "test"),
+            _neg("b", 0.95, "test")]
+    out = auc_by_source(rows, report_only=["b"])
+    assert out == {"overall": 0.875, "a": 0.875, "b": 0.0}  # a: (2 + 1.5) of 4 pairs
 
 
 def _sample(source: str, sid: str, patient: str = "", **row: str) -> Sample:
