@@ -35,6 +35,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check node workers training tests benchmarks
+	$(VENV)/bin/ruff format --check node workers training tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

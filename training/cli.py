@@ -31,24 +31,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = TASKS[args.task]
     spec = SPECS[args.task]
     if args.arch or args.encoder or args.input_size:
-        spec = replace(spec, arch=args.arch or spec.arch, encoder=args.encoder or spec.encoder,
-                       input_size=args.input_size or spec.input_size)
+        spec = replace(
+            spec,
+            arch=args.arch or spec.arch,
+            encoder=args.encoder or spec.encoder,
+            input_size=args.input_size or spec.input_size,
+        )
     cfg = TrainConfig(
-        spec=spec, structures=task.structures, data=_folders(args.data, task.data),
+        spec=spec,
+        structures=task.structures,
+        data=_folders(args.data, task.data),
         # `--negatives` with no folder means none (e.g. a full SIIM set has its own negatives).
-        negatives=[Path(n) for n in args.negatives] if args.negatives is not None
+        negatives=[Path(n) for n in args.negatives]
+        if args.negatives is not None
         else [shared_data_root() / d for d in task.negatives],
-        negatives_per_source=task.negatives_per_source if args.negatives_per_source is None
+        negatives_per_source=task.negatives_per_source
+        if args.negatives_per_source is None
         else args.negatives_per_source,
         negatives_where=dict(w.split("=", 1) for w in args.negatives_where or []),
-        run_dir=Path(args.run or RUNS / args.task), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes,
-        epoch_images=args.epoch_images, max_steps=args.max_steps, limit=args.limit, augment=not args.no_augment, threads=args.threads, workers=args.workers, device=args.device,
+        run_dir=Path(args.run or RUNS / args.task),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        patience=args.patience,
+        max_minutes=args.max_minutes,
+        epoch_images=args.epoch_images,
+        max_steps=args.max_steps,
+        limit=args.limit,
+        augment=not args.no_augment,
+        threads=args.threads,
+        workers=args.workers,
+        device=args.device,
         init=args.init or "",
-        weak_data=[Path(w) for w in args.weak_data] if args.weak_data is not None
+        weak_data=[Path(w) for w in args.weak_data]
+        if args.weak_data is not None
         else [shared_data_root() / d for d in task.weak_data],
-        weak_train_folds=tuple(args.weak_train_folds), weak_val_folds=tuple(args.weak_val_folds),
-        weak_weight=args.weak_weight, extent_weight=args.extent_weight)
+        weak_train_folds=tuple(args.weak_train_folds),
+        weak_val_folds=tuple(args.weak_val_folds),
+        weak_weight=args.weak_weight,
+        extent_weight=args.extent_weight,
+    )
     train(cfg, resume=args.resume)
     return 0
 
@@ -69,9 +93,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from training.ralo import evaluate_extent
 
         out = Path(args.out or RUNS / "eval" / "extent")
-        summary = evaluate_extent(_folders(args.data, ["severity_ralo"])[0], out, folds=args.folds,
-                                  weights_dir=weights_dir, lung_checkpoint=_path(args.lung_checkpoint),
-                                  opacity_checkpoint=_path(args.opacity_checkpoint))
+        summary = evaluate_extent(
+            _folders(args.data, ["severity_ralo"])[0],
+            out,
+            folds=args.folds,
+            weights_dir=weights_dir,
+            lung_checkpoint=_path(args.lung_checkpoint),
+            opacity_checkpoint=_path(args.opacity_checkpoint),
+        )
         _stamp(out, summary, args.argv)
         return 0
     if args.model == "severity":
@@ -79,20 +108,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = Path(args.out or RUNS / "eval" / "severity")
         for folder in folders:
             summary = evaluate_severity(
-                folder, out if len(folders) == 1 else out / folder.name, weights_dir=weights_dir,
-                lung_checkpoint=_path(args.lung_checkpoint), opacity_checkpoint=_path(args.opacity_checkpoint),
-                lung_split=_path(args.lung_split), pixel_thresholds=args.opacity_thresholds or (),
-                folds=args.folds, normals=[Path(n) for n in args.normals or []],
-                normals_split=_path(args.normals_split))
+                folder,
+                out if len(folders) == 1 else out / folder.name,
+                weights_dir=weights_dir,
+                lung_checkpoint=_path(args.lung_checkpoint),
+                opacity_checkpoint=_path(args.opacity_checkpoint),
+                lung_split=_path(args.lung_split),
+                pixel_thresholds=args.opacity_thresholds or (),
+                folds=args.folds,
+                normals=[Path(n) for n in args.normals or []],
+                normals_split=_path(args.normals_split),
+            )
             _stamp(out if len(folders) == 1 else out / folder.name, summary, args.argv)
         return 0
     task = TASKS[args.model]
     out = Path(args.out or RUNS / "eval" / args.model)
     summary = evaluate_segmentation(
-        args.model, _folders(args.data, task.data), out, weights_dir=weights_dir,
-        checkpoint=_path(args.checkpoint), split_file=_path(args.split), subset=args.subset,
-        negatives=[Path(n) for n in args.negatives or []], threshold=args.threshold,
-        presence_threshold=args.presence_threshold, max_per_source=args.max_per_source)
+        args.model,
+        _folders(args.data, task.data),
+        out,
+        weights_dir=weights_dir,
+        checkpoint=_path(args.checkpoint),
+        split_file=_path(args.split),
+        subset=args.subset,
+        negatives=[Path(n) for n in args.negatives or []],
+        threshold=args.threshold,
+        presence_threshold=args.presence_threshold,
+        max_per_source=args.max_per_source,
+    )
     _stamp(out, summary, args.argv)
     return 0
 
@@ -115,15 +158,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     for item in args.set or []:
         key, _, value = item.partition("=")
-        extra[key] = json.loads(value) if value[:1] in "-0123456789[{tfn\"" else value
+        extra[key] = json.loads(value) if value[:1] in '-0123456789[{tfn"' else value
     for item in args.attach or []:
         key, _, path = item.partition("=")
         extra[key] = json.loads(Path(path).read_text())
     command = json.loads(evaluation.read_text()).get("command", "(not recorded)")
     try:
-        export(args.model, Path(args.checkpoint), evaluation, command, status=args.status,
-               limitations=args.limitation or [], extra=extra, primary_metric=args.primary_metric,
-               weights_dir=Path(args.weights_dir) if args.weights_dir else WEIGHTS_DIR, force=args.force)
+        export(
+            args.model,
+            Path(args.checkpoint),
+            evaluation,
+            command,
+            status=args.status,
+            limitations=args.limitation or [],
+            extra=extra,
+            primary_metric=args.primary_metric,
+            weights_dir=Path(args.weights_dir) if args.weights_dir else WEIGHTS_DIR,
+            force=args.force,
+        )
     except NotBetterError as e:
         log.warning("%s", e)
         return 3
@@ -151,8 +203,14 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     fold_args = build_parser().parse_args(["train", args.model, *args.passthrough])
     if not args.evaluate_only:
         try:
-            run_folds(plans, root, weak_data, args.passthrough, parallel=args.parallel,
-                      input_size=fold_args.input_size or SPECS[args.model].input_size)
+            run_folds(
+                plans,
+                root,
+                weak_data,
+                args.passthrough,
+                parallel=args.parallel,
+                input_size=fold_args.input_size or SPECS[args.model].input_size,
+            )
         except FoldTrainingError as e:
             log.error("%s", e)
             return 2
@@ -160,6 +218,30 @@ def cmd_crossval(args: argparse.Namespace) -> int:
         return 0
     lung = Segmenter.load("lung", Path(args.weights_dir) if args.weights_dir else None, _path(args.lung_checkpoint))
     _stamp(root, evaluate_folds(plans, root, weak_data, lung), args.argv)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.calibrate import calibrate_presence
+
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.model]
+    out = Path(args.out or RUNS / "calibrate" / args.model)
+    summary = calibrate_presence(
+        _folders(args.data, task.data),
+        [Path(n) for n in args.negatives],
+        out,
+        split_files=[Path(s) for s in args.trained_on or []],
+        target=args.false_alarm_rate,
+        weights_dir=Path(args.weights_dir) if args.weights_dir else None,
+        checkpoint=_path(args.checkpoint),
+        report_only=args.report_only,
+        max_per_group=args.max_per_source,
+        compare=args.compare or (),
+    )
+    _stamp(out, summary, args.argv)
     return 0
 
 
@@ -180,8 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", nargs="+", help="shared-format folders with masks (default: the task's)")
     t.add_argument("--negatives", nargs="*", help="folders free of the structure (all-zero masks)")
     t.add_argument("--negatives-per-source", type=int, default=None)
-    t.add_argument("--negatives-where", nargs="+", metavar="COLUMN=VALUE",
-                   help="only negatives rows with this index value, e.g. class=Normal (covid_opacity_negatives)")
+    t.add_argument(
+        "--negatives-where",
+        nargs="+",
+        metavar="COLUMN=VALUE",
+        help="only negatives rows with this index value, e.g. class=Normal (covid_opacity_negatives)",
+    )
     t.add_argument("--run", help="run directory (default runs/<task>)")
     t.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
     t.add_argument("--epochs", type=int, default=10)
@@ -190,27 +276,56 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--patience", type=int, default=4)
-    t.add_argument("--max-minutes", type=float, default=0.0,
-                   help="training time budget; the cosine schedule follows it (0 = schedule by --epochs)")
-    t.add_argument("--epoch-images", type=int, default=0, help="images per epoch (0 = one pass; more than the set = several passes): "
-                                                              "checkpoint and validation cadence")
+    t.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="training time budget; the cosine schedule follows it (0 = schedule by --epochs)",
+    )
+    t.add_argument(
+        "--epoch-images",
+        type=int,
+        default=0,
+        help="images per epoch (0 = one pass; more than the set = several passes): checkpoint and validation cadence",
+    )
     t.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0 = full epochs)")
     t.add_argument("--limit", type=int, default=0, help="use only the first N samples")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--workers", type=int, default=0,
-                   help="DataLoader processes for augmentation (0 = in the training process; use the cores on a GPU)")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when available (mixed precision), else CPU")
-    t.add_argument("--weak-data", nargs="*", help="severity-format folders for the weak zone loss, "
-                                                  "severity_ralo-format ones for the per-lung extent loss "
-                                                  "(default: the task's; no folder = none)")
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader processes for augmentation (0 = in the training process; use the cores on a GPU)",
+    )
+    t.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA when available (mixed precision), else CPU",
+    )
+    t.add_argument(
+        "--weak-data",
+        nargs="*",
+        help="severity-format folders for the weak zone loss, "
+        "severity_ralo-format ones for the per-lung extent loss "
+        "(default: the task's; no folder = none)",
+    )
     t.add_argument("--weak-train-folds", nargs="+", type=int, default=[0, 1, 2])
-    t.add_argument("--weak-val-folds", nargs="+", type=int, default=[3],
-                   help="weak-label folds for validation; folds in neither list are never read (test)")
+    t.add_argument(
+        "--weak-val-folds",
+        nargs="+",
+        type=int,
+        default=[3],
+        help="weak-label folds for validation; folds in neither list are never read (test)",
+    )
     t.add_argument("--weak-weight", type=float, default=1.0)
-    t.add_argument("--extent-weight", type=float, default=1.0,
-                   help="weight of the per-lung extent loss of severity_ralo-format --weak-data folders")
+    t.add_argument(
+        "--extent-weight",
+        type=float,
+        default=1.0,
+        help="weight of the per-lung extent loss of severity_ralo-format --weak-data folders",
+    )
     t.add_argument("--init", help="fine-tune from a checkpoint (*.pt) or a shipped model name (e.g. lung)")
     t.add_argument("--arch")
     t.add_argument("--encoder")
@@ -218,28 +333,49 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="Dice/IoU/HD95 per image + summary; `severity` for labels.csv folders")
-    e.add_argument("model", choices=[*sorted(TASKS), "severity", "extent"],
-                   help="severity: 0-6 zone score on labels.csv folders; extent: RALO per-lung "
-                        "geographic extent 0-4 (severity_ralo/) MAE, e.g. on held-out --folds 4")
+    e.add_argument(
+        "model",
+        choices=[*sorted(TASKS), "severity", "extent"],
+        help="severity: 0-6 zone score on labels.csv folders; extent: RALO per-lung "
+        "geographic extent 0-4 (severity_ralo/) MAE, e.g. on held-out --folds 4",
+    )
     e.add_argument("--data", nargs="+", help="shared-format folders (default: the task's)")
     e.add_argument("--negatives", nargs="*", help="folders free of the structure (pneumothorax)")
     e.add_argument("--checkpoint", help="evaluate a training checkpoint instead of the shipped weights")
     e.add_argument("--lung-checkpoint")
     e.add_argument("--opacity-checkpoint")
-    e.add_argument("--opacity-thresholds", nargs="*", type=float,
-                   help="severity: also tune the opacity pixel threshold over these values (e.g. 0.3 0.5 0.7)")
-    e.add_argument("--lung-split", help="severity: the lung run's split.json, to report images whose lung "
-                                        "mask the lung model did not train on separately")
-    e.add_argument("--folds", nargs="+", type=int,
-                   help="severity: only these folds (those a weakly supervised opacity model never saw); "
-                        "each fold's zone threshold is tuned on the others")
-    e.add_argument("--normals", nargs="*", help="severity: folders free of COVID opacity (e.g. lung/jsrt): "
-                                                "report the zones called on them (false alarms)")
+    e.add_argument(
+        "--opacity-thresholds",
+        nargs="*",
+        type=float,
+        help="severity: also tune the opacity pixel threshold over these values (e.g. 0.3 0.5 0.7)",
+    )
+    e.add_argument(
+        "--lung-split",
+        help="severity: the lung run's split.json, to report images whose lung "
+        "mask the lung model did not train on separately",
+    )
+    e.add_argument(
+        "--folds",
+        nargs="+",
+        type=int,
+        help="severity: only these folds (those a weakly supervised opacity model never saw); "
+        "each fold's zone threshold is tuned on the others",
+    )
+    e.add_argument(
+        "--normals",
+        nargs="*",
+        help="severity: folders free of COVID opacity (e.g. lung/jsrt): report the zones called on them (false alarms)",
+    )
     e.add_argument("--normals-split", help="severity: only the --normals images this run did not train on")
     e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     e.add_argument("--split", help="split.json of a run: evaluate only its --subset images")
-    e.add_argument("--subset", default="validation", choices=["train", "validation", "heldout"],
-                   help="heldout = every image the run did not train on")
+    e.add_argument(
+        "--subset",
+        default="validation",
+        choices=["train", "validation", "heldout"],
+        help="heldout = every image the run did not train on",
+    )
     e.add_argument("--max-per-source", type=int, default=0, help="at most N images per source folder")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--threshold", type=float)
@@ -260,10 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace shipped weights even if not better")
     x.set_defaults(func=cmd_export)
 
-    c = sub.add_parser("crossval", help="k-fold CV of the opacity model's weak training by severity/ `fold`",
-                       description="Trains one opacity model per test fold (fold k-1 selects, the rest train) "
-                                   "and pools their predictions. Arguments after `--` go to `train`, e.g. "
-                                   "`crossval opacity --parallel 5 -- --max-minutes 5 --workers 2`.")
+    c = sub.add_parser(
+        "crossval",
+        help="k-fold CV of the opacity model's weak training by severity/ `fold`",
+        description="Trains one opacity model per test fold (fold k-1 selects, the rest train) "
+        "and pools their predictions. Arguments after `--` go to `train`, e.g. "
+        "`crossval opacity --parallel 5 -- --max-minutes 5 --workers 2`.",
+    )
     c.add_argument("model", choices=["opacity"])
     c.add_argument("--folds", type=int, default=5, help="number of folds in the `fold` column")
     c.add_argument("--only", nargs="+", type=int, help="only these test folds")
@@ -272,11 +411,46 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--run", help="folder of the fold runs (default runs/opacity_cv)")
     mode = c.add_mutually_exclusive_group()
     mode.add_argument("--evaluate-only", action="store_true", help="evaluate the fold runs already there")
-    mode.add_argument("--train-only", action="store_true",
-                      help="train the folds and stop (evaluate later with --evaluate-only, e.g. on another machine)")
+    mode.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train the folds and stop (evaluate later with --evaluate-only, e.g. on another machine)",
+    )
     c.add_argument("--lung-checkpoint", help="lung model for the zones (default: the shipped one)")
     c.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     c.set_defaults(func=cmd_crossval)
+
+    k = sub.add_parser(
+        "calibrate",
+        help="pneumothorax presence threshold for a target false-alarm rate, "
+        "chosen on calibration negatives, scored per source on test images",
+        description="Leaves out every image the --trained-on runs trained on; COVID-QU-Ex folders "
+        "(source_split column): Train calibrates, Val tests; other folders by a patient "
+        "hash. See training/calibrate.py.",
+    )
+    k.add_argument("model", choices=["pneumothorax"])
+    k.add_argument("--data", nargs="+", help="folders with positives (default: the task's)")
+    k.add_argument("--negatives", nargs="+", required=True, help="folders free of pneumothorax")
+    k.add_argument(
+        "--trained-on",
+        nargs="+",
+        metavar="SPLIT_JSON",
+        help="split.json of every run behind the weights (their train images are left out)",
+    )
+    k.add_argument("--false-alarm-rate", type=float, default=0.02, help="target per source (default 0.02)")
+    k.add_argument(
+        "--report-only",
+        nargs="*",
+        default=["covid_opacity_negatives:Non-COVID"],
+        help="groups (folder or folder:class) tested and reported apart, never calibrated on",
+    )
+    k.add_argument("--compare", nargs="*", type=float, help="also score the test images at these thresholds")
+    k.add_argument("--checkpoint", help="a training checkpoint instead of the shipped weights")
+    k.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
+    k.add_argument("--max-per-source", type=int, default=0, help="at most N negatives per group and role")
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--out", help="output folder (default runs/calibrate/<model>)")
+    k.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("import-siim", help="SIIM-ACR train-rle.csv + images -> shared folder format")
     s.add_argument("--rle", required=True)
@@ -290,15 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `crossval ... -- TRAIN ARGS`: what follows `--` is handed to each fold's `train` as it stands.
-    own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, passthrough = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = build_parser()
     args = parser.parse_args(own)
     if passthrough and args.command != "crossval":
         parser.error(f"arguments after -- are for crossval only: {' '.join(passthrough)}")
     args.passthrough = passthrough
     args.argv = argv
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         rc: int = args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or data: say so, no traceback

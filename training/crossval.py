@@ -51,22 +51,43 @@ def plan(folds: int = 5) -> list[FoldPlan]:
     """Test fold k, validation fold k-1 (cyclic), training on the rest."""
     if folds < 3:
         raise ValueError(f"cross-validation needs at least 3 folds (train, validation, test), not {folds}")
-    return [FoldPlan(k, (k - 1) % folds, tuple(f for f in range(folds) if f not in (k, (k - 1) % folds)))
-            for k in range(folds)]
+    return [
+        FoldPlan(k, (k - 1) % folds, tuple(f for f in range(folds) if f not in (k, (k - 1) % folds)))
+        for k in range(folds)
+    ]
 
 
 def train_command(p: FoldPlan, run_dir: Path, weak_data: Path, train_args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "training", "train", "opacity", "--run", str(run_dir),
-            "--weak-data", str(weak_data), "--weak-train-folds", *map(str, p.train),
-            "--weak-val-folds", str(p.validation), *train_args]
+    return [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        "opacity",
+        "--run",
+        str(run_dir),
+        "--weak-data",
+        str(weak_data),
+        "--weak-train-folds",
+        *map(str, p.train),
+        "--weak-val-folds",
+        str(p.validation),
+        *train_args,
+    ]
 
 
 class FoldTrainingError(RuntimeError):
     """A fold's `train` process failed."""
 
 
-def run_folds(plans: Sequence[FoldPlan], root: Path, weak_data: Path, train_args: Sequence[str],
-              parallel: int = 1, input_size: int = SPECS["opacity"].input_size) -> None:
+def run_folds(
+    plans: Sequence[FoldPlan],
+    root: Path,
+    weak_data: Path,
+    train_args: Sequence[str],
+    parallel: int = 1,
+    input_size: int = SPECS["opacity"].input_size,
+) -> None:
     """Train every fold (`parallel` processes at a time) into root/fold<k>/, log in train.log there.
 
     A fold whose run already has best.pt and no `--resume` in `train_args` is not trained again.
@@ -75,8 +96,11 @@ def run_folds(plans: Sequence[FoldPlan], root: Path, weak_data: Path, train_args
     """
     # The lung zones of every weak image, once, instead of once per fold process.
     zones = root / "zones.npz"
-    zone_cache(severity_samples(weak_data, sorted({f for p in plans for f in (p.test, p.validation, *p.train)})),
-               input_size, zones)
+    zone_cache(
+        severity_samples(weak_data, sorted({f for p in plans for f in (p.test, p.validation, *p.train)})),
+        input_size,
+        zones,
+    )
     pending = [p for p in plans if "--resume" in train_args or not (root / p.name / "best.pt").exists()]
     running: list[tuple[FoldPlan, subprocess.Popen[bytes]]] = []
     failed: list[str] = []
@@ -116,18 +140,30 @@ def evaluate_folds(plans: Sequence[FoldPlan], root: Path, weak_data: Path, lung:
             raise ValueError(f"{p.name}: no scored images in validation fold {p.validation} or test fold {p.test}")
         _, zone_threshold = best_threshold(val)
         for r in test:
-            predictions.append({"image_id": r["image_id"], "fold": p.test, "reference": r["reference"],
-                                "score": int(sum(f > zone_threshold for f in r["fractions"])),
-                                "zone_threshold": zone_threshold})
+            predictions.append(
+                {
+                    "image_id": r["image_id"],
+                    "fold": p.test,
+                    "reference": r["reference"],
+                    "score": int(sum(f > zone_threshold for f in r["fractions"])),
+                    "zone_threshold": zone_threshold,
+                }
+            )
         fold_preds = [x for x in predictions if x["fold"] == p.test]
         agreement = severity_agreement([x["reference"] for x in fold_preds], [x["score"] for x in fold_preds])
         history = json.loads((root / p.name / "history.json").read_text())
         best_epoch = max(history, key=lambda h: h.get("val_select", -math.inf))
-        per_fold[p.name] = {"test_fold": p.test, "validation_fold": p.validation, "train_folds": list(p.train),
-                            "zone_threshold": zone_threshold, "n": len(fold_preds),
-                            "mae": round(float(agreement["mae"]), 4),  # type: ignore[arg-type]
-                            "epochs": len(history), "best_epoch": best_epoch["epoch"],
-                            "train_minutes": round(sum(h["seconds"] for h in history) / 60, 1)}
+        per_fold[p.name] = {
+            "test_fold": p.test,
+            "validation_fold": p.validation,
+            "train_folds": list(p.train),
+            "zone_threshold": zone_threshold,
+            "n": len(fold_preds),
+            "mae": round(float(agreement["mae"]), 4),  # type: ignore[arg-type]
+            "epochs": len(history),
+            "best_epoch": best_epoch["epoch"],
+            "train_minutes": round(sum(h["seconds"] for h in history) / 60, 1),
+        }
     refs = [x["reference"] for x in predictions]
     pooled = severity_agreement(refs, [x["score"] for x in predictions])
     baseline = constant_baseline_errors(predictions) if len(plans) > 1 else []
@@ -140,6 +176,11 @@ def evaluate_folds(plans: Sequence[FoldPlan], root: Path, weak_data: Path, lung:
         "per_fold": per_fold,
     }
     (root / "cv_predictions.json").write_text(json.dumps(predictions, indent=1) + "\n")
-    log.info("cross-validation: MAE %.3f over %d images (constant baseline %s), kappa %.3f",
-             pooled["mae"], len(predictions), summary["baseline_constant_mae"], pooled["kappa"])
+    log.info(
+        "cross-validation: MAE %.3f over %d images (constant baseline %s), kappa %.3f",
+        pooled["mae"],
+        len(predictions),
+        summary["baseline_constant_mae"],
+        pooled["kappa"],
+    )
     return summary

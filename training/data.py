@@ -67,8 +67,9 @@ def _image_path(folder: Path, row: dict[str, str]) -> Path:
     return folder / rel if rel else folder / "images" / f"{_row_id(row)}.png"
 
 
-def read_folder(folder: Path, structures: Sequence[str], *, negative: bool = False,
-                require_masks: bool = True) -> list[Sample]:
+def read_folder(
+    folder: Path, structures: Sequence[str], *, negative: bool = False, require_masks: bool = True
+) -> list[Sample]:
     """Samples of `folder` that have every structure in `structures`.
 
     `negative=True` declares the folder free of those structures (e.g. JSRT for pneumothorax): its
@@ -92,8 +93,9 @@ def read_folder(folder: Path, structures: Sequence[str], *, negative: bool = Fal
             continue
         ignore = folder / "masks" / IGNORE / f"{sid}.png"
         patient = (row.get("patient_id") or "").strip() or f"{source}:{sid}"
-        samples.append(Sample(source, sid, _image_path(folder, row), masks, patient,
-                              ignore if ignore.exists() else None, row))
+        samples.append(
+            Sample(source, sid, _image_path(folder, row), masks, patient, ignore if ignore.exists() else None, row)
+        )
     if skipped:
         log.info("%s: %d images lack a %s mask and are skipped", folder, skipped, "/".join(structures))
     log.info("%s: %d samples", folder, len(samples))
@@ -124,8 +126,7 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
-        (size, size), Image.Resampling.NEAREST)) > 127
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
@@ -162,11 +163,18 @@ def cache_samples(samples: Sequence[Sample], structures: Sequence[str], size: in
             valid = np.ones(image.shape, bool)
         target = np.stack([resize_mask(m, size) for m in masks]).astype(np.uint8)
         zone_target = np.array(s.zone_target or [math.nan] * ZONES, np.float32)
-        out.append(Cached(resize_image(image, size), target, resize_mask(valid, size).astype(np.uint8),
-                          float(any(m.any() for m in masks)), zone_target=zone_target,
-                          score=math.nan if s.score is None else s.score,
-                          extent_bounds=np.array(s.extent_bounds or [math.nan] * 4, np.float32),
-                          extent_score=np.array(s.extent_score or [math.nan] * 2, np.float32)))
+        out.append(
+            Cached(
+                resize_image(image, size),
+                target,
+                resize_mask(valid, size).astype(np.uint8),
+                float(any(m.any() for m in masks)),
+                zone_target=zone_target,
+                score=math.nan if s.score is None else s.score,
+                extent_bounds=np.array(s.extent_bounds or [math.nan] * 4, np.float32),
+                extent_score=np.array(s.extent_score or [math.nan] * 2, np.float32),
+            )
+        )
         if (i + 1) % 200 == 0:
             log.info("cached %d/%d images", i + 1, len(samples))
     return out
@@ -201,12 +209,18 @@ class SegmentationDataset:
             out = self.augment(image=image, masks=[*target, valid, *extra])
             image = out["image"]
             masks = list(out["masks"])
-            target = np.stack(masks[:len(target)])
+            target = np.stack(masks[: len(target)])
             valid = masks[len(target)]
             if extra:
-                zones = np.stack(masks[len(target) + 1:])
-        return {"x": normalise(image)[None], "target": target.astype(np.float32),
-                "valid": np.asarray(valid, np.float32)[None], "positive": np.float32(c.positive),
-                "zones": np.asarray(zones, np.uint8), "zone_target": c.zone_target,
-                "score": np.float32(c.score), "extent_bounds": c.extent_bounds,
-                "extent_score": c.extent_score}
+                zones = np.stack(masks[len(target) + 1 :])
+        return {
+            "x": normalise(image)[None],
+            "target": target.astype(np.float32),
+            "valid": np.asarray(valid, np.float32)[None],
+            "positive": np.float32(c.positive),
+            "zones": np.asarray(zones, np.uint8),
+            "zone_target": c.zone_target,
+            "score": np.float32(c.score),
+            "extent_bounds": c.extent_bounds,
+            "extent_score": c.extent_score,
+        }

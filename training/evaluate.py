@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 STRUCTURE = {"lung": "lungs", "opacity": "opacity", "pneumothorax": "pneumothorax"}
 
 
-def select(samples: Sequence[Sample], split_file: Path | None, subset: str,
-           max_per_source: int = 0) -> list[Sample]:
+def select(samples: Sequence[Sample], split_file: Path | None, subset: str, max_per_source: int = 0) -> list[Sample]:
     """Samples of the split's `subset`: "train", "validation", or "heldout" (every image the run did
     not train on: its validation images plus those it never drew, e.g. unused negatives)."""
     chosen = list(samples)
@@ -72,8 +71,7 @@ def summarise(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, 
         return out
 
     sources = sorted({r["source"] for r in rows})
-    return {"overall": block(rows), "by_source": {s: block([r for r in rows if r["source"] == s])
-                                                  for s in sources}}
+    return {"overall": block(rows), "by_source": {s: block([r for r in rows if r["source"] == s]) for s in sources}}
 
 
 def _spacing(s: Sample) -> float | None:
@@ -83,11 +81,20 @@ def _spacing(s: Sample) -> float | None:
     return None
 
 
-def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, weights_dir: Path | None = None,
-                          checkpoint: Path | None = None, split_file: Path | None = None,
-                          subset: str = "validation", negatives: Sequence[Path] = (),
-                          threshold: float | None = None, presence_threshold: float | None = None,
-                          max_per_source: int = 0) -> dict[str, Any]:
+def evaluate_segmentation(
+    name: str,
+    folders: Sequence[Path],
+    out_dir: Path,
+    *,
+    weights_dir: Path | None = None,
+    checkpoint: Path | None = None,
+    split_file: Path | None = None,
+    subset: str = "validation",
+    negatives: Sequence[Path] = (),
+    threshold: float | None = None,
+    presence_threshold: float | None = None,
+    max_per_source: int = 0,
+) -> dict[str, Any]:
     model, spec, card = load_model(name, weights_dir, checkpoint)
     thr = threshold if threshold is not None else float(card.get("threshold", 0.5))
     p_thr = presence_threshold if presence_threshold is not None else float(card.get("presence_threshold", 0.5))
@@ -105,12 +112,15 @@ def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, 
         pred = prob[0] > thr
         truth = load_mask(s.masks[structure], image.shape)
         valid = ~load_mask(s.ignore, image.shape) if s.ignore else None
-        row: dict[str, Any] = {"source": s.source, "id": s.id, "truth_px": int(truth.sum()),
-                               "pred_px": int(pred.sum())}
+        row: dict[str, Any] = {"source": s.source, "id": s.id, "truth_px": int(truth.sum()), "pred_px": int(pred.sum())}
         if presence is not None:
             present = presence > p_thr
-            row |= {"presence_prob": round(presence, 4), "present": int(present), "truth_present": int(truth.any()),
-                    "presence_correct": int(present == bool(truth.any()))}
+            row |= {
+                "presence_prob": round(presence, 4),
+                "present": int(present),
+                "truth_present": int(truth.any()),
+                "presence_correct": int(present == bool(truth.any())),
+            }
             if not present:  # the worker reports no mask when presence is below threshold
                 pred = np.zeros_like(pred)
         t_eval = truth if valid is None else truth & valid
@@ -128,19 +138,39 @@ def evaluate_segmentation(name: str, folders: Sequence[Path], out_dir: Path, *, 
         rows.append(row)
         if (i + 1) % 50 == 0:
             log.info("evaluated %d/%d", i + 1, len(samples))
-    keys = [k for k in ("dice", "iou", "hd95_px", "hd95_mm", "dice_right", "dice_left", "dice_raw", "presence_correct",
-                        "presence_prob") if any(k in r for r in rows)]
+    keys = [
+        k
+        for k in (
+            "dice",
+            "iou",
+            "hd95_px",
+            "hd95_mm",
+            "dice_right",
+            "dice_left",
+            "dice_raw",
+            "presence_correct",
+            "presence_prob",
+        )
+        if any(k in r for r in rows)
+    ]
     summary = summarise(rows, keys)
     if name == "pneumothorax":
         pos = [r for r in rows if r["truth_present"]]
         summary["dice_positives"] = summarise(pos, ["dice", "iou", "hd95_px"])["overall"] if pos else None
         summary["presence"] = presence_summary(rows)
-    summary |= {"model": name, "spec": spec.__dict__, "threshold": thr,
-                "presence_threshold": p_thr if name == "pneumothorax" else None,
-                "data": [str(f) for f in folders], "negatives": [str(f) for f in negatives],
-                "split": str(split_file) if split_file else None, "subset": subset if split_file else "all",
-                "max_per_source": max_per_source,
-                "weights_sha256": card.get("sha256"), "checkpoint": str(checkpoint) if checkpoint else None}
+    summary |= {
+        "model": name,
+        "spec": spec.__dict__,
+        "threshold": thr,
+        "presence_threshold": p_thr if name == "pneumothorax" else None,
+        "data": [str(f) for f in folders],
+        "negatives": [str(f) for f in negatives],
+        "split": str(split_file) if split_file else None,
+        "subset": subset if split_file else "all",
+        "max_per_source": max_per_source,
+        "weights_sha256": card.get("sha256"),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
     _write(out_dir, rows, summary)
     return summary
 
@@ -152,8 +182,13 @@ def presence_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     neg = [r for r in rows if not r["truth_present"]]
     sens = float(np.mean([r["present"] for r in pos])) if pos else math.nan
     spec = float(np.mean([1 - r["present"] for r in neg])) if neg else math.nan
-    return {"n_positive": len(pos), "n_negative": len(neg), "sensitivity": round(sens, 4),
-            "specificity": round(spec, 4), "balanced_accuracy": round((sens + spec) / 2, 4)}
+    return {
+        "n_positive": len(pos),
+        "n_negative": len(neg),
+        "sensitivity": round(sens, 4),
+        "specificity": round(spec, 4),
+        "balanced_accuracy": round((sens + spec) / 2, 4),
+    }
 
 
 def _side_metrics(s: Sample, right: np.ndarray, left: np.ndarray, shape: tuple[int, int]) -> dict[str, float]:
@@ -161,8 +196,10 @@ def _side_metrics(s: Sample, right: np.ndarray, left: np.ndarray, shape: tuple[i
     paths = {side: folder / "masks" / f"{side}_lung" / f"{s.id}.png" for side in ("right", "left")}
     if not all(p.exists() for p in paths.values()):
         return {}
-    return {"dice_right": dice(right, load_mask(paths["right"], shape)),
-            "dice_left": dice(left, load_mask(paths["left"], shape))}
+    return {
+        "dice_right": dice(right, load_mask(paths["right"], shape)),
+        "dice_left": dice(left, load_mask(paths["left"], shape)),
+    }
 
 
 def _write(out_dir: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:

@@ -22,9 +22,11 @@ from workers import models
 log = logging.getLogger(__name__)
 
 MACHINE = "2-core CPU, no GPU"
-PREPROCESSING = ("8-bit grayscale image (as workers.models.preprocess receives it) -> PIL bilinear resize to "
-                 "input_size x input_size (aspect not kept) -> (x/255 - 0.5)/0.25; output probabilities are "
-                 "resized bilinearly to the image grid and thresholded at `threshold`")
+PREPROCESSING = (
+    "8-bit grayscale image (as workers.models.preprocess receives it) -> PIL bilinear resize to "
+    "input_size x input_size (aspect not kept) -> (x/255 - 0.5)/0.25; output probabilities are "
+    "resized bilinearly to the image grid and thresholded at `threshold`"
+)
 
 
 class NotBetterError(RuntimeError):
@@ -33,12 +35,27 @@ class NotBetterError(RuntimeError):
 
 def git_rev(repo: Path) -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         # The code that shapes the weights: training/ and the architecture/preprocessing/zone rule.
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "training",
-                                "workers/models.py", "workers/severity.py", "workers/inference.py"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(repo),
+                "status",
+                "--porcelain",
+                "--",
+                "training",
+                "workers/models.py",
+                "workers/severity.py",
+                "workers/inference.py",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -51,8 +68,16 @@ def _dig(data: dict[str, Any], dotted: str) -> float:
     return float(value)
 
 
-def build_card(run_dir: Path, evaluation: dict[str, Any], command: str, *, status: str,
-               limitations: list[str], extra: dict[str, Any], primary_metric: str) -> dict[str, Any]:
+def build_card(
+    run_dir: Path,
+    evaluation: dict[str, Any],
+    command: str,
+    *,
+    status: str,
+    limitations: list[str],
+    extra: dict[str, Any],
+    primary_metric: str,
+) -> dict[str, Any]:
     config = json.loads((run_dir / "config.json").read_text())
     split = json.loads((run_dir / "split.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
@@ -67,21 +92,32 @@ def build_card(run_dir: Path, evaluation: dict[str, Any], command: str, *, statu
         "status": status,
         "limitations": limitations,
         "training": {
-            "data": config["data"], "negatives": config.get("negatives", []),
+            "data": config["data"],
+            "negatives": config.get("negatives", []),
             "negatives_per_source": config.get("negatives_per_source", 0),
             "structures": config["structures"],
             "split": {k: split[k] for k in ("rule", "seed", "val_fraction", "counts")},
-            "epochs_run": len(history), "best_epoch": max(history, key=lambda h: h.get("val_select", h["val_dice"]))["epoch"],
-            "hyperparameters": {k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay",
-                                                       "warmup_steps", "patience", "augment")},
-            "loss": "BCE + soft Dice" + (" + 0.5 x BCE on the presence head" if "presence" in str(history[-1])
-                                          else "")
+            "epochs_run": len(history),
+            "best_epoch": max(history, key=lambda h: h.get("val_select", h["val_dice"]))["epoch"],
+            "hyperparameters": {
+                k: config[k]
+                for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "patience", "augment")
+            },
+            "loss": "BCE + soft Dice"
+            + (" + 0.5 x BCE on the presence head" if "presence" in str(history[-1]) else "")
             + (" + weak zone loss on severity labels (training.weak)" if config.get("weak_data") else "")
-            + (" + per-lung extent hinge on severity_ralo labels (training.ralo)"
-               if any("ralo" in str(w) for w in config.get("weak_data") or []) else ""),
-            "weak_labels": {k: config[k] for k in ("weak_data", "weak_train_folds", "weak_val_folds",
-                                                   "weak_weight", "extent_weight") if k in config}
-            if config.get("weak_data") else None,
+            + (
+                " + per-lung extent hinge on severity_ralo labels (training.ralo)"
+                if any("ralo" in str(w) for w in config.get("weak_data") or [])
+                else ""
+            ),
+            "weak_labels": {
+                k: config[k]
+                for k in ("weak_data", "weak_train_folds", "weak_val_folds", "weak_weight", "extent_weight")
+                if k in config
+            }
+            if config.get("weak_data")
+            else None,
             **({"negatives_where": config["negatives_where"]} if config.get("negatives_where") else {}),
             "initialised_from": config.get("init") or "random",
             "optimizer": "AdamW, linear warm-up + cosine decay",
@@ -89,30 +125,55 @@ def build_card(run_dir: Path, evaluation: dict[str, Any], command: str, *, statu
             "wall_clock_s": round(sum(h["seconds"] for h in history)),
             "machine": MACHINE,
         },
-        "validation": {"primary_metric": primary_metric, "primary_value": _dig(evaluation, primary_metric),
-                       "command": command, "metrics": evaluation},
+        "validation": {
+            "primary_metric": primary_metric,
+            "primary_value": _dig(evaluation, primary_metric),
+            "command": command,
+            "metrics": evaluation,
+        },
         "training_date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
         "code_version": git_rev(Path(__file__).resolve().parents[1]),
         **extra,
     }
 
 
-def export(name: str, checkpoint: Path, evaluation_file: Path, command: str, *, status: str,
-           limitations: list[str], extra: dict[str, Any] | None = None, primary_metric: str = "overall.dice",
-           weights_dir: Path = models.WEIGHTS_DIR, force: bool = False) -> Path:
+def export(
+    name: str,
+    checkpoint: Path,
+    evaluation_file: Path,
+    command: str,
+    *,
+    status: str,
+    limitations: list[str],
+    extra: dict[str, Any] | None = None,
+    primary_metric: str = "overall.dice",
+    weights_dir: Path = models.WEIGHTS_DIR,
+    force: bool = False,
+) -> Path:
     model, spec, _ = load_model(name, checkpoint=checkpoint)
     evaluation = json.loads(evaluation_file.read_text())
-    card = build_card(checkpoint.parent, evaluation, command, status=status, limitations=limitations,
-                      extra=extra or {}, primary_metric=primary_metric)
+    card = build_card(
+        checkpoint.parent,
+        evaluation,
+        command,
+        status=status,
+        limitations=limitations,
+        extra=extra or {},
+        primary_metric=primary_metric,
+    )
     card = portable(card)
     card["version"] = f"{card['training_date']}-{card['code_version']}"
     shipped = models.card_path(name, weights_dir)
     if shipped.exists() and not force:
         old = json.loads(shipped.read_text()).get("validation", {})
-        if old.get("primary_metric") == primary_metric and old.get("primary_value", -1) >= card["validation"][
-                "primary_value"]:
-            raise NotBetterError(f"{name}: shipped {primary_metric} {old['primary_value']:.4f} >= new "
-                                 f"{card['validation']['primary_value']:.4f}; not replacing (use --force)")
+        if (
+            old.get("primary_metric") == primary_metric
+            and old.get("primary_value", -1) >= card["validation"]["primary_value"]
+        ):
+            raise NotBetterError(
+                f"{name}: shipped {primary_metric} {old['primary_value']:.4f} >= new "
+                f"{card['validation']['primary_value']:.4f}; not replacing (use --force)"
+            )
     path = models.save(model, spec, card, weights_dir)
     log.info("exported %s -> %s", checkpoint, path)
     return path

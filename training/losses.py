@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                  dice_weight: float = 1.0, eps: float = 1.0) -> torch.Tensor:
+def bce_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, dice_weight: float = 1.0, eps: float = 1.0
+) -> torch.Tensor:
     """Mean BCE over valid pixels + (1 - soft Dice) per image and channel, averaged."""
     valid = valid.expand_as(target)
     bce = F.binary_cross_entropy_with_logits(logits, target, weight=valid, reduction="sum")

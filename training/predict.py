@@ -30,8 +30,9 @@ def predict(model: torch.nn.Module, spec: ModelSpec, image: np.ndarray) -> tuple
     return np.stack([resize_prob(ch, *image.shape) for ch in prob]), presence
 
 
-def load_model(name: str, weights_dir: Path | None = None, checkpoint: Path | None = None
-               ) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
+def load_model(
+    name: str, weights_dir: Path | None = None, checkpoint: Path | None = None
+) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
     """A model from a training checkpoint (best.pt/last.pt) or from exported weights + card."""
     if checkpoint is not None:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -53,8 +54,9 @@ class Segmenter:
     threshold: float
 
     @classmethod
-    def load(cls, name: str, weights_dir: Path | None = None, checkpoint: Path | None = None,
-             threshold: float | None = None) -> Segmenter:
+    def load(
+        cls, name: str, weights_dir: Path | None = None, checkpoint: Path | None = None, threshold: float | None = None
+    ) -> Segmenter:
         model, spec, card = load_model(name, weights_dir, checkpoint)
         return cls(model, spec, threshold if threshold is not None else float(card.get("threshold", 0.5)))
 

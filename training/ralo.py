@@ -101,9 +101,19 @@ def ralo_samples(folder: Path, folds: Sequence[int]) -> list[Sample]:
         bounds = tuple(b for side in SIDES for b in extent_interval(extents[side]))
         means = tuple(float(np.mean(extents[side])) if extents[side] else math.nan for side in SIDES)
         image_id = row["id"]
-        samples.append(Sample(folder.name, image_id, _image_path(folder, row), {"opacity": None},
-                              row.get("patient_id") or f"{folder.name}:{image_id}", row=row,
-                              pixel_labels=False, extent_bounds=bounds, extent_score=means))
+        samples.append(
+            Sample(
+                folder.name,
+                image_id,
+                _image_path(folder, row),
+                {"opacity": None},
+                row.get("patient_id") or f"{folder.name}:{image_id}",
+                row=row,
+                pixel_labels=False,
+                extent_bounds=bounds,
+                extent_score=means,
+            )
+        )
     log.info("%s: %d per-lung extent samples in folds %s", folder, len(samples), list(folds))
     return samples
 
@@ -141,6 +151,7 @@ def hard_extents(prob: torch.Tensor, zones: torch.Tensor, pixel_threshold: float
 
 # --- evaluation -------------------------------------------------------------------------------------
 
+
 def _mae(pred: Sequence[float], ref: Sequence[float]) -> float | None:
     return round(float(np.mean(np.abs(np.asarray(pred, float) - np.asarray(ref, float)))), 4) if ref else None
 
@@ -149,8 +160,11 @@ def summarise_extents(rows: Sequence[dict[str, Any]], all_rows: Sequence[dict[st
     """MAE (0-4 per lung) against the raters' mean, per lung and both together, per fold, with a
     quadratic-weighted kappa against the rounded mean, the raters' own disagreement and a constant
     baseline (the rounded mean extent of the label rows of the OTHER folds, `all_rows`)."""
-    out: dict[str, Any] = {"n_images": len(rows), "scale": "RALO geographic extent per lung, 0-4 "
-                           "(none, <25%, 25-50%, 50-75%, >75%); reference = mean of the two raters"}
+    out: dict[str, Any] = {
+        "n_images": len(rows),
+        "scale": "RALO geographic extent per lung, 0-4 "
+        "(none, <25%, 25-50%, 50-75%, >75%); reference = mean of the two raters",
+    }
     pairs: dict[str, tuple[list[float], list[float]]] = {}
     for side in SIDES:
         pred = [r[f"{side}_extent"] for r in rows if r[f"{side}_reference"] is not None]
@@ -159,9 +173,13 @@ def summarise_extents(rows: Sequence[dict[str, Any]], all_rows: Sequence[dict[st
     both_pred = pairs["right"][0] + pairs["left"][0]
     both_ref = pairs["right"][1] + pairs["left"][1]
     out["mae"] = {"right": _mae(*pairs["right"]), "left": _mae(*pairs["left"]), "both": _mae(both_pred, both_ref)}
-    out["quadratic_kappa_vs_rounded_mean"] = round(cohen_kappa(
-        [math.floor(r + 0.5) for r in both_ref], [int(p) for p in both_pred], 5, weights="quadratic"), 4) \
-        if both_ref else None
+    out["quadratic_kappa_vs_rounded_mean"] = (
+        round(
+            cohen_kappa([math.floor(r + 0.5) for r in both_ref], [int(p) for p in both_pred], 5, weights="quadratic"), 4
+        )
+        if both_ref
+        else None
+    )
     out["mean_signed_error"] = round(float(np.mean(np.subtract(both_pred, both_ref))), 4) if both_ref else None
     out["per_fold"] = {}
     for f in sorted({r["fold"] for r in rows}):
@@ -170,23 +188,38 @@ def summarise_extents(rows: Sequence[dict[str, Any]], all_rows: Sequence[dict[st
         ref = [r[f"{s}_reference"] for r in fr for s in SIDES if r[f"{s}_reference"] is not None]
         out["per_fold"][str(f)] = {"n_images": len(fr), "mae_both": _mae(p, ref)}
     # One rater against the two raters' mean: the floor any model can be expected to reach.
-    rater = [abs(r["raters"][side][0] - r[f"{side}_reference"]) for r in rows for side in SIDES
-             if len(r["raters"][side]) == 2]
+    rater = [
+        abs(r["raters"][side][0] - r[f"{side}_reference"])
+        for r in rows
+        for side in SIDES
+        if len(r["raters"][side]) == 2
+    ]
     out["rater_vs_mean_mae"] = round(float(np.mean(rater)), 4) if rater else None
     if all_rows:
         errors = []
         for r in rows:
-            others = [float(np.mean(v)) for o in all_rows if int(o["fold"]) != r["fold"]
-                      for v in rater_extents(o).values() if v]
+            others = [
+                float(np.mean(v))
+                for o in all_rows
+                if int(o["fold"]) != r["fold"]
+                for v in rater_extents(o).values()
+                if v
+            ]
             const = math.floor(float(np.mean(others)) + 0.5) if others else 0
             errors += [abs(const - r[f"{s}_reference"]) for s in SIDES if r[f"{s}_reference"] is not None]
         out["baseline_constant_mae"] = round(float(np.mean(errors)), 4) if errors else None
     return out
 
 
-def evaluate_extent(folder: Path, out_dir: Path, *, folds: Sequence[int] | None = None,
-                    weights_dir: Path | None = None, lung_checkpoint: Path | None = None,
-                    opacity_checkpoint: Path | None = None) -> dict[str, Any]:
+def evaluate_extent(
+    folder: Path,
+    out_dir: Path,
+    *,
+    folds: Sequence[int] | None = None,
+    weights_dir: Path | None = None,
+    lung_checkpoint: Path | None = None,
+    opacity_checkpoint: Path | None = None,
+) -> dict[str, Any]:
     """Per-lung extent of the worker's masks (lung model -> split_lungs, opacity mask at the card's
     threshold -> workers.severity per-lung fraction -> 0-4 bin) against the RALO raters."""
     folder = Path(folder)
@@ -213,18 +246,34 @@ def evaluate_extent(folder: Path, out_dir: Path, *, folds: Sequence[int] | None 
         if (i + 1) % 100 == 0:
             log.info("extent: %d/%d images", i + 1, len(selected))
     summary = summarise_extents(rows, all_rows)
-    summary |= {"data": portable(str(folder)), "folds": list(folds) if folds is not None else "all",
-                "opacity_threshold": opacity.threshold, "none_fraction": NONE_FRACTION,
-                "checkpoints": {k: str(v) for k, v in (("lung_checkpoint", lung_checkpoint),
-                                                        ("opacity_checkpoint", opacity_checkpoint)) if v}}
+    summary |= {
+        "data": portable(str(folder)),
+        "folds": list(folds) if folds is not None else "all",
+        "opacity_threshold": opacity.threshold,
+        "none_fraction": NONE_FRACTION,
+        "checkpoints": {
+            k: str(v)
+            for k, v in (("lung_checkpoint", lung_checkpoint), ("opacity_checkpoint", opacity_checkpoint))
+            if v
+        },
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "extents.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "fold", *(f"{s}_{k}" for s in SIDES for k in ("fraction", "extent", "reference", "lung_px"))])
         for r in rows:
-            w.writerow([r["id"], r["fold"], *(r[f"{s}_{k}"] for s in SIDES
-                                              for k in ("fraction", "extent", "reference", "lung_px"))])
+            w.writerow(
+                [
+                    r["id"],
+                    r["fold"],
+                    *(r[f"{s}_{k}"] for s in SIDES for k in ("fraction", "extent", "reference", "lung_px")),
+                ]
+            )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    log.info("extent: MAE per lung %s (baseline %s, raters %s)", summary["mae"], summary.get("baseline_constant_mae"),
-             summary["rater_vs_mean_mae"])
+    log.info(
+        "extent: MAE per lung %s (baseline %s, raters %s)",
+        summary["mae"],
+        summary.get("baseline_constant_mae"),
+        summary["rater_vs_mean_mae"],
+    )
     return summary

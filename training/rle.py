@@ -31,7 +31,7 @@ def decode(rle: str, shape: tuple[int, int] = SIIM_SIZE) -> np.ndarray:
         pos += start
         if start < 0 or length < 0 or pos + length > flat.size:
             raise ValueError(f"RLE run {start} {length} is outside a {shape} image")
-        flat[pos:pos + length] = True
+        flat[pos : pos + length] = True
         pos += length
     return flat.reshape(shape, order="F")
 

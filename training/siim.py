@@ -64,9 +64,19 @@ def import_siim(rle_csv: Path, images: Path, out: Path, limit: int = 0) -> int:
         small.save(out / "images" / f"{image_id}.png")
         small_mask.save(out / "masks" / "pneumothorax" / f"{image_id}.png")
         m = np.asarray(small_mask) > 127
-        rows.append({"id": image_id, "width_orig": w, "height_orig": h, "width": size[0], "height": size[1],
-                     "has_pneumothorax": int(m.any()), "mask_fraction": round(float(m.mean()), 6),
-                     "patient_id": f"siim:{patient}" if patient else "", "image_path": f"images/{image_id}.png"})
+        rows.append(
+            {
+                "id": image_id,
+                "width_orig": w,
+                "height_orig": h,
+                "width": size[0],
+                "height": size[1],
+                "has_pneumothorax": int(m.any()),
+                "mask_fraction": round(float(m.mean()), 6),
+                "patient_id": f"siim:{patient}" if patient else "",
+                "image_path": f"images/{image_id}.png",
+            }
+        )
         if limit and len(rows) >= limit:
             break
     with open(out / "index.csv", "w", newline="") as f:

@@ -34,25 +34,43 @@ def split(samples: Sequence[Sample], seed: int, val_fraction: float) -> tuple[li
     return train, val
 
 
-def write_split(path: Path, train: Sequence[Sample], val: Sequence[Sample], seed: int,
-                val_fraction: float, weak_folds: dict[str, list[int]] | None = None) -> None:
+def write_split(
+    path: Path,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    seed: int,
+    val_fraction: float,
+    weak_folds: dict[str, list[int]] | None = None,
+) -> None:
     """`weak_folds`: the severity folds on each side (weak labels split by their `fold` column)."""
+
     def side(samples: Sequence[Sample]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for s in samples:
             out.setdefault(s.source, []).append(s.id)
         return out
 
-    path.write_text(json.dumps({
-        "rule": "validation if sha256('cxr-train-split-v1|<seed>|<patient key>') < val_fraction "
+    path.write_text(
+        json.dumps(
+            {
+                "rule": "validation if sha256('cxr-train-split-v1|<seed>|<patient key>') < val_fraction "
                 "(patient key = patient_id column, else '<folder>:<image id>')",
-        "seed": seed, "val_fraction": val_fraction,
-        **({"weak_folds": weak_folds} if weak_folds else {}),
-        "train": side(train), "validation": side(val),
-        "counts": {"train": len(train), "validation": len(val),
-                   "train_patients": len({s.patient for s in train}),
-                   "validation_patients": len({s.patient for s in val})},
-    }, indent=1) + "\n")
+                "seed": seed,
+                "val_fraction": val_fraction,
+                **({"weak_folds": weak_folds} if weak_folds else {}),
+                "train": side(train),
+                "validation": side(val),
+                "counts": {
+                    "train": len(train),
+                    "validation": len(val),
+                    "train_patients": len({s.patient for s in train}),
+                    "validation_patients": len({s.patient for s in val}),
+                },
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 def read_split(path: Path) -> dict[str, set[str]]:

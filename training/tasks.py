@@ -43,11 +43,14 @@ TASKS: dict[str, Task] = {
     "lung": Task("lung", ("lungs",), ("lung/jsrt", "lung/darwin_covid", "covid_opacity")),
     # JSRT (normal lungs, no COVID) as negatives: the pixel masks alone taught the model to call
     # opacity in every lower zone. severity/ trains the zone rule itself through the weak loss.
-    "opacity": Task("opacity", ("opacity",), ("covid_opacity",), negatives=("lung/jsrt",),
-                    weak_data=("severity",)),
+    "opacity": Task("opacity", ("opacity",), ("covid_opacity",), negatives=("lung/jsrt",), weak_data=("severity",)),
     # SIIM positives only in shared/: negatives from normal (JSRT) and COVID (Darwin) images, a few
     # of each so the model cannot tell "positive" from "SIIM-looking" alone as easily.
-    "pneumothorax": Task("pneumothorax", ("pneumothorax",), ("pneumothorax",),
-                         negatives=("lung/jsrt", "lung/darwin_covid", "covid_opacity"),
-                         negatives_per_source=40),
+    "pneumothorax": Task(
+        "pneumothorax",
+        ("pneumothorax",),
+        ("pneumothorax",),
+        negatives=("lung/jsrt", "lung/darwin_covid", "covid_opacity"),
+        negatives_per_source=40,
+    ),
 }

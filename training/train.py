@@ -100,7 +100,7 @@ def collect_samples(cfg: TrainConfig) -> list[Sample]:
             neg = rng.sample(neg, min(cfg.negatives_per_source, len(neg)))
         samples += neg
     if cfg.limit:
-        samples = samples[:cfg.limit]
+        samples = samples[: cfg.limit]
     if not samples and not cfg.weak_data:
         raise ValueError(f"no samples with masks of {cfg.structures} in {cfg.data}")
     return samples
@@ -156,8 +156,13 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def validate(model: torch.nn.Module, cached: Sequence[Cached], samples: Sequence[Sample],
-             batch_size: int, device: torch.device | None = None) -> dict[str, Any]:
+def validate(
+    model: torch.nn.Module,
+    cached: Sequence[Cached],
+    samples: Sequence[Sample],
+    batch_size: int,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Dice per image at the input grid (ignore pixels excluded), mean overall and per source; for
     weakly labelled images the severity count's MAE against their score (`val_severity_mae`).
 
@@ -271,13 +276,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
         read = ralo_samples if is_ralo_folder(folder) else severity_samples
         train_s += read(folder, cfg.weak_train_folds)
         val_s += read(folder, cfg.weak_val_folds)
-    write_split(cfg.run_dir / "split.json", train_s, val_s, cfg.seed, cfg.val_fraction,
-                weak_folds={"train": list(cfg.weak_train_folds), "validation": list(cfg.weak_val_folds)}
-                if cfg.weak_data else None)
-    (cfg.run_dir / "config.json").write_text(json.dumps(
-        asdict(cfg), default=str, indent=1) + "\n")
-    log.info("%d train / %d validation images (%d / %d patients)", len(train_s), len(val_s),
-             len({s.patient for s in train_s}), len({s.patient for s in val_s}))
+    write_split(
+        cfg.run_dir / "split.json",
+        train_s,
+        val_s,
+        cfg.seed,
+        cfg.val_fraction,
+        weak_folds={"train": list(cfg.weak_train_folds), "validation": list(cfg.weak_val_folds)}
+        if cfg.weak_data
+        else None,
+    )
+    (cfg.run_dir / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=1) + "\n")
+    log.info(
+        "%d train / %d validation images (%d / %d patients)",
+        len(train_s),
+        len(val_s),
+        len({s.patient for s in train_s}),
+        len({s.patient for s in val_s}),
+    )
 
     t0 = time.monotonic()
     train_c = cache_samples(train_s, cfg.structures, cfg.spec.input_size)
@@ -308,8 +324,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
     def progress(step: int, seconds: float) -> float:
         return seconds / budget_s if budget_s else step / max(1, total_steps)
 
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0,
-                             "history": [], "train_seconds": 0.0}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "best": -math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "history": [],
+        "train_seconds": 0.0,
+    }
     last = cfg.run_dir / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
@@ -318,16 +341,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        log.info("resumed from %s at epoch %d (best %.4f at epoch %d)", last, state["epoch"],
-                 state["best"], state["best_epoch"])
+        log.info(
+            "resumed from %s at epoch %d (best %.4f at epoch %d)",
+            last,
+            state["epoch"],
+            state["best"],
+            state["best_epoch"],
+        )
 
     # One loader for the whole run: its workers persist across epochs, and each epoch reseeds its
     # shuffle so that a resumed run draws the same batches.
     shuffle = torch.Generator()
     loader: DataLoader[Any] = DataLoader(
-        cast(Any, ds), batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
-        generator=shuffle, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-        worker_init_fn=_seed_augment_worker if cfg.workers else None, pin_memory=device.type == "cuda")
+        cast(Any, ds),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(ds) > cfg.batch_size,
+        generator=shuffle,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        worker_init_fn=_seed_augment_worker if cfg.workers else None,
+        pin_memory=device.type == "cuda",
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input size for the whole run
     while state["epoch"] < cfg.epochs:
@@ -359,8 +394,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
                 loss = loss + cfg.weak_weight * zone_loss(logits.float(), b["zones"], b["zone_target"], b["score"])
                 loss = loss + cfg.extent_weight * extent_loss(logits.float(), b["zones"], b["extent_bounds"])
             if cls is not None:
-                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(cls.float().reshape(-1),
-                                                                                   b["positive"])
+                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(
+                    cls.float().reshape(-1), b["positive"]
+                )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -371,34 +407,58 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             if (i + 1) % 20 == 0 and bar.disable:  # a log file gets a line every 20 steps instead
                 el = time.monotonic() - t_epoch
-                log.info("epoch %d step %d/%d loss %.4f (%.2f s/step, ~%.0f s left in epoch)", epoch, i + 1,
-                         steps_per_epoch, np.mean(losses[-20:]), el / (i + 1),
-                         el / (i + 1) * (steps_per_epoch - i - 1))
+                log.info(
+                    "epoch %d step %d/%d loss %.4f (%.2f s/step, ~%.0f s left in epoch)",
+                    epoch,
+                    i + 1,
+                    steps_per_epoch,
+                    np.mean(losses[-20:]),
+                    el / (i + 1),
+                    el / (i + 1) * (steps_per_epoch - i - 1),
+                )
         bar.close()
         train_time = time.monotonic() - t_epoch
         metrics = validate(model, val_c, val_s, cfg.batch_size, device)
         seconds = time.monotonic() - t_epoch
         state["train_seconds"] += seconds
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
-               "lr": opt.param_groups[0]["lr"], "train_s": round(train_time, 1), "seconds": round(seconds, 1),
-               **{k: round(v, 5) for k, v in metrics.items()}}
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "lr": opt.param_groups[0]["lr"],
+            "train_s": round(train_time, 1),
+            "seconds": round(seconds, 1),
+            **{k: round(v, 5) for k, v in metrics.items()},
+        }
         history.append(row)
         log.info("epoch %d: %s", epoch, json.dumps(row))
         state["epoch"] = epoch
         if metrics["val_select"] > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = metrics["val_select"], epoch, 0
-            torch.save({"model": model.state_dict(), "spec": asdict(cfg.spec), "epoch": epoch,
-                        "metrics": row}, cfg.run_dir / "best.pt")
+            torch.save(
+                {"model": model.state_dict(), "spec": asdict(cfg.spec), "epoch": epoch, "metrics": row},
+                cfg.run_dir / "best.pt",
+            )
         else:
             state["bad_epochs"] += 1
         # Write to a temporary file first: an interrupted save must not destroy the last checkpoint.
         tmp = cfg.run_dir / "last.pt.tmp"
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                    "state": state,
-                    "spec": asdict(cfg.spec)}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "state": state,
+                "spec": asdict(cfg.spec),
+            },
+            tmp,
+        )
         tmp.replace(last)
         _write_metrics(cfg.run_dir, history)
-    summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_select": state["best"],
-               "train_seconds": state["train_seconds"]}
+    summary = {
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "best_val_select": state["best"],
+        "train_seconds": state["train_seconds"],
+    }
     log.info("done: %s", summary)
     return summary

@@ -53,9 +53,19 @@ def severity_samples(folder: Path, folds: Sequence[int]) -> list[Sample]:
         if score is None and all(math.isnan(z) for z in zone_target):
             continue
         image_id = row.get("image_id") or row["id"]
-        samples.append(Sample(folder.name, image_id, folder / "images" / f"{image_id}.png",
-                              {"opacity": None}, row.get("patient_id") or f"{folder.name}:{image_id}",
-                              row=row, pixel_labels=False, zone_target=zone_target, score=score))
+        samples.append(
+            Sample(
+                folder.name,
+                image_id,
+                folder / "images" / f"{image_id}.png",
+                {"opacity": None},
+                row.get("patient_id") or f"{folder.name}:{image_id}",
+                row=row,
+                pixel_labels=False,
+                zone_target=zone_target,
+                score=score,
+            )
+        )
     log.info("%s: %d weakly labelled samples in folds %s", folder, len(samples), list(folds))
     return samples
 
@@ -104,8 +114,9 @@ def soft_zone_fractions(prob: torch.Tensor, zones: torch.Tensor) -> torch.Tensor
     return (prob * zones).sum((2, 3)) / area.clamp_min(1.0)
 
 
-def zone_loss(logits: torch.Tensor, zones: torch.Tensor, zone_target: torch.Tensor, score: torch.Tensor
-              ) -> torch.Tensor:
+def zone_loss(
+    logits: torch.Tensor, zones: torch.Tensor, zone_target: torch.Tensor, score: torch.Tensor
+) -> torch.Tensor:
     """Mean weak loss over the samples that have weak labels (0 when a batch has none)."""
     prob = torch.sigmoid(logits[:, :1])
     affected = torch.sigmoid((soft_zone_fractions(prob, zones) - ZONE_THRESHOLD) / TEMPERATURE)

@@ -88,7 +88,9 @@ def _check(rule: TriageRule, f: ImageFindings | None, change: int | None) -> str
     clauses: list[str] = []
     if w.pneumothorax_probability_gte is not None:
         p = f.pneumothorax_probability if f else None
-        if p is None or p < w.pneumothorax_probability_gte:
+        # The worker's call (the card's calibrated presence_threshold) comes first: a probability
+        # above the rule's value but below the card's is "absent" in the SR and must not alert.
+        if p is None or not (f and f.pneumothorax_present) or p < w.pneumothorax_probability_gte:
             return None
         side = f" ({f.pneumothorax_side})" if f and f.pneumothorax_side else ""
         clauses.append(f"pneumothorax probability {p:.2f} >= {w.pneumothorax_probability_gte:.2f}{side}")

@@ -38,9 +38,20 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("tiny")
     folder = lung_folder(root / "tiny_lungs")
     spec = dataclasses.replace(models.SPECS["lung"], input_size=SIZE)
-    cfg = TrainConfig(spec=spec, structures=("lungs",), data=[folder], run_dir=root / "run", epochs=8,
-                      batch_size=8, lr=3e-3, warmup_steps=1, val_fraction=0.0, patience=100, augment=False,
-                      threads=1)
+    cfg = TrainConfig(
+        spec=spec,
+        structures=("lungs",),
+        data=[folder],
+        run_dir=root / "run",
+        epochs=8,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=1,
+        val_fraction=0.0,
+        patience=100,
+        augment=False,
+        threads=1,
+    )
     summary = train(cfg)
     return folder, root / "run", summary
 
@@ -57,8 +68,20 @@ def test_loss_goes_down(tiny_run) -> None:
 def test_resume_continues_instead_of_restarting(tiny_run, tmp_path) -> None:
     folder, run, _ = tiny_run
     spec = dataclasses.replace(models.SPECS["lung"], input_size=SIZE)
-    cfg = TrainConfig(spec=spec, structures=("lungs",), data=[folder], run_dir=run, epochs=9, batch_size=8,
-                      lr=3e-3, warmup_steps=1, val_fraction=0.0, patience=100, augment=False, threads=1)
+    cfg = TrainConfig(
+        spec=spec,
+        structures=("lungs",),
+        data=[folder],
+        run_dir=run,
+        epochs=9,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=1,
+        val_fraction=0.0,
+        patience=100,
+        augment=False,
+        threads=1,
+    )
     train(cfg, resume=True)
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, 10))
@@ -68,9 +91,21 @@ def test_augmenting_workers_run_epochs_of_several_passes(tiny_run, tmp_path) -> 
     """The GPU set-up: augmentation in DataLoader worker processes, epochs longer than the data."""
     folder, _, _ = tiny_run
     spec = dataclasses.replace(models.SPECS["lung"], input_size=SIZE)
-    cfg = TrainConfig(spec=spec, structures=("lungs",), data=[folder], run_dir=tmp_path / "run", epochs=2,
-                      batch_size=4, epoch_images=20, lr=3e-3, warmup_steps=1, val_fraction=0.0, patience=100,
-                      threads=1, workers=2)
+    cfg = TrainConfig(
+        spec=spec,
+        structures=("lungs",),
+        data=[folder],
+        run_dir=tmp_path / "run",
+        epochs=2,
+        batch_size=4,
+        epoch_images=20,
+        lr=3e-3,
+        warmup_steps=1,
+        val_fraction=0.0,
+        patience=100,
+        threads=1,
+        workers=2,
+    )
     train(cfg)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["state"]
     assert state["epoch"] == 2 and state["step"] == 2 * (20 // 4)  # 5 steps from 8 images: two passes
@@ -113,8 +148,9 @@ def test_split_keeps_patients_apart(tiny_run) -> None:
 def test_evaluate_writes_expected_json_and_csv(tiny_run, tmp_path) -> None:
     folder, run, _ = tiny_run
     out = tmp_path / "eval"
-    summary = evaluate_segmentation("lung", [folder], out, checkpoint=run / "best.pt",
-                                    split_file=run / "split.json", subset="train")
+    summary = evaluate_segmentation(
+        "lung", [folder], out, checkpoint=run / "best.pt", split_file=run / "split.json", subset="train"
+    )
     written = json.loads((out / "summary.json").read_text())
     assert written["overall"]["n"] == 8 == summary["overall"]["n"]
     assert set(written["by_source"]) == {"tiny_lungs"}
@@ -140,8 +176,15 @@ def test_exported_weights_give_the_training_output_in_the_runner(tiny_run, tmp_p
     out = tmp_path / "eval"
     evaluate_segmentation("lung", [folder], out, checkpoint=run / "best.pt")
     weights = tmp_path / "weights"
-    export("lung", run / "best.pt", out / "summary.json", "python -m training evaluate lung ...",
-           status="experimental", limitations=["tiny test model"], weights_dir=weights)
+    export(
+        "lung",
+        run / "best.pt",
+        out / "summary.json",
+        "python -m training evaluate lung ...",
+        status="experimental",
+        limitations=["tiny test model"],
+        weights_dir=weights,
+    )
     card = models.read_card("lung", weights)
     assert card["status"] == "experimental" and card["limitations"] == ["tiny test model"]
     assert card["input_size"] == SIZE and card["validation"]["command"].startswith("python -m training")
@@ -152,8 +195,14 @@ def test_exported_weights_give_the_training_output_in_the_runner(tiny_run, tmp_p
     x = models.preprocess(image, spec.input_size)
     with torch.no_grad():
         expected = torch.sigmoid(trained(torch.from_numpy(x))).numpy()
-    runner = ModelRunner(weights_dir=weights, model_names=["lung"], device="cpu", backend="torch",
-                         cache_dir=tmp_path / "cache", threads=1)
+    runner = ModelRunner(
+        weights_dir=weights,
+        model_names=["lung"],
+        device="cpu",
+        backend="torch",
+        cache_dir=tmp_path / "cache",
+        threads=1,
+    )
     got = runner.predict("lung", x).mask
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=2e-2)  # fp16 weights
@@ -161,8 +210,15 @@ def test_exported_weights_give_the_training_output_in_the_runner(tiny_run, tmp_p
 
     # Same validation, not better: the shipped weights stay.
     with pytest.raises(NotBetterError):
-        export("lung", run / "best.pt", out / "summary.json", "cmd", status="experimental", limitations=[],
-               weights_dir=weights)
+        export(
+            "lung",
+            run / "best.pt",
+            out / "summary.json",
+            "cmd",
+            status="experimental",
+            limitations=[],
+            weights_dir=weights,
+        )
 
 
 def test_severity_threshold_is_chosen_without_the_test_fold() -> None:
@@ -172,8 +228,16 @@ def test_severity_threshold_is_chosen_without_the_test_fold() -> None:
         for k in range(7):
             fractions = [0.25] * k + [0.1] * (6 - k)
             ref = float(k) if fold < 4 else 0.0
-            rows.append({"image_id": f"{fold}-{k}", "fold": fold, "source": "s", "reference": ref,
-                         "brixia": None, "fractions": fractions})
+            rows.append(
+                {
+                    "image_id": f"{fold}-{k}",
+                    "fold": fold,
+                    "source": "s",
+                    "reference": ref,
+                    "brixia": None,
+                    "fractions": fractions,
+                }
+            )
     out = cross_validate(rows)
     assert out["cv_per_fold"]["0"]["mae"] == 0.0
     assert 0.1 <= out["cv_per_fold"]["4"]["threshold"] < 0.25  # picked on folds 0-3 only
@@ -193,8 +257,9 @@ def test_pneumothorax_presence_follows_the_worker_rule(tmp_path) -> None:
     positives = lung_folder(tmp_path / "ptx", n=4)
     (positives / "masks" / "lungs").rename(positives / "masks" / "pneumothorax")
     negatives = lung_folder(tmp_path / "normals", n=4)
-    weights = write_tiny_weights(tmp_path / "w", names=("pneumothorax",),
-                                 head_logits={"pneumothorax": (5.0, -5.0)})  # mask everywhere, presence ~0.007
+    weights = write_tiny_weights(
+        tmp_path / "w", names=("pneumothorax",), head_logits={"pneumothorax": (5.0, -5.0)}
+    )  # mask everywhere, presence ~0.007
     out = tmp_path / "eval"
     summary = evaluate_segmentation("pneumothorax", [positives], out, weights_dir=weights, negatives=[negatives])
     by_source = summary["by_source"]
@@ -213,8 +278,10 @@ def test_side_scores_use_the_patient_convention(tmp_path, angle: int) -> None:
     image_left = ellipse(shape, 60, 30, 35, 14)
     image_right = ellipse(shape, 60, 70, 35, 14)
     if angle:
+
         def rot(m: np.ndarray) -> np.ndarray:
             return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).rotate(angle)) > 127
+
         image_left, image_right = rot(image_left), rot(image_right)
     folder = tmp_path / "jsrt_like"
     for side, mask in (("right_lung", image_left), ("left_lung", image_right)):
@@ -234,9 +301,17 @@ def test_opacity_pixel_threshold_is_tuned_with_the_zone_threshold() -> None:
     for fold in range(5):
         for k in range(7):
             signal = [0.6] * k + [0.05] * (6 - k)
-            rows.append({"image_id": f"{fold}-{k}", "fold": fold, "source": "s", "reference": float(k),
-                         "brixia": None, "fractions": [0.0] * 6,
-                         "fractions_by_pixel": {0.3: signal, 0.5: [0.0] * 6}})
+            rows.append(
+                {
+                    "image_id": f"{fold}-{k}",
+                    "fold": fold,
+                    "source": "s",
+                    "reference": float(k),
+                    "brixia": None,
+                    "fractions": [0.0] * 6,
+                    "fractions_by_pixel": {0.3: signal, 0.5: [0.0] * 6},
+                }
+            )
     out = cross_validate(rows)
     assert out["opacity_threshold"] == 0.3
     assert 0.05 <= out["zone_threshold"] < 0.6
@@ -249,7 +324,11 @@ def test_cards_name_the_shared_data_without_this_machines_path(monkeypatch) -> N
     monkeypatch.delenv("CXR_SHARED_DATA", raising=False)
     root = str(shared_data_root())
     card = {"data": [f"{root}/lung/jsrt"], "weak": {"data": f"{root}/severity"}, "epochs": 3, "note": "runs/x"}
-    assert portable(card) == {"data": ["../shared/data/lung/jsrt"], "weak": {"data": "../shared/data/severity"},
-                              "epochs": 3, "note": "runs/x"}
+    assert portable(card) == {
+        "data": ["../shared/data/lung/jsrt"],
+        "weak": {"data": "../shared/data/severity"},
+        "epochs": 3,
+        "note": "runs/x",
+    }
     for name in ("lung", "opacity", "pneumothorax"):  # the shipped cards too
         assert root not in models.card_path(name).read_text()

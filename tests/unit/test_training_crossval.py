@@ -49,13 +49,36 @@ def _opacity_folder(root: Path, n: int = 4) -> Path:
 
 @pytest.mark.timeout(600)
 def test_crossval_predicts_every_image_once_with_a_model_that_never_saw_it(tmp_path: Path) -> None:
-    rows = [{"image_id": f"s{i}", "patient_id": f"p{i}", "fold": str(i % 3), "score_r": str(i % 4)}
-            for i in range(9)]
+    rows = [{"image_id": f"s{i}", "patient_id": f"p{i}", "fold": str(i % 3), "score_r": str(i % 4)} for i in range(9)]
     severity = write_severity_folder(tmp_path / "severity", rows)
     run = tmp_path / "cv"
-    rc = main(["crossval", "opacity", "--folds", "3", "--data", str(severity), "--run", str(run), "--",
-               "--data", str(_opacity_folder(tmp_path / "pixels")), "--negatives", "--input-size", "64",
-               "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--threads", "1", "--no-augment"])
+    rc = main(
+        [
+            "crossval",
+            "opacity",
+            "--folds",
+            "3",
+            "--data",
+            str(severity),
+            "--run",
+            str(run),
+            "--",
+            "--data",
+            str(_opacity_folder(tmp_path / "pixels")),
+            "--negatives",
+            "--input-size",
+            "64",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--no-augment",
+        ]
+    )
     assert rc == 0
     summary = json.loads((run / "summary.json").read_text())
     predictions = json.loads((run / "cv_predictions.json").read_text())
@@ -64,7 +87,11 @@ def test_crossval_predicts_every_image_once_with_a_model_that_never_saw_it(tmp_p
     assert summary["command"].startswith("python -m training crossval opacity")
     for p in plan(3):
         fold = summary["per_fold"][p.name]
-        assert (fold["test_fold"], fold["validation_fold"], fold["train_folds"]) == (p.test, p.validation, list(p.train))
+        assert (fold["test_fold"], fold["validation_fold"], fold["train_folds"]) == (
+            p.test,
+            p.validation,
+            list(p.train),
+        )
         split = json.loads((run / p.name / "split.json").read_text())
         assert split["weak_folds"] == {"train": list(p.train), "validation": [p.validation]}
         seen = {i for side in ("train", "validation") for i in split[side].get("severity", [])}
@@ -73,8 +100,10 @@ def test_crossval_predicts_every_image_once_with_a_model_that_never_saw_it(tmp_p
         assert {x["zone_threshold"] for x in predictions if x["fold"] == p.test} == {fold["zone_threshold"]}
     # A second call finds the fold runs and only evaluates them again: same predictions.
     mtime = (run / "fold0" / "best.pt").stat().st_mtime
-    assert main(["crossval", "opacity", "--folds", "3", "--data", str(severity), "--run", str(run),
-                 "--evaluate-only"]) == 0
+    assert (
+        main(["crossval", "opacity", "--folds", "3", "--data", str(severity), "--run", str(run), "--evaluate-only"])
+        == 0
+    )
     assert json.loads((run / "cv_predictions.json").read_text()) == predictions
     assert (run / "fold0" / "best.pt").stat().st_mtime == mtime
 

@@ -31,8 +31,16 @@ from training.train import TrainConfig, collect_samples, train
 from workers import models, severity
 
 SIZE = 64
-FIELDS = ["id", "patient_id", "fold", "r1_right_geographic", "r1_left_geographic", "r2_right_geographic",
-          "r2_left_geographic", "image_path"]
+FIELDS = [
+    "id",
+    "patient_id",
+    "fold",
+    "r1_right_geographic",
+    "r1_left_geographic",
+    "r2_right_geographic",
+    "r2_left_geographic",
+    "image_path",
+]
 
 
 def _lungs(size: int = SIZE) -> np.ndarray:
@@ -56,15 +64,22 @@ def write_ralo_folder(root: Path, rows: list[dict[str, str]]) -> Path:
     with open(root / "index.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        writer.writerows([{k: row.get(k, f"images/{row['id']}.png" if k == "image_path" else "")
-                           for k in FIELDS} for row in rows])
+        writer.writerows(
+            [{k: row.get(k, f"images/{row['id']}.png" if k == "image_path" else "") for k in FIELDS} for row in rows]
+        )
     return root
 
 
 def _row(i: int, fold: int, right: tuple[int, int], left: tuple[int, int]) -> dict[str, str]:
-    return {"id": f"ralo_{i:04d}", "patient_id": f"ralo:S{i}", "fold": str(fold),
-            "r1_right_geographic": str(right[0]), "r2_right_geographic": str(right[1]),
-            "r1_left_geographic": str(left[0]), "r2_left_geographic": str(left[1])}
+    return {
+        "id": f"ralo_{i:04d}",
+        "patient_id": f"ralo:S{i}",
+        "fold": str(fold),
+        "r1_right_geographic": str(right[0]),
+        "r2_right_geographic": str(right[1]),
+        "r1_left_geographic": str(left[0]),
+        "r2_left_geographic": str(left[1]),
+    }
 
 
 def test_bins_become_fraction_intervals_that_agree_with_every_rater() -> None:
@@ -77,8 +92,17 @@ def test_bins_become_fraction_intervals_that_agree_with_every_rater() -> None:
     with pytest.raises(ValueError):
         extent_interval([5])
     # Measured fraction -> 0-4 extent with the same edges; a few stray pixels are "none".
-    assert [fraction_to_extent(f) for f in (0.0, 0.005, 0.1, 0.25, 0.49, 0.5, 0.74, 0.75, 1.0)] == \
-        [0, 0, 1, 2, 2, 3, 3, 4, 4]
+    assert [fraction_to_extent(f) for f in (0.0, 0.005, 0.1, 0.25, 0.49, 0.5, 0.74, 0.75, 1.0)] == [
+        0,
+        0,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+    ]
 
 
 def test_extent_loss_hand_computed() -> None:
@@ -110,8 +134,12 @@ def test_extent_loss_hand_computed() -> None:
 def test_gradients_only_where_the_fraction_is_outside_its_interval() -> None:
     zones = _zones()[None].repeat(2, 1, 1, 1)
     logits = torch.zeros(2, 1, SIZE, SIZE, requires_grad=True)  # f = 0.5 in every lung
-    bounds = torch.tensor([[0.0, 0.25, 0.25, 0.5],  # right too high -> gradient; left inside -> none
-                           [math.nan] * 4])  # unlabelled sample
+    bounds = torch.tensor(
+        [
+            [0.0, 0.25, 0.25, 0.5],  # right too high -> gradient; left inside -> none
+            [math.nan] * 4,
+        ]
+    )  # unlabelled sample
     loss = extent_loss(logits, zones, bounds)
     assert loss.item() == pytest.approx(0.125, abs=1e-5)  # (0.25 + 0) / 2 labelled lungs
     loss.backward()
@@ -125,8 +153,9 @@ def test_gradients_only_where_the_fraction_is_outside_its_interval() -> None:
 
 
 def test_reader_follows_the_folds_and_keeps_the_scale_apart(tmp_path) -> None:
-    folder = write_ralo_folder(tmp_path / "severity_ralo", [
-        _row(0, 0, (2, 2), (1, 3)), _row(1, 1, (0, 0), (4, 4)), _row(2, 4, (3, 3), (3, 3))])
+    folder = write_ralo_folder(
+        tmp_path / "severity_ralo", [_row(0, 0, (2, 2), (1, 3)), _row(1, 1, (0, 0), (4, 4)), _row(2, 4, (3, 3), (3, 3))]
+    )
     assert is_ralo_folder(folder)
     train_s = ralo_samples(folder, (0, 1))
     assert [s.id for s in train_s] == ["ralo_0000", "ralo_0001"]
@@ -140,10 +169,24 @@ def test_reader_follows_the_folds_and_keeps_the_scale_apart(tmp_path) -> None:
 
 
 def test_summary_hand_computed() -> None:
-    rows = [{"fold": 0, "right_extent": 2, "left_extent": 0, "right_reference": 2.5, "left_reference": 0.0,
-             "raters": {"right": [2.0, 3.0], "left": [0.0, 0.0]}},
-            {"fold": 1, "right_extent": 4, "left_extent": 1, "right_reference": 3.0, "left_reference": 2.0,
-             "raters": {"right": [3.0, 3.0], "left": [2.0, 2.0]}}]
+    rows = [
+        {
+            "fold": 0,
+            "right_extent": 2,
+            "left_extent": 0,
+            "right_reference": 2.5,
+            "left_reference": 0.0,
+            "raters": {"right": [2.0, 3.0], "left": [0.0, 0.0]},
+        },
+        {
+            "fold": 1,
+            "right_extent": 4,
+            "left_extent": 1,
+            "right_reference": 3.0,
+            "left_reference": 2.0,
+            "raters": {"right": [3.0, 3.0], "left": [2.0, 2.0]},
+        },
+    ]
     s = summarise_extents(rows)
     assert s["mae"] == {"right": 0.75, "left": 0.5, "both": 0.625}  # (0.5 + 1) / 2, (0 + 1) / 2
     assert s["per_fold"] == {"0": {"n_images": 1, "mae_both": 0.25}, "1": {"n_images": 1, "mae_both": 1.0}}
@@ -158,8 +201,14 @@ def test_negatives_where_keeps_only_matching_rows(tmp_path) -> None:
         w = csv.writer(f)
         w.writerow(["id", "class"])
         w.writerows([["n1", "Normal"], ["n2", "Non-COVID"], ["n3", "Normal"]])
-    cfg = TrainConfig(spec=models.SPECS["opacity"], structures=("opacity",), data=[], run_dir=tmp_path / "r",
-                      negatives=[neg], negatives_where={"class": "Normal"})
+    cfg = TrainConfig(
+        spec=models.SPECS["opacity"],
+        structures=("opacity",),
+        data=[],
+        run_dir=tmp_path / "r",
+        negatives=[neg],
+        negatives_where={"class": "Normal"},
+    )
     assert [s.id for s in collect_samples(cfg)] == ["n1", "n3"]
     assert len(collect_samples(dataclasses.replace(cfg, negatives_where={}))) == 3
 
@@ -169,9 +218,22 @@ def test_tiny_run_with_ralo_weak_data_and_evaluate_extent(tmp_path) -> None:
     rows = [_row(i, i % 3, (2, 2), (0, 1)) for i in range(9)]
     folder = write_ralo_folder(tmp_path / "severity_ralo", rows)
     spec = dataclasses.replace(models.SPECS["opacity"], input_size=SIZE)
-    cfg = TrainConfig(spec=spec, structures=("opacity",), data=[], run_dir=tmp_path / "run", epochs=4,
-                      batch_size=4, lr=3e-3, warmup_steps=1, patience=100, augment=False, threads=1,
-                      weak_data=[folder], weak_train_folds=(0, 1), weak_val_folds=(2,))
+    cfg = TrainConfig(
+        spec=spec,
+        structures=("opacity",),
+        data=[],
+        run_dir=tmp_path / "run",
+        epochs=4,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        patience=100,
+        augment=False,
+        threads=1,
+        weak_data=[folder],
+        weak_train_folds=(0, 1),
+        weak_val_folds=(2,),
+    )
     train(cfg)
     history = json.loads((cfg.run_dir / "history.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -182,8 +244,25 @@ def test_tiny_run_with_ralo_weak_data_and_evaluate_extent(tmp_path) -> None:
     assert len(split["train"]["severity_ralo"]) == 6 and len(split["validation"]["severity_ralo"]) == 3
     # Held-out fold 2 through the worker's masks (shipped lung model, this run's opacity model).
     out = tmp_path / "eval"
-    assert main(["evaluate", "extent", "--data", str(folder), "--folds", "2", "--opacity-checkpoint",
-                 str(cfg.run_dir / "best.pt"), "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "extent",
+                "--data",
+                str(folder),
+                "--folds",
+                "2",
+                "--opacity-checkpoint",
+                str(cfg.run_dir / "best.pt"),
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == 3 and summary["folds"] == [2]
     assert set(summary["mae"]) == {"right", "left", "both"} and summary["baseline_constant_mae"] is not None

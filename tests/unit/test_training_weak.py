@@ -58,13 +58,25 @@ def write_severity_folder(root: Path, rows: list[dict[str, str]]) -> Path:
 
 
 def test_samples_follow_the_folds_and_read_both_label_kinds(tmp_path) -> None:
-    folder = write_severity_folder(tmp_path / "severity", [
-        {"image_id": "a", "patient_id": "p1", "fold": "0", "score_r": "2", "score_d": "3"},
-        {"image_id": "b", "patient_id": "p2", "fold": "1", "brixia_A": "0", "brixia_B": "1", "brixia_C": "3",
-         "brixia_D": "0", "brixia_E": "0", "brixia_F": "2"},
-        {"image_id": "c", "patient_id": "p3", "fold": "4", "score_r": "5"},
-        {"image_id": "d", "patient_id": "p4", "fold": "0"},  # no label at all: skipped
-    ])
+    folder = write_severity_folder(
+        tmp_path / "severity",
+        [
+            {"image_id": "a", "patient_id": "p1", "fold": "0", "score_r": "2", "score_d": "3"},
+            {
+                "image_id": "b",
+                "patient_id": "p2",
+                "fold": "1",
+                "brixia_A": "0",
+                "brixia_B": "1",
+                "brixia_C": "3",
+                "brixia_D": "0",
+                "brixia_E": "0",
+                "brixia_F": "2",
+            },
+            {"image_id": "c", "patient_id": "p3", "fold": "4", "score_r": "5"},
+            {"image_id": "d", "patient_id": "p4", "fold": "0"},  # no label at all: skipped
+        ],
+    )
     train_s = severity_samples(folder, (0, 1))
     assert [s.id for s in train_s] == ["a", "b"]
     a, b = train_s
@@ -111,8 +123,7 @@ def test_unlabelled_samples_add_nothing_and_gradients_flow() -> None:
 def test_zones_move_with_the_augmented_image() -> None:
     zones = _zones().numpy().astype(np.uint8)
     image = np.where(zones.any(0), 200, 20).astype(np.uint8)  # the zones are the bright pixels
-    cached = Cached(image, np.zeros((1, SIZE, SIZE), np.uint8), np.zeros((SIZE, SIZE), np.uint8), 0.0,
-                    zones=zones)
+    cached = Cached(image, np.zeros((1, SIZE, SIZE), np.uint8), np.zeros((SIZE, SIZE), np.uint8), 0.0, zones=zones)
     torch.manual_seed(0)
     np.random.seed(0)
     ds = SegmentationDataset([cached], radiograph_augment(strength=1.0))
@@ -132,13 +143,33 @@ def test_tiny_weak_run_lowers_the_weak_loss(tmp_path) -> None:
     """Pixel masks from nothing: the opacity model learns the zone labels alone."""
     rows = []
     for i in range(8):
-        rows.append({"image_id": f"s{i}", "patient_id": f"p{i}", "fold": str(i % 2), "score_r": "2",
-                     **{f"brixia_{z}": "2" if z in "CF" else "0" for z in "ABCDEF"}})
+        rows.append(
+            {
+                "image_id": f"s{i}",
+                "patient_id": f"p{i}",
+                "fold": str(i % 2),
+                "score_r": "2",
+                **{f"brixia_{z}": "2" if z in "CF" else "0" for z in "ABCDEF"},
+            }
+        )
     folder = write_severity_folder(tmp_path / "severity", rows)
     spec = dataclasses.replace(models.SPECS["opacity"], input_size=SIZE)
-    cfg = TrainConfig(spec=spec, structures=("opacity",), data=[], run_dir=tmp_path / "run", epochs=8,
-                      batch_size=4, lr=3e-3, warmup_steps=1, patience=100, augment=False, threads=1,
-                      weak_data=[folder], weak_train_folds=(0, 1), weak_val_folds=(0,))
+    cfg = TrainConfig(
+        spec=spec,
+        structures=("opacity",),
+        data=[],
+        run_dir=tmp_path / "run",
+        epochs=8,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        patience=100,
+        augment=False,
+        threads=1,
+        weak_data=[folder],
+        weak_train_folds=(0, 1),
+        weak_val_folds=(0,),
+    )
     train(cfg)
     history = json.loads((cfg.run_dir / "history.json").read_text())
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
@@ -158,8 +189,9 @@ def test_tiny_weak_run_lowers_the_weak_loss(tmp_path) -> None:
 def test_normals_check_counts_false_alarms_on_unseen_images_only(tmp_path) -> None:
     from training.severity_eval import load_models, normals_check
 
-    folder = write_severity_folder(tmp_path / "normals", [
-        {"image_id": f"n{i}", "patient_id": f"q{i}", "fold": "0"} for i in range(3)])
+    folder = write_severity_folder(
+        tmp_path / "normals", [{"image_id": f"n{i}", "patient_id": f"q{i}", "fold": "0"} for i in range(3)]
+    )
     split_file = tmp_path / "split.json"
     # n2 is on neither side (a negative the run never drew): unseen, so it counts.
     split_file.write_text(json.dumps({"train": {"normals": ["n0"]}, "validation": {"normals": ["n1"]}}))

@@ -54,6 +54,32 @@ def test_pneumothorax_is_critical_and_names_the_image() -> None:
     assert "pneumothorax probability 0.93 >= 0.50 (right)" in d.reasons[0]
 
 
+def test_pneumothorax_below_the_cards_presence_threshold_raises_nothing() -> None:
+    """A card's presence threshold (a calibrated one, say) can be above the rule's
+    probability: the SR then says absent, and triage must agree."""
+    absent = ImageFindings(
+        instance_id=1,
+        sop_instance_uid="1.2.1",
+        severity_score=0,
+        pneumothorax_present=False,
+        pneumothorax_probability=0.7,
+        pneumothorax_side=None,
+        models=VALIDATED,
+    )
+    d = decide([absent], TriageConfig())
+    assert d.level == "routine" and d.fired == []
+    present = ImageFindings(
+        instance_id=1,
+        sop_instance_uid="1.2.1",
+        severity_score=0,
+        pneumothorax_present=True,
+        pneumothorax_probability=0.9,
+        pneumothorax_side="left",
+        models=VALIDATED,
+    )
+    assert decide([present], TriageConfig()).level == "critical"
+
+
 def test_severity_threshold_is_inclusive() -> None:
     assert decide([image(1, severity=4)], TriageConfig()).level == "urgent"
     d = decide([image(1, severity=3)], TriageConfig())
