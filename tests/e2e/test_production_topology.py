@@ -37,6 +37,7 @@ from tests.support.procs import Proc, QuickStart, docs_block, install_line, unit
 from tests.support.redis import RedisServer
 from tests.support.synthetic_dicom import small_chest_copies
 from tests.support.tiny_models import write_tiny_weights
+from tests.support.tls import self_signed
 from tests.support.validators import dciodvfy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
@@ -44,34 +45,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(900)]
 LEASE_S = 8  # broker.lease_s, short so that the test takes seconds (production default: 60)
 REDIS_DOWN_S = 15
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33"
-
-
-def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
-    key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return key, cert
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ checks the token, the content type and the Bundle (fhir.resources R4B) and emula
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from node.alerts.fhir import (
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, AlertError, TriageAlert
 from node.runtime.config import FHIRDestination
 from tests.support.http_receiver import HTTPReceiver, sample_alert
+from tests.support.tls import self_signed
 
 TOKEN = "s3cr3t-bearer"
 
@@ -320,29 +320,7 @@ def test_dropped_connection_is_retryable(fhir_server: HTTPReceiver) -> None:
 
 
 def test_https_with_private_ca(tmp_path: Path) -> None:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    key, cert = self_signed(tmp_path, "fhir", common_name="127.0.0.1")
     with HTTPReceiver(tmp_path / "tls", "fhir", token=TOKEN, cert=cert, key=key) as server:
         assert server.url.startswith("https://")
         assert deliver(_dest(server, ca_file=cert), sample_alert()).startswith("HTTP 201")

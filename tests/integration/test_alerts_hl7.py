@@ -3,7 +3,6 @@ listener process (tests/support/mllp_server.py) that answers AA, AE, AR, nothing
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from node.runtime.config import HL7Destination
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port
 from tests.support.paths import REPO_ROOT
+from tests.support.tls import self_signed
 
 NASTY = "a|b^c&d~e\\f \\F\\ g\r\nh"  # every delimiter, the escape character, an escape sequence, CR LF
 
@@ -368,30 +368,7 @@ def test_bad_answers_are_retryable(ris: MLLPListener, mode: str, reason: str) ->
 
 @pytest.fixture
 def tls_ris(tmp_path: Path) -> Iterator[tuple[MLLPListener, Path]]:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    key, cert = self_signed(tmp_path, "ris", common_name="127.0.0.1")
     with MLLPListener(tmp_path / "ris-tls", tls_cert=cert, tls_key=key) as listener:
         yield listener, cert
 

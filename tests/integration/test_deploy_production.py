@@ -33,38 +33,11 @@ from tests.support.node import cxrnode_command
 from tests.support.paths import REPO_ROOT, dicom_dir, dicom_manifest
 from tests.support.pg import PostgresServer
 from tests.support.redis import RedisServer
+from tests.support.tls import self_signed
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(300)]
 
 PRODUCTION = REPO_ROOT / "deploy" / "config" / "cxrnode.production.toml"
-
-
-def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
-    key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return key, cert
 
 
 class Deployment:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,33 +15,9 @@ from node.audit import InstanceState
 from tests.support.dcmtk import storescu
 from tests.support.node import NodeProcess
 from tests.support.paths import dicom_dir
+from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
-    key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
 
 
 def test_tls_association_with_client_certificate(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:

@@ -15,36 +15,14 @@ from node.results.seg import build_seg
 from tests.support.net import free_port, port_open, wait_for
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import synthetic_case
+from tests.support.tls import self_signed
 
 DICOM = shared_data() / "dicom"
 
 
 @pytest.fixture
 def tls_storescp(tmp_path: Path) -> Iterator[tuple[Destination, Path, Path]]:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    key, cert = self_signed(tmp_path, "storescp", common_name="127.0.0.1")
     out, port = tmp_path / "out", free_port()
     out.mkdir()
     # -ic: the node's client certificate is optional here (the SCP side's policy is not under test).

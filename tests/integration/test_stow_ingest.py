@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.support.node import NodeProcess
 from tests.support.paths import dicom_dir, dicom_manifest
 from tests.support.stow import SOURCE, add_token, client, post_files, start_stow_node, stow_toml
 from tests.support.synthetic_dicom import small_chest_copies
+from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -255,30 +255,7 @@ def test_client_gone_mid_body_leaves_nothing(stow: tuple[NodeProcess, int, str],
 
 
 def test_stow_over_tls(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
-    key, cert = tmp_path / "stow.key", tmp_path / "stow.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=node",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    key, cert = self_signed(tmp_path, "stow", common_name="node")
     node, port = start_stow_node(
         node_factory, extra_toml=f'\n[dicomweb]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
     )

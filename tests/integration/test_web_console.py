@@ -47,6 +47,7 @@ from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess, cxrnode_command
 from tests.support.paths import dicom_manifest
 from tests.support.synthetic_results import synthetic_case
+from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -599,29 +600,7 @@ def test_forwarded_headers_are_believed_only_from_configured_proxies(site: Conso
 
 
 def test_console_over_tls_sets_secure_cookies(site: ConsoleSite, tmp_path: Path) -> None:
-    key, cert = tmp_path / "console.key", tmp_path / "console.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    key, cert = self_signed(tmp_path, "console", common_name="127.0.0.1")
     settings = site.settings.model_copy(
         update={
             "web": site.settings.web.model_copy(update={"tls_cert_file": cert, "tls_key_file": key, "production": True})

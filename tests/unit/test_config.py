@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from node.cli.main import main
 from node.runtime.config import ConfigError, load_settings, validate_ae_title, validate_port
 from tests.support.paths import REPO_ROOT
+from tests.support.tls import self_signed
 
 EXAMPLES = sorted((REPO_ROOT / "deploy" / "config").glob("*.toml"))
 
@@ -25,32 +25,6 @@ def test_defaults() -> None:
     assert (s.dicom.ae_title, s.dicom.port, s.storage.data_dir) == ("CXRNODE", 11112, Path("./var"))
     assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("audit.db")
     assert [r.name for r in s.rules] == ["chest-frontal", "secondary-capture-chest"]
-
-
-def self_signed(dir_: Path, name: str) -> tuple[Path, Path]:
-    key, cert = dir_ / f"{name}.key", dir_ / f"{name}.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return key, cert
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
