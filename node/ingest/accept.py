@@ -53,6 +53,18 @@ class StoreRequest:
     received_bytes: int | None = None  # data set bytes the peer sent, kept or not (node.ingest.guard counts them)
     study_instance_uid: str = ""  # STOW-RS to /studies/{uid}: the study every instance must belong to
 
+    def refused(self, size: int) -> ReceivedInstance:
+        """What the audit log records of a data set refused before its header could be trusted."""
+        return ReceivedInstance(
+            sop_instance_uid=self.affected_sop_instance,
+            sop_class_uid=self.affected_sop_class,
+            transfer_syntax_uid=self.transfer_syntax_uid,
+            calling_ae=self.calling_ae,
+            association_id=self.association_id,
+            priority=self.priority,
+            size_bytes=size,
+        )
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -180,15 +192,7 @@ class Ingest:
         written), a rejected row that says so."""
         reason = f"data set of {size} bytes exceeds storage.max_instance_mb {limit_mb}"
         received.unlink(missing_ok=True)
-        info = ReceivedInstance(
-            sop_instance_uid=req.affected_sop_instance,
-            sop_class_uid=req.affected_sop_class,
-            transfer_syntax_uid=req.transfer_syntax_uid,
-            calling_ae=req.calling_ae,
-            association_id=req.association_id,
-            priority=req.priority,
-            size_bytes=size,
-        )
+        info = req.refused(size)
         row = self.store.record_rejected(info, status=STATUS_OUT_OF_RESOURCES, reason=reason, quarantine_path="")
         log.warning(
             "refused %s from %s (%s) with 0xA700: %s", req.affected_sop_instance, req.calling_ae, req.peer, reason
@@ -293,15 +297,7 @@ class Ingest:
                 "association_id": req.association_id,
             },
         )
-        info = ReceivedInstance(
-            sop_instance_uid=req.affected_sop_instance,
-            sop_class_uid=req.affected_sop_class,
-            transfer_syntax_uid=req.transfer_syntax_uid,
-            calling_ae=req.calling_ae,
-            association_id=req.association_id,
-            priority=req.priority,
-            size_bytes=size,
-        )
+        info = req.refused(size)
         row = self.store.record_rejected(info, status=r.status, reason=r.reason, quarantine_path=str(path))
         log.warning(
             "rejected %s from %s with 0x%04X: %s", req.affected_sop_instance, req.calling_ae, r.status, r.reason

@@ -248,18 +248,9 @@ class StorageSCP:
             "rejected",
             "called-ae-not-recognised" if diagnostic == CALLED_AE_NOT_RECOGNISED else "calling-ae-not-recognised",
         )
-        log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
-        self.store.record_association(
-            calling_ae=calling,
-            called_ae=called,
-            peer_host=peer_host,
-            peer_port=peer_port,
-            result="rejected",
-            reason=reason,
-            tls=self.settings.dicom.tls.enabled,
+        self._reject(
+            assoc, (calling, called, peer_host, peer_port), reason, (REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
         )
-        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-        assoc.kill()  # returns once the A-ASSOCIATE-RJ is on the wire
 
     def _reject_when_disk_low(
         self, assoc: Association, calling: str, called: str, peer_host: str, peer_port: int | None
@@ -273,6 +264,19 @@ class StorageSCP:
             return
         reason = f"free disk {spool.free_mb():.0f} MB below storage.min_free_mb {min_free}"
         metrics.count_association("rejected", "disk-low")
+        self._reject(
+            assoc,
+            (calling, called, peer_host, peer_port),
+            reason,
+            (REJECT_TRANSIENT, SOURCE_PRESENTATION, TEMPORARY_CONGESTION),
+        )
+
+    def _reject(
+        self, assoc: Association, peer: tuple[str, str, str, int | None], reason: str, rejection: tuple[int, int, int]
+    ) -> None:
+        """Audit the refused association with its reason, then send the A-ASSOCIATE-RJ
+        (result, source, diagnostic) and drop the connection."""
+        calling, called, peer_host, peer_port = peer
         log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
         self.store.record_association(
             calling_ae=calling,
@@ -283,8 +287,8 @@ class StorageSCP:
             reason=reason,
             tls=self.settings.dicom.tls.enabled,
         )
-        assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, TEMPORARY_CONGESTION)
-        assoc.kill()
+        assoc.acse.send_reject(*rejection)
+        assoc.kill()  # returns once the A-ASSOCIATE-RJ is on the wire
 
     def on_established(self, event: evt.Event) -> None:
         assoc = event.assoc

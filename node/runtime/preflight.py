@@ -103,25 +103,8 @@ def console_problems(settings: Settings) -> list[str]:
 def _console_tls_problems(settings: Settings) -> list[str]:
     """Production serves the console (passwords, PHI) over TLS only: its own, or a proxy's, said so."""
     web = settings.web
-    if (web.tls_cert_file is None) != (web.tls_key_file is None):
-        return ["web.tls_cert_file and web.tls_key_file go together"]
-    if web.tls:
-        problems = [
-            p
-            for p in (
-                _file_problem("web.tls_cert_file", web.tls_cert_file),
-                _file_problem("web.tls_key_file", web.tls_key_file),
-            )
-            if p
-        ]
-        if not problems:
-            try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    str(web.tls_cert_file), str(web.tls_key_file)
-                )
-            except (ssl.SSLError, OSError) as e:
-                problems.append(f"web.tls: the certificate or key cannot be loaded: {e}")
-        return problems
+    if web.tls or (web.tls_cert_file is None) != (web.tls_key_file is None):
+        return _server_tls_problems("web", web.tls_cert_file, web.tls_key_file)
     if web.production and not web.behind_tls_proxy:
         return [
             "web.production serves the console over TLS only: set web.tls_cert_file and web.tls_key_file, "
@@ -148,25 +131,8 @@ def _dicomweb_problems(settings: Settings) -> list[str]:
     d = settings.dicomweb
     if not d.enabled:
         return []
-    if (d.tls_cert_file is None) != (d.tls_key_file is None):
-        return ["dicomweb.tls_cert_file and dicomweb.tls_key_file go together"]
-    if d.tls:
-        problems = [
-            p
-            for p in (
-                _file_problem("dicomweb.tls_cert_file", d.tls_cert_file),
-                _file_problem("dicomweb.tls_key_file", d.tls_key_file),
-            )
-            if p
-        ]
-        if not problems:
-            try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    str(d.tls_cert_file), str(d.tls_key_file)
-                )
-            except (ssl.SSLError, OSError) as e:
-                problems.append(f"dicomweb.tls: the certificate or key cannot be loaded: {e}")
-        return problems
+    if d.tls or (d.tls_cert_file is None) != (d.tls_key_file is None):
+        return _server_tls_problems("dicomweb", d.tls_cert_file, d.tls_key_file)
     if settings.web.production and d.host not in ("127.0.0.1", "::1", "localhost"):
         return [
             f"web.production serves STOW-RS on {d.host} over TLS only: set dicomweb.tls_cert_file and "
@@ -180,3 +146,18 @@ def check_start(settings: Settings, source: str) -> None:
     problems = start_problems(settings)
     if problems:
         raise ConfigError("\n".join([f"{source} cannot start the node:", *(f"  {p}" for p in problems)]))
+
+
+def _server_tls_problems(section: str, cert: Path | None, key: Path | None) -> list[str]:
+    """An HTTPS server's `<section>.tls_cert_file`/`tls_key_file`: both given, readable, and loadable."""
+    if (cert is None) != (key is None):
+        return [f"{section}.tls_cert_file and {section}.tls_key_file go together"]
+    problems = [
+        p for p in (_file_problem(f"{section}.tls_cert_file", cert), _file_problem(f"{section}.tls_key_file", key)) if p
+    ]
+    if not problems:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError) as e:
+            problems.append(f"{section}.tls: the certificate or key cannot be loaded: {e}")
+    return problems
