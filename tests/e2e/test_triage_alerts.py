@@ -160,14 +160,25 @@ def test_triage_alerts_with_real_peers(tmp_path: Path, peers: tuple[MLLPListener
         body = json.loads(str(webhook["body"]))
         assert body["level"] == "urgent" and "patient_id" not in json.dumps(body)
 
-        # Every study of the test set was decided; those with no analysable image say so.
+        # Every study of the test set is decided (each once its images are analysed and it is stable);
+        # those with no analysable image say so.
         analysable = {r["file"] for r in dicom_manifest() if r["analysable"] == "yes"}
+        study_of = {
+            r["file"]: str(
+                pydicom.dcmread(dicom_dir() / r["file"], stop_before_pixels=True, force=True).StudyInstanceUID
+            )
+            for r in accepted
+        }
+        wait_for(
+            lambda: set(study_of.values()) <= {r.study.study_instance_uid for r in store.list_triage()},
+            240,
+            "every study of the test set decided",
+        )
         decided = {r.study.study_instance_uid: r.triage for r in store.list_triage()}
-        for r in accepted:
-            uid = str(pydicom.dcmread(dicom_dir() / r["file"], stop_before_pixels=True, force=True).StudyInstanceUID)
-            assert uid in decided, r["file"]
-            if r["file"] not in analysable:
-                assert decided[uid].reasons == ["no analysable image"], r["file"]
+        for file, uid in study_of.items():
+            assert uid in decided, file
+            if file not in analysable:
+                assert decided[uid].reasons == ["no analysable image"], file
 
         # A prior: the second study of the patient carries the change; the RIS rejects it (AR) -> dead.
         ris.set_ack("AR", text="unknown order")
