@@ -113,9 +113,12 @@ def test_wrong_called_ae_is_rejected_clearly(results: list[Path], tmp_path: Path
         assert not err.value.retryable
         harness = ExportHarness(tmp_path / "node", destination, max_attempts=4)
         ids = harness.register(results)
-        assert harness.run(4) == 1, "a permanent rejection is not retried"
+        # Dead at the first rejection seen, far from the attempt budget. (Orthanc closes the connection
+        # right after its A-ASSOCIATE-RJ; now and then the close is read first and that attempt is an
+        # abort, which may be transient and is tried once more.)
+        passes = harness.run(4)
         exports = harness.exports(ids)
-        assert [(e.state, e.attempts) for e in exports] == [("dead", 1)] * 3
+        assert passes <= 2 and all(e.state == "dead" and e.attempts == passes for e in exports)
         assert "Called AE title not recognised" in exports[0].last_error
         assert pacs.instances() == []
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from node.audit import AuditStore
+from node.runtime.config import load_settings
 from tests.support.net import free_port, wait_for
 
 NODE_AE = "CXRNODE"
@@ -104,8 +105,10 @@ class NodeProcess:
         self.proc = None
 
     def store(self) -> AuditStore:
+        """The node's audit database, as this node: rows a test writes belong to it (a node acts only on
+        its own rows, see node.name)."""
         if self._store is None:
-            self._store = AuditStore.open(self.database_url)
+            self._store = AuditStore.open(self.database_url, node=load_settings(self.config).node_name)
         return self._store
 
     def close(self) -> None:
