@@ -24,7 +24,7 @@ class AdminError(ValueError):
 
 #: What an AE entry may carry besides its name (the configuration's [[ae]] keys): a DICOM peer has
 #: host/port/tls (and storage_commitment as a destination), a STOW-RS destination url/auth/username/secret.
-AE_FIELDS = ("host", "port", "role", "tls", "storage_commitment", "description", "url", "auth", "username", "secret")
+AE_FIELDS = tuple(name for name in AEEntry.model_fields if name != "name")
 
 
 def validate_entry(name: str, **fields: Any) -> AEEntry:

@@ -39,6 +39,10 @@ def enabled_models(settings: Settings) -> list[str]:
     return [name for name in MODEL_NAMES if getattr(settings.models, name)]
 
 
+#: Worker options for children `cxrnode serve` supervises: no gossip, mingle or heartbeat chatter.
+QUIET = ("--without-gossip", "--without-mingle", "--without-heartbeat")
+
+
 def inference_worker_command(
     settings: Settings, *, concurrency: int, pool: str = "prefork", hostname: str = "", quiet: bool = False
 ) -> tuple[list[str], dict[str, str]]:
@@ -61,7 +65,7 @@ def inference_worker_command(
         "--loglevel",
         "INFO",
         *(["--hostname", hostname] if hostname else []),
-        *(["--without-gossip", "--without-mingle", "--without-heartbeat"] if quiet else []),
+        *(QUIET if quiet else ()),
     ]
     env = {
         BROKER_ENV: broker_url_for(settings),
@@ -76,7 +80,7 @@ def inference_worker_command(
 def worker_children(settings: Settings) -> list[ChildSpec]:
     """The node-queue worker (always) and, in embedded mode, one local inference worker."""
     logs = settings.storage.data_dir / "logs"
-    quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
+    quiet = [*QUIET, "--loglevel", "INFO"]
     children = [
         ChildSpec(
             "node-worker",

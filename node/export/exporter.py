@@ -65,8 +65,12 @@ class Exporter(BackgroundLoop):
         started = utcnow()
         cfg = self.settings.sender
         ssl_context: ssl.SSLContext | None = None
+        # A DICOM peer (C-STORE, and storage commitment when its entry asks); else a STOW-RS url.
+        dicom = (
+            None if ae.stow or ae.host is None or ae.port is None else Destination(ae.name, ae.host, ae.port, ae.tls)
+        )
         try:
-            if ae.stow:
+            if dicom is None:
                 assert ae.url is not None
                 statuses = send_stow(
                     [e.file_path for e in exports],
@@ -75,11 +79,10 @@ class Exporter(BackgroundLoop):
                     verify=https_verify(self.settings.dicom.tls),
                 )
             else:
-                assert ae.host is not None and ae.port is not None
                 ssl_context = tls_client_context(self.settings.dicom.tls) if ae.tls else None
                 statuses = send(
                     [e.file_path for e in exports],
-                    Destination(ae.name, ae.host, ae.port, ae.tls),
+                    dicom,
                     calling_ae=cfg.calling_ae or self.settings.dicom.ae_title,
                     timeout_s=cfg.timeout_s,
                     ssl_context=ssl_context,
@@ -96,20 +99,17 @@ class Exporter(BackgroundLoop):
             return 0
         sent = 0
         stored: list[tuple[Export, FileStatus]] = []
-        # Storage commitment is DICOM's (the configuration allows it only for AEs with host and port).
-        commit = ae.storage_commitment and ae.host is not None and ae.port is not None
+        commit_to = dicom if ae.storage_commitment else None
         for export, status in zip(exports, statuses, strict=True):
-            if status.ok and commit:
+            if status.ok and commit_to is not None:
                 stored.append((export, status))
             else:
                 self._record(
                     export, status.status, _error(status), retryable=status.retryable, ok=status.ok, started=started
                 )
             sent += status.ok
-        if stored and ae.host is not None and ae.port is not None:
-            self._request_commitment(
-                ae.name, Destination(ae.name, ae.host, ae.port, ae.tls), stored, started, ssl_context
-            )
+        if stored and commit_to is not None:
+            self._request_commitment(ae.name, commit_to, stored, started, ssl_context)
         return sent
 
     def _request_commitment(
