@@ -9,7 +9,9 @@ They share only what node replicas share anyway: the audit database (SQLite in W
 ``BEGIN IMMEDIATE``, or PostgreSQL) and the spool directory.
 
 The parent process reserves the port (bound but not listening, so it is never handed a
-connection), forks the listeners before it starts any thread, restarts a listener that dies, and
+connection), forks the listeners before it starts any thread, announces "running on" only once
+every listener says it accepts (a peer or a supervisor that trusts the line must not meet a
+refused connection), restarts a listener that dies, and
 runs what must run once: :class:`node.runtime.serve.NodeServices`, as a single-process node does (resume,
 analysis pipeline, retention, web console). Each listener is a :class:`node.runtime.serve.Listener` on a
 SO_REUSEPORT socket; listeners hand received instances to the broker themselves when it is enabled.
@@ -47,8 +49,12 @@ from node.runtime.supervisor import die_with_parent
 
 log = logging.getLogger(__name__)
 
-#: A listener target runs one receiving process until `stop` is set: (settings, index, stop).
-ListenerTarget = Callable[[Settings, int, threading.Event], None]
+#: A listener target runs one receiving process until `stop` is set: (settings, index, stop, ready);
+#: it calls `ready()` once its socket accepts connections.
+ListenerTarget = Callable[[Settings, int, threading.Event, Callable[[], None]], None]
+
+#: How long the parent waits for every listener to accept before it gives up starting.
+READY_TIMEOUT_S = 120.0
 
 
 class ReusePortAssociationServer(ThreadedAssociationServer):
@@ -84,7 +90,7 @@ def metrics_folder(settings: Settings) -> Path:
     return settings.storage.data_dir / "metrics" / "listeners"
 
 
-def serve_listener(settings: Settings, index: int, stop: threading.Event) -> None:
+def serve_listener(settings: Settings, index: int, stop: threading.Event, ready: Callable[[], None]) -> None:
     """The default listener: ingest + SCP on the shared port until `stop`, then a graceful end."""
     store = AuditStore.open(
         settings.database_url, echo=settings.database.echo, run_migrations=False, node=settings.node_name
@@ -100,6 +106,7 @@ def serve_listener(settings: Settings, index: int, stop: threading.Event) -> Non
     dispatcher.start()
     listener.start()
     log.info("listener %d (pid %d) accepting", index, os.getpid())
+    ready()
     stop.wait()
     listener.stop()
     dispatcher.close()
@@ -109,10 +116,10 @@ def serve_listener(settings: Settings, index: int, stop: threading.Event) -> Non
     log.info("listener %d stopped", index)
 
 
-def _listener_process(target: ListenerTarget, settings: Settings, index: int) -> None:
+def _listener_process(target: ListenerTarget, settings: Settings, index: int, ready: Callable[[], None]) -> None:
     """Entry point of a forked listener: its own signal handling, then the target."""
     die_with_parent()
-    target(settings, index, stop_on_signals())
+    target(settings, index, stop_on_signals(), ready)
 
 
 class ListenerPool:
@@ -129,6 +136,7 @@ class ListenerPool:
         self.max_backoff_s = max_backoff_s
         self._ctx = multiprocessing.get_context("fork")
         self._procs: list[BaseProcess | None] = [None] * n
+        self._ready = [self._ctx.Event() for _ in range(n)]
         self._restarts = [0] * n
         self._next_start: dict[int, float] = {}
 
@@ -138,15 +146,27 @@ class ListenerPool:
         return self
 
     def _spawn(self, index: int) -> None:
+        self._ready[index] = self._ctx.Event()
         proc = self._ctx.Process(
             target=_listener_process,
-            args=(self.target, self.settings, index),
+            args=(self.target, self.settings, index, self._ready[index].set),
             name=f"cxrnode-listener-{index}",
             daemon=False,
         )
         proc.start()
         self._procs[index] = proc
         log.info("started listener %d (pid %s)", index, proc.pid)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once every listener accepts; RuntimeError if one exits first or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        for i, ready in enumerate(self._ready):
+            while not ready.wait(0.1):
+                proc = self._procs[i]
+                if proc is not None and not proc.is_alive():
+                    raise RuntimeError(f"listener {i} exited with status {proc.exitcode} before it accepted")
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"listener {i} did not accept within {timeout_s:.0f} s")
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None and p.pid is not None and p.is_alive()]
@@ -203,6 +223,11 @@ def run_listeners(
     services = NodeServices(settings)  # threads start only now, after the fork
     try:
         services.start()
+        try:
+            pool.wait_ready(READY_TIMEOUT_S)
+        except RuntimeError as exc:
+            log.error("not starting: %s", exc)
+            return 1
         services.announce(port, listeners=n)
         services.run_until(stop, tick=pool.check)
     finally:

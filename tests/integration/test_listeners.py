@@ -6,12 +6,17 @@ import os
 import shutil
 import signal
 import threading
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.audit import InstanceFilter
+from node.runtime.config import Settings, load_settings
+from node.runtime.listeners import ListenerPool
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess
@@ -116,3 +121,33 @@ def test_listeners_publish_with_the_geometry_and_the_parent_runs_the_services(tm
         assert node.stop() == 0
     finally:
         node.close()
+
+
+def _slow_listener(settings: Settings, index: int, stop: threading.Event, ready: Callable[[], None]) -> None:
+    time.sleep(1.0 + index)  # opening the database and the broker takes a while on a busy host
+    ready()
+    stop.wait()
+
+
+def _broken_listener(settings: Settings, index: int, stop: threading.Event, ready: Callable[[], None]) -> None:
+    raise SystemExit(3)  # e.g. a listener that cannot open the audit database
+
+
+def test_the_parent_waits_until_every_listener_accepts() -> None:
+    """ "running on" is announced only after wait_ready: a peer that trusts it meets no refused connection."""
+    pool = ListenerPool(load_settings(None), 2, _slow_listener).start()
+    try:
+        started = time.monotonic()
+        pool.wait_ready(30)
+        assert time.monotonic() - started >= 1.9  # the slower listener said it accepts
+    finally:
+        pool.stop(1)
+
+
+def test_a_listener_that_dies_before_accepting_stops_the_start() -> None:
+    pool = ListenerPool(load_settings(None), 2, _broken_listener).start()
+    try:
+        with pytest.raises(RuntimeError, match=r"listener 0 exited with status 3 before it accepted"):
+            pool.wait_ready(30)
+    finally:
+        pool.stop(1)
