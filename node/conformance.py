@@ -159,6 +159,7 @@ def render(settings: Settings | None = None) -> str:
     from node.results import codes as codes_module
     from node.results import seg as seg_module
     from node.results import sr as sr_module
+    from node.results import study_sr as study_sr_module
 
     lines: list[str] = [
         f"# cxr-node {node.__version__} — DICOM Conformance Statement",
@@ -408,6 +409,17 @@ def render(settings: Settings | None = None) -> str:
     lines += _table(
         ["Designator", "UID", "Name"], [(d, f"`{uid}`", name) for d, (uid, name) in sr_module.CODING_SCHEMES.items()]
     )
+    summary_doc = (inspect.getdoc(study_sr_module) or "").split("\n\n", 1)[1]
+    lines += [
+        "### 5.4 Comprehensive SR: study summary (one per triage revision)",
+        "",
+        f"Series {study_sr_module.SERIES_NUMBER}, Series Description "
+        f'"{study_sr_module.SERIES_DESCRIPTION}", with triage on and `results.study_sr` (default true); sent to '
+        "the result destinations of one analysed image of the study, with that image's retries and dead letter.",
+        "",
+        *summary_doc.splitlines(),
+        "",
+    ]
 
     tls = s.dicom.tls
     ctx_src = inspect.getsource(scp_module.server_ssl_context)

@@ -22,8 +22,8 @@ from pydicom.dataset import Dataset
 from node.analysis.decoding import prepare_isolated
 from node.analysis.prepare import Geometry, masks_to_source
 from node.audit import AuditStore, Instance, InstanceState, NewExport
-from node.audit.models import job_id_for, parse_job_id
-from node.results.common import DeviceInfo
+from node.audit.models import StudyTriage, job_id_for, parse_job_id
+from node.results.common import DeviceInfo, read_source_header
 from node.results.overlay import build_overlay
 from node.results.seg import build_seg
 from node.results.sr import PriorComparison, build_sr
@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 __all__ = [
     "REPLY_TO_SENDER",
     "ResultFiles",
+    "atomic_save",
+    "compared_with",
     "device_info",
     "finish_analysis",
     "job_id_for",
     "parse_job_id",
     "published_geometry",
+    "result_destinations",
     "run_dir",
     "summary",
 ]
@@ -81,6 +84,11 @@ def device_info(settings: Settings) -> DeviceInfo:
     )
 
 
+def result_destinations(inst: Instance) -> list[str]:
+    """Where the results of `inst` go: its routing rule's destinations, the sender for reply-to-sender."""
+    return list(dict.fromkeys(inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations))
+
+
 def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult) -> str:
     """Handle one worker result; returns what happened ('analyzed', 'stale', 'failed')."""
     instance_id, _ = parse_job_id(result.job_id)
@@ -94,10 +102,10 @@ def finish_analysis(settings: Settings, store: AuditStore, result: AnalyzeResult
         return _failed(store, result.job_id, f"worker: {result.error}")
     try:
         files = _write_results(settings, store, inst, result)
-        destinations = [inst.calling_ae if d == REPLY_TO_SENDER else d for d in inst.destinations]
+        destinations = result_destinations(inst)
         exports = [
             NewExport(dest, kind, str(path), _sop_instance_uid(path))
-            for dest in dict.fromkeys(destinations)
+            for dest in destinations
             for kind, path in files.wanted(settings)
         ]
     except Exception as e:
@@ -129,8 +137,18 @@ def summary(result: AnalyzeResult) -> dict[str, object]:
         "pneumothorax_probability": result.pneumothorax_probability,
         "pneumothorax_side": result.pneumothorax_side,
         "models": [f"{m.name} {m.version} ({m.status})" for m in result.models],
-        # The same, structured: triage reads each model's status (experimental findings raise no level).
-        "model_cards": [{"name": m.name, "version": m.version, "status": m.status} for m in result.models],
+        # The same, structured: triage reads each model's status (experimental findings raise no level) and
+        # names each model in the study summary SR (its weights' sha256 identifies it there, as here).
+        "model_cards": [
+            {
+                "name": m.name,
+                "version": m.version,
+                "status": m.status,
+                "sha256": m.sha256,
+                "architecture": m.architecture,
+            }
+            for m in result.models
+        ],
         "timings_ms": result.timings_ms,
         "warnings": result.warnings,
     }
@@ -151,7 +169,7 @@ def _write_results(settings: Settings, store: AuditStore, inst: Instance, result
         prepared = prepare_isolated(settings, inst.spool_path)
         geometry, pixels = prepared.geometry, prepared.pixels
     # The header is all SEG and SR take from the source: its pixels are neither read nor decoded here.
-    source = pydicom.dcmread(inst.spool_path, force=True, stop_before_pixels=True)
+    source = read_source_header(inst.spool_path)
     if (result.rows, result.cols) != (geometry.rows, geometry.cols):
         raise ValueError(f"result grid {(result.rows, result.cols)} != prepared grid {(geometry.rows, geometry.cols)}")
     small = {name: m for name in MASK_NAMES if (m := result.mask(name)) is not None}
@@ -169,13 +187,13 @@ def _write_results(settings: Settings, store: AuditStore, inst: Instance, result
         prior=prior_comparison(store, inst, source),
         started=started,
     )
-    _atomic_save(seg, seg_path)
-    _atomic_save(sr, sr_path)
+    atomic_save(seg, seg_path)
+    atomic_save(sr, sr_path)
     if overlay_path is not None and pixels is not None:
         overlay = build_overlay(
             source, pixels, small, result.models, device=device, pixel_spacing_mm=geometry.prepared_pixel_spacing_mm
         )
-        _atomic_save(overlay, overlay_path)
+        atomic_save(overlay, overlay_path)
     log.info("results for %s written to %s", result.job_id, folder)
     return ResultFiles(seg_path, sr_path, overlay_path)
 
@@ -198,7 +216,12 @@ def prior_comparison(store: AuditStore, inst: Instance, source: Dataset) -> Prio
         issuer=str(source.get("IssuerOfPatientID", "") or ""),
         study_date=str(source.get("StudyDate", "") or "")[:8],
     )
-    if prior is None or prior.severity_score is None:
+    return compared_with(store, prior) if prior is not None else None
+
+
+def compared_with(store: AuditStore, prior: StudyTriage) -> PriorComparison | None:
+    """A prior's decision as an SR compares against it: its severity and the image that has it."""
+    if prior.severity_score is None:
         return None
     image = store.find_live_instance(str(prior.summary.get("severity_sop_instance_uid") or ""))
     return PriorComparison(
@@ -227,7 +250,8 @@ def _sop_instance_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
 
 
-def _atomic_save(ds: Dataset, path: Path) -> None:
+def atomic_save(ds: Dataset, path: Path) -> None:
+    """Write `ds` to `path` so that a reader (or a crash) never sees half a file."""
     tmp = path.with_suffix(".tmp")
     ds.save_as(tmp, enforce_file_format=True)
     with open(tmp, "rb") as f:

@@ -380,6 +380,9 @@ class StudyTriage(Base):
     # The instances the decision saw (ids), to tell when a late or re-analysed instance makes it stale.
     inputs: Mapped[list[str]] = mapped_column(default=list)
     decided_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # The latest study summary SR issued (node.results.study_sr), which the next revision's replaces.
+    report_series_uid: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    report_sop_uid: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class AlertState(enum.StrEnum):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import case, exists, func, or_, select
 from sqlalchemy.orm import Session
@@ -30,6 +30,7 @@ from node.audit.models import (
     StudyTriage,
     utcnow,
 )
+from node.audit.txn import NewExport, _add_export
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -47,11 +48,39 @@ class NewAlert:
 
 
 @dataclass(frozen=True)
+class NewStudyReport:
+    """The study summary SR built for revision `revision` of a decision, and where to send it.
+
+    Its exports belong to `instance_id` (an analysed image of the study on this node: retention and the
+    console handle the report with that image's results). Recorded only if the decision is that revision.
+    """
+
+    revision: int
+    instance_id: int
+    series_instance_uid: str
+    sop_instance_uid: str
+    exports: Sequence[NewExport]
+
+
+class TriageRecord(NamedTuple):
+    """What :meth:`TriageStoreMixin.record_triage` did: the row, the alerts queued, whether the decision changed."""
+
+    row: StudyTriage
+    alerts: list[Alert]
+    changed: bool
+
+
+@dataclass(frozen=True)
 class TriageRow:
     """A study's decision with the study identifiers (for listings)."""
 
     triage: StudyTriage
     study: Study
+
+
+def is_new_decision(row: StudyTriage | None, level: str, reasons: Sequence[str], summary: dict[str, Any]) -> bool:
+    """Whether a decision is a new revision of `row` (the study's current one): what it says changed."""
+    return row is None or (row.level, list(row.reasons), row.summary) != (level, list(reasons), summary)
 
 
 PayloadFactory = Callable[[int, str], dict[str, Any]]  # (revision, alert_id) -> TriageAlert JSON
@@ -149,12 +178,14 @@ class TriageStoreMixin:
         study_date: str,
         alerts: Sequence[NewAlert],
         payload: PayloadFactory,
+        report: NewStudyReport | None = None,
         actor: str = "node",
-    ) -> tuple[StudyTriage, list[Alert]]:
-        """Record a study's decision and queue its alerts in ONE transaction.
+    ) -> TriageRecord:
+        """Record a study's decision, queue its alerts and its summary report's exports in ONE transaction.
 
         An unchanged decision (same level, reasons and findings) only notes the new inputs; a changed
-        one is a new revision. An alert is queued for a destination only for findings not already
+        one is a new revision, and `report` (built for that revision) is queued and becomes the one the
+        next revision replaces. An alert is queued for a destination only for findings not already
         alerted to it for this study, so a late image never repeats an alert.
         """
         with self.session() as s:
@@ -162,7 +193,7 @@ class TriageStoreMixin:
             if study is None:
                 raise LookupError(f"no study with id {study_id}")
             row = s.scalar(select(StudyTriage).where(StudyTriage.study_id == study_id))
-            changed = row is None or (row.level, list(row.reasons), row.summary) != (level, list(reasons), summary)
+            changed = is_new_decision(row, level, reasons, summary)
             if row is None:
                 row = StudyTriage(
                     study_id=study_id,
@@ -183,6 +214,11 @@ class TriageStoreMixin:
             row.patient_id, row.issuer_of_patient_id, row.study_date = patient_id[:64], issuer[:64], study_date[:8]
             row.inputs, row.decided_at = list(inputs), utcnow()
             s.flush()
+            issued = changed and report is not None and report.revision == row.revision
+            if issued and report is not None:
+                for export in report.exports:
+                    _add_export(s, report.instance_id, export)
+                row.report_series_uid, row.report_sop_uid = report.series_instance_uid, report.sop_instance_uid
             if changed:
                 s.add(
                     Event(
@@ -195,6 +231,7 @@ class TriageStoreMixin:
                             "reasons": list(reasons),
                             "inputs": list(inputs),
                             "summary": summary,
+                            **({"report_sop_instance_uid": row.report_sop_uid} if issued else {}),
                         },
                     )
                 )
@@ -241,7 +278,7 @@ class TriageStoreMixin:
                     )
                 )
                 queued.append(alert)
-            return row, queued
+            return TriageRecord(row, queued, changed)
 
     def reopen_later_studies(self, *, study_id: int, patient_id: str, issuer: str, study_date: str) -> list[int]:
         """A decision for an earlier study of a patient (a prior that arrived late, or was fetched) makes

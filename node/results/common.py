@@ -13,8 +13,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import highdicom as hd
+import pydicom
 from pydicom.dataset import Dataset
 
 from workers.api import ModelInfo
@@ -42,6 +44,31 @@ class DeviceInfo:
     def uid(self) -> str:
         """Stable Device Observer UID, derived from the identity (same device, same UID)."""
         return stable_uid("device", self.manufacturer, self.model_name, self.serial_number)
+
+
+#: Patient and study attributes every result object copies from its source. All are Type 2 in an image
+#: (present, may be empty) yet often absent from real-world files; highdicom reads each of them.
+COPIED_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def read_source_header(path: str | Path) -> Dataset:
+    """The header of a received image (no pixels) as the result builders take it: a Type 2 attribute
+    the sender left out is present and empty, as the results must have it, instead of failing them."""
+    ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    for keyword in COPIED_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
 
 
 def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:

@@ -134,7 +134,7 @@ def build_sr(
             ),
             finding_type=finding,
             finding_sites=list(sites),
-            algorithm_id=_algorithm(model, notes),
+            algorithm_id=model_algorithm(model, notes),
             measurements=list(measurements),
             qualitative_evaluations=list(evaluations),
         )
@@ -162,7 +162,7 @@ def build_sr(
             _zone_evaluations(result),
         )
         if prior is not None:
-            groups.append(_prior_group(prior))
+            groups.append(prior_group(prior))
     if result.pneumothorax_present is not None:
         group(
             "pneumothorax",
@@ -179,7 +179,7 @@ def build_sr(
 
     suffix = not_for_diagnostic_suffix(experimental_models(list(used.values())))
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(device),
+        observation_context=observation_context(device),
         procedure_reported=codes.CHEST_XRAY,
         imaging_measurements=groups,
     )
@@ -201,7 +201,7 @@ def build_sr(
     set_contributing_equipment(sr, list(used.values()), device, started)
     set_content_datetime(sr, started)
     if prior is not None and prior.sop_instance_uid and result.severity_score is not None:
-        sr.PertinentOtherEvidenceSequence = [_evidence(prior)]
+        sr.PertinentOtherEvidenceSequence = [prior_evidence(prior)]
     log.info("SR built: %d measurement groups%s", len(groups), suffix)
     return sr
 
@@ -247,7 +247,7 @@ def _severity_measurements(result: AnalyzeResult) -> list[hd.sr.Measurement]:
     return items
 
 
-def _prior_group(prior: PriorComparison) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def prior_group(prior: PriorComparison) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of the prior study's severity, at its own time point (TID 1502): the change is the
     difference of the two Severity values; the prior image is in the Pertinent Other Evidence Sequence."""
     when = (
@@ -264,7 +264,7 @@ def _prior_group(prior: PriorComparison) -> hd.sr.MeasurementsAndQualitativeEval
     )
 
 
-def _evidence(prior: PriorComparison) -> Dataset:
+def prior_evidence(prior: PriorComparison) -> Dataset:
     """One Hierarchical SOP Instance Reference item (study > series > instance) for the prior image."""
     instance = Dataset()
     instance.ReferencedSOPClassUID = prior.sop_class_uid
@@ -313,7 +313,7 @@ def _percent(fraction: float) -> float:
     return round(100.0 * float(fraction), 2)
 
 
-def _algorithm(model: ModelInfo, notes: Sequence[str]) -> hd.sr.AlgorithmIdentification:
+def model_algorithm(model: ModelInfo, notes: Sequence[str]) -> hd.sr.AlgorithmIdentification:
     parameters = [f"model_card_sha256={model.sha256}", f"architecture={model.architecture}", f"status={model.status}"]
     if model.status != "validated":
         parameters.append("experimental model: NOT FOR DIAGNOSTIC USE")
@@ -354,7 +354,7 @@ def coding_schemes(ds: Dataset) -> list[Dataset]:
     return items
 
 
-def _observation_context(device: DeviceInfo) -> hd.sr.ObservationContext:
+def observation_context(device: DeviceInfo) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=dcm_codes.DCM.Device,

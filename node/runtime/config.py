@@ -292,6 +292,7 @@ class ResultsConfig(_Strict):
     seg: bool = True
     sr: bool = True
     overlay: bool = False  # Secondary Capture overlay for viewers without SEG support
+    study_sr: bool = True  # a study summary SR per triage revision (needs triage.enabled)
     manufacturer: str = "cxr-node"
     reanalyze_duplicates: bool = False
 

@@ -116,6 +116,7 @@ MEANING: dict[str, str] = {
     "results.seg": "make a DICOM SEG",
     "results.sr": "make a TID 1500 SR (needs `results.seg`)",
     "results.overlay": "make a Secondary Capture overlay for viewers without SEG support",
+    "results.study_sr": "make a study summary SR per triage revision, replacing the previous one (needs `triage.enabled`)",
     "results.manufacturer": "Manufacturer of the result objects",
     "results.reanalyze_duplicates": "analyse a SOP Instance UID received again",
     "web.enabled": "serve the console, `/metrics`, `/healthz`, `/readyz`",

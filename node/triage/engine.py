@@ -24,11 +24,12 @@ import pydicom
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, AlertModel, Prior, TriageAlert
 from node.audit import AuditStore, Instance, Study
 from node.audit.models import utcnow
-from node.audit.triage_store import NewAlert
+from node.audit.triage_store import NewAlert, is_new_decision
 from node.runtime import metrics
 from node.runtime.config import Settings
 from node.runtime.loop import BackgroundLoop
 from node.triage.priors import PriorFetcher, PriorRequest
+from node.triage.report import summary_report
 from node.triage.rules import Decision, ImageFindings, decide
 
 log = logging.getLogger(__name__)
@@ -226,38 +227,61 @@ class TriageEngine(BackgroundLoop):
         ]
         if fetched:
             alerts = []
-        decided_at = utcnow().isoformat()
+        decided = utcnow()
+        decided_at = decided.isoformat()
 
         def payload(revision: int, alert_id: str) -> dict[str, Any]:
             return build_alert(
                 decision, study, header, revision=revision, alert_id=alert_id, decided_at=decided_at
             ).to_json()
 
-        row, queued = self.store.record_triage(
+        summary = _summary(decision)
+        previous = self.store.get_triage(study.id)
+        report = (
+            summary_report(
+                self.settings,
+                self.store,
+                decision=decision,
+                images=images,
+                instances=instances,
+                details=details,
+                previous=previous,
+                prior=prior_row,
+                decided=decided,
+            )
+            if is_new_decision(previous, decision.level, decision.reasons, summary)
+            else None
+        )
+        row, queued, changed = self.store.record_triage(
             study.id,
             inputs=inputs_key(instances),
             level=decision.level,
             reasons=decision.reasons,
-            summary=_summary(decision),
+            summary=summary,
             severity_score=decision.severity_score,
             patient_id=header.patient_id,
             issuer=header.issuer,
             study_date=header.study_date,
             alerts=alerts,
             payload=payload,
+            report=report,
         )
         reopened = self.store.reopen_later_studies(
             study_id=study.id, patient_id=header.patient_id, issuer=header.issuer, study_date=header.study_date
         )
         if reopened:
             log.info("study %d is a prior of study(ies) %s: deciding them again", study.id, reopened)
-        metrics.count_triage(decision.level)
+        if not changed:
+            log.debug("study %d: %s as before (revision %d)", study.id, decision.level, row.revision)
+            return len(queued)
+        metrics.count_triage(decision.level)  # decisions, not re-checks that changed nothing
         log.info(
-            "study %d: %s (revision %d, %d alert(s) queued): %s",
+            "study %d: %s (revision %d, %d alert(s) queued%s): %s",
             study.id,
             decision.level,
             row.revision,
             len(queued),
+            ", summary SR queued" if report is not None and row.report_sop_uid == report.sop_instance_uid else "",
             "; ".join(decision.reasons),
         )
         return len(queued)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from node.audit import InstanceFilter
 from node.results.common import model_device_uid
@@ -27,6 +28,7 @@ from tests.support.node import NODE_AE, SENDER_AE, NodeProcess
 from tests.support.orthanc import Orthanc
 from tests.support.paths import dicom_dir, dicom_manifest
 from tests.support.redis import RedisServer
+from tests.support.summaries import check_chains, reports_issued, settled, split
 from tests.support.tiny_models import write_tiny_weights
 from tests.support.validators import dciodvfy, pixelmed
 from workers.api import BROKER_ENV, ModelInfo
@@ -58,8 +60,12 @@ def node_toml(
     broker_url: str = "",
     embedded_worker: bool = True,
     extra_ae: str = "",
+    triage: bool = False,
 ) -> str:
-    """The [broker]/[sender] sections, the two default chest rules sending to `destinations`, extra AEs."""
+    """The [broker]/[sender] sections, the two default chest rules sending to `destinations`, extra AEs.
+
+    Triage (on in a real node) is off unless asked for: its study summary SRs arrive a stable window
+    after the images and would blur these tests' exact counts of each image's results."""
     dest = ", ".join(f'"{d}"' for d in destinations)
     reply = (
         f'\n[[ae]]\nname = "{SENDER_AE}"\nhost = "127.0.0.1"\nport = {reply_port}\nrole = "both"\n'
@@ -73,7 +79,7 @@ def node_toml(
         f'match = {{ modality = ["CR", "DX"], body_part = ["CHEST", ""], view_position = ["PA", "AP", ""] }}\n'
         f'[[rules]]\nname = "sc-chest"\ndestinations = [{dest}]\n'
         f'match = {{ modality = ["OT"], body_part = ["CHEST"] }}\n'
-        f"{reply}{extra_ae}"
+        f"{reply}{extra_ae}" + ("" if triage else "\n[triage]\nenabled = false\n")
     )
 
 
@@ -145,7 +151,7 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
         extra = f'\n[[ae]]\nname = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\nrole = "destination"\n'
         node = NodeProcess(
             tmp_path,
-            extra_toml=node_toml(["ORTHANC", "reply-to-sender"], reply_port=reply.port, extra_ae=extra),
+            extra_toml=node_toml(["ORTHANC", "reply-to-sender"], reply_port=reply.port, extra_ae=extra, triage=True),
             sources=(),
             analysis=True,
         )
@@ -167,14 +173,22 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
                 f: "skipped" for f in by_file if f not in analysable
             }
 
-            # Orthanc: one SEG and one SR per analysed image, in the source's study.
-            objects = [pydicom.dcmread(io.BytesIO(orthanc.instance_file(i))) for i in orthanc.instances()]
+            # Triage: each study with an analysed image gets its summary SR (once the study is stable).
+            studies = {
+                str(pydicom.dcmread(dicom_dir() / f, stop_before_pixels=True, force=True).StudyInstanceUID)
+                for f in analysable
+            }
+            wait_for(lambda: settled(store, len(studies)), 120, "every study's summary SR sent")
+            # Orthanc: one SEG and one SR per analysed image, in the source's study, and the summaries.
+            received = [pydicom.dcmread(io.BytesIO(orthanc.instance_file(i))) for i in orthanc.instances()]
+            objects, summaries = split(received)
             assert len(objects) == 2 * len(analysable)
             assert sorted({o.Modality for o in objects}) == ["SEG", "SR"]
+            assert set(check_chains(summaries)) == studies
             reply_files = sorted((tmp_path / "reply").iterdir())
-            assert len(reply_files) == 2 * len(analysable)
-            # Every SEG and SR: dciodvfy without errors or warnings, PixelMed without errors (known validator
-            # defects set apart in tests/support/validators.py).
+            assert len(reply_files) == len(received)
+            # Every SEG and SR, and every study summary SR: dciodvfy without errors or warnings, PixelMed
+            # without errors (known validator defects set apart in tests/support/validators.py).
             for path in reply_files:
                 report = dciodvfy(path)
                 assert (report.errors, report.warnings) == ([], []), report
@@ -220,7 +234,29 @@ def test_every_test_file_through_the_embedded_node(tmp_path: Path, orthanc: Orth
                 "instance.exported",
             ):
                 assert kind in kinds, kinds
-            assert kinds.count("export.sent") == 4  # SEG + SR to Orthanc and back to the sender
+            # SEG + SR to Orthanc and back to the sender (and the study's summaries, when this image anchors
+            # them), each sent once.
+            exports = store.list_exports(inst.id)
+            assert sorted(e.kind for e in exports if e.kind != "study-sr") == ["seg", "seg", "sr", "sr"]
+            assert kinds.count("export.sent") == len(exports)
+
+            # A late frontal image of that study: the study is decided again and its new summary SR, in
+            # the same series, replaces the one Orthanc already has.
+            late = tmp_path / "late.dcm"
+            ds = pydicom.dcmread(dicom_dir() / CR_FILE)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.SeriesInstanceUID, ds.InstanceNumber = generate_uid(), 2
+            ds.save_as(late)
+            before = len(summaries)
+            assert storescu(node.port, [late]).status == 0x0000
+            wait_for(lambda: reports_issued(store) > before and settled(store, len(studies)), 180, "revision 2")
+            mine = [
+                o
+                for o in (pydicom.dcmread(io.BytesIO(orthanc.instance_file(i))) for i in orthanc.instances())
+                if o.StudyInstanceUID == source.StudyInstanceUID
+            ]
+            _, revisions = split(mine)
+            assert check_chains(revisions) == {str(source.StudyInstanceUID): 2}
         finally:
             node.close()
 

@@ -35,6 +35,7 @@ from tests.support.net import free_port, port_open, wait_for
 from tests.support.pg import PostgresServer
 from tests.support.procs import Proc, QuickStart, docs_block, install_line, unit_command
 from tests.support.redis import RedisServer
+from tests.support.summaries import check_chains, reports_issued, settled, split
 from tests.support.synthetic_dicom import small_chest_copies
 from tests.support.tiny_models import write_tiny_weights
 from tests.support.tls import self_signed
@@ -203,7 +204,7 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
         redis.dir.mkdir(parents=True, exist_ok=True)
         redis.start()  # same port
 
-        store = AuditStore.open(str(site["database_url"]))
+        store = audit = AuditStore.open(str(site["database_url"]))
 
         def all_exported() -> bool:
             assert node.alive(), node.text()[-3000:]
@@ -212,20 +213,24 @@ def test_documented_topology_survives_a_killed_worker_and_a_node_restart(site: d
 
         wait_for(all_exported, 300, "every instance exported")
         done = time.monotonic()
-        # Counts in = counts out: one SEG and one SR per instance, each once, all over TLS.
-        wait_for(lambda: len(list(out.iterdir())) >= 80, 60, "the PACS to have every result")
+        studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+        wait_for(lambda: settled(audit, len(studies)), 120, "every study's summary SR sent")
+        # Counts in = counts out: one SEG and one SR per instance and the studies' summary SRs, each once,
+        # all over TLS.
+        wait_for(lambda: len(list(out.iterdir())) >= 80 + reports_issued(audit), 60, "the PACS to have every result")
         time.sleep(LEASE_S + 5)  # a late duplicate would land now
-        received = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.iterdir()]
-        kinds = Counter(str(d.SOPClassUID) for d in received)
+        images, summaries = split(pydicom.dcmread(p, stop_before_pixels=True) for p in out.iterdir())
+        kinds = Counter(str(d.SOPClassUID) for d in images)
         assert kinds == {SEG: 40, SR: 40}, kinds
+        assert set(check_chains(summaries)) == studies and len(summaries) == reports_issued(audit)
         sources = Counter(
             str(d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
-            for d in received
+            for d in images
             if str(d.SOPClassUID) == SEG
         )
         sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
         assert set(sources) == sent and set(sources.values()) == {1}
-        for path in sorted(out.iterdir()):  # every result as the PACS got it: dciodvfy finds nothing
+        for path in sorted(out.iterdir()):  # every result as the PACS got it (summaries too): dciodvfy finds nothing
             report = dciodvfy(path)
             assert (report.errors, report.warnings) == ([], []), report
         assert all(a.tls for a in store.list_associations() if a.direction == "outbound")

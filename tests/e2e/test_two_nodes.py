@@ -38,6 +38,7 @@ from tests.support.paths import REPO_ROOT
 from tests.support.pg import PostgresServer
 from tests.support.procs import PRODUCTION, Proc, unit_command
 from tests.support.redis import RedisServer
+from tests.support.summaries import check_chains, reports_issued, settled, split
 from tests.support.synthetic_dicom import small_chest_copies
 from tests.support.tiny_models import write_tiny_weights
 
@@ -295,17 +296,20 @@ def test_two_nodes_behind_haproxy_survive_a_killed_node(site: dict[str, object])
 
         wait_for(all_exported, 300, "every acknowledged instance exported")
         completed_s = time.monotonic() - restarted_at
-        wait_for(lambda: len(list(out.iterdir())) >= 2 * N, 60, "the PACS to have every result")
+        wait_for(lambda: settled(store, N // 10), 120, "every study's summary SR sent")
+        wait_for(lambda: len(list(out.iterdir())) >= 2 * N + reports_issued(store), 60, "the PACS to have every result")
         wait_for(lambda: len(hook.requests()) >= N // 10, 120, "an alert for every study")
         time.sleep(LEASE_S + 6)  # a duplicate result or alert would arrive now
 
-        # Counts in = counts out: one SEG and one SR per acknowledged instance, each exactly once.
-        received = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.iterdir()]
-        kinds = Counter(str(d.SOPClassUID) for d in received)
+        # Counts in = counts out: one SEG and one SR per acknowledged instance, each exactly once, and the
+        # studies' summary SRs, each revision once.
+        images, summaries = split(pydicom.dcmread(p, stop_before_pixels=True) for p in out.iterdir())
+        kinds = Counter(str(d.SOPClassUID) for d in images)
         assert kinds == {SEG: N, SR: N}, kinds
+        assert len(check_chains(summaries)) == N // 10 and len(summaries) == reports_issued(store)
         sources = Counter(
             str(d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
-            for d in received
+            for d in images
             if str(d.SOPClassUID) == SEG
         )
         assert set(sources) == live_uids and set(sources.values()) == {1}

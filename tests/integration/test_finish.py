@@ -29,6 +29,7 @@ from node.results.seg import segment_numbers
 from node.runtime.config import Settings, load_settings
 from tests.support.paths import dicom_dir
 from tests.support.synthetic_results import synthetic_masks, synthetic_result
+from tests.support.validators import dciodvfy
 from workers.api import AnalyzeResult
 
 CHEST = dicom_dir() / "09_cr_8bit_alloc8.dcm"
@@ -231,3 +232,22 @@ def test_jobs_published_before_the_geometry_was_kept_prepare_again(store: AuditS
     strip_pixels(Path(inst.spool_path))
     assert finish_analysis(settings, store, dataclasses.replace(result, job_id=rerun.job_id)) == "failed"
     assert store.get_instance(inst.id).reason == "building results failed: no Pixel Data: not an image"
+
+
+def test_a_source_without_its_type2_patient_and_study_attributes_gets_valid_results(
+    store: AuditStore, settings: Settings, tmp_path: Path
+) -> None:
+    """Real-world files often leave out Type 2 attributes (anonymised: no name, birth date, Study ID); the
+    results carry them empty, as Type 2 allows, instead of failing the analysis."""
+    bare = tmp_path / "bare.dcm"
+    ds = pydicom.dcmread(CHEST)
+    for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "StudyTime"):
+        delattr(ds, keyword)
+    ds.save_as(bare)
+    inst = queue(store, settings, ["PACS"], source=bare)
+    assert finish_analysis(settings, store, worker_result(inst)) == "analyzed"
+    for export in store.list_exports(inst.id):
+        result = pydicom.dcmread(export.file_path)
+        assert (result.PatientName, result.StudyID, result.PatientID) == ("", "", ds.PatientID)
+        report = dciodvfy(Path(export.file_path))
+        assert report.errors == [], report

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from node.results import codes
 from node.results.common import DeviceInfo, model_device_uid
 from node.results.seg import build_seg, tracking_uids
 from node.results.sr import PriorComparison, build_sr
+from node.results.study_sr import ImageRef, ReportRef, StudySummary, build_study_sr
 from tests.support.paths import shared_data
 from tests.support.synthetic_results import MODELS, synthetic_case
 from tests.support.validators import Report, dciodvfy, pixelmed
@@ -67,7 +70,42 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for kind, obj in (("seg", seg), ("sr", sr)):
             files[f"{name}/{kind}"] = out / f"{name}-{kind}.dcm"
             obj.save_as(files[f"{name}/{kind}"])
+    files["study/sr"] = out / "study-sr.dcm"
+    study_summary().save_as(files["study/sr"], enforce_file_format=True)
     return files
+
+
+def study_summary() -> Dataset:
+    """Revision 2 of a study summary SR: two images (the severity on one, a pneumothorax on the other), a
+    prior, experimental models, the revision it replaces."""
+    header = pydicom.dcmread(DICOM / CASES["cr"][0], stop_before_pixels=True)
+    first = ImageRef(str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.SeriesInstanceUID))
+    late = ImageRef(str(header.SOPClassUID), generate_uid(), generate_uid())
+    summary = StudySummary(
+        revision=2,
+        level="critical",
+        reasons=["pneumothorax: probability 0.93 >= 0.5", "severe-opacity: severity 5 >= 4"],
+        images=[first, late],
+        severity_score=5,
+        severity_image=first,
+        severity_models=EXPERIMENTAL,
+        prior=PRIOR,
+        pneumothorax_present=True,
+        pneumothorax_probability=0.93,
+        pneumothorax_side="left",
+        pneumothorax_image=late,
+        pneumothorax_models=EXPERIMENTAL,
+        rules=["pneumothorax: critical when pneumothorax_probability_gte 0.5"],
+    )
+    return build_study_sr(
+        header,
+        summary,
+        device=DeviceInfo(),
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        replaces=ReportRef(generate_uid(), generate_uid()),
+        decided=STARTED,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +118,10 @@ def pixelmed_reports(objects: dict[str, Path], tmp_path_factory: pytest.TempPath
     return dict(zip(keys, pixelmed([*objects.values(), broken]), strict=True))
 
 
-@pytest.mark.parametrize("key", [f"{c}/{k}" for c in CASES for k in ("seg", "sr")])
+KEYS = [f"{c}/{k}" for c in CASES for k in ("seg", "sr")] + ["study/sr"]
+
+
+@pytest.mark.parametrize("key", KEYS)
 def test_pixelmed_finds_no_error(key: str, pixelmed_reports: dict[str, Report]) -> None:
     report = pixelmed_reports[key]
     assert report.errors == [], report
@@ -90,7 +131,7 @@ def test_pixelmed_check_can_fail(pixelmed_reports: dict[str, Report]) -> None:
     assert any("SegmentLabel" in e for e in pixelmed_reports["broken"].errors), pixelmed_reports["broken"]
 
 
-@pytest.mark.parametrize("key", [f"{c}/{k}" for c in CASES for k in ("seg", "sr")])
+@pytest.mark.parametrize("key", KEYS)
 def test_dciodvfy_no_error_no_warning(key: str, objects: dict[str, Path]) -> None:
     report = dciodvfy(objects[key])
     assert (report.errors, report.warnings) == ([], []), report

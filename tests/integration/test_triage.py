@@ -18,9 +18,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, TriageAlert
 from node.audit import AuditStore, InstanceState, ReceivedInstance
-from node.audit.models import AlertState
+from node.audit.models import AlertState, Export
+from node.results import codes
+from node.runtime import metrics
 from node.runtime.config import Settings, load_settings
 from node.triage.engine import TriageEngine
+from node.triage.report import KIND
+from tests.support.validators import dciodvfy
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 HOOK = {"name": "hook", "type": "webhook", "url": "http://127.0.0.1:9/", "secret": "s3cret"}
@@ -55,10 +59,10 @@ def header_file(folder: Path, *, study_uid: str, patient_id: str, study_date: st
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = CR
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = CR
+    ds.SOPClassUID, ds.Modality, ds.SeriesInstanceUID = CR, "CR", generate_uid()
     ds.StudyInstanceUID, ds.PatientID, ds.StudyDate = study_uid, patient_id, study_date
     ds.IssuerOfPatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = "HOSP", "Doe^Jane", "F", "19600101"
-    ds.AccessionNumber, ds.StudyTime = "ACC" + study_date[-4:], "101500"
+    ds.AccessionNumber, ds.StudyTime, ds.StudyID = "ACC" + study_date[-4:], "101500", "1"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -71,7 +75,10 @@ def figures(severity: int | None, ptx: float | None, status: str = "experimental
         "pneumothorax_probability": ptx,
         "pneumothorax_present": None if ptx is None else ptx >= 0.5,
         "pneumothorax_side": "left" if ptx and ptx >= 0.5 else None,
-        "model_cards": [{"name": n, "version": "2", "status": status} for n in ("lung", "opacity", "pneumothorax")],
+        "model_cards": [
+            {"name": n, "version": "2", "status": status, "sha256": n[0] * 64, "architecture": "unet"}
+            for n in ("lung", "opacity", "pneumothorax")
+        ],
     }
 
 
@@ -83,8 +90,10 @@ def receive(
     patient_id: str = "P1",
     study_date: str = "20261201",
     detail: dict[str, Any] | None = None,
+    destinations: tuple[str, ...] = (),
 ) -> int:
-    """One instance of the study: analysed with `detail` as the worker's figures, or skipped (lateral)."""
+    """One instance of the study: analysed with `detail` as the worker's figures, or skipped (lateral);
+    its results go to `destinations` (none by default: no study summary SR)."""
     spool = header_file(
         settings.storage.data_dir / "spool", study_uid=study_uid, patient_id=patient_id, study_date=study_date
     )
@@ -94,6 +103,7 @@ def receive(
             sop_instance_uid=str(ds.SOPInstanceUID),
             sop_class_uid=CR,
             study_instance_uid=study_uid,
+            series_instance_uid=str(ds.SeriesInstanceUID),
             patient_id=patient_id,
             study_date=study_date,
             calling_ae="MODALITY",
@@ -103,7 +113,7 @@ def receive(
     if detail is None:
         store.set_instance_state(row.id, InstanceState.SKIPPED, reason="lateral view")
         return row.id
-    queued = store.set_instance_state(row.id, InstanceState.QUEUED, rule="chest", destinations=[])
+    queued = store.set_instance_state(row.id, InstanceState.QUEUED, rule="chest", destinations=list(destinations))
     store.record_analysis(queued.job_id, exports=[], files={}, detail=detail)
     return row.id
 
@@ -219,3 +229,75 @@ def test_a_prior_that_arrives_later_reopens_the_later_study(store: AuditStore, s
     assert len(store.list_events(kinds=["triage.reopened"])) == 1
     engine.run_once()
     assert len(store.list_events(kinds=["triage.reopened"])) == 1, "re-opened once, not in a loop"
+
+
+def summary_reports(store: AuditStore) -> list[tuple[Export, pydicom.Dataset]]:
+    """The study summary SRs queued so far (one export each here: one destination), oldest first."""
+    rows = [e for i in store.list_instances() for e in store.list_exports(i.id) if e.kind == KIND]
+    return [(e, pydicom.dcmread(e.file_path)) for e in sorted(rows, key=lambda e: e.id)]
+
+
+def content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def comments(ds: pydicom.Dataset) -> list[str]:
+    return [str(i.TextValue) for i in content_items(ds) if "TextValue" in i]
+
+
+def source_of(ds: pydicom.Dataset, concept: str) -> str:
+    """The SOP Instance UID of the image a NUM item with concept name `concept` was measured on."""
+    for item in content_items(ds):
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == concept:
+            image = next(c for c in item.ContentSequence if c.ValueType == "IMAGE")
+            return str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    raise AssertionError(f"no {concept} measurement")
+
+
+def test_each_revision_issues_a_summary_sr_that_replaces_the_last(store: AuditStore, settings: Settings) -> None:
+    study = generate_uid()
+    engine = TriageEngine(settings, store)
+    first = receive(store, settings, study_uid=study, detail=figures(5, 0.1), destinations=("PACS",))
+    before = metrics.TRIAGE_DECISIONS.labels(level="critical")._value.get()
+    engine.run_once()
+    [(export, one)] = summary_reports(store)
+    assert (export.instance_id, export.destination_ae, export.sop_instance_uid) == (first, "PACS", one.SOPInstanceUID)
+    assert (one.InstanceNumber, one.StudyInstanceUID, "PredecessorDocumentsSequence" in one) == (1, study, False)
+    assert "Triage level: urgent (revision 1)" in comments(one)
+    assert one.SeriesDescription.endswith("NOT FOR DIAGNOSTIC USE")  # the figures are experimental models'
+    first_uid = store.get_instance(first).sop_instance_uid
+    assert source_of(one, codes.SEVERITY.value) == first_uid
+    # A late image with a pneumothorax: revision 2 replaces revision 1, in the same series.
+    late = receive(store, settings, study_uid=study, detail=figures(4, 0.9), destinations=("PACS",))
+    engine.run_once()
+    [_, (export2, two)] = summary_reports(store)
+    assert (two.InstanceNumber, two.SeriesInstanceUID) == (2, one.SeriesInstanceUID)
+    [replaced] = two.PredecessorDocumentsSequence
+    assert replaced.StudyInstanceUID == study
+    assert replaced.ReferencedSeriesSequence[0].SeriesInstanceUID == one.SeriesInstanceUID
+    assert replaced.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == one.SOPInstanceUID
+    assert "Triage level: critical (revision 2)" in comments(two)
+    assert source_of(two, codes.SEVERITY.value) == first_uid  # still the worst severity
+    assert source_of(two, "122157") == store.get_instance(late).sop_instance_uid  # DCM Probability
+    (decided,) = [e for e in store.list_events(kinds=["triage.decided"]) if e.detail["revision"] == 2]
+    assert decided.detail["report_sop_instance_uid"] == two.SOPInstanceUID == export2.sop_instance_uid
+    assert store.get_triage(store.get_instance(first).study_id or 0).report_sop_uid == two.SOPInstanceUID  # type: ignore[union-attr]
+    for ds in (one, two):
+        path = next(e.file_path for e, d in summary_reports(store) if d.SOPInstanceUID == ds.SOPInstanceUID)
+        report = dciodvfy(Path(path))
+        assert (report.errors, report.warnings) == ([], []), report
+    # A lateral arrives: the study is checked again, the decision stands: no new report, no new count.
+    receive(store, settings, study_uid=study, destinations=("PACS",))
+    assert engine.run_once() == 1
+    assert len(summary_reports(store)) == 2
+    assert metrics.TRIAGE_DECISIONS.labels(level="critical")._value.get() == before + 1
+
+
+def test_no_summary_sr_without_destinations_or_when_switched_off(store: AuditStore, settings: Settings) -> None:
+    receive(store, settings, study_uid=generate_uid(), detail=figures(5, 0.1))  # results go nowhere
+    off = settings.model_copy(update={"results": settings.results.model_copy(update={"study_sr": False})})
+    receive(store, settings, study_uid=generate_uid(), detail=figures(5, 0.1), destinations=("PACS",))
+    TriageEngine(off, store).run_once()
+    assert summary_reports(store) == [] and len(store.list_triage()) == 2
