@@ -362,7 +362,10 @@ def render(settings: Settings | None = None) -> str:
         "## 5. Result objects",
         "",
         "Both objects copy the Patient and Study modules of the source image, start a new series, reference the "
-        "source instance, and identify the algorithm (name, version, model card hash). When a model is marked "
+        "source instance, and identify the algorithm (name, version, model card hash). Copied values are made "
+        "valid, never invented: a Type 2 attribute the source lacks is sent empty; a date, time or sex in a "
+        "legacy or lenient form (`1960-01-01`, ACR-NEMA `1960.01.01` and `10:15:00`, `MALE`) in its standard "
+        "form; an unreadable one empty. The received file itself is kept as sent. When a model is marked "
         'experimental, the series description says "NOT FOR DIAGNOSTIC USE" and the SR says so in a Comment '
         "of each group that model made.",
         "",

@@ -28,6 +28,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from node.dicom_values import dicom_date
+
 log = logging.getLogger(__name__)
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
@@ -126,7 +128,7 @@ def read_header(path: Path, transfer_syntax_uid: str = "", *, max_inflated_bytes
             view_position=_text(ds, "ViewPosition").upper(),
             patient_id=_text(ds, "PatientID"),
             accession_number=_text(ds, "AccessionNumber"),
-            study_date=_text(ds, "StudyDate"),
+            study_date=dicom_date(_text(ds, "StudyDate")),
             rows=_int(ds, "Rows"),
             columns=_int(ds, "Columns"),
             frames=frames,

@@ -9,6 +9,7 @@ started (the worker's clock; the node's queueing time for results of older worke
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,9 +20,12 @@ import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
 
+from node.dicom_values import conform_patient_study
 from workers.api import ModelInfo
 
 from . import codes
+
+log = logging.getLogger(__name__)
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 
@@ -46,28 +50,13 @@ class DeviceInfo:
         return stable_uid("device", self.manufacturer, self.model_name, self.serial_number)
 
 
-#: Patient and study attributes every result object copies from its source. All are Type 2 in an image
-#: (present, may be empty) yet often absent from real-world files; highdicom reads each of them.
-COPIED_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
 def read_source_header(path: str | Path) -> Dataset:
-    """The header of a received image (no pixels) as the result builders take it: a Type 2 attribute
-    the sender left out is present and empty, as the results must have it, instead of failing them."""
+    """The header of a received image (no pixels) as the result builders take it: the patient and study
+    attributes they copy made valid (node.dicom_values): a Type 2 attribute the sender left out is
+    present and empty, a legacy date, time or sex is in its standard form, instead of failing the results."""
     ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-    for keyword in COPIED_TYPE2:
-        if keyword not in ds:
-            setattr(ds, keyword, "")
+    if changed := conform_patient_study(ds):
+        log.info("%s: copied as %s", path, "; ".join(changed))
     return ds
 
 

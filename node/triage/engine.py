@@ -25,6 +25,7 @@ from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, AlertModel, Prior, Triag
 from node.audit import AuditStore, Instance, Study
 from node.audit.models import utcnow
 from node.audit.triage_store import NewAlert, is_new_decision
+from node.dicom_values import dicom_date, dicom_time, patient_sex
 from node.runtime import metrics
 from node.runtime.config import Settings
 from node.runtime.loop import BackgroundLoop
@@ -79,11 +80,11 @@ class PatientHeader:
             patient_id=text("PatientID"),
             issuer=text("IssuerOfPatientID"),
             name=text("PatientName"),
-            birth_date=text("PatientBirthDate")[:8],
-            sex=text("PatientSex")[:1],
+            birth_date=dicom_date(text("PatientBirthDate")),
+            sex=patient_sex(text("PatientSex")),
             accession=text("AccessionNumber"),
-            study_date=text("StudyDate")[:8],
-            study_time=text("StudyTime"),
+            study_date=dicom_date(text("StudyDate")),
+            study_time=dicom_time(text("StudyTime")),
         )
 
 

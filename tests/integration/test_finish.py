@@ -234,20 +234,43 @@ def test_jobs_published_before_the_geometry_was_kept_prepare_again(store: AuditS
     assert store.get_instance(inst.id).reason == "building results failed: no Pixel Data: not an image"
 
 
-def test_a_source_without_its_type2_patient_and_study_attributes_gets_valid_results(
-    store: AuditStore, settings: Settings, tmp_path: Path
+QUIRKS: dict[str, dict[str, str | None]] = {
+    # Anonymised files often leave Type 2 attributes out (None: deleted).
+    "type 2 left out": {k: None for k in ("PatientName", "PatientBirthDate", "PatientSex", "StudyID", "StudyTime")},
+    # Legacy and lenient forms real senders write.
+    "legacy forms": {"PatientBirthDate": "1960-01-01", "StudyDate": "2026.12.01", "StudyTime": "10:15:00"},
+    "sex spelled out": {"PatientSex": "MALE"},
+    "unreadable date": {"PatientBirthDate": "unknown"},
+}
+#: What the results carry for each quirk (the rest as in the source).
+EXPECTED: dict[str, dict[str, str]] = {
+    "type 2 left out": {"PatientName": "", "PatientBirthDate": "", "PatientSex": "", "StudyID": "", "StudyTime": ""},
+    "legacy forms": {"PatientBirthDate": "19600101", "StudyDate": "20261201", "StudyTime": "101500"},
+    "sex spelled out": {"PatientSex": "M"},
+    "unreadable date": {"PatientBirthDate": ""},
+}
+
+
+@pytest.mark.parametrize("quirk", QUIRKS)
+def test_a_lenient_source_header_gets_valid_results(
+    store: AuditStore, settings: Settings, tmp_path: Path, quirk: str
 ) -> None:
-    """Real-world files often leave out Type 2 attributes (anonymised: no name, birth date, Study ID); the
-    results carry them empty, as Type 2 allows, instead of failing the analysis."""
-    bare = tmp_path / "bare.dcm"
+    """A source whose patient/study values are left out or in a legacy form is stored as sent, and its
+    results carry the values in their standard form (empty when unreadable) instead of failing."""
+    odd = tmp_path / "odd.dcm"
     ds = pydicom.dcmread(CHEST)
-    for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "StudyTime"):
-        delattr(ds, keyword)
-    ds.save_as(bare)
-    inst = queue(store, settings, ["PACS"], source=bare)
+    for keyword, value in QUIRKS[quirk].items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(odd)
+    inst = queue(store, settings, ["PACS"], source=odd)
     assert finish_analysis(settings, store, worker_result(inst)) == "analyzed"
+    assert pydicom.dcmread(inst.spool_path).get("PatientSex") == ds.get("PatientSex")  # the stored file: as sent
     for export in store.list_exports(inst.id):
         result = pydicom.dcmread(export.file_path)
-        assert (result.PatientName, result.StudyID, result.PatientID) == ("", "", ds.PatientID)
+        assert {k: str(result[k].value) for k in EXPECTED[quirk]} == EXPECTED[quirk], export.kind
+        assert result.PatientID == ds.PatientID
         report = dciodvfy(Path(export.file_path))
         assert report.errors == [], report
