@@ -365,7 +365,9 @@ def render(settings: Settings | None = None) -> str:
         "source instance, and identify the algorithm (name, version, model card hash). Copied values are made "
         "valid, never invented: a Type 2 attribute the source lacks is sent empty; a date, time or sex in a "
         "legacy or lenient form (`1960-01-01`, ACR-NEMA `1960.01.01` and `10:15:00`, `MALE`) in its standard "
-        "form; an unreadable one empty. The received file itself is kept as sent. When a model is marked "
+        "form; an unreadable one empty; a Specific Character Set with a typo (`ISO_IR100`) or an empty first "
+        "value is corrected, one the result builder does not support (e.g. `ISO 2022 IR 149`) becomes UTF-8 "
+        "(`ISO_IR 192`) after the text is decoded. The received file itself is kept as sent. When a model is marked "
         'experimental, the series description says "NOT FOR DIAGNOSTIC USE" and the SR says so in a Comment '
         "of each group that model made.",
         "",
@@ -444,7 +446,8 @@ def render(settings: Settings | None = None) -> str:
         "## 7. Character sets",
         "",
         "Received data sets are stored unchanged whatever their Specific Character Set. Result objects copy the "
-        "source's Patient/Study attributes and its Specific Character Set.",
+        "source's Patient/Study attributes and its Specific Character Set (corrected, or UTF-8 `ISO_IR 192`, "
+        "where the source's is misspelled or not supported: section 5).",
         "",
     ]
     lines += _triage_section(s)

@@ -10,6 +10,7 @@ started (the worker's clock; the node's queueing time for results of older worke
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from node.dicom_values import conform_patient_study
 from workers.api import ModelInfo
@@ -55,9 +57,48 @@ def read_source_header(path: str | Path) -> Dataset:
     attributes they copy made valid (node.dicom_values): a Type 2 attribute the sender left out is
     present and empty, a legacy date, time or sex is in its standard form, instead of failing the results."""
     ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-    if changed := conform_patient_study(ds):
+    changed = conform_patient_study(ds)
+    if charset := conform_character_set(ds):
+        changed.append(charset)
+    if changed:
         log.info("%s: copied as %s", path, "; ".join(changed))
     return ds
+
+
+#: Specific Character Set terms the result builders (highdicom) accept.
+ACCEPTED_CHARACTER_SETS = frozenset(v.value for v in hd.SpecificCharacterSetValues)
+_ISO_IR = re.compile(r"ISO[ _-]?IR[ _-]?(\d+)", re.IGNORECASE)
+_ISO_2022 = re.compile(r"ISO[ _-]?2022[ _-]?IR[ _-]?(\d+)", re.IGNORECASE)
+
+
+def conform_character_set(ds: Dataset) -> str | None:
+    """Give `ds` a Specific Character Set the results can carry; returns what changed, if anything.
+
+    Senders write `ISO_IR100` or `ISO-IR 100` (typos pydicom reads anyway), `ISO_IR 6` (the default),
+    or `\\ISO 2022 IR 87` (an empty first value: the default repertoire with code extensions); and some
+    valid terms (Korean `ISO 2022 IR 149`) are not among those highdicom accepts. Text values are decoded
+    first, under the sender's set; then the set is corrected, or becomes UTF-8 (ISO_IR 192), which
+    can hold any text that was decoded.
+    """
+    if "SpecificCharacterSet" not in ds:
+        return None
+    raw = ds.SpecificCharacterSet
+    terms = [str(t).strip() for t in (raw if isinstance(raw, MultiValue) else [raw])]
+    fixed = [_ISO_2022.sub(r"ISO 2022 IR \1", _ISO_IR.sub(r"ISO_IR \1", t)).upper() for t in terms]
+    if len(fixed) > 1 and fixed[0] == "":
+        fixed[0] = "ISO 2022 IR 6"  # what an empty first value means (PS3.3 C.12.1.1.2)
+    if fixed == terms and all(t in ACCEPTED_CHARACTER_SETS for t in fixed):
+        return None
+    ds.decode()  # every text value as str under the sender's set, before the set changes
+    if all(t in ("", "ISO_IR 6") for t in fixed):
+        del ds.SpecificCharacterSet
+        new = "default repertoire"
+    else:
+        chosen = fixed if all(t in ACCEPTED_CHARACTER_SETS for t in fixed) else ["ISO_IR 192"]
+        ds.SpecificCharacterSet = chosen if len(chosen) > 1 else chosen[0]
+        new = "\\".join(chosen)
+    old = "\\".join(terms)
+    return f"SpecificCharacterSet {old!r} -> {new!r}"
 
 
 def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
