@@ -84,8 +84,10 @@ class NodeProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait; returns the exit status."""
+    def stop(self, timeout: float = 90) -> int:
+        """SIGTERM and wait; returns the exit status. The default wait is what systemd gives a unit
+        (TimeoutStopSec 90 s): the node's own grace for in-flight associations is 60 s
+        (`dicom.shutdown_grace_s`), then it stops its workers."""
         if self.proc is None:
             return 0
         proc, self.proc = self.proc, None
@@ -96,7 +98,9 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise
+            raise AssertionError(
+                f"cxrnode serve did not stop within {timeout:.0f} s:\n{self.log_text()[-4000:]}"
+            ) from None
 
     def kill9(self) -> None:
         assert self.proc is not None
