@@ -3,7 +3,8 @@
 A decision that changes (a new revision) gets a new report (:mod:`node.results.study_sr`) replacing the
 last one issued; an unchanged one gets none. The report is built before the decision is recorded and
 handed to :meth:`AuditStore.record_triage`, which queues its exports in the decision's transaction and
-keeps its UIDs for the next revision, so a decision never exists without its report or the reverse.
+keeps its UIDs for the next revision, so a report goes out only with the revision it was built for,
+once (a crash before the commit leaves an unreferenced file, rewritten on the next try).
 The report is sent like an image's results, as an export of one analysed image of the study that
 this node holds (its anchor): to that image's result destinations, with the same retries, dead letter
 and storage commitment, and retention removes it with that image's results. No anchor here (every
