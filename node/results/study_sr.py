@@ -118,7 +118,9 @@ def build_study_sr(
     groups = _finding_groups(summary, study_uid, used)
     groups.append(_triage_group(summary, _tracking(study_uid, "triage", "Triage of the study"), device))
 
-    suffix = not_for_diagnostic_suffix(experimental_models(list(used.values())))
+    # The series says it when any group does (an experimental model, or one whose status was not recorded).
+    flagged = [g for g in groups if any(i.get("TextValue") == EXPERIMENTAL_COMMENT for i in g[0].ContentSequence)]
+    suffix = not_for_diagnostic_suffix(experimental_models(list(used.values())) or ["unknown"] * len(flagged))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(device),
         procedure_reported=codes.CHEST_XRAY,
