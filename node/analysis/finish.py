@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -28,7 +30,7 @@ from node.results.overlay import build_overlay
 from node.results.seg import build_seg
 from node.results.sr import PriorComparison, build_sr
 from node.runtime.config import Settings
-from workers.api import MASK_NAMES, AnalyzeResult
+from workers.api import MASK_NAMES, AnalyzeResult, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ __all__ = [
     "job_id_for",
     "parse_job_id",
     "published_geometry",
+    "recorded_models",
     "result_destinations",
     "run_dir",
     "summary",
@@ -152,6 +155,29 @@ def summary(result: AnalyzeResult) -> dict[str, object]:
         "timings_ms": result.timings_ms,
         "warnings": result.warnings,
     }
+
+
+#: How results recorded before `model_cards` existed name a model: "name version (status)".
+_MODEL_STRING = re.compile(r"^(?P<name>\S+) (?P<version>\S+) \((?P<status>\w+)\)$")
+
+
+def recorded_models(detail: dict[str, Any]) -> list[ModelInfo]:
+    """The models of one analysis as :func:`summary` recorded them in its ``instance.analyzed`` event
+    (older records: no weights sha256 or architecture)."""
+    cards = detail.get("model_cards")
+    if isinstance(cards, list):
+        return [
+            ModelInfo(
+                str(c["name"]),
+                str(c["version"]),
+                str(c.get("sha256", "")),
+                str(c["status"]),
+                str(c.get("architecture", "")),
+            )
+            for c in cards
+        ]
+    parsed = [_MODEL_STRING.match(str(m)) for m in detail.get("models") or []]
+    return [ModelInfo(m["name"], m["version"], "", m["status"], "") for m in parsed if m]
 
 
 def _write_results(settings: Settings, store: AuditStore, inst: Instance, result: AnalyzeResult) -> ResultFiles:

@@ -6,13 +6,13 @@ audit package allows) where the store has no matching filter (accession, study d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, or_, select
 
 from node.audit.models import Event, Export, ExportState, Instance, InstanceState, Study
-from node.audit.store import AuditStore, study_state_counts
+from node.audit.store import AuditStore, StudySummary, study_state_counts
 
 
 def start_of_today() -> datetime:
@@ -87,17 +87,6 @@ def today(store: AuditStore, since: datetime | None = None) -> Today:
     )
 
 
-@dataclass
-class StudyRow:
-    study: Study
-    states: dict[str, int] = field(default_factory=dict)
-    nodes: list[str] = field(default_factory=list)  # the nodes that received its instances
-
-    @property
-    def instance_count(self) -> int:
-        return sum(self.states.values())
-
-
 @dataclass(frozen=True)
 class StudySearch:
     date_from: str = ""  # YYYY-MM-DD, on the day the node first received the study (UTC)
@@ -116,7 +105,7 @@ def _day(value: str, end: bool = False) -> datetime | None:
     return day + timedelta(days=1) if end else day
 
 
-def search_studies(store: AuditStore, q: StudySearch) -> list[StudyRow]:
+def search_studies(store: AuditStore, q: StudySearch) -> list[StudySummary]:
     """Newest first. Raises ValueError for a malformed date."""
     stmt = select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(q.limit)
     if (start := _day(q.date_from)) is not None:
@@ -135,7 +124,7 @@ def search_studies(store: AuditStore, q: StudySearch) -> list[StudyRow]:
     with store.session() as s:
         studies = list(s.scalars(stmt))
         counts, nodes = study_state_counts(s, [st.id for st in studies])
-    return [StudyRow(st, counts.get(st.id, {}), nodes.get(st.id, [])) for st in studies]
+    return [StudySummary(st, counts.get(st.id, {}), nodes.get(st.id, [])) for st in studies]
 
 
 @dataclass

@@ -30,7 +30,7 @@ from node.audit.models import (
     StudyTriage,
     utcnow,
 )
-from node.audit.txn import NewExport, _add_export
+from node.audit.txn import NewExport, _add_export, _event
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -220,20 +220,19 @@ class TriageStoreMixin:
                     _add_export(s, report.instance_id, export)
                 row.report_series_uid, row.report_sop_uid = report.series_instance_uid, report.sop_instance_uid
             if changed:
-                s.add(
-                    Event(
-                        kind="triage.decided",
-                        actor=actor,
-                        study_id=study_id,
-                        detail={
-                            "revision": row.revision,
-                            "level": level,
-                            "reasons": list(reasons),
-                            "inputs": list(inputs),
-                            "summary": summary,
-                            **({"report_sop_instance_uid": row.report_sop_uid} if issued else {}),
-                        },
-                    )
+                _event(
+                    s,
+                    "triage.decided",
+                    actor=actor,
+                    study_id=study_id,
+                    detail={
+                        "revision": row.revision,
+                        "level": level,
+                        "reasons": list(reasons),
+                        "inputs": list(inputs),
+                        "summary": summary,
+                        **({"report_sop_instance_uid": row.report_sop_uid} if issued else {}),
+                    },
                 )
             queued: list[Alert] = []
             for new in alerts:
@@ -262,20 +261,19 @@ class TriageStoreMixin:
                 )
                 s.add(alert)
                 s.flush()
-                s.add(
-                    Event(
-                        kind="alert.created",
-                        actor=actor,
-                        study_id=study_id,
-                        detail={
-                            "alert": alert.id,
-                            "alert_id": alert_id,
-                            "destination": new.destination,
-                            "kind": new.kind,
-                            "level": level,
-                            "findings": list(new.findings),
-                        },
-                    )
+                _event(
+                    s,
+                    "alert.created",
+                    actor=actor,
+                    study_id=study_id,
+                    detail={
+                        "alert": alert.id,
+                        "alert_id": alert_id,
+                        "destination": new.destination,
+                        "kind": new.kind,
+                        "level": level,
+                        "findings": list(new.findings),
+                    },
                 )
                 queued.append(alert)
             return TriageRecord(row, queued, changed)
@@ -299,12 +297,11 @@ class TriageStoreMixin:
                 if prior and str(prior.get("study_date") or "") >= study_date:
                     continue
                 row.decided_at = EPOCH  # due again: the engine's candidates are decided before last receipt
-                s.add(
-                    Event(
-                        kind="triage.reopened",
-                        study_id=row.study_id,
-                        detail={"reason": "an earlier study of the patient was decided", "prior_study_id": study_id},
-                    )
+                _event(
+                    s,
+                    "triage.reopened",
+                    study_id=row.study_id,
+                    detail={"reason": "an earlier study of the patient was decided", "prior_study_id": study_id},
                 )
                 reopened.append(row.study_id)
         return reopened
@@ -411,23 +408,22 @@ class TriageStoreMixin:
             else:
                 row.last_error, row.next_attempt_at = error, next_attempt_at
                 kind = "alert.failed"
-            s.add(
-                Event(
-                    kind=kind,
-                    study_id=row.study_id,
-                    detail={
-                        "alert": row.id,
-                        "destination": row.destination,
-                        "kind": row.kind,
-                        "attempt": row.attempts,
-                        **({"receipt": receipt} if ok else {"error": error}),
-                        **(
-                            {"next_attempt_at": next_attempt_at.isoformat()}
-                            if next_attempt_at and not ok and not give_up
-                            else {}
-                        ),
-                    },
-                )
+            _event(
+                s,
+                kind,
+                study_id=row.study_id,
+                detail={
+                    "alert": row.id,
+                    "destination": row.destination,
+                    "kind": row.kind,
+                    "attempt": row.attempts,
+                    **({"receipt": receipt} if ok else {"error": error}),
+                    **(
+                        {"next_attempt_at": next_attempt_at.isoformat()}
+                        if next_attempt_at and not ok and not give_up
+                        else {}
+                    ),
+                },
             )
             return row
 
@@ -440,13 +436,12 @@ class TriageStoreMixin:
                 if row is None or row.state != AlertState.DEAD:
                     continue
                 row.state, row.attempts, row.next_attempt_at = AlertState.PENDING, 0, utcnow()
-                s.add(
-                    Event(
-                        kind="alert.requeued",
-                        actor=actor,
-                        study_id=row.study_id,
-                        detail={"alert": row.id, "destination": row.destination, "kind": row.kind},
-                    )
+                _event(
+                    s,
+                    "alert.requeued",
+                    actor=actor,
+                    study_id=row.study_id,
+                    detail={"alert": row.id, "destination": row.destination, "kind": row.kind},
                 )
                 n += 1
         return n

@@ -196,14 +196,37 @@ def build_sr(
         is_final=True,
         is_verified=False,  # nobody has read it: VerificationFlag UNVERIFIED
     )
-    sr.SeriesDescription = ("AI chest X-ray measurements" + suffix)[:64]
-    sr.CodingSchemeIdentificationSequence = coding_schemes(sr)
-    set_contributing_equipment(sr, list(used.values()), device, started)
-    set_content_datetime(sr, started)
-    if prior is not None and prior.sop_instance_uid and result.severity_score is not None:
-        sr.PertinentOtherEvidenceSequence = [prior_evidence(prior)]
+    complete_report(
+        sr,
+        description="AI chest X-ray measurements" + suffix,
+        models=list(used.values()),
+        device=device,
+        moment=started,
+        prior=prior if result.severity_score is not None else None,
+    )
     log.info("SR built: %d measurement groups%s", len(groups), suffix)
     return sr
+
+
+def complete_report(
+    sr: hd.sr.ComprehensiveSR,
+    *,
+    description: str,
+    models: Sequence[ModelInfo],
+    device: DeviceInfo,
+    moment: datetime | None,
+    prior: PriorComparison | None,
+) -> None:
+    """What every SR the node makes sets once highdicom has built it: the series description, the coding
+    schemes it uses, one Contributing Equipment item per model (IHE AIR; none named: highdicom's own
+    items stay), Content Date/Time = `moment`, and the prior image it compares against."""
+    sr.SeriesDescription = description[:64]
+    sr.CodingSchemeIdentificationSequence = coding_schemes(sr)
+    if models:
+        set_contributing_equipment(sr, models, device, moment)
+    set_content_datetime(sr, moment)
+    if prior is not None and prior.sop_instance_uid:
+        sr.PertinentOtherEvidenceSequence = [prior_evidence(prior)]
 
 
 class _AreaUnit:

@@ -36,8 +36,6 @@ from .common import (
     ResultError,
     experimental_models,
     not_for_diagnostic_suffix,
-    set_content_datetime,
-    set_contributing_equipment,
     stable_uid,
 )
 from .sr import (
@@ -46,10 +44,9 @@ from .sr import (
     PROBABILITY,
     SIDES,
     PriorComparison,
-    coding_schemes,
+    complete_report,
     model_algorithm,
     observation_context,
-    prior_evidence,
     prior_group,
 )
 
@@ -144,15 +141,15 @@ def build_study_sr(
         is_verified=False,  # nobody has read it
         previous_versions=[_dataset(_report_image(replaces), study_uid)] if replaces is not None else None,
     )
-    sr.SeriesDescription = (SERIES_DESCRIPTION + suffix)[:64]
-    sr.CodingSchemeIdentificationSequence = coding_schemes(sr)
-    # Results recorded before model cards carried the weights' sha256 cannot name the trained model.
-    if named := [m for m in used.values() if m.sha256]:
-        set_contributing_equipment(sr, named, device, decided)
-    set_content_datetime(sr, decided)
-    prior = summary.prior
-    if prior is not None and prior.sop_instance_uid and summary.severity_score is not None:
-        sr.PertinentOtherEvidenceSequence = [prior_evidence(prior)]
+    complete_report(
+        sr,
+        description=SERIES_DESCRIPTION + suffix,
+        # Results recorded before model cards carried the weights' sha256 cannot name the trained model.
+        models=[m for m in used.values() if m.sha256],
+        device=device,
+        moment=decided,
+        prior=summary.prior if summary.severity_score is not None else None,
+    )
     log.info(
         "study summary SR built: revision %d, %s, %d group(s)%s", summary.revision, summary.level, len(groups), suffix
     )

@@ -13,7 +13,6 @@ idempotent and alerts deduplicated under the study lock besides.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import pydicom
 
 from node.alerts.message import NOT_FOR_DIAGNOSTIC_USE, AlertModel, Prior, TriageAlert
+from node.analysis.finish import recorded_models
 from node.audit import AuditStore, Instance, Study
 from node.audit.models import utcnow
 from node.audit.triage_store import NewAlert, is_new_decision
@@ -34,8 +34,6 @@ from node.triage.report import summary_report
 from node.triage.rules import Decision, ImageFindings, decide
 
 log = logging.getLogger(__name__)
-
-_MODEL_STRING = re.compile(r"^(?P<name>\S+) (?P<version>\S+) \((?P<status>\w+)\)$")
 
 
 @dataclass(frozen=True)
@@ -88,15 +86,6 @@ class PatientHeader:
         )
 
 
-def _models(detail: dict[str, Any]) -> tuple[AlertModel, ...]:
-    cards = detail.get("model_cards")
-    if isinstance(cards, list):
-        return tuple(AlertModel(str(c["name"]), str(c["version"]), str(c["status"])) for c in cards)
-    # Results recorded before model_cards existed: "name version (status)".
-    parsed = [_MODEL_STRING.match(str(m)) for m in detail.get("models") or []]
-    return tuple(AlertModel(m["name"], m["version"], m["status"]) for m in parsed if m)
-
-
 def image_findings(inst: Instance, detail: dict[str, Any]) -> ImageFindings:
     """The worker's figures for one analysed instance, from its ``instance.analyzed`` event."""
     sev = detail.get("severity_score")
@@ -110,7 +99,7 @@ def image_findings(inst: Instance, detail: dict[str, Any]) -> ImageFindings:
         pneumothorax_present=bool(present) if present is not None else None,
         pneumothorax_probability=float(prob) if prob is not None else None,
         pneumothorax_side=detail.get("pneumothorax_side") or None,
-        models=_models(detail),
+        models=tuple(AlertModel(m.name, m.version, m.status) for m in recorded_models(detail)),
     )
 
 

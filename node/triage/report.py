@@ -21,7 +21,7 @@ from typing import Any
 
 import highdicom as hd
 
-from node.analysis.finish import atomic_save, compared_with, device_info, result_destinations
+from node.analysis.finish import atomic_save, compared_with, device_info, recorded_models, result_destinations
 from node.audit import AuditStore, Instance, NewExport
 from node.audit.models import StudyTriage
 from node.audit.triage_store import NewStudyReport
@@ -110,7 +110,7 @@ def _summary(
         return refs.get(findings.instance_id) if findings is not None else None
 
     def models(findings: ImageFindings | None) -> list[ModelInfo]:
-        return _models(details.get(findings.instance_id, {})) if findings is not None else []
+        return recorded_models(details.get(findings.instance_id, {})) if findings is not None else []
 
     sev, ptx = decision.severity_source, decision.pneumothorax
     return StudySummary(
@@ -140,21 +140,3 @@ def _rules(settings: Settings) -> list[str]:
         for rule in cfg.rules
     ]
     return [*lines, f"allow_experimental={str(cfg.allow_experimental).lower()}"]
-
-
-def _models(detail: dict[str, Any]) -> list[ModelInfo]:
-    """The models of one image's analysis, as its ``instance.analyzed`` event recorded them."""
-    cards = detail.get("model_cards")
-    if not isinstance(cards, list):
-        return []
-    return [
-        ModelInfo(
-            str(c["name"]),
-            str(c["version"]),
-            str(c.get("sha256", "")),
-            str(c["status"]),
-            str(c.get("architecture", "")),
-        )
-        for c in cards
-        if isinstance(c, dict) and "name" in c and "version" in c and "status" in c
-    ]

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from node.admin.service import AdminService
 from node.audit import InstanceState
-from node.runtime.config import load_settings
-from node.web.server import start_in_thread
-from tests.support.console import PASSWORD_HASH, ConsoleClient
+from tests.support.console import logged_in_console
 from tests.support.dcmtk import send_as_stored
 from tests.support.net import wait_for
 from tests.support.node import NodeProcess
@@ -76,19 +73,9 @@ def test_decompression_bombs_fail_their_image_and_never_the_node(tmp_path: Path)
         assert node.stop() == 0, node.log_text()[-3000:]
 
     # The console does not decode the bomb for its thumbnail either.
-    settings = load_settings(
-        None,
-        storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-        database={"url": node.database_url},
-        web={"password_hash": PASSWORD_HASH},
-    )
-    web = start_in_thread(settings, store, admin=AdminService(store, calling_ae="CXRNODE"), port=0)
-    client = ConsoleClient(web.url)
     try:
-        client.login()
-        for row in failed:
-            assert client.get(f"/instances/{row.id}/overlay.png").status_code != 200
+        with logged_in_console(node, store) as client:
+            for row in failed:
+                assert client.get(f"/instances/{row.id}/overlay.png").status_code != 200
     finally:
-        client.close()
-        web.stop()
         node.close()

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from node.admin.service import AdminService
 from node.audit import InstanceFilter, InstanceState
-from node.runtime.config import load_settings
-from node.web.server import start_in_thread
-from tests.support.console import PASSWORD_HASH, ConsoleClient
+from tests.support.console import logged_in_console
 from tests.support.dcmtk import send_as_stored
 from tests.support.net import wait_for
 from tests.support.node import NodeProcess
@@ -52,22 +49,12 @@ def test_poison_instances_fail_once_with_the_reason_audited_and_in_the_console(t
         assert node.stop() == 0, node.log_text()[-3000:]
 
     # The console lists them as failed and shows each reason on the study page.
-    settings = load_settings(
-        None,
-        storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
-        database={"url": node.database_url},
-        web={"password_hash": PASSWORD_HASH},
-    )
-    web = start_in_thread(settings, store, admin=AdminService(store, calling_ae="CXRNODE"), port=0)
-    client = ConsoleClient(web.url)
     try:
-        client.login()
-        listing = client.get("/studies", state="failed").text
-        for row in store.list_instances(InstanceFilter(states=[InstanceState.FAILED])):
-            assert f"/studies/{row.study_id}" in listing
-            page = client.get(f"/studies/{row.study_id}").text
-            assert "cannot prepare pixels" in page and "failed" in page
+        with logged_in_console(node, store) as client:
+            listing = client.get("/studies", state="failed").text
+            for row in store.list_instances(InstanceFilter(states=[InstanceState.FAILED])):
+                assert f"/studies/{row.study_id}" in listing
+                page = client.get(f"/studies/{row.study_id}").text
+                assert "cannot prepare pixels" in page and "failed" in page
     finally:
-        client.close()
-        web.stop()
         node.close()

@@ -11,19 +11,10 @@ import pydicom
 from node.results import codes
 from node.results.common import DeviceInfo
 from node.results.seg import build_seg
-from node.results.sr import PRIOR_TIME_POINT, PriorComparison, build_sr
+from node.results.sr import PRIOR_TIME_POINT, build_sr
 from tests.support.paths import shared_data
-from tests.support.synthetic_results import synthetic_case
+from tests.support.synthetic_results import PRIOR, synthetic_case
 from tests.support.validators import dciodvfy
-
-PRIOR = PriorComparison(
-    study_instance_uid="1.2.826.0.1.3680043.8.498.1",
-    study_date="20261120",
-    severity_score=1,
-    series_instance_uid="1.2.826.0.1.3680043.8.498.2",
-    sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-    sop_instance_uid="1.2.826.0.1.3680043.8.498.3",
-)
 
 
 def test_sr_carries_the_comparison_and_stays_valid(tmp_path: Path) -> None:

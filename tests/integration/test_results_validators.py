@@ -21,21 +21,13 @@ from node.results.seg import build_seg, tracking_uids
 from node.results.sr import PriorComparison, build_sr
 from node.results.study_sr import ImageRef, ReportRef, StudySummary, build_study_sr
 from tests.support.paths import shared_data
-from tests.support.synthetic_results import MODELS, synthetic_case
+from tests.support.synthetic_results import MODELS, PRIOR, synthetic_case
 from tests.support.validators import Report, dciodvfy, pixelmed
 from workers.api import ModelInfo
 
 DICOM = shared_data() / "dicom"
 STARTED = datetime(2026, 12, 1, 8, 30, 15, 250000, tzinfo=UTC)
 EXPERIMENTAL = [ModelInfo(m.name, m.version, m.sha256, "experimental", m.architecture) for m in MODELS]
-PRIOR = PriorComparison(
-    study_instance_uid="1.2.826.0.1.3680043.8.498.1",
-    study_date="20261120",
-    severity_score=1,
-    series_instance_uid="1.2.826.0.1.3680043.8.498.2",
-    sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-    sop_instance_uid="1.2.826.0.1.3680043.8.498.3",
-)
 
 #: name -> (source file, models, prior)
 CASES: dict[str, tuple[str, list[ModelInfo] | None, PriorComparison | None]] = {

@@ -352,20 +352,13 @@ def test_worker_refuses_to_start_without_weights(tmp_path: Path) -> None:
         BROKER_ENV: f"sqla+sqlite:///{tmp_path / 'b.db'}",
         "CXRNODE_WEIGHTS_DIR": str(tmp_path / "no-weights"),
     }
-    proc = subprocess.run(
-        [str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _start_worker(env)
     assert proc.returncode != 0
     assert "cannot start the worker: model card" in proc.stdout + proc.stderr
 
 
 def _start_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run a worker to its exit (both cases below stop at start)."""
+    """Run a worker to its exit (each case that uses it stops at start)."""
     return subprocess.run(
         [str(CELERY), "-A", "workers.tasks", "worker", "-Q", INFERENCE_QUEUE, "-c", "1"],
         cwd=REPO_ROOT,

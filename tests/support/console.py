@@ -116,6 +116,26 @@ def console_site(root: Path) -> Iterator[ConsoleSite]:
         store.close()
 
 
+@contextmanager
+def logged_in_console(node: NodeProcess, store: AuditStore) -> Iterator[ConsoleClient]:
+    """The console, run in this process as `cxrnode serve` runs it, on a stopped node's data, and a
+    client logged in as the admin."""
+    settings = load_settings(
+        None,
+        storage={"data_dir": str(node.data_dir), "min_free_mb": 1},
+        database={"url": node.database_url},
+        web={"password_hash": PASSWORD_HASH},
+    )
+    web = start_in_thread(settings, store, admin=AdminService(store, calling_ae=settings.dicom.ae_title), port=0)
+    client = ConsoleClient(web.url)
+    try:
+        client.login()
+        yield client
+    finally:
+        client.close()
+        web.stop()
+
+
 class ConsoleClient:
     """An httpx client that logs in and posts forms with the session's CSRF token."""
 

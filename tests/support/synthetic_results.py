@@ -11,6 +11,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.analysis.prepare import Prepared, masks_to_source, prepare
+from node.results.sr import PriorComparison
 from workers.api import AnalyzeResult, ModelInfo, pack_mask
 
 MODELS = [
@@ -18,6 +19,16 @@ MODELS = [
     ModelInfo("opacity", "1.0.1", "b" * 64, "validated", "MAnet resnet18"),
     ModelInfo("pneumothorax", "0.3.0", "c" * 64, "experimental", "Unet resnet34"),
 ]
+
+#: A patient's prior study, as node.triage finds it, for SRs that compare against one.
+PRIOR = PriorComparison(
+    study_instance_uid="1.2.826.0.1.3680043.8.498.1",
+    study_date="20261120",
+    severity_score=1,
+    series_instance_uid="1.2.826.0.1.3680043.8.498.2",
+    sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+    sop_instance_uid="1.2.826.0.1.3680043.8.498.3",
+)
 
 
 @dataclass
