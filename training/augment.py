@@ -10,8 +10,9 @@ import albumentations as A
 import cv2
 
 
-def radiograph_augment(strength: float = 1.0) -> A.Compose:
-    """Small geometric changes (positioning), exposure changes (kV/mAs, processing), mild elastic."""
+def radiograph_augment(strength: float = 1.0, seed: int | None = None) -> A.Compose:
+    """Small geometric changes (positioning), exposure changes (kV/mAs, processing), mild elastic.
+    `seed` fixes the draws (tests); albumentations keeps its own generator, apart from numpy's and torch's."""
     s = strength
     return A.Compose(
         [
@@ -28,5 +29,6 @@ def radiograph_augment(strength: float = 1.0) -> A.Compose:
             A.RandomGamma(gamma_limit=(80, 120), p=0.3),
             A.CLAHE(clip_limit=2.0, p=0.2),
             A.ElasticTransform(alpha=10 * s, sigma=8, p=0.15),
-        ]
+        ],
+        seed=seed,
     )

@@ -126,7 +126,9 @@ def test_zones_move_with_the_augmented_image() -> None:
     cached = Cached(image, np.zeros((1, SIZE, SIZE), np.uint8), np.zeros((SIZE, SIZE), np.uint8), 0.0, zones=zones)
     torch.manual_seed(0)
     np.random.seed(0)
-    ds = SegmentationDataset([cached], radiograph_augment(strength=1.0))
+    # Albumentations draws from its own generator (seeding numpy does not fix it): seeded, the 8 draws are
+    # the same on every run.
+    ds = SegmentationDataset([cached], radiograph_augment(strength=1.0, seed=0))
     moved = 0
     for _ in range(8):
         item = ds[0]
