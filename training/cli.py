@@ -72,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weak_val_folds=tuple(args.weak_val_folds),
         weak_weight=args.weak_weight,
         extent_weight=args.extent_weight,
+        select_by=args.select_by,
     )
     train(cfg, resume=args.resume)
     return 0
@@ -179,6 +180,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     except NotBetterError as e:
         log.warning("%s", e)
         return 3
+    return 0
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from training.campaign import load_recipe, run_campaign
+
+    recipe = load_recipe(Path(args.recipe))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_campaign(recipe, out, shared_data_root(), parallel=args.parallel)
+    log.info("campaign: %d jobs in %.0f s, failed: %s", len(result["jobs"]), result["total_wall_s"], result["failed"])
+    return 1 if result["failed"] else 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    from training.soup import make_soup
+
+    weights = args.weights or [1.0] * len(args.ingredients)
+    make_soup(args.model, args.ingredients, weights, Path(args.out), _path(args.weights_dir))
     return 0
 
 
@@ -326,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="weight of the per-lung extent loss of severity_ralo-format --weak-data folders",
     )
+    t.add_argument(
+        "--select-by",
+        choices=["images", "sources"],
+        default="images",
+        help="best.pt follows the validation Dice over images, or the mean of the per-source Dice",
+    )
     t.add_argument("--init", help="fine-tune from a checkpoint (*.pt) or a shipped model name (e.g. lung)")
     t.add_argument("--arch")
     t.add_argument("--encoder")
@@ -451,6 +477,27 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--threads", type=int, default=2)
     k.add_argument("--out", help="output folder (default runs/calibrate/<model>)")
     k.set_defaults(func=cmd_calibrate)
+
+    g = sub.add_parser(
+        "campaign",
+        help="a recipe's trainings side by side (one GPU lease), each evaluated; small files out",
+        description="See training/campaign.py and training/recipes/. Data: $CXR_SHARED_DATA or ../shared/data.",
+    )
+    g.add_argument("recipe", help="TOML recipe, e.g. training/recipes/gpu15.toml")
+    g.add_argument("--out", required=True, help="folder of the job runs and campaign.json")
+    g.add_argument("--parallel", type=int, default=0, help="trainings at once (default: all)")
+    g.set_defaults(func=cmd_campaign)
+
+    u = sub.add_parser(
+        "soup",
+        help="weighted mean of checkpoints of one architecture (e.g. shipped + a fine-tune) -> a checkpoint",
+    )
+    u.add_argument("model", choices=sorted(TASKS))
+    u.add_argument("ingredients", nargs="+", help="checkpoint paths, or `shipped` for the exported weights")
+    u.add_argument("--weights", nargs="+", type=float, help="one per ingredient (default: equal)")
+    u.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
+    u.add_argument("--out", required=True, help="checkpoint to write, e.g. runs/lung_v3/soup50.pt")
+    u.set_defaults(func=cmd_soup)
 
     s = sub.add_parser("import-siim", help="SIIM-ACR train-rle.csv + images -> shared folder format")
     s.add_argument("--rle", required=True)

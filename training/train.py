@@ -80,6 +80,10 @@ class TrainConfig:
     # severity_ralo-format folders among `weak_data` train through the per-lung extent loss
     # (training.ralo), weighted by this, on the same folds.
     extent_weight: float = 1.0
+    # What best.pt follows besides the weak-label error: the Dice averaged over validation images
+    # ("images") or over the sources' own means ("sources", so a small source such as Darwin counts as
+    # much as a large one: the lung goal is a figure per source).
+    select_by: str = "images"
 
 
 def seed_everything(seed: int) -> None:
@@ -162,11 +166,13 @@ def validate(
     samples: Sequence[Sample],
     batch_size: int,
     device: torch.device | None = None,
+    select_by: str = "images",
 ) -> dict[str, Any]:
     """Dice per image at the input grid (ignore pixels excluded), mean overall and per source; for
     weakly labelled images the severity count's MAE against their score (`val_severity_mae`).
 
-    `val_select` is what early stopping and best.pt follow: the Dice minus the weak-label error (the
+    `val_select` is what early stopping and best.pt follow: the Dice (over images, or with
+    `select_by="sources"` the mean of the per-source means) minus the weak-label error (the
     severity MAE at the validation images' best zone threshold, / 6).
     A quick per-epoch figure; `python -m training evaluate` gives the full-size metrics of the
     exported model.
@@ -239,7 +245,14 @@ def validate(
         # RALO per-lung extent (0-4) error, on its own scale; it adds to the selection on a 0-1 scale.
         result["val_extent_mae"] = float(np.mean(extent_err))
         weak_error += result["val_extent_mae"] / 4
-    result["val_select"] = (0.0 if math.isnan(val_dice) else val_dice) - weak_error
+    if select_by == "sources" and by_source:
+        result["val_dice_source_mean"] = float(np.mean([np.mean(d) for d in by_source.values()]))
+        selected_dice = result["val_dice_source_mean"]
+    elif select_by in ("images", "sources"):
+        selected_dice = val_dice
+    else:
+        raise ValueError(f"select_by must be 'images' or 'sources', not {select_by!r}")
+    result["val_select"] = (0.0 if math.isnan(selected_dice) else selected_dice) - weak_error
     if presence_correct:
         result["val_presence_acc"] = float(np.mean(presence_correct))
         by_src_acc: dict[str, list[bool]] = {}
@@ -418,7 +431,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
                 )
         bar.close()
         train_time = time.monotonic() - t_epoch
-        metrics = validate(model, val_c, val_s, cfg.batch_size, device)
+        metrics = validate(model, val_c, val_s, cfg.batch_size, device, cfg.select_by)
         seconds = time.monotonic() - t_epoch
         state["train_seconds"] += seconds
         row = {
