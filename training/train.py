@@ -160,6 +160,15 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def selection_dice(val_dice: float, by_source: dict[str, list[float]], select_by: str) -> float:
+    """The Dice that best.pt follows: over images, or the mean of each source's mean ("sources")."""
+    if select_by == "sources":
+        return float(np.mean([np.mean(d) for d in by_source.values()])) if by_source else val_dice
+    if select_by == "images":
+        return val_dice
+    raise ValueError(f"select_by must be 'images' or 'sources', not {select_by!r}")
+
+
 def validate(
     model: torch.nn.Module,
     cached: Sequence[Cached],
@@ -245,13 +254,9 @@ def validate(
         # RALO per-lung extent (0-4) error, on its own scale; it adds to the selection on a 0-1 scale.
         result["val_extent_mae"] = float(np.mean(extent_err))
         weak_error += result["val_extent_mae"] / 4
-    if select_by == "sources" and by_source:
+    if by_source:
         result["val_dice_source_mean"] = float(np.mean([np.mean(d) for d in by_source.values()]))
-        selected_dice = result["val_dice_source_mean"]
-    elif select_by in ("images", "sources"):
-        selected_dice = val_dice
-    else:
-        raise ValueError(f"select_by must be 'images' or 'sources', not {select_by!r}")
+    selected_dice = selection_dice(val_dice, by_source, select_by)
     result["val_select"] = (0.0 if math.isnan(selected_dice) else selected_dice) - weak_error
     if presence_correct:
         result["val_presence_acc"] = float(np.mean(presence_correct))

@@ -332,3 +332,14 @@ def test_cards_name_the_shared_data_without_this_machines_path(monkeypatch) -> N
     }
     for name in ("lung", "opacity", "pneumothorax"):  # the shipped cards too
         assert root not in models.card_path(name).read_text()
+
+
+def test_selection_by_sources_weighs_each_source_once() -> None:
+    from training.train import selection_dice
+
+    by_source = {"big": [0.9, 0.9, 0.9, 0.9], "small": [0.5]}
+    assert selection_dice(0.82, by_source, "images") == 0.82
+    assert selection_dice(0.82, by_source, "sources") == pytest.approx(0.7)
+    assert selection_dice(0.82, {}, "sources") == 0.82
+    with pytest.raises(ValueError, match="select_by"):
+        selection_dice(0.82, by_source, "patients")
