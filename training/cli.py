@@ -176,6 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             primary_metric=args.primary_metric,
             weights_dir=Path(args.weights_dir) if args.weights_dir else WEIGHTS_DIR,
             force=args.force,
+            baseline=_path(args.baseline),
         )
     except NotBetterError as e:
         log.warning("%s", e)
@@ -420,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--primary-metric", default="overall.dice", help="dotted key in the evaluation (higher=better)")
     x.add_argument("--weights-dir")
     x.add_argument("--force", action="store_true", help="replace shipped weights even if not better")
+    x.add_argument(
+        "--baseline",
+        help="summary.json of the shipped weights under the same evaluation command: compared on the "
+        "primary metric instead of the shipped card's own figure (needed for a new metric or data)",
+    )
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser(

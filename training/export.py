@@ -3,7 +3,9 @@
 The card records what a reader needs to trust (or distrust) the weights: architecture, input size
 and preprocessing, thresholds, training data and split, validation metrics with the command that
 produced them, status and limitations, training date, code version, machine and run time.
-New weights replace shipped ones only when they beat them on the same validation metric.
+New weights replace shipped ones only when they beat them on the same validation metric: the shipped
+card's own figure, or (`baseline`) the shipped weights scored by the same command on the same images,
+which a new metric or a new validation set needs.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ def export(
     primary_metric: str = "overall.dice",
     weights_dir: Path = models.WEIGHTS_DIR,
     force: bool = False,
+    baseline: Path | None = None,
 ) -> Path:
     model, spec, _ = load_model(name, checkpoint=checkpoint)
     evaluation = json.loads(evaluation_file.read_text())
@@ -164,15 +167,31 @@ def export(
     card = portable(card)
     card["version"] = f"{card['training_date']}-{card['code_version']}"
     shipped = models.card_path(name, weights_dir)
-    if shipped.exists() and not force:
+    new_value = card["validation"]["primary_value"]
+    if baseline is not None:
+        # The shipped weights scored by the same command on the same images: compare like with like.
+        base = json.loads(baseline.read_text())
+        card["validation"]["baseline"] = {
+            "what": "the weights this export replaces, same evaluation",
+            "command": base.get("command"),
+            "primary_value": _dig(base, primary_metric),
+        }
+        if not force and _dig(base, primary_metric) >= new_value:
+            raise NotBetterError(
+                f"{name}: replaced weights' {primary_metric} {_dig(base, primary_metric):.4f} >= new "
+                f"{new_value:.4f} on the same evaluation; not replacing (use --force)"
+            )
+    elif shipped.exists() and not force:
         old = json.loads(shipped.read_text()).get("validation", {})
-        if (
-            old.get("primary_metric") == primary_metric
-            and old.get("primary_value", -1) >= card["validation"]["primary_value"]
-        ):
+        if old.get("primary_metric") != primary_metric:
+            raise NotBetterError(
+                f"{name}: the shipped card is scored by {old.get('primary_metric')}, not {primary_metric}: "
+                "give --baseline (the shipped weights' evaluation on the same images) to compare"
+            )
+        if old.get("primary_value", -1) >= new_value:
             raise NotBetterError(
                 f"{name}: shipped {primary_metric} {old['primary_value']:.4f} >= new "
-                f"{card['validation']['primary_value']:.4f}; not replacing (use --force)"
+                f"{new_value:.4f}; not replacing (use --force)"
             )
     path = models.save(model, spec, card, weights_dir)
     log.info("exported %s -> %s", checkpoint, path)

@@ -219,6 +219,62 @@ def test_exported_weights_give_the_training_output_in_the_runner(tiny_run, tmp_p
             limitations=[],
             weights_dir=weights,
         )
+    # A new primary metric cannot be compared with the shipped card's figure: it needs a baseline.
+    with pytest.raises(NotBetterError, match="--baseline"):
+        export(
+            "lung",
+            run / "best.pt",
+            out / "summary.json",
+            "cmd",
+            status="experimental",
+            limitations=[],
+            primary_metric="source_mean.dice",
+            weights_dir=weights,
+        )
+    summary = json.loads((out / "summary.json").read_text())
+    worse, better = tmp_path / "worse.json", tmp_path / "better.json"
+    worse.write_text(json.dumps({"source_mean": {"dice": summary["source_mean"]["dice"] - 0.1}, "command": "c"}))
+    better.write_text(json.dumps({"source_mean": {"dice": summary["source_mean"]["dice"] + 0.1}}))
+    with pytest.raises(NotBetterError, match="same evaluation"):
+        export(
+            "lung",
+            run / "best.pt",
+            out / "summary.json",
+            "cmd",
+            status="experimental",
+            limitations=[],
+            primary_metric="source_mean.dice",
+            weights_dir=weights,
+            baseline=better,
+        )
+    export(
+        "lung",
+        run / "best.pt",
+        out / "summary.json",
+        "cmd",
+        status="experimental",
+        limitations=[],
+        primary_metric="source_mean.dice",
+        weights_dir=weights,
+        baseline=worse,
+    )
+    card = models.read_card("lung", weights)
+    assert card["validation"]["primary_metric"] == "source_mean.dice"
+    assert card["validation"]["baseline"]["primary_value"] == pytest.approx(summary["source_mean"]["dice"] - 0.1)
+
+
+def test_source_mean_counts_each_source_once() -> None:
+    from training.evaluate import summarise
+
+    rows = [{"source": "big", "dice": 0.9, "hd95_px": 2.0}] * 4 + [{"source": "small", "dice": 0.5, "hd95_px": 10.0}]
+    summary = summarise(rows, ["dice", "hd95_px"])
+    assert summary["overall"]["dice"] == pytest.approx(0.82)
+    assert summary["source_mean"] == {
+        "n_sources": 2,
+        "dice": 0.7,
+        "dice_worst_source": 0.5,
+        "hd95_px": 6.0,
+    }
 
 
 def test_severity_threshold_is_chosen_without_the_test_fold() -> None:
