@@ -145,6 +145,10 @@ def evaluate_segmentation(
             row |= _side_metrics(s, right, left, image.shape)
         p_eval = pred if valid is None else pred & valid
         row |= {"dice": dice(p_eval, t_eval), "iou": iou(p_eval, t_eval), "hd95_px": hd95(p_eval, t_eval)}
+        if t_eval.any():
+            # Predicted / true area: far from 1 across a whole source is a mask convention apart (e.g.
+            # the lung behind the heart, drawn in one set and not in another), not scattered errors.
+            row["area_ratio"] = round(float(p_eval.sum() / t_eval.sum()), 4)
         if (sp := _spacing(s)) is not None:
             row["hd95_mm"] = row["hd95_px"] * sp
         rows.append(row)
@@ -162,6 +166,7 @@ def evaluate_segmentation(
             "dice_raw",
             "presence_correct",
             "presence_prob",
+            "area_ratio",
         )
         if any(k in r for r in rows)
     ]

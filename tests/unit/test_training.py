@@ -168,6 +168,8 @@ def test_evaluate_writes_expected_json_and_csv(tiny_run, tmp_path) -> None:
     right, left = split_lungs(prob[0] > 0.5)
     assert float(rows[0]["dice"]) == pytest.approx(dice(right | left, truth), abs=1e-4)
     assert float(rows[0]["dice_raw"]) == pytest.approx(dice(prob[0] > 0.5, truth), abs=1e-4)
+    assert float(rows[0]["area_ratio"]) == pytest.approx((right | left).sum() / truth.sum(), abs=1e-4)
+    assert written["source_mean"]["area_ratio"] == written["by_source"]["tiny_lungs"]["area_ratio"]
     assert written["overall"]["dice"] > 0.5  # 9 steps on an easy task: clearly learned something
 
 
