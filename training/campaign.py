@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 import sys
 import time
 import tomllib
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from training.processes import run_processes
 
 log = logging.getLogger(__name__)
 
@@ -93,28 +94,6 @@ def _owned(run: Path, recipe: Recipe) -> list[str]:
     return ["--run", str(run), "--max-minutes", str(recipe.minutes)]
 
 
-def _run_all(commands: list[tuple[str, list[str], Path]], parallel: int) -> dict[str, int]:
-    """Run (label, argv, log file) commands, `parallel` at a time; their exit codes by label."""
-    pending = list(commands)
-    running: list[tuple[str, subprocess.Popen[bytes]]] = []
-    codes: dict[str, int] = {}
-    while pending or running:
-        while pending and len(running) < max(1, parallel):
-            label, argv, log_file = pending.pop(0)
-            log.info("%s: %s", label, " ".join(argv))
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_file, "ab") as f:
-                running.append((label, subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)))
-        time.sleep(1)
-        for item in list(running):
-            label, proc = item
-            if proc.poll() is not None:
-                running.remove(item)
-                codes[label] = proc.returncode
-                log.info("%s: exit %d", label, proc.returncode)
-    return codes
-
-
 def write_fp16(run: Path) -> Path | None:
     """best.pt with fp16 tensors (a checkpoint `load_model`, `evaluate` and `export` read as it is)."""
     best = run / "best.pt"
@@ -139,7 +118,7 @@ def run_campaign(recipe: Recipe, out: Path, data_root: Path, parallel: int = 0) 
         )
         for job in recipe.jobs
     ]
-    train_codes = _run_all(trainings, parallel or len(trainings))
+    train_codes = run_processes(trainings, parallel or len(trainings))
     train_s = time.monotonic() - started
     evaluations = []
     for job in recipe.jobs:
@@ -150,7 +129,7 @@ def run_campaign(recipe: Recipe, out: Path, data_root: Path, parallel: int = 0) 
             target = run / f"eval{k}"
             argv = [*python, *_fill(cmd, run, data_root), "--out", str(target)]
             evaluations.append((f"{job.name}/eval{k}", argv, run / "evaluate.log"))
-    eval_codes = _run_all(evaluations, parallel or len(recipe.jobs))
+    eval_codes = run_processes(evaluations, parallel or len(recipe.jobs))
     jobs: dict[str, Any] = {}
     for job in recipe.jobs:
         run = out / job.name

@@ -17,9 +17,7 @@ import json
 import logging
 import math
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 
 from training.metrics import severity_agreement
 from training.predict import Segmenter
+from training.processes import run_processes
 from training.severity_eval import best_threshold, constant_baseline_errors, zone_fractions
 from training.weak import severity_samples, zone_cache
 from workers.models import SPECS
@@ -102,26 +101,14 @@ def run_folds(
         zones,
     )
     pending = [p for p in plans if "--resume" in train_args or not (root / p.name / "best.pt").exists()]
-    running: list[tuple[FoldPlan, subprocess.Popen[bytes]]] = []
-    failed: list[str] = []
-    while pending or running:
-        while pending and len(running) < max(1, parallel):
-            p = pending.pop(0)
-            run_dir = root / p.name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(zones, run_dir / "zones.npz")
-            cmd = train_command(p, run_dir, weak_data, train_args)
-            log.info("%s: %s", p.name, " ".join(cmd))
-            with open(run_dir / "train.log", "ab") as logf:
-                running.append((p, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)))
-        time.sleep(2)
-        for item in list(running):
-            p, proc = item
-            if proc.poll() is not None:
-                running.remove(item)
-                log.info("%s: training ended (exit %d)", p.name, proc.returncode)
-                if proc.returncode != 0:
-                    failed.append(p.name)
+    commands = []
+    for p in pending:
+        run_dir = root / p.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(zones, run_dir / "zones.npz")
+        commands.append((p.name, train_command(p, run_dir, weak_data, train_args), run_dir / "train.log"))
+    codes = run_processes(commands, parallel)
+    failed = [name for name, code in codes.items() if code != 0]
     if failed:
         raise FoldTrainingError(f"training failed for {failed}: see train.log in their run folders under {root}")
 

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,56 +211,31 @@ def test_exported_weights_give_the_training_output_in_the_runner(tiny_run, tmp_p
     np.testing.assert_allclose(got, expected, atol=2e-2)  # fp16 weights
     assert ((got > 0.5) == (expected > 0.5)).mean() > 0.99
 
+    def again(**kwargs: Any) -> Path:
+        return export(
+            "lung",
+            run / "best.pt",
+            out / "summary.json",
+            "cmd",
+            status="experimental",
+            limitations=[],
+            weights_dir=weights,
+            **kwargs,
+        )
+
     # Same validation, not better: the shipped weights stay.
     with pytest.raises(NotBetterError):
-        export(
-            "lung",
-            run / "best.pt",
-            out / "summary.json",
-            "cmd",
-            status="experimental",
-            limitations=[],
-            weights_dir=weights,
-        )
+        again()
     # A new primary metric cannot be compared with the shipped card's figure: it needs a baseline.
     with pytest.raises(NotBetterError, match="--baseline"):
-        export(
-            "lung",
-            run / "best.pt",
-            out / "summary.json",
-            "cmd",
-            status="experimental",
-            limitations=[],
-            primary_metric="source_mean.dice",
-            weights_dir=weights,
-        )
+        again(primary_metric="source_mean.dice")
     summary = json.loads((out / "summary.json").read_text())
     worse, better = tmp_path / "worse.json", tmp_path / "better.json"
     worse.write_text(json.dumps({"source_mean": {"dice": summary["source_mean"]["dice"] - 0.1}, "command": "c"}))
     better.write_text(json.dumps({"source_mean": {"dice": summary["source_mean"]["dice"] + 0.1}}))
     with pytest.raises(NotBetterError, match="same evaluation"):
-        export(
-            "lung",
-            run / "best.pt",
-            out / "summary.json",
-            "cmd",
-            status="experimental",
-            limitations=[],
-            primary_metric="source_mean.dice",
-            weights_dir=weights,
-            baseline=better,
-        )
-    export(
-        "lung",
-        run / "best.pt",
-        out / "summary.json",
-        "cmd",
-        status="experimental",
-        limitations=[],
-        primary_metric="source_mean.dice",
-        weights_dir=weights,
-        baseline=worse,
-    )
+        again(primary_metric="source_mean.dice", baseline=better)
+    again(primary_metric="source_mean.dice", baseline=worse)
     card = models.read_card("lung", weights)
     assert card["validation"]["primary_metric"] == "source_mean.dice"
     assert card["validation"]["baseline"]["primary_value"] == pytest.approx(summary["source_mean"]["dice"] - 0.1)
