@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import ingest, pipeline, stow, triage, worker
-from benchmarks.common import write_json
+from benchmarks.common import without_venv_scripts, write_json
 
 log = logging.getLogger("benchmarks")
 
@@ -145,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    os.environ["PATH"] = without_venv_scripts(os.environ.get("PATH", ""))  # DCMTK's storescp, not pynetdicom's
     selected = args.only or list(NAMES)
     summary = previous_summary(args.out, args.quick)
     status = 0

@@ -24,6 +24,18 @@ RESERVED_PORTS = {104, 4242, 5432, 6379, 8042, 8080, 11112}
 LOOPBACK = "127.0.0.1"
 
 
+def without_venv_scripts(path: str) -> str:
+    """`path` (a PATH value) without this interpreter's scripts folder.
+
+    pynetdicom installs apps named like DCMTK's (storescp, storescu, echoscu, findscu) into the venv's
+    bin; with the venv activated they shadow the DCMTK tools that the benchmarks measure against and
+    the tests talk to. `make test` and `make bench` never put that folder on PATH; this makes an
+    activated shell behave the same.
+    """
+    scripts = (Path(sys.prefix) / "bin").resolve()
+    return os.pathsep.join(p for p in path.split(os.pathsep) if p and Path(p).resolve() != scripts)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (never a well-known service port)."""
     while True:

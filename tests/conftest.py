@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.common import without_venv_scripts
 from tests.support.node import NodeProcess
 from tests.support.pg import PostgresServer
 from tests.support.redis import RedisServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # DCMTK's storescp/storescu/echoscu, not pynetdicom's apps of the same names in an activated venv.
+    os.environ["PATH"] = without_venv_scripts(os.environ.get("PATH", ""))
 
 
 @pytest.fixture(scope="session")

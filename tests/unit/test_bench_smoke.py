@@ -82,3 +82,18 @@ def test_quick_stow_compares_both_front_doors(tmp_path: Path) -> None:
     assert stow["ratio_stow_to_cstore"]["1_stream"]["best"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert "ratio_stow_to_cstore" in summary["benchmarks"]["stow"]
+
+
+def test_dcmtk_tools_are_never_the_venvs_pynetdicom_apps() -> None:
+    """pynetdicom puts its own `storescp` etc. into the venv's bin: an activated venv must not swap them in."""
+    import os
+    import sys
+
+    from benchmarks.common import without_venv_scripts
+
+    scripts = str(Path(sys.prefix) / "bin")
+    assert without_venv_scripts(os.pathsep.join([scripts, "/usr/bin", "", "/bin"])) == os.pathsep.join(
+        ["/usr/bin", "/bin"]
+    )
+    found = shutil.which("storescp")  # tests/conftest.py cleaned PATH for the whole session
+    assert found is None or Path(found).resolve().parent != Path(scripts).resolve()
