@@ -171,6 +171,12 @@ def export(
     if baseline is not None:
         # The shipped weights scored by the same command on the same images: compare like with like.
         base = json.loads(baseline.read_text())
+        shipped_sha = json.loads(shipped.read_text()).get("sha256") if shipped.exists() else None
+        if not force and shipped_sha is not None and base.get("weights_sha256") != shipped_sha:
+            raise NotBetterError(
+                f"{name}: the baseline {baseline} scored weights {base.get('weights_sha256')}, not the shipped "
+                f"{shipped_sha}: evaluate the shipped weights (no --checkpoint) with the same command"
+            )
         card["validation"]["baseline"] = {
             "what": "the weights this export replaces, same evaluation",
             "command": base.get("command"),

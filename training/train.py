@@ -255,7 +255,7 @@ def validate(
         result["val_extent_mae"] = float(np.mean(extent_err))
         weak_error += result["val_extent_mae"] / 4
     if by_source:
-        result["val_dice_source_mean"] = float(np.mean([np.mean(d) for d in by_source.values()]))
+        result["val_dice_source_mean"] = selection_dice(val_dice, by_source, "sources")
     selected_dice = selection_dice(val_dice, by_source, select_by)
     result["val_select"] = (0.0 if math.isnan(selected_dice) else selected_dice) - weak_error
     if presence_correct:

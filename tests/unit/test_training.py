@@ -230,11 +230,16 @@ def test_exported_weights_give_the_training_output_in_the_runner(tiny_run, tmp_p
     with pytest.raises(NotBetterError, match="--baseline"):
         again(primary_metric="source_mean.dice")
     summary = json.loads((out / "summary.json").read_text())
-    worse, better = tmp_path / "worse.json", tmp_path / "better.json"
-    worse.write_text(json.dumps({"source_mean": {"dice": summary["source_mean"]["dice"] - 0.1}, "command": "c"}))
-    better.write_text(json.dumps({"source_mean": {"dice": summary["source_mean"]["dice"] + 0.1}}))
+    shipped_sha = models.read_card("lung", weights)["sha256"]
+    worse, better, stale = tmp_path / "worse.json", tmp_path / "better.json", tmp_path / "stale.json"
+    dice_now = summary["source_mean"]["dice"]
+    worse.write_text(json.dumps({"source_mean": {"dice": dice_now - 0.1}, "weights_sha256": shipped_sha}))
+    better.write_text(json.dumps({"source_mean": {"dice": dice_now + 0.1}, "weights_sha256": shipped_sha}))
+    stale.write_text(json.dumps({"source_mean": {"dice": dice_now - 0.1}, "weights_sha256": "0" * 64}))
     with pytest.raises(NotBetterError, match="same evaluation"):
         again(primary_metric="source_mean.dice", baseline=better)
+    with pytest.raises(NotBetterError, match="not the shipped"):  # a baseline of other weights proves nothing
+        again(primary_metric="source_mean.dice", baseline=stale)
     again(primary_metric="source_mean.dice", baseline=worse)
     card = models.read_card("lung", weights)
     assert card["validation"]["primary_metric"] == "source_mean.dice"
