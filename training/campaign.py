@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from training.processes import run_processes
+from workers.models import fp16_state
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def write_fp16(run: Path) -> Path | None:
     if not best.exists():
         return None
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
-    ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    ckpt["model"] = fp16_state(ckpt["model"])
     out = run / FP16_CHECKPOINT
     torch.save(ckpt, out)
     return out

@@ -67,7 +67,7 @@ def make_soup(
     for item in ingredients:
         checkpoint = None if item == SHIPPED else Path(item)
         model, spec, _ = load_model(task, weights_dir, checkpoint)
-        states.append({k: v.float() if torch.is_floating_point(v) else v for k, v in model.state_dict().items()})
+        states.append(model.state_dict())  # average_state_dicts sums in fp32 whatever the dtype
         specs.append(spec)
     if any(s != specs[0] for s in specs):
         raise SoupError(f"ingredients have different specs: {[asdict(s) for s in specs]}")

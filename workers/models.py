@@ -121,17 +121,21 @@ def load(name: str, weights_dir: Path = WEIGHTS_DIR) -> tuple[Any, dict[str, Any
     return model, card
 
 
+def fp16_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict as the weights ship: floating tensors in fp16, all contiguous on the CPU."""
+    return {
+        k: v.detach().cpu().half().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+        for k, v in state.items()
+    }
+
+
 def save(model: Any, spec: ModelSpec, card: dict[str, Any], weights_dir: Path = WEIGHTS_DIR) -> Path:
     """Write fp16 safetensors + card (sha256 filled in). Returns the weights path."""
     from safetensors.torch import save_file
 
     weights_dir.mkdir(parents=True, exist_ok=True)
     wpath = weights_path(spec.name, weights_dir)
-    state = {
-        k: v.detach().cpu().half().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-    }
-    save_file(state, str(wpath))
+    save_file(fp16_state(model.state_dict()), str(wpath))
     full = dict(card)
     full["name"] = spec.name
     full["spec"] = asdict(spec)
