@@ -223,12 +223,14 @@ def calibrate_presence(
     report_only: Sequence[str] = DEFAULT_REPORT_ONLY,
     max_per_group: int = 0,
     compare: Sequence[float] = (),
+    tta_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Predict every unseen image, choose the threshold on the calibration negatives, score the test
     images at it (and at the card's threshold and any in `compare`): `per_image.csv`, `summary.json`."""
-    from training.predict import load_model, predict
+    from training.predict import card_transforms, load_model, predict
 
     model, spec, card = load_model(STRUCTURE, weights_dir, checkpoint)
+    transforms = card_transforms(card, tta_names)
     pixel_thr = float(card.get("threshold", 0.5))
     card_presence = float(card.get("presence_threshold", 0.5))
     items = collect(data, negatives, split_files, report_only, max_per_group)
@@ -238,7 +240,7 @@ def calibrate_presence(
     rows: list[dict[str, Any]] = []
     for i, (s, positive, role) in enumerate(items):
         image = load_gray(s.image)
-        prob, presence = predict(model, spec, image)
+        prob, presence = predict(model, spec, image, transforms)
         if presence is None:
             raise ValueError(f"{spec.name}: the model has no presence head")
         row: dict[str, Any] = {

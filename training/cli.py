@@ -101,6 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             weights_dir=weights_dir,
             lung_checkpoint=_path(args.lung_checkpoint),
             opacity_checkpoint=_path(args.opacity_checkpoint),
+            tta=_tta(args),
         )
         _stamp(out, summary, args.argv)
         return 0
@@ -119,6 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 folds=args.folds,
                 normals=[Path(n) for n in args.normals or []],
                 normals_split=_path(args.normals_split),
+                tta=_tta(args),
             )
             _stamp(out if len(folders) == 1 else out / folder.name, summary, args.argv)
         return 0
@@ -136,9 +138,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         presence_threshold=args.presence_threshold,
         max_per_source=args.max_per_source,
+        tta_names=_tta(args).get(args.model),
     )
     _stamp(out, summary, args.argv)
     return 0
+
+
+def _add_tta_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tta",
+        nargs="+",
+        metavar="TRANSFORM",
+        help="test-time augmentation instead of the cards' `tta` (workers.tta): identity first, then "
+        "e.g. gamma:0.8 scale:1.1 shift:0.03:0; `--tta identity` = none",
+    )
+    parser.add_argument(
+        "--tta-models",
+        nargs="+",
+        choices=sorted(TASKS),
+        help="apply --tta only to these models (default: every model the command runs)",
+    )
+
+
+def _tta(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Model name -> --tta transforms, for the models --tta-models names (default all)."""
+    if not args.tta:
+        return {}
+    return {name: list(args.tta) for name in (args.tta_models or TASKS)}
 
 
 def _path(value: str | None) -> Path | None:
@@ -261,6 +287,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         report_only=args.report_only,
         max_per_group=args.max_per_source,
         compare=args.compare or (),
+        tta_names=_tta(args).get(args.model),
     )
     _stamp(out, summary, args.argv)
     return 0
@@ -405,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--max-per-source", type=int, default=0, help="at most N images per source folder")
     e.add_argument("--threads", type=int, default=2)
+    _add_tta_arguments(e)
     e.add_argument("--threshold", type=float)
     e.add_argument("--presence-threshold", type=float)
     e.add_argument("--out", help="output folder (default runs/eval/<model>)")
@@ -481,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     k.add_argument("--max-per-source", type=int, default=0, help="at most N negatives per group and role")
     k.add_argument("--threads", type=int, default=2)
+    _add_tta_arguments(k)
     k.add_argument("--out", help="output folder (default runs/calibrate/<model>)")
     k.set_defaults(func=cmd_calibrate)
 

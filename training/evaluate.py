@@ -22,7 +22,7 @@ import numpy as np
 
 from training.data import Sample, load_gray, load_mask, read_folder
 from training.metrics import dice, hd95, iou
-from training.predict import load_model, predict
+from training.predict import card_transforms, load_model, predict
 from training.splits import read_split
 from workers import severity
 
@@ -106,8 +106,11 @@ def evaluate_segmentation(
     threshold: float | None = None,
     presence_threshold: float | None = None,
     max_per_source: int = 0,
+    tta_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    """`tta_names`: test-time transforms (`workers.tta`) instead of the card's."""
     model, spec, card = load_model(name, weights_dir, checkpoint)
+    transforms = card_transforms(card, tta_names)
     thr = threshold if threshold is not None else float(card.get("threshold", 0.5))
     p_thr = presence_threshold if presence_threshold is not None else float(card.get("presence_threshold", 0.5))
     structure = STRUCTURE[name]
@@ -120,7 +123,7 @@ def evaluate_segmentation(
     rows: list[dict[str, Any]] = []
     for i, s in enumerate(samples):
         image = load_gray(s.image)
-        prob, presence = predict(model, spec, image)
+        prob, presence = predict(model, spec, image, transforms)
         pred = prob[0] > thr
         truth = load_mask(s.masks[structure], image.shape)
         valid = ~load_mask(s.ignore, image.shape) if s.ignore else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,25 +10,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from workers import tta
+from workers.backends import Prediction
 from workers.inference import resize_prob
 from workers.models import ModelSpec, build, load, preprocess
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, spec: ModelSpec, image: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """(probability maps CxHxW at the image's size, presence probability or None).
-
-    The network sees `workers.models.preprocess(image, spec.input_size)`; its probabilities are
-    resized back with the worker's `resize_prob` before anything is thresholded.
-    """
-    x = torch.from_numpy(preprocess(image, spec.input_size))
-    out = model(x)
+def _forward(model: torch.nn.Module, x: np.ndarray) -> Prediction:
+    out = model(torch.from_numpy(x))
     presence = None
     if isinstance(out, tuple):  # smp aux head: (mask logits, class logits)
         out, cls = out
-        presence = float(torch.sigmoid(cls).reshape(-1)[0])
-    prob = torch.sigmoid(out)[0].numpy()
-    return np.stack([resize_prob(ch, *image.shape) for ch in prob]), presence
+        presence = torch.sigmoid(cls).reshape(-1).numpy()
+    return Prediction(mask=torch.sigmoid(out).numpy(), presence=presence)
+
+
+def predict(
+    model: torch.nn.Module, spec: ModelSpec, image: np.ndarray, transforms: Sequence[tta.Transform] = ()
+) -> tuple[np.ndarray, float | None]:
+    """(probability maps CxHxW at the image's size, presence probability or None).
+
+    The network sees `workers.models.preprocess(image, spec.input_size)` (through the worker's
+    `workers.tta` when transforms are given); its probabilities are resized back with the worker's
+    `resize_prob` before anything is thresholded.
+    """
+    pred = tta.predict(lambda x: _forward(model, x), preprocess(image, spec.input_size), transforms)
+    presence = None if pred.presence is None else float(pred.presence[0])
+    return np.stack([resize_prob(ch, *image.shape) for ch in pred.mask[0]]), presence
+
+
+def card_transforms(card: dict[str, Any], override: Sequence[str] | None = None) -> list[tta.Transform]:
+    """The TTA a model runs with: `override` (e.g. a --tta option) or else the card's `tta`."""
+    names = override if override is not None else card.get("tta", [])
+    return tta.parse(names) if names else []
 
 
 def load_model(
@@ -52,17 +68,25 @@ class Segmenter:
     model: torch.nn.Module
     spec: ModelSpec
     threshold: float
+    transforms: tuple[tta.Transform, ...] = ()
 
     @classmethod
     def load(
-        cls, name: str, weights_dir: Path | None = None, checkpoint: Path | None = None, threshold: float | None = None
+        cls,
+        name: str,
+        weights_dir: Path | None = None,
+        checkpoint: Path | None = None,
+        threshold: float | None = None,
+        tta_names: Sequence[str] | None = None,
     ) -> Segmenter:
+        """A shipped model runs with its card's threshold and TTA (a checkpoint: 0.5, none) unless given."""
         model, spec, card = load_model(name, weights_dir, checkpoint)
-        return cls(model, spec, threshold if threshold is not None else float(card.get("threshold", 0.5)))
+        thr = threshold if threshold is not None else float(card.get("threshold", 0.5))
+        return cls(model, spec, thr, tuple(card_transforms(card, tta_names)))
 
     def prob(self, image: np.ndarray) -> np.ndarray:
         """Probability map of the first channel, on the image's grid."""
-        prob: np.ndarray = predict(self.model, self.spec, image)[0][0]
+        prob: np.ndarray = predict(self.model, self.spec, image, self.transforms)[0][0]
         return prob
 
     def mask(self, image: np.ndarray) -> np.ndarray:

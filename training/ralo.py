@@ -27,7 +27,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch
 
 from training.data import Sample, _image_path, load_gray, read_rows
 from training.metrics import cohen_kappa
-from training.predict import Segmenter
+from training.severity_eval import load_models
 from training.tasks import portable
 from workers import severity
 
@@ -219,14 +219,14 @@ def evaluate_extent(
     weights_dir: Path | None = None,
     lung_checkpoint: Path | None = None,
     opacity_checkpoint: Path | None = None,
+    tta: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Per-lung extent of the worker's masks (lung model -> split_lungs, opacity mask at the card's
     threshold -> workers.severity per-lung fraction -> 0-4 bin) against the RALO raters."""
     folder = Path(folder)
     if not is_ralo_folder(folder):
         raise ValueError(f"{folder}: not a severity_ralo-format folder (no r1_right_geographic column)")
-    lung = Segmenter.load("lung", weights_dir, lung_checkpoint)
-    opacity = Segmenter.load("opacity", weights_dir, opacity_checkpoint)
+    lung, opacity = load_models(weights_dir, lung_checkpoint, opacity_checkpoint, tta)
     all_rows = read_rows(folder)
     selected = [r for r in all_rows if folds is None or int(r["fold"]) in folds]
     rows: list[dict[str, Any]] = []

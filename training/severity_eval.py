@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,17 @@ def brixia_affected(row: dict[str, str]) -> list[bool] | None:
 
 
 def load_models(
-    weights_dir: Path | None = None, lung_checkpoint: Path | None = None, opacity_checkpoint: Path | None = None
+    weights_dir: Path | None = None,
+    lung_checkpoint: Path | None = None,
+    opacity_checkpoint: Path | None = None,
+    tta: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[Segmenter, Segmenter]:
-    """(lung, opacity): checkpoints where given, else the weights in `weights_dir` (default: shipped)."""
+    """(lung, opacity): checkpoints where given, else the weights in `weights_dir` (default: shipped);
+    `tta` maps a model name to its test-time transforms (else the card's)."""
+    tta = tta or {}
     return (
-        Segmenter.load("lung", weights_dir, lung_checkpoint),
-        Segmenter.load("opacity", weights_dir, opacity_checkpoint),
+        Segmenter.load("lung", weights_dir, lung_checkpoint, tta_names=tta.get("lung")),
+        Segmenter.load("opacity", weights_dir, opacity_checkpoint, tta_names=tta.get("opacity")),
     )
 
 
@@ -298,13 +303,14 @@ def evaluate_severity(
     opacity_checkpoint: Path | None = None,
     pixel_thresholds: Sequence[float] = (),
     folds: Sequence[int] | None = None,
+    tta: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     if folds is not None and len(set(folds)) < 2:
         raise ValueError(
             f"--folds {' '.join(map(str, folds))}: the zone threshold of each fold is tuned on the "
             "others, so give at least two folds (or use `crossval` for per-fold models)"
         )
-    lung, opacity = load_models(weights_dir, lung_checkpoint, opacity_checkpoint)
+    lung, opacity = load_models(weights_dir, lung_checkpoint, opacity_checkpoint, tta)
     rows = zone_fractions(folder, out_dir, lung, opacity, pixel_thresholds=pixel_thresholds, folds=folds)
     trained = lung_trained_ids(folder, lung_split) if lung_split else set()
     for r in rows:

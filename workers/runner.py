@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from workers import models
+from workers import models, tta
 from workers.api import MODEL_NAMES, ModelInfo
 from workers.backends import (
     ONNX_TOLERANCE,
@@ -84,6 +84,7 @@ class LoadedModel:
     card: dict[str, Any]
     info: ModelInfo
     backend: Backend
+    transforms: list[tta.Transform] = field(default_factory=list)  # the card's test-time augmentation
     batcher: MicroBatcher | None = None
     calls: int = 0
     images: int = 0
@@ -179,6 +180,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         module, card = models.load(name, self.weights_dir)
         spec = models.spec_from_card(card)
+        try:
+            transforms = tta.parse(card["tta"]) if card.get("tta") else []
+        except ValueError as exc:
+            raise models.WeightsError(f"{name}: card `tta`: {exc}") from None
         info = ModelInfo(
             name=name,
             version=str(card.get("version") or card.get("training_date") or card["sha256"][:12]),
@@ -207,7 +212,7 @@ class ModelRunner:
             backend.name,
             (time.perf_counter() - t0) * 1000,
         )
-        return LoadedModel(name=name, spec=spec, card=card, info=info, backend=backend)
+        return LoadedModel(name=name, spec=spec, card=card, info=info, backend=backend, transforms=transforms)
 
     def _onnx_or_torch(self, module: Any, spec: models.ModelSpec, sha256: str) -> Backend:
         torch_backend = TorchBackend(module, "cpu")
@@ -275,7 +280,8 @@ class ModelRunner:
     # -- inference -----------------------------------------------------------------------------
 
     def predict(self, name: str, batch: np.ndarray) -> Prediction:
-        """Probabilities for a float32 batch (N, C, S, S) preprocessed by `workers.models.preprocess`."""
+        """Probabilities for a float32 batch (N, C, S, S) preprocessed by `workers.models.preprocess`,
+        averaged over the card's test-time transforms (`workers.tta`) when it lists any."""
         m = self._get(name)
         s = m.spec.input_size
         if batch.ndim != 4 or batch.shape[1:] != (m.spec.in_channels, s, s):
@@ -284,7 +290,7 @@ class ModelRunner:
         masks: list[np.ndarray] = []
         presences: list[np.ndarray] = []
         for start in range(0, batch.shape[0], self.batch_size):
-            pred = m.batcher(batch[start : start + self.batch_size])
+            pred = tta.predict(m.batcher, batch[start : start + self.batch_size], m.transforms)
             masks.append(pred.mask)
             if pred.presence is not None:
                 presences.append(pred.presence)
