@@ -177,6 +177,25 @@ def _stamp(out: Path, summary: dict[str, Any], argv: Sequence[str]) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
 
+def cmd_choose(args: argparse.Namespace) -> int:
+    from training.choose import choose
+
+    summary = choose([Path(v) for v in args.variants], args.metric, args.lower_is_better, args.tie)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _stamp(out, summary, args.argv)
+    gain = summary["report_gain"]
+    log.info(
+        "chosen %s; on the report half vs %s: source mean %+.4f, %d images better, %d worse",
+        summary["chosen"],
+        summary["baseline"],
+        gain["source_mean"],
+        gain["images_better"],
+        gain["images_worse"],
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from training.export import NotBetterError, export
     from workers.models import WEIGHTS_DIR
@@ -533,6 +552,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     u.add_argument("--out", required=True, help="checkpoint to write, e.g. runs/lung_v3/soup50.pt")
     u.set_defaults(func=cmd_soup)
+
+    h = sub.add_parser(
+        "choose",
+        help="pick among `evaluate` outputs of one model (e.g. --tta variants) on half the images, "
+        "report on the other half",
+        description="See training/choose.py. The first variant is the baseline; list the cheapest first.",
+    )
+    h.add_argument("variants", nargs="+", help="evaluate output folders (per_image.csv) on the same images")
+    h.add_argument("--metric", default="dice", help="per_image.csv column (default dice)")
+    h.add_argument("--lower-is-better", action="store_true", help="e.g. for hd95_px")
+    h.add_argument("--tie", type=float, default=0.0005, help="a later variant must win by more than this")
+    h.add_argument("--out", required=True, help="folder for summary.json")
+    h.set_defaults(func=cmd_choose)
 
     s = sub.add_parser("import-siim", help="SIIM-ACR train-rle.csv + images -> shared folder format")
     s.add_argument("--rle", required=True)
