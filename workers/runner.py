@@ -184,12 +184,16 @@ class ModelRunner:
             transforms = tta.parse(card["tta"]) if card.get("tta") else []
         except ValueError as exc:
             raise models.WeightsError(f"{name}: card `tta`: {exc}") from None
+        # Results name the algorithm by weights sha256 + architecture; TTA changes the output with the
+        # same weights, so it is part of the architecture the SEG/SR report.
+        extra = [t.name for t in transforms if t.kind != "identity"]
+        augmented = f"+tta({' '.join(extra)})" if extra else ""
         info = ModelInfo(
             name=name,
             version=str(card.get("version") or card.get("training_date") or card["sha256"][:12]),
             sha256=card["sha256"],
             status=str(card.get("status", "experimental")),
-            architecture=f"{spec.arch}/{spec.encoder}@{spec.input_size}",
+            architecture=f"{spec.arch}/{spec.encoder}@{spec.input_size}{augmented}",
         )
         backend: Backend
         if self._cuda_thread is not None:

@@ -134,6 +134,7 @@ def test_runner_runs_the_cards_transforms(tmp_path: Path) -> None:
     assert b.mask.shape == a.mask.shape == (2, 1, TINY_SIZE, TINY_SIZE)
     assert plain.timings()["lung"].images == 2
     assert with_tta.timings()["lung"].images == 6  # three copies of each image
+    assert with_tta.info("lung").architecture == plain.info("lung").architecture + "+tta(gamma:0.8 shift:0.05:0)"
     transforms = tta.parse(["identity", "gamma:0.8", "shift:0.05:0"])
     expected = tta.predict(plain.models["lung"].backend, x, transforms)  # same weights (same seed)
     np.testing.assert_allclose(b.mask, expected.mask, atol=1e-6)
