@@ -261,6 +261,7 @@ def calibrate_presence(
         "model": STRUCTURE,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "weights_sha256": card.get("sha256"),
+        "tta": [t.name for t in transforms],
         "pixel_threshold": pixel_thr,
         "data": [str(f) for f in data],
         "negatives": [str(f) for f in negatives],

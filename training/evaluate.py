@@ -190,6 +190,7 @@ def evaluate_segmentation(
         "max_per_source": max_per_source,
         "weights_sha256": card.get("sha256"),
         "checkpoint": str(checkpoint) if checkpoint else None,
+        "tta": [t.name for t in transforms],
     }
     _write(out_dir, rows, summary)
     return summary

@@ -251,6 +251,7 @@ def evaluate_extent(
         "folds": list(folds) if folds is not None else "all",
         "opacity_threshold": opacity.threshold,
         "none_fraction": NONE_FRACTION,
+        "tta": {"lung": [t.name for t in lung.transforms], "opacity": [t.name for t in opacity.transforms]},
         "checkpoints": {
             k: str(v)
             for k, v in (("lung_checkpoint", lung_checkpoint), ("opacity_checkpoint", opacity_checkpoint))

@@ -324,6 +324,7 @@ def evaluate_severity(
         if v is not None
     }
     summary["folds"] = folds or "all"
+    summary["tta"] = {"lung": [t.name for t in lung.transforms], "opacity": [t.name for t in opacity.transforms]}
     if normals:
         summary["normals"] = normals_check(normals, normals_split, summary["zone_threshold"], lung, opacity)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -174,6 +174,31 @@ def test_evaluate_writes_expected_json_and_csv(tiny_run, tmp_path) -> None:
     assert written["overall"]["dice"] > 0.5  # 9 steps on an easy task: clearly learned something
 
 
+def test_evaluate_runs_the_tta_it_is_given_and_records_it(tiny_run, tmp_path) -> None:
+    """--tta reaches the prediction (one row recomputed through workers.tta) and the summary names it;
+    --tta-models without the evaluated model leaves it plain."""
+    from training.cli import main
+    from workers import tta
+
+    folder, run, _ = tiny_run
+    common = ["evaluate", "lung", "--data", str(folder), "--checkpoint", str(run / "best.pt"), "--threads", "1"]
+    names = ["identity", "scale:1.2", "shift:0.05:0"]
+    assert main([*common, "--tta", *names, "--out", str(tmp_path / "tta")]) == 0
+    assert main([*common, "--tta", *names, "--tta-models", "opacity", "--out", str(tmp_path / "plain")]) == 0
+    with_tta = json.loads((tmp_path / "tta" / "summary.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert with_tta["tta"] == names and plain["tta"] == []
+    model, spec, _ = load_model("lung", checkpoint=run / "best.pt")
+    image = np.asarray(Image.open(folder / "images" / "img0.png"))
+    truth = np.asarray(Image.open(folder / "masks" / "lungs" / "img0.png")) > 127
+    with open(tmp_path / "tta" / "per_image.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["id"] == "img0")
+    prob, _ = predict(model, spec, image, tta.parse(names))
+    assert float(row["dice_raw"]) == pytest.approx(dice(prob[0] > 0.5, truth), abs=1e-4)
+    plain_prob, _ = predict(model, spec, image)
+    assert not np.allclose(prob, plain_prob)
+
+
 def test_exported_weights_give_the_training_output_in_the_runner(tiny_run, tmp_path) -> None:
     folder, run, _ = tiny_run
     out = tmp_path / "eval"
