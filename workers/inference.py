@@ -4,7 +4,8 @@ Every mask comes back on the request's pixel grid. Probability maps are resized 
 thresholded, so the mask edges are as smooth as the grid allows. Thresholds and options come from
 each model's card, so a retrained model ships its own operating point:
 
-- every card: `threshold` (pixel probability, default 0.5), `status`, `version`.
+- every card: `threshold` (pixel probability, default 0.5), `status`, `version`; optional `tta`
+  (test-time augmentation, applied by the runner: `workers.tta`).
 - lung: `spec.classes == 1` -> one lung mask split by `workers.severity.split_lungs`; `classes == 2`
   -> channels [patient right, patient left] (or the names in `channels`).
 - opacity: `input_region` "image" (default) or "lung_crop" (the network sees the lungs' bounding
