@@ -227,7 +227,8 @@ def calibrate_presence(
 ) -> dict[str, Any]:
     """Predict every unseen image, choose the threshold on the calibration negatives, score the test
     images at it (and at the card's threshold and any in `compare`): `per_image.csv`, `summary.json`."""
-    from training.predict import card_transforms, load_model, predict
+    from training.predict import load_model, predict
+    from workers.tta import card_transforms
 
     model, spec, card = load_model(STRUCTURE, weights_dir, checkpoint)
     transforms = card_transforms(card, tta_names)

@@ -22,9 +22,9 @@ import numpy as np
 
 from training.data import Sample, load_gray, load_mask, read_folder
 from training.metrics import dice, hd95, iou
-from training.predict import card_transforms, load_model, predict
+from training.predict import load_model, predict
 from training.splits import read_split
-from workers import severity
+from workers import severity, tta
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def evaluate_segmentation(
 ) -> dict[str, Any]:
     """`tta_names`: test-time transforms (`workers.tta`) instead of the card's."""
     model, spec, card = load_model(name, weights_dir, checkpoint)
-    transforms = card_transforms(card, tta_names)
+    transforms = tta.card_transforms(card, tta_names)
     thr = threshold if threshold is not None else float(card.get("threshold", 0.5))
     p_thr = presence_threshold if presence_threshold is not None else float(card.get("presence_threshold", 0.5))
     structure = STRUCTURE[name]

@@ -40,12 +40,6 @@ def predict(
     return np.stack([resize_prob(ch, *image.shape) for ch in pred.mask[0]]), presence
 
 
-def card_transforms(card: dict[str, Any], override: Sequence[str] | None = None) -> list[tta.Transform]:
-    """The TTA a model runs with: `override` (e.g. a --tta option) or else the card's `tta`."""
-    names = override if override is not None else card.get("tta", [])
-    return tta.parse(names) if names else []
-
-
 def load_model(
     name: str, weights_dir: Path | None = None, checkpoint: Path | None = None
 ) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
@@ -82,7 +76,7 @@ class Segmenter:
         """A shipped model runs with its card's threshold and TTA (a checkpoint: 0.5, none) unless given."""
         model, spec, card = load_model(name, weights_dir, checkpoint)
         thr = threshold if threshold is not None else float(card.get("threshold", 0.5))
-        return cls(model, spec, thr, tuple(card_transforms(card, tta_names)))
+        return cls(model, spec, thr, tuple(tta.card_transforms(card, tta_names)))
 
     def prob(self, image: np.ndarray) -> np.ndarray:
         """Probability map of the first channel, on the image's grid."""

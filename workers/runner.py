@@ -181,7 +181,7 @@ class ModelRunner:
         module, card = models.load(name, self.weights_dir)
         spec = models.spec_from_card(card)
         try:
-            transforms = tta.parse(card["tta"]) if card.get("tta") else []
+            transforms = tta.card_transforms(card)
         except ValueError as exc:
             raise models.WeightsError(f"{name}: card `tta`: {exc}") from None
         # Results name the algorithm by weights sha256 + architecture; TTA changes the output with the

@@ -21,8 +21,9 @@ Each copy costs one more forward pass per image: the card's `tta_evaluation` say
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -78,9 +79,20 @@ def parse(names: Sequence[str]) -> list[Transform]:
     return out
 
 
+def card_transforms(card: Mapping[str, Any], override: Sequence[str] | None = None) -> list[Transform]:
+    """The transforms a model runs with: `override` (e.g. a --tta option) or else the card's `tta`."""
+    names = override if override is not None else card.get("tta", [])
+    return parse(names) if names else []
+
+
 def _resize(plane: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _scaled_side(side: int, factor: float) -> int:
+    """Side of the centre window a zoom by `factor` maps onto the whole grid (zoom in) or into (out)."""
+    return max(1, round(side / factor)) if factor > 1 else max(1, round(side * factor))
 
 
 def _centre(side: int, inner: int) -> slice:
@@ -105,7 +117,7 @@ def forward_image(x: np.ndarray, t: Transform) -> np.ndarray:
     side = x.shape[-1]
     out = np.empty_like(x)
     if t.kind == "scale":
-        inner = max(1, round(side / t.a)) if t.a > 1 else max(1, round(side * t.a))
+        inner = _scaled_side(side, t.a)
         for i in np.ndindex(*x.shape[:2]):
             if t.a > 1:
                 crop = x[i][_centre(side, inner), _centre(side, inner)]
@@ -132,7 +144,7 @@ def inverse_mask(p: np.ndarray, t: Transform) -> tuple[np.ndarray, np.ndarray]:
         return p, weight
     back = np.zeros_like(p)
     if t.kind == "scale":
-        inner = max(1, round(side / t.a)) if t.a > 1 else max(1, round(side * t.a))
+        inner = _scaled_side(side, t.a)
         for i in np.ndindex(*p.shape[:2]):
             if t.a > 1:
                 back[i][_centre(side, inner), _centre(side, inner)] = _resize(p[i], inner)
