@@ -39,6 +39,7 @@ def read_variant(folder: Path, metric: str) -> dict[tuple[str, str], float]:
 
 
 def _block(values: dict[tuple[str, str], float]) -> dict[str, Any]:
+    # Five places, where training.evaluate.summarise keeps four: the choice's tie margin is 0.0005.
     by_source: dict[str, list[float]] = {}
     for (source, _), v in values.items():
         by_source.setdefault(source, []).append(v)

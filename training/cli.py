@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weak_weight=args.weak_weight,
         extent_weight=args.extent_weight,
         select_by=args.select_by,
+        positive_repeat=args.positive_repeat,
     )
     train(cfg, resume=args.resume)
     return 0
@@ -399,7 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="images",
         help="best.pt follows the validation Dice over images, or the mean of the per-source Dice",
     )
-    t.add_argument("--init", help="fine-tune from a checkpoint (*.pt) or a shipped model name (e.g. lung)")
+    t.add_argument(
+        "--positive-repeat",
+        type=int,
+        default=1,
+        help="draw each image with a labelled structure N times per pass (few positives, many negatives)",
+    )
+    t.add_argument(
+        "--init",
+        help="start from a checkpoint (*.pt) or a shipped model name (e.g. lung); another task's weights "
+        "fill all but the heads it lacks",
+    )
     t.add_argument("--arch")
     t.add_argument("--encoder")
     t.add_argument("--input-size", type=int)

@@ -71,6 +71,9 @@ class TrainConfig:
     # Start from these weights instead of random ones: a training checkpoint (*.pt) or a shipped model
     # name ("lung"): fine-tuning, possibly at another input size (the networks are fully convolutional).
     init: str = ""
+    # Each training image with a labelled structure is drawn this many times per pass: 27
+    # pneumothorax positives among hundreds of negatives otherwise teach "absent" first.
+    positive_repeat: int = 1
     # Weak labels (opacity): severity/ folders whose zone/score labels train through training.weak;
     # `weak_train_folds` enter training, `weak_val_folds` validation; other folds are never read.
     weak_data: list[Path] = field(default_factory=list)
@@ -130,6 +133,36 @@ def initial_weights(init: str) -> dict[str, torch.Tensor]:
         return cast(dict[str, torch.Tensor], torch.load(init, map_location="cpu", weights_only=False)["model"])
     shipped, _ = load(init)
     return {k: v.float() for k, v in shipped.state_dict().items()}
+
+
+def with_repeats(cached: list[Cached], positive_repeat: int) -> list[Cached]:
+    """`cached` with each positive (`positive` = 1) listed `positive_repeat` times in all."""
+    if positive_repeat < 1:
+        raise ValueError(f"positive_repeat must be at least 1, not {positive_repeat}")
+    return cached + [c for c in cached if c.positive] * (positive_repeat - 1)
+
+
+def load_initial(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load `state` into `model`; return the names of the model's tensors it did not fill.
+
+    Another task's weights may start a model (a lung model's encoder has seen thousands of chest
+    X-rays, the pneumothorax set has 27 positives): tensors that `state` lacks, such as a
+    classification head, keep their random start. The encoder must come whole, though: a state
+    that misses or misshapes any encoder tensor is a different network and is refused.
+    """
+    own = model.state_dict()
+    bad = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    unexpected = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in state)
+    if bad or unexpected or any(k.startswith("encoder.") for k in missing):
+        raise ValueError(
+            "initial weights do not fit this network: "
+            f"shape differs for {bad[:3]}, unknown {unexpected[:3]}, missing {missing[:3]}"
+        )
+    model.load_state_dict(state, strict=False)
+    if missing:
+        log.info("not in the initial weights (random start): %s", ", ".join(missing))
+    return missing
 
 
 def _passes(loader: DataLoader[Any]) -> Iterator[Any]:
@@ -324,13 +357,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
     amp = device.type == "cuda"
     model = build(cfg.spec)
     if cfg.init:
-        model.load_state_dict(initial_weights(cfg.init))
-        log.info("initialised from %s", cfg.init)
+        untrained = load_initial(model, initial_weights(cfg.init))
+        log.info("initialised from %s%s", cfg.init, f" ({len(untrained)} tensors left untrained)" if untrained else "")
     model = model.to(device)
     model.train()
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ds = SegmentationDataset(train_c, radiograph_augment() if cfg.augment else None)
+    ds = SegmentationDataset(with_repeats(train_c, cfg.positive_repeat), radiograph_augment() if cfg.augment else None)
     # An epoch may be shorter or (on a GPU, to checkpoint less often) longer than one pass.
     epoch_len = cfg.epoch_images or len(ds)
     steps_per_epoch = max(1, epoch_len // cfg.batch_size) if epoch_len > cfg.batch_size else 1

@@ -407,3 +407,51 @@ def test_selection_by_sources_weighs_each_source_once() -> None:
     assert selection_dice(0.82, {}, "sources") == 0.82
     with pytest.raises(ValueError, match="select_by"):
         selection_dice(0.82, by_source, "patients")
+
+
+def test_another_tasks_weights_start_the_network_and_leave_its_own_head_untrained() -> None:
+    """A lung model (no classification head) starts a pneumothorax model (with one): everything the
+    lung model has is copied, the head keeps its random start and is named."""
+    from training.train import load_initial
+
+    lung = models.build(dataclasses.replace(models.SPECS["lung"], input_size=SIZE))
+    ptx_spec = dataclasses.replace(models.SPECS["pneumothorax"], input_size=SIZE)
+    assert ptx_spec.aux_classification and not models.SPECS["lung"].aux_classification
+    ptx = models.build(ptx_spec)
+    head_before = {k: v.clone() for k, v in ptx.state_dict().items() if k.startswith("classification_head")}
+
+    untrained = load_initial(ptx, lung.state_dict())
+
+    assert untrained == sorted(head_before) and untrained
+    for k, v in lung.state_dict().items():
+        assert torch.equal(ptx.state_dict()[k], v), k
+    for k, v in head_before.items():
+        assert torch.equal(ptx.state_dict()[k], v), k
+
+
+def test_initial_weights_of_another_network_are_refused() -> None:
+    from training.train import load_initial
+
+    lung = models.build(dataclasses.replace(models.SPECS["lung"], input_size=SIZE))
+    state = lung.state_dict()
+    with pytest.raises(ValueError, match="shape differs"):  # another encoder width or channel count
+        load_initial(models.build(models.SPECS["lung"]), {**state, "encoder.conv1.weight": torch.zeros(64, 3, 7, 7)})
+    with pytest.raises(ValueError, match="missing"):  # an encoder that does not come whole
+        load_initial(lung, {k: v for k, v in state.items() if k != "encoder.layer1.0.conv1.weight"})
+    ptx = models.build(dataclasses.replace(models.SPECS["pneumothorax"], input_size=SIZE))
+    with pytest.raises(ValueError, match="unknown"):  # a head this network lacks
+        load_initial(lung, ptx.state_dict())
+
+
+def test_positives_are_repeated_and_negatives_kept_once(tiny_run) -> None:
+    from training.train import with_repeats
+
+    folder, _, _ = tiny_run
+    cached = cache_samples(read_folder(folder, ("lungs",))[:3], ("lungs",), SIZE)
+    empty = dataclasses.replace(cached[0], target=np.zeros_like(cached[0].target), positive=0.0)
+    repeated = with_repeats([*cached, empty], 3)
+    assert len(repeated) == 3 * 3 + 1
+    assert sum(c is empty for c in repeated) == 1
+    assert with_repeats(cached, 1) == cached
+    with pytest.raises(ValueError, match="at least 1"):
+        with_repeats(cached, 0)
