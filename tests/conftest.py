@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,19 @@ from tests.support.redis import RedisServer
 def pytest_configure(config: pytest.Config) -> None:
     # DCMTK's storescp/storescu/echoscu, not pynetdicom's apps of the same names in an activated venv.
     os.environ["PATH"] = without_venv_scripts(os.environ.get("PATH", ""))
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Undo what a CLI's `main` run in-process did to the root logger. Its handler writes to the
+    stream of that test (capsys closes it at the end); a thread that logs later would otherwise
+    hit the closed stream ("--- Logging error ---")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
