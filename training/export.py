@@ -70,6 +70,23 @@ def _dig(data: dict[str, Any], dotted: str) -> float:
     return float(value)
 
 
+def _initialised_from(init: str) -> str:
+    """The start of training as a card states it: a shipped model is named with its version, which
+    the name alone would not pin down once those weights are replaced."""
+    if not init:
+        return "random"
+    if init.endswith(".pt"):
+        return init
+    card = json.loads(models.card_path(init).read_text())
+    return f"{init} (shipped weights {card.get('version')}, sha256 {card.get('sha256')})"
+
+
+def _encoder_weights(init: str) -> str:
+    if not init:
+        return "none (trained from scratch: no pretrained weights can be downloaded)"
+    return f"none downloaded: initialised from {init}, itself trained here on ../shared/data"
+
+
 def build_card(
     run_dir: Path,
     evaluation: dict[str, Any],
@@ -86,7 +103,7 @@ def build_card(
     return {
         "architecture": config["spec"]["arch"],
         "encoder": config["spec"]["encoder"],
-        "encoder_weights": "none (trained from scratch: no pretrained weights can be downloaded)",
+        "encoder_weights": _encoder_weights(config.get("init") or ""),
         "input_size": config["spec"]["input_size"],
         "preprocessing": PREPROCESSING,
         "input_region": "image",
@@ -121,7 +138,8 @@ def build_card(
             if config.get("weak_data")
             else None,
             **({"negatives_where": config["negatives_where"]} if config.get("negatives_where") else {}),
-            "initialised_from": config.get("init") or "random",
+            "initialised_from": _initialised_from(config.get("init") or ""),
+            **({"positive_repeat": config["positive_repeat"]} if config.get("positive_repeat", 1) > 1 else {}),
             "optimizer": "AdamW, linear warm-up + cosine decay",
             "history": history,
             "wall_clock_s": round(sum(h["seconds"] for h in history)),

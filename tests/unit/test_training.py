@@ -455,3 +455,24 @@ def test_positives_are_repeated_and_negatives_kept_once(tiny_run) -> None:
     assert with_repeats(cached, 1) == cached
     with pytest.raises(ValueError, match="at least 1"):
         with_repeats(cached, 0)
+
+
+def test_a_card_pins_the_shipped_weights_its_training_started_from(tiny_run) -> None:
+    """`--init lung` names a model whose weights change with each release: the card keeps the version."""
+    from training.export import build_card
+
+    _, run, _ = tiny_run
+    config = json.loads((run / "config.json").read_text())
+    lung = json.loads(models.card_path("lung").read_text())
+    evaluation = {"overall": {"dice": 0.9}}
+    for init, expected in (("", "random"), ("runs/x/best.pt", "runs/x/best.pt"), ("lung", lung["version"])):
+        (run / "config.json").write_text(json.dumps({**config, "init": init}))
+        try:
+            card = build_card(
+                run, evaluation, "cmd", status="experimental", limitations=[], extra={}, primary_metric="overall.dice"
+            )
+        finally:
+            (run / "config.json").write_text(json.dumps(config))
+        assert expected in card["training"]["initialised_from"]
+        assert ("from scratch" in card["encoder_weights"]) == (not init)
+    assert lung["sha256"] in card["training"]["initialised_from"]
