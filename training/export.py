@@ -19,6 +19,7 @@ from typing import Any
 
 from training.predict import load_model
 from training.tasks import portable
+from training.train import describe_init
 from workers import models
 
 log = logging.getLogger(__name__)
@@ -68,17 +69,6 @@ def _dig(data: dict[str, Any], dotted: str) -> float:
     for part in dotted.split("."):
         value = value[part]
     return float(value)
-
-
-def _initialised_from(init: str) -> str:
-    """The start of training as a card states it: a shipped model is named with its version, which
-    the name alone would not pin down once those weights are replaced."""
-    if not init:
-        return "random"
-    if init.endswith(".pt"):
-        return init
-    card = json.loads(models.card_path(init).read_text())
-    return f"{init} (shipped weights {card.get('version')}, sha256 {card.get('sha256')})"
 
 
 def _encoder_weights(init: str) -> str:
@@ -138,7 +128,8 @@ def build_card(
             if config.get("weak_data")
             else None,
             **({"negatives_where": config["negatives_where"]} if config.get("negatives_where") else {}),
-            "initialised_from": _initialised_from(config.get("init") or ""),
+            # Recorded by train when the run started; runs from before that are described now.
+            "initialised_from": config.get("initialised_from") or describe_init(config.get("init") or ""),
             **({"positive_repeat": config["positive_repeat"]} if config.get("positive_repeat", 1) > 1 else {}),
             "optimizer": "AdamW, linear warm-up + cosine decay",
             "history": history,

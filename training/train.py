@@ -29,7 +29,7 @@ from training.ralo import extent_loss, hard_extents, is_ralo_folder, ralo_sample
 from training.severity_eval import THRESHOLDS as VAL_ZONE_THRESHOLDS
 from training.splits import split, write_split
 from training.weak import ZONE_THRESHOLD, attach_zones, hard_fractions, severity_samples, zone_loss
-from workers.models import ModelSpec, build, load
+from workers.models import ModelSpec, build, card_path, load
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,17 @@ def initial_weights(init: str) -> dict[str, torch.Tensor]:
         return cast(dict[str, torch.Tensor], torch.load(init, map_location="cpu", weights_only=False)["model"])
     shipped, _ = load(init)
     return {k: v.float() for k, v in shipped.state_dict().items()}
+
+
+def describe_init(init: str) -> str:
+    """What `initial_weights(init)` loads, as a card states it: a shipped model with its version and
+    sha256, which the name alone does not pin down once those weights are replaced."""
+    if not init:
+        return "random"
+    if init.endswith(".pt"):
+        return init
+    card = json.loads(card_path(init).read_text())
+    return f"{init} (shipped weights {card.get('version')}, sha256 {card.get('sha256')})"
 
 
 def with_repeats(cached: list[Cached], positive_repeat: int) -> list[Cached]:
@@ -337,7 +348,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
         if cfg.weak_data
         else None,
     )
-    (cfg.run_dir / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=1) + "\n")
+    config_file = cfg.run_dir / "config.json"
+    # The weights a shipped name stood for when the run started: a resume, or the export after a
+    # release, would otherwise find other weights under the same name.
+    started_from = (
+        json.loads(config_file.read_text()).get("initialised_from") if resume and config_file.exists() else None
+    ) or describe_init(cfg.init)
+    config_file.write_text(json.dumps(asdict(cfg) | {"initialised_from": started_from}, default=str, indent=1) + "\n")
     log.info(
         "%d train / %d validation images (%d / %d patients)",
         len(train_s),

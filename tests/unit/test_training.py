@@ -463,10 +463,17 @@ def test_a_card_pins_the_shipped_weights_its_training_started_from(tiny_run) -> 
 
     _, run, _ = tiny_run
     config = json.loads((run / "config.json").read_text())
+    assert config["initialised_from"] == "random"  # recorded by train when the run started
     lung = json.loads(models.card_path("lung").read_text())
     evaluation = {"overall": {"dice": 0.9}}
-    for init, expected in (("", "random"), ("runs/x/best.pt", "runs/x/best.pt"), ("lung", lung["version"])):
-        (run / "config.json").write_text(json.dumps({**config, "init": init}))
+    recorded = "lung (shipped weights 2026-01-01-abc, sha256 00)"  # what `lung` was when a run began
+    for init, started, expected in (
+        ("", None, "random"),
+        ("runs/x/best.pt", None, "runs/x/best.pt"),
+        ("lung", None, lung["version"]),  # a run from before train recorded it: described at export
+        ("lung", recorded, recorded),
+    ):
+        (run / "config.json").write_text(json.dumps({**config, "init": init, "initialised_from": started}))
         try:
             card = build_card(
                 run, evaluation, "cmd", status="experimental", limitations=[], extra={}, primary_metric="overall.dice"
@@ -475,4 +482,5 @@ def test_a_card_pins_the_shipped_weights_its_training_started_from(tiny_run) -> 
             (run / "config.json").write_text(json.dumps(config))
         assert expected in card["training"]["initialised_from"]
         assert ("from scratch" in card["encoder_weights"]) == (not init)
-    assert lung["sha256"] in card["training"]["initialised_from"]
+        if init == "lung" and started is None:
+            assert lung["sha256"] in card["training"]["initialised_from"]
