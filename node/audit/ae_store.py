@@ -20,6 +20,7 @@ from node.audit.txn import StoreError, _event
 
 class AEStoreMixin:
     session: Callable[[], AbstractContextManager[Session]]
+    reading: Callable[[], AbstractContextManager[Session]]
     node: str
 
     # -- AE titles ------------------------------------------------------------------------------------
@@ -29,7 +30,7 @@ class AEStoreMixin:
             return list(s.scalars(select(AETitle).order_by(AETitle.name)))
 
     def get_ae(self, name: str) -> AETitle | None:
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalar(select(AETitle).where(AETitle.name == name))
 
     def add_ae(

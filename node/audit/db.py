@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
+#: Execution option of the connections that only read (:meth:`node.audit.store.AuditStore.reading`).
+READ_ONLY = "cxrnode_read_only"
+
+
 def make_engine(url: str, echo: bool = False) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and write transactions that take the lock first."""
     parsed = make_url(url)
@@ -42,7 +46,9 @@ def make_engine(url: str, echo: bool = False) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _sqlite_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read (READ_ONLY) takes a WAL snapshot and never waits for a writer; everything else takes
+        # the write lock first.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
 

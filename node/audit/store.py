@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit.ae_store import AEStoreMixin
-from node.audit.db import make_engine, migrate
+from node.audit.db import READ_ONLY, make_engine, migrate
 from node.audit.export_store import ExportStoreMixin
 from node.audit.models import (
     FINAL_STATES,
@@ -110,6 +110,7 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
         self.engine = engine
         self.node = node
         self._sessions = sessionmaker(engine, expire_on_commit=False, info={"node": node})
+        self._reads = sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _stamp_node)
 
     @classmethod
@@ -126,6 +127,14 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
     def session(self) -> Iterator[Session]:
         """A transaction: committed on success, rolled back on error."""
         with self._sessions.begin() as s:
+            yield s
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A transaction that only reads. On SQLite it does not wait for the write lock (another writer
+        may hold it for up to the busy timeout): for reads a peer waits on, such as the AE title an
+        association request is checked against."""
+        with self._reads.begin() as s:
             yield s
 
     # -- events ---------------------------------------------------------------------------------------

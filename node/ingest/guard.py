@@ -28,7 +28,9 @@ peer sends, so the listener's connections are made here, with bounds pynetdicom 
 
 Each drop is logged and audited as ``connection.dropped`` with the peer address; per peer address at
 most :data:`AUDIT_BURST` such rows a minute are written (then one row says how many were left out), so
-a flood of bad connections cannot fill the audit log instead.
+a flood of bad connections cannot fill the audit log instead. The connection is cut before its row is
+written: an audit database that is busy (SQLite waits up to its busy timeout for another writer) must
+not keep a hostile peer's connection open, nor hold the watchdog back from the next late connection.
 
 One :class:`GuardedRequestHandler` per connection is what the SCP's server class instantiates
 (``request_handler=``); everything else stays pynetdicom's. The bounds live in one
@@ -130,8 +132,7 @@ class ConnectionGuard:
                     )
                 live.append(new)
             self._conns = live
-        for conn, reason in drops:
-            conn.sock.drop(reason)
+        self._drop_all(drops)
 
     def handshake(self, raw: socket.socket) -> socket.socket:
         """TLS: the server-side handshake, within the association request deadline; OSError when it fails."""
@@ -165,11 +166,23 @@ class ConnectionGuard:
             with self._lock:
                 self._conns = [c for c in self._conns if c.alive]
                 late = [c for c in self._conns if c.pending and now - c.since > self.request_timeout_s]
-            for conn in late:
-                conn.sock.drop(
-                    f"association request not complete {now - conn.since:.1f} s after connecting "
-                    f"(dicom.association_request_timeout_s {self.request_timeout_s:g})"
-                )
+            self._drop_all(
+                [
+                    (
+                        conn,
+                        f"association request not complete {now - conn.since:.1f} s after connecting "
+                        f"(dicom.association_request_timeout_s {self.request_timeout_s:g})",
+                    )
+                    for conn in late
+                ]
+            )
+
+    def _drop_all(self, drops: list[tuple[_Connection, str]]) -> None:
+        """Cut every connection first, then audit them: no peer waits for another one's audit row."""
+        cut = [(conn, reason, conn.sock.cut()) for conn, reason in drops]
+        for conn, reason, associated in cut:
+            if associated is not None:
+                self.dropped(conn.assoc, reason, associated=associated)
 
     def refused_handshake(self, host: str, port: int, error: BaseException) -> None:
         """A TLS handshake that failed or took too long: logged and audited like a dropped connection."""
@@ -183,10 +196,11 @@ class ConnectionGuard:
             return int(assoc.acceptor.maximum_length or 0) or None
         return self.max_request_pdu
 
-    def dropped(self, assoc: Any, reason: str, **detail: Any) -> None:
-        """Log and audit (throttled per peer address) a connection the guard ends."""
+    def dropped(self, assoc: Any, reason: str, *, associated: bool, **detail: Any) -> None:
+        """Log and audit (throttled per peer address) a connection the guard has cut; `associated`: whether
+        its association was established when it was cut (by now the DUL may have ended it)."""
         host, port = _peer(assoc)
-        self._audit(host, port, _calling_ae(assoc), reason, associated=bool(assoc.is_established), **detail)
+        self._audit(host, port, _calling_ae(assoc), reason, associated=associated, **detail)
 
     def _audit(self, host: str, port: int | None, calling: str, reason: str, **detail: Any) -> None:
         now = time.monotonic()
@@ -321,16 +335,23 @@ class GuardedSocket(AssociationSocket):
         return True if self.dropped else bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
 
     def drop(self, reason: str, **detail: Any) -> None:
-        """Audit, A-ABORT (service-provider, invalid PDU parameter value) and shut the connection down.
+        """Cut the connection (:meth:`cut`), then audit why."""
+        associated = self.cut()
+        if associated is not None:
+            self.guard.dropped(self.assoc, reason, associated=associated, **detail)
+
+    def cut(self) -> bool | None:
+        """A-ABORT (service-provider, invalid PDU parameter value) and shut the connection down; whether its
+        association was established then, or None when it had been cut already.
 
         The DUL then ends the association as if the peer had closed it (an accepted one is audited as
         aborted); a connection not yet associated is ended at once instead of after ``acse_timeout``.
         """
         with _DROP_LOCK:
             if self.dropped:
-                return
+                return None
             self.dropped = True
-        self.guard.dropped(self.assoc, reason, **detail)
+        associated = bool(self.assoc.is_established)
         sock = self.socket
         if sock is not None:
             # An SSL object must not be written by one thread while another reads it: from the watchdog,
@@ -345,9 +366,10 @@ class GuardedSocket(AssociationSocket):
                     pass
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        if not self.assoc.is_established:
+        if not associated:
             # The association thread waits acse_timeout for an A-ASSOCIATE-RQ: nothing is an answer now.
             self.assoc.dul.to_user_queue.put(None)
+        return associated
 
 
 _DROP_LOCK = threading.Lock()

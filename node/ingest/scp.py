@@ -274,21 +274,29 @@ class StorageSCP:
     def _reject(
         self, assoc: Association, peer: tuple[str, str, str, int | None], reason: str, rejection: tuple[int, int, int]
     ) -> None:
-        """Audit the refused association with its reason, then send the A-ASSOCIATE-RJ
-        (result, source, diagnostic) and drop the connection."""
+        """Send the A-ASSOCIATE-RJ (result, source, diagnostic), drop the connection, then audit the refused
+        association with its reason.
+
+        The answer goes first: a refused peer hands the node nothing to keep, so it need not wait for an
+        audit database that is busy, and a failing audit write cannot leave the association to be
+        negotiated (and accepted) as if no rejection had been decided.
+        """
         calling, called, peer_host, peer_port = peer
         log.warning("rejecting association from %s@%s:%s: %s", calling, peer_host, peer_port, reason)
-        self.store.record_association(
-            calling_ae=calling,
-            called_ae=called,
-            peer_host=peer_host,
-            peer_port=peer_port,
-            result="rejected",
-            reason=reason,
-            tls=self.settings.dicom.tls.enabled,
-        )
         assoc.acse.send_reject(*rejection)
         assoc.kill()  # returns once the A-ASSOCIATE-RJ is on the wire
+        try:
+            self.store.record_association(
+                calling_ae=calling,
+                called_ae=called,
+                peer_host=peer_host,
+                peer_port=peer_port,
+                result="rejected",
+                reason=reason,
+                tls=self.settings.dicom.tls.enabled,
+            )
+        except Exception:
+            log.exception("could not audit the rejected association from %s@%s", calling, peer_host)
 
     def on_established(self, event: evt.Event) -> None:
         assoc = event.assoc

@@ -11,7 +11,7 @@ import pytest
 from node.audit import AuditStore
 from node.cli.main import main
 from tests.support.dcmtk import StoreSCP, echoscu
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -144,8 +144,12 @@ def test_policy_follows_the_ae_table_while_the_node_runs(
 
     assert cli(node.config, "remove", "NEWSOURCE") == 0
     assert echoscu(node.port, aet="NEWSOURCE").returncode != 0
-    reasons = [a.reason for a in node.store().list_associations() if a.result == "rejected"]
-    assert "calling AE title 'FARAWAY' not allowed from 127.0.0.1 (expected 192.0.2.10)" in reasons
+    faraway_reason = "calling AE title 'FARAWAY' not allowed from 127.0.0.1 (expected 192.0.2.10)"
+    wait_for(  # a rejection is audited just after the A-ASSOCIATE-RJ went out
+        lambda: faraway_reason in [a.reason for a in node.store().list_associations() if a.result == "rejected"],
+        15,
+        "the refused FARAWAY association to be audited",
+    )
     assert node.stop() == 0
 
 

@@ -218,6 +218,8 @@ def test_low_disk_rejects_storage_associations_before_any_data_set(node_factory:
     assert result.returncode != 0 and result.statuses == []
     assert "Association Rejected" in result.output and "Transient" in result.output, result.output
     assert not list(node.spool.glob("*/*.dcm")) and node.store().list_instances() == []
+    # The rejection is audited just after the A-ASSOCIATE-RJ went out.
+    wait_for(lambda: len(node.store().list_associations()) == 1, 15, "the rejected association to be audited")
     (assoc,) = node.store().list_associations()
     assert assoc.result == "rejected" and "min_free_mb" in assoc.reason and assoc.peer_host == "127.0.0.1"
     assert echoscu(node.port).returncode == 0  # verification needs no disk: monitoring still sees the node
