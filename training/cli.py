@@ -10,9 +10,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.tasks import TASKS, shared_data_root
+
+if TYPE_CHECKING:
+    from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +28,30 @@ def _folders(values: Sequence[str] | None, default: Sequence[str]) -> list[Path]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, train
+    from training.train import train
+
+    train(train_config(args), resume=args.resume)
+    return 0
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run that `train` would make of these arguments (also what `pack` packs for)."""
+    from training.train import TrainConfig, init_input_size
     from workers.models import SPECS
 
     task = TASKS[args.task]
     spec = SPECS[args.task]
-    if args.arch or args.encoder or args.input_size:
+    input_size = args.input_size or (init_input_size(args.init) if args.init else None)
+    if input_size and not args.input_size and input_size != spec.input_size:
+        log.info("input size %d: the size the --init weights were trained at (--input-size overrides)", input_size)
+    if args.arch or args.encoder or input_size:
         spec = replace(
             spec,
             arch=args.arch or spec.arch,
             encoder=args.encoder or spec.encoder,
-            input_size=args.input_size or spec.input_size,
+            input_size=input_size or spec.input_size,
         )
-    cfg = TrainConfig(
+    return TrainConfig(
         spec=spec,
         structures=task.structures,
         data=_folders(args.data, task.data),
@@ -75,8 +89,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         select_by=args.select_by,
         positive_repeat=args.positive_repeat,
     )
-    train(cfg, resume=args.resume)
-    return 0
 
 
 def _command_line(argv: Sequence[str]) -> str:
@@ -413,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--arch")
     t.add_argument("--encoder")
-    t.add_argument("--input-size", type=int)
+    t.add_argument("--input-size", type=int, help="default: the --init weights' size, else the task's")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="Dice/IoU/HD95 per image + summary; `severity` for labels.csv folders")

@@ -135,6 +135,19 @@ def initial_weights(init: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in shipped.state_dict().items()}
 
 
+def init_input_size(init: str) -> int | None:
+    """The input size the `init` weights were trained at (None if a checkpoint does not say).
+
+    A fine-tune continues at that size unless `--input-size` says otherwise: the shipped lung model
+    runs at 256 while the lung task's default is 160, and a GPU fine-tune from it that silently
+    dropped to 160 cost Darwin 0.03 Dice before anyone noticed.
+    """
+    if init.endswith(".pt"):
+        spec = torch.load(init, map_location="cpu", weights_only=False).get("spec") or {}
+        return int(spec["input_size"]) if "input_size" in spec else None
+    return int(json.loads(card_path(init).read_text())["input_size"])
+
+
 def describe_init(init: str) -> str:
     """What `initial_weights(init)` loads, as a card states it: a shipped model with its version and
     sha256, which the name alone does not pin down once those weights are replaced."""

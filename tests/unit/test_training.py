@@ -484,3 +484,19 @@ def test_a_card_pins_the_shipped_weights_its_training_started_from(tiny_run) -> 
         assert ("from scratch" in card["encoder_weights"]) == (not init)
         if init == "lung" and started is None:
             assert lung["sha256"] in card["training"]["initialised_from"]
+
+
+def test_a_fine_tune_keeps_the_input_size_of_the_weights_it_starts_from(tiny_run) -> None:
+    """The task default (lung: 160) is for runs from scratch; `--init` weights bring their own size."""
+    from training.cli import build_parser, train_config
+
+    _, run, _ = tiny_run
+    shipped = json.loads(models.card_path("lung").read_text())["input_size"]
+
+    def size(*argv: str) -> int:
+        return train_config(build_parser().parse_args(["train", "lung", *argv])).spec.input_size
+
+    assert size() == models.SPECS["lung"].input_size
+    assert size("--init", "lung") == shipped
+    assert size("--init", str(run / "best.pt")) == SIZE
+    assert size("--init", "lung", "--input-size", "384") == 384
