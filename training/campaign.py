@@ -86,7 +86,8 @@ def load_recipe(path: Path) -> Recipe:
     return Recipe(minutes, jobs)
 
 
-def _fill(args: list[str], run: Path, data_root: Path) -> list[str]:
+def fill(args: list[str], run: Path, data_root: Path) -> list[str]:
+    """`args` with the recipe placeholders `{run}`, `{checkpoint}` and `{data}` filled in."""
     values = {"run": str(run), "checkpoint": str(run / "best.pt"), "data": str(data_root)}
     return [a.format(**values) for a in args]
 
@@ -114,7 +115,7 @@ def run_campaign(recipe: Recipe, out: Path, data_root: Path, parallel: int = 0) 
     trainings = [
         (
             job.name,
-            [*python, "train", *_fill(job.train, out / job.name, data_root), *_owned(out / job.name, recipe)],
+            [*python, "train", *fill(job.train, out / job.name, data_root), *_owned(out / job.name, recipe)],
             out / job.name / "train.log",
         )
         for job in recipe.jobs
@@ -128,7 +129,7 @@ def run_campaign(recipe: Recipe, out: Path, data_root: Path, parallel: int = 0) 
             continue
         for k, cmd in enumerate(job.evaluate):
             target = run / f"eval{k}"
-            argv = [*python, *_fill(cmd, run, data_root), "--out", str(target)]
+            argv = [*python, *fill(cmd, run, data_root), "--out", str(target)]
             evaluations.append((f"{job.name}/eval{k}", argv, run / "evaluate.log"))
     eval_codes = run_processes(evaluations, parallel or len(recipe.jobs))
     jobs: dict[str, Any] = {}

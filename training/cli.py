@@ -253,6 +253,31 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     return 1 if result["failed"] else 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from training.campaign import load_recipe
+    from training.pack import pack
+
+    parser = build_parser()
+    out = Path(args.out)
+    result = pack(
+        load_recipe(Path(args.recipe)),
+        lambda argv: train_config(parser.parse_args(["train", *argv])),
+        shared_data_root(),
+        out,
+        args.jpeg_quality,
+    )
+    mib = result["bytes"] / 2**20
+    log.info("pack: %.1f MiB in %s; carry besides it: %s", mib, out, result["carry"] or "nothing")
+    if args.max_mib and mib > args.max_mib:
+        log.error(
+            "pack: %.1f MiB is over --max-mib %.0f: fewer jobs, smaller inputs or a lower --jpeg-quality",
+            mib,
+            args.max_mib,
+        )
+        return 1
+    return 0
+
+
 def cmd_soup(args: argparse.Namespace) -> int:
     from training.soup import make_soup
 
@@ -564,6 +589,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="folder of the job runs and campaign.json")
     g.add_argument("--parallel", type=int, default=0, help="trainings at once (default: all)")
     g.set_defaults(func=cmd_campaign)
+
+    q = sub.add_parser(
+        "pack",
+        help="the samples a recipe's trainings read, at their input sizes, small enough to carry to a lent GPU",
+        description="See training/pack.py. Writes OUT/<job>/..., OUT/recipe.toml (run it with "
+        "CXR_SHARED_DATA=OUT) and OUT/pack.json (bytes, files to carry, evaluations to run after).",
+    )
+    q.add_argument("recipe", help="TOML recipe, e.g. training/recipes/gpu15.toml")
+    q.add_argument("--out", required=True, help="pack folder (replaced)")
+    q.add_argument("--jpeg-quality", type=int, default=90, help="0 stores PNG (lossless, about 2x larger)")
+    q.add_argument("--max-mib", type=float, default=0, help="exit 1 when the pack is larger (0: no limit)")
+    q.set_defaults(func=cmd_pack)
 
     u = sub.add_parser(
         "soup",

@@ -58,13 +58,13 @@ def read_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _row_id(row: dict[str, str]) -> str:
+def row_id(row: dict[str, str]) -> str:
     return row.get("id") or row["image_id"]
 
 
-def _image_path(folder: Path, row: dict[str, str]) -> Path:
+def image_path_of(folder: Path, row: dict[str, str]) -> Path:
     rel = row.get("image_path")
-    return folder / rel if rel else folder / "images" / f"{_row_id(row)}.png"
+    return folder / rel if rel else folder / "images" / f"{row_id(row)}.png"
 
 
 def read_folder(
@@ -80,7 +80,7 @@ def read_folder(
     samples = []
     skipped = 0
     for row in read_rows(folder):
-        sid = _row_id(row)
+        sid = row_id(row)
         masks: dict[str, Path | None] = {}
         for s in structures:
             path = folder / "masks" / s / f"{sid}.png"
@@ -94,7 +94,7 @@ def read_folder(
         ignore = folder / "masks" / IGNORE / f"{sid}.png"
         patient = (row.get("patient_id") or "").strip() or f"{source}:{sid}"
         samples.append(
-            Sample(source, sid, _image_path(folder, row), masks, patient, ignore if ignore.exists() else None, row)
+            Sample(source, sid, image_path_of(folder, row), masks, patient, ignore if ignore.exists() else None, row)
         )
     if skipped:
         log.info("%s: %d images lack a %s mask and are skipped", folder, skipped, "/".join(structures))

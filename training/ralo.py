@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.data import Sample, _image_path, load_gray, read_rows
+from training.data import Sample, image_path_of, load_gray, read_rows
 from training.metrics import cohen_kappa
 from training.severity_eval import load_models
 from training.tasks import portable
@@ -105,7 +105,7 @@ def ralo_samples(folder: Path, folds: Sequence[int]) -> list[Sample]:
             Sample(
                 folder.name,
                 image_id,
-                _image_path(folder, row),
+                image_path_of(folder, row),
                 {"opacity": None},
                 row.get("patient_id") or f"{folder.name}:{image_id}",
                 row=row,
@@ -231,7 +231,7 @@ def evaluate_extent(
     selected = [r for r in all_rows if folds is None or int(r["fold"]) in folds]
     rows: list[dict[str, Any]] = []
     for i, row in enumerate(selected):
-        image = load_gray(_image_path(folder, row))
+        image = load_gray(image_path_of(folder, row))
         right, left = severity.split_lungs(lung.mask(image))
         res = severity.score(right, left, opacity.mask(image), threshold=0.0)
         raters = rater_extents(row)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from training.data import load_gray, read_rows
+from training.data import image_path_of, load_gray, read_rows
 from training.metrics import cohen_kappa, severity_agreement
 from training.predict import Segmenter
 from workers import severity
@@ -96,7 +96,7 @@ def zone_fractions(
     selected = [r for r in read_rows(folder) if folds is None or int(r["fold"]) in folds]
     for i, row in enumerate(selected):
         image_id = row.get("image_id") or row["id"]
-        image = load_gray(folder / "images" / f"{image_id}.png")
+        image = load_gray(image_path_of(folder, row))
         right, left = severity.split_lungs(lung.mask(image))
         opacity_prob = opacity.prob(image)
         res = severity.score(right, left, opacity_prob > opacity.threshold, threshold=0.0)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data import Cached, Sample, load_gray, read_rows, resize_mask
+from training.data import Cached, Sample, image_path_of, load_gray, read_rows, resize_mask
 from training.predict import Segmenter
 from training.severity_eval import brixia_scores, rater_mean
 from workers import severity
@@ -57,7 +57,7 @@ def severity_samples(folder: Path, folds: Sequence[int]) -> list[Sample]:
             Sample(
                 folder.name,
                 image_id,
-                folder / "images" / f"{image_id}.png",
+                image_path_of(folder, row),
                 {"opacity": None},
                 row.get("patient_id") or f"{folder.name}:{image_id}",
                 row=row,

@@ -93,9 +93,12 @@ def test_recipe_mistakes_are_refused_before_anything_runs(tmp_path, text, messag
     assert main(["campaign", str(recipe), "--out", str(tmp_path / "out")]) == 2
 
 
-def test_shipped_gpu_recipe_is_valid() -> None:
-    recipe = load_recipe(Path(__file__).resolve().parents[2] / "training" / "recipes" / "gpu15.toml")
-    assert {j.train[0] for j in recipe.jobs} == {"lung", "opacity", "pneumothorax"}
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "training" / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_gpu_recipes_are_valid(path: Path) -> None:
+    recipe = load_recipe(path)
     # Training plus evaluation must leave the lease's start-up and transfers room in 15 minutes.
     assert recipe.minutes <= 10
     parser = build_parser()  # every argument is one the commands take (argparse exits otherwise)
@@ -104,3 +107,8 @@ def test_shipped_gpu_recipe_is_valid() -> None:
         parser.parse_args(["train", *(a.format(**fill) for a in job.train), "--run", "r", "--max-minutes", "9"])
         for cmd in job.evaluate:
             parser.parse_args([*(a.format(**fill) for a in cmd), "--out", "o"])
+
+
+def test_issue_16_recipes_cover_all_three_models() -> None:
+    tasks = {j.train[0] for p in RECIPES for j in load_recipe(p).jobs}
+    assert tasks == {"lung", "opacity", "pneumothorax"}
