@@ -44,6 +44,7 @@ from training.data import (
 )
 from training.ralo import is_ralo_folder, ralo_samples
 from training.splits import split
+from training.tasks import portable
 from training.train import TrainConfig, collect_samples
 from training.weak import severity_samples
 from workers.models import weights_path
@@ -167,7 +168,10 @@ def pack_job(job: Job, cfg: TrainConfig, data_root: Path, out: Path, jpeg_qualit
         "weak_samples": len(weak),
         "bytes": nbytes,
         "carry": carried_init(cfg.init),
-        "evaluate_after": ["python -m training " + " ".join(cmd) for cmd in job.evaluate],
+        # Run where the data is, with {run} the returned job folder ({checkpoint}: its best.fp16.pt).
+        "evaluate_after": [
+            portable("python -m training " + " ".join(cmd).replace("{data}", str(data_root))) for cmd in job.evaluate
+        ],
     }
 
 

@@ -68,7 +68,7 @@ def test_pack_holds_what_train_reads_at_its_input_size(data, tmp_path) -> None:
     job = info["jobs"]["small"]
     assert job["images"] == 8 + 3 and job["input_size"] == SIZE and job["carry"] is None
     assert job["evaluate_after"] == [
-        "python -m training evaluate lung --data {data}/lungs/tiny --checkpoint {checkpoint}"
+        "python -m training evaluate lung --data $CXR_SHARED_DATA/lungs/tiny --checkpoint {checkpoint}"
     ]
     images = sorted((out / "small").rglob("images/*"))
     assert len(images) == 11 and all(p.suffix == ".jpg" for p in images)

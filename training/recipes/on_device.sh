@@ -10,10 +10,12 @@
 #     segmentation-models-pytorch==0.6.0 albumentations==2.0.8 albucore==0.0.24 pydantic==2.14.4 \
 #     pydantic-core==2.50.5 simsimd==6.5.16 stringzilla==5.3.2 typing-inspection==0.4.5 annotated-types==0.8.0
 #   printf '/.pack/\n/.pack.tgz\n/.whl/\n' >> .git/info/exclude
-#   git rm -q --cached workers/weights/*.safetensors   # 74 MB tracked: carry only what pack.json names
+# and, for the call only (74 MB of weights are tracked; untracked files git does not ignore travel too):
+#   git rm -q --cached workers/weights/*.safetensors && echo '/workers/weights/*.safetensors' >> .git/info/exclude
 # then run `bash training/recipes/on_device.sh .pack.tgz` there with carry [".pack.tgz", ".whl",
-# <pack.json's carry>] and a timeout a few minutes over the recipe's `minutes`; afterwards
-# `git reset -q -- workers/weights` restores the index. Bring the results home with
+# <pack.json's carry>] and a timeout a few minutes over the recipe's `minutes`; afterwards restore with
+#   git reset -q -- workers/weights && sed -i '\#^/workers/weights/\*.safetensors$#d' .git/info/exclude
+# Bring the results home with
 #   mkdir -p runs/device && tar xzf <files_at>/small.tgz -C runs/device && cat <files_at>/ckpt.part.* | tar xf - -C runs/device
 # and run the evaluations pack.json lists ({run} = runs/device/<job>, {checkpoint} = its best.fp16.pt).
 set -u
