@@ -10,14 +10,16 @@ history, the evaluation summaries and an fp16 copy of best.pt (half the size; th
 fp16 anyway). `campaign.json` says which jobs ran, how long, and which failed: one failing job never
 stops the others.
 
-Recipe format (placeholders: `{run}` the job's run folder, `{checkpoint}` its best.pt, `{data}` the
-shared data root):
+Recipe format (placeholders: `{run}` the job's run folder, `{checkpoint}` the job's checkpoint, `{data}`
+the shared data root). A job's `checkpoint` is "best" (best.pt, the best validation figure; the default)
+or "last" (last.pt: where a handful of validation images cannot choose an epoch, as for pneumothorax):
 
     minutes = 9            # each training's --max-minutes
     [[job]]
     name = "lung384"
     train = ["lung", "--init", "lung", "--input-size", "384", "--workers", "4"]
     evaluate = [["evaluate", "lung", "--checkpoint", "{checkpoint}", "--split", "{run}/split.json"]]
+    checkpoint = "best"
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # also what the device machine hands back
 #: Options the campaign sets itself for every job (its folders and its budget).
 OWNED = {"--run", "--max-minutes", "--out"}
-FP16_CHECKPOINT = "best.fp16.pt"
+CHECKPOINTS = ("best", "last")
+#: What of a checkpoint travels in its fp16 copy (not last.pt's optimizer and scaler state).
+FP16_KEYS = ("model", "spec", "epoch", "metrics", "state")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Job:
     name: str
     train: list[str]  # `python -m training train` arguments, task first
     evaluate: list[list[str]]  # `python -m training` commands (evaluate/calibrate ...), scored after
+    checkpoint: str = "best"  # which of the run's checkpoints is evaluated and copied in fp16
 
 
 @dataclass(frozen=True)
@@ -79,16 +84,19 @@ def load_recipe(path: Path) -> Recipe:
                 raise ValueError(f"{path}: job {name} sets {sorted(owned)}: the campaign sets these itself")
         if any(cmd[:1] not in (["evaluate"], ["calibrate"]) for cmd in evaluate):
             raise ValueError(f"{path}: job {name}: each `evaluate` entry starts with evaluate or calibrate")
-        jobs.append(Job(name, train, evaluate))
+        checkpoint = str(raw.get("checkpoint", "best"))
+        if checkpoint not in CHECKPOINTS:
+            raise ValueError(f"{path}: job {name}: checkpoint must be one of {CHECKPOINTS}, not {checkpoint!r}")
+        jobs.append(Job(name, train, evaluate, checkpoint))
     names = [j.name for j in jobs]
     if not jobs or len(set(names)) != len(names):
         raise ValueError(f"{path}: needs at least one job and unique job names, got {names}")
     return Recipe(minutes, jobs)
 
 
-def fill(args: list[str], run: Path, data_root: Path) -> list[str]:
+def fill(args: list[str], run: Path, data_root: Path, checkpoint: str = "best") -> list[str]:
     """`args` with the recipe placeholders `{run}`, `{checkpoint}` and `{data}` filled in."""
-    values = {"run": str(run), "checkpoint": str(run / "best.pt"), "data": str(data_root)}
+    values = {"run": str(run), "checkpoint": str(run / f"{checkpoint}.pt"), "data": str(data_root)}
     return [a.format(**values) for a in args]
 
 
@@ -96,14 +104,16 @@ def _owned(run: Path, recipe: Recipe) -> list[str]:
     return ["--run", str(run), "--max-minutes", str(recipe.minutes)]
 
 
-def write_fp16(run: Path) -> Path | None:
-    """best.pt with fp16 tensors (a checkpoint `load_model`, `evaluate` and `export` read as it is)."""
-    best = run / "best.pt"
-    if not best.exists():
+def write_fp16(run: Path, checkpoint: str = "best") -> Path | None:
+    """<checkpoint>.pt with fp16 tensors and without optimizer state: a checkpoint that `load_model`,
+    `evaluate`, `calibrate` and `export` read as it is, at a quarter of last.pt's size."""
+    source = run / f"{checkpoint}.pt"
+    if not source.exists():
         return None
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    ckpt = {k: v for k, v in ckpt.items() if k in FP16_KEYS}
     ckpt["model"] = fp16_state(ckpt["model"])
-    out = run / FP16_CHECKPOINT
+    out = run / f"{checkpoint}.fp16.pt"
     torch.save(ckpt, out)
     return out
 
@@ -125,11 +135,11 @@ def run_campaign(recipe: Recipe, out: Path, data_root: Path, parallel: int = 0) 
     evaluations = []
     for job in recipe.jobs:
         run = out / job.name
-        if train_codes[job.name] != 0 or not (run / "best.pt").exists():
+        if train_codes[job.name] != 0 or not (run / f"{job.checkpoint}.pt").exists():
             continue
         for k, cmd in enumerate(job.evaluate):
             target = run / f"eval{k}"
-            argv = [*python, *fill(cmd, run, data_root), "--out", str(target)]
+            argv = [*python, *fill(cmd, run, data_root, job.checkpoint), "--out", str(target)]
             evaluations.append((f"{job.name}/eval{k}", argv, run / "evaluate.log"))
     eval_codes = run_processes(evaluations, parallel or len(recipe.jobs))
     jobs: dict[str, Any] = {}
@@ -144,7 +154,7 @@ def run_campaign(recipe: Recipe, out: Path, data_root: Path, parallel: int = 0) 
                 "exit": eval_codes.get(f"{job.name}/eval{k}"),
                 "summary": str(summary.relative_to(out)) if summary.exists() else None,
             }
-        fp16 = write_fp16(run)
+        fp16 = write_fp16(run, job.checkpoint)
         jobs[job.name] = {
             "train_exit": train_codes[job.name],
             "epochs": len(history),

@@ -167,8 +167,9 @@ def pack_job(job: Job, cfg: TrainConfig, data_root: Path, out: Path, jpeg_qualit
         "samples": len(samples),
         "weak_samples": len(weak),
         "bytes": nbytes,
+        "checkpoint": f"{job.checkpoint}.fp16.pt",
         "carry": carried_init(cfg.init),
-        # Run where the data is, with {run} the returned job folder ({checkpoint}: its best.fp16.pt).
+        # Run where the data is, with {run} the returned job folder and {checkpoint} its fp16 copy.
         "evaluate_after": [
             portable("python -m training " + " ".join(cmd).replace("{data}", str(data_root))) for cmd in job.evaluate
         ],
@@ -214,6 +215,7 @@ def packed_recipe(recipe: Recipe, configs: dict[str, TrainConfig], data_root: Pa
     for job in recipe.jobs:
         train = packed_train_args(job, configs[job.name], data_root)
         lines += ["", "[[job]]", f"name = {json.dumps(job.name)}", f"train = {_toml_list(train)}"]
+        lines.append(f"checkpoint = {json.dumps(job.checkpoint)}")
     return "\n".join(lines) + "\n"
 
 

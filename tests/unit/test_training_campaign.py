@@ -83,6 +83,7 @@ def test_campaign_trains_side_by_side_evaluates_and_reports_failures(tmp_path, m
         ('minutes = 1\n[[job]]\nname = "a"\ntrain = ["lung"]\nevaluate = [["export", "lung"]]\n', "evaluate or"),
         ('minutes = 1\n[[job]]\nname = "a"\ntrain = ["lung"]\n[[job]]\nname = "a"\ntrain = ["lung"]\n', "unique"),
         ("minutes = 1\n", "at least one job"),
+        ('minutes = 1\n[[job]]\nname = "a"\ntrain = ["lung"]\ncheckpoint = "middle"\n', "checkpoint must be"),
     ],
 )
 def test_recipe_mistakes_are_refused_before_anything_runs(tmp_path, text, message) -> None:

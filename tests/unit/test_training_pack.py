@@ -39,6 +39,7 @@ train = ["lung", "--data", "{data}/lungs/tiny", "--negatives", "{data}/others", 
          "--input-size", "32", "--epochs", "2", "--max-steps", "2", "--batch-size", "4", "--threads", "1",
          "--no-augment"]
 evaluate = [["evaluate", "lung", "--data", "{data}/lungs/tiny", "--checkpoint", "{checkpoint}"]]
+checkpoint = "last"
 """
 RECIPE_OPTIONS = ["--negatives-per-source", "3", "--input-size", "32"]  # what decides the samples
 
@@ -67,6 +68,7 @@ def test_pack_holds_what_train_reads_at_its_input_size(data, tmp_path) -> None:
     info = json.loads((out / "pack.json").read_text())
     job = info["jobs"]["small"]
     assert job["images"] == 8 + 3 and job["input_size"] == SIZE and job["carry"] is None
+    assert job["checkpoint"] == "last.fp16.pt"
     assert job["evaluate_after"] == [
         "python -m training evaluate lung --data $CXR_SHARED_DATA/lungs/tiny --checkpoint {checkpoint}"
     ]
@@ -81,7 +83,7 @@ def test_pack_holds_what_train_reads_at_its_input_size(data, tmp_path) -> None:
     with open(out / "small" / "others" / "index.csv", newline="") as f:
         assert {r["id"] for r in csv.DictReader(f)} == drawn
     packed = load_recipe(out / "recipe.toml")
-    assert packed.minutes == 0.5 and packed.jobs[0].evaluate == []
+    assert packed.minutes == 0.5 and packed.jobs[0].evaluate == [] and packed.jobs[0].checkpoint == "last"
     args = [a.format(data=out) for a in packed.jobs[0].train]
     assert f"{out}/small/others" in args and f"{out}/small/lungs/tiny" in args
     there = collect_samples(_configure(args))
@@ -135,12 +137,14 @@ def test_device_script_runs_the_packed_campaign_and_leaves_returnable_files(data
     (tmp_path / "ckpt.tar").write_bytes(parts)
     with tarfile.open(tmp_path / "ckpt.tar") as tar:
         tar.extractall(home, filter="data")
-    _, spec, _ = load_model("lung", checkpoint=home / "small" / "best.fp16.pt")
+    returned = home / "small" / "last.fp16.pt"  # the recipe's `checkpoint`, without optimizer state
+    assert set(torch.load(returned, weights_only=False)) == {"model", "spec", "state"}
+    _, spec, _ = load_model("lung", checkpoint=returned)
     assert spec.input_size == SIZE
     assert [Path(d).parts[-3:] for d in json.loads((home / "small" / "config.json").read_text())["data"]] == [
         ("small", "lungs", "tiny")
     ]
-    assert next(iter(torch.load(home / "small" / "best.fp16.pt")["model"].values())).dtype == torch.float16
+    assert next(iter(torch.load(returned)["model"].values())).dtype == torch.float16
 
 
 def test_the_device_recipe_packs_within_what_the_device_tool_carries(tmp_path, monkeypatch) -> None:

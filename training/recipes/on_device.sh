@@ -17,7 +17,7 @@
 #   git reset -q -- workers/weights && sed -i '\#^/workers/weights/\*.safetensors$#d' .git/info/exclude
 # Bring the results home with
 #   mkdir -p runs/device && tar xzf <files_at>/small.tgz -C runs/device && cat <files_at>/ckpt.part.* | tar xf - -C runs/device
-# and run the evaluations pack.json lists ({run} = runs/device/<job>, {checkpoint} = its best.fp16.pt).
+# and run the evaluations pack.json lists ({run} = runs/device/<job>, {checkpoint} = the job's `checkpoint`).
 set -u
 pack_tgz=${1:?usage: on_device.sh PACK.tgz [campaign options]}
 shift
@@ -39,7 +39,7 @@ python3 -m training campaign "$data/recipe.toml" --out "$runs" "$@"
 code=$?
 cd "$runs" || exit 5
 tar czf "$out/small.tgz" campaign.json */*.json */*.csv */*.log 2>/dev/null
-ls */best.fp16.pt >/dev/null 2>&1 && tar cf - */best.fp16.pt | split -b 15M - "$out/ckpt.part."
+ls */*.fp16.pt >/dev/null 2>&1 && tar cf - */*.fp16.pt | split -b 15M - "$out/ckpt.part."
 ls -l "$out"
 echo "on_device: campaign exit $code after $(( $(date +%s) - start )) s"
 exit $code
