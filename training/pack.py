@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
-class PackMismatchError(RuntimeError):
+class PackMismatchError(ValueError):
     """The packed folders would not give the training the samples the shared data gives it."""
 
 
@@ -227,6 +227,8 @@ def pack(recipe: Recipe, configure: Configure, data_root: Path, out: Path, jpeg_
     does. Raises PackMismatchError unless the written recipe, read from the pack, trains on the same
     samples, validation split and weak labels as the original recipe on `data_root`."""
     if out.exists():
+        if any(out.iterdir()) and not (out / "pack.json").exists():
+            raise ValueError(f"{out} is neither empty nor an earlier pack (no pack.json): not replacing it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     configs = {job.name: configure(fill(job.train, out / job.name, data_root)) for job in recipe.jobs}

@@ -90,6 +90,10 @@ def test_pack_holds_what_train_reads_at_its_input_size(data, tmp_path) -> None:
     assert sorted(s.id for s in there) == sorted(s.id for s in collect_samples(original))
 
     assert main(["pack", str(recipe), "--out", str(tmp_path / "p2"), "--max-mib", "0.001"]) == 1
+    assert main(["pack", str(recipe), "--out", str(out)]) == 0  # an earlier pack is replaced
+    (tmp_path / "runs" / "keep").mkdir(parents=True)
+    assert main(["pack", str(recipe), "--out", str(tmp_path / "runs")]) == 2  # anything else is not
+    assert (tmp_path / "runs" / "keep").exists()
 
 
 def test_a_pack_that_would_train_on_other_samples_is_refused(data, tmp_path, monkeypatch) -> None:
