@@ -119,7 +119,12 @@ def test_device_script_runs_the_packed_campaign_and_leaves_returnable_files(data
         tar.add(tmp_path / "pack", arcname=".")
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),  # where the script unpacks and trains (mktemp -d)
+    }
     env.pop("CXR_SHARED_DATA")  # the script points it at the unpacked pack
     done = subprocess.run(
         ["bash", "training/recipes/on_device.sh", str(archive)],
