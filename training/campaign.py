@@ -104,6 +104,11 @@ def _owned(run: Path, recipe: Recipe) -> list[str]:
     return ["--run", str(run), "--max-minutes", str(recipe.minutes)]
 
 
+def fp16_name(checkpoint: str) -> str:
+    """The file name of the fp16 copy of a run's `checkpoint` ("best" or "last")."""
+    return f"{checkpoint}.fp16.pt"
+
+
 def write_fp16(run: Path, checkpoint: str = "best") -> Path | None:
     """<checkpoint>.pt with fp16 tensors and without optimizer state: a checkpoint that `load_model`,
     `evaluate`, `calibrate` and `export` read as it is, at a quarter of last.pt's size."""
@@ -113,7 +118,7 @@ def write_fp16(run: Path, checkpoint: str = "best") -> Path | None:
     ckpt = torch.load(source, map_location="cpu", weights_only=False)
     ckpt = {k: v for k, v in ckpt.items() if k in FP16_KEYS}
     ckpt["model"] = fp16_state(ckpt["model"])
-    out = run / f"{checkpoint}.fp16.pt"
+    out = run / fp16_name(checkpoint)
     torch.save(ckpt, out)
     return out
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.campaign import Job, Recipe, fill, load_recipe
+from training.campaign import Job, Recipe, fill, fp16_name, load_recipe
 from training.data import (
     IGNORE,
     Sample,
@@ -42,11 +42,9 @@ from training.data import (
     resize_mask,
     row_id,
 )
-from training.ralo import is_ralo_folder, ralo_samples
 from training.splits import split
 from training.tasks import portable
-from training.train import TrainConfig, collect_samples
-from training.weak import severity_samples
+from training.train import TrainConfig, collect_samples, read_weak
 from workers.models import weights_path
 
 log = logging.getLogger(__name__)
@@ -61,11 +59,7 @@ class PackMismatchError(ValueError):
 def weak_samples(cfg: TrainConfig) -> list[Sample]:
     """The weak-label samples `train` reads (every fold it trains or validates on)."""
     folds = sorted({*cfg.weak_train_folds, *cfg.weak_val_folds})
-    return [
-        s
-        for folder in cfg.weak_data
-        for s in (ralo_samples if is_ralo_folder(folder) else severity_samples)(folder, folds)
-    ]
+    return [s for folder in cfg.weak_data for s in read_weak(folder, folds)]
 
 
 def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
@@ -81,17 +75,20 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _store_image(source: Path, target: Path, size: int, jpeg_quality: int) -> None:
+def _store_image(source: Path, target: Path, size: int, jpeg_quality: int) -> tuple[int, int]:
+    """Store `source` at most `size` px square in `target`; returns the original's shape (its masks')."""
     image = load_gray(source)
-    if max(image.shape) > size:  # never upsample: `cache_samples` does that from the original
+    shape = (image.shape[0], image.shape[1])
+    if max(shape) > size:  # never upsample: `cache_samples` does that from the original
         image = resize_image(image, size)
     elif source.suffix.lower() == target.suffix.lower():
         shutil.copyfile(source, target)
-        return
+        return shape
     if jpeg_quality:
         Image.fromarray(image).save(target, quality=jpeg_quality)
     else:
         Image.fromarray(image).save(target)
+    return shape
 
 
 def _store_mask(source: Path, target: Path, image_shape: tuple[int, int], size: int) -> None:
@@ -111,9 +108,8 @@ def pack_folder(folder: Path, target: Path, samples: Sequence[Sample], size: int
     for row in rows:
         sample = chosen[row_id(row)]
         image = Path("images") / f"{sample.id}{suffix}"
-        _store_image(sample.image, target / image, size, jpeg_quality)
+        shape = _store_image(sample.image, target / image, size, jpeg_quality)
         row["image_path"] = str(image)
-        shape = load_gray(sample.image).shape[:2] if sample.masks or sample.ignore else (0, 0)
         for structure, mask in sample.masks.items():
             if mask is not None:
                 _store_mask(mask, target / "masks" / structure / f"{sample.id}.png", shape, size)
@@ -124,9 +120,8 @@ def pack_folder(folder: Path, target: Path, samples: Sequence[Sample], size: int
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    for extra in ("README.md",):
-        if (folder / extra).exists():
-            shutil.copyfile(folder / extra, target / extra)
+    if (folder / "README.md").exists():
+        shutil.copyfile(folder / "README.md", target / "README.md")
     return len(rows)
 
 
@@ -167,7 +162,7 @@ def pack_job(job: Job, cfg: TrainConfig, data_root: Path, out: Path, jpeg_qualit
         "samples": len(samples),
         "weak_samples": len(weak),
         "bytes": nbytes,
-        "checkpoint": f"{job.checkpoint}.fp16.pt",
+        "checkpoint": fp16_name(job.checkpoint),
         "carry": carried_init(cfg.init),
         # Run where the data is, with {run} the returned job folder and {checkpoint} its fp16 copy.
         "evaluate_after": [

@@ -89,6 +89,12 @@ class TrainConfig:
     select_by: str = "images"
 
 
+def read_weak(folder: Path, folds: Sequence[int]) -> list[Sample]:
+    """The weakly labelled samples of `folder` in `folds`: severity/ (0-6 score, Brixia zones) and
+    severity_ralo/ (0-4 extent per lung) each through its own reader; the two scales are never mixed."""
+    return (ralo_samples if is_ralo_folder(folder) else severity_samples)(folder, folds)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -346,11 +352,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
     if not val_s:  # tiny test sets: validate on the training images rather than on nothing
         val_s = list(train_s)  # a copy: the weak folds below must not land on both sides
     for folder in cfg.weak_data:  # split by the folder's own patient folds
-        # severity/ (0-6 score, Brixia zones) and severity_ralo/ (0-4 extent per lung) keep their own
-        # labels and losses: the two scales are never mixed.
-        read = ralo_samples if is_ralo_folder(folder) else severity_samples
-        train_s += read(folder, cfg.weak_train_folds)
-        val_s += read(folder, cfg.weak_val_folds)
+        train_s += read_weak(folder, cfg.weak_train_folds)
+        val_s += read_weak(folder, cfg.weak_val_folds)
     write_split(
         cfg.run_dir / "split.json",
         train_s,
