@@ -69,6 +69,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        split_seed=args.split_seed,
         patience=args.patience,
         max_minutes=args.max_minutes,
         epoch_images=args.epoch_images,
@@ -380,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--split-seed",
+        type=int,
+        help="seed of the split and the negatives draw (default --seed): reruns with other --seed values "
+        "then train and are scored on the same images",
+    )
     t.add_argument("--patience", type=int, default=4)
     t.add_argument(
         "--max-minutes",

@@ -64,7 +64,7 @@ def weak_samples(cfg: TrainConfig) -> list[Sample]:
 
 def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     samples = collect_samples(cfg)
-    _, val = split(samples, cfg.seed, cfg.val_fraction)
+    _, val = split(samples, cfg.data_seed, cfg.val_fraction)
     weak = weak_samples(cfg)
     return {
         "samples": sorted((s.source, s.id, s.patient) for s in samples),

@@ -53,6 +53,10 @@ class TrainConfig:
     warmup_steps: int = 50
     val_fraction: float = 0.15
     seed: int = 0
+    # Seeds the data instead of `seed` where set: the train/validation split and the negatives draw.
+    # Reruns that vary only `seed` (initialisation, augmentation, batch order) then train and are
+    # scored on the same images, which measures how far one recipe's figures move from run to run.
+    split_seed: int | None = None
     patience: int = 4
     aux_weight: float = 0.5
     # Time budget (minutes of training, summed over resumes). When set, the cosine schedule runs on
@@ -88,6 +92,11 @@ class TrainConfig:
     # much as a large one: the lung goal is a figure per source).
     select_by: str = "images"
 
+    @property
+    def data_seed(self) -> int:
+        """The seed of the split and the negatives draw."""
+        return self.seed if self.split_seed is None else self.split_seed
+
 
 def read_weak(folder: Path, folds: Sequence[int]) -> list[Sample]:
     """The weakly labelled samples of `folder` in `folds`: severity/ (0-6 score, Brixia zones) and
@@ -109,7 +118,7 @@ def collect_samples(cfg: TrainConfig) -> list[Sample]:
             neg = [s for s in neg if column not in s.row or s.row[column] == value]
         if cfg.negatives_per_source:
             # A fixed, seed-dependent choice; sorted by a hash so it does not follow file order.
-            rng = random.Random(f"negatives|{cfg.seed}|{folder.name}")
+            rng = random.Random(f"negatives|{cfg.data_seed}|{folder.name}")
             neg = rng.sample(neg, min(cfg.negatives_per_source, len(neg)))
         samples += neg
     if cfg.limit:
@@ -117,6 +126,14 @@ def collect_samples(cfg: TrainConfig) -> list[Sample]:
     if not samples and not cfg.weak_data:
         raise ValueError(f"no samples with masks of {cfg.structures} in {cfg.data}")
     return samples
+
+
+def schedule_progress(step: int, seconds: float, total_steps: int, budget_s: float) -> float:
+    """How far the cosine schedule is, 0 -> 1: it follows whichever ends the run first, the steps of
+    `--epochs` or the time budget. Following the budget alone left a fast machine's run at its peak
+    rate when its epochs ran out first (a lent GPU's 46 epochs took 79 s of a 6 min budget)."""
+    by_steps = step / max(1, total_steps)
+    return max(by_steps, seconds / budget_s) if budget_s else by_steps
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -348,7 +365,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     samples = collect_samples(cfg)
-    train_s, val_s = split(samples, cfg.seed, cfg.val_fraction)
+    train_s, val_s = split(samples, cfg.data_seed, cfg.val_fraction)
     if not val_s:  # tiny test sets: validate on the training images rather than on nothing
         val_s = list(train_s)  # a copy: the weak folds below must not land on both sides
     for folder in cfg.weak_data:  # split by the folder's own patient folds
@@ -358,7 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
         cfg.run_dir / "split.json",
         train_s,
         val_s,
-        cfg.seed,
+        cfg.data_seed,
         cfg.val_fraction,
         weak_folds={"train": list(cfg.weak_train_folds), "validation": list(cfg.weak_val_folds)}
         if cfg.weak_data
@@ -406,7 +423,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:  # noqa: C9
     budget_s = cfg.max_minutes * 60
 
     def progress(step: int, seconds: float) -> float:
-        return seconds / budget_s if budget_s else step / max(1, total_steps)
+        return schedule_progress(step, seconds, total_steps, budget_s)
 
     state: dict[str, Any] = {
         "epoch": 0,

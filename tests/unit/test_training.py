@@ -500,3 +500,39 @@ def test_a_fine_tune_keeps_the_input_size_of_the_weights_it_starts_from(tiny_run
     assert size("--init", "lung") == shipped
     assert size("--init", str(run / "best.pt")) == SIZE
     assert size("--init", "lung", "--input-size", "384") == 384
+
+
+def test_a_split_seed_keeps_the_images_while_the_seed_changes(tiny_run) -> None:
+    from training.train import collect_samples
+
+    folder, _, _ = tiny_run
+    base = TrainConfig(
+        spec=models.SPECS["lung"],
+        structures=("lungs",),
+        data=[folder],
+        run_dir=Path("unused"),
+        negatives=[folder],
+        negatives_per_source=3,
+        val_fraction=0.5,
+    )
+
+    def drawn(cfg: TrainConfig) -> tuple[list[tuple[str, bool]], ...]:
+        train_s, val_s = split(collect_samples(cfg), cfg.data_seed, cfg.val_fraction)
+        return tuple([(s.id, s.masks["lungs"] is None) for s in side] for side in (train_s, val_s))
+
+    assert drawn(dataclasses.replace(base, seed=7, split_seed=0)) == drawn(base)
+    # Without it the seed draws other negatives and another split (hash-based: no chance involved).
+    assert any(drawn(dataclasses.replace(base, seed=s)) != drawn(base) for s in range(1, 6))
+
+
+def test_the_schedule_ends_with_whichever_limit_ends_the_run() -> None:
+    from training.train import lr_at, schedule_progress
+
+    # 460 steps of --epochs done in 79 s of a 360 s budget: the epochs end the run, so the schedule ends.
+    assert schedule_progress(460, 79.0, total_steps=460, budget_s=360.0) == 1.0
+    # The budget spent after a fifth of the steps: the budget ends it.
+    assert schedule_progress(92, 360.0, total_steps=460, budget_s=360.0) == 1.0
+    assert schedule_progress(230, 36.0, total_steps=460, budget_s=360.0) == 0.5
+    assert schedule_progress(230, 36.0, total_steps=460, budget_s=0.0) == 0.5
+    cfg = TrainConfig(spec=models.SPECS["lung"], structures=("lungs",), data=[], run_dir=Path("unused"), lr=1e-3)
+    assert lr_at(460, schedule_progress(460, 79.0, 460, 360.0), cfg) == pytest.approx(2e-5)  # 2 % of lr
