@@ -60,8 +60,9 @@ class TrainConfig:
     patience: int = 4
     aux_weight: float = 0.5
     # Time budget (minutes of training, summed over resumes). When set, the cosine schedule runs on
-    # the fraction of the budget used rather than on steps, so the learning rate has decayed when
-    # the budget ends however busy the shared CPU is; the run stops when the budget is spent.
+    # the fraction of the budget used or of the steps, whichever is further (schedule_progress), so the
+    # learning rate has decayed when the run ends however busy the shared CPU is; the run stops when
+    # the budget is spent.
     max_minutes: float = 0.0
     epoch_images: int = 0  # images drawn per epoch (0 = one pass over the training set): checkpoint cadence
     max_steps: int = 0  # 0 = full epochs; tests use a few steps
