@@ -51,8 +51,15 @@ STATUS_MEANINGS: dict[str, tuple[str, str]] = {
     "STATUS_DATASET_MISMATCH": (
         "Error: Data Set does not match SOP Class",
         "SOP Instance/Class UID missing or "
-        "different from the C-STORE request, Study Instance UID missing, or an "
-        "impossible image size. The bytes are kept in quarantine with an audit row.",
+        "different from the C-STORE request, Study Instance UID missing, an "
+        "impossible image size, or native Pixel Data shorter than Rows x Columns x Frames x Samples x "
+        "BitsAllocated/8 or a whole frame longer. The bytes are kept in quarantine with an audit row.",
+    ),
+    "STATUS_STORED_NOT_MATCHING": (
+        "Warning: Data Set does not match SOP Class",
+        "Stored and analysed as for `0x0000`, but native Pixel Data carries trailing padding (less than "
+        "one frame) past the image description, which is ignored; the instance.received audit event "
+        "says so.",
     ),
     "STATUS_CANNOT_UNDERSTAND": (
         "Error: Cannot understand",
@@ -311,7 +318,7 @@ def render(settings: Settings | None = None) -> str:
         ["Status", "Meaning", "When"], [(f"`0x{value:04X}`", *STATUS_MEANINGS[name]) for name, value in statuses]
     )
     lines += [
-        "A failure status carries the reason in Error Comment (0000,0902), cut to 64 characters.",
+        "A failure or warning status carries the reason in Error Comment (0000,0902), cut to 64 characters.",
         "",
         "C-ECHO always answers `0x0000` on an accepted association.",
         "",
@@ -545,7 +552,8 @@ def _dicomweb_section(s: Settings) -> list[str]:
         "The body is read as it streams, one spool file per part, and only once it is complete does each part "
         "go through the same ingest as a C-STORE data set (checks, quarantine, persist before answer, routing). "
         "Each part's outcome is the C-STORE status of section 3.3: success puts it in ReferencedSOPSequence "
-        "(0008,1199), a failure in FailedSOPSequence (0008,1198) with that status as FailureReason (0008,1197). "
+        "(0008,1199), a failure in FailedSOPSequence (0008,1198) with that status as FailureReason (0008,1197), "
+        "a warning in ReferencedSOPSequence with that status as WarningReason (0008,1196) and HTTP 202. "
         "An instance of another study than the one in the path fails with `0xA900`. The response is "
         "`application/dicom+json`, or the Native DICOM Model (`application/dicom+xml`) when the Accept header "
         "asks for it first. No RetrieveURL is given: the node does not serve the images it received.",

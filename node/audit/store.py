@@ -69,6 +69,7 @@ class ReceivedInstance:
     priority: int = 0
     size_bytes: int = 0
     spool_path: str = ""
+    warning: str = ""  # stored with a C-STORE warning status: why (in the instance.received event)
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,8 @@ class AuditStore(AEStoreMixin, ExportStoreMixin, TriageStoreMixin):
                     instance_id=row.id,
                     study_id=row.study_id,
                     association_id=info.association_id,
-                    detail={"sop_instance_uid": info.sop_instance_uid, "size": info.size_bytes},
+                    detail={"sop_instance_uid": info.sop_instance_uid, "size": info.size_bytes}
+                    | ({"warning": info.warning} if info.warning else {}),
                 )
                 if route is not None:
                     _apply_route(s, row, route)

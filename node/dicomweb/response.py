@@ -3,7 +3,9 @@
 One :class:`pydicom.Dataset` with ReferencedSOPSequence (stored, duplicates included) and FailedSOPSequence
 (each item with its FailureReason, the C-STORE status ingest answered: 0xA700 out of resources, 0xA900
 data set does not match, 0xC000 cannot understand, 0x0111 another data set under a stored UID, 0x0110
-processing failure). It is written as DICOM JSON (PS3.18 F.2) or as Native DICOM Model XML (PS3.19 A.1).
+processing failure). A stored instance that earned a C-STORE warning (0xB007: Pixel Data with trailing
+padding) carries it as WarningReason, and the answer is then 202, as for partial failures (PS3.18 10.5.3).
+It is written as DICOM JSON (PS3.18 F.2) or as Native DICOM Model XML (PS3.19 A.1).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ class InstanceResult:
     sop_instance_uid: str
     failure_reason: int | None = None
     detail: str = ""  # the reason the audit log gives (not part of the standard response)
+    warning_reason: int | None = None  # stored with a C-STORE warning status
 
 
 def http_status(results: Sequence[InstanceResult]) -> int:
-    """200 all stored, 202 some failed, 409 all failed (PS3.18 10.5.3)."""
+    """200 all stored, 202 some failed or stored with warnings, 409 all failed (PS3.18 10.5.3)."""
     failed = sum(r.failure_reason is not None for r in results)
     if failed == 0:
-        return 200
+        return 202 if any(r.warning_reason is not None for r in results) else 200
     return 409 if failed == len(results) else 202
 
 
@@ -49,6 +52,8 @@ def response_dataset(results: Sequence[InstanceResult]) -> Dataset:
         if r.sop_instance_uid:
             item.ReferencedSOPInstanceUID = r.sop_instance_uid
         if r.failure_reason is None:
+            if r.warning_reason is not None:
+                item.WarningReason = r.warning_reason
             stored.append(item)
         else:
             item.FailureReason = r.failure_reason

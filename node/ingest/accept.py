@@ -22,9 +22,11 @@ from node.ingest.header import (
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
+    STATUS_STORED_NOT_MATCHING,
     Header,
     Refusal,
     check_dataset,
+    pixel_padding_excess,
     read_header,
     storage_sop_classes,
 )
@@ -169,9 +171,12 @@ class Ingest:
             if self.settings.results.reanalyze_duplicates:
                 self._reanalyze(original.id, original.state)
             return Outcome(STATUS_SUCCESS, "duplicate", row.id, row.reason)
+        return self._store_new(received, header, req, size)
 
+    def _store_new(self, received: Path, header: Header, req: StoreRequest, size: int) -> Outcome:
+        """Spool, record (routed in the same transaction) and hand off an instance not stored before."""
         final = self.spool.commit(received, header.study_instance_uid, header.sop_instance_uid)
-        info = self._info(header, req, size, spool_path=str(final))
+        info = replace(self._info(header, req, size, spool_path=str(final)), warning=_warning(header))
         route = self._route_outcome(header, req.calling_ae)
         try:
             instance = self.store.record_instance_received(info, route)
@@ -185,6 +190,9 @@ class Ingest:
             self.route(instance.id, header, req.calling_ae)  # routing failed above: try once more
         elif route.state == InstanceState.QUEUED:
             self.hand_off(instance.id)
+        if info.warning:
+            log.warning("stored %s from %s with a warning: %s", header.sop_instance_uid, req.calling_ae, info.warning)
+            return Outcome(STATUS_STORED_NOT_MATCHING, "stored", instance.id, info.warning)
         return Outcome(STATUS_SUCCESS, "stored", instance.id)
 
     def _refuse_oversize(self, received: Path, req: StoreRequest, size: int, limit_mb: int) -> Outcome:
@@ -387,6 +395,14 @@ class Ingest:
         if rerouted or handed_off or failed:
             log.info("resumed pending instances: %s", report)
         return report
+
+
+def _warning(h: Header) -> str:
+    """Why a stored data set earns a warning status instead of success ('' when it does not)."""
+    excess = pixel_padding_excess(h)
+    if excess:
+        return f"Pixel Data: {excess} bytes of trailing padding ignored"  # fits Error Comment (64)
+    return ""
 
 
 def _dataset_digest(path: Path) -> str:

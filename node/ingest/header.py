@@ -40,6 +40,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+# C-STORE warning (PS3.4 B.2.3): stored, but the data set does not match its SOP class in full
+STATUS_STORED_NOT_MATCHING = 0xB007
 
 
 @functools.cache
@@ -251,16 +253,37 @@ def check_dataset(h: Header, *, affected_sop_class: str, affected_sop_instance: 
         raise Refusal(
             STATUS_DATASET_MISMATCH, f"BitsStored {h.bits_stored} and BitsAllocated {h.bits_allocated} are inconsistent"
         )
+    expected = _native_expected(h)
+    if expected is None or h.pixel_data_length is None:
+        return
+    # An odd length is padded to even on the wire; trailing padding short of one more frame is stored
+    # with a warning (pixel_padding_excess), as pydicom and DCMTK read such files.
+    if h.pixel_data_length < expected or pixel_padding_excess(h) >= expected // max(h.frames, 1):
+        raise Refusal(
+            STATUS_DATASET_MISMATCH,
+            f"Pixel Data is {h.pixel_data_length} bytes but Rows x Columns x Frames x Samples x "
+            f"BitsAllocated/8 = {expected}",
+        )
+
+
+def pixel_padding_excess(h: Header) -> int:
+    """Bytes of native Pixel Data past the image description (and its even padding); 0 when none.
+
+    Some writers pad Pixel Data at the end and readers ignore the excess; check_dataset refuses an excess
+    of one frame or more, which would be frames the header does not count.
+    """
+    expected = _native_expected(h)
+    if expected is None or h.pixel_data_length is None:
+        return 0
+    return max(h.pixel_data_length - (expected + (expected & 1)), 0)
+
+
+def _native_expected(h: Header) -> int | None:
+    """expected_native_length for native (not encapsulated) Pixel Data; None when not checkable."""
     ts = UID(h.transfer_syntax_uid) if h.transfer_syntax_uid else None
-    if ts is not None and not ts.is_encapsulated and h.pixel_data_length is not None:
-        expected = expected_native_length(h)
-        # An odd length is padded to even on the wire.
-        if expected is not None and h.pixel_data_length not in (expected, expected + (expected & 1)):
-            raise Refusal(
-                STATUS_DATASET_MISMATCH,
-                f"Pixel Data is {h.pixel_data_length} bytes but Rows x Columns x Frames x Samples x "
-                f"BitsAllocated/8 = {expected}",
-            )
+    if ts is None or ts.is_encapsulated or h.pixel_data_length is None:
+        return None
+    return expected_native_length(h)
 
 
 def _check_truncation(h: Header, file_size: int) -> None:

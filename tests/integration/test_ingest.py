@@ -254,6 +254,32 @@ def test_uncompressed_ybr_full_422_is_accepted(node: NodeProcess, tmp_path: Path
     assert prepare(inst.spool_path).pixels.shape == (1024, 1024)
 
 
+def test_trailing_pixel_padding_is_stored_with_a_warning(node: NodeProcess, tmp_path: Path) -> None:
+    # Padding short of one frame is what some writers leave and readers ignore: stored and analysed,
+    # answered 0xB007 with the reason; a whole frame more is a header that miscounts frames: refused.
+    from node.analysis.prepare import prepare
+    from tests.support.synthetic_dicom import padded_pixel_data_copy
+
+    original = dicom_dir() / "07_cr_10bit_stored_16alloc.dcm"
+    padded = padded_pixel_data_copy(original, tmp_path / "padded.dcm", 128)
+    result = storescu(node.port, [padded])
+    assert result.statuses == [0xB007], result.output[-2000:]
+    assert "trailing padding" in result.output
+    (inst,) = node.store().list_instances()
+    assert inst.state == InstanceState.QUEUED, inst.reason
+    (received,) = node.store().list_events(kinds=["instance.received"], instance_id=inst.id)
+    assert received.detail["warning"] == "Pixel Data: 128 bytes of trailing padding ignored"
+    assert (prepare(inst.spool_path).pixels == prepare(original).pixels).all(), "the padding must be ignored"
+
+    source = pydicom.dcmread(original, stop_before_pixels=True)
+    frame = int(source.Rows) * int(source.Columns) * 2
+    extra_frame = padded_pixel_data_copy(original, tmp_path / "two_frames.dcm", frame)
+    result = storescu(node.port, [extra_frame])
+    assert result.statuses == [0xA900], result.output[-2000:]
+    (refused,) = node.store().list_instances(InstanceFilter(states=[InstanceState.REJECTED]))
+    assert dataset_bytes(Path(refused.quarantine_path)) == dataset_bytes(extra_frame)
+
+
 def test_a_mixed_folder_goes_in_one_documented_dcmsend_call(node: NodeProcess, tmp_path: Path) -> None:
     """README's advice for a folder of mixed transfer syntaxes (issue 17, finding 8): dcmsend proposes
     each file's own SOP class and transfer syntax; storescu -x.. takes one call per syntax."""

@@ -28,7 +28,7 @@ from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProcess
 from tests.support.paths import dicom_dir, dicom_manifest
 from tests.support.stow import SOURCE, add_token, client, post_files, start_stow_node, stow_toml
-from tests.support.synthetic_dicom import small_chest_copies
+from tests.support.synthetic_dicom import padded_pixel_data_copy, small_chest_copies
 from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.timeout(300)
@@ -234,6 +234,22 @@ def test_a_part_that_is_not_dicom_fails_alone(stow: tuple[NodeProcess, int, str]
     assert [int(i.FailureReason) for i in ds.FailedSOPSequence] == [0xC000]
     (rejected,) = node.store().list_instances(InstanceFilter(states=[InstanceState.REJECTED]))
     assert "not application/dicom" in rejected.reason and Path(rejected.quarantine_path).read_bytes() == b"hello"
+
+
+def test_trailing_pixel_padding_is_stored_with_a_warning_reason(
+    stow: tuple[NodeProcess, int, str], tmp_path: Path
+) -> None:
+    node, port, token = stow
+    (a,) = small_chest_copies(tmp_path / "in", 1)
+    padded = padded_pixel_data_copy(a, tmp_path / "padded.dcm", 64)
+    rsp = _post(port, _body(padded.read_bytes()), token=token)
+    assert rsp.status_code == 202  # PS3.18 10.5.3: stored, with a warning
+    ds = Dataset.from_json(rsp.json())
+    (item,) = ds.ReferencedSOPSequence
+    assert str(item.ReferencedSOPInstanceUID) == sop_instance_uid(padded) and int(item.WarningReason) == 0xB007
+    assert "FailedSOPSequence" not in ds
+    (row,) = node.store().list_instances()
+    assert row.state == InstanceState.QUEUED
 
 
 def test_client_gone_mid_body_leaves_nothing(stow: tuple[NodeProcess, int, str], tmp_path: Path) -> None:

@@ -38,3 +38,16 @@ def ybr_full_422_copy(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
     return out
+
+
+def padded_pixel_data_copy(source: Path, out: Path, excess: int) -> Path:
+    """A copy of `source` (native Pixel Data) with `excess` bytes appended to its Pixel Data (as some
+    writers pad it), with a new SOP Instance UID."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.PixelData = ds.PixelData + bytes(excess)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out

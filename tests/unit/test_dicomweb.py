@@ -90,7 +90,10 @@ def test_too_many_parts(tmp_path: Path) -> None:
 def test_response_status_json_and_xml() -> None:
     ok = InstanceResult("1.2.840.10008.5.1.4.1.1.1", "1.2.3.4")
     bad = InstanceResult("1.2.840.10008.5.1.4.1.1.1", "1.2.3.5", 0xA900, "why")
-    assert [http_status(r) for r in ([ok], [ok, bad], [bad])] == [200, 202, 409]
+    warned = InstanceResult("1.2.840.10008.5.1.4.1.1.1", "1.2.3.6", None, "padding", warning_reason=0xB007)
+    assert [http_status(r) for r in ([ok], [ok, bad], [bad], [ok, warned], [warned, bad])] == [200, 202, 409, 202, 202]
+    (item,) = response_dataset([warned]).ReferencedSOPSequence
+    assert item.WarningReason == 0xB007 and "FailureReason" not in item
     ds = response_dataset([ok, bad, InstanceResult("", "", 0xC000)])
     back = Dataset.from_json(to_json(ds).decode())
     assert back.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.4"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from node.ingest.header import Header, Refusal, check_dataset, read_header
+from node.ingest.header import Header, Refusal, check_dataset, pixel_padding_excess, read_header
 from node.ingest.routing import decide
 from node.runtime.config import ModelsConfig, Rule, RuleMatch, default_rules
 from tests.support.paths import dicom_dir, dicom_manifest
@@ -68,6 +70,26 @@ def test_command_mismatch_is_refused() -> None:
     assert r.value.status == 0xA900
     with pytest.raises(Refusal, match=r"SOP Instance UID .* differs"):
         check_dataset(h, affected_sop_class=h.sop_class_uid, affected_sop_instance="1.2.3", file_size=10**9)
+
+
+def test_pixel_data_length_against_the_image_description() -> None:
+    h = header("07")  # native, one frame of 16-bit pixels
+    frame = (h.rows or 0) * (h.columns or 0) * 2
+    assert h.pixel_data_length == frame and pixel_padding_excess(h) == 0
+
+    def check(length: int) -> Header:
+        padded = replace(h, pixel_data_length=length)
+        check_dataset(
+            padded, affected_sop_class=h.sop_class_uid, affected_sop_instance=h.sop_instance_uid, file_size=10**9
+        )
+        return padded
+
+    assert pixel_padding_excess(check(frame + 1)) == 1  # trailing padding short of a frame: stored
+    assert pixel_padding_excess(check(frame + frame - 2)) == frame - 2
+    for length in (frame - 2, frame + frame):  # short; or a frame the header does not count
+        with pytest.raises(Refusal, match=f"Pixel Data is {length} bytes") as r:
+            check(length)
+        assert r.value.status == 0xA900
 
 
 def test_first_matching_rule_wins_and_ignore_rules_skip() -> None:
