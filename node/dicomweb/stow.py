@@ -61,7 +61,7 @@ from node.dicomweb.response import (
     to_json,
     to_xml,
 )
-from node.ingest.accept import STATUS_SUCCESS, Ingest, Outcome, StoreRequest
+from node.ingest.accept import Ingest, Outcome, StoreRequest
 from node.ingest.header import STATUS_CANNOT_UNDERSTAND
 from node.runtime import metrics
 from node.runtime.config import Settings
@@ -296,7 +296,7 @@ class StowService:
             sop_class, sop_instance = row.sop_class_uid, row.sop_instance_uid
         if outcome.kind not in ("stored", "duplicate"):
             return InstanceResult(sop_class, sop_instance, outcome.status, outcome.reason)
-        warning = outcome.status if outcome.status != STATUS_SUCCESS else None
+        warning = outcome.status if outcome.warned else None
         return InstanceResult(sop_class, sop_instance, None, outcome.reason, warning_reason=warning)
 
     # -- refusals before ingest -------------------------------------------------------------------------

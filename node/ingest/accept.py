@@ -75,6 +75,11 @@ class Outcome:
     instance_id: int | None = None
     reason: str = ""
 
+    @property
+    def warned(self) -> bool:
+        """Stored, with a warning status (e.g. 0xB007) whose reason the peer is told."""
+        return self.kind in ("stored", "duplicate") and self.status != STATUS_SUCCESS
+
 
 @dataclass(frozen=True)
 class ResumeReport:

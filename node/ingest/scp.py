@@ -40,7 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AERole, AuditStore
 from node.export import commitment
-from node.ingest.accept import STATUS_PROCESSING_FAILURE, STATUS_SUCCESS, Ingest, StoreRequest
+from node.ingest.accept import STATUS_PROCESSING_FAILURE, Ingest, StoreRequest
 from node.ingest.guard import ConnectionGuard, GuardedRequestHandler, received_bytes
 from node.runtime import metrics
 from node.runtime.config import Settings, TLSConfig
@@ -404,8 +404,7 @@ class StorageSCP:
         if outcome.kind == "error":  # the node's own fault: its details stay in the node's log
             return _status_dataset(outcome.status, "internal error of the receiving node")
         failed = outcome.kind in ("rejected", "refused")
-        warned = outcome.kind == "stored" and outcome.status != STATUS_SUCCESS
-        return _status_dataset(outcome.status, outcome.reason) if failed or warned else outcome.status
+        return _status_dataset(outcome.status, outcome.reason) if failed or outcome.warned else outcome.status
 
     def on_n_action(self, event: evt.Event) -> tuple[int | Dataset, None]:
         """A sender asks the node to commit instances it sent (node.export.commitment answers)."""
