@@ -119,6 +119,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         _stamp(out, summary, args.argv)
         return 0
+    if args.model == "severity-rules":
+        from training.severity_rules import evaluate_rules
+
+        out = Path(args.out or RUNS / "eval" / "severity_rules")
+        summary = evaluate_rules(
+            _folders(args.data, ["severity"])[0],
+            out,
+            folds=args.folds or [3, 4],
+            normals=[Path(n) for n in args.normals or []],
+            normals_where=dict(w.split("=", 1) for w in args.normals_where or []),
+            normals_split=_path(args.normals_split),
+            weights_dir=weights_dir,
+            lung_checkpoint=_path(args.lung_checkpoint),
+            opacity_checkpoint=_path(args.opacity_checkpoint),
+        )
+        _stamp(out, summary, args.argv)
+        return 0
     if args.model == "severity":
         folders = _folders(args.data, ["severity"])
         out = Path(args.out or RUNS / "eval" / "severity")
@@ -463,9 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="Dice/IoU/HD95 per image + summary; `severity` for labels.csv folders")
     e.add_argument(
         "model",
-        choices=[*sorted(TASKS), "severity", "extent"],
-        help="severity: 0-6 zone score on labels.csv folders; extent: RALO per-lung "
-        "geographic extent 0-4 (severity_ralo/) MAE, e.g. on held-out --folds 4",
+        choices=[*sorted(TASKS), "severity", "severity-rules", "extent"],
+        help="severity: 0-6 zone score on labels.csv folders; severity-rules: the shipped zone "
+        "rule against per-row/per-zone/soft alternatives, each fitted on one of --folds and scored "
+        "on the others; extent: RALO per-lung geographic extent 0-4 (severity_ralo/) MAE, e.g. on "
+        "held-out --folds 4",
     )
     e.add_argument("--data", nargs="+", help="shared-format folders (default: the task's)")
     e.add_argument("--negatives", nargs="*", help="folders free of the structure (pneumothorax)")
@@ -496,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="severity: folders free of COVID opacity (e.g. lung/jsrt): report the zones called on them (false alarms)",
     )
     e.add_argument("--normals-split", help="severity: only the --normals images this run did not train on")
+    e.add_argument(
+        "--normals-where",
+        nargs="*",
+        help="severity-rules: only --normals rows with these index.csv values (e.g. class=Normal)",
+    )
     e.add_argument("--weights-dir", help="exported weights + cards (default workers/weights)")
     e.add_argument("--split", help="split.json of a run: evaluate only its --subset images")
     e.add_argument(
