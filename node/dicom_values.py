@@ -63,6 +63,34 @@ def dicom_time(value: object) -> str:
     return hours + (minutes or "") + (seconds or "") + (fraction or "")
 
 
+_AGE = re.compile(r"(\d{1,3})\s*([DWMY])", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_years(patient_age: object, birth_date: object = "", study_date: object = "") -> float | None:
+    """The patient's age in years at the study: Patient's Age (AS, "034Y", "006M"; also the lenient
+    "34Y" or "34 y"), else Study Date minus Patient's Birth Date; None when neither can be read.
+
+    A birth date after the study date is an error in the header, not an age: None.
+    """
+    found = _AGE.fullmatch(str(patient_age or "").strip())
+    if found is not None:
+        return int(found.group(1)) * _AGE_UNIT_YEARS[found.group(2).upper()]
+    born_text, studied_text = dicom_date(birth_date), dicom_date(study_date)
+    if not born_text or not studied_text:
+        return None
+    born, studied = datetime.strptime(born_text, "%Y%m%d"), datetime.strptime(studied_text, "%Y%m%d")
+    if studied < born:
+        return None
+    # Completed years as people count them (18 on the 18th birthday), plus the part of the year since.
+    years = studied.year - born.year - ((studied.month, studied.day) < (born.month, born.day))
+    try:
+        birthday = born.replace(year=born.year + years)
+    except ValueError:  # born on 29 February: the birthday is 28 February in other years
+        birthday = born.replace(year=born.year + years, day=28)
+    return years + (studied - birthday).days / 366
+
+
 def patient_sex(value: object) -> str:
     """M, F or O for the ways senders write them (`MALE`, `f`); "" (unknown) for anything else."""
     return _SEX.get(str(value or "").strip().upper(), "")

@@ -28,7 +28,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from node.dicom_values import dicom_date
+from node.dicom_values import age_years, dicom_date
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class Header:
     pixel_data_length: int | None  # declared length; None when encapsulated (undefined length)
     pixel_data_offset: int | None  # file offset of the value; None when unknown (deflated)
     photometric: str = ""
+    #: Patient's Age, or Study Date minus Patient's Birth Date (routing's age criteria); None = unknown.
+    patient_age_years: float | None = None
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -141,6 +143,7 @@ def read_header(path: Path, transfer_syntax_uid: str = "", *, max_inflated_bytes
             pixel_data_length=_raw_length(raw),
             pixel_data_offset=raw.value_tell if isinstance(raw, RawDataElement) else None,
             photometric=_text(ds, "PhotometricInterpretation").upper(),
+            patient_age_years=age_years(_text(ds, "PatientAge"), _text(ds, "PatientBirthDate"), _text(ds, "StudyDate")),
         )
     except Refusal:
         raise

@@ -3,7 +3,8 @@
 Rules come from the configuration and are tried in order; the first match wins. A rule matches when
 every non-empty criterion lists the instance's value (case-insensitive; ``""`` in a list matches an
 absent attribute). Anything no rule matches is skipped, with the reason an administrator needs
-("not chest: BodyPartExamined HAND", "lateral view LL", "modality CT not routed").
+("not chest: BodyPartExamined HAND", "lateral view LL", "modality CT not routed", "patient age 6
+years, below the rule's minimum 18").
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Literal
 from pydicom.uid import UID
 
 from node.ingest.header import Header
-from node.runtime.config import ModelsConfig, Rule
+from node.runtime.config import ModelsConfig, Rule, RuleMatch
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,21 @@ def _mismatch(rule: Rule, h: Header, calling_ae: str) -> str | None:
         if h.view_position in LATERAL_VIEWS:
             return f"lateral view {h.view_position}"
         return f"ViewPosition {h.view_position or '(none)'} not routed"
+    return _age_mismatch(m, h.patient_age_years)
+
+
+def _years(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
+
+
+def _age_mismatch(m: RuleMatch, age: float | None) -> str | None:
+    """Why the patient's age is outside the rule's bounds; an unknown age is never a reason."""
+    if age is None:
+        return None
+    if m.min_patient_age_years is not None and age < m.min_patient_age_years:
+        return f"patient age {_years(age)} years, below the rule's minimum {_years(m.min_patient_age_years)}"
+    if m.max_patient_age_years is not None and age > m.max_patient_age_years:
+        return f"patient age {_years(age)} years, above the rule's maximum {_years(m.max_patient_age_years)}"
     return None
 
 
@@ -70,6 +86,7 @@ def _criteria_met(rule: Rule, h: Header, calling_ae: str) -> int:
             _sop_class_matches(m.sop_class, h.sop_class_uid),
             _matches(m.body_part, h.body_part),
             _matches(m.view_position, h.view_position),
+            _age_mismatch(m, h.patient_age_years) is None,
         ]
     )
 

@@ -233,13 +233,27 @@ assert ALL_MODELS == MODEL_NAMES, "node.runtime.config.ModelName follows workers
 
 
 class RuleMatch(_Strict):
-    """Each field is a list of accepted values (case-insensitive); empty/absent = any."""
+    """Each list field holds the accepted values (case-insensitive); empty/absent = any.
+
+    The age bounds (years, from Patient's Age or Study Date minus Patient's Birth Date) keep patients
+    the models were not trained on away from them; an image whose age cannot be read still matches
+    (anonymised films often carry none).
+    """
 
     calling_ae: list[str] = Field(default_factory=list)
     modality: list[str] = Field(default_factory=list)
     body_part: list[str] = Field(default_factory=list)
     view_position: list[str] = Field(default_factory=list)
     sop_class: list[str] = Field(default_factory=list)
+    min_patient_age_years: float | None = Field(default=None, ge=0)
+    max_patient_age_years: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _age_bounds_ordered(self) -> RuleMatch:
+        low, high = self.min_patient_age_years, self.max_patient_age_years
+        if low is not None and high is not None and high < low:
+            raise ValueError(f"max_patient_age_years {high} is below min_patient_age_years {low}")
+        return self
 
 
 class Rule(_Strict):
@@ -251,16 +265,32 @@ class Rule(_Strict):
     reason: str = ""  # for ignore rules: what the audit log says
 
 
+#: The default rules analyse adults only: every labelled training image is an adult's, and the opacity
+#: model reads a child's chest as diffuse opacity (opacity card `limitations`: severity >= 4 on most
+#: small children among COVID-QU-Ex's normal films).
+ADULT_YEARS = 18.0
+
+
 def default_rules() -> list[Rule]:
     return [
         Rule(
             name="chest-frontal",
-            match=RuleMatch(modality=["CR", "DX"], body_part=["CHEST", ""], view_position=["PA", "AP", ""]),
+            match=RuleMatch(
+                modality=["CR", "DX"],
+                body_part=["CHEST", ""],
+                view_position=["PA", "AP", ""],
+                min_patient_age_years=ADULT_YEARS,
+            ),
             action="analyze",
         ),
         Rule(
             name="secondary-capture-chest",
-            match=RuleMatch(modality=["OT"], body_part=["CHEST"], sop_class=["1.2.840.10008.5.1.4.1.1.7"]),
+            match=RuleMatch(
+                modality=["OT"],
+                body_part=["CHEST"],
+                sop_class=["1.2.840.10008.5.1.4.1.1.7"],
+                min_patient_age_years=ADULT_YEARS,
+            ),
             action="analyze",
         ),
     ]

@@ -96,8 +96,11 @@ MEANING: dict[str, str] = {
     "(see [Storage commitment](#storage-commitment)); a STOW-RS destination has `url` (DICOMweb base, "
     "results go to `<url>/studies`) instead of host/port, `auth` (`none`/`bearer`/`basic`), `username`, "
     "`secret` (see [DICOMweb](#dicomweb-stow-rs))",
-    "[[rules]]": 'routing rules, first match wins; `match` lists accepted values (`""` = absent), `action` '
-    "`analyze`/`ignore`, `destinations` are AE names or `reply-to-sender`",
+    "[[rules]]": 'routing rules, first match wins; `match` lists accepted values (`""` = absent) of '
+    "`calling_ae`, `modality`, `body_part`, `view_position`, `sop_class`, and bounds "
+    "`min_patient_age_years`/`max_patient_age_years` (Patient's Age, else Study Date minus Birth Date; an "
+    "unknown age matches; the built-in rules analyse from 18), `action` `analyze`/`ignore`, `destinations` "
+    "are AE names or `reply-to-sender`",
     "sender.max_attempts": "deliveries of a result object before it goes to the dead letter",
     "sender.backoff_initial_s": "first retry delay",
     "sender.backoff_factor": "each further delay is this times the previous one",

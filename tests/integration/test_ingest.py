@@ -280,6 +280,32 @@ def test_trailing_pixel_padding_is_stored_with_a_warning(node: NodeProcess, tmp_
     assert dataset_bytes(Path(refused.quarantine_path)) == dataset_bytes(extra_frame)
 
 
+def test_children_are_stored_and_not_analysed(node: NodeProcess, tmp_path: Path) -> None:
+    # The built-in rules analyse adults and films without an age; a child's film is stored as any
+    # other (0x0000, in the spool) and skipped with the reason, so the models never read it.
+    from pydicom.uid import generate_uid
+
+    source = pydicom.dcmread(dicom_dir() / "07_cr_10bit_stored_16alloc.dcm")
+    ages = {"child": ("006Y", ""), "born-2019": ("", "20190301"), "adult": ("045Y", ""), "unknown": ("", "")}
+    files, uids = [], {}
+    for name, (age, born) in ages.items():
+        ds = source.copy()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids[name] = generate_uid()
+        ds.PatientAge, ds.PatientBirthDate, ds.StudyDate = age, born, "20240115"
+        files.append(tmp_path / f"{name}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    result = storescu(node.port, files)
+    assert result.statuses == [0x0000] * 4, result.output[-2000:]
+    store = node.store()
+    states = {name: store.find_live_instance(uid) for name, uid in uids.items()}
+    assert all(i is not None and Path(i.spool_path).is_relative_to(node.spool) for i in states.values())
+    assert states["child"].state == InstanceState.SKIPPED  # type: ignore[union-attr]
+    assert states["child"].reason == "patient age 6 years, below the rule's minimum 18"  # type: ignore[union-attr]
+    assert states["born-2019"].state == InstanceState.SKIPPED  # type: ignore[union-attr]
+    assert states["born-2019"].reason.startswith("patient age 4.9 years")  # type: ignore[union-attr]
+    assert states["adult"].state == states["unknown"].state == InstanceState.QUEUED  # type: ignore[union-attr]
+
+
 def test_a_mixed_folder_goes_in_one_documented_dcmsend_call(node: NodeProcess, tmp_path: Path) -> None:
     """README's advice for a folder of mixed transfer syntaxes (issue 17, finding 8): dcmsend proposes
     each file's own SOP class and transfer syntax; storescu -x.. takes one call per syntax."""

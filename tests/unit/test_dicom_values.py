@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from node.dicom_values import COPIED_TYPE2, conform_patient_study, dicom_date, dicom_time, patient_sex
+from node.dicom_values import COPIED_TYPE2, age_years, conform_patient_study, dicom_date, dicom_time, patient_sex
 
 
 @pytest.mark.parametrize(
@@ -70,3 +70,26 @@ def test_conform_fills_missing_type2_and_reports_each_change() -> None:
     )
     assert "StudyDate '2026-12-01' -> '20261201'" in changed and "StudyTime missing" in changed
     assert conform_patient_study(ds) == []  # conformed: nothing left to change
+
+
+@pytest.mark.parametrize(
+    ("age", "born", "studied", "expected"),
+    [
+        ("034Y", "", "", 34.0),
+        ("006M", "", "", 0.5),
+        ("002W", "", "", 14 / 365.25),
+        ("010D", "", "", 10 / 365.25),
+        ("34y", "", "", 34.0),  # lenient senders
+        ("", "20000301", "20180301", 18.0),  # 18 on the 18th birthday
+        ("", "20000302", "20180301", 17 + 364 / 366),  # the day before
+        ("", "2000-03-01", "2018.03.01", 18.0),
+        ("", "20000229", "20180301", 18 + 1 / 366),  # born on 29 February: 18 from 28 February
+        ("abc", "20100101", "20200101", 10.0),  # unreadable age: the dates decide
+        ("", "20200101", "20100101", None),  # born after the study: an error, not an age
+        ("", "20100101", "", None),
+        ("", "", "", None),
+        (None, None, None, None),
+    ],
+)
+def test_age_years(age: object, born: object, studied: object, expected: float | None) -> None:
+    assert age_years(age, born, studied) == (pytest.approx(expected) if expected is not None else None)

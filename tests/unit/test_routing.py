@@ -126,3 +126,40 @@ def test_switched_off_models_are_not_requested() -> None:
 def test_no_analyze_rule_skips_everything() -> None:
     decision = decide(header("01"), "PACS", [])
     assert decision.action == "skip" and decision.reason == "no analyze rule configured"
+
+
+@pytest.mark.parametrize(
+    ("age", "years", "action"),
+    [
+        (6.0, "6", "skip"),
+        (17.9, "17.9", "skip"),
+        (18.0, "18", "analyze"),
+        (70.0, "70", "analyze"),
+        (None, "", "analyze"),
+    ],
+)
+def test_default_rules_analyse_adults_and_patients_of_unknown_age(age: float | None, years: str, action: str) -> None:
+    decision = decide(replace(header("01"), patient_age_years=age), "PACS", default_rules(), ModelsConfig())
+    assert decision.action == action
+    if action == "skip":
+        # The closest rule is chest-frontal: every other criterion holds, so the age is the reason.
+        assert decision.reason == f"patient age {years} years, below the rule's minimum 18"
+
+
+def test_an_age_window_rule_routes_children_elsewhere() -> None:
+    # An unknown age matches every bound, so the adults' rule comes first: it takes films without an
+    # age, and the children's rule gets only those known to be younger.
+    rules = [
+        *default_rules(),
+        Rule(name="paediatric", match=RuleMatch(max_patient_age_years=18), action="ignore", reason="paediatric film"),
+    ]
+    assert decide(replace(header("01"), patient_age_years=0.5), "PACS", rules).reason == "paediatric film"
+    assert decide(replace(header("01"), patient_age_years=40.0), "PACS", rules).rule == "chest-frontal"
+    assert decide(header("01"), "PACS", rules).rule == "chest-frontal"
+
+
+def test_age_bounds_must_be_ordered() -> None:
+    with pytest.raises(ValueError, match="below min_patient_age_years"):
+        RuleMatch(min_patient_age_years=18, max_patient_age_years=16)
+    with pytest.raises(ValueError):
+        RuleMatch(min_patient_age_years=-1)
