@@ -317,6 +317,7 @@ def test_rules_models_and_events_pages(site: ConsoleSite, client: ConsoleClient,
     for rule in site.settings.rules:
         assert rule.name in rules
     assert "<code>CR</code>" in rules and "rejected" in rules  # unknown calling AE titles
+    assert "patient age ≥ 18.0 years (or unknown)" in rules  # the built-in rules' age bound
 
     weights = tmp_path / "weights"
     weights.mkdir()
