@@ -71,10 +71,11 @@ def age_years(patient_age: object, birth_date: object = "", study_date: object =
     """The patient's age in years at the study: Patient's Age (AS, "034Y", "006M"; also the lenient
     "34Y" or "34 y"), else Study Date minus Patient's Birth Date; None when neither can be read.
 
-    A birth date after the study date is an error in the header, not an age: None.
+    A birth date after the study date is an error in the header, not an age: None. "000Y" is a common
+    placeholder for "unknown" (a baby's age is written in days, weeks or months), so the dates decide.
     """
     found = _AGE.fullmatch(str(patient_age or "").strip())
-    if found is not None:
+    if found is not None and (int(found.group(1)) or found.group(2).upper() != "Y"):
         return int(found.group(1)) * _AGE_UNIT_YEARS[found.group(2).upper()]
     born_text, studied_text = dicom_date(birth_date), dicom_date(study_date)
     if not born_text or not studied_text:

@@ -85,6 +85,9 @@ def test_conform_fills_missing_type2_and_reports_each_change() -> None:
         ("", "2000-03-01", "2018.03.01", 18.0),
         ("", "20000229", "20180301", 18 + 1 / 366),  # born on 29 February: 18 from 28 February
         ("abc", "20100101", "20200101", 10.0),  # unreadable age: the dates decide
+        ("000Y", "", "", None),  # a placeholder, not a newborn...
+        ("000Y", "20230101", "20230701", 181 / 366),  # ...so the dates decide
+        ("000D", "", "", 0.0),  # a newborn
         ("", "20200101", "20100101", None),  # born after the study: an error, not an age
         ("", "20100101", "", None),
         ("", "", "", None),
