@@ -666,7 +666,9 @@ def _air_section() -> list[str]:
         "- Each finding has one Tracking UID: the SEG segment's Tracking UID is the Tracking Identifier UID of the "
         "SR measurement group of the same finding.",
         "- SR observer context: the node as device (Device Observer UID, stable for manufacturer, model and AE "
-        "title), every measurement group with the TID 4019 Algorithm Identification of its model.",
+        "title), every measurement group with the TID 4019 Algorithm Identification of its model; its Algorithm "
+        "Parameters give the architecture, the model card's sha256, the status and, from the card, the model's "
+        "held-out performance and main weakness in one line.",
         "- Validation: every SEG and SR the tests produce passes dciodvfy without errors or warnings and PixelMed's "
         "DicomInstanceValidator/DicomSRValidator without errors, apart from the validator defects listed in "
         "tests/support/validators.py (e.g. Device UID in Contributing Equipment, required by AIR, is not yet in "

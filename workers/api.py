@@ -197,6 +197,9 @@ class ModelInfo:
     sha256: str
     status: str  # "validated" | "experimental"
     architecture: str
+    # The card's one-line held-out figures and weakness (`sr_performance`), for the SR: a weak model
+    # says so where its numbers are read. Optional, so either side may be older.
+    performance: str = ""
 
 
 @dataclass

@@ -194,6 +194,7 @@ class ModelRunner:
             sha256=card["sha256"],
             status=str(card.get("status", "experimental")),
             architecture=f"{spec.arch}/{spec.encoder}@{spec.input_size}{augmented}",
+            performance=str(card.get("sr_performance", "")),
         )
         backend: Backend
         if self._cuda_thread is not None:

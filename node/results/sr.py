@@ -340,6 +340,8 @@ def model_algorithm(model: ModelInfo, notes: Sequence[str]) -> hd.sr.AlgorithmId
     parameters = [f"model_card_sha256={model.sha256}", f"architecture={model.architecture}", f"status={model.status}"]
     if model.status != "validated":
         parameters.append("experimental model: NOT FOR DIAGNOSTIC USE")
+    if model.performance:
+        parameters.append(f"held-out performance: {model.performance}")
     parameters += [f"input: {note}" for note in notes]
     return hd.sr.AlgorithmIdentification(
         name=model.name,

@@ -7,6 +7,7 @@ All objects go through one PixelMed run (its stylesheets take most of a run to c
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from workers.api import ModelInfo
 
 DICOM = shared_data() / "dicom"
 STARTED = datetime(2026, 12, 1, 8, 30, 15, 250000, tzinfo=UTC)
-EXPERIMENTAL = [ModelInfo(m.name, m.version, m.sha256, "experimental", m.architecture) for m in MODELS]
+EXPERIMENTAL = [replace(m, status="experimental", performance=m.performance or "weak here") for m in MODELS]
 
 #: name -> (source file, models, prior)
 CASES: dict[str, tuple[str, list[ModelInfo] | None, PriorComparison | None]] = {

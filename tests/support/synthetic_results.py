@@ -17,7 +17,14 @@ from workers.api import AnalyzeResult, ModelInfo, pack_mask
 MODELS = [
     ModelInfo("lung", "1.2.0", "a" * 64, "validated", "DeepLabV3+ efficientnet-b1"),
     ModelInfo("opacity", "1.0.1", "b" * 64, "validated", "MAnet resnet18"),
-    ModelInfo("pneumothorax", "0.3.0", "c" * 64, "experimental", "Unet resnet34"),
+    ModelInfo(
+        "pneumothorax",
+        "0.3.0",
+        "c" * 64,
+        "experimental",
+        "Unet resnet34",
+        performance="5 of 6 held-out pneumothoraces found at 0.9 % false alarms; 27 training positives",
+    ),
 ]
 
 #: A patient's prior study, as node.triage finds it, for SRs that compare against one.

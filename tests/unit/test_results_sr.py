@@ -124,6 +124,9 @@ def test_numbers_equal_the_worker_output(tmp_path: Path) -> None:
     assert _texts(pntx[0], ALGORITHM_NAME) == ["pneumothorax"]
     parameters = " ".join(_texts(pntx[0], ALGORITHM_PARAMETERS))
     assert MODELS[2].sha256 in parameters and "NOT FOR DIAGNOSTIC USE" in parameters
+    # a weak model says so where its numbers are read: the card's held-out figures
+    assert f"held-out performance: {MODELS[2].performance}" in _texts(pntx[0], ALGORITHM_PARAMETERS)
+    assert not any("held-out" in t for t in _texts(groups["Right lung"][0], ALGORITHM_PARAMETERS))
 
 
 def test_without_pixel_spacing_areas_are_pixels_and_say_so(tmp_path: Path) -> None:

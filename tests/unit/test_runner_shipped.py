@@ -35,3 +35,15 @@ def test_shipped_model_onnx_equals_torch(name: str, tmp_path: Path) -> None:
     size = onnx.spec(name).input_size
     x = np.concatenate([models.preprocess(img, size) for img in chest_images()])
     assert max_abs_diff(onnx.predict(name, x), eager.predict(name, x)) < ONNX_TOLERANCE
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no model shipped in workers/weights yet")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_experimental_models_say_how_weak_they_are(name: str) -> None:
+    # The SR carries the card's `sr_performance` next to the numbers (Algorithm Parameters): an export
+    # that drops it must be noticed, since a weak model has to say so where it is read.
+    import json
+
+    card = json.loads(models.card_path(name, default_weights_dir()).read_text())
+    if card.get("status", "experimental") != "validated":
+        assert 40 < len(card.get("sr_performance", "")) < 300, card.get("sr_performance")
