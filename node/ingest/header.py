@@ -143,7 +143,12 @@ def read_header(path: Path, transfer_syntax_uid: str = "", *, max_inflated_bytes
             pixel_data_length=_raw_length(raw),
             pixel_data_offset=raw.value_tell if isinstance(raw, RawDataElement) else None,
             photometric=_text(ds, "PhotometricInterpretation").upper(),
-            patient_age_years=age_years(_text(ds, "PatientAge"), _text(ds, "PatientBirthDate"), _text(ds, "StudyDate")),
+            patient_age_years=age_years(
+                _text(ds, "PatientAge"),
+                _text(ds, "PatientBirthDate"),
+                # Study Date is Type 2 and often empty in real files; the image's own dates stand in.
+                _text(ds, "StudyDate") or _text(ds, "AcquisitionDate") or _text(ds, "ContentDate"),
+            ),
         )
     except Refusal:
         raise

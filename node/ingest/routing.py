@@ -10,6 +10,7 @@ years, below the rule's minimum 18").
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -63,7 +64,8 @@ def _mismatch(rule: Rule, h: Header, calling_ae: str) -> str | None:
 
 
 def _years(value: float) -> str:
-    return f"{value:.1f}".removesuffix(".0")
+    # Truncated, as ages are told: 17.96 is "17.9", never "18" below a minimum of 18.
+    return f"{math.floor(value * 10) / 10:.1f}".removesuffix(".0")
 
 
 def _age_mismatch(m: RuleMatch, age: float | None) -> str | None:

@@ -287,22 +287,26 @@ def test_children_are_stored_and_not_analysed(node: NodeProcess, tmp_path: Path)
 
     source = pydicom.dcmread(dicom_dir() / "07_cr_10bit_stored_16alloc.dcm")
     ages = {"child": ("006Y", ""), "born-2019": ("", "20190301"), "adult": ("045Y", ""), "unknown": ("", "")}
+    ages["no-study-date"] = ("", "20150101")  # Content Date (20240115 in the source) stands in
     files, uids = [], {}
     for name, (age, born) in ages.items():
         ds = source.copy()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids[name] = generate_uid()
-        ds.PatientAge, ds.PatientBirthDate, ds.StudyDate = age, born, "20240115"
+        ds.PatientAge, ds.PatientBirthDate = age, born
+        ds.StudyDate = "" if name == "no-study-date" else "20240115"
+        ds.ContentDate = "20240115"
         files.append(tmp_path / f"{name}.dcm")
         ds.save_as(files[-1], enforce_file_format=True)
     result = storescu(node.port, files)
-    assert result.statuses == [0x0000] * 4, result.output[-2000:]
+    assert result.statuses == [0x0000] * 5, result.output[-2000:]
     store = node.store()
     states = {name: store.find_live_instance(uid) for name, uid in uids.items()}
     assert all(i is not None and Path(i.spool_path).is_relative_to(node.spool) for i in states.values())
     assert states["child"].state == InstanceState.SKIPPED  # type: ignore[union-attr]
     assert states["child"].reason == "patient age 6 years, below the rule's minimum 18"  # type: ignore[union-attr]
     assert states["born-2019"].state == InstanceState.SKIPPED  # type: ignore[union-attr]
-    assert states["born-2019"].reason.startswith("patient age 4.9 years")  # type: ignore[union-attr]
+    assert states["born-2019"].reason.startswith("patient age 4.8 years")  # type: ignore[union-attr]
+    assert states["no-study-date"].reason.startswith("patient age 9 years")  # type: ignore[union-attr]
     assert states["adult"].state == states["unknown"].state == InstanceState.QUEUED  # type: ignore[union-attr]
 
 

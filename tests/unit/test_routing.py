@@ -132,7 +132,7 @@ def test_no_analyze_rule_skips_everything() -> None:
     ("age", "years", "action"),
     [
         (6.0, "6", "skip"),
-        (17.9, "17.9", "skip"),
+        (17.96, "17.9", "skip"),  # truncated: never "18 years, below the rule's minimum 18"
         (18.0, "18", "analyze"),
         (70.0, "70", "analyze"),
         (None, "", "analyze"),
