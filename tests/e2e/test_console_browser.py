@@ -128,12 +128,14 @@ def test_log_in_add_and_echo_an_ae_then_find_a_study(site: ConsoleSite, browser:
     WebDriverWait(d, 30).until(ec.presence_of_element_located((By.ID, "study-search")))
     d.find_element(By.ID, "search-accession").send_keys(str(first.AccessionNumber))
     Select(d.find_element(By.ID, "search-ae")).select_by_visible_text("STORESCU")
+    before = d.find_element(By.ID, "study-search")
     d.find_element(By.ID, "search-submit").click()
-    WebDriverWait(d, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#studies a.uid")))
-    links = d.find_elements(By.CSS_SELECTOR, "#studies a.uid")
-    assert str(first.StudyInstanceUID) in [a.text for a in links]
+    # The unfiltered list has the same links: wait for the result page itself, or its links go stale.
+    WebDriverWait(d, 30).until(ec.staleness_of(before))
+    found = (By.XPATH, f"//*[@id='studies']//a[contains(@class, 'uid') and text()='{first.StudyInstanceUID}']")
+    link = WebDriverWait(d, 30).until(ec.element_to_be_clickable(found))
     _shot(d, "05-study-search")
-    next(a for a in links if a.text == str(first.StudyInstanceUID)).click()
+    link.click()
     _wait_text(d, "h1", str(first.StudyInstanceUID))
     assert str(first.SOPInstanceUID) in d.page_source
     # The thumbnail rendered from the spooled file loaded in the browser.
